@@ -1,0 +1,469 @@
+//! Gateway configuration: TOML in, validated `Config` out.
+//!
+//! Design: the file is parsed into a TOML tree first, then each section, each
+//! device and each tag is deserialized on its own through `serde_path_to_error`,
+//! so one run reports every problem at once, each with the file, the key path
+//! (`devices[1].tags[0].type`) and what was expected. Unknown keys are errors.
+//! Semantic checks (duplicate ids, register ranges) run afterwards and add to
+//! the same list. Loading never panics: every failure is a `ConfigError`.
+//!
+//! Relative paths (the buffer directory) are resolved against the directory of
+//! the config file, so a config means the same thing from any working directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::modbus::config::ModbusTcpConfig;
+
+/// The whole gateway configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewaySection,
+    pub uplink: UplinkConfig,
+    pub buffer: BufferConfig,
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Stable identity of this gateway, as registered with ingest.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Ingest gRPC endpoint, e.g. `http://ingest.example.com:7600`.
+    pub endpoint: String,
+    /// Token printed by `guantong-ingest register-gateway`.
+    pub token: String,
+    /// Batches sent but not yet acknowledged, at most.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: NonZeroU32,
+    /// Points per batch, at most.
+    #[serde(default = "default_max_batch_points")]
+    pub max_batch_points: NonZeroU32,
+    /// Time allowed to establish a connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnect attempts (backoff doubles up to this).
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Directory holding the buffer file; relative to the config file.
+    pub dir: PathBuf,
+    /// Bytes of buffered data, at most; the oldest unsent data is dropped
+    /// (and reported upstream as a loss) when it is reached.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: bytesize::ByteSize,
+    /// How often collected points are committed to disk: the most a power cut
+    /// or SIGKILL can lose.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+/// One device, with its protocol's settings.
+#[derive(Debug, Clone)]
+pub enum DeviceConfig {
+    ModbusTcp(ModbusTcpConfig),
+}
+
+impl DeviceConfig {
+    pub fn id(&self) -> &str {
+        match self {
+            DeviceConfig::ModbusTcp(c) => &c.id,
+        }
+    }
+}
+
+/// Protocols a device may name in `protocol = "..."`.
+pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
+
+fn default_max_in_flight() -> NonZeroU32 {
+    NonZeroU32::new(8).expect("8 is not zero")
+}
+fn default_max_batch_points() -> NonZeroU32 {
+    NonZeroU32::new(10_000).expect("10000 is not zero")
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_bytes() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(512)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(200)
+}
+
+/// One problem found in a config: where, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `devices[0].tags[2].type`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        writeln!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            if p.path.is_empty() {
+                writeln!(f, "  {}: {}", self.file.display(), p.message)?;
+            } else {
+                writeln!(f, "  {}: {}: {}", self.file.display(), p.path, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Collects problems while walking the TOML tree.
+#[derive(Default)]
+pub(crate) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes `value` as `T`, recording the first problem inside it
+    /// under `base` (the key path of `value` itself).
+    pub(crate) fn parse<T: DeserializeOwned>(
+        &mut self,
+        base: &str,
+        value: toml::Value,
+    ) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(err) => {
+                let inner = err.path().to_string();
+                let path = match (base.is_empty(), inner == ".") {
+                    (true, _) => inner,
+                    (false, true) => base.to_string(),
+                    (false, false) => format!("{base}.{inner}"),
+                };
+                // toml appends "\nin `key`"; the path already says where.
+                let message = err.into_inner().to_string();
+                self.push(path, message.lines().next().unwrap_or_default().to_string());
+                None
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            problems: vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, base_dir).map_err(|problems| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base_dir`.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+        let mut root: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                return Err(vec![Problem {
+                    path: String::new(),
+                    message: format!("not valid TOML: {}", e.to_string().trim_end()),
+                }]);
+            }
+        };
+        let mut problems = Problems::default();
+
+        let mut section = |name: &str, problems: &mut Problems| match root.remove(name) {
+            Some(v) => Some(v),
+            None => {
+                problems.push("", format!("missing section `[{name}]`"));
+                None
+            }
+        };
+        let gateway = section("gateway", &mut problems)
+            .and_then(|v| problems.parse::<GatewaySection>("gateway", v));
+        let uplink = section("uplink", &mut problems)
+            .and_then(|v| problems.parse::<UplinkConfig>("uplink", v));
+        let buffer = section("buffer", &mut problems)
+            .and_then(|v| problems.parse::<BufferConfig>("buffer", v));
+        let devices = match root.remove("devices") {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, item)| parse_device(&format!("devices[{i}]"), item, &mut problems))
+                .collect(),
+            Some(other) => {
+                problems.push(
+                    "devices",
+                    format!(
+                        "invalid type: {}, expected an array of tables (`[[devices]]`)",
+                        other.type_str()
+                    ),
+                );
+                Vec::new()
+            }
+        };
+        for key in root.keys() {
+            problems.push(
+                key.clone(),
+                format!("unknown section `{key}`, expected one of `gateway`, `uplink`, `buffer`, `devices`"),
+            );
+        }
+
+        if let Some(g) = &gateway {
+            check_id(&mut problems, "gateway.id", &g.id);
+        }
+        if let Some(u) = &uplink {
+            if !(u.endpoint.starts_with("http://") || u.endpoint.starts_with("https://")) {
+                problems.push(
+                    "uplink.endpoint",
+                    format!(
+                        "`{}` is not a URL, expected e.g. `http://ingest.example.com:7600`",
+                        u.endpoint
+                    ),
+                );
+            }
+            if u.token.trim().is_empty() {
+                problems.push(
+                    "uplink.token",
+                    "is empty, expected the token printed by `guantong-ingest register-gateway`",
+                );
+            }
+        }
+        if let Some(b) = &buffer {
+            if b.max_bytes.as_u64() < 1024 * 1024 {
+                problems.push(
+                    "buffer.max_bytes",
+                    format!("{} is too small, expected at least 1 MiB", b.max_bytes),
+                );
+            }
+            if b.commit_interval.is_zero() || b.commit_interval > Duration::from_secs(10) {
+                problems.push(
+                    "buffer.commit_interval",
+                    "expected a duration between 1ms and 10s",
+                );
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, d) in devices.iter().enumerate() {
+            if !seen.insert(d.id().to_string()) {
+                problems.push(
+                    format!("devices[{i}].id"),
+                    format!("duplicate device id `{}`", d.id()),
+                );
+            }
+        }
+
+        match (gateway, uplink, buffer) {
+            (Some(gateway), Some(uplink), Some(mut buffer)) if problems.0.is_empty() => {
+                if buffer.dir.is_relative() {
+                    buffer.dir = base_dir.join(&buffer.dir);
+                }
+                Ok(Config {
+                    gateway,
+                    uplink,
+                    buffer,
+                    devices,
+                })
+            }
+            _ => Err(problems.0),
+        }
+    }
+}
+
+fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Option<DeviceConfig> {
+    let toml::Value::Table(mut table) = item else {
+        problems.push(
+            path,
+            format!("invalid type: {}, expected a table", item.type_str()),
+        );
+        return None;
+    };
+    let protocol = match table.remove("protocol") {
+        Some(toml::Value::String(p)) => p,
+        Some(other) => {
+            problems.push(
+                format!("{path}.protocol"),
+                format!("invalid type: {}, expected a string", other.type_str()),
+            );
+            return None;
+        }
+        None => {
+            problems.push(
+                path,
+                format!(
+                    "missing field `protocol`, expected one of {}",
+                    quoted(PROTOCOLS)
+                ),
+            );
+            return None;
+        }
+    };
+    match protocol.as_str() {
+        "modbus-tcp" => {
+            crate::modbus::config::parse_tcp(path, table, problems).map(DeviceConfig::ModbusTcp)
+        }
+        other => {
+            problems.push(
+                format!("{path}.protocol"),
+                format!(
+                    "unknown protocol `{other}`, expected one of {}",
+                    quoted(PROTOCOLS)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Checks an identifier used in ids and tag names: printable, no separators
+/// that would make paths ambiguous.
+pub(crate) fn check_id(problems: &mut Problems, path: &str, id: &str) {
+    if id.is_empty() || id.len() > 128 {
+        problems.push(path, "expected 1 to 128 characters");
+    } else if id.chars().any(|c| c.is_control() || c == '/') {
+        problems.push(path, format!("`{id}` contains `/` or a control character"));
+    }
+}
+
+pub(crate) fn quoted(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+id = "gw-1"
+[uplink]
+endpoint = "http://127.0.0.1:7600"
+token = "secret"
+[buffer]
+dir = "buf"
+max_bytes = "64 MiB"
+[[devices]]
+id = "meter-1"
+protocol = "modbus-tcp"
+host = "127.0.0.1"
+port = 5020
+unit = 1
+poll_interval = "1s"
+[[devices.tags]]
+name = "voltage"
+table = "holding"
+address = 0
+type = "f32"
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        Config::parse(text, Path::new("/etc/guantong"))
+            .expect_err("config should be rejected")
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn accepts_a_good_config_and_resolves_relative_dirs() {
+        let c = Config::parse(GOOD, Path::new("/etc/guantong")).expect("valid");
+        assert_eq!(c.buffer.dir, Path::new("/etc/guantong/buf"));
+        assert_eq!(c.buffer.max_bytes.as_u64(), 64 * 1024 * 1024);
+        assert_eq!(c.devices.len(), 1);
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = GOOD
+            .replace("port = 5020", "port = \"5020\"")
+            .replace("token = \"secret\"", "")
+            .replace("type = \"f32\"", "type = \"f33\"");
+        let p = problems(&text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert_eq!(p[0], "uplink: missing field `token`");
+        assert_eq!(
+            p[1],
+            "devices[0].port: invalid type: string \"5020\", expected u16"
+        );
+        assert!(
+            p[2].starts_with("devices[0].tags[0].type: unknown variant `f33`, expected one of"),
+            "{}",
+            p[2]
+        );
+    }
+
+    #[test]
+    fn names_unknown_keys() {
+        let p = problems(&GOOD.replace("dir = \"buf\"", "dir = \"buf\"\ndirectory = \"x\""));
+        assert_eq!(
+            p,
+            [
+                "buffer.directory: unknown field `directory`, expected one of `dir`, `max_bytes`, `commit_interval`"
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_devices_and_unknown_protocols() {
+        let dup = format!("{GOOD}\n[[devices]]\nid = \"meter-1\"\nprotocol = \"bacnet\"\n");
+        let p = problems(&dup);
+        assert_eq!(
+            p,
+            ["devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`"]
+        );
+    }
+
+    #[test]
+    fn reports_toml_syntax_errors_without_panicking() {
+        let p = problems("[gateway\nid = 1");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with(": not valid TOML"), "{}", p[0]);
+    }
+}

@@ -1,0 +1,115 @@
+//! Guantong gateway: collects equipment data into a durable buffer and streams
+//! it to ingest.
+//!
+//! Data path: collectors (one task per device) -> `PointSink` (bounded
+//! channel) -> `Writer` (commits batches to the `Buffer` every
+//! `commit_interval`) -> `Uplink` (gRPC stream; deletes what ingest acks).
+
+pub mod buffer;
+pub mod collector;
+pub mod config;
+pub mod manifest;
+pub mod modbus;
+pub mod quality;
+pub mod uplink;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::buffer::Buffer;
+use crate::collector::{Collector, PointSink};
+use crate::config::{Config, DeviceConfig};
+use crate::modbus::ModbusTcpCollector;
+
+/// How long the uplink may keep delivering after collection stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs the gateway until `shutdown` is cancelled: collectors stop first, the
+/// writer commits what they handed over, then the uplink gets a short grace
+/// period to deliver before the process exits. Nothing committed is lost by
+/// stopping: it is sent on the next start.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let buffer = Arc::new(
+        Buffer::open(&config.buffer.dir, config.buffer.max_bytes.as_u64()).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open the buffer in {}: {e}",
+                config.buffer.dir.display()
+            )
+        })?,
+    );
+    let manifest = manifest::build(&config);
+    buffer.put_manifest(manifest.version, &manifest.encode_to_vec())?;
+    let stats = buffer.stats()?;
+    info!(
+        gateway = %config.gateway.id,
+        buffer = %buffer.path().display(),
+        buffer_id = format_args!("{:016x}", stats.buffer_id),
+        pending_batches = stats.next_seq - stats.first_seq,
+        manifest_version = format_args!("{:016x}", manifest.version),
+        devices = config.devices.len(),
+        tags = manifest.tags.len(),
+        "gateway starting"
+    );
+
+    let (sink, rx) = PointSink::new(1024);
+    let (committed_tx, committed_rx) = watch::channel(stats.next_seq.saturating_sub(1));
+    let writer = writer::Writer {
+        buffer: buffer.clone(),
+        manifest_version: manifest.version,
+        commit_interval: config.buffer.commit_interval,
+        max_batch_points: config.uplink.max_batch_points.get() as usize,
+        committed: committed_tx,
+    };
+    let writer_task = tokio::spawn(writer.run(rx));
+
+    let uplink_cancel = CancellationToken::new();
+    let uplink = uplink::Uplink {
+        config: config.uplink.clone(),
+        gateway_id: config.gateway.id.clone(),
+        buffer: buffer.clone(),
+        committed: committed_rx,
+    };
+    let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
+
+    let collectors = TaskTracker::new();
+    let collect_cancel = shutdown.child_token();
+    let firsts = manifest::first_tag_of_devices(&config);
+    for (device, first) in config.devices.into_iter().zip(firsts) {
+        match device {
+            DeviceConfig::ModbusTcp(c) => {
+                let ids = (first..first + c.tags.len() as u32).collect();
+                collectors.spawn(
+                    ModbusTcpCollector::new(c, ids).run(sink.clone(), collect_cancel.clone()),
+                );
+            }
+        }
+    }
+    drop(sink);
+    collectors.close();
+
+    shutdown.cancelled().await;
+    info!("shutting down: stopping collectors");
+    collectors.wait().await;
+    writer_task.await?;
+    info!("buffer flushed");
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // Give in-flight batches a moment to be acknowledged.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await;
+    uplink_cancel.cancel();
+    uplink_task.await?;
+    let stats = buffer.stats()?;
+    info!(
+        pending_batches = stats.next_seq - stats.first_seq,
+        "gateway stopped"
+    );
+    Ok(())
+}

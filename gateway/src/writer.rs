@@ -1,0 +1,67 @@
+//! The buffer writer: turns the collectors' samples into committed batches.
+//!
+//! Samples arrive on the sink channel and are held in memory until the next
+//! commit tick (`buffer.commit_interval`) or until a full batch is waiting;
+//! then one fsynced commit makes them durable and the uplink is woken. The
+//! commit interval is therefore the most a power cut or SIGKILL can lose.
+//! When the channel closes (all collectors stopped), what is held is committed
+//! before the writer returns: that is the shutdown flush.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::error;
+
+use crate::buffer::Buffer;
+use crate::quality::Sample;
+
+pub struct Writer {
+    pub buffer: Arc<Buffer>,
+    pub manifest_version: u64,
+    pub commit_interval: Duration,
+    pub max_batch_points: usize,
+    /// Last committed sequence number, for the uplink.
+    pub committed: watch::Sender<u64>,
+}
+
+impl Writer {
+    pub async fn run(self, mut rx: mpsc::Receiver<Vec<Sample>>) {
+        let mut pending: Vec<Sample> = Vec::new();
+        let mut tick = tokio::time::interval(self.commit_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        while open {
+            tokio::select! {
+                received = rx.recv() => match received {
+                    Some(mut samples) => {
+                        pending.append(&mut samples);
+                        if pending.len() < self.max_batch_points {
+                            continue;
+                        }
+                    }
+                    None => open = false,
+                },
+                _ = tick.tick() => {}
+            }
+            if !pending.is_empty() {
+                self.commit(std::mem::take(&mut pending)).await;
+            }
+        }
+    }
+
+    async fn commit(&self, samples: Vec<Sample>) {
+        let buffer = self.buffer.clone();
+        let (version, max) = (self.manifest_version, self.max_batch_points);
+        let n = samples.len();
+        let result =
+            tokio::task::spawn_blocking(move || buffer.append(version, &samples, max)).await;
+        match result {
+            Ok(Ok(last)) => {
+                self.committed.send_replace(last);
+            }
+            Ok(Err(e)) => error!(error = %e, points = n, "buffer commit failed; points lost"),
+            Err(e) => error!(error = %e, points = n, "buffer commit task failed; points lost"),
+        }
+    }
+}
