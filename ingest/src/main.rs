@@ -1,1 +1,127 @@
-fn main() {}
+//! `guantong-ingest`: parses arguments and runs the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use guantong_ingest::store::Store;
+use guantong_ingest::store::embedded::EmbeddedStore;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "guantong-ingest",
+    version,
+    about = "Guantong ingest: gateways in, connectivity evidence out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gateways (gRPC) and the API (HTTP) until SIGTERM or Ctrl-C.
+    Serve {
+        /// Data directory of the embedded store.
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// Address gateways connect to.
+        #[arg(long, env = "GUANTONG_GRPC_LISTEN", default_value = "0.0.0.0:7600")]
+        grpc_listen: SocketAddr,
+        /// Address of the HTTP API and pages.
+        #[arg(long, env = "GUANTONG_HTTP_LISTEN", default_value = "0.0.0.0:7601")]
+        http_listen: SocketAddr,
+        /// Write the bound addresses as JSON to this file once listening
+        /// (useful with port 0).
+        #[arg(long)]
+        ports_file: Option<PathBuf>,
+    },
+    /// Register a gateway and print its token (run while the server is stopped).
+    RegisterGateway {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// The id the gateway's config names in `[gateway] id`.
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GUANTONG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::RegisterGateway { data, id } => {
+            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
+                anyhow::bail!(
+                    "gateway id `{id}`: expected 1 to 128 characters without `/` or control characters"
+                );
+            }
+            let store = EmbeddedStore::open(&data)?;
+            let token = store.register_gateway(&id).await?;
+            eprintln!(
+                "registered gateway `{id}` in {}; put this in its config under [uplink] token:",
+                data.display()
+            );
+            println!("{token}");
+            Ok(())
+        }
+        Command::Serve {
+            data,
+            grpc_listen,
+            http_listen,
+            ports_file,
+        } => {
+            let store = Arc::new(EmbeddedStore::open(&data)?);
+            let shutdown = CancellationToken::new();
+            let running =
+                guantong_ingest::start(store, grpc_listen, http_listen, shutdown.clone()).await?;
+            if let Some(path) = ports_file {
+                let json = serde_json::json!({
+                    "grpc": running.grpc_addr.to_string(),
+                    "http": running.http_addr.to_string(),
+                });
+                std::fs::write(&path, json.to_string())
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            }
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+            shutdown.cancel();
+            running.done.await??;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The gateway-facing gRPC service (`guantong.v1.Uplink/Stream`).
+//!
+//! Per stream: authenticate from metadata (unknown gateway or wrong token:
+//! UNAUTHENTICATED), read `Hello` (its gateway id must be the authenticated
+//! one: PERMISSION_DENIED otherwise), answer `Welcome` with the stored seq, then
+//! take manifests and batches in order. Batches are validated (buffer id, known
+//! manifest, tag indices) and queued to the store in arrival order without
+//! waiting for each commit; a second task awaits the commits in the same order
+//! and sends one cumulative `Ack` per batch. An ack is sent only after the
+//! store says the batch is durable. A batch that fails validation is not
+//! stored: it is recorded as a loss and answered with `BatchRejected`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use guantong_proto::v1::gateway_message::Kind as Up;
+use guantong_proto::v1::ingest_message::Kind as Down;
+use guantong_proto::v1::uplink_server::Uplink;
+use guantong_proto::v1::{Ack, Batch, BatchRejected, GatewayMessage, IngestMessage, Welcome};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::store::{AppendBatch, AppendOutcome, ManifestMap, Store};
+
+/// Batches queued to the store but not yet acked, per stream.
+const PIPELINE_DEPTH: usize = 32;
+
+/// Which gateways are connected now, for the API.
+#[derive(Default)]
+pub struct Connections {
+    inner: Mutex<HashMap<String, ConnectionInfo>>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnectionInfo {
+    pub connected: bool,
+    pub peer: String,
+    pub since_ms: i64,
+    pub last_message_ms: i64,
+    pub buffer_id: String,
+    pub batches: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+impl Connections {
+    pub fn snapshot(&self) -> HashMap<String, ConnectionInfo> {
+        self.inner.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+    fn update(&self, gateway: &str, f: impl FnOnce(&mut ConnectionInfo)) {
+        if let Ok(mut m) = self.inner.lock() {
+            let e = m
+                .entry(gateway.to_string())
+                .or_insert_with(|| ConnectionInfo {
+                    connected: false,
+                    peer: String::new(),
+                    since_ms: 0,
+                    last_message_ms: 0,
+                    buffer_id: String::new(),
+                    batches: 0,
+                    duplicates: 0,
+                    rejected: 0,
+                });
+            f(e);
+        }
+    }
+}
+
+pub struct UplinkService<S> {
+    store: Arc<S>,
+    connections: Arc<Connections>,
+}
+
+impl<S: Store> UplinkService<S> {
+    pub fn new(store: Arc<S>, connections: Arc<Connections>) -> Self {
+        UplinkService { store, connections }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<IngestMessage, Status>> + Send>>;
+
+fn down(kind: Down) -> Result<IngestMessage, Status> {
+    Ok(IngestMessage { kind: Some(kind) })
+}
+
+#[tonic::async_trait]
+impl<S: Store> Uplink for UplinkService<S> {
+    type StreamStream = Outbound;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<GatewayMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let md = request.metadata();
+        let gateway = md
+            .get("x-guantong-gateway")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| Status::unauthenticated("missing x-guantong-gateway metadata"))?;
+        let token = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string)
+            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
+        let ok = self
+            .store
+            .authenticate(&gateway, &token)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if !ok {
+            warn!(%gateway, %peer, "refused: unknown gateway or wrong token");
+            return Err(Status::unauthenticated("unknown gateway or wrong token"));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await?.and_then(|m| m.kind) {
+            Some(Up::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        if hello.gateway_id != gateway {
+            return Err(Status::permission_denied(format!(
+                "authenticated as `{gateway}` but Hello names `{}`",
+                hello.gateway_id
+            )));
+        }
+        let stored = self
+            .store
+            .stored_seq(&gateway, hello.buffer_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        info!(%gateway, %peer, buffer_id = format_args!("{:016x}", hello.buffer_id), stored_seq = stored, version = %hello.software_version, "gateway connected");
+        self.connections.update(&gateway, |c| {
+            c.connected = true;
+            c.peer = peer.clone();
+            c.since_ms = now_ms();
+            c.last_message_ms = now_ms();
+            c.buffer_id = format!("{:016x}", hello.buffer_id);
+        });
+
+        let (tx, rx) = mpsc::channel::<Result<IngestMessage, Status>>(PIPELINE_DEPTH + 4);
+        let _ = tx
+            .send(down(Down::Welcome(Welcome {
+                stored_seq: stored,
+                server_time_ms: now_ms(),
+            })))
+            .await;
+        let session = Session {
+            store: self.store.clone(),
+            connections: self.connections.clone(),
+            gateway,
+            buffer_id: hello.buffer_id,
+            manifests: HashMap::new(),
+        };
+        tokio::spawn(session.run(inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session<S> {
+    store: Arc<S>,
+    connections: Arc<Connections>,
+    gateway: String,
+    buffer_id: u64,
+    manifests: HashMap<u64, Arc<ManifestMap>>,
+}
+
+type PendingAppend =
+    Pin<Box<dyn std::future::Future<Output = crate::store::Result<AppendOutcome>> + Send>>;
+
+impl<S: Store> Session<S> {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<GatewayMessage>,
+        tx: mpsc::Sender<Result<IngestMessage, Status>>,
+    ) {
+        let (pending_tx, mut pending_rx) = mpsc::channel::<(Down, PendingAppend)>(PIPELINE_DEPTH);
+        let acker = {
+            let tx = tx.clone();
+            let connections = self.connections.clone();
+            let gateway = self.gateway.clone();
+            tokio::spawn(async move {
+                while let Some((reply, pending)) = pending_rx.recv().await {
+                    match pending.await {
+                        Ok(outcome) => {
+                            connections.update(&gateway, |c| match outcome {
+                                AppendOutcome::Stored => c.batches += 1,
+                                AppendOutcome::Duplicate => c.duplicates += 1,
+                            });
+                            if tx.send(down(reply)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(%gateway, error = %e, "store failed; closing stream so the gateway resends");
+                            let _ = tx
+                                .send(Err(Status::unavailable(format!("storage: {e}"))))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        let result = self.read_loop(&mut inbound, &tx, &pending_tx).await;
+        drop(pending_tx);
+        if let Err(status) = result {
+            warn!(gateway = %self.gateway, %status, "stream ended with error");
+            let _ = tx.send(Err(status)).await;
+        }
+        let _ = acker.await;
+        self.connections
+            .update(&self.gateway, |c| c.connected = false);
+        info!(gateway = %self.gateway, "gateway disconnected");
+    }
+
+    async fn read_loop(
+        &mut self,
+        inbound: &mut Streaming<GatewayMessage>,
+        tx: &mpsc::Sender<Result<IngestMessage, Status>>,
+        pending: &mpsc::Sender<(Down, PendingAppend)>,
+    ) -> Result<(), Status> {
+        while let Some(msg) = inbound.message().await? {
+            self.connections
+                .update(&self.gateway, |c| c.last_message_ms = now_ms());
+            match msg.kind {
+                Some(Up::Manifest(m)) => {
+                    if m.gateway_id != self.gateway {
+                        return Err(Status::permission_denied("manifest names another gateway"));
+                    }
+                    let version = m.version;
+                    let map =
+                        self.store
+                            .put_manifest(&self.gateway, m)
+                            .await
+                            .map_err(|e| match e {
+                                crate::store::StoreError::Invalid(msg) => {
+                                    Status::invalid_argument(format!("manifest: {msg}"))
+                                }
+                                other => Status::unavailable(other.to_string()),
+                            })?;
+                    info!(gateway = %self.gateway, version = format_args!("{version:016x}"), tags = map.series.len(), "manifest stored");
+                    self.manifests.insert(version, map);
+                }
+                Some(Up::Batch(envelope)) => {
+                    let batch = Batch::decode(envelope.payload.as_ref()).map_err(|e| {
+                        Status::invalid_argument(format!("batch payload does not decode: {e}"))
+                    })?;
+                    let (reply, append) = self.check(batch).await?;
+                    if let Down::Rejected(r) = &reply {
+                        warn!(gateway = %self.gateway, seq = r.seq, reason = %r.reason, "batch rejected");
+                        self.connections.update(&self.gateway, |c| c.rejected += 1);
+                    }
+                    let queued: PendingAppend = Box::pin(self.store.append(append));
+                    if pending.send((reply, queued)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Up::Hello(_)) => {
+                    return Err(Status::invalid_argument("Hello may only be sent first"));
+                }
+                None => return Err(Status::invalid_argument("empty message")),
+            }
+            if tx.is_closed() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a batch; returns the reply to send once it is stored.
+    async fn check(&mut self, batch: Batch) -> Result<(Down, AppendBatch), Status> {
+        if batch.buffer_id != self.buffer_id {
+            return Err(Status::invalid_argument(format!(
+                "batch belongs to buffer {:016x}, stream to {:016x}",
+                batch.buffer_id, self.buffer_id
+            )));
+        }
+        let last_seq = batch
+            .loss
+            .as_ref()
+            .map_or(batch.seq, |l| l.last_seq.max(batch.seq));
+        let mut rejected = None;
+        let mut map = None;
+        if batch.loss.is_none() {
+            match self.manifest(batch.manifest_version).await? {
+                None => {
+                    rejected = Some(format!(
+                        "unknown manifest version {:016x}",
+                        batch.manifest_version
+                    ))
+                }
+                Some(m) => {
+                    let n = m.series.len() as u32;
+                    if let Some(p) = batch.points.iter().find(|p| p.tag >= n) {
+                        rejected = Some(format!(
+                            "point refers to tag {} but the manifest has {n} tags",
+                            p.tag
+                        ));
+                    } else {
+                        map = Some(m);
+                    }
+                }
+            }
+        }
+        let reply = match &rejected {
+            Some(reason) => Down::Rejected(BatchRejected {
+                buffer_id: self.buffer_id,
+                seq: last_seq,
+                reason: reason.clone(),
+            }),
+            None => Down::Ack(Ack {
+                buffer_id: self.buffer_id,
+                seq: last_seq,
+            }),
+        };
+        let append = AppendBatch {
+            gateway_id: self.gateway.clone(),
+            batch,
+            map,
+            received_at_ms: now_ms(),
+            rejected,
+        };
+        Ok((reply, append))
+    }
+
+    async fn manifest(&mut self, version: u64) -> Result<Option<Arc<ManifestMap>>, Status> {
+        if let Some(m) = self.manifests.get(&version) {
+            return Ok(Some(m.clone()));
+        }
+        let found = self
+            .store
+            .manifest_map(&self.gateway, version)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if let Some(m) = &found {
+            self.manifests.insert(version, m.clone());
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,336 @@
+//! HTTP JSON API and the live overview page.
+//!
+//! | route                 | what                                                      |
+//! |-----------------------|-----------------------------------------------------------|
+//! | `GET /`               | live overview page (polls `/api/v1/summary`)              |
+//! | `GET /healthz`        | `ok`                                                      |
+//! | `GET /api/v1/summary` | gateway -> device -> tag connectivity, `?from=&to=`       |
+//! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
+//! | `GET /api/v1/losses`  | data dropped by gateways and sequence gaps                |
+//!
+//! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
+//! since the Unix epoch, and returned as RFC 3339 with milliseconds.
+//!
+//! Completeness of a tag over a window = (Good + Uncertain samples with a
+//! source time in the window) / floor(window / declared interval), capped at
+//! 100%. Without `from`/`to` the window is the last hour, clipped to start no
+//! earlier than the tag's first sample.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::grpc::{ConnectionInfo, Connections, now_ms};
+use crate::store::{Store, StoreError, StoredPoint};
+
+pub struct ApiState<S> {
+    pub store: Arc<S>,
+    pub connections: Arc<Connections>,
+}
+
+pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(OVERVIEW_HTML) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/summary", get(summary::<S>))
+        .route("/api/v1/points", get(points::<S>))
+        .route("/api/v1/losses", get(losses::<S>))
+        .with_state(state)
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let code = match e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::Exists(_) => StatusCode::CONFLICT,
+            StoreError::Backend(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Parses RFC 3339 or epoch milliseconds.
+pub fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("`{name}`: `{s}` is not a time; expected RFC 3339 (2026-11-25T08:00:00Z) or epoch milliseconds"),
+            )
+        })
+}
+
+#[derive(Deserialize)]
+pub struct WindowQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Summary {
+    pub generated_at: String,
+    pub gateways: Vec<GatewaySummary>,
+}
+
+#[derive(Serialize)]
+pub struct GatewaySummary {
+    pub id: String,
+    pub registered_at: String,
+    pub connection: Option<ConnectionInfo>,
+    pub devices: Vec<DeviceSummary>,
+}
+
+#[derive(Serialize)]
+pub struct DeviceSummary {
+    pub id: String,
+    pub protocol: String,
+    pub endpoint: String,
+    pub tags: Vec<TagSummary>,
+}
+
+#[derive(Serialize)]
+pub struct TagSummary {
+    pub name: String,
+    pub address: String,
+    pub data_type: String,
+    pub unit: String,
+    pub interval_ms: u64,
+    pub samples: u64,
+    pub good: u64,
+    pub uncertain: u64,
+    pub bad: u64,
+    pub first_seen: Option<String>,
+    pub last_seen: Option<String>,
+    pub last_value: Option<serde_json::Value>,
+    pub last_quality: Option<String>,
+    pub last_quality_code: u32,
+    pub window: WindowSummary,
+}
+
+#[derive(Serialize)]
+pub struct WindowSummary {
+    pub from: String,
+    pub to: String,
+    pub expected: u64,
+    pub received: u64,
+    pub bad: u64,
+    /// received / expected, at most 1.0; null when nothing was expected.
+    pub completeness: Option<f64>,
+}
+
+async fn summary<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Query(q): Query<WindowQuery>,
+) -> Result<Json<Summary>, ApiError> {
+    let now = now_ms();
+    let from = q
+        .from
+        .as_deref()
+        .map(|s| parse_time("from", s))
+        .transpose()?;
+    let to =
+        q.to.as_deref()
+            .map(|s| parse_time("to", s))
+            .transpose()?
+            .unwrap_or(now);
+    if from.is_some_and(|f| f >= to) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "`from` must be before `to`".into(),
+        ));
+    }
+    let connections = state.connections.snapshot();
+    let mut gateways: BTreeMap<String, GatewaySummary> = BTreeMap::new();
+    for g in state.store.gateways().await? {
+        gateways.insert(
+            g.id.clone(),
+            GatewaySummary {
+                connection: connections.get(&g.id).cloned(),
+                id: g.id,
+                registered_at: rfc3339(g.registered_at_ms),
+                devices: Vec::new(),
+            },
+        );
+    }
+    for s in state.store.series().await? {
+        let from = from.unwrap_or_else(|| (to - 3_600_000).max(s.first_seen_ms.unwrap_or(to)));
+        let counts = state.store.window_counts(s.id, from, to).await?;
+        let expected = if s.interval_ms == 0 {
+            0
+        } else {
+            ((to - from).max(0) as u64) / s.interval_ms
+        };
+        let received = counts.good + counts.uncertain;
+        let tag = TagSummary {
+            name: s.tag,
+            address: s.address,
+            data_type: s.data_type,
+            unit: s.unit,
+            interval_ms: s.interval_ms,
+            samples: s.samples,
+            good: s.good,
+            uncertain: s.uncertain,
+            bad: s.bad,
+            first_seen: s.first_seen_ms.map(rfc3339),
+            last_seen: s.last_seen_ms.map(rfc3339),
+            last_value: s.last_value,
+            last_quality: s.last_quality,
+            last_quality_code: s.last_quality_code,
+            window: WindowSummary {
+                from: rfc3339(from),
+                to: rfc3339(to),
+                expected,
+                received,
+                bad: counts.bad,
+                completeness: (expected > 0).then(|| (received as f64 / expected as f64).min(1.0)),
+            },
+        };
+        let gateway = gateways
+            .entry(s.gateway.clone())
+            .or_insert_with(|| GatewaySummary {
+                id: s.gateway.clone(),
+                registered_at: String::new(),
+                connection: None,
+                devices: Vec::new(),
+            });
+        match gateway.devices.iter_mut().find(|d| d.id == s.device) {
+            Some(d) => d.tags.push(tag),
+            None => gateway.devices.push(DeviceSummary {
+                id: s.device,
+                protocol: s.protocol,
+                endpoint: s.endpoint,
+                tags: vec![tag],
+            }),
+        }
+    }
+    Ok(Json(Summary {
+        generated_at: rfc3339(now),
+        gateways: gateways.into_values().collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct PointsQuery {
+    gateway: String,
+    device: String,
+    tag: String,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Serialize)]
+pub struct PointsResponse {
+    pub gateway: String,
+    pub device: String,
+    pub tag: String,
+    pub points: Vec<StoredPoint>,
+}
+
+async fn points<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Query(q): Query<PointsQuery>,
+) -> Result<Json<PointsResponse>, ApiError> {
+    let from = q
+        .from
+        .as_deref()
+        .map(|s| parse_time("from", s))
+        .transpose()?
+        .unwrap_or(0);
+    let to =
+        q.to.as_deref()
+            .map(|s| parse_time("to", s))
+            .transpose()?
+            .unwrap_or(i64::MAX);
+    let series = state
+        .store
+        .series()
+        .await?
+        .into_iter()
+        .find(|s| s.gateway == q.gateway && s.device == q.device && s.tag == q.tag)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no tag {}/{}/{}", q.gateway, q.device, q.tag),
+            )
+        })?;
+    let points = state
+        .store
+        .points(series.id, from, to, q.limit.unwrap_or(100_000))
+        .await?;
+    Ok(Json(PointsResponse {
+        gateway: q.gateway,
+        device: q.device,
+        tag: q.tag,
+        points,
+    }))
+}
+
+async fn losses<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        serde_json::json!({ "losses": state.store.losses().await? }),
+    ))
+}
+
+const OVERVIEW_HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Guantong ingest</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0 1.5rem}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}
+th{background:#f3f3f3}.bad{color:#b00}.good{color:#070}.muted{color:#777}
+</style></head><body>
+<h1>Guantong ingest — live connectivity</h1>
+<p class="muted">Refreshes every 2 s. JSON: <a href="/api/v1/summary">/api/v1/summary</a>, <a href="/api/v1/losses">/api/v1/losses</a></p>
+<div id="out">loading…</div>
+<script>
+function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+async function refresh(){
+  try{
+    const r=await fetch('/api/v1/summary');const s=await r.json();let h='';
+    for(const g of s.gateways){
+      const c=g.connection;
+      h+=`<h2>Gateway ${esc(g.id)} <span class="${c&&c.connected?'good':'bad'}">${c&&c.connected?'connected':'not connected'}</span></h2>`;
+      for(const d of g.devices){
+        h+=`<h3>${esc(d.id)} <span class="muted">${esc(d.protocol)} ${esc(d.endpoint)}</span></h3><table><tr><th>tag</th><th>address</th><th>last value</th><th>quality</th><th>samples</th><th>last seen</th><th>completeness (window)</th></tr>`;
+        for(const t of d.tags){
+          const comp=t.window.completeness==null?'–':(100*t.window.completeness).toFixed(1)+'%';
+          h+=`<tr><td>${esc(t.name)}</td><td>${esc(t.address)}</td><td>${t.last_value==null?'–':esc(t.last_value)} ${esc(t.unit)}</td><td class="${t.last_quality==='good'?'good':'bad'}">${esc(t.last_quality||'–')}</td><td>${t.samples}</td><td>${esc(t.last_seen||'–')}</td><td>${comp}</td></tr>`;
+        }
+        h+='</table>';
+      }
+    }
+    document.getElementById('out').innerHTML=h||'No gateway registered yet.';
+  }catch(e){document.getElementById('out').textContent='API unreachable: '+e}
+}
+refresh();setInterval(refresh,2000);
+</script></body></html>"#;

@@ -1,0 +1,871 @@
+//! The embedded store: one redb file in the data directory, no server.
+//!
+//! # Layout
+//! | table        | key                              | value                          |
+//! |--------------|----------------------------------|--------------------------------|
+//! | `gateways`   | gateway id                       | JSON: salted token hash        |
+//! | `streams`    | (gateway, buffer_id)             | highest stored seq             |
+//! | `manifests`  | (gateway, version)               | encoded `Manifest`             |
+//! | `series_keys`| "gateway/device/tag"             | series id                      |
+//! | `series`     | series id                        | JSON `SeriesMeta`              |
+//! | `state`      | series id                        | encoded `SeriesState`          |
+//! | `chunks`     | (series, first time, chunk id)   | encoded `Chunk`                |
+//! | `minutes`    | (series, minute start)           | (good, uncertain, bad)         |
+//! | `losses`     | (gateway, buffer_id, first seq)  | JSON `LossRecord`              |
+//! | `meta`       | name                             | u64 counters                   |
+//!
+//! A chunk holds the points of one series from one batch that fall in one
+//! calendar minute, so any time window is answered from whole-minute counters
+//! plus the chunks of at most two edge minutes.
+//!
+//! # Group commit
+//! Appends go to one writer thread that takes every batch waiting (up to a
+//! limit) into one write transaction and one fsync, then answers each. The
+//! exactly-once check reads the stream's stored seq inside that transaction,
+//! so two copies of a batch in one group are still stored once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use guantong_proto::v1::{Manifest, Point, Quality, point::Value};
+use prost::Message;
+use rand::RngCore;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use super::{
+    AppendBatch, AppendOutcome, GatewayInfo, LossInfo, ManifestMap, Result, SeriesInfo, Store,
+    StoreError, StoredPoint, WindowCounts,
+};
+
+const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
+const STREAMS: TableDefinition<(&str, u64), u64> = TableDefinition::new("streams");
+const MANIFESTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("manifests");
+const SERIES_KEYS: TableDefinition<&str, u64> = TableDefinition::new("series_keys");
+const SERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("series");
+const STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("state");
+const CHUNKS: TableDefinition<(u64, i64, u64), &[u8]> = TableDefinition::new("chunks");
+const MINUTES: TableDefinition<(u64, i64), (u64, u64, u64)> = TableDefinition::new("minutes");
+const LOSSES: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("losses");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const MINUTE_MS: i64 = 60_000;
+/// Most points one group commit takes before committing.
+const GROUP_POINTS: usize = 200_000;
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Backend(e.into().to_string())
+}
+
+#[derive(Serialize, Deserialize)]
+struct GatewayRecord {
+    salt: String,
+    token_sha256: String,
+    registered_at_ms: i64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct SeriesMeta {
+    gateway: String,
+    device: String,
+    protocol: String,
+    endpoint: String,
+    tag: String,
+    address: String,
+    data_type: String,
+    unit: String,
+    interval_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LossRecord {
+    last_seq: u64,
+    points: Option<u64>,
+    reason: String,
+    recorded_at_ms: i64,
+    /// (manifest version, tag index, points, first ms, last ms)
+    tags: Vec<(u64, u32, u64, i64, i64)>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SeriesState {
+    #[prost(uint64, tag = "1")]
+    good: u64,
+    #[prost(uint64, tag = "2")]
+    uncertain: u64,
+    #[prost(uint64, tag = "3")]
+    bad: u64,
+    #[prost(int64, optional, tag = "4")]
+    first_ms: Option<i64>,
+    #[prost(int64, optional, tag = "5")]
+    last_ms: Option<i64>,
+    /// The point with the latest source time; its `time_offset_ms` is absolute.
+    #[prost(message, optional, tag = "6")]
+    last: Option<Point>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Chunk {
+    #[prost(int64, tag = "1")]
+    base_ms: i64,
+    #[prost(int64, tag = "2")]
+    received_at_ms: i64,
+    /// `time_offset_ms` relative to `base_ms`; `tag` unused.
+    #[prost(message, repeated, tag = "3")]
+    points: Vec<Point>,
+}
+
+struct Job {
+    batch: AppendBatch,
+    reply: oneshot::Sender<Result<AppendOutcome>>,
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    path: PathBuf,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join("ingest.redb");
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
+                path.display()
+            )),
+            other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
+        })?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(GATEWAYS).map_err(db_err)?;
+            txn.open_table(STREAMS).map_err(db_err)?;
+            txn.open_table(MANIFESTS).map_err(db_err)?;
+            txn.open_table(SERIES_KEYS).map_err(db_err)?;
+            txn.open_table(SERIES).map_err(db_err)?;
+            txn.open_table(STATE).map_err(db_err)?;
+            txn.open_table(CHUNKS).map_err(db_err)?;
+            txn.open_table(MINUTES).map_err(db_err)?;
+            txn.open_table(LOSSES).map_err(db_err)?;
+            txn.open_table(META).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("ingest-writer".into())
+            .spawn(move || group_commit_loop(&writer_db, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        Ok(EmbeddedStore {
+            db,
+            jobs: Mutex::new(Some(tx)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Backend(format!("storage task failed: {e}")))?
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer thread after the jobs queued.
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+    }
+}
+
+fn group_commit_loop(db: &Database, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let mut points = jobs[0].batch.batch.points.len();
+        while points < GROUP_POINTS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    points += job.batch.batch.points.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcomes = append_group(db, jobs.iter().map(|j| &j.batch));
+        match outcomes {
+            Ok(outcomes) => {
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batches = jobs.len(), "group commit failed; nothing acked");
+                for job in jobs {
+                    let _ = job.reply.send(Err(StoreError::Backend(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn append_group<'a>(
+    db: &Database,
+    batches: impl Iterator<Item = &'a AppendBatch>,
+) -> Result<Vec<AppendOutcome>> {
+    let mut txn = db.begin_write().map_err(db_err)?;
+    txn.set_durability(Durability::Immediate).map_err(db_err)?;
+    let mut outcomes = Vec::new();
+    {
+        let mut streams = txn.open_table(STREAMS).map_err(db_err)?;
+        let mut chunks = txn.open_table(CHUNKS).map_err(db_err)?;
+        let mut minutes = txn.open_table(MINUTES).map_err(db_err)?;
+        let mut state = txn.open_table(STATE).map_err(db_err)?;
+        let mut losses = txn.open_table(LOSSES).map_err(db_err)?;
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        let mut next_chunk = meta
+            .get("next_chunk")
+            .map_err(db_err)?
+            .map(|v| v.value())
+            .unwrap_or(1);
+        for a in batches {
+            let b = &a.batch;
+            let key = (a.gateway_id.as_str(), b.buffer_id);
+            let stored = streams
+                .get(key)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            if b.seq <= stored {
+                outcomes.push(AppendOutcome::Duplicate);
+                continue;
+            }
+            if b.seq > stored + 1 {
+                let record = LossRecord {
+                    last_seq: b.seq - 1,
+                    points: None,
+                    reason: "sequence gap not declared by the gateway".into(),
+                    recorded_at_ms: a.received_at_ms,
+                    tags: Vec::new(),
+                };
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+                losses
+                    .insert(
+                        (a.gateway_id.as_str(), b.buffer_id, stored + 1),
+                        value.as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            let mut new_stored = b.seq;
+            if let Some(loss) = &b.loss {
+                new_stored = new_stored.max(loss.last_seq);
+                let reason = guantong_proto::v1::LossReason::try_from(loss.reason)
+                    .map(|r| {
+                        r.as_str_name()
+                            .trim_start_matches("LOSS_REASON_")
+                            .to_ascii_lowercase()
+                    })
+                    .unwrap_or_else(|_| format!("code {}", loss.reason));
+                let record = LossRecord {
+                    last_seq: loss.last_seq,
+                    points: Some(loss.points),
+                    reason: format!("dropped by the gateway: {reason}"),
+                    recorded_at_ms: a.received_at_ms,
+                    tags: loss
+                        .tags
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.manifest_version,
+                                t.tag,
+                                t.points,
+                                t.first_time_ms,
+                                t.last_time_ms,
+                            )
+                        })
+                        .collect(),
+                };
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+                losses
+                    .insert(
+                        (a.gateway_id.as_str(), b.buffer_id, b.seq),
+                        value.as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            if let Some(reason) = &a.rejected {
+                let record = LossRecord {
+                    last_seq: b.seq,
+                    points: Some(b.points.len() as u64),
+                    reason: format!("rejected by ingest: {reason}"),
+                    recorded_at_ms: a.received_at_ms,
+                    tags: Vec::new(),
+                };
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+                losses
+                    .insert(
+                        (a.gateway_id.as_str(), b.buffer_id, b.seq),
+                        value.as_slice(),
+                    )
+                    .map_err(db_err)?;
+            } else if let Some(map) = &a.map {
+                store_points(
+                    a,
+                    map,
+                    &mut chunks,
+                    &mut minutes,
+                    &mut state,
+                    &mut next_chunk,
+                )?;
+            }
+            streams.insert(key, new_stored).map_err(db_err)?;
+            outcomes.push(AppendOutcome::Stored);
+        }
+        meta.insert("next_chunk", next_chunk).map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)?;
+    Ok(outcomes)
+}
+
+fn quality_of(p: &Point) -> Quality {
+    Quality::try_from(p.quality).unwrap_or(Quality::Bad)
+}
+
+fn store_points(
+    a: &AppendBatch,
+    map: &ManifestMap,
+    chunks: &mut redb::Table<(u64, i64, u64), &[u8]>,
+    minutes: &mut redb::Table<(u64, i64), (u64, u64, u64)>,
+    state: &mut redb::Table<u64, &[u8]>,
+    next_chunk: &mut u64,
+) -> Result<()> {
+    let b = &a.batch;
+    // (series, minute) -> points with absolute times
+    let mut groups: HashMap<(u64, i64), Vec<Point>> = HashMap::new();
+    for p in &b.points {
+        let series = *map
+            .series
+            .get(p.tag as usize)
+            .ok_or_else(|| StoreError::Invalid(format!("tag {} outside manifest", p.tag)))?;
+        let t = b.base_time_ms.saturating_add(p.time_offset_ms);
+        let mut p = p.clone();
+        p.tag = 0;
+        p.time_offset_ms = t;
+        groups
+            .entry((series, t.div_euclid(MINUTE_MS) * MINUTE_MS))
+            .or_default()
+            .push(p);
+    }
+    let mut per_series: HashMap<u64, Vec<&Point>> = HashMap::new();
+    for ((series, minute), points) in &groups {
+        let first = points
+            .iter()
+            .map(|p| p.time_offset_ms)
+            .min()
+            .unwrap_or(*minute);
+        let mut counts = minutes
+            .get((*series, *minute))
+            .map_err(db_err)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0, 0));
+        for p in points {
+            match quality_of(p) {
+                Quality::Good => counts.0 += 1,
+                Quality::Uncertain => counts.1 += 1,
+                Quality::Bad => counts.2 += 1,
+            }
+        }
+        minutes.insert((*series, *minute), counts).map_err(db_err)?;
+        let chunk = Chunk {
+            base_ms: first,
+            received_at_ms: a.received_at_ms,
+            points: points
+                .iter()
+                .map(|p| Point {
+                    time_offset_ms: p.time_offset_ms - first,
+                    ..p.clone()
+                })
+                .collect(),
+        };
+        chunks
+            .insert(
+                (*series, first, *next_chunk),
+                chunk.encode_to_vec().as_slice(),
+            )
+            .map_err(db_err)?;
+        *next_chunk += 1;
+        per_series.entry(*series).or_default().extend(points.iter());
+    }
+    for (series, points) in per_series {
+        let mut s = match state.get(series).map_err(db_err)? {
+            Some(v) => SeriesState::decode(v.value())
+                .map_err(|e| StoreError::Backend(format!("series {series} state: {e}")))?,
+            None => SeriesState::default(),
+        };
+        for p in points {
+            let t = p.time_offset_ms;
+            match quality_of(p) {
+                Quality::Good => s.good += 1,
+                Quality::Uncertain => s.uncertain += 1,
+                Quality::Bad => s.bad += 1,
+            }
+            s.first_ms = Some(s.first_ms.map_or(t, |f| f.min(t)));
+            if s.last_ms.is_none_or(|l| t >= l) {
+                s.last_ms = Some(t);
+                s.last = Some(p.clone());
+            }
+        }
+        state
+            .insert(series, s.encode_to_vec().as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn value_json(v: &Option<Value>) -> Option<serde_json::Value> {
+    v.as_ref().map(|v| match v {
+        Value::Bool(b) => serde_json::Value::from(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::Uint(u) => serde_json::Value::from(*u),
+        Value::Double(d) => serde_json::Number::from_f64(*d)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Value::String(s) => serde_json::Value::from(s.clone()),
+    })
+}
+
+pub(crate) fn quality_name(q: Quality) -> &'static str {
+    match q {
+        Quality::Good => "good",
+        Quality::Uncertain => "uncertain",
+        Quality::Bad => "bad",
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(token.as_bytes());
+    h.finalize().into()
+}
+
+impl Store for EmbeddedStore {
+    async fn register_gateway(&self, id: &str) -> Result<String> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let mut secret = [0u8; 32];
+            rand::rng().fill_bytes(&mut secret);
+            let token = format!("gt_{}", hex::encode(secret));
+            let mut salt = [0u8; 16];
+            rand::rng().fill_bytes(&mut salt);
+            let record = GatewayRecord {
+                salt: hex::encode(salt),
+                token_sha256: hex::encode(token_hash(&salt, &token)),
+                registered_at_ms: now_ms(),
+            };
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
+                if t.get(id.as_str()).map_err(db_err)?.is_some() {
+                    return Err(StoreError::Exists(format!("gateway `{id}`")));
+                }
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+                t.insert(id.as_str(), value.as_slice()).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(token)
+        })
+        .await
+    }
+
+    async fn authenticate(&self, id: &str, token: &str) -> Result<bool> {
+        let (id, token) = (id.to_string(), token.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(GATEWAYS).map_err(db_err)?;
+            let Some(v) = t.get(id.as_str()).map_err(db_err)? else {
+                return Ok(false);
+            };
+            let record: GatewayRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Backend(format!("gateway {id}: {e}")))?;
+            let (Ok(salt), Ok(expected)) =
+                (hex::decode(&record.salt), hex::decode(&record.token_sha256))
+            else {
+                return Err(StoreError::Backend(format!(
+                    "gateway {id}: malformed token record"
+                )));
+            };
+            Ok(bool::from(
+                token_hash(&salt, &token).as_slice().ct_eq(&expected),
+            ))
+        })
+        .await
+    }
+
+    async fn gateways(&self) -> Result<Vec<GatewayInfo>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(GATEWAYS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let record: GatewayRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                out.push(GatewayInfo {
+                    id: k.value().to_string(),
+                    registered_at_ms: record.registered_at_ms,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn stored_seq(&self, gateway: &str, buffer_id: u64) -> Result<u64> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(STREAMS).map_err(db_err)?;
+            Ok(t.get((gateway.as_str(), buffer_id))
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn put_manifest(&self, gateway: &str, manifest: Manifest) -> Result<Arc<ManifestMap>> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let mut series = Vec::with_capacity(manifest.tags.len());
+            {
+                let mut keys = txn.open_table(SERIES_KEYS).map_err(db_err)?;
+                let mut metas = txn.open_table(SERIES).map_err(db_err)?;
+                let mut meta = txn.open_table(META).map_err(db_err)?;
+                let mut next = meta
+                    .get("next_series")
+                    .map_err(db_err)?
+                    .map(|v| v.value())
+                    .unwrap_or(1);
+                for (i, tag) in manifest.tags.iter().enumerate() {
+                    let device = manifest.devices.get(tag.device as usize).ok_or_else(|| {
+                        StoreError::Invalid(format!(
+                            "manifest tag {i} (`{}`) names device {} of {}",
+                            tag.name,
+                            tag.device,
+                            manifest.devices.len()
+                        ))
+                    })?;
+                    let key = format!("{gateway}/{}/{}", device.id, tag.name);
+                    let id = match keys.get(key.as_str()).map_err(db_err)? {
+                        Some(v) => v.value(),
+                        None => {
+                            next += 1;
+                            next - 1
+                        }
+                    };
+                    keys.insert(key.as_str(), id).map_err(db_err)?;
+                    let m = SeriesMeta {
+                        gateway: gateway.clone(),
+                        device: device.id.clone(),
+                        protocol: device.protocol.clone(),
+                        endpoint: device.endpoint.clone(),
+                        tag: tag.name.clone(),
+                        address: tag.address.clone(),
+                        data_type: guantong_proto::v1::DataType::try_from(tag.data_type)
+                            .map(|d| {
+                                d.as_str_name()
+                                    .trim_start_matches("DATA_TYPE_")
+                                    .to_ascii_lowercase()
+                            })
+                            .unwrap_or_else(|_| "unspecified".into()),
+                        unit: tag.unit.clone(),
+                        interval_ms: tag.interval_ms,
+                    };
+                    let value =
+                        serde_json::to_vec(&m).map_err(|e| StoreError::Backend(e.to_string()))?;
+                    metas.insert(id, value.as_slice()).map_err(db_err)?;
+                    series.push(id);
+                }
+                meta.insert("next_series", next).map_err(db_err)?;
+                txn.open_table(MANIFESTS)
+                    .map_err(db_err)?
+                    .insert(
+                        (gateway.as_str(), manifest.version),
+                        manifest.encode_to_vec().as_slice(),
+                    )
+                    .map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(Arc::new(ManifestMap {
+                version: manifest.version,
+                series,
+            }))
+        })
+        .await
+    }
+
+    async fn manifest_map(&self, gateway: &str, version: u64) -> Result<Option<Arc<ManifestMap>>> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
+            let Some(v) = manifests.get((gateway.as_str(), version)).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let manifest =
+                Manifest::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let keys = txn.open_table(SERIES_KEYS).map_err(db_err)?;
+            let mut series = Vec::with_capacity(manifest.tags.len());
+            for tag in &manifest.tags {
+                let device = manifest
+                    .devices
+                    .get(tag.device as usize)
+                    .map(|d| d.id.as_str())
+                    .unwrap_or_default();
+                let key = format!("{gateway}/{device}/{}", tag.name);
+                let id = keys
+                    .get(key.as_str())
+                    .map_err(db_err)?
+                    .ok_or_else(|| StoreError::Backend(format!("series {key} missing")))?;
+                series.push(id.value());
+            }
+            Ok(Some(Arc::new(ManifestMap { version, series })))
+        })
+        .await
+    }
+
+    fn append(
+        &self,
+        batch: AppendBatch,
+    ) -> impl Future<Output = Result<AppendOutcome>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let queued = match self.jobs.lock() {
+            Ok(jobs) => match jobs.as_ref() {
+                Some(tx) => tx
+                    .send(Job { batch, reply })
+                    .map_err(|_| StoreError::Backend("writer thread stopped".into())),
+                None => Err(StoreError::Backend("store is closing".into())),
+            },
+            Err(_) => Err(StoreError::Backend("writer lock poisoned".into())),
+        };
+        async move {
+            queued?;
+            rx.await
+                .map_err(|_| StoreError::Backend("writer thread stopped".into()))?
+        }
+    }
+
+    async fn series(&self) -> Result<Vec<SeriesInfo>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let metas = txn.open_table(SERIES).map_err(db_err)?;
+            let states = txn.open_table(STATE).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in metas.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let id = k.value();
+                let m: SeriesMeta = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let s = match states.get(id).map_err(db_err)? {
+                    Some(v) => SeriesState::decode(v.value())
+                        .map_err(|e| StoreError::Backend(e.to_string()))?,
+                    None => SeriesState::default(),
+                };
+                out.push(SeriesInfo {
+                    id,
+                    gateway: m.gateway,
+                    device: m.device,
+                    protocol: m.protocol,
+                    endpoint: m.endpoint,
+                    tag: m.tag,
+                    address: m.address,
+                    data_type: m.data_type,
+                    unit: m.unit,
+                    interval_ms: m.interval_ms,
+                    samples: s.good + s.uncertain + s.bad,
+                    good: s.good,
+                    uncertain: s.uncertain,
+                    bad: s.bad,
+                    first_seen_ms: s.first_ms,
+                    last_seen_ms: s.last_ms,
+                    last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
+                    last_quality: s
+                        .last
+                        .as_ref()
+                        .map(|p| quality_name(quality_of(p)).to_string()),
+                    last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
+        self.blocking(move |db| {
+            let mut c = WindowCounts::default();
+            if to_ms <= from_ms {
+                return Ok(c);
+            }
+            let txn = db.begin_read().map_err(db_err)?;
+            let minutes = txn.open_table(MINUTES).map_err(db_err)?;
+            let chunks = txn.open_table(CHUNKS).map_err(db_err)?;
+            let first_full = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+                + if from_ms.rem_euclid(MINUTE_MS) == 0 {
+                    0
+                } else {
+                    MINUTE_MS
+                };
+            let end_full = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+            let count_edge = |lo: i64, hi: i64, c: &mut WindowCounts| -> Result<()> {
+                let minute = lo.div_euclid(MINUTE_MS) * MINUTE_MS;
+                for entry in chunks
+                    .range((series, minute, 0)..(series, minute + MINUTE_MS, 0))
+                    .map_err(db_err)?
+                {
+                    let (_, v) = entry.map_err(db_err)?;
+                    let chunk =
+                        Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+                    for p in &chunk.points {
+                        let t = chunk.base_ms + p.time_offset_ms;
+                        if t >= lo && t < hi {
+                            match quality_of(p) {
+                                Quality::Good => c.good += 1,
+                                Quality::Uncertain => c.uncertain += 1,
+                                Quality::Bad => c.bad += 1,
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            };
+            if first_full >= end_full {
+                // Window within one minute, or spanning two partial minutes.
+                count_edge(
+                    from_ms,
+                    to_ms.min(from_ms.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS),
+                    &mut c,
+                )?;
+                if end_full > from_ms && end_full < to_ms {
+                    count_edge(end_full, to_ms, &mut c)?;
+                }
+                return Ok(c);
+            }
+            if from_ms < first_full {
+                count_edge(from_ms, first_full, &mut c)?;
+            }
+            for entry in minutes
+                .range((series, first_full)..(series, end_full))
+                .map_err(db_err)?
+            {
+                let (_, v) = entry.map_err(db_err)?;
+                let (g, u, b) = v.value();
+                c.good += g;
+                c.uncertain += u;
+                c.bad += b;
+            }
+            if end_full < to_ms {
+                count_edge(end_full, to_ms, &mut c)?;
+            }
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn points(
+        &self,
+        series: u64,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredPoint>> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let chunks = txn.open_table(CHUNKS).map_err(db_err)?;
+            let start = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+            let mut out = Vec::new();
+            for entry in chunks
+                .range((series, start, 0)..(series, to_ms, 0))
+                .map_err(db_err)?
+            {
+                let (_, v) = entry.map_err(db_err)?;
+                let chunk =
+                    Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+                for p in &chunk.points {
+                    let t = chunk.base_ms + p.time_offset_ms;
+                    if t >= from_ms && t < to_ms {
+                        out.push(StoredPoint {
+                            time_ms: t,
+                            value: value_json(&p.value),
+                            quality: quality_name(quality_of(p)),
+                            quality_code: p.quality_code,
+                            received_at_ms: chunk.received_at_ms,
+                        });
+                    }
+                }
+            }
+            out.sort_by_key(|p| p.time_ms);
+            out.truncate(limit);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn losses(&self) -> Result<Vec<LossInfo>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(LOSSES).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in t.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let (gateway, buffer_id, first_seq) = k.value();
+                let r: LossRecord = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                out.push(LossInfo {
+                    gateway: gateway.to_string(),
+                    buffer_id: format!("{buffer_id:016x}"),
+                    first_seq,
+                    last_seq: r.last_seq,
+                    points: r.points,
+                    reason: r.reason,
+                    recorded_at_ms: r.recorded_at_ms,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,355 @@
+//! Running the real `guantong-ingest` and `guantong-gateway` binaries as
+//! processes, and reading ingest's HTTP API.
+//!
+//! Binaries are taken from the cargo target directory this test was built
+//! into (`cargo build --workspace --bins` first; the test script does).
+//! Each process logs to a file in its work directory; `logs()` returns the
+//! tail for failure messages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// Path of a workspace binary next to the running test executable.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("test executable has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the binaries first with `cargo build --workspace --bins` (./test.sh does this)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("GUANTONG_LOG", "info")
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `grace` before SIGKILL. Returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        format!(
+            "--- last lines of {} ({}) ---\n{}\n",
+            self.name,
+            self.log.display(),
+            tail.join("\n")
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The ingest service as a process, on a data directory that outlives it.
+pub struct IngestProc {
+    pub proc: Proc,
+    pub data: PathBuf,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl IngestProc {
+    /// Registers `gateway` in a fresh data directory and returns its token.
+    pub fn register(data: &Path, gateway: &str) -> anyhow::Result<String> {
+        let out = Command::new(binary("guantong-ingest")?)
+            .args(["register-gateway", "--data"])
+            .arg(data)
+            .arg(gateway)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "register-gateway failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    /// Starts ingest; ports 0 pick free ones (read back from its ports file).
+    pub async fn start(
+        data: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+    ) -> anyhow::Result<IngestProc> {
+        let ports_file = data.with_extension("ports.json");
+        let _ = std::fs::remove_file(&ports_file);
+        let log = data.with_extension("log");
+        let proc = Proc::spawn(
+            "guantong-ingest",
+            Command::new(binary("guantong-ingest")?)
+                .arg("serve")
+                .arg("--data")
+                .arg(data)
+                .arg("--grpc-listen")
+                .arg(grpc.to_string())
+                .arg("--http-listen")
+                .arg(http.to_string())
+                .arg("--ports-file")
+                .arg(&ports_file),
+            &log,
+        )?;
+        let mut ingest = IngestProc {
+            proc,
+            data: data.to_path_buf(),
+            grpc,
+            http,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    ingest.grpc = v["grpc"].as_str().context("grpc")?.parse()?;
+                    ingest.http = v["http"].as_str().context("http")?.parse()?;
+                    return Ok(ingest);
+                }
+            }
+            if !ingest.proc.is_running() || Instant::now() > deadline {
+                bail!("ingest did not start\n{}", ingest.proc.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts it again on the same data directory and ports.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match IngestProc::start(&self.data, self.grpc, self.http).await {
+                Ok(new) => {
+                    *self = new;
+                    return Ok(());
+                }
+                // The old listener may linger for a moment.
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "ingest restart retry");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            base: format!("http://{}", self.http),
+            client: reqwest::Client::new(),
+        }
+    }
+}
+
+/// A gateway process with its config file and buffer directory.
+pub struct GatewayProc {
+    pub proc: Proc,
+    pub config: PathBuf,
+}
+
+impl GatewayProc {
+    pub fn start(config: &Path) -> anyhow::Result<GatewayProc> {
+        let log = config.with_extension("log");
+        let proc = Proc::spawn(
+            "guantong-gateway",
+            Command::new(binary("guantong-gateway")?)
+                .arg("run")
+                .arg("--config")
+                .arg(config),
+            &log,
+        )?;
+        Ok(GatewayProc {
+            proc,
+            config: config.to_path_buf(),
+        })
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        *self = GatewayProc::start(&self.config)?;
+        Ok(())
+    }
+}
+
+/// Gateway config text for `gateway` pointing at `ingest`, buffering in `buffer_dir`.
+pub fn gateway_toml(
+    gateway: &str,
+    ingest_grpc: SocketAddr,
+    token: &str,
+    buffer_dir: &Path,
+) -> String {
+    format!(
+        r#"[gateway]
+id = "{gateway}"
+
+[uplink]
+endpoint = "http://{ingest_grpc}"
+token = "{token}"
+max_backoff = "1s"
+
+[buffer]
+dir = "{dir}"
+max_bytes = "64 MiB"
+commit_interval = "100ms"
+"#,
+        dir = buffer_dir.display()
+    )
+}
+
+/// Client for ingest's HTTP API.
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// All stored points of one tag, oldest first.
+    pub async fn points(
+        &self,
+        gateway: &str,
+        device: &str,
+        tag: &str,
+    ) -> anyhow::Result<Vec<Value>> {
+        let v = self
+            .get(&format!(
+                "/api/v1/points?gateway={gateway}&device={device}&tag={tag}"
+            ))
+            .await?;
+        Ok(v["points"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The summary entry of one tag.
+    pub async fn tag(
+        &self,
+        gateway: &str,
+        device: &str,
+        tag: &str,
+    ) -> anyhow::Result<Option<Value>> {
+        let s = self.get("/api/v1/summary").await?;
+        for g in s["gateways"].as_array().into_iter().flatten() {
+            if g["id"] != gateway {
+                continue;
+            }
+            for d in g["devices"].as_array().into_iter().flatten() {
+                if d["id"] != device {
+                    continue;
+                }
+                for t in d["tags"].as_array().into_iter().flatten() {
+                    if t["name"] == tag {
+                        return Ok(Some(t.clone()));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Polls `check` until it returns Some, or fails after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,113 @@
+//! A TCP proxy for fault injection between gateway and ingest.
+//!
+//! Modes, switchable at any time:
+//! - `Pass`: bytes flow both ways.
+//! - `DropDownstream`: bytes from the upstream (ingest) to the client
+//!   (gateway) are read and discarded; the client's bytes still arrive. Acks
+//!   are lost while batches are stored: the classic lost-ack case.
+//! - `Blackhole`: bytes are discarded both ways and connections stay open, as
+//!   when packets vanish without a RST.
+//! - `Refuse`: every open connection is closed and new ones are closed at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Pass,
+    DropDownstream,
+    Blackhole,
+    Refuse,
+}
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    mode: Arc<watch::Sender<Mode>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, _) = watch::channel(Mode::Pass);
+        let mode = Arc::new(tx);
+        let m = mode.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let rx = m.subscribe();
+                if *rx.borrow() == Mode::Refuse {
+                    drop(client);
+                    continue;
+                }
+                tokio::spawn(relay(client, upstream, rx));
+            }
+        });
+        Ok(Proxy { addr, mode, task })
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.mode.send_replace(Mode::Refuse);
+    }
+}
+
+async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    let up = pump(cr, sw, mode.clone(), false);
+    let down = pump(sr, cw, mode, true);
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    downstream: bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            changed = mode.changed() => {
+                if changed.is_err() || *mode.borrow() == Mode::Refuse {
+                    return;
+                }
+                continue;
+            }
+        };
+        let current = *mode.borrow();
+        let forward = match current {
+            Mode::Pass => true,
+            Mode::DropDownstream => !downstream,
+            Mode::Blackhole => false,
+            Mode::Refuse => return,
+        };
+        if forward && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! A simulated Modbus TCP device (tokio-modbus server) for tests, the demo
+//! and benchmarks.
+//!
+//! Its register map is fixed (`standard_tags` describes it as gateway config)
+//! so a test knows exactly what each tag must decode to. Holding registers
+//! 0-1 are a u32 counter that increases by one on every read request that
+//! covers them, so each poll yields a distinct value and a test can check that
+//! every value arrived exactly once. `set_fault(true)` makes the device answer
+//! every request with exception 4 (server device failure) without counting.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_modbus::server::tcp::Server;
+
+pub const COUNTER_ADDR: u16 = 0;
+
+#[derive(Debug)]
+pub struct SimState {
+    pub holding: Vec<u16>,
+    pub input: Vec<u16>,
+    pub coils: Vec<bool>,
+    pub discrete: Vec<bool>,
+    /// Last counter value served (0: none yet).
+    pub counter: u32,
+    pub fault: bool,
+    /// Change the analog values with time (demo).
+    pub animate: bool,
+    pub requests: u64,
+    pub exceptions: u64,
+}
+
+#[derive(Clone)]
+pub struct SimDevice {
+    state: Arc<Mutex<SimState>>,
+}
+
+/// Known register contents, and the values the standard tags decode to.
+pub struct Expected;
+
+impl Expected {
+    pub const U16: u64 = 1234;
+    pub const I16: i64 = -200;
+    pub const U32: u64 = 0x1234_5678;
+    pub const I32_CDAB: i64 = -123_456;
+    pub const F32: f64 = 22.5;
+    pub const F32_CDAB: f64 = -7.25;
+    pub const SCALED: f64 = 4.2; // input register 42 * 0.1
+}
+
+fn words_be(bytes: [u8; 4]) -> [u16; 2] {
+    [
+        u16::from_be_bytes([bytes[0], bytes[1]]),
+        u16::from_be_bytes([bytes[2], bytes[3]]),
+    ]
+}
+
+impl Default for SimDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SimDevice {
+    pub fn new() -> SimDevice {
+        let mut holding = vec![0u16; 200];
+        holding[10] = Expected::U16 as u16;
+        holding[11] = (Expected::I16 as i16) as u16;
+        holding[12..14].copy_from_slice(&words_be((Expected::U32 as u32).to_be_bytes()));
+        let [a, b] = words_be((Expected::I32_CDAB as i32).to_be_bytes());
+        holding[14..16].copy_from_slice(&[b, a]);
+        holding[16..18].copy_from_slice(&words_be((Expected::F32 as f32).to_be_bytes()));
+        let [a, b] = words_be((Expected::F32_CDAB as f32).to_be_bytes());
+        holding[18..20].copy_from_slice(&[b, a]);
+        let mut input = vec![0u16; 200];
+        input[0] = 42;
+        let mut coils = vec![false; 200];
+        coils[0] = true;
+        let mut discrete = vec![false; 200];
+        discrete[0] = true;
+        SimDevice {
+            state: Arc::new(Mutex::new(SimState {
+                holding,
+                input,
+                coils,
+                discrete,
+                counter: 0,
+                fault: false,
+                animate: false,
+                requests: 0,
+                exceptions: 0,
+            })),
+        }
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
+    }
+
+    pub fn set_fault(&self, fault: bool) {
+        self.with(|s| s.fault = fault);
+    }
+
+    pub fn counter(&self) -> u32 {
+        self.with(|s| s.counter)
+    }
+
+    /// Starts serving on `addr` (port 0 for any free port).
+    pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let device = self.clone();
+        let task = tokio::spawn(async move {
+            let server = Server::new(listener);
+            let on_connected = |stream, _peer| {
+                let device = device.clone();
+                async move { Ok(Some((device, stream))) }
+            };
+            if let Err(e) = server.serve(&on_connected, |_err| {}).await {
+                tracing::warn!(error = %e, "simulated device stopped");
+            }
+        });
+        Ok((local, task))
+    }
+
+    fn answer(&self, request: Request<'static>) -> Result<Response, ExceptionCode> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.requests += 1;
+        if s.fault {
+            s.exceptions += 1;
+            return Err(ExceptionCode::ServerDeviceFailure);
+        }
+        if s.animate {
+            animate(&mut s);
+        }
+        let range =
+            |addr: u16, cnt: u16, len: usize| -> Result<std::ops::Range<usize>, ExceptionCode> {
+                let (a, n) = (usize::from(addr), usize::from(cnt));
+                if n == 0 || a + n > len {
+                    Err(ExceptionCode::IllegalDataAddress)
+                } else {
+                    Ok(a..a + n)
+                }
+            };
+        let result = match request {
+            Request::ReadHoldingRegisters(addr, cnt) => {
+                let r = range(addr, cnt, s.holding.len())?;
+                if r.contains(&usize::from(COUNTER_ADDR)) {
+                    s.counter += 1;
+                    let [a, b] = words_be(s.counter.to_be_bytes());
+                    let c = usize::from(COUNTER_ADDR);
+                    s.holding[c] = a;
+                    s.holding[c + 1] = b;
+                }
+                Ok(Response::ReadHoldingRegisters(s.holding[r].to_vec()))
+            }
+            Request::ReadInputRegisters(addr, cnt) => {
+                let r = range(addr, cnt, s.input.len())?;
+                Ok(Response::ReadInputRegisters(s.input[r].to_vec()))
+            }
+            Request::ReadCoils(addr, cnt) => {
+                let r = range(addr, cnt, s.coils.len())?;
+                Ok(Response::ReadCoils(s.coils[r].to_vec()))
+            }
+            Request::ReadDiscreteInputs(addr, cnt) => {
+                let r = range(addr, cnt, s.discrete.len())?;
+                Ok(Response::ReadDiscreteInputs(s.discrete[r].to_vec()))
+            }
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        if result.is_err() {
+            s.exceptions += 1;
+        }
+        result
+    }
+}
+
+/// Demo motion: a temperature wave, a pressure wave and a running flag.
+fn animate(s: &mut SimState) {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let temperature = 65.0 + 8.0 * (t / 30.0).sin() + 0.3 * (t * 1.7).sin();
+    s.holding[16..18].copy_from_slice(&words_be((temperature as f32).to_be_bytes()));
+    s.input[0] = (420.0 + 35.0 * (t / 11.0).cos()) as u16;
+    s.coils[0] = (t as u64 / 20) % 3 != 0;
+}
+
+impl tokio_modbus::server::Service for SimDevice {
+    type Request = SlaveRequest<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = std::future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
+        std::future::ready(self.answer(req.request))
+    }
+}
+
+/// Gateway config `[[devices]]` entry for the simulator's map, with the
+/// expected decoded value of each tag (None for the counter).
+pub fn standard_device_toml(id: &str, addr: SocketAddr, poll_interval: &str) -> String {
+    format!(
+        r#"
+[[devices]]
+id = "{id}"
+protocol = "modbus-tcp"
+host = "{host}"
+port = {port}
+unit = 1
+poll_interval = "{poll_interval}"
+timeout = "500ms"
+
+[[devices.tags]]
+name = "counter"
+table = "holding"
+address = 0
+type = "u32"
+
+[[devices.tags]]
+name = "u16"
+table = "holding"
+address = 10
+type = "u16"
+
+[[devices.tags]]
+name = "i16"
+table = "holding"
+address = 11
+type = "i16"
+
+[[devices.tags]]
+name = "u32"
+table = "holding"
+address = 12
+type = "u32"
+
+[[devices.tags]]
+name = "i32_cdab"
+table = "holding"
+address = 14
+type = "i32"
+order = "CDAB"
+
+[[devices.tags]]
+name = "temperature"
+table = "holding"
+address = 16
+type = "f32"
+unit = "°C"
+
+[[devices.tags]]
+name = "f32_cdab"
+table = "holding"
+address = 18
+type = "f32"
+order = "CDAB"
+
+[[devices.tags]]
+name = "flow"
+table = "input"
+address = 0
+type = "u16"
+scale = 0.1
+unit = "m³/h"
+
+[[devices.tags]]
+name = "running"
+table = "coil"
+address = 0
+type = "bool"
+
+[[devices.tags]]
+name = "door_closed"
+table = "discrete"
+address = 0
+type = "bool"
+"#,
+        host = addr.ip(),
+        port = addr.port(),
+    )
+}
+
+/// Expected last value of each standard tag, as JSON.
+pub fn standard_expected() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("u16", json!(Expected::U16)),
+        ("i16", json!(Expected::I16)),
+        ("u32", json!(Expected::U32)),
+        ("i32_cdab", json!(Expected::I32_CDAB)),
+        ("temperature", json!(Expected::F32)),
+        ("f32_cdab", json!(Expected::F32_CDAB)),
+        ("flow", json!(Expected::SCALED)),
+        ("running", json!(true)),
+        ("door_closed", json!(true)),
+    ]
+}

@@ -1,0 +1,152 @@
+//! `guantong-gateway check` on bad configs: exact messages, exit code 2, no
+//! panic; and every example config under configs/ passes.
+
+use std::path::Path;
+use std::process::Command;
+
+use guantong_e2e::procs::binary;
+
+const VALID: &str = r#"[gateway]
+id = "gw-1"
+
+[uplink]
+endpoint = "http://127.0.0.1:7600"
+token = "gt_x"
+
+[buffer]
+dir = "buffer"
+
+[[devices]]
+id = "meter-1"
+protocol = "modbus-tcp"
+host = "127.0.0.1"
+port = 502
+
+[[devices.tags]]
+name = "voltage"
+table = "holding"
+address = 0
+type = "f32"
+"#;
+
+/// Runs `check` on `text`; returns (exit code, stdout, stderr with the temp path replaced by FILE).
+fn check(text: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = Command::new(binary("guantong-gateway").expect("binary"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run check");
+    let file = path.display().to_string();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).replace(&file, "FILE"),
+        String::from_utf8_lossy(&out.stderr).replace(&file, "FILE"),
+    )
+}
+
+#[test]
+fn a_valid_config_passes() {
+    let (code, stdout, stderr) = check(VALID);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "FILE: ok (1 devices, 1 tags)\n");
+}
+
+#[test]
+fn a_wrong_key_is_named_with_its_path() {
+    let (code, _, stderr) = check(&VALID.replace("address = 0", "adress = 0"));
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        "FILE: 1 problem\n  FILE: devices[0].tags[0].adress: unknown field `adress`, expected one of `name`, `table`, `address`, `type`, `order`, `scale`, `offset`, `unit`\n"
+    );
+}
+
+#[test]
+fn a_wrong_type_is_named_with_what_was_expected() {
+    let (code, _, stderr) = check(&VALID.replace("port = 502", "port = \"502\""));
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        "FILE: 1 problem\n  FILE: devices[0].port: invalid type: string \"502\", expected u16\n"
+    );
+}
+
+#[test]
+fn a_missing_field_is_named() {
+    let (code, _, stderr) = check(&VALID.replace("id = \"gw-1\"\n", ""));
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        stderr,
+        "FILE: 1 problem\n  FILE: gateway: missing field `id`\n"
+    );
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = VALID
+        .replace("port = 502", "port = 70000")
+        .replace("type = \"f32\"", "type = \"float\"")
+        .replace("[buffer]", "[buffer]\nsize = 1");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, Some(2));
+    assert!(stderr.starts_with("FILE: 3 problems\n"), "{stderr}");
+    assert!(
+        stderr.contains("buffer.size: unknown field `size`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("devices[0].port: invalid value: integer `70000`, expected u16"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("devices[0].tags[0].type: unknown variant `float`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn garbage_and_missing_files_are_errors_not_panics() {
+    for text in [
+        "\u{0}\u{1}binary",
+        "[[devices]]\nid = 5",
+        "devices = 3",
+        "[gateway]\nid = \"a/b\"",
+    ] {
+        let (code, _, stderr) = check(text);
+        assert_eq!(code, Some(2), "{text:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = Command::new(binary("guantong-gateway").expect("binary"))
+        .args(["check", "--config", "/nonexistent/gateway.toml"])
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the file"));
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&configs).expect("configs/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = Command::new(binary("guantong-gateway").expect("binary"))
+                .args(["check", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run check");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no example configs found in {}", configs.display());
+}
