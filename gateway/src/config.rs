@@ -85,6 +85,22 @@ impl DeviceConfig {
             DeviceConfig::ModbusTcp(c) => &c.id,
         }
     }
+
+    pub fn tag_count(&self) -> usize {
+        match self {
+            DeviceConfig::ModbusTcp(c) => c.tags.len(),
+        }
+    }
+
+    /// This device and its tags as manifest entries; tags name `device_index`.
+    pub fn manifest(
+        &self,
+        device_index: u32,
+    ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
+        match self {
+            DeviceConfig::ModbusTcp(c) => c.manifest(device_index),
+        }
+    }
 }
 
 /// Protocols a device may name in `protocol = "..."`.

@@ -40,13 +40,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
-                let tags: usize = c
-                    .devices
-                    .iter()
-                    .map(|d| match d {
-                        guantong_gateway::config::DeviceConfig::ModbusTcp(m) => m.tags.len(),
-                    })
-                    .sum();
+                let tags: usize = c.devices.iter().map(|d| d.tag_count()).sum();
                 println!(
                     "{}: ok ({} devices, {} tags)",
                     config.display(),

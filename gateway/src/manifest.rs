@@ -6,36 +6,20 @@
 //! to 0: the same config always yields the same version, and any change to a
 //! device, tag, address, type, unit or interval yields a new one.
 
-use guantong_proto::v1::{DataType, Device, Manifest, Tag};
+use guantong_proto::v1::Manifest;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, DeviceConfig};
-use crate::modbus::config::{ModbusTagConfig, ModbusType};
+use crate::config::Config;
 use crate::quality::now_ms;
 
 pub fn build(config: &Config) -> Manifest {
     let mut devices = Vec::new();
     let mut tags = Vec::new();
     for (d, device) in config.devices.iter().enumerate() {
-        match device {
-            DeviceConfig::ModbusTcp(c) => {
-                devices.push(Device {
-                    id: c.id.clone(),
-                    protocol: "modbus-tcp".into(),
-                    endpoint: format!("{}:{} unit {}", c.host, c.port, c.unit),
-                    identity: Default::default(),
-                });
-                tags.extend(c.tags.iter().map(|t| Tag {
-                    device: d as u32,
-                    name: t.name.clone(),
-                    address: format!("{}:{}", t.table.name(), t.address),
-                    data_type: modbus_data_type(t) as i32,
-                    unit: t.unit.clone(),
-                    interval_ms: c.poll_interval.as_millis() as u64,
-                }));
-            }
-        }
+        let (entry, device_tags) = device.manifest(d as u32);
+        devices.push(entry);
+        tags.extend(device_tags);
     }
     let mut manifest = Manifest {
         version: 0,
@@ -54,18 +38,6 @@ fn version_of(m: &Manifest) -> u64 {
     u64::from_be_bytes(digest[..8].try_into().expect("SHA-256 is 32 bytes"))
 }
 
-fn modbus_data_type(t: &ModbusTagConfig) -> DataType {
-    if t.scale != 1.0 || t.offset != 0.0 {
-        return DataType::Double;
-    }
-    match t.data_type {
-        ModbusType::Bool => DataType::Bool,
-        ModbusType::U16 | ModbusType::U32 | ModbusType::U64 => DataType::Uint,
-        ModbusType::I16 | ModbusType::I32 | ModbusType::I64 => DataType::Int,
-        ModbusType::F32 | ModbusType::F64 => DataType::Double,
-    }
-}
-
 /// Manifest index of the first tag of each device, in config order.
 pub fn first_tag_of_devices(config: &Config) -> Vec<u32> {
     let mut next = 0u32;
@@ -74,9 +46,7 @@ pub fn first_tag_of_devices(config: &Config) -> Vec<u32> {
         .iter()
         .map(|d| {
             let first = next;
-            next += match d {
-                DeviceConfig::ModbusTcp(c) => c.tags.len() as u32,
-            };
+            next += d.tag_count() as u32;
             first
         })
         .collect()

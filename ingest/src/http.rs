@@ -182,11 +182,9 @@ async fn summary<S: Store>(
     for s in state.store.series().await? {
         let from = from.unwrap_or_else(|| (to - 3_600_000).max(s.first_seen_ms.unwrap_or(to)));
         let counts = state.store.window_counts(s.id, from, to).await?;
-        let expected = if s.interval_ms == 0 {
-            0
-        } else {
-            ((to - from).max(0) as u64) / s.interval_ms
-        };
+        let expected = ((to - from).max(0) as u64)
+            .checked_div(s.interval_ms)
+            .unwrap_or(0);
         let received = counts.good + counts.uncertain;
         let tag = TagSummary {
             name: s.tag,

@@ -173,12 +173,11 @@ impl IngestProc {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    ingest.grpc = v["grpc"].as_str().context("grpc")?.parse()?;
-                    ingest.http = v["http"].as_str().context("http")?.parse()?;
-                    return Ok(ingest);
-                }
+            let ports = std::fs::read_to_string(&ports_file).ok();
+            if let Some(v) = ports.and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
+                ingest.grpc = v["grpc"].as_str().context("grpc")?.parse()?;
+                ingest.http = v["http"].as_str().context("http")?.parse()?;
+                return Ok(ingest);
             }
             if !ingest.proc.is_running() || Instant::now() > deadline {
                 bail!("ingest did not start\n{}", ingest.proc.logs());

@@ -189,7 +189,7 @@ fn animate(s: &mut SimState) {
     let temperature = 65.0 + 8.0 * (t / 30.0).sin() + 0.3 * (t * 1.7).sin();
     s.holding[16..18].copy_from_slice(&words_be((temperature as f32).to_be_bytes()));
     s.input[0] = (420.0 + 35.0 * (t / 11.0).cos()) as u16;
-    s.coils[0] = (t as u64 / 20) % 3 != 0;
+    s.coils[0] = !(t as u64 / 20).is_multiple_of(3);
 }
 
 impl tokio_modbus::server::Service for SimDevice {

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use guantong_proto::v1::{DataType, Device, Tag};
 use serde::Deserialize;
 
 use crate::config::{Problems, check_id};
@@ -121,6 +122,45 @@ pub enum WordOrder {
     Cdab,
     #[serde(rename = "DCBA", alias = "dcba")]
     Dcba,
+}
+
+impl ModbusTcpConfig {
+    pub fn manifest(&self, device_index: u32) -> (Device, Vec<Tag>) {
+        let device = Device {
+            id: self.id.clone(),
+            protocol: "modbus-tcp".into(),
+            endpoint: format!("{}:{} unit {}", self.host, self.port, self.unit),
+            identity: Default::default(),
+        };
+        let tags = self
+            .tags
+            .iter()
+            .map(|t| Tag {
+                device: device_index,
+                name: t.name.clone(),
+                address: format!("{}:{}", t.table.name(), t.address),
+                data_type: t.wire_type() as i32,
+                unit: t.unit.clone(),
+                interval_ms: self.poll_interval.as_millis() as u64,
+            })
+            .collect();
+        (device, tags)
+    }
+}
+
+impl ModbusTagConfig {
+    /// The type the tag's values travel as (scaled values become doubles).
+    pub fn wire_type(&self) -> DataType {
+        if self.scale != 1.0 || self.offset != 0.0 {
+            return DataType::Double;
+        }
+        match self.data_type {
+            ModbusType::Bool => DataType::Bool,
+            ModbusType::U16 | ModbusType::U32 | ModbusType::U64 => DataType::Uint,
+            ModbusType::I16 | ModbusType::I32 | ModbusType::I64 => DataType::Int,
+            ModbusType::F32 | ModbusType::F64 => DataType::Double,
+        }
+    }
 }
 
 fn default_port() -> u16 {

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every test of Guantong: formatting, lints, unit tests and the
+# end-to-end suites against real peers (simulated Modbus devices started by
+# the tests, Mosquitto on 127.0.0.1:1883).
+#
+# On a fresh Debian/Ubuntu machine it first installs what is missing (a C
+# compiler, Mosquitto, Rust) and starts the services the tests need.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+missing=()
+command -v cc >/dev/null 2>&1 || missing+=(build-essential)
+command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
+command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    log "installing Rust (rustup, stable toolchain)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+if ! port_open 1883; then
+  log "starting Mosquitto on 127.0.0.1:1883"
+  if [ -f /etc/mosquitto/mosquitto.conf ]; then
+    as_root mosquitto -d -c /etc/mosquitto/mosquitto.conf
+  else
+    as_root mosquitto -d -p 1883
+  fi
+  for _ in $(seq 50); do port_open 1883 && break; sleep 0.1; done
+  port_open 1883 || { echo "Mosquitto did not start on 127.0.0.1:1883: start it with 'mosquitto -d' and run again" >&2; exit 1; }
+fi
+
+if cargo fmt --version >/dev/null 2>&1; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  log "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+# The end-to-end tests run the real binaries: build them first.
+log "building binaries and tests"
+cargo build --workspace --bins --tests --locked
+
+log "running tests"
+cargo test --workspace --locked
