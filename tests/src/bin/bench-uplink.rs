@@ -1,0 +1,327 @@
+//! Uplink benchmark: points/s from the gateway's durable buffer through gRPC
+//! into ingest's embedded store, beside the limits measured in the same run.
+//!
+//! `cargo run --release -p guantong-e2e --bin bench-uplink [-- --points 2000000 --runs 3]`
+//!
+//! Figures (each the median of `--runs` runs on fresh directories):
+//! - raw redb: the storage engine committing the same points in ingest's
+//!   layout (one row per series and minute of each batch, encoded as ingest
+//!   encodes them), one fsynced transaction per batch: the limit. Also with
+//!   8 batches per transaction, the most ingest's group commit can gather
+//!   from one gateway's window.
+//! - ingest store direct: `EmbeddedStore::append` called in-process with the
+//!   same batches, no network (shows the cost of ingest's bookkeeping).
+//! - buffer write: the gateway buffer committing the same points.
+//! - end to end: a pre-filled gateway buffer drained by the real uplink over
+//!   loopback gRPC into a real ingest until every batch is acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use guantong_gateway::buffer::Buffer;
+use guantong_gateway::config::UplinkConfig;
+use guantong_gateway::quality::Sample;
+use guantong_gateway::uplink::Uplink;
+use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_ingest::store::{AppendBatch, Store};
+use guantong_proto::v1::{Batch, DataType, Device, Manifest, Point, Tag, point};
+use prost::Message;
+use redb::{Database, Durability, TableDefinition};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    /// Points per run.
+    #[arg(long, default_value_t = 2_000_000)]
+    points: usize,
+    /// Points per batch (the gateway's max_batch_points).
+    #[arg(long, default_value_t = 10_000)]
+    batch: usize,
+    /// Tags the points are spread over.
+    #[arg(long, default_value_t = 100)]
+    tags: u32,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
+const GW: &str = "bench-gw";
+const MANIFEST_VERSION: u64 = 7;
+
+fn manifest(tags: u32) -> Manifest {
+    Manifest {
+        version: MANIFEST_VERSION,
+        gateway_id: GW.into(),
+        created_at_ms: 0,
+        devices: vec![Device {
+            id: "dev".into(),
+            protocol: "bench".into(),
+            endpoint: String::new(),
+            identity: Default::default(),
+        }],
+        tags: (0..tags)
+            .map(|i| Tag {
+                device: 0,
+                name: format!("t{i}"),
+                address: format!("holding:{i}"),
+                data_type: DataType::Double as i32,
+                unit: String::new(),
+                interval_ms: 1000,
+            })
+            .collect(),
+    }
+}
+
+/// Slowly changing values, one per tag per second.
+fn samples(n: usize, tags: u32) -> Vec<Sample> {
+    let t0 = 1_767_225_600_000i64;
+    (0..n)
+        .map(|i| {
+            let tag = (i as u32) % tags;
+            let second = (i as u32 / tags) as i64;
+            let v = 20.0 + f64::from(tag) + ((second / 10) as f64) * 0.1;
+            Sample::good(tag, t0 + second * 1000, point::Value::Double(v))
+        })
+        .collect()
+}
+
+fn batches(all: &[Sample], size: usize) -> Vec<Batch> {
+    all.chunks(size)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let base = chunk.iter().map(|s| s.time_ms).min().unwrap_or(0);
+            Batch {
+                buffer_id: 1,
+                seq: i as u64 + 1,
+                manifest_version: MANIFEST_VERSION,
+                base_time_ms: base,
+                points: chunk
+                    .iter()
+                    .map(|s| Point {
+                        tag: s.tag,
+                        time_offset_ms: s.time_ms - base,
+                        value: s.value.clone(),
+                        quality: 0,
+                        quality_code: 0,
+                    })
+                    .collect(),
+                loss: None,
+                committed_at_ms: base,
+            }
+        })
+        .collect()
+}
+
+const RAW: TableDefinition<(u64, i64, u64), &[u8]> = TableDefinition::new("chunks");
+
+/// The storage engine alone: same points, ingest's row layout, one fsync per
+/// `group` batches.
+fn raw_redb(batches: &[Batch], group: usize) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let db = Database::create(dir.path().join("raw.redb"))?;
+    let start = Instant::now();
+    let mut id = 0u64;
+    for txn_batches in batches.chunks(group) {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut table = txn.open_table(RAW)?;
+            for b in txn_batches {
+                let mut groups: HashMap<(u32, i64), Vec<Point>> = HashMap::new();
+                for p in &b.points {
+                    let t = b.base_time_ms + p.time_offset_ms;
+                    groups
+                        .entry((p.tag, t.div_euclid(60_000)))
+                        .or_default()
+                        .push(p.clone());
+                }
+                for ((tag, minute), points) in groups {
+                    id += 1;
+                    let bytes = Batch {
+                        points,
+                        ..Default::default()
+                    }
+                    .encode_to_vec();
+                    table.insert((u64::from(tag), minute, id), bytes.as_slice())?;
+                }
+            }
+        }
+        txn.commit()?;
+    }
+    Ok(start.elapsed())
+}
+
+async fn store_direct(batches: &[Batch], tags: u32) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let store = EmbeddedStore::open(dir.path())?;
+    store.register_gateway(GW).await?;
+    let map = store.put_manifest(GW, manifest(tags)).await?;
+    let start = Instant::now();
+    let mut pending = Vec::new();
+    for b in batches {
+        pending.push(store.append(AppendBatch {
+            gateway_id: GW.into(),
+            batch: b.clone(),
+            map: Some(map.clone()),
+            received_at_ms: 0,
+            rejected: None,
+        }));
+        // Keep a window like a gateway stream would.
+        if pending.len() >= 8 {
+            pending.remove(0).await?;
+        }
+    }
+    for p in pending {
+        p.await?;
+    }
+    Ok(start.elapsed())
+}
+
+fn fill_buffer(
+    dir: &std::path::Path,
+    all: &[Sample],
+    batch: usize,
+) -> anyhow::Result<(Arc<Buffer>, Duration, u64)> {
+    let buffer = Arc::new(Buffer::open(dir, 64 << 30)?);
+    buffer.put_manifest(
+        MANIFEST_VERSION,
+        &manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1).encode_to_vec(),
+    )?;
+    let start = Instant::now();
+    // As the writer does: one commit per batch.
+    let mut last = 0;
+    for chunk in all.chunks(batch) {
+        last = buffer.append(MANIFEST_VERSION, chunk, batch)?;
+    }
+    Ok((buffer, start.elapsed(), last))
+}
+
+async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Duration, u64)> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("ingest"))?);
+    let token = store.register_gateway(GW).await?;
+    let shutdown = CancellationToken::new();
+    let any = "127.0.0.1:0".parse()?;
+    let ingest = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
+    let (buffer, write_time, last) = fill_buffer(&dir.path().join("buffer"), all, args.batch)?;
+    let (_tx, committed) = watch::channel(last);
+    let config = UplinkConfig {
+        endpoint: format!("http://{}", ingest.grpc_addr),
+        token,
+        max_in_flight: std::num::NonZeroU32::new(8).expect("nonzero"),
+        max_batch_points: std::num::NonZeroU32::new(args.batch as u32).expect("nonzero"),
+        connect_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+    };
+    let uplink = Uplink {
+        config,
+        gateway_id: GW.into(),
+        buffer: buffer.clone(),
+        committed,
+    };
+    let cancel = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(uplink.run(cancel.clone()));
+    loop {
+        let s = buffer.stats()?;
+        if s.first_seq == s.next_seq {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("uplink did not drain the buffer in 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed();
+    cancel.cancel();
+    let _ = task.await;
+    let stored: u64 = guantong_ingest::store::Store::series(store.as_ref())
+        .await?
+        .iter()
+        .map(|s| s.samples)
+        .sum();
+    shutdown.cancel();
+    let _ = ingest.done.await;
+    Ok((elapsed, write_time, stored))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let all = samples(args.points, args.tags);
+    let batches = batches(&all, args.batch);
+    let n = args.points as f64;
+    let (mut raw, mut raw8, mut direct, mut buf, mut e2e) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    println!(
+        "bench-uplink: {} points, {} tags, {} points per batch, {} runs (median shown)",
+        args.points, args.tags, args.batch, args.runs
+    );
+    let wire: usize = batches.iter().map(|b| b.encoded_len()).sum();
+    for run in 1..=args.runs {
+        let r = n / raw_redb(&batches, 1)?.as_secs_f64();
+        let r8 = n / raw_redb(&batches, 8)?.as_secs_f64();
+        let d = n / store_direct(&batches, args.tags).await?.as_secs_f64();
+        let (e, w, stored) = end_to_end(&all, &args).await?;
+        if stored != args.points as u64 {
+            anyhow::bail!(
+                "end to end stored {stored} points, expected {}",
+                args.points
+            );
+        }
+        let (e, w) = (n / e.as_secs_f64(), n / w.as_secs_f64());
+        println!(
+            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s"
+        );
+        raw.push(r);
+        raw8.push(r8);
+        direct.push(d);
+        buf.push(w);
+        e2e.push(e);
+    }
+    let (raw, raw8, direct, buf, e2e) = (
+        median(raw),
+        median(raw8),
+        median(direct),
+        median(buf),
+        median(e2e),
+    );
+    println!();
+    println!("| figure | points/s (median) | vs raw redb |");
+    println!("|---|---:|---:|");
+    println!("| raw redb, ingest layout, fsync per batch (limit) | {raw:.0} | 1.00 |");
+    println!(
+        "| raw redb, ingest layout, fsync per 8 batches | {raw8:.0} | {:.2} |",
+        raw8 / raw
+    );
+    println!(
+        "| ingest store, direct append | {direct:.0} | {:.2} |",
+        direct / raw
+    );
+    println!(
+        "| gateway buffer write, fsync per batch | {buf:.0} | {:.2} |",
+        buf / raw
+    );
+    println!(
+        "| end to end: buffer -> gRPC -> ingest store, acked | {e2e:.0} | {:.2} |",
+        e2e / raw
+    );
+    println!();
+    println!(
+        "end to end vs raw redb with 8 batches per fsync: {:.2}",
+        e2e / raw8
+    );
+    println!();
+    println!(
+        "wire size, uncompressed: {:.2} bytes/point",
+        wire as f64 / n
+    );
+    Ok(())
+}
