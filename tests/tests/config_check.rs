@@ -150,3 +150,46 @@ fn every_example_config_passes_check() {
     }
     assert!(n > 0, "no example configs found in {}", configs.display());
 }
+
+/// The README's config reference names every key the parser accepts, so the
+/// reference cannot silently drift from the code.
+#[test]
+fn the_readme_config_reference_lists_every_key() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md");
+    let reference = readme
+        .split("### Config reference")
+        .nth(1)
+        .expect("README has a `### Config reference` section");
+    // Ask the parser itself which keys each section takes: an unknown key's
+    // error lists them all.
+    let sections = [
+        ("[gateway]", "id = \"gw-1\"\n"),
+        ("[uplink]", "endpoint = \"http://127.0.0.1:7600\"\n"),
+        ("[buffer]", "dir = \"buffer\"\n"),
+        ("protocol = \"modbus-tcp\"", "protocol = \"modbus-tcp\"\n"),
+        ("type = \"f32\"", "type = \"f32\"\n"),
+    ];
+    for (section, anchor) in sections {
+        let (_, _, stderr) =
+            check(&VALID.replacen(anchor, &format!("{anchor}zz_unknown = 1\n"), 1));
+        let listed = stderr
+            .split("unknown field `zz_unknown`, expected ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{section}: no key list in {stderr}"));
+        let listed = listed.trim().trim_start_matches("one of ");
+        let keys: Vec<&str> = listed
+            .split(", ")
+            .flat_map(|k| k.split(" or "))
+            .map(|k| k.trim_matches('`'))
+            .collect();
+        assert!(!keys.is_empty(), "{section}");
+        for key in keys {
+            assert!(
+                reference.contains(&format!("| `{key}` |")),
+                "README config reference lacks key `{key}` of {section}"
+            );
+        }
+    }
+}
