@@ -20,27 +20,32 @@
 //!   reused by this buffer (`next_seq` is committed with the batch).
 //!   `buffer_id` is random per buffer file, so a new file never collides.
 //! - A batch is durable when `append` returns (commit with fsync).
-//! - `bytes` is the sum of stored record sizes; when an append takes it past
-//!   `max_bytes`, the oldest batches not yet handed to the uplink are replaced
-//!   by one loss record (a batch with `loss` set, covering their sequence
-//!   numbers and counting their points per tag). Nothing is dropped silently,
-//!   and the sequence stays gap-free on the wire.
-//! - Batches handed out by `read_from` are never turned into loss records
-//!   (`reserved_end`), so ingest never receives both a batch and a loss record
-//!   for the same number. The drop step holds `drop_lock` through its commit
-//!   and `read_from` takes it around its snapshot, which orders the two.
+//! - `bytes` is the sum of stored record sizes. When an append takes it past
+//!   `max_bytes`, the policy applies: `DropOldest` replaces the oldest batches
+//!   not handed to the uplink by loss records; `RejectNewest` stores a loss
+//!   record instead of the new points. Batches older than `max_age` become
+//!   loss records too. A loss record is a batch with `loss` set: it covers the
+//!   sequence numbers it replaces and counts their points per tag, so nothing
+//!   is dropped silently and the sequence stays gap-free on the wire.
+//! - Batches handed out by `read_from` and not yet acknowledged are never
+//!   turned into loss records, so ingest never receives both a batch and a
+//!   loss record for the same number. Dropping holds `drop_lock` through its
+//!   commit and `read_from` takes it around its snapshot, which orders the two.
+//! - A record whose checksum fails is sent as a loss record (reason
+//!   `corrupted`) in its place; a file redb cannot open is moved aside and a
+//!   fresh buffer started, whose first record says so.
 //! - Acknowledged deletes commit without fsync: if they are lost in a crash the
 //!   batches are sent again and ingest recognises them by their numbers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use guantong_proto::v1::{Batch, Loss, LossReason, Point, Quality, TagLoss};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Deserialize;
 
 use crate::quality::{Sample, now_ms};
 
@@ -50,6 +55,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FORMAT: u8 = 1;
 const HEADER: usize = 1 + 4 + 8 + 8 + 4;
+/// Room kept below the quota for the loss record a drop writes.
+const LOSS_RECORD_ROOM: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
@@ -57,6 +64,15 @@ pub enum BufferError {
     Dir {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error(
+        "buffer.max_bytes is {max} but the disk holding {path} has only {available} free (plus {current} already used by the buffer): lower buffer.max_bytes or free disk space"
+    )]
+    NoRoom {
+        path: PathBuf,
+        max: bytesize::ByteSize,
+        available: bytesize::ByteSize,
+        current: bytesize::ByteSize,
     },
     #[error("buffer storage: {0}")]
     Storage(#[from] redb::Error),
@@ -66,6 +82,17 @@ type Result<T> = std::result::Result<T, BufferError>;
 
 fn storage<E: Into<redb::Error>>(e: E) -> BufferError {
     BufferError::Storage(e.into())
+}
+
+/// What to do when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Replace the oldest unsent batches by a loss record (default).
+    #[default]
+    DropOldest,
+    /// Keep what is buffered; count new points as lost.
+    RejectNewest,
 }
 
 /// A batch as read back for sending.
@@ -95,8 +122,9 @@ pub struct Buffer {
     path: PathBuf,
     buffer_id: u64,
     max_bytes: u64,
-    /// Batches below this sequence number have been handed to the uplink.
-    reserved_end: AtomicU64,
+    when_full: WhenFull,
+    /// First sequence numbers handed to the uplink and not yet acknowledged.
+    handed_out: Mutex<BTreeSet<u64>>,
     drop_lock: Mutex<()>,
 }
 
@@ -104,15 +132,52 @@ fn meta_get(table: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<
     Ok(table.get(key).map_err(storage)?.map(|v| v.value()))
 }
 
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn available_space(dir: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
 impl Buffer {
-    /// Opens (or creates) the buffer in `dir`.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<Buffer> {
+    /// Opens (or creates) the buffer in `dir`, checking that `max_bytes` fits
+    /// on the disk. A file redb cannot open is moved aside (loudly) and a
+    /// fresh buffer started.
+    pub fn open(dir: &Path, max_bytes: u64, when_full: WhenFull) -> Result<Buffer> {
         std::fs::create_dir_all(dir).map_err(|source| BufferError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
         let path = dir.join("buffer.redb");
-        let db = Database::create(&path).map_err(storage)?;
+        let current = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let available = available_space(dir).map_err(|source| BufferError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if available.saturating_add(current) < max_bytes {
+            return Err(BufferError::NoRoom {
+                path: dir.to_path_buf(),
+                max: bytesize::ByteSize(max_bytes),
+                available: bytesize::ByteSize(available),
+                current: bytesize::ByteSize(current),
+            });
+        }
+        let (db, moved_aside) = match Database::create(&path) {
+            Ok(db) => (db, None),
+            Err(e) => {
+                let aside = dir.join(format!("buffer.redb.unreadable-{}", now_ms()));
+                tracing::error!(
+                    error = %e,
+                    file = %path.display(),
+                    moved_to = %aside.display(),
+                    "BUFFER FILE CANNOT BE OPENED: moved aside, starting a fresh buffer; its unsent data is lost"
+                );
+                std::fs::rename(&path, &aside).map_err(|source| BufferError::Dir {
+                    path: path.clone(),
+                    source,
+                })?;
+                (Database::create(&path).map_err(storage)?, Some(aside))
+            }
+        };
         let txn = db.begin_write().map_err(storage)?;
         let buffer_id;
         {
@@ -132,14 +197,23 @@ impl Buffer {
             txn.open_table(MANIFESTS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(Buffer {
+        let buffer = Buffer {
             db,
             path,
             buffer_id,
             max_bytes,
-            reserved_end: AtomicU64::new(0),
+            when_full,
+            handed_out: Mutex::new(BTreeSet::new()),
             drop_lock: Mutex::new(()),
-        })
+        };
+        if moved_aside.is_some() {
+            // Tell ingest: the first record of the new buffer is a loss of unknown size.
+            buffer.append_loss(Loss {
+                reason: LossReason::Corrupted as i32,
+                ..Default::default()
+            })?;
+        }
+        Ok(buffer)
     }
 
     pub fn path(&self) -> &Path {
@@ -169,6 +243,10 @@ impl Buffer {
             .map(|v| v.value().to_vec()))
     }
 
+    fn handed_out(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.handed_out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Commits `samples` as batches of at most `max_points`, durably.
     /// Returns the last sequence number written.
     pub fn append(
@@ -177,77 +255,201 @@ impl Buffer {
         samples: &[Sample],
         max_points: usize,
     ) -> Result<u64> {
+        let committed_at = now_ms();
+        let records: Vec<(Vec<u8>, &[Sample])> = samples
+            .chunks(max_points.max(1))
+            .map(|chunk| (Vec::new(), chunk))
+            .collect();
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
-        let last;
-        let over;
-        {
+        let (last, over) = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
             let mut seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
-            let committed_at = now_ms();
-            for chunk in samples.chunks(max_points.max(1)) {
+            let mut rejected: Vec<&Sample> = Vec::new();
+            for (_, chunk) in records {
                 let record =
                     encode_record(self.buffer_id, seq, manifest_version, chunk, committed_at);
+                if self.when_full == WhenFull::RejectNewest
+                    && bytes + record.len() as u64 > self.max_bytes
+                {
+                    rejected.extend(chunk.iter());
+                    continue;
+                }
                 batches.insert(seq, record.as_slice()).map_err(storage)?;
                 bytes += record.len() as u64;
                 seq += 1;
             }
             meta.insert("next_seq", seq).map_err(storage)?;
             meta.insert("bytes", bytes).map_err(storage)?;
-            last = seq - 1;
-            over = bytes > self.max_bytes;
-        }
-        if !over {
+            drop((meta, batches));
+            if !rejected.is_empty() {
+                let mut per_tag = BTreeMap::new();
+                for s in &rejected {
+                    merge_tag_loss(
+                        &mut per_tag,
+                        (manifest_version, s.tag),
+                        1,
+                        s.time_ms,
+                        s.time_ms,
+                    );
+                }
+                let loss = Loss {
+                    last_seq: 0,
+                    points: rejected.len() as u64,
+                    tags: tag_losses(per_tag),
+                    reason: LossReason::BufferFull as i32,
+                };
+                self.write_loss(&txn, loss, rejected.len() as u64)?;
+                tracing::warn!(
+                    points = rejected.len(),
+                    "buffer full: new points rejected and counted as lost"
+                );
+            }
+            let meta = txn.open_table(META).map_err(storage)?;
+            (
+                meta_get(&meta, "next_seq")?.unwrap_or(1) - 1,
+                meta_get(&meta, "bytes")?.unwrap_or(0) > self.max_bytes,
+            )
+        };
+        if !over || self.when_full == WhenFull::RejectNewest {
             txn.commit().map_err(storage)?;
             return Ok(last);
         }
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.drop_oldest_unsent(&txn, LossReason::BufferFull)?;
+        self.drop_unsent(&txn, LossReason::BufferFull, |_, bytes| {
+            bytes > self.max_bytes.saturating_sub(LOSS_RECORD_ROOM)
+        })?;
         txn.commit().map_err(storage)?;
         Ok(last)
     }
 
-    /// Replaces the oldest batches not yet handed out by one loss record until
-    /// the buffer fits its quota again. Caller holds `drop_lock`.
-    fn drop_oldest_unsent(&self, txn: &redb::WriteTransaction, reason: LossReason) -> Result<()> {
+    /// Appends a standalone loss record (e.g. a buffer file lost).
+    fn append_loss(&self, loss: Loss) -> Result<u64> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let points = loss.points;
+        let seq = self.write_loss(&txn, loss, points)?;
+        txn.commit().map_err(storage)?;
+        Ok(seq)
+    }
+
+    /// Writes `loss` as the next record, or merges it into the last record
+    /// when that is a loss record of the same reason not yet handed out.
+    /// Returns the record's first sequence number.
+    fn write_loss(
+        &self,
+        txn: &redb::WriteTransaction,
+        mut loss: Loss,
+        dropped_now: u64,
+    ) -> Result<u64> {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut batches = txn.open_table(BATCHES).map_err(storage)?;
+        let next = meta_get(&meta, "next_seq")?.unwrap_or(1);
+        let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
+        let (mut first, mut last) = (next, next);
+        let tail = batches
+            .last()
+            .map_err(storage)?
+            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        if let Some((key, record)) = tail.filter(|(key, _)| !self.handed_out().contains(key)) {
+            let mergeable = decode_record(&record)
+                .filter(|(h, _)| h.last_seq + 1 == next)
+                .and_then(|(h, b)| Some((h, b.loss?)))
+                .filter(|(_, old)| old.reason == loss.reason);
+            if let Some((h, old)) = mergeable {
+                let mut per_tag = BTreeMap::new();
+                for t in old.tags.iter().chain(loss.tags.iter()) {
+                    merge_tag_loss(
+                        &mut per_tag,
+                        (t.manifest_version, t.tag),
+                        t.points,
+                        t.first_time_ms,
+                        t.last_time_ms,
+                    );
+                }
+                loss.points += old.points;
+                loss.tags = tag_losses(per_tag);
+                batches.remove(key).map_err(storage)?;
+                bytes = bytes.saturating_sub(record.len() as u64);
+                (first, last) = (key, h.last_seq);
+            }
+        }
+        loss.last_seq = last;
+        let batch = Batch {
+            buffer_id: self.buffer_id,
+            seq: first,
+            loss: Some(loss),
+            committed_at_ms: now_ms(),
+            ..Default::default()
+        };
+        let record = frame_record(last, 0, 0, &batch.encode_to_vec());
+        batches.insert(first, record.as_slice()).map_err(storage)?;
+        bytes += record.len() as u64;
+        meta.insert("next_seq", last + 1).map_err(storage)?;
+        meta.insert("bytes", bytes).map_err(storage)?;
+        let dropped = meta_get(&meta, "dropped_points")?.unwrap_or(0);
+        meta.insert("dropped_points", dropped + dropped_now)
+            .map_err(storage)?;
+        Ok(first)
+    }
+
+    /// Replaces batches not handed out, oldest first, by loss records while
+    /// `keep_dropping(record, bytes)` says so. Caller holds `drop_lock`.
+    fn drop_unsent(
+        &self,
+        txn: &redb::WriteTransaction,
+        reason: LossReason,
+        mut keep_dropping: impl FnMut(&Batch, u64) -> bool,
+    ) -> Result<u64> {
         let mut meta = txn.open_table(META).map_err(storage)?;
         let mut batches = txn.open_table(BATCHES).map_err(storage)?;
         let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
-        let dropped_total = meta_get(&meta, "dropped_points")?.unwrap_or(0);
         let mut dropped_now = 0u64;
-        let floor = self.reserved_end.load(Ordering::Acquire);
-        // Room for the loss record itself.
-        let target = self.max_bytes.saturating_sub(4096);
-        let mut first: Option<u64> = None;
-        let mut last_seq = 0;
-        let mut points = 0u64;
-        let mut per_tag: BTreeMap<(u64, u32), (u64, i64, i64)> = BTreeMap::new();
-        let candidates: Vec<u64> = batches
-            .range(floor..)
+        let handed = self.handed_out().clone();
+        let keys: Vec<u64> = batches
+            .iter()
             .map_err(storage)?
             .map(|r| r.map(|(k, _)| k.value()))
             .collect::<std::result::Result<_, _>>()
             .map_err(storage)?;
-        for seq in candidates {
-            if bytes <= target {
-                break;
+        // Runs of consecutive dropped records, each becoming one loss record.
+        let mut runs: Vec<Run> = Vec::new();
+        let mut open: Option<Run> = None;
+        for key in keys {
+            if handed.contains(&key) {
+                runs.extend(open.take());
+                continue;
             }
-            let Some(record) = batches.remove(seq).map_err(storage)? else {
+            let Some(record) = batches
+                .get(key)
+                .map_err(storage)?
+                .map(|v| v.value().to_vec())
+            else {
                 continue;
             };
-            let record = record.value().to_vec();
+            let decoded = decode_record(&record);
+            let probe = decoded.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
+            if !keep_dropping(&probe, bytes) {
+                break;
+            }
+            batches.remove(key).map_err(storage)?;
             bytes = bytes.saturating_sub(record.len() as u64);
-            first.get_or_insert(seq);
-            match decode_record(&record) {
-                Some((header, batch)) => {
-                    last_seq = header.last_seq;
+            let run = open.get_or_insert_with(|| Run {
+                first: key,
+                last: key,
+                points: 0,
+                per_tag: BTreeMap::new(),
+            });
+            match decoded {
+                Some((h, batch)) => {
+                    run.last = h.last_seq.max(key);
                     if let Some(loss) = batch.loss {
-                        points += loss.points;
+                        run.points += loss.points;
                         for t in loss.tags {
                             merge_tag_loss(
-                                &mut per_tag,
+                                &mut run.per_tag,
                                 (t.manifest_version, t.tag),
                                 t.points,
                                 t.first_time_ms,
@@ -256,66 +458,77 @@ impl Buffer {
                         }
                     } else {
                         dropped_now += batch.points.len() as u64;
-                        points += batch.points.len() as u64;
+                        run.points += batch.points.len() as u64;
                         for p in &batch.points {
                             let t = batch.base_time_ms + p.time_offset_ms;
-                            merge_tag_loss(&mut per_tag, (batch.manifest_version, p.tag), 1, t, t);
+                            merge_tag_loss(
+                                &mut run.per_tag,
+                                (batch.manifest_version, p.tag),
+                                1,
+                                t,
+                                t,
+                            );
                         }
                     }
                 }
                 None => {
-                    // Unreadable record: count what the header claims, if anything.
-                    last_seq = seq;
+                    run.last = key;
                     if record.len() >= HEADER {
                         let claimed = u64::from(u32::from_be_bytes(
                             record[21..25].try_into().unwrap_or_default(),
                         ));
                         dropped_now += claimed;
-                        points += claimed;
+                        run.points += claimed;
                     }
                 }
             }
         }
-        let Some(first) = first else { return Ok(()) };
-        let loss = Loss {
-            last_seq,
-            points,
-            tags: per_tag
-                .into_iter()
-                .map(
-                    |((manifest_version, tag), (points, first_time_ms, last_time_ms))| TagLoss {
-                        tag,
-                        points,
-                        first_time_ms,
-                        last_time_ms,
-                        manifest_version,
-                    },
-                )
-                .collect(),
-            reason: reason as i32,
-        };
-        let batch = Batch {
-            buffer_id: self.buffer_id,
-            seq: first,
-            manifest_version: 0,
-            base_time_ms: 0,
-            points: Vec::new(),
-            loss: Some(loss),
-            committed_at_ms: now_ms(),
-        };
-        let record = frame_record(last_seq, 0, 0, &batch.encode_to_vec());
-        batches.insert(first, record.as_slice()).map_err(storage)?;
-        bytes += record.len() as u64;
+        runs.extend(open.take());
+        for run in &runs {
+            let loss = Loss {
+                last_seq: run.last,
+                points: run.points,
+                tags: tag_losses(run.per_tag.clone()),
+                reason: reason as i32,
+            };
+            let batch = Batch {
+                buffer_id: self.buffer_id,
+                seq: run.first,
+                loss: Some(loss),
+                committed_at_ms: now_ms(),
+                ..Default::default()
+            };
+            let record = frame_record(run.last, 0, 0, &batch.encode_to_vec());
+            batches
+                .insert(run.first, record.as_slice())
+                .map_err(storage)?;
+            bytes += record.len() as u64;
+            tracing::warn!(
+                first_seq = run.first,
+                last_seq = run.last,
+                points = run.points,
+                ?reason,
+                "buffer: unsent batches replaced by a loss record"
+            );
+        }
         meta.insert("bytes", bytes).map_err(storage)?;
-        meta.insert("dropped_points", dropped_total + dropped_now)
+        let dropped = meta_get(&meta, "dropped_points")?.unwrap_or(0);
+        meta.insert("dropped_points", dropped + dropped_now)
             .map_err(storage)?;
-        tracing::warn!(
-            first_seq = first,
-            last_seq,
-            points = dropped_now,
-            "buffer full: dropped the oldest unsent batches"
-        );
-        Ok(())
+        Ok(dropped_now)
+    }
+
+    /// Replaces unsent batches committed before `cutoff_ms` by loss records
+    /// (reason `expired`). Returns the points dropped.
+    pub fn expire(&self, cutoff_ms: i64) -> Result<u64> {
+        let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let dropped = self.drop_unsent(&txn, LossReason::Expired, |b, _| {
+            b.loss.is_none() && b.committed_at_ms < cutoff_ms
+        })?;
+        txn.commit().map_err(storage)?;
+        Ok(dropped)
     }
 
     /// Up to `max` batches from `from` on, in order. Marks them as handed out.
@@ -326,27 +539,56 @@ impl Buffer {
         let mut out = Vec::with_capacity(max);
         for entry in table.range(from..).map_err(storage)?.take(max) {
             let (k, v) = entry.map_err(storage)?;
-            let record = v.value();
-            match split_header(record) {
-                Some(h) => out.push(StoredBatch {
-                    seq: k.value(),
+            let (seq, record) = (k.value(), v.value());
+            out.push(match split_header(record) {
+                Some(h) => StoredBatch {
+                    seq,
                     last_seq: h.last_seq,
                     manifest_version: h.manifest_version,
                     points: h.points,
                     payload: Bytes::copy_from_slice(&record[HEADER..]),
-                }),
-                None => tracing::error!(seq = k.value(), "corrupt buffer record skipped"),
-            }
+                },
+                None => {
+                    tracing::error!(
+                        seq,
+                        "buffer record fails its checksum; sending a loss record in its place"
+                    );
+                    let claimed = record
+                        .get(21..25)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u32::from_be_bytes);
+                    let loss = Loss {
+                        last_seq: seq,
+                        points: u64::from(claimed),
+                        tags: Vec::new(),
+                        reason: LossReason::Corrupted as i32,
+                    };
+                    let batch = Batch {
+                        buffer_id: self.buffer_id,
+                        seq,
+                        loss: Some(loss),
+                        committed_at_ms: now_ms(),
+                        ..Default::default()
+                    };
+                    StoredBatch {
+                        seq,
+                        last_seq: seq,
+                        manifest_version: 0,
+                        points: 0,
+                        payload: batch.encode_to_vec().into(),
+                    }
+                }
+            });
         }
-        if let Some(b) = out.last() {
-            self.reserved_end
-                .fetch_max(b.last_seq + 1, Ordering::AcqRel);
-        }
+        self.handed_out().extend(out.iter().map(|b| b.seq));
         Ok(out)
     }
 
-    /// Deletes every batch up to and including `seq` (ingest has stored them).
-    pub fn ack(&self, seq: u64) -> Result<u64> {
+    /// Deletes every record in `first..=last` (ingest has stored them).
+    pub fn ack_range(&self, first: u64, last: u64) -> Result<u64> {
+        if last < first {
+            return Ok(0);
+        }
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::None).map_err(storage)?;
         let mut removed = 0;
@@ -354,24 +596,30 @@ impl Buffer {
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
-            loop {
-                let Some((k, v)) = batches.pop_first().map_err(storage)? else {
-                    break;
-                };
-                let (key, len) = (k.value(), v.value().len() as u64);
-                if key > seq {
-                    let record = v.value().to_vec();
-                    drop((k, v));
-                    batches.insert(key, record.as_slice()).map_err(storage)?;
-                    break;
-                }
-                bytes = bytes.saturating_sub(len);
+            for entry in batches
+                .extract_from_if(first..=last, |_, _| true)
+                .map_err(storage)?
+            {
+                let (_, v) = entry.map_err(storage)?;
+                bytes = bytes.saturating_sub(v.value().len() as u64);
                 removed += 1;
             }
-            meta.insert("bytes", bytes).map_err(storage)?;
+            if removed > 0 {
+                meta.insert("bytes", bytes).map_err(storage)?;
+            }
         }
         txn.commit().map_err(storage)?;
+        let mut handed = self.handed_out();
+        let acked: Vec<u64> = handed.range(first..=last).copied().collect();
+        for k in acked {
+            handed.remove(&k);
+        }
         Ok(removed)
+    }
+
+    /// Deletes every record up to and including `seq`.
+    pub fn ack(&self, seq: u64) -> Result<u64> {
+        self.ack_range(1, seq)
     }
 
     pub fn stats(&self) -> Result<BufferStats> {
@@ -394,6 +642,13 @@ impl Buffer {
     }
 }
 
+struct Run {
+    first: u64,
+    last: u64,
+    points: u64,
+    per_tag: BTreeMap<(u64, u32), (u64, i64, i64)>,
+}
+
 fn merge_tag_loss(
     map: &mut BTreeMap<(u64, u32), (u64, i64, i64)>,
     key: (u64, u32),
@@ -405,6 +660,20 @@ fn merge_tag_loss(
     e.0 += points;
     e.1 = e.1.min(first);
     e.2 = e.2.max(last);
+}
+
+fn tag_losses(map: BTreeMap<(u64, u32), (u64, i64, i64)>) -> Vec<TagLoss> {
+    map.into_iter()
+        .map(
+            |((manifest_version, tag), (points, first_time_ms, last_time_ms))| TagLoss {
+                tag,
+                points,
+                first_time_ms,
+                last_time_ms,
+                manifest_version,
+            },
+        )
+        .collect()
 }
 
 struct Header {
@@ -513,12 +782,39 @@ mod tests {
             .collect()
     }
 
+    fn open(dir: &Path, max: u64) -> Buffer {
+        Buffer::open(dir, max, WhenFull::DropOldest).expect("open")
+    }
+
+    /// Every sequence number is covered exactly once; returns (kept points, lost points).
+    fn account(b: &Buffer) -> (u64, u64, u64) {
+        let all = b.read_from(1, 100_000).expect("read");
+        let mut expect = all.first().map_or(1, |r| r.seq);
+        let (mut kept, mut lost) = (0, 0);
+        for r in &all {
+            assert_eq!(r.seq, expect, "sequence numbers stay contiguous");
+            expect = r.last_seq + 1;
+            kept += u64::from(r.points);
+            let batch = Batch::decode(r.payload.as_ref()).expect("decodes");
+            if let Some(loss) = batch.loss {
+                assert_eq!(loss.last_seq, r.last_seq);
+                assert_eq!(
+                    loss.tags.iter().map(|t| t.points).sum::<u64>(),
+                    loss.points,
+                    "per-tag counts add up"
+                );
+                lost += loss.points;
+            }
+        }
+        (kept, lost, expect)
+    }
+
     #[test]
     fn appends_reads_and_acks_in_order_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let id;
         {
-            let b = Buffer::open(dir.path(), 64 << 20).expect("open");
+            let b = open(dir.path(), 64 << 20);
             id = b.buffer_id();
             assert_eq!(b.append(7, &samples(25, 1000), 10).expect("append"), 3);
             let got = b.read_from(1, 10).expect("read");
@@ -532,7 +828,7 @@ mod tests {
             );
             assert_eq!(b.ack(2).expect("ack"), 2);
         }
-        let b = Buffer::open(dir.path(), 64 << 20).expect("reopen");
+        let b = open(dir.path(), 64 << 20);
         assert_eq!(b.buffer_id(), id, "buffer id survives restart");
         let stats = b.stats().expect("stats");
         assert_eq!((stats.first_seq, stats.next_seq), (3, 4));
@@ -541,6 +837,12 @@ mod tests {
             4,
             "sequence continues after restart"
         );
+        assert_eq!(
+            b.ack_range(4, 4).expect("ack"),
+            1,
+            "a batch acked out of order is deleted alone"
+        );
+        assert_eq!(b.stats().expect("stats").first_seq, 3);
     }
 
     #[test]
@@ -549,15 +851,16 @@ mod tests {
             tempfile::tempdir().expect("tempdir"),
             tempfile::tempdir().expect("tempdir"),
         );
-        let a = Buffer::open(a.path(), 1 << 20).expect("open");
-        let b = Buffer::open(b.path(), 1 << 20).expect("open");
-        assert_ne!(a.buffer_id(), b.buffer_id());
+        assert_ne!(
+            open(a.path(), 1 << 20).buffer_id(),
+            open(b.path(), 1 << 20).buffer_id()
+        );
     }
 
     #[test]
-    fn when_full_drops_oldest_unsent_into_one_counted_loss_record() {
+    fn when_full_drops_oldest_unsent_into_counted_loss_records() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let b = Buffer::open(dir.path(), 1 << 20).expect("open");
+        let b = open(dir.path(), 1 << 20);
         // Hand out batch 1 to the uplink: it must survive.
         b.append(1, &samples(100, 0), 100).expect("append");
         assert_eq!(b.read_from(1, 1).expect("read").len(), 1);
@@ -569,32 +872,117 @@ mod tests {
         let stats = b.stats().expect("stats");
         assert!(stats.bytes <= 1 << 20, "quota held: {}", stats.bytes);
         assert!(stats.dropped_points > 0);
-        let all = b.read_from(1, 10_000).expect("read");
+        let all = b.read_from(1, 10).expect("read");
         assert_eq!(all[0].seq, 1, "handed-out batch kept");
-        let loss_record = &all[1];
-        assert_eq!(loss_record.seq, 2);
-        let batch = Batch::decode(loss_record.payload.as_ref()).expect("decodes");
-        let loss = batch.loss.expect("second record is a loss record");
-        assert_eq!(loss.last_seq, loss_record.last_seq);
-        assert_eq!(loss.points, stats.dropped_points);
-        assert_eq!(
-            loss.tags.iter().map(|t| t.points).sum::<u64>(),
-            loss.points,
-            "per-tag counts add up"
+        assert!(
+            Batch::decode(all[1].payload.as_ref())
+                .expect("decodes")
+                .loss
+                .is_some(),
+            "then a loss record"
         );
-        // Sequence numbers stay contiguous: every number is covered exactly once.
-        let mut expect = 1;
-        let mut kept = 0u64;
-        for r in &all {
-            assert_eq!(r.seq, expect);
-            expect = r.last_seq + 1;
-            kept += u64::from(r.points);
-        }
-        assert_eq!(expect, 3002);
+        let (kept, lost, end) = account(&b);
+        assert_eq!(end, 3002);
+        assert_eq!(lost, stats.dropped_points);
         assert_eq!(
-            kept + loss.points,
+            kept + lost,
             total,
             "every point is either kept or counted as lost"
         );
+    }
+
+    #[test]
+    fn reject_newest_keeps_the_old_and_counts_the_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = Buffer::open(dir.path(), 1 << 20, WhenFull::RejectNewest).expect("open");
+        let mut total = 0u64;
+        for i in 0..300 {
+            b.append(1, &samples(1000, i * 1000), 100).expect("append");
+            total += 1000;
+        }
+        let stats = b.stats().expect("stats");
+        assert!(
+            stats.bytes <= (1 << 20) + LOSS_RECORD_ROOM,
+            "quota held: {}",
+            stats.bytes
+        );
+        let first = b.read_from(1, 1).expect("read");
+        assert_eq!(
+            samples_of(&first[0].payload).expect("decodes"),
+            samples(100, 0),
+            "oldest data kept"
+        );
+        let (kept, lost, _) = account(&b);
+        assert_eq!(lost, stats.dropped_points);
+        assert_eq!(kept + lost, total);
+    }
+
+    #[test]
+    fn expired_batches_become_loss_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path(), 64 << 20);
+        b.append(1, &samples(10, 0), 10).expect("append");
+        b.append(1, &samples(10, 0), 10).expect("append");
+        assert_eq!(b.expire(now_ms() + 1).expect("expire"), 20);
+        let (kept, lost, end) = account(&b);
+        assert_eq!((kept, lost, end), (0, 20, 3));
+    }
+
+    #[test]
+    fn a_corrupted_record_is_sent_as_a_loss_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path(), 64 << 20);
+        b.append(1, &samples(10, 0), 10).expect("append");
+        // Flip a payload byte behind redb's back.
+        let txn = b.db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(BATCHES).expect("table");
+            let mut record = t.get(1).expect("get").expect("record").value().to_vec();
+            let last = record.len() - 1;
+            record[last] ^= 0xFF;
+            t.insert(1, record.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+        let got = b.read_from(1, 10).expect("read");
+        let loss = Batch::decode(got[0].payload.as_ref())
+            .expect("decodes")
+            .loss
+            .expect("loss record");
+        assert_eq!(
+            (loss.points, loss.reason),
+            (10, LossReason::Corrupted as i32)
+        );
+    }
+
+    #[test]
+    fn an_unopenable_file_is_moved_aside_and_a_fresh_buffer_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("buffer.redb"), vec![0xA5; 8192]).expect("write garbage");
+        let b = open(dir.path(), 1 << 20);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("buffer.redb.unreadable-")
+            })
+            .collect();
+        assert_eq!(aside.len(), 1, "the unreadable file is kept for inspection");
+        let first = b.read_from(1, 1).expect("read");
+        let loss = Batch::decode(first[0].payload.as_ref())
+            .expect("decodes")
+            .loss
+            .expect("first record says so");
+        assert_eq!(loss.reason, LossReason::Corrupted as i32);
+    }
+
+    #[test]
+    fn refuses_a_quota_larger_than_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Buffer::open(dir.path(), u64::MAX / 2, WhenFull::DropOldest)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("lower buffer.max_bytes"), "{err}");
     }
 }

@@ -56,6 +56,24 @@ pub struct UplinkConfig {
     /// Longest wait between reconnect attempts (backoff doubles up to this).
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// Compression of batches on the wire.
+    #[serde(default)]
+    pub compression: Compression,
+    /// HTTP/2 keepalive ping interval; with `keepalive_timeout` it bounds how
+    /// long a dead link (no RST) goes unnoticed.
+    #[serde(default = "default_keepalive_interval", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Gzip,
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,6 +89,12 @@ pub struct BufferConfig {
     /// or SIGKILL can lose.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// What happens when `max_bytes` is reached.
+    #[serde(default)]
+    pub when_full: crate::buffer::WhenFull,
+    /// Unsent data older than this is dropped and reported as a loss.
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
 }
 
 /// One device, with its protocol's settings.
@@ -107,7 +131,16 @@ impl DeviceConfig {
 pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
 
 fn default_max_in_flight() -> NonZeroU32 {
-    NonZeroU32::new(8).expect("8 is not zero")
+    NonZeroU32::new(32).expect("32 is not zero")
+}
+fn default_keepalive_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 fn default_max_batch_points() -> NonZeroU32 {
     NonZeroU32::new(10_000).expect("10000 is not zero")
@@ -281,6 +314,14 @@ impl Config {
                     ),
                 );
             }
+            if u.keepalive_interval < Duration::from_millis(100)
+                || u.keepalive_timeout < Duration::from_millis(100)
+            {
+                problems.push(
+                    "uplink.keepalive_interval",
+                    "keepalive interval and timeout must be at least 100ms",
+                );
+            }
             if u.token.trim().is_empty() {
                 problems.push(
                     "uplink.token",
@@ -294,6 +335,9 @@ impl Config {
                     "buffer.max_bytes",
                     format!("{} is too small, expected at least 1 MiB", b.max_bytes),
                 );
+            }
+            if b.max_age < Duration::from_secs(60) {
+                problems.push("buffer.max_age", "expected at least 1m");
             }
             if b.commit_interval.is_zero() || b.commit_interval > Duration::from_secs(10) {
                 problems.push(
@@ -461,7 +505,7 @@ type = "f32"
         assert_eq!(
             p,
             [
-                "buffer.directory: unknown field `directory`, expected one of `dir`, `max_bytes`, `commit_interval`"
+                "buffer.directory: unknown field `directory`, expected one of `dir`, `max_bytes`, `commit_interval`, `when_full`, `max_age`"
             ]
         );
     }

@@ -37,7 +37,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// stopping: it is sent on the next start.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let buffer = Arc::new(
-        Buffer::open(&config.buffer.dir, config.buffer.max_bytes.as_u64()).map_err(|e| {
+        Buffer::open(
+            &config.buffer.dir,
+            config.buffer.max_bytes.as_u64(),
+            config.buffer.when_full,
+        )
+        .map_err(|e| {
             anyhow::anyhow!(
                 "cannot open the buffer in {}: {e}",
                 config.buffer.dir.display()
@@ -64,6 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         buffer: buffer.clone(),
         manifest_version: manifest.version,
         commit_interval: config.buffer.commit_interval,
+        max_age: config.buffer.max_age,
         max_batch_points: config.uplink.max_batch_points.get() as usize,
         committed: committed_tx,
     };

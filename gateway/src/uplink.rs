@@ -1,13 +1,21 @@
 //! The uplink: streams buffered batches to ingest and deletes what it acks.
 //!
 //! # Protocol (see proto/guantong/v1/uplink.proto)
-//! One bidirectional gRPC stream per connection. The gateway sends `Hello`
-//! (gateway id, buffer id, first unacked sequence number); ingest answers
-//! `Welcome` with the highest sequence number it already stored for this
-//! buffer, which the gateway deletes at once. Then the gateway sends batches in
-//! sequence order, each preceded by its manifest the first time a manifest
-//! version appears on the connection, keeping at most `max_in_flight` batches
-//! unacknowledged. Acks are cumulative.
+//! One bidirectional gRPC stream per connection, compressed with zstd (or
+//! gzip, or none: `uplink.compression`). The gateway sends `Hello` (gateway
+//! id, buffer id, first unacked sequence number); ingest answers `Welcome`
+//! with the highest sequence number it already stored for this buffer, which
+//! the gateway deletes at once. Then the gateway sends batches, each preceded
+//! by its manifest the first time a manifest version appears on the
+//! connection. Ingest answers one `Ack` per stored batch, naming the batch
+//! and the cumulative stored mark.
+//!
+//! # Live data first
+//! At connect, everything committed so far is *backlog*; batches committed
+//! after that are *live*. Live batches are sent as soon as they are committed;
+//! the backlog drains oldest first with the rest of the window, which keeps
+//! `LIVE_RESERVE` slots free for live data. Backlog batches are marked
+//! `backfill` on the wire, so ingest can tell delayed data from live data.
 //!
 //! # Invariants
 //! - A batch leaves the buffer only after an ack covers it.
@@ -16,8 +24,10 @@
 //!   so ingest stores them once.
 //! - Reconnects back off exponentially (0.5 s doubling to `max_backoff`) with
 //!   full jitter, and reset after a connection that got an ack.
+//! - A dead link is noticed by HTTP/2 keepalive within `keepalive_interval` +
+//!   `keepalive_timeout` even when no RST arrives.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +39,12 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::buffer::Buffer;
-use crate::config::UplinkConfig;
+use crate::buffer::{Buffer, StoredBatch};
+use crate::config::{Compression, UplinkConfig};
 
 /// Largest message either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -66,7 +77,7 @@ impl UplinkError {
 
 enum Event {
     Inbound(Option<Down>),
-    Committed(u64),
+    Committed,
 }
 
 pub struct Uplink {
@@ -76,11 +87,15 @@ pub struct Uplink {
     pub committed: watch::Receiver<u64>,
 }
 
+/// Batches sent and not yet acknowledged: first seq -> (last seq, backlog?).
+type InFlight = BTreeMap<u64, (u64, bool)>;
+
 impl Uplink {
-    pub async fn run(mut self, cancel: CancellationToken) {
+    pub async fn run(self, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(500);
+        let mut compression = self.config.compression;
         loop {
-            let result = self.session(&cancel).await;
+            let result = self.session(&cancel, compression).await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -89,6 +104,15 @@ impl Uplink {
                     if acked_any {
                         backoff = Duration::from_millis(500);
                     }
+                }
+                Err(UplinkError::Status(s))
+                    if s.code() == tonic::Code::Unimplemented
+                        && compression != Compression::None =>
+                {
+                    // Older or differently built ingest: negotiate down.
+                    warn!(?compression, status = %s, "ingest does not take this compression; sending uncompressed");
+                    compression = Compression::None;
+                    continue;
                 }
                 Err(e) => {
                     if e.is_retryable() {
@@ -110,26 +134,44 @@ impl Uplink {
         }
     }
 
-    /// One connection. Returns Ok(acked_any) when the stream ended cleanly.
-    async fn session(&mut self, cancel: &CancellationToken) -> Result<bool, UplinkError> {
+    async fn connect(
+        &self,
+        compression: Compression,
+    ) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
         let endpoint = Endpoint::from_shared(self.config.endpoint.clone())
             .map_err(|_| UplinkError::Endpoint(self.config.endpoint.clone()))?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(self.config.keepalive_interval)
+            .keep_alive_timeout(self.config.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20));
-        let channel = tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
-            c = endpoint.connect() => c?,
-        };
+            .http2_adaptive_window(true);
+        let channel = endpoint.connect().await?;
         let mut client = UplinkClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .accept_compressed(CompressionEncoding::Gzip);
+        client = match compression {
+            Compression::Zstd => client.send_compressed(CompressionEncoding::Zstd),
+            Compression::Gzip => client.send_compressed(CompressionEncoding::Gzip),
+            Compression::None => client,
+        };
+        Ok(client)
+    }
 
+    /// One connection. Returns Ok(acked_any) when the stream ended cleanly.
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        compression: Compression,
+    ) -> Result<bool, UplinkError> {
+        let mut client = tokio::select! {
+            _ = cancel.cancelled() => return Ok(false),
+            c = self.connect(compression) => c?,
+        };
         let window = self.config.max_in_flight.get() as usize;
+        let backlog_window = window.saturating_sub(LIVE_RESERVE.min(window / 2)).max(1);
         let (tx, rx) = mpsc::channel::<GatewayMessage>(window * 2 + 2);
         let stats = {
             let b = self.buffer.clone();
@@ -170,89 +212,154 @@ impl Uplink {
             }
         };
         if welcome.stored_seq >= stats.first_seq {
-            self.ack(welcome.stored_seq).await?;
+            self.delete(1, welcome.stored_seq).await?;
         }
+        let mut committed = self.committed.clone();
+        // Everything committed before this connection is backlog.
+        let boundary = *committed.borrow_and_update();
+        let mut backlog_next = stats.first_seq.max(welcome.stored_seq + 1);
+        let mut live_next = boundary + 1;
         info!(
             buffer_id = format_args!("{:016x}", stats.buffer_id),
-            resume_at = welcome.stored_seq + 1,
+            resume_at = backlog_next,
+            backlog_batches = (boundary + 1).saturating_sub(backlog_next),
             "uplink connected"
         );
 
-        let mut next = stats.first_seq.max(welcome.stored_seq + 1);
-        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
         let mut acked_any = false;
-        let mut committed = self.committed.clone();
         loop {
+            // Fill the window: live first, then backlog.
+            let last_committed = *committed.borrow_and_update();
             let room = window.saturating_sub(in_flight.len());
+            if room > 0 && last_committed >= live_next {
+                let batches = self.read(live_next, room, u64::MAX).await?;
+                if batches.is_empty() {
+                    warn!(
+                        from = live_next,
+                        to = last_committed,
+                        "committed batches missing from the buffer; skipped"
+                    );
+                    live_next = last_committed + 1;
+                }
+                for b in batches {
+                    live_next = b.last_seq + 1;
+                    self.send(&tx, &mut manifests_sent, &mut in_flight, b, false)
+                        .await?;
+                }
+            }
+            let backlog_in_flight = in_flight.values().filter(|(_, backlog)| *backlog).count();
+            let room = window
+                .saturating_sub(in_flight.len())
+                .min(backlog_window.saturating_sub(backlog_in_flight));
+            if room > 0 && backlog_next <= boundary {
+                let batches = self.read(backlog_next, room, boundary).await?;
+                if batches.is_empty() {
+                    backlog_next = boundary + 1;
+                }
+                for b in batches {
+                    backlog_next = b.last_seq + 1;
+                    self.send(&tx, &mut manifests_sent, &mut in_flight, b, true)
+                        .await?;
+                }
+            }
+
             let event = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(acked_any),
                 // Cancel-safe: `message()` keeps partial frames inside `inbound`.
                 msg = inbound.message() => Event::Inbound(msg?.and_then(|m| m.kind)),
                 // Cancel-safe: waiting on a watch channel consumes nothing.
-                ready = committed.wait_for(|&c| c >= next), if room > 0 => match ready {
-                    Ok(c) => Event::Committed(*c),
+                changed = committed.changed() => match changed {
+                    Ok(()) => Event::Committed,
                     Err(_) => return Ok(acked_any), // writer gone: shutting down
                 },
             };
             match event {
+                Event::Committed => {}
                 Event::Inbound(Some(Down::Ack(ack))) => {
-                    self.ack(ack.seq).await?;
                     acked_any = true;
-                    while in_flight.front().is_some_and(|&s| s <= ack.seq) {
-                        in_flight.pop_front();
-                    }
+                    let (first, last) = (ack.batch_seq, ack.batch_last_seq.max(ack.batch_seq));
+                    self.delete_acked(ack.seq, first, last, &mut in_flight)
+                        .await?;
                 }
                 Event::Inbound(Some(Down::Rejected(r))) => {
-                    // Ingest will never accept it as sent; keeping it would stall the stream.
-                    warn!(seq = r.seq, reason = %r.reason, "ingest rejected a batch; it is dropped");
-                    self.ack(r.seq).await?;
-                    while in_flight.front().is_some_and(|&s| s <= r.seq) {
-                        in_flight.pop_front();
-                    }
+                    // Ingest will never accept it as sent and recorded it as a
+                    // loss; keeping it would resend it forever.
+                    warn!(seq = r.batch_seq, reason = %r.reason, "ingest rejected a batch; it is dropped");
+                    let first = if r.batch_seq == 0 { r.seq } else { r.batch_seq };
+                    self.delete_acked(0, first, r.seq, &mut in_flight).await?;
                 }
                 Event::Inbound(Some(other)) => {
                     return Err(UplinkError::Protocol(format!("unexpected {other:?}")));
                 }
                 Event::Inbound(None) => return Err(UplinkError::Closed),
-                Event::Committed(last_committed) => {
-                    let batches = {
-                        let b = self.buffer.clone();
-                        tokio::task::spawn_blocking(move || b.read_from(next, room)).await??
-                    };
-                    if batches.is_empty() {
-                        warn!(
-                            from = next,
-                            to = last_committed,
-                            "committed batches missing from the buffer; skipped"
-                        );
-                        next = last_committed + 1;
-                    }
-                    for b in batches {
-                        if b.manifest_version != 0 && manifests_sent.insert(b.manifest_version) {
-                            let manifest = self.manifest(b.manifest_version).await?;
-                            tx.send(GatewayMessage {
-                                kind: Some(Up::Manifest(manifest)),
-                            })
-                            .await
-                            .map_err(|_| UplinkError::Closed)?;
-                        }
-                        next = b.last_seq + 1;
-                        in_flight.push_back(b.last_seq);
-                        let msg = GatewayMessage {
-                            kind: Some(Up::Batch(BatchEnvelope { payload: b.payload })),
-                        };
-                        tx.send(msg).await.map_err(|_| UplinkError::Closed)?;
-                    }
-                }
             }
         }
     }
 
-    async fn ack(&self, seq: u64) -> Result<(), UplinkError> {
+    /// Up to `max` batches from `from` on, none starting after `until`.
+    async fn read(
+        &self,
+        from: u64,
+        max: usize,
+        until: u64,
+    ) -> Result<Vec<StoredBatch>, UplinkError> {
         let b = self.buffer.clone();
-        tokio::task::spawn_blocking(move || b.ack(seq)).await??;
+        let mut batches = tokio::task::spawn_blocking(move || b.read_from(from, max)).await??;
+        batches.retain(|b| b.seq <= until);
+        Ok(batches)
+    }
+
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<GatewayMessage>,
+        manifests_sent: &mut HashSet<u64>,
+        in_flight: &mut InFlight,
+        b: StoredBatch,
+        backfill: bool,
+    ) -> Result<(), UplinkError> {
+        if b.manifest_version != 0 && manifests_sent.insert(b.manifest_version) {
+            let manifest = self.manifest(b.manifest_version).await?;
+            tx.send(GatewayMessage {
+                kind: Some(Up::Manifest(manifest)),
+            })
+            .await
+            .map_err(|_| UplinkError::Closed)?;
+        }
+        in_flight.insert(b.seq, (b.last_seq, backfill));
+        let msg = GatewayMessage {
+            kind: Some(Up::Batch(BatchEnvelope {
+                payload: b.payload,
+                backfill,
+            })),
+        };
+        tx.send(msg).await.map_err(|_| UplinkError::Closed)
+    }
+
+    /// Deletes everything up to `cumulative` and the batch `first..=last`.
+    async fn delete_acked(
+        &self,
+        cumulative: u64,
+        first: u64,
+        last: u64,
+        in_flight: &mut InFlight,
+    ) -> Result<(), UplinkError> {
+        if first > cumulative {
+            self.delete(first, last).await?;
+        }
+        if cumulative > 0 {
+            self.delete(1, cumulative).await?;
+        }
+        in_flight.remove(&first);
+        in_flight.retain(|_, (l, _)| *l > cumulative);
+        Ok(())
+    }
+
+    async fn delete(&self, first: u64, last: u64) -> Result<(), UplinkError> {
+        let b = self.buffer.clone();
+        tokio::task::spawn_blocking(move || b.ack_range(first, last)).await??;
         Ok(())
     }
 
@@ -266,3 +373,6 @@ impl Uplink {
             .map_err(|e| UplinkError::Protocol(format!("stored manifest {version:016x}: {e}")))
     }
 }
+
+/// Window slots the backlog leaves free for live batches.
+const LIVE_RESERVE: usize = 4;

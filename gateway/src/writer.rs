@@ -16,10 +16,15 @@ use tracing::error;
 use crate::buffer::Buffer;
 use crate::quality::Sample;
 
+/// How often unsent data is checked against `max_age`.
+const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+
 pub struct Writer {
     pub buffer: Arc<Buffer>,
     pub manifest_version: u64,
     pub commit_interval: Duration,
+    /// Unsent batches older than this become loss records.
+    pub max_age: Duration,
     pub max_batch_points: usize,
     /// Last committed sequence number, for the uplink.
     pub committed: watch::Sender<u64>,
@@ -30,6 +35,8 @@ impl Writer {
         let mut pending: Vec<Sample> = Vec::new();
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
         while open {
             tokio::select! {
@@ -43,10 +50,24 @@ impl Writer {
                     None => open = false,
                 },
                 _ = tick.tick() => {}
+                _ = expiry.tick() => self.expire().await,
             }
             if !pending.is_empty() {
                 self.commit(std::mem::take(&mut pending)).await;
             }
+        }
+    }
+
+    async fn expire(&self) {
+        let buffer = self.buffer.clone();
+        let cutoff = crate::quality::now_ms() - self.max_age.as_millis() as i64;
+        match tokio::task::spawn_blocking(move || buffer.expire(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::warn!(points = n, max_age = ?self.max_age, "unsent data expired; reported as a loss")
+            }
+            Ok(Err(e)) => error!(error = %e, "buffer expiry failed"),
+            Err(e) => error!(error = %e, "buffer expiry task failed"),
         }
     }
 

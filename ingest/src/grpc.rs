@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::store::{AppendBatch, AppendOutcome, ManifestMap, Store};
+use crate::store::{AppendBatch, AppendOutcome, Appended, ManifestMap, Store};
 
 /// Batches queued to the store but not yet acked, per stream.
 const PIPELINE_DEPTH: usize = 32;
@@ -141,7 +141,7 @@ impl<S: Store> Uplink for UplinkService<S> {
         }
         let stored = self
             .store
-            .stored_seq(&gateway, hello.buffer_id)
+            .open_stream(&gateway, hello.buffer_id, hello.first_unacked_seq)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         info!(%gateway, %peer, buffer_id = format_args!("{:016x}", hello.buffer_id), stored_seq = stored, version = %hello.software_version, "gateway connected");
@@ -180,8 +180,35 @@ struct Session<S> {
     manifests: HashMap<u64, Arc<ManifestMap>>,
 }
 
+/// What to answer for one batch once the store has it.
+struct Reply {
+    buffer_id: u64,
+    first: u64,
+    last: u64,
+    rejected: Option<String>,
+}
+
+impl Reply {
+    fn message(self, stored_seq: u64) -> Down {
+        match self.rejected {
+            Some(reason) => Down::Rejected(BatchRejected {
+                buffer_id: self.buffer_id,
+                seq: self.last,
+                reason,
+                batch_seq: self.first,
+            }),
+            None => Down::Ack(Ack {
+                buffer_id: self.buffer_id,
+                seq: stored_seq,
+                batch_seq: self.first,
+                batch_last_seq: self.last,
+            }),
+        }
+    }
+}
+
 type PendingAppend =
-    Pin<Box<dyn std::future::Future<Output = crate::store::Result<AppendOutcome>> + Send>>;
+    Pin<Box<dyn std::future::Future<Output = crate::store::Result<Appended>> + Send>>;
 
 impl<S: Store> Session<S> {
     async fn run(
@@ -189,7 +216,7 @@ impl<S: Store> Session<S> {
         mut inbound: Streaming<GatewayMessage>,
         tx: mpsc::Sender<Result<IngestMessage, Status>>,
     ) {
-        let (pending_tx, mut pending_rx) = mpsc::channel::<(Down, PendingAppend)>(PIPELINE_DEPTH);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<(Reply, PendingAppend)>(PIPELINE_DEPTH);
         let acker = {
             let tx = tx.clone();
             let connections = self.connections.clone();
@@ -197,12 +224,16 @@ impl<S: Store> Session<S> {
             tokio::spawn(async move {
                 while let Some((reply, pending)) = pending_rx.recv().await {
                     match pending.await {
-                        Ok(outcome) => {
-                            connections.update(&gateway, |c| match outcome {
+                        Ok(appended) => {
+                            connections.update(&gateway, |c| match appended.outcome {
                                 AppendOutcome::Stored => c.batches += 1,
                                 AppendOutcome::Duplicate => c.duplicates += 1,
                             });
-                            if tx.send(down(reply)).await.is_err() {
+                            if tx
+                                .send(down(reply.message(appended.stored_seq)))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -233,7 +264,7 @@ impl<S: Store> Session<S> {
         &mut self,
         inbound: &mut Streaming<GatewayMessage>,
         tx: &mpsc::Sender<Result<IngestMessage, Status>>,
-        pending: &mpsc::Sender<(Down, PendingAppend)>,
+        pending: &mpsc::Sender<(Reply, PendingAppend)>,
     ) -> Result<(), Status> {
         while let Some(msg) = inbound.message().await? {
             self.connections
@@ -261,9 +292,9 @@ impl<S: Store> Session<S> {
                     let batch = Batch::decode(envelope.payload.as_ref()).map_err(|e| {
                         Status::invalid_argument(format!("batch payload does not decode: {e}"))
                     })?;
-                    let (reply, append) = self.check(batch).await?;
-                    if let Down::Rejected(r) = &reply {
-                        warn!(gateway = %self.gateway, seq = r.seq, reason = %r.reason, "batch rejected");
+                    let (reply, append) = self.check(batch, envelope.backfill).await?;
+                    if let Some(reason) = &reply.rejected {
+                        warn!(gateway = %self.gateway, seq = reply.first, %reason, "batch rejected");
                         self.connections.update(&self.gateway, |c| c.rejected += 1);
                     }
                     let queued: PendingAppend = Box::pin(self.store.append(append));
@@ -284,7 +315,11 @@ impl<S: Store> Session<S> {
     }
 
     /// Validates a batch; returns the reply to send once it is stored.
-    async fn check(&mut self, batch: Batch) -> Result<(Down, AppendBatch), Status> {
+    async fn check(
+        &mut self,
+        batch: Batch,
+        backfill: bool,
+    ) -> Result<(Reply, AppendBatch), Status> {
         if batch.buffer_id != self.buffer_id {
             return Err(Status::invalid_argument(format!(
                 "batch belongs to buffer {:016x}, stream to {:016x}",
@@ -318,22 +353,18 @@ impl<S: Store> Session<S> {
                 }
             }
         }
-        let reply = match &rejected {
-            Some(reason) => Down::Rejected(BatchRejected {
-                buffer_id: self.buffer_id,
-                seq: last_seq,
-                reason: reason.clone(),
-            }),
-            None => Down::Ack(Ack {
-                buffer_id: self.buffer_id,
-                seq: last_seq,
-            }),
+        let reply = Reply {
+            buffer_id: self.buffer_id,
+            first: batch.seq,
+            last: last_seq,
+            rejected: rejected.clone(),
         };
         let append = AppendBatch {
             gateway_id: self.gateway.clone(),
             batch,
             map,
             received_at_ms: now_ms(),
+            backfill,
             rejected,
         };
         Ok((reply, append))

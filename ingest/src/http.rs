@@ -126,6 +126,8 @@ pub struct TagSummary {
     pub good: u64,
     pub uncertain: u64,
     pub bad: u64,
+    /// Samples that arrived from the gateway's backlog after an outage.
+    pub backfilled: u64,
     pub first_seen: Option<String>,
     pub last_seen: Option<String>,
     pub last_value: Option<serde_json::Value>,
@@ -196,6 +198,7 @@ async fn summary<S: Store>(
             good: s.good,
             uncertain: s.uncertain,
             bad: s.bad,
+            backfilled: s.backfilled,
             first_seen: s.first_seen_ms.map(rfc3339),
             last_seen: s.last_seen_ms.map(rfc3339),
             last_value: s.last_value,

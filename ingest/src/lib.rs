@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tracing::info;
 
 use crate::grpc::{Connections, UplinkService};
@@ -50,15 +51,17 @@ pub async fn start<S: Store>(
 
     let service = UplinkServer::new(UplinkService::new(store.clone(), connections.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
+            .http2_adaptive_window(Some(true))
             .add_service(service)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),

@@ -62,6 +62,7 @@ fn batch(buffer_id: u64, seq: u64) -> BatchEnvelope {
     };
     BatchEnvelope {
         payload: b.encode_to_vec().into(),
+        backfill: false,
     }
 }
 
@@ -100,7 +101,7 @@ async fn session(
     while acks.len() < expected_acks {
         match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await?? {
             Some(m) => match m.kind {
-                Some(Down::Ack(a)) => acks.push(a.seq),
+                Some(Down::Ack(a)) => acks.push(a.batch_seq),
                 other => anyhow::bail!("expected Ack, got {other:?}"),
             },
             None => anyhow::bail!("stream closed after {} acks", acks.len()),

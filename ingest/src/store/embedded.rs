@@ -4,7 +4,7 @@
 //! | table        | key                              | value                          |
 //! |--------------|----------------------------------|--------------------------------|
 //! | `gateways`   | gateway id                       | JSON: salted token hash        |
-//! | `streams`    | (gateway, buffer_id)             | highest stored seq             |
+//! | `streams`    | (gateway, buffer_id)             | stored seq ranges (`SeqRanges`)|
 //! | `manifests`  | (gateway, version)               | encoded `Manifest`             |
 //! | `series_keys`| "gateway/device/tag"             | series id                      |
 //! | `series`     | series id                        | JSON `SeriesMeta`              |
@@ -17,6 +17,11 @@
 //! A chunk holds the points of one series from one batch that fall in one
 //! calendar minute, so any time window is answered from whole-minute counters
 //! plus the chunks of at most two edge minutes.
+//!
+//! Batches of one stream may arrive out of sequence order (live data overtakes
+//! a backlog), so each stream keeps the set of stored sequence ranges; a batch
+//! whose range is already covered is a duplicate. The cumulative ack is the end
+//! of the range that starts at 1.
 //!
 //! # Group commit
 //! Appends go to one writer thread that takes every batch waiting (up to a
@@ -39,12 +44,12 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::{
-    AppendBatch, AppendOutcome, GatewayInfo, LossInfo, ManifestMap, Result, SeriesInfo, Store,
-    StoreError, StoredPoint, WindowCounts,
+    AppendBatch, AppendOutcome, Appended, GatewayInfo, LossInfo, ManifestMap, Result, SeqRanges,
+    SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
 };
 
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
-const STREAMS: TableDefinition<(&str, u64), u64> = TableDefinition::new("streams");
+const STREAMS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("streams");
 const MANIFESTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("manifests");
 const SERIES_KEYS: TableDefinition<&str, u64> = TableDefinition::new("series_keys");
 const SERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("series");
@@ -107,6 +112,8 @@ struct SeriesState {
     /// The point with the latest source time; its `time_offset_ms` is absolute.
     #[prost(message, optional, tag = "6")]
     last: Option<Point>,
+    #[prost(uint64, tag = "7")]
+    backfilled: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -118,11 +125,14 @@ struct Chunk {
     /// `time_offset_ms` relative to `base_ms`; `tag` unused.
     #[prost(message, repeated, tag = "3")]
     points: Vec<Point>,
+    /// Arrived from the gateway's backlog after an outage.
+    #[prost(bool, tag = "4")]
+    backfill: bool,
 }
 
 struct Job {
     batch: AppendBatch,
-    reply: oneshot::Sender<Result<AppendOutcome>>,
+    reply: oneshot::Sender<Result<Appended>>,
 }
 
 pub struct EmbeddedStore {
@@ -233,7 +243,7 @@ fn group_commit_loop(db: &Database, rx: mpsc::Receiver<Job>) {
 fn append_group<'a>(
     db: &Database,
     batches: impl Iterator<Item = &'a AppendBatch>,
-) -> Result<Vec<AppendOutcome>> {
+) -> Result<Vec<Appended>> {
     let mut txn = db.begin_write().map_err(db_err)?;
     txn.set_durability(Durability::Immediate).map_err(db_err)?;
     let mut outcomes = Vec::new();
@@ -252,35 +262,19 @@ fn append_group<'a>(
         for a in batches {
             let b = &a.batch;
             let key = (a.gateway_id.as_str(), b.buffer_id);
-            let stored = streams
-                .get(key)
-                .map_err(db_err)?
-                .map(|v| v.value())
-                .unwrap_or(0);
-            if b.seq <= stored {
-                outcomes.push(AppendOutcome::Duplicate);
+            let mut ranges = match streams.get(key).map_err(db_err)? {
+                Some(v) => SeqRanges::decode(v.value()),
+                None => SeqRanges::default(),
+            };
+            let last = b.loss.as_ref().map_or(b.seq, |l| l.last_seq.max(b.seq));
+            if ranges.covers(b.seq, last) {
+                outcomes.push(Appended {
+                    outcome: AppendOutcome::Duplicate,
+                    stored_seq: ranges.contiguous(),
+                });
                 continue;
             }
-            if b.seq > stored + 1 {
-                let record = LossRecord {
-                    last_seq: b.seq - 1,
-                    points: None,
-                    reason: "sequence gap not declared by the gateway".into(),
-                    recorded_at_ms: a.received_at_ms,
-                    tags: Vec::new(),
-                };
-                let value =
-                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
-                losses
-                    .insert(
-                        (a.gateway_id.as_str(), b.buffer_id, stored + 1),
-                        value.as_slice(),
-                    )
-                    .map_err(db_err)?;
-            }
-            let mut new_stored = b.seq;
             if let Some(loss) = &b.loss {
-                new_stored = new_stored.max(loss.last_seq);
                 let reason = guantong_proto::v1::LossReason::try_from(loss.reason)
                     .map(|r| {
                         r.as_str_name()
@@ -342,8 +336,14 @@ fn append_group<'a>(
                     &mut next_chunk,
                 )?;
             }
-            streams.insert(key, new_stored).map_err(db_err)?;
-            outcomes.push(AppendOutcome::Stored);
+            ranges.insert(b.seq, last);
+            streams
+                .insert(key, ranges.encode().as_slice())
+                .map_err(db_err)?;
+            outcomes.push(Appended {
+                outcome: AppendOutcome::Stored,
+                stored_seq: ranges.contiguous(),
+            });
         }
         meta.insert("next_chunk", next_chunk).map_err(db_err)?;
     }
@@ -410,6 +410,7 @@ fn store_points(
                     ..p.clone()
                 })
                 .collect(),
+            backfill: a.backfill,
         };
         chunks
             .insert(
@@ -426,6 +427,9 @@ fn store_points(
                 .map_err(|e| StoreError::Backend(format!("series {series} state: {e}")))?,
             None => SeriesState::default(),
         };
+        if a.backfill {
+            s.backfilled += points.len() as u64;
+        }
         for p in points {
             let t = p.time_offset_ms;
             match quality_of(p) {
@@ -552,15 +556,45 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn stored_seq(&self, gateway: &str, buffer_id: u64) -> Result<u64> {
+    async fn open_stream(&self, gateway: &str, buffer_id: u64, first_unacked: u64) -> Result<u64> {
         let gateway = gateway.to_string();
         self.blocking(move |db| {
-            let txn = db.begin_read().map_err(db_err)?;
-            let t = txn.open_table(STREAMS).map_err(db_err)?;
-            Ok(t.get((gateway.as_str(), buffer_id))
-                .map_err(db_err)?
-                .map(|v| v.value())
-                .unwrap_or(0))
+            let txn = db.begin_write().map_err(db_err)?;
+            let stored;
+            {
+                let mut streams = txn.open_table(STREAMS).map_err(db_err)?;
+                let key = (gateway.as_str(), buffer_id);
+                let mut ranges = match streams.get(key).map_err(db_err)? {
+                    Some(v) => SeqRanges::decode(v.value()),
+                    None => SeqRanges::default(),
+                };
+                // The gateway deleted everything below `first_unacked` because an
+                // ingest acknowledged it. What this store lacks of that was stored
+                // elsewhere (an earlier, wiped data directory): say so, once.
+                if first_unacked > 1 && !ranges.covers(1, first_unacked - 1) {
+                    let record = LossRecord {
+                        last_seq: first_unacked - 1,
+                        points: None,
+                        reason: "acknowledged before this store knew the stream; not in this store"
+                            .into(),
+                        recorded_at_ms: now_ms(),
+                        tags: Vec::new(),
+                    };
+                    let value = serde_json::to_vec(&record)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    txn.open_table(LOSSES)
+                        .map_err(db_err)?
+                        .insert((gateway.as_str(), buffer_id, 1), value.as_slice())
+                        .map_err(db_err)?;
+                    ranges.insert(1, first_unacked - 1);
+                    streams
+                        .insert(key, ranges.encode().as_slice())
+                        .map_err(db_err)?;
+                }
+                stored = ranges.contiguous();
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(stored)
         })
         .await
     }
@@ -670,7 +704,7 @@ impl Store for EmbeddedStore {
     fn append(
         &self,
         batch: AppendBatch,
-    ) -> impl Future<Output = Result<AppendOutcome>> + Send + 'static {
+    ) -> impl Future<Output = Result<Appended>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let queued = match self.jobs.lock() {
             Ok(jobs) => match jobs.as_ref() {
@@ -719,6 +753,7 @@ impl Store for EmbeddedStore {
                     good: s.good,
                     uncertain: s.uncertain,
                     bad: s.bad,
+                    backfilled: s.backfilled,
                     first_seen_ms: s.first_ms,
                     last_seen_ms: s.last_ms,
                     last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
@@ -833,6 +868,7 @@ impl Store for EmbeddedStore {
                             quality: quality_name(quality_of(p)),
                             quality_code: p.quality_code,
                             received_at_ms: chunk.received_at_ms,
+                            backfill: chunk.backfill,
                         });
                     }
                 }
@@ -863,6 +899,22 @@ impl Store for EmbeddedStore {
                     reason: r.reason,
                     recorded_at_ms: r.recorded_at_ms,
                 });
+            }
+            let streams = txn.open_table(STREAMS).map_err(db_err)?;
+            for entry in streams.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let (gateway, buffer_id) = k.value();
+                for (first_seq, last_seq) in SeqRanges::decode(v.value()).holes() {
+                    out.push(LossInfo {
+                        gateway: gateway.to_string(),
+                        buffer_id: format!("{buffer_id:016x}"),
+                        first_seq,
+                        last_seq,
+                        points: None,
+                        reason: "not received (yet): later batches arrived first".into(),
+                        recorded_at_ms: now_ms(),
+                    });
+                }
             }
             Ok(out)
         })

@@ -51,6 +51,83 @@ pub enum AppendOutcome {
     Duplicate,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub outcome: AppendOutcome,
+    /// The stream's highest sequence number stored with all before it.
+    pub stored_seq: u64,
+}
+
+/// The sequence numbers stored for one stream, as sorted disjoint ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeqRanges(Vec<(u64, u64)>);
+
+impl SeqRanges {
+    pub fn decode(bytes: &[u8]) -> SeqRanges {
+        SeqRanges(
+            bytes
+                .chunks_exact(16)
+                .map(|c| {
+                    let (a, b) = c.split_at(8);
+                    (
+                        u64::from_be_bytes(a.try_into().unwrap_or_default()),
+                        u64::from_be_bytes(b.try_into().unwrap_or_default()),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.0
+            .iter()
+            .flat_map(|(a, b)| a.to_be_bytes().into_iter().chain(b.to_be_bytes()))
+            .collect()
+    }
+
+    /// Whether every number in first..=last is stored.
+    pub fn covers(&self, first: u64, last: u64) -> bool {
+        self.0.iter().any(|&(a, b)| a <= first && last <= b)
+    }
+
+    pub fn insert(&mut self, first: u64, last: u64) {
+        let (mut a, mut b) = (first, last.max(first));
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        for &(x, y) in &self.0 {
+            if y.saturating_add(1) < a || b.saturating_add(1) < x {
+                out.push((x, y));
+            } else {
+                a = a.min(x);
+                b = b.max(y);
+            }
+        }
+        out.push((a, b));
+        out.sort_unstable();
+        self.0 = out;
+    }
+
+    /// The highest number stored with all before it (0: none).
+    pub fn contiguous(&self) -> u64 {
+        match self.0.first() {
+            Some(&(1, b)) => b,
+            _ => 0,
+        }
+    }
+
+    /// Numbers not stored between stored ones.
+    pub fn holes(&self) -> Vec<(u64, u64)> {
+        let mut holes = Vec::new();
+        let mut next = 1;
+        for &(a, b) in &self.0 {
+            if a > next {
+                holes.push((next, a - 1));
+            }
+            next = b + 1;
+        }
+        holes
+    }
+}
+
 /// A batch, decoded and checked by the gRPC layer, ready to store.
 #[derive(Debug, Clone)]
 pub struct AppendBatch {
@@ -59,6 +136,8 @@ pub struct AppendBatch {
     /// Resolves the batch's tag indices (None for loss records).
     pub map: Option<Arc<ManifestMap>>,
     pub received_at_ms: i64,
+    /// Sent from the gateway's backlog after an outage.
+    pub backfill: bool,
     /// Set when ingest refuses the batch's points: they are not stored, the
     /// sequence number is consumed, and the refusal is recorded as a loss.
     pub rejected: Option<String>,
@@ -87,6 +166,8 @@ pub struct SeriesInfo {
     pub good: u64,
     pub uncertain: u64,
     pub bad: u64,
+    /// Samples that arrived as backfill (after an outage).
+    pub backfilled: u64,
     pub first_seen_ms: Option<i64>,
     pub last_seen_ms: Option<i64>,
     pub last_value: Option<serde_json::Value>,
@@ -105,6 +186,7 @@ pub struct WindowCounts {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StoredPoint {
     pub time_ms: i64,
+    pub backfill: bool,
     pub value: Option<serde_json::Value>,
     pub quality: &'static str,
     pub quality_code: u32,
@@ -128,9 +210,15 @@ pub trait Store: Send + Sync + 'static {
     fn authenticate(&self, id: &str, token: &str) -> impl Future<Output = Result<bool>> + Send;
     fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayInfo>>> + Send;
 
-    /// Highest sequence number stored for this buffer, with all before it.
-    fn stored_seq(&self, gateway: &str, buffer_id: u64)
-    -> impl Future<Output = Result<u64>> + Send;
+    /// Starts a stream: everything below `first_unacked` was acknowledged
+    /// (by this or an earlier store); returns the highest sequence number
+    /// stored with all before it.
+    fn open_stream(
+        &self,
+        gateway: &str,
+        buffer_id: u64,
+        first_unacked: u64,
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     fn put_manifest(
         &self,
@@ -146,10 +234,8 @@ pub trait Store: Send + Sync + 'static {
     /// Queues a batch for storing. Its place in the order of appends is fixed
     /// when `append` is called, not when the future is first polled, so a
     /// stream may queue several batches and await them in order.
-    fn append(
-        &self,
-        batch: AppendBatch,
-    ) -> impl Future<Output = Result<AppendOutcome>> + Send + 'static;
+    fn append(&self, batch: AppendBatch)
+    -> impl Future<Output = Result<Appended>> + Send + 'static;
 
     fn series(&self) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
     fn window_counts(
@@ -166,4 +252,25 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredPoint>>> + Send;
     fn losses(&self) -> impl Future<Output = Result<Vec<LossInfo>>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeqRanges;
+
+    #[test]
+    fn seq_ranges_merge_detect_duplicates_and_holes() {
+        let mut r = SeqRanges::default();
+        assert_eq!(r.contiguous(), 0);
+        r.insert(5, 7);
+        r.insert(1, 1);
+        assert_eq!((r.contiguous(), r.holes()), (1, vec![(2, 4)]));
+        assert!(r.covers(6, 7) && !r.covers(4, 5));
+        r.insert(2, 4);
+        assert_eq!((r.contiguous(), r.holes()), (7, vec![]));
+        r.insert(9, 9);
+        r.insert(8, 8);
+        assert_eq!(r, SeqRanges(vec![(1, 9)]));
+        assert_eq!(SeqRanges::decode(&r.encode()), r);
+    }
 }

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use guantong_gateway::buffer::Buffer;
-use guantong_gateway::config::UplinkConfig;
+use guantong_gateway::buffer::{Buffer, WhenFull};
+use guantong_gateway::config::{Compression, UplinkConfig};
 use guantong_gateway::quality::Sample;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
@@ -166,6 +166,7 @@ async fn store_direct(batches: &[Batch], tags: u32) -> anyhow::Result<Duration> 
             batch: b.clone(),
             map: Some(map.clone()),
             received_at_ms: 0,
+            backfill: false,
             rejected: None,
         }));
         // Keep a window like a gateway stream would.
@@ -184,7 +185,7 @@ fn fill_buffer(
     all: &[Sample],
     batch: usize,
 ) -> anyhow::Result<(Arc<Buffer>, Duration, u64)> {
-    let buffer = Arc::new(Buffer::open(dir, 64 << 30)?);
+    let buffer = Arc::new(Buffer::open(dir, 8 << 30, WhenFull::DropOldest)?);
     buffer.put_manifest(
         MANIFEST_VERSION,
         &manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1).encode_to_vec(),
@@ -214,6 +215,9 @@ async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Du
         max_batch_points: std::num::NonZeroU32::new(args.batch as u32).expect("nonzero"),
         connect_timeout: Duration::from_secs(5),
         max_backoff: Duration::from_secs(1),
+        compression: Compression::Zstd,
+        keepalive_interval: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(10),
     };
     let uplink = Uplink {
         config,
