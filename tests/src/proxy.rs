@@ -8,6 +8,9 @@
 //! - `Blackhole`: bytes are discarded both ways and connections stay open, as
 //!   when packets vanish without a RST.
 //! - `Refuse`: every open connection is closed and new ones are closed at once.
+//! - `Reset`: like `Refuse`, but connections end with a TCP RST.
+//! - `Delay(ms)`: bytes flow both ways, each direction delayed by `ms`
+//!   (a round-trip time of twice that).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +26,8 @@ pub enum Mode {
     DropDownstream,
     Blackhole,
     Refuse,
+    Reset,
+    Delay(u64),
 }
 
 pub struct Proxy {
@@ -41,9 +46,19 @@ impl Proxy {
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let rx = m.subscribe();
-                if *rx.borrow() == Mode::Refuse {
-                    drop(client);
-                    continue;
+                match *rx.borrow() {
+                    Mode::Refuse => {
+                        drop(client);
+                        continue;
+                    }
+                    Mode::Reset => {
+                        // A zero linger makes close send RST and never blocks.
+                        #[allow(deprecated)]
+                        let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                        drop(client);
+                        continue;
+                    }
+                    _ => {}
                 }
                 tokio::spawn(relay(client, upstream, rx));
             }
@@ -81,33 +96,55 @@ async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mo
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
     downstream: bool,
 ) {
+    // Writes go through a queue so that a delay holds bytes without
+    // stopping the reads (the link keeps its bandwidth, only latency grows).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        let mut to = to;
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = tokio::select! {
             r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => break,
                 Ok(n) => n,
             },
             changed = mode.changed() => {
-                if changed.is_err() || *mode.borrow() == Mode::Refuse {
-                    return;
+                let m = *mode.borrow();
+                if changed.is_err() || matches!(m, Mode::Refuse | Mode::Reset) {
+                    break;
                 }
                 continue;
             }
         };
-        let current = *mode.borrow();
-        let forward = match current {
-            Mode::Pass => true,
-            Mode::DropDownstream => !downstream,
-            Mode::Blackhole => false,
-            Mode::Refuse => return,
+        let now = tokio::time::Instant::now();
+        let due = match *mode.borrow() {
+            Mode::Pass => Some(now),
+            Mode::DropDownstream => (!downstream).then_some(now),
+            Mode::Blackhole => None,
+            Mode::Refuse | Mode::Reset => break,
+            Mode::Delay(ms) => Some(now + std::time::Duration::from_millis(ms)),
         };
-        if forward && to.write_all(&buf[..n]).await.is_err() {
-            return;
+        if let Some(due) = due {
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
         }
+    }
+    drop(tx);
+    if matches!(*mode.borrow(), Mode::Refuse | Mode::Reset) {
+        writer.abort();
+    } else {
+        let _ = writer.await;
     }
 }

@@ -3,88 +3,28 @@
 //! guantong-ingest (embedded store) -> HTTP API.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use guantong_e2e::check_counter_exactly_once;
 use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_toml, wait_for};
-use guantong_e2e::proxy::{Mode, Proxy};
+use guantong_e2e::proxy::Mode;
+use guantong_e2e::scenario::{DEV, GW, Options, Scenario, check_counter, pending_batches_at_start};
 use guantong_e2e::sim::{SimDevice, standard_device_toml, standard_expected};
-
-const GW: &str = "gw-test";
-const DEV: &str = "sim-1";
 
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("valid address")
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    sim: SimDevice,
-    ingest: IngestProc,
-    gateway: GatewayProc,
-    /// Between gateway and ingest.
-    proxy: Proxy,
-}
-
-impl Setup {
-    async fn start(poll: &str) -> anyhow::Result<Setup> {
-        let dir = tempfile::tempdir()?;
-        let sim = SimDevice::new();
-        let (sim_addr, _task) = sim.serve(any_port()).await?;
-        let data = dir.path().join("ingest");
-        let token = IngestProc::register(&data, GW)?;
-        let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
-        let proxy = Proxy::start(ingest.grpc).await?;
-        let config = dir.path().join("gateway.toml");
-        let text = gateway_toml(GW, proxy.addr, &token, &dir.path().join("buffer"))
-            + &standard_device_toml(DEV, sim_addr, poll);
-        std::fs::write(&config, text)?;
-        let gateway = GatewayProc::start(&config)?;
-        Ok(Setup {
-            _dir: dir,
-            sim,
-            ingest,
-            gateway,
-            proxy,
-        })
+/// Settles and checks that every counter value arrived exactly once.
+async fn settle_exactly_once(s: &Scenario) -> u64 {
+    let (points, last, lost) = s
+        .settle(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(lost, 0, "no loss declared in this scenario");
+    if let Err(e) = check_counter(&points, last, 0, true) {
+        panic!("{e}\n{}", s.logs());
     }
-
-    fn logs(&self) -> String {
-        format!("{}{}", self.gateway.proc.logs(), self.ingest.proc.logs())
-    }
-
-    /// Stops the counter (device fault), waits until ingest holds its last
-    /// value, and checks every value 1..=last arrived exactly once.
-    async fn settle_and_check_counter(&self) -> anyhow::Result<u64> {
-        self.sim.set_fault(true);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let last = u64::from(self.sim.counter());
-        assert!(
-            last > 0,
-            "the gateway never read the device\n{}",
-            self.logs()
-        );
-        let api = self.ingest.api();
-        let result = wait_for(
-            "the last counter value to reach ingest",
-            Duration::from_secs(30),
-            || async {
-                let points = api.points(GW, DEV, "counter").await?;
-                let reached = points.iter().any(|p| p["value"].as_u64() == Some(last));
-                Ok(reached.then_some(points))
-            },
-        )
-        .await;
-        let points = match result {
-            Ok(p) => p,
-            Err(e) => panic!("{e}\n{}", self.logs()),
-        };
-        match check_counter_exactly_once(&points, last) {
-            Ok(n) => Ok(n),
-            Err(e) => panic!("{e}\n{}", self.logs()),
-        }
-    }
+    last
 }
 
 fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
@@ -96,7 +36,11 @@ fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_served_value_arrives_correctly_decoded() -> anyhow::Result<()> {
-    let s = Setup::start("100ms").await?;
+    let s = Scenario::start(Options {
+        poll: "100ms",
+        ..Options::default()
+    })
+    .await?;
     let api = s.ingest.api();
     for (tag, expected) in standard_expected() {
         let got = wait_for(&format!("tag {tag}"), Duration::from_secs(30), || async {
@@ -122,7 +66,7 @@ async fn every_served_value_arrives_correctly_decoded() -> anyhow::Result<()> {
     assert_eq!(flow["unit"], "m³/h");
     assert_eq!(flow["address"], "input:0");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n = s.settle_and_check_counter().await?;
+    let n = settle_exactly_once(&s).await;
     assert!(n >= 10, "only {n} polls in the test window");
 
     // The device fault shows up as Bad points with the exception code.
@@ -131,10 +75,13 @@ async fn every_served_value_arrives_correctly_decoded() -> anyhow::Result<()> {
         counter["bad"].as_u64().unwrap_or(0) > 0,
         "fault answers counted as bad: {counter}"
     );
-    let summary_window = &counter["window"];
+    assert_eq!(
+        counter["last_quality_code"], 0x0001_0004,
+        "Modbus exception 4: {counter}"
+    );
     assert!(
-        summary_window["expected"].as_u64().unwrap_or(0) > 0,
-        "{summary_window}"
+        counter["window"]["expected"].as_u64().unwrap_or(0) > 0,
+        "{counter}"
     );
     Ok(())
 }
@@ -142,7 +89,7 @@ async fn every_served_value_arrives_correctly_decoded() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_killed_and_restarted_mid_stream_loses_nothing_and_stores_nothing_twice()
 -> anyhow::Result<()> {
-    let mut s = Setup::start("20ms").await?;
+    let mut s = Scenario::start(Options::default()).await?;
     for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         s.ingest.proc.kill9();
@@ -150,7 +97,7 @@ async fn ingest_killed_and_restarted_mid_stream_loses_nothing_and_stores_nothing
         s.ingest.restart().await?;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n = s.settle_and_check_counter().await?;
+    let n = settle_exactly_once(&s).await;
     assert!(
         n > 100,
         "only {n} values: the scenario did not stream enough"
@@ -158,25 +105,10 @@ async fn ingest_killed_and_restarted_mid_stream_loses_nothing_and_stores_nothing
     Ok(())
 }
 
-fn pending_batches_at_start(log: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("gateway starting"))
-        .filter_map(|l| {
-            l.split("pending_batches=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_sigkilled_with_a_full_buffer_delivers_it_exactly_once_after_restart()
 -> anyhow::Result<()> {
-    let mut s = Setup::start("20ms").await?;
+    let mut s = Scenario::start(Options::default()).await?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Ingest away: everything collected from now on waits in the buffer.
     s.ingest.proc.kill9();
@@ -187,7 +119,7 @@ async fn gateway_sigkilled_with_a_full_buffer_delivers_it_exactly_once_after_res
     s.gateway.proc.kill9();
     s.ingest.restart().await?;
     s.gateway.restart()?;
-    let n = s.settle_and_check_counter().await?;
+    let n = settle_exactly_once(&s).await;
     let pending = pending_batches_at_start(&s.gateway.config.with_extension("log"));
     assert_eq!(
         pending.len(),
@@ -207,7 +139,7 @@ async fn gateway_sigkilled_with_a_full_buffer_delivers_it_exactly_once_after_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_stored_but_never_acked_are_replayed_once_after_a_gateway_kill()
 -> anyhow::Result<()> {
-    let mut s = Setup::start("20ms").await?;
+    let mut s = Scenario::start(Options::default()).await?;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // Acks vanish while ingest keeps storing: the gateway's window fills with
     // batches that are stored but still in its buffer.
@@ -223,7 +155,7 @@ async fn batches_stored_but_never_acked_are_replayed_once_after_a_gateway_kill()
     s.gateway.restart()?;
     s.sim.set_fault(false);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let n = s.settle_and_check_counter().await?;
+    let n = settle_exactly_once(&s).await;
     let pending = pending_batches_at_start(&s.gateway.config.with_extension("log"));
     assert!(
         pending.len() == 2 && pending[1] > 0,

@@ -149,7 +149,9 @@ impl ModbusTcpCollector {
 impl Collector for ModbusTcpCollector {
     async fn run(self, sink: PointSink, cancel: CancellationToken) {
         let mut ticker = tokio::time::interval(self.config.poll_interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // Delay, not Skip or Burst: polls stay at least one interval apart, never
+        // bunched up after a stall (which would also give two polls one timestamp).
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut ctx: Option<Context> = None;
         let mut last_error: Option<String> = None;
         loop {
@@ -176,14 +178,16 @@ impl Collector for ModbusTcpCollector {
             }
             if let Some(c) = ctx.as_mut() {
                 for (n, r) in self.plan.iter().enumerate() {
+                    // A value is stamped with the time its request was sent.
+                    let sent = now_ms();
                     match self.read(c, r).await {
-                        Ok(Ok(answer)) => self.decode(r, &answer, now_ms(), &mut samples),
+                        Ok(Ok(answer)) => self.decode(r, &answer, sent, &mut samples),
                         Ok(Err(code)) => {
-                            self.mark_bad(std::slice::from_ref(r), now_ms(), code, &mut samples)
+                            self.mark_bad(std::slice::from_ref(r), sent, code, &mut samples)
                         }
                         Err(code) => {
                             warn!(device = %self.config.id, code = format_args!("{code:#010x}"), "modbus read failed; reconnecting");
-                            self.mark_bad(&self.plan[n..], now_ms(), code, &mut samples);
+                            self.mark_bad(&self.plan[n..], sent, code, &mut samples);
                             ctx = None;
                             break;
                         }

@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 
 use super::{
     AppendBatch, AppendOutcome, Appended, GatewayInfo, LossInfo, ManifestMap, Result, SeqRanges,
-    SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
+    SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo, WindowCounts,
 };
 
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
@@ -884,13 +884,38 @@ impl Store for EmbeddedStore {
         self.blocking(|db| {
             let txn = db.begin_read().map_err(db_err)?;
             let t = txn.open_table(LOSSES).map_err(db_err)?;
+            let manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
             let mut out = Vec::new();
             for entry in t.iter().map_err(db_err)? {
                 let (k, v) = entry.map_err(db_err)?;
                 let (gateway, buffer_id, first_seq) = k.value();
                 let r: LossRecord = serde_json::from_slice(v.value())
                     .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let mut tags = Vec::with_capacity(r.tags.len());
+                for &(version, tag, points, first_time_ms, last_time_ms) in &r.tags {
+                    let (device, tag) = match manifests.get((gateway, version)).map_err(db_err)? {
+                        Some(m) => {
+                            let m = Manifest::decode(m.value())
+                                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                            let t = m.tags.get(tag as usize);
+                            let d = t.and_then(|t| m.devices.get(t.device as usize));
+                            (
+                                d.map_or_else(String::new, |d| d.id.clone()),
+                                t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
+                            )
+                        }
+                        None => (String::new(), format!("#{tag} of manifest {version:016x}")),
+                    };
+                    tags.push(TagLossInfo {
+                        device,
+                        tag,
+                        points,
+                        first_time_ms,
+                        last_time_ms,
+                    });
+                }
                 out.push(LossInfo {
+                    tags,
                     gateway: gateway.to_string(),
                     buffer_id: format!("{buffer_id:016x}"),
                     first_seq,
@@ -913,6 +938,7 @@ impl Store for EmbeddedStore {
                         points: None,
                         reason: "not received (yet): later batches arrived first".into(),
                         recorded_at_ms: now_ms(),
+                        tags: Vec::new(),
                     });
                 }
             }

@@ -203,6 +203,17 @@ pub struct LossInfo {
     pub points: Option<u64>,
     pub reason: String,
     pub recorded_at_ms: i64,
+    /// Per tag, when the gateway counted them.
+    pub tags: Vec<TagLossInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TagLossInfo {
+    pub device: String,
+    pub tag: String,
+    pub points: u64,
+    pub first_time_ms: i64,
+    pub last_time_ms: i64,
 }
 
 pub trait Store: Send + Sync + 'static {

@@ -45,6 +45,12 @@ struct Args {
     tags: u32,
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Uplink compression: zstd, gzip or none.
+    #[arg(long, default_value = "zstd")]
+    compression: String,
+    /// Batches in flight.
+    #[arg(long, default_value_t = 32)]
+    window: u32,
 }
 
 const GW: &str = "bench-gw";
@@ -211,11 +217,15 @@ async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Du
     let config = UplinkConfig {
         endpoint: format!("http://{}", ingest.grpc_addr),
         token,
-        max_in_flight: std::num::NonZeroU32::new(8).expect("nonzero"),
+        max_in_flight: std::num::NonZeroU32::new(args.window.max(1)).expect("nonzero"),
         max_batch_points: std::num::NonZeroU32::new(args.batch as u32).expect("nonzero"),
         connect_timeout: Duration::from_secs(5),
         max_backoff: Duration::from_secs(1),
-        compression: Compression::Zstd,
+        compression: match args.compression.as_str() {
+            "gzip" => Compression::Gzip,
+            "none" => Compression::None,
+            _ => Compression::Zstd,
+        },
         keepalive_interval: Duration::from_secs(10),
         keepalive_timeout: Duration::from_secs(10),
     };

@@ -1,0 +1,244 @@
+//! One end-to-end scenario: a simulated Modbus device, the real ingest and
+//! gateway binaries, and a fault proxy between gateway and ingest; plus the
+//! checker that compares what the device served with what ingest stored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::procs::{GatewayProc, IngestProc, wait_for};
+use crate::proxy::Proxy;
+use crate::sim::{SimDevice, standard_device_toml};
+
+pub const GW: &str = "gw-test";
+pub const DEV: &str = "sim-1";
+
+pub struct Options {
+    pub poll: &'static str,
+    pub commit_interval: &'static str,
+    pub max_bytes: &'static str,
+    /// HTTP/2 keepalive interval and timeout.
+    pub keepalive: &'static str,
+    /// Extra u16 tags (holding 20..) for volume.
+    pub extra_tags: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            poll: "20ms",
+            commit_interval: "100ms",
+            max_bytes: "64 MiB",
+            keepalive: "10s",
+            extra_tags: 0,
+        }
+    }
+}
+
+pub struct Scenario {
+    pub dir: tempfile::TempDir,
+    pub sim: SimDevice,
+    pub ingest: IngestProc,
+    pub gateway: GatewayProc,
+    /// Between gateway and ingest.
+    pub proxy: Proxy,
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Scenario {
+    pub async fn start(o: Options) -> anyhow::Result<Scenario> {
+        let dir = tempfile::tempdir()?;
+        let sim = SimDevice::new();
+        let (sim_addr, _task) = sim.serve(any_port()).await?;
+        let data = dir.path().join("ingest");
+        let token = IngestProc::register(&data, GW)?;
+        let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
+        let proxy = Proxy::start(ingest.grpc).await?;
+        let config = dir.path().join("gateway.toml");
+        let mut text = format!(
+            r#"[gateway]
+id = "{GW}"
+
+[uplink]
+endpoint = "http://{proxy}"
+token = "{token}"
+max_backoff = "1s"
+keepalive_interval = "{keepalive}"
+keepalive_timeout = "{keepalive}"
+
+[buffer]
+dir = "{buffer}"
+max_bytes = "{max_bytes}"
+commit_interval = "{commit}"
+"#,
+            proxy = proxy.addr,
+            keepalive = o.keepalive,
+            buffer = dir.path().join("buffer").display(),
+            max_bytes = o.max_bytes,
+            commit = o.commit_interval,
+        );
+        text += &standard_device_toml(DEV, sim_addr, o.poll);
+        for i in 0..o.extra_tags {
+            text += &format!(
+                "\n[[devices.tags]]\nname = \"extra{i}\"\ntable = \"holding\"\naddress = {}\ntype = \"u16\"\n",
+                20 + i
+            );
+        }
+        std::fs::write(&config, text)?;
+        let gateway = GatewayProc::start(&config)?;
+        Ok(Scenario {
+            dir,
+            sim,
+            ingest,
+            gateway,
+            proxy,
+        })
+    }
+
+    pub fn logs(&self) -> String {
+        format!("{}{}", self.gateway.proc.logs(), self.ingest.proc.logs())
+    }
+
+    pub fn gateway_log(&self) -> String {
+        std::fs::read_to_string(self.gateway.config.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn buffer_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("buffer")
+    }
+
+    /// Stops the counter (device fault) and waits until ingest has accounted
+    /// for every value served: stored, or declared lost by the gateway.
+    /// Returns (stored counter points, last value served, declared lost counter points).
+    pub async fn settle(&self, timeout: Duration) -> anyhow::Result<(Vec<Value>, u64, u64)> {
+        self.settle_with(timeout, false).await
+    }
+
+    /// Like `settle`; with `unaccounted_loss` (SIGKILLs, a destroyed file)
+    /// it waits until the last value is stored and nothing new has arrived
+    /// for 3 s instead.
+    pub async fn settle_with(
+        &self,
+        timeout: Duration,
+        unaccounted_loss: bool,
+    ) -> anyhow::Result<(Vec<Value>, u64, u64)> {
+        self.sim.set_fault(true);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let last = u64::from(self.sim.counter());
+        anyhow::ensure!(
+            last > 0,
+            "the gateway never read the device\n{}",
+            self.logs()
+        );
+        let api = self.ingest.api();
+        let stable = std::sync::Mutex::new((0usize, std::time::Instant::now()));
+        let result = wait_for(
+            "every served counter value to be stored or declared lost",
+            timeout,
+            || async {
+                let points = api.points(GW, DEV, "counter").await?;
+                let good = points.iter().filter(|p| p["quality"] == "good").count() as u64;
+                let lost = self.lost(DEV, "counter").await?;
+                if !unaccounted_loss {
+                    return Ok((good + lost >= last).then_some((points, lost)));
+                }
+                let has_last = points.iter().any(|p| p["value"].as_u64() == Some(last));
+                let mut st = stable.lock().unwrap_or_else(|e| e.into_inner());
+                // Bad points keep coming during the fault; count the values.
+                if st.0 != good as usize {
+                    *st = (good as usize, std::time::Instant::now());
+                }
+                Ok((has_last && st.1.elapsed() > Duration::from_secs(3)).then_some((points, lost)))
+            },
+        )
+        .await;
+        match result {
+            Ok((points, lost)) => Ok((points, last, lost)),
+            Err(e) => anyhow::bail!("{e}\n{}", self.logs()),
+        }
+    }
+
+    /// Points of one tag the gateway declared lost (ingest's loss records).
+    pub async fn lost(&self, device: &str, tag: &str) -> anyhow::Result<u64> {
+        let v = self.ingest.api().get("/api/v1/losses").await?;
+        Ok(v["losses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["tags"].as_array().cloned().unwrap_or_default())
+            .filter(|t| t["device"] == device && t["tag"] == tag)
+            .filter_map(|t| t["points"].as_u64())
+            .sum())
+    }
+}
+
+/// Checks the counter's Good values against 1..=last: no value twice, no
+/// value outside, and exactly `allowed_missing` values missing (or at most,
+/// when `exact` is false). Returns the missing values.
+///
+/// Every poll reads a new counter value, so a value seen twice is a point
+/// stored twice. (Timestamps cannot tell: a poll task starved of CPU may send
+/// two polls within one millisecond.)
+pub fn check_counter(
+    points: &[Value],
+    last: u64,
+    allowed_missing: u64,
+    exact: bool,
+) -> Result<Vec<u64>, String> {
+    let mut seen = std::collections::BTreeMap::new();
+    for p in points.iter().filter(|p| p["quality"] == "good") {
+        let v = p["value"]
+            .as_u64()
+            .ok_or_else(|| format!("counter value is not an unsigned integer: {p}"))?;
+        *seen.entry(v).or_insert(0u32) += 1;
+    }
+    let duplicated: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(v, n)| format!("{v}×{n}"))
+        .collect();
+    let extra: Vec<u64> = seen
+        .keys()
+        .copied()
+        .filter(|v| *v == 0 || *v > last)
+        .collect();
+    let missing: Vec<u64> = (1..=last).filter(|v| !seen.contains_key(v)).collect();
+    let n = missing.len() as u64;
+    let count_ok = if exact {
+        n == allowed_missing
+    } else {
+        n <= allowed_missing
+    };
+    if !duplicated.is_empty() || !extra.is_empty() || !count_ok {
+        return Err(format!(
+            "counter 1..={last}: {} stored; duplicated {:?}; unexpected {:?}; missing {n} (allowed {}{allowed_missing}) {:?}",
+            seen.len(),
+            &duplicated[..duplicated.len().min(20)],
+            extra,
+            if exact { "exactly " } else { "at most " },
+            &missing[..missing.len().min(30)],
+        ));
+    }
+    Ok(missing)
+}
+
+/// `pending_batches=N` of every "gateway starting" line in a gateway log.
+pub fn pending_batches_at_start(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("gateway starting"))
+        .filter_map(|l| {
+            l.split("pending_batches=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
