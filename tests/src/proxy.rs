@@ -135,10 +135,10 @@ async fn pump(
             Mode::Refuse | Mode::Reset => break,
             Mode::Delay(ms) => Some(now + std::time::Duration::from_millis(ms)),
         };
-        if let Some(due) = due {
-            if tx.send((due, buf[..n].to_vec())).is_err() {
-                break;
-            }
+        if let Some(due) = due
+            && tx.send((due, buf[..n].to_vec())).is_err()
+        {
+            break;
         }
     }
     drop(tx);
