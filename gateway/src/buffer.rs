@@ -536,7 +536,7 @@ impl Buffer {
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.db.begin_read().map_err(storage)?;
         let table = txn.open_table(BATCHES).map_err(storage)?;
-        let mut out = Vec::with_capacity(max);
+        let mut out = Vec::with_capacity(max.min(1024));
         for entry in table.range(from..).map_err(storage)?.take(max) {
             let (k, v) = entry.map_err(storage)?;
             let (seq, record) = (k.value(), v.value());

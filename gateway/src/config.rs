@@ -131,7 +131,7 @@ impl DeviceConfig {
 pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
 
 fn default_max_in_flight() -> NonZeroU32 {
-    NonZeroU32::new(32).expect("32 is not zero")
+    NonZeroU32::new(128).expect("128 is not zero")
 }
 fn default_keepalive_interval() -> Duration {
     Duration::from_secs(10)

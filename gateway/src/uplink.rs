@@ -145,7 +145,10 @@ impl Uplink {
             .http2_keep_alive_interval(self.config.keepalive_interval)
             .keep_alive_timeout(self.config.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .http2_adaptive_window(true);
+            // Large fixed windows: flow control must not cap a long, fat link
+            // (300 ms round trip) below what the batch window allows.
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(2 * STREAM_WINDOW));
         let channel = endpoint.connect().await?;
         let mut client = UplinkClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -373,6 +376,9 @@ impl Uplink {
             .map_err(|e| UplinkError::Protocol(format!("stored manifest {version:016x}: {e}")))
     }
 }
+
+/// HTTP/2 stream flow-control window, bytes.
+pub const STREAM_WINDOW: u32 = 16 << 20;
 
 /// Window slots the backlog leaves free for live batches.
 const LIVE_RESERVE: usize = 4;

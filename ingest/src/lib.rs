@@ -61,7 +61,8 @@ pub async fn start<S: Store>(
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .http2_adaptive_window(Some(true))
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(32 << 20))
             .add_service(service)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),

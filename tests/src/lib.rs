@@ -3,6 +3,7 @@
 //! served with what ingest stored. Used by the scenarios in `tests/`, the demo
 //! (`guantong-demo`) and the benchmarks.
 
+pub mod bench;
 pub mod procs;
 pub mod proxy;
 pub mod scenario;

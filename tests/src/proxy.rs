@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +35,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     mode: Arc<watch::Sender<Mode>>,
     task: JoinHandle<()>,
+    /// Bytes forwarded from clients to the upstream.
+    pub bytes_up: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -43,6 +46,8 @@ impl Proxy {
         let (tx, _) = watch::channel(Mode::Pass);
         let mode = Arc::new(tx);
         let m = mode.clone();
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let counter = bytes_up.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let rx = m.subscribe();
@@ -60,10 +65,10 @@ impl Proxy {
                     }
                     _ => {}
                 }
-                tokio::spawn(relay(client, upstream, rx));
+                tokio::spawn(relay(client, upstream, rx, counter.clone()));
             }
         });
-        Ok(Proxy { addr, mode, task })
+        Ok(Proxy { addr, mode, task, bytes_up })
     }
 
     pub fn set(&self, mode: Mode) {
@@ -78,7 +83,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mode>) {
+async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mode>, bytes_up: Arc<AtomicU64>) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
@@ -86,8 +91,8 @@ async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mo
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = pump(cr, sw, mode.clone(), false);
-    let down = pump(sr, cw, mode, true);
+    let up = pump(cr, sw, mode.clone(), false, Some(bytes_up));
+    let down = pump(sr, cw, mode, true, None);
     tokio::select! {
         _ = up => {}
         _ = down => {}
@@ -99,6 +104,7 @@ async fn pump(
     to: tokio::net::tcp::OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
     downstream: bool,
+    counter: Option<Arc<AtomicU64>>,
 ) {
     // Writes go through a queue so that a delay holds bytes without
     // stopping the reads (the link keeps its bandwidth, only latency grows).
@@ -127,6 +133,9 @@ async fn pump(
                 continue;
             }
         };
+        if let Some(c) = &counter {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
         let now = tokio::time::Instant::now();
         let due = match *mode.borrow() {
             Mode::Pass => Some(now),

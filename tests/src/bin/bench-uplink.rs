@@ -20,13 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use guantong_e2e::bench::{GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained};
 use guantong_gateway::buffer::{Buffer, WhenFull};
-use guantong_gateway::config::{Compression, UplinkConfig};
+use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
-use guantong_proto::v1::{Batch, DataType, Device, Manifest, Point, Tag, point};
+use guantong_proto::v1::{Batch, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
 use tokio::sync::watch;
@@ -51,46 +52,6 @@ struct Args {
     /// Batches in flight.
     #[arg(long, default_value_t = 32)]
     window: u32,
-}
-
-const GW: &str = "bench-gw";
-const MANIFEST_VERSION: u64 = 7;
-
-fn manifest(tags: u32) -> Manifest {
-    Manifest {
-        version: MANIFEST_VERSION,
-        gateway_id: GW.into(),
-        created_at_ms: 0,
-        devices: vec![Device {
-            id: "dev".into(),
-            protocol: "bench".into(),
-            endpoint: String::new(),
-            identity: Default::default(),
-        }],
-        tags: (0..tags)
-            .map(|i| Tag {
-                device: 0,
-                name: format!("t{i}"),
-                address: format!("holding:{i}"),
-                data_type: DataType::Double as i32,
-                unit: String::new(),
-                interval_ms: 1000,
-            })
-            .collect(),
-    }
-}
-
-/// Slowly changing values, one per tag per second.
-fn samples(n: usize, tags: u32) -> Vec<Sample> {
-    let t0 = 1_767_225_600_000i64;
-    (0..n)
-        .map(|i| {
-            let tag = (i as u32) % tags;
-            let second = (i as u32 / tags) as i64;
-            let v = 20.0 + f64::from(tag) + ((second / 10) as f64) * 0.1;
-            Sample::good(tag, t0 + second * 1000, point::Value::Double(v))
-        })
-        .collect()
 }
 
 fn batches(all: &[Sample], size: usize) -> Vec<Batch> {
@@ -207,69 +168,31 @@ fn fill_buffer(
 
 async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Duration, u64)> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(EmbeddedStore::open(&dir.path().join("ingest"))?);
-    let token = store.register_gateway(GW).await?;
-    let shutdown = CancellationToken::new();
-    let any = "127.0.0.1:0".parse()?;
-    let ingest = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
-    let (buffer, write_time, last) = fill_buffer(&dir.path().join("buffer"), all, args.batch)?;
+    let ingest = LocalIngest::start().await?;
+    let (buffer, write_time, last) = fill_buffer(dir.path(), all, args.batch)?;
     let (_tx, committed) = watch::channel(last);
-    let config = UplinkConfig {
-        endpoint: format!("http://{}", ingest.grpc_addr),
-        token,
-        max_in_flight: std::num::NonZeroU32::new(args.window.max(1)).expect("nonzero"),
-        max_batch_points: std::num::NonZeroU32::new(args.batch as u32).expect("nonzero"),
-        connect_timeout: Duration::from_secs(5),
-        max_backoff: Duration::from_secs(1),
-        compression: match args.compression.as_str() {
-            "gzip" => Compression::Gzip,
-            "none" => Compression::None,
-            _ => Compression::Zstd,
-        },
-        keepalive_interval: Duration::from_secs(10),
-        keepalive_timeout: Duration::from_secs(10),
+    let compression = match args.compression.as_str() {
+        "gzip" => Compression::Gzip,
+        "none" => Compression::None,
+        _ => Compression::Zstd,
     };
-    let uplink = Uplink {
-        config,
-        gateway_id: GW.into(),
-        buffer: buffer.clone(),
-        committed,
-    };
+    let mut config = ingest.uplink_config(ingest.grpc, compression, args.window);
+    config.max_batch_points = std::num::NonZeroU32::new(args.batch as u32).expect("nonzero");
+    let uplink = Uplink { config, gateway_id: GW.into(), buffer: buffer.clone(), committed };
     let cancel = CancellationToken::new();
     let start = Instant::now();
     let task = tokio::spawn(uplink.run(cancel.clone()));
-    loop {
-        let s = buffer.stats()?;
-        if s.first_seq == s.next_seq {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(600) {
-            anyhow::bail!("uplink did not drain the buffer in 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_drained(&buffer, last, Duration::from_secs(600)).await?;
     let elapsed = start.elapsed();
     cancel.cancel();
     let _ = task.await;
-    let stored: u64 = guantong_ingest::store::Store::series(store.as_ref())
-        .await?
-        .iter()
-        .map(|s| s.samples)
-        .sum();
-    shutdown.cancel();
-    let _ = ingest.done.await;
-    Ok((elapsed, write_time, stored))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    Ok((elapsed, write_time, ingest.stored_points().await?))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let all = samples(args.points, args.tags);
+    let all = samples(args.points, args.tags, 1_767_225_600_000);
     let batches = batches(&all, args.batch);
     let n = args.points as f64;
     let (mut raw, mut raw8, mut direct, mut buf, mut e2e) =

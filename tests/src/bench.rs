@@ -1,0 +1,121 @@
+//! Helpers shared by the benchmark binaries: synthetic manifests and points,
+//! an in-process ingest, and medians.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guantong_gateway::buffer::Buffer;
+use guantong_gateway::config::{Compression, UplinkConfig};
+use guantong_gateway::quality::Sample;
+use guantong_ingest::store::Store;
+use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_proto::v1::{DataType, Device, Manifest, Tag, point};
+use tokio_util::sync::CancellationToken;
+
+pub const GW: &str = "bench-gw";
+pub const MANIFEST_VERSION: u64 = 7;
+
+/// One device with `tags` double tags named t0, t1, ...
+pub fn manifest(tags: u32) -> Manifest {
+    Manifest {
+        version: MANIFEST_VERSION,
+        gateway_id: GW.into(),
+        created_at_ms: 0,
+        devices: vec![Device { id: "dev".into(), protocol: "bench".into(), endpoint: String::new(), identity: Default::default() }],
+        tags: (0..tags)
+            .map(|i| Tag {
+                device: 0,
+                name: format!("t{i}"),
+                address: format!("holding:{i}"),
+                data_type: DataType::Double as i32,
+                unit: String::new(),
+                interval_ms: 1000,
+            })
+            .collect(),
+    }
+}
+
+/// Slowly changing values (a step every 10 s), one per tag per second, from `t0_ms`.
+pub fn samples(n: usize, tags: u32, t0_ms: i64) -> Vec<Sample> {
+    (0..n)
+        .map(|i| {
+            let tag = (i as u32) % tags;
+            let second = (i as u32 / tags) as i64;
+            let v = 20.0 + f64::from(tag) + ((second / 10) as f64) * 0.1;
+            Sample::good(tag, t0_ms + second * 1000, point::Value::Double(v))
+        })
+        .collect()
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub fn percentile(mut v: Vec<i64>, p: f64) -> i64 {
+    if v.is_empty() {
+        return -1;
+    }
+    v.sort_unstable();
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// An ingest running in this process on a temporary directory.
+pub struct LocalIngest {
+    pub store: Arc<EmbeddedStore>,
+    pub token: String,
+    pub grpc: std::net::SocketAddr,
+    pub shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalIngest {
+    pub async fn start() -> anyhow::Result<LocalIngest> {
+        let dir = tempfile::tempdir()?;
+        let store = Arc::new(EmbeddedStore::open(dir.path())?);
+        let token = store.register_gateway(GW).await?;
+        let shutdown = CancellationToken::new();
+        let any = "127.0.0.1:0".parse()?;
+        let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
+        Ok(LocalIngest { store, token, grpc: running.grpc_addr, shutdown, _dir: dir })
+    }
+
+    pub fn uplink_config(&self, endpoint: std::net::SocketAddr, compression: Compression, window: u32) -> UplinkConfig {
+        UplinkConfig {
+            endpoint: format!("http://{endpoint}"),
+            token: self.token.clone(),
+            max_in_flight: std::num::NonZeroU32::new(window.max(1)).expect("nonzero"),
+            max_batch_points: std::num::NonZeroU32::new(10_000).expect("nonzero"),
+            connect_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(1),
+            compression,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub async fn stored_points(&self) -> anyhow::Result<u64> {
+        Ok(self.store.series().await?.iter().map(|s| s.samples).sum())
+    }
+}
+
+impl Drop for LocalIngest {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits until the buffer holds no batch numbered `last` or below.
+pub async fn wait_drained(buffer: &Buffer, last: u64, limit: Duration) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let s = buffer.stats()?;
+        if s.first_seq > last || s.first_seq == s.next_seq {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            anyhow::bail!("backlog not drained after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
