@@ -287,12 +287,14 @@ impl Buffer {
             if !rejected.is_empty() {
                 let mut per_tag = BTreeMap::new();
                 for s in &rejected {
+                    let bad = u64::from(s.quality == Quality::Bad);
                     merge_tag_loss(
                         &mut per_tag,
                         (manifest_version, s.tag),
                         1,
                         s.time_ms,
                         s.time_ms,
+                        bad,
                     );
                 }
                 let loss = Loss {
@@ -367,6 +369,7 @@ impl Buffer {
                         t.points,
                         t.first_time_ms,
                         t.last_time_ms,
+                        t.bad_points,
                     );
                 }
                 loss.points += old.points;
@@ -454,6 +457,7 @@ impl Buffer {
                                 t.points,
                                 t.first_time_ms,
                                 t.last_time_ms,
+                                t.bad_points,
                             );
                         }
                     } else {
@@ -461,12 +465,14 @@ impl Buffer {
                         run.points += batch.points.len() as u64;
                         for p in &batch.points {
                             let t = batch.base_time_ms + p.time_offset_ms;
+                            let bad = u64::from(p.quality == Quality::Bad as i32);
                             merge_tag_loss(
                                 &mut run.per_tag,
                                 (batch.manifest_version, p.tag),
                                 1,
                                 t,
                                 t,
+                                bad,
                             );
                         }
                     }
@@ -646,31 +652,39 @@ struct Run {
     first: u64,
     last: u64,
     points: u64,
-    per_tag: BTreeMap<(u64, u32), (u64, i64, i64)>,
+    per_tag: TagLossMap,
 }
 
+/// Per (manifest version, tag): points, first time, last time, Bad points.
+type TagLossMap = BTreeMap<(u64, u32), (u64, i64, i64, u64)>;
+
 fn merge_tag_loss(
-    map: &mut BTreeMap<(u64, u32), (u64, i64, i64)>,
+    map: &mut TagLossMap,
     key: (u64, u32),
     points: u64,
     first: i64,
     last: i64,
+    bad: u64,
 ) {
-    let e = map.entry(key).or_insert((0, i64::MAX, i64::MIN));
+    let e = map.entry(key).or_insert((0, i64::MAX, i64::MIN, 0));
     e.0 += points;
     e.1 = e.1.min(first);
     e.2 = e.2.max(last);
+    e.3 += bad;
 }
 
-fn tag_losses(map: BTreeMap<(u64, u32), (u64, i64, i64)>) -> Vec<TagLoss> {
+fn tag_losses(map: TagLossMap) -> Vec<TagLoss> {
     map.into_iter()
         .map(
-            |((manifest_version, tag), (points, first_time_ms, last_time_ms))| TagLoss {
-                tag,
-                points,
-                first_time_ms,
-                last_time_ms,
-                manifest_version,
+            |((manifest_version, tag), (points, first_time_ms, last_time_ms, bad_points))| {
+                TagLoss {
+                    tag,
+                    points,
+                    first_time_ms,
+                    last_time_ms,
+                    manifest_version,
+                    bad_points,
+                }
             },
         )
         .collect()

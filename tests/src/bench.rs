@@ -21,7 +21,12 @@ pub fn manifest(tags: u32) -> Manifest {
         version: MANIFEST_VERSION,
         gateway_id: GW.into(),
         created_at_ms: 0,
-        devices: vec![Device { id: "dev".into(), protocol: "bench".into(), endpoint: String::new(), identity: Default::default() }],
+        devices: vec![Device {
+            id: "dev".into(),
+            protocol: "bench".into(),
+            endpoint: String::new(),
+            identity: Default::default(),
+        }],
         tags: (0..tags)
             .map(|i| Tag {
                 device: 0,
@@ -77,10 +82,21 @@ impl LocalIngest {
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
         let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
-        Ok(LocalIngest { store, token, grpc: running.grpc_addr, shutdown, _dir: dir })
+        Ok(LocalIngest {
+            store,
+            token,
+            grpc: running.grpc_addr,
+            shutdown,
+            _dir: dir,
+        })
     }
 
-    pub fn uplink_config(&self, endpoint: std::net::SocketAddr, compression: Compression, window: u32) -> UplinkConfig {
+    pub fn uplink_config(
+        &self,
+        endpoint: std::net::SocketAddr,
+        compression: Compression,
+        window: u32,
+    ) -> UplinkConfig {
         UplinkConfig {
             endpoint: format!("http://{endpoint}"),
             token: self.token.clone(),

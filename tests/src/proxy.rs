@@ -68,7 +68,12 @@ impl Proxy {
                 tokio::spawn(relay(client, upstream, rx, counter.clone()));
             }
         });
-        Ok(Proxy { addr, mode, task, bytes_up })
+        Ok(Proxy {
+            addr,
+            mode,
+            task,
+            bytes_up,
+        })
     }
 
     pub fn set(&self, mode: Mode) {
@@ -83,7 +88,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Mode>, bytes_up: Arc<AtomicU64>) {
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mode: watch::Receiver<Mode>,
+    bytes_up: Arc<AtomicU64>,
+) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };

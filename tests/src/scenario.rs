@@ -163,7 +163,8 @@ commit_interval = "{commit}"
         }
     }
 
-    /// Points of one tag the gateway declared lost (ingest's loss records).
+    /// Good (valued) points of one tag the gateway declared lost (ingest's
+    /// loss records count Bad points apart).
     pub async fn lost(&self, device: &str, tag: &str) -> anyhow::Result<u64> {
         let v = self.ingest.api().get("/api/v1/losses").await?;
         Ok(v["losses"]
@@ -172,7 +173,7 @@ commit_interval = "{commit}"
             .flatten()
             .flat_map(|l| l["tags"].as_array().cloned().unwrap_or_default())
             .filter(|t| t["device"] == device && t["tag"] == tag)
-            .filter_map(|t| t["points"].as_u64())
+            .filter_map(|t| Some(t["points"].as_u64()? - t["bad_points"].as_u64()?))
             .sum())
     }
 }

@@ -151,8 +151,38 @@ async fn a_full_buffer_during_a_long_outage_declares_exactly_what_it_dropped() -
         s.logs()
     );
     if let Err(e) = check_counter(&points, last, lost, true) {
+        let losses = s.ingest.api().get("/api/v1/losses").await?;
+        let mut detail = String::new();
+        for l in losses["losses"].as_array().into_iter().flatten() {
+            let c: Vec<&serde_json::Value> = l["tags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| t["tag"] == "counter")
+                .collect();
+            detail += &format!(
+                "{}..{} {} {:?}\n",
+                l["first_seq"], l["last_seq"], l["reason"], c
+            );
+            for t in &c {
+                let (a, b) = (
+                    t["first_time_ms"].as_i64().unwrap_or(0),
+                    t["last_time_ms"].as_i64().unwrap_or(0),
+                );
+                let inside: Vec<String> = points
+                    .iter()
+                    .filter(|p| p["time_ms"].as_i64().is_some_and(|x| x >= a && x <= b))
+                    .map(|p| format!("{}@{}", p["value"], p["time_ms"]))
+                    .collect();
+                detail += &format!(
+                    "   stored inside that range: {} {:?}\n",
+                    inside.len(),
+                    &inside[..inside.len().min(12)]
+                );
+            }
+        }
         panic!(
-            "stored + declared lost must equal served: {e}\n{}",
+            "stored + declared lost must equal served: {e}\nlosses:\n{detail}\n{}",
             s.logs()
         );
     }
@@ -226,5 +256,34 @@ async fn a_300ms_round_trip_delivers_everything_once() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(8)).await;
     let n = assert_exactly_once(&s).await;
     assert!(n > 200, "only {n} values");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_buffer_so_a_restart_loses_nothing() -> anyhow::Result<()> {
+    // Unlike SIGKILL, SIGTERM lets the gateway commit what it polled.
+    let mut s = Scenario::start(Options::default()).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.proxy.set(Mode::Refuse);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = s.gateway.proc.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|st| st.success()),
+        "clean exit on SIGTERM: {status:?}\n{}",
+        s.logs()
+    );
+    let served_before_stop = u64::from(s.sim.counter());
+    s.proxy.set(Mode::Pass);
+    s.gateway.restart()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n = assert_exactly_once(&s).await;
+    assert!(
+        n > served_before_stop,
+        "collection resumed after the restart"
+    );
+    assert!(
+        s.gateway_log().contains("buffer flushed"),
+        "the shutdown flush is logged"
+    );
     Ok(())
 }

@@ -93,8 +93,8 @@ struct LossRecord {
     points: Option<u64>,
     reason: String,
     recorded_at_ms: i64,
-    /// (manifest version, tag index, points, first ms, last ms)
-    tags: Vec<(u64, u32, u64, i64, i64)>,
+    /// (manifest version, tag index, points, first ms, last ms, Bad points)
+    tags: Vec<(u64, u32, u64, i64, i64, u64)>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -297,6 +297,7 @@ fn append_group<'a>(
                                 t.points,
                                 t.first_time_ms,
                                 t.last_time_ms,
+                                t.bad_points,
                             )
                         })
                         .collect(),
@@ -892,7 +893,7 @@ impl Store for EmbeddedStore {
                 let r: LossRecord = serde_json::from_slice(v.value())
                     .map_err(|e| StoreError::Backend(e.to_string()))?;
                 let mut tags = Vec::with_capacity(r.tags.len());
-                for &(version, tag, points, first_time_ms, last_time_ms) in &r.tags {
+                for &(version, tag, points, first_time_ms, last_time_ms, bad_points) in &r.tags {
                     let (device, tag) = match manifests.get((gateway, version)).map_err(db_err)? {
                         Some(m) => {
                             let m = Manifest::decode(m.value())
@@ -910,6 +911,7 @@ impl Store for EmbeddedStore {
                         device,
                         tag,
                         points,
+                        bad_points,
                         first_time_ms,
                         last_time_ms,
                     });

@@ -211,7 +211,10 @@ pub struct LossInfo {
 pub struct TagLossInfo {
     pub device: String,
     pub tag: String,
+    /// Points dropped, of all qualities.
     pub points: u64,
+    /// Of `points`, those that were Bad (the device gave no value then).
+    pub bad_points: u64,
     pub first_time_ms: i64,
     pub last_time_ms: i64,
 }

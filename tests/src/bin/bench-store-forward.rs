@@ -18,7 +18,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use guantong_e2e::bench::{LocalIngest, MANIFEST_VERSION, manifest, median, percentile, samples, wait_drained};
+use guantong_e2e::bench::{
+    LocalIngest, MANIFEST_VERSION, manifest, median, percentile, samples, wait_drained,
+};
 use guantong_e2e::proxy::{Mode, Proxy};
 use guantong_gateway::buffer::{Buffer, WhenFull};
 use guantong_gateway::config::Compression;
@@ -85,7 +87,13 @@ struct Drain {
 
 /// Drains `backlog` points through a proxy (with `delay_ms` each way) while
 /// `live_rate` points/s arrive live.
-async fn drain(args: &Args, backlog: usize, live_rate: usize, compression: Compression, delay_ms: u64) -> anyhow::Result<Drain> {
+async fn drain(
+    args: &Args,
+    backlog: usize,
+    live_rate: usize,
+    compression: Compression,
+    delay_ms: u64,
+) -> anyhow::Result<Drain> {
     let ingest = LocalIngest::start().await?;
     let proxy = Proxy::start(ingest.grpc).await?;
     if delay_ms > 0 {
@@ -133,7 +141,10 @@ async fn drain(args: &Args, backlog: usize, live_rate: usize, compression: Compr
                     })
                     .collect();
                 let b = buffer.clone();
-                if let Ok(Ok(seq)) = tokio::task::spawn_blocking(move || b.append(MANIFEST_VERSION, &batch, BATCH)).await {
+                if let Ok(Ok(seq)) =
+                    tokio::task::spawn_blocking(move || b.append(MANIFEST_VERSION, &batch, BATCH))
+                        .await
+                {
                     committed_tx.send_replace(seq);
                 }
             }
@@ -156,7 +167,12 @@ async fn drain(args: &Args, backlog: usize, live_rate: usize, compression: Compr
     cancel.cancel();
     let _ = live.await;
     let _ = task.await;
-    let live_series = ingest.store.series().await?.into_iter().find(|s| s.tag == format!("t{live_tag}"));
+    let live_series = ingest
+        .store
+        .series()
+        .await?
+        .into_iter()
+        .find(|s| s.tag == format!("t{live_tag}"));
     let latencies: Vec<i64> = match live_series {
         Some(s) => ingest
             .store
@@ -179,7 +195,10 @@ async fn drain(args: &Args, backlog: usize, live_rate: usize, compression: Compr
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    println!("bench-store-forward: {} tags, batches of {BATCH}, {} runs (medians)", args.tags, args.runs);
+    println!(
+        "bench-store-forward: {} tags, batches of {BATCH}, {} runs (medians)",
+        args.tags, args.runs
+    );
 
     let points = samples(1_000_000, args.tags, 1_767_225_600_000);
     let (mut buffered, mut raw) = (Vec::new(), Vec::new());
@@ -205,12 +224,27 @@ async fn main() -> anyhow::Result<()> {
     }
     let rate = median(rate);
     println!();
-    println!("| drain of a {}-point backlog with live data at {} points/s | value | target |", args.backlog, args.live_rate);
+    println!(
+        "| drain of a {}-point backlog with live data at {} points/s | value | target |",
+        args.backlog, args.live_rate
+    );
     println!("|---|---:|---:|");
-    println!("| backlog drain rate, points/s | {rate:.0} | ≥ {} |", 20 * args.live_rate);
-    println!("| drain rate ÷ live rate | {:.1} | ≥ 20 |", rate / args.live_rate as f64);
-    println!("| live latency p50 during the drain, ms | {:.0} | |", median(p50));
-    println!("| live latency p99 during the drain, ms | {:.0} | < 1000 |", median(p99));
+    println!(
+        "| backlog drain rate, points/s | {rate:.0} | ≥ {} |",
+        20 * args.live_rate
+    );
+    println!(
+        "| drain rate ÷ live rate | {:.1} | ≥ 20 |",
+        rate / args.live_rate as f64
+    );
+    println!(
+        "| live latency p50 during the drain, ms | {:.0} | |",
+        median(p50)
+    );
+    println!(
+        "| live latency p99 during the drain, ms | {:.0} | < 1000 |",
+        median(p99)
+    );
 
     let plain = drain(&args, 1_000_000, 0, Compression::None, 0).await?;
     println!();
@@ -221,14 +255,27 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut near, mut far) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {
-        near.push(drain(&args, 3_000_000, 0, Compression::Zstd, 0).await?.points_per_s);
-        far.push(drain(&args, 3_000_000, 0, Compression::Zstd, 150).await?.points_per_s);
+        near.push(
+            drain(&args, 3_000_000, 0, Compression::Zstd, 0)
+                .await?
+                .points_per_s,
+        );
+        far.push(
+            drain(&args, 3_000_000, 0, Compression::Zstd, 150)
+                .await?
+                .points_per_s,
+        );
     }
     let (near, far) = (median(near), median(far));
     println!();
-    println!("| 3,000,000-point backlog drain, zstd, steady state, window 128 | points/s | ratio |");
+    println!(
+        "| 3,000,000-point backlog drain, zstd, steady state, window 128 | points/s | ratio |"
+    );
     println!("|---|---:|---:|");
     println!("| loopback, ~0 ms round trip (limit) | {near:.0} | 1.00 |");
-    println!("| 300 ms round trip (proxy delays 150 ms each way) | {far:.0} | {:.2} (target ≥ 0.50) |", far / near);
+    println!(
+        "| 300 ms round trip (proxy delays 150 ms each way) | {far:.0} | {:.2} (target ≥ 0.50) |",
+        far / near
+    );
     Ok(())
 }

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use guantong_e2e::bench::{GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained};
+use guantong_e2e::bench::{
+    GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained,
+};
 use guantong_gateway::buffer::{Buffer, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
@@ -178,7 +180,12 @@ async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Du
     };
     let mut config = ingest.uplink_config(ingest.grpc, compression, args.window);
     config.max_batch_points = std::num::NonZeroU32::new(args.batch as u32).expect("nonzero");
-    let uplink = Uplink { config, gateway_id: GW.into(), buffer: buffer.clone(), committed };
+    let uplink = Uplink {
+        config,
+        gateway_id: GW.into(),
+        buffer: buffer.clone(),
+        committed,
+    };
     let cancel = CancellationToken::new();
     let start = Instant::now();
     let task = tokio::spawn(uplink.run(cancel.clone()));
