@@ -105,9 +105,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     collectors.wait().await;
     writer_task.await?;
     info!("buffer flushed");
+    // Let the uplink deliver what is buffered, for a short while: whatever is
+    // left waits on disk for the next start.
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        // Give in-flight batches a moment to be acknowledged.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        while buffer.stats().is_ok_and(|s| s.first_seq < s.next_seq) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
     uplink_cancel.cancel();
