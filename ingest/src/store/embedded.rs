@@ -949,3 +949,123 @@ impl Store for EmbeddedStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guantong_proto::v1::{Batch, DataType, Device, Tag};
+
+    fn manifest() -> Manifest {
+        Manifest {
+            version: 1,
+            gateway_id: "gw".into(),
+            created_at_ms: 0,
+            devices: vec![Device {
+                id: "d".into(),
+                protocol: "test".into(),
+                endpoint: String::new(),
+                identity: Default::default(),
+            }],
+            tags: vec![Tag {
+                device: 0,
+                name: "t".into(),
+                address: String::new(),
+                data_type: DataType::Uint as i32,
+                unit: String::new(),
+                interval_ms: 1000,
+            }],
+        }
+    }
+
+    /// Points every 7 s from an odd start, some Bad, sent out of time order.
+    fn times() -> Vec<(i64, Quality)> {
+        let t0 = 1_700_000_013_000i64;
+        (0..200)
+            .map(|i| {
+                (
+                    t0 + i * 7_000,
+                    if i % 11 == 0 {
+                        Quality::Bad
+                    } else {
+                        Quality::Good
+                    },
+                )
+            })
+            .rev()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn window_counts_match_a_brute_force_count_for_any_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path()).expect("open");
+        let map = store
+            .put_manifest("gw", manifest())
+            .await
+            .expect("manifest");
+        let all = times();
+        for (seq, chunk) in all.chunks(37).enumerate() {
+            let base = chunk.iter().map(|(t, _)| *t).min().unwrap_or(0);
+            let batch = Batch {
+                buffer_id: 9,
+                seq: seq as u64 + 1,
+                manifest_version: 1,
+                base_time_ms: base,
+                points: chunk
+                    .iter()
+                    .map(|&(t, q)| Point {
+                        tag: 0,
+                        time_offset_ms: t - base,
+                        value: (q == Quality::Good).then_some(Value::Uint(t as u64)),
+                        quality: q as i32,
+                        quality_code: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            let a = AppendBatch {
+                gateway_id: "gw".into(),
+                batch,
+                map: Some(map.clone()),
+                received_at_ms: 0,
+                backfill: false,
+                rejected: None,
+            };
+            assert_eq!(
+                store.append(a).await.expect("append").outcome,
+                AppendOutcome::Stored
+            );
+        }
+        let series = map.series[0];
+        let first = all.iter().map(|(t, _)| *t).min().unwrap_or(0);
+        let windows = [
+            (first - 5_000, first + 2_000_000),            // everything
+            (first + 1_000, first + 30_000),               // inside one or two minutes
+            (first + 59_999, first + 60_001),              // across a minute edge
+            (first + 61_234, first + 61_234 + 5 * 60_000), // whole minutes plus two edges
+            (first + 120_000, first + 120_000),            // empty
+        ];
+        for (from, to) in windows {
+            let got = store.window_counts(series, from, to).await.expect("counts");
+            let mut want = WindowCounts::default();
+            for &(t, q) in &all {
+                if t >= from && t < to {
+                    match q {
+                        Quality::Good => want.good += 1,
+                        Quality::Uncertain => want.uncertain += 1,
+                        Quality::Bad => want.bad += 1,
+                    }
+                }
+            }
+            assert_eq!(got, want, "window {from}..{to}");
+        }
+        let pts = store
+            .points(series, first, first + 70_000, 100)
+            .await
+            .expect("points");
+        assert_eq!(
+            pts.iter().map(|p| p.time_ms).collect::<Vec<_>>(),
+            (0..10).map(|i| first + i * 7_000).collect::<Vec<_>>()
+        );
+    }
+}
