@@ -12,8 +12,19 @@
 //! - `manifests`: manifest version (u64) -> encoded `Manifest`
 //! - `meta`: name -> u64 (`buffer_id`, `next_seq`, `bytes`, `dropped_points`)
 //!
-//! Record layout (version 1, big-endian): `[1] format = 1`, `[4] crc32 of
-//! payload`, `[8] last_seq`, `[8] manifest_version`, `[4] points`, payload.
+//! - `chain`: `head` -> link hash of the newest record (see proto `chain`)
+//!
+//! Record layout (version 2, big-endian): `[1] format = 2`, `[4] crc32 of
+//! everything after the header's first 25 bytes`, `[8] last_seq`,
+//! `[8] manifest_version`, `[4] points`, `[32] prev_hash`, `[64] signature`,
+//! payload.
+//!
+//! # Evidence chain
+//! With an identity (`with_identity`), every record is a signed link of the
+//! buffer's hash chain, fixed at commit: a re-send carries the same link. A
+//! loss record replacing links k..=m takes link k's `prev_hash` and carries
+//! link m's effective hash as `bridge_hash`, so the chain still verifies
+//! across what was dropped.
 //!
 //! # Invariants
 //! - Sequence numbers start at 1, increase by one per batch and are never
@@ -42,6 +53,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use guantong_proto::chain::{self, Hash};
 use guantong_proto::v1::{Batch, Loss, LossReason, Point, Quality, TagLoss};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -53,8 +65,11 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const MANIFESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("manifests");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-const FORMAT: u8 = 1;
-const HEADER: usize = 1 + 4 + 8 + 8 + 4;
+const CHAIN: TableDefinition<&str, &[u8]> = TableDefinition::new("chain");
+
+const FORMAT: u8 = 2;
+/// format, crc32, last_seq, manifest_version, points, prev_hash, signature
+const HEADER: usize = 1 + 4 + 8 + 8 + 4 + 32 + 64;
 /// Room kept below the quota for the loss record a drop writes.
 const LOSS_RECORD_ROOM: u64 = 4096;
 
@@ -105,6 +120,9 @@ pub struct StoredBatch {
     pub points: u32,
     /// The encoded `Batch`, exactly as stored.
     pub payload: Bytes,
+    /// Chain link: previous link hash and the signature over this link.
+    pub prev_hash: [u8; 32],
+    pub signature: [u8; 64],
 }
 
 /// Counters for status output and upstream reports.
@@ -126,6 +144,13 @@ pub struct Buffer {
     /// First sequence numbers handed to the uplink and not yet acknowledged.
     handed_out: Mutex<BTreeSet<u64>>,
     drop_lock: Mutex<()>,
+    signer: Option<ChainSigner>,
+}
+
+/// Signs the buffer's links with the gateway's identity.
+pub struct ChainSigner {
+    pub key: ed25519_dalek::SigningKey,
+    pub gateway_id: String,
 }
 
 fn meta_get(table: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<Option<u64>> {
@@ -195,6 +220,7 @@ impl Buffer {
             };
             txn.open_table(BATCHES).map_err(storage)?;
             txn.open_table(MANIFESTS).map_err(storage)?;
+            txn.open_table(CHAIN).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
         let buffer = Buffer {
@@ -205,6 +231,7 @@ impl Buffer {
             when_full,
             handed_out: Mutex::new(BTreeSet::new()),
             drop_lock: Mutex::new(()),
+            signer: None,
         };
         if moved_aside.is_some() {
             // Tell ingest: the first record of the new buffer is a loss of unknown size.
@@ -216,8 +243,69 @@ impl Buffer {
         Ok(buffer)
     }
 
+    /// Signs every record committed from now on as a link of the chain.
+    pub fn with_identity(mut self, signer: ChainSigner) -> Buffer {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// The link hash of the newest record (genesis for an empty chain).
+    fn chain_head(&self, txn: &redb::WriteTransaction) -> Result<Hash> {
+        let t = txn.open_table(CHAIN).map_err(storage)?;
+        let stored = t
+            .get("head")
+            .map_err(storage)?
+            .and_then(|v| chain::to_hash(v.value()));
+        Ok(stored.unwrap_or_else(|| match &self.signer {
+            Some(s) => chain::genesis(&s.gateway_id, self.buffer_id),
+            None => [0; 32],
+        }))
+    }
+
+    fn set_chain_head(&self, txn: &redb::WriteTransaction, head: &Hash) -> Result<()> {
+        txn.open_table(CHAIN)
+            .map_err(storage)?
+            .insert("head", head.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Frames `payload` as a record linked after `prev`; returns it and its link hash.
+    fn seal(
+        &self,
+        last_seq: u64,
+        manifest_version: u64,
+        points: u32,
+        prev: &Hash,
+        payload: &[u8],
+    ) -> (Vec<u8>, Hash) {
+        let link = chain::link_hash(prev, payload);
+        let signature = self
+            .signer
+            .as_ref()
+            .map_or([0; 64], |s| chain::sign(&s.key, &link));
+        (
+            frame_record(
+                last_seq,
+                manifest_version,
+                points,
+                prev,
+                &signature,
+                payload,
+            ),
+            link,
+        )
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The public key the buffer's links are signed with, if any.
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        self.signer
+            .as_ref()
+            .map(|s| s.key.verifying_key().to_bytes())
     }
 
     pub fn buffer_id(&self) -> u64 {
@@ -268,9 +356,12 @@ impl Buffer {
             let mut seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
             let mut rejected: Vec<&Sample> = Vec::new();
+            let mut head = self.chain_head(&txn)?;
             for (_, chunk) in records {
-                let record =
-                    encode_record(self.buffer_id, seq, manifest_version, chunk, committed_at);
+                let payload =
+                    encode_batch(self.buffer_id, seq, manifest_version, chunk, committed_at);
+                let (record, link) =
+                    self.seal(seq, manifest_version, chunk.len() as u32, &head, &payload);
                 if self.when_full == WhenFull::RejectNewest
                     && bytes + record.len() as u64 > self.max_bytes
                 {
@@ -280,7 +371,9 @@ impl Buffer {
                 batches.insert(seq, record.as_slice()).map_err(storage)?;
                 bytes += record.len() as u64;
                 seq += 1;
+                head = link;
             }
+            self.set_chain_head(&txn, &head)?;
             meta.insert("next_seq", seq).map_err(storage)?;
             meta.insert("bytes", bytes).map_err(storage)?;
             drop((meta, batches));
@@ -302,6 +395,7 @@ impl Buffer {
                     points: rejected.len() as u64,
                     tags: tag_losses(per_tag),
                     reason: LossReason::BufferFull as i32,
+                    bridge_hash: Vec::new(),
                 };
                 self.write_loss(&txn, loss, rejected.len() as u64)?;
                 tracing::warn!(
@@ -351,6 +445,7 @@ impl Buffer {
         let next = meta_get(&meta, "next_seq")?.unwrap_or(1);
         let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
         let (mut first, mut last) = (next, next);
+        let mut prev = self.chain_head(txn)?;
         let tail = batches
             .last()
             .map_err(storage)?
@@ -377,6 +472,7 @@ impl Buffer {
                 batches.remove(key).map_err(storage)?;
                 bytes = bytes.saturating_sub(record.len() as u64);
                 (first, last) = (key, h.last_seq);
+                prev = h.prev_hash;
             }
         }
         loss.last_seq = last;
@@ -387,8 +483,9 @@ impl Buffer {
             committed_at_ms: now_ms(),
             ..Default::default()
         };
-        let record = frame_record(last, 0, 0, &batch.encode_to_vec());
+        let (record, link) = self.seal(last, 0, 0, &prev, &batch.encode_to_vec());
         batches.insert(first, record.as_slice()).map_err(storage)?;
+        self.set_chain_head(txn, &link)?;
         bytes += record.len() as u64;
         meta.insert("next_seq", last + 1).map_err(storage)?;
         meta.insert("bytes", bytes).map_err(storage)?;
@@ -439,15 +536,19 @@ impl Buffer {
             }
             batches.remove(key).map_err(storage)?;
             bytes = bytes.saturating_sub(record.len() as u64);
+            let first_prev = decoded.as_ref().map_or([0; 32], |(h, _)| h.prev_hash);
             let run = open.get_or_insert_with(|| Run {
                 first: key,
                 last: key,
+                prev: first_prev,
+                bridge: [0; 32],
                 points: 0,
                 per_tag: BTreeMap::new(),
             });
             match decoded {
                 Some((h, batch)) => {
                     run.last = h.last_seq.max(key);
+                    run.bridge = effective_link(&h.prev_hash, &record[HEADER..], &batch);
                     if let Some(loss) = batch.loss {
                         run.points += loss.points;
                         for t in loss.tags {
@@ -479,7 +580,7 @@ impl Buffer {
                 }
                 None => {
                     run.last = key;
-                    if record.len() >= HEADER {
+                    if record.len() >= 25 {
                         let claimed = u64::from(u32::from_be_bytes(
                             record[21..25].try_into().unwrap_or_default(),
                         ));
@@ -496,6 +597,7 @@ impl Buffer {
                 points: run.points,
                 tags: tag_losses(run.per_tag.clone()),
                 reason: reason as i32,
+                bridge_hash: run.bridge.to_vec(),
             };
             let batch = Batch {
                 buffer_id: self.buffer_id,
@@ -504,7 +606,7 @@ impl Buffer {
                 committed_at_ms: now_ms(),
                 ..Default::default()
             };
-            let record = frame_record(run.last, 0, 0, &batch.encode_to_vec());
+            let (record, _) = self.seal(run.last, 0, 0, &run.prev, &batch.encode_to_vec());
             batches
                 .insert(run.first, record.as_slice())
                 .map_err(storage)?;
@@ -553,6 +655,8 @@ impl Buffer {
                     manifest_version: h.manifest_version,
                     points: h.points,
                     payload: Bytes::copy_from_slice(&record[HEADER..]),
+                    prev_hash: h.prev_hash,
+                    signature: h.signature,
                 },
                 None => {
                     tracing::error!(
@@ -568,6 +672,7 @@ impl Buffer {
                         points: u64::from(claimed),
                         tags: Vec::new(),
                         reason: LossReason::Corrupted as i32,
+                        bridge_hash: Vec::new(),
                     };
                     let batch = Batch {
                         buffer_id: self.buffer_id,
@@ -582,6 +687,8 @@ impl Buffer {
                         manifest_version: 0,
                         points: 0,
                         payload: batch.encode_to_vec().into(),
+                        prev_hash: [0; 32],
+                        signature: [0; 64],
                     }
                 }
             });
@@ -651,6 +758,10 @@ impl Buffer {
 struct Run {
     first: u64,
     last: u64,
+    /// `prev_hash` of the first record dropped.
+    prev: Hash,
+    /// Effective link hash of the last record dropped.
+    bridge: Hash,
     points: u64,
     per_tag: TagLossMap,
 }
@@ -694,6 +805,8 @@ struct Header {
     last_seq: u64,
     manifest_version: u64,
     points: u32,
+    prev_hash: Hash,
+    signature: [u8; 64],
 }
 
 fn split_header(record: &[u8]) -> Option<Header> {
@@ -701,13 +814,15 @@ fn split_header(record: &[u8]) -> Option<Header> {
         return None;
     }
     let crc = u32::from_be_bytes(record[1..5].try_into().ok()?);
-    if crc32fast::hash(&record[HEADER..]) != crc {
+    if crc32fast::hash(&record[25..]) != crc {
         return None;
     }
     Some(Header {
         last_seq: u64::from_be_bytes(record[5..13].try_into().ok()?),
         manifest_version: u64::from_be_bytes(record[13..21].try_into().ok()?),
         points: u32::from_be_bytes(record[21..25].try_into().ok()?),
+        prev_hash: record[25..57].try_into().ok()?,
+        signature: record[57..121].try_into().ok()?,
     })
 }
 
@@ -717,19 +832,40 @@ fn decode_record(record: &[u8]) -> Option<(Header, Batch)> {
     Some((h, batch))
 }
 
-fn frame_record(last_seq: u64, manifest_version: u64, points: u32, payload: &[u8]) -> Vec<u8> {
+/// The hash the next link's `prev_hash` must equal: a loss record's bridge,
+/// any other record's link hash.
+fn effective_link(prev: &Hash, payload: &[u8], batch: &Batch) -> Hash {
+    batch
+        .loss
+        .as_ref()
+        .and_then(|l| chain::to_hash(&l.bridge_hash))
+        .unwrap_or_else(|| chain::link_hash(prev, payload))
+}
+
+fn frame_record(
+    last_seq: u64,
+    manifest_version: u64,
+    points: u32,
+    prev: &Hash,
+    signature: &[u8; 64],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.push(FORMAT);
-    out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    out.extend_from_slice(&[0; 4]); // crc, below
     out.extend_from_slice(&last_seq.to_be_bytes());
     out.extend_from_slice(&manifest_version.to_be_bytes());
     out.extend_from_slice(&points.to_be_bytes());
+    out.extend_from_slice(prev);
+    out.extend_from_slice(signature);
     out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[25..]);
+    out[1..5].copy_from_slice(&crc.to_be_bytes());
     out
 }
 
-/// Encodes samples as one wire batch, framed for storage.
-fn encode_record(
+/// Encodes samples as one wire batch.
+fn encode_batch(
     buffer_id: u64,
     seq: u64,
     manifest_version: u64,
@@ -759,12 +895,7 @@ fn encode_record(
         loss: None,
         committed_at_ms,
     };
-    frame_record(
-        seq,
-        manifest_version,
-        samples.len() as u32,
-        &batch.encode_to_vec(),
-    )
+    batch.encode_to_vec()
 }
 
 /// Decodes a stored payload's points back into samples (tests, tools).

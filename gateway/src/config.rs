@@ -35,6 +35,10 @@ pub struct Config {
 pub struct GatewaySection {
     /// Stable identity of this gateway, as registered with ingest.
     pub id: String,
+    /// The signing key file (created at first start); default
+    /// `gateway.key` beside the buffer directory.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -361,6 +365,17 @@ impl Config {
                 if buffer.dir.is_relative() {
                     buffer.dir = base_dir.join(&buffer.dir);
                 }
+                let mut gateway = gateway;
+                let key_file = match gateway.key_file.take() {
+                    Some(k) if k.is_relative() => base_dir.join(k),
+                    Some(k) => k,
+                    None => buffer
+                        .dir
+                        .parent()
+                        .unwrap_or(&buffer.dir)
+                        .join("gateway.key"),
+                };
+                gateway.key_file = Some(key_file);
                 Ok(Config {
                     gateway,
                     uplink,

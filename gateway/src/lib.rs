@@ -8,6 +8,7 @@
 pub mod buffer;
 pub mod collector;
 pub mod config;
+pub mod identity;
 pub mod manifest;
 pub mod modbus;
 pub mod quality;
@@ -36,6 +37,21 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// period to deliver before the process exits. Nothing committed is lost by
 /// stopping: it is sent on the next start.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let key_file = config
+        .gateway
+        .key_file
+        .clone()
+        .unwrap_or_else(|| config.buffer.dir.join("gateway.key"));
+    let (key, created) = identity::load_or_create(&key_file)?;
+    let public = key.verifying_key().to_bytes();
+    if created {
+        tracing::warn!(
+            file = %key_file.display(),
+            fingerprint = %guantong_proto::chain::fingerprint(&public),
+            public_key = %hex::encode(public),
+            "created this gateway's signing key: register its public key with ingest"
+        );
+    }
     let buffer = Arc::new(
         Buffer::open(
             &config.buffer.dir,
@@ -47,7 +63,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 "cannot open the buffer in {}: {e}",
                 config.buffer.dir.display()
             )
-        })?,
+        })?
+        .with_identity(buffer::ChainSigner {
+            key,
+            gateway_id: config.gateway.id.clone(),
+        }),
     );
     let manifest = manifest::build(&config);
     buffer.put_manifest(manifest.version, &manifest.encode_to_vec())?;

@@ -28,6 +28,12 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
+    /// Print this gateway's signing key fingerprint and public key (creating
+    /// the key if it does not exist yet), to register it with ingest.
+    Identity {
+        #[arg(long, short, env = "GUANTONG_CONFIG")]
+        config: PathBuf,
+    },
     /// Validate a config without connecting to anything; lists every problem.
     Check {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
@@ -38,6 +44,44 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Identity { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let path = c.gateway.key_file.clone().unwrap_or_default();
+            match guantong_gateway::identity::load_or_create(&path) {
+                Ok((key, created)) => {
+                    let public = key.verifying_key().to_bytes();
+                    println!("gateway      {}", c.gateway.id);
+                    println!(
+                        "key file     {}{}",
+                        path.display(),
+                        if created { " (created now)" } else { "" }
+                    );
+                    println!("algorithm    ed25519");
+                    println!(
+                        "fingerprint  {}",
+                        guantong_proto::chain::fingerprint(&public)
+                    );
+                    println!("public key   {}", hex::encode(public));
+                    println!();
+                    println!(
+                        "register with: guantong-ingest register-gateway {} --public-key {}",
+                        c.gateway.id,
+                        hex::encode(public)
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 let tags: usize = c.devices.iter().map(|d| d.tag_count()).sum();

@@ -34,7 +34,7 @@ use std::time::Duration;
 use guantong_proto::v1::gateway_message::Kind as Up;
 use guantong_proto::v1::ingest_message::Kind as Down;
 use guantong_proto::v1::uplink_client::UplinkClient;
-use guantong_proto::v1::{BatchEnvelope, GatewayMessage, Hello, Manifest};
+use guantong_proto::v1::{BatchEnvelope, GatewayMessage, Hello, Manifest, SignatureAlgorithm};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -185,6 +185,16 @@ impl Uplink {
             buffer_id: stats.buffer_id,
             software_version: env!("CARGO_PKG_VERSION").into(),
             first_unacked_seq: stats.first_seq,
+            public_key: self
+                .buffer
+                .public_key()
+                .map(|k| k.to_vec())
+                .unwrap_or_default(),
+            key_algorithm: if self.buffer.public_key().is_some() {
+                SignatureAlgorithm::Ed25519 as i32
+            } else {
+                SignatureAlgorithm::None as i32
+            },
         };
         tx.send(GatewayMessage {
             kind: Some(Up::Hello(hello)),
@@ -336,6 +346,13 @@ impl Uplink {
             kind: Some(Up::Batch(BatchEnvelope {
                 payload: b.payload,
                 backfill,
+                algorithm: if b.signature == [0; 64] {
+                    SignatureAlgorithm::None as i32
+                } else {
+                    SignatureAlgorithm::Ed25519 as i32
+                },
+                prev_hash: b.prev_hash.to_vec(),
+                signature: b.signature.to_vec(),
             })),
         };
         tx.send(msg).await.map_err(|_| UplinkError::Closed)

@@ -25,7 +25,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::store::{AppendBatch, AppendOutcome, Appended, ManifestMap, Store};
+use crate::store::{AppendBatch, AppendOutcome, Appended, Link, ManifestMap, Store};
+use guantong_proto::chain;
+use guantong_proto::v1::SignatureAlgorithm;
 
 /// Batches queued to the store but not yet acked, per stream.
 const PIPELINE_DEPTH: usize = 32;
@@ -74,11 +76,68 @@ impl Connections {
 pub struct UplinkService<S> {
     store: Arc<S>,
     connections: Arc<Connections>,
+    trust_on_first_use: bool,
 }
 
 impl<S: Store> UplinkService<S> {
     pub fn new(store: Arc<S>, connections: Arc<Connections>) -> Self {
-        UplinkService { store, connections }
+        UplinkService {
+            store,
+            connections,
+            trust_on_first_use: false,
+        }
+    }
+
+    /// Binds the key a gateway presents when none was registered for it
+    /// (recorded in its chain report). Off by default.
+    pub fn trust_on_first_use(mut self, enabled: bool) -> Self {
+        self.trust_on_first_use = enabled;
+        self
+    }
+
+    /// The key this stream's chain is verified with, handling first use and
+    /// key changes.
+    async fn signing_key(
+        &self,
+        gateway: &str,
+        buffer_id: u64,
+        presented: &[u8],
+    ) -> Result<Option<Vec<u8>>, Status> {
+        let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        let bound = self.store.gateway_key(gateway).await.map_err(unavailable)?;
+        match bound {
+            Some((key, _)) if !presented.is_empty() && key != presented => {
+                let reason = format!(
+                    "key change refused: the gateway presents key {} but {} is bound",
+                    chain::fingerprint(presented),
+                    chain::fingerprint(&key)
+                );
+                self.store
+                    .record_break(gateway, buffer_id, 0, reason.clone())
+                    .await
+                    .map_err(unavailable)?;
+                Err(Status::permission_denied(format!(
+                    "{reason}; re-register the gateway with its new key"
+                )))
+            }
+            Some((key, _)) => Ok(Some(key)),
+            None if self.trust_on_first_use && presented.len() == 32 => {
+                self.store
+                    .bind_key_on_first_use(gateway, presented.to_vec())
+                    .await
+                    .map_err(unavailable)?;
+                let note = format!(
+                    "key {} bound by trust on first use",
+                    chain::fingerprint(presented)
+                );
+                self.store
+                    .record_break(gateway, buffer_id, 0, note)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Some(presented.to_vec()))
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -160,12 +219,16 @@ impl<S: Store> Uplink for UplinkService<S> {
                 server_time_ms: now_ms(),
             })))
             .await;
+        let key = self
+            .signing_key(&gateway, hello.buffer_id, &hello.public_key)
+            .await?;
         let session = Session {
             store: self.store.clone(),
             connections: self.connections.clone(),
             gateway,
             buffer_id: hello.buffer_id,
             manifests: HashMap::new(),
+            key,
         };
         tokio::spawn(session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -178,6 +241,8 @@ struct Session<S> {
     gateway: String,
     buffer_id: u64,
     manifests: HashMap<u64, Arc<ManifestMap>>,
+    /// Bound signing key; None: the chain cannot be verified.
+    key: Option<Vec<u8>>,
 }
 
 /// What to answer for one batch once the store has it.
@@ -292,7 +357,9 @@ impl<S: Store> Session<S> {
                     let batch = Batch::decode(envelope.payload.as_ref()).map_err(|e| {
                         Status::invalid_argument(format!("batch payload does not decode: {e}"))
                     })?;
-                    let (reply, append) = self.check(batch, envelope.backfill).await?;
+                    let link = self.link(&batch, &envelope);
+                    let (reply, mut append) = self.check(batch, envelope.backfill).await?;
+                    append.link = link;
                     if let Some(reason) = &reply.rejected {
                         warn!(gateway = %self.gateway, seq = reply.first, %reason, "batch rejected");
                         self.connections.update(&self.gateway, |c| c.rejected += 1);
@@ -312,6 +379,33 @@ impl<S: Store> Session<S> {
             }
         }
         Ok(())
+    }
+
+    /// The batch as a chain link, its signature checked with the bound key.
+    /// Unsigned batches are no link (their stream's chain stays empty).
+    fn link(&self, batch: &Batch, envelope: &guantong_proto::v1::BatchEnvelope) -> Option<Link> {
+        if envelope.algorithm == SignatureAlgorithm::None as i32 {
+            return None;
+        }
+        let prev = chain::to_hash(&envelope.prev_hash).unwrap_or([0; 32]);
+        let hash = chain::link_hash(&prev, &envelope.payload);
+        let signature_ok = envelope.algorithm == SignatureAlgorithm::Ed25519 as i32
+            && self
+                .key
+                .as_ref()
+                .is_some_and(|k| chain::verify(k, &hash, &envelope.signature));
+        let effective_hash = batch
+            .loss
+            .as_ref()
+            .and_then(|l| chain::to_hash(&l.bridge_hash))
+            .unwrap_or(hash);
+        Some(Link {
+            payload: envelope.payload.clone(),
+            prev_hash: envelope.prev_hash.clone(),
+            signature: envelope.signature.clone(),
+            effective_hash,
+            signature_ok,
+        })
     }
 
     /// Validates a batch; returns the reply to send once it is stored.
@@ -365,6 +459,7 @@ impl<S: Store> Session<S> {
             map,
             received_at_ms: now_ms(),
             backfill,
+            link: None,
             rejected,
         };
         Ok((reply, append))

@@ -7,6 +7,7 @@
 //! | `GET /api/v1/summary` | gateway -> device -> tag connectivity, `?from=&to=`       |
 //! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
 //! | `GET /api/v1/losses`  | data dropped by gateways and sequence gaps                |
+//! | `GET /api/v1/chain`   | evidence chain per gateway buffer: verified range, head, breaks |
 //!
 //! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
 //! since the Unix epoch, and returned as RFC 3339 with milliseconds.
@@ -42,6 +43,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/api/v1/summary", get(summary::<S>))
         .route("/api/v1/points", get(points::<S>))
         .route("/api/v1/losses", get(losses::<S>))
+        .route("/api/v1/chain", get(chains::<S>))
         .with_state(state)
 }
 
@@ -292,6 +294,14 @@ async fn points<S: Store>(
         tag: q.tag,
         points,
     }))
+}
+
+async fn chains<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(
+        serde_json::json!({ "chains": state.store.chains().await? }),
+    ))
 }
 
 async fn losses<S: Store>(

@@ -32,12 +32,30 @@ pub struct Running {
     pub done: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Binds both listeners and serves until `shutdown`.
+/// Serving options beyond the listeners.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Bind the key a gateway presents when none was registered for it.
+    pub trust_on_first_use: bool,
+}
+
+/// Binds both listeners and serves until `shutdown`, with default options.
 pub async fn start<S: Store>(
     store: Arc<S>,
     grpc: SocketAddr,
     http: SocketAddr,
     shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    start_with(store, grpc, http, shutdown, Options::default()).await
+}
+
+/// Binds both listeners and serves until `shutdown`.
+pub async fn start_with<S: Store>(
+    store: Arc<S>,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    shutdown: CancellationToken,
+    options: Options,
 ) -> anyhow::Result<Running> {
     let grpc_listener = TcpListener::bind(grpc)
         .await
@@ -49,12 +67,15 @@ pub async fn start<S: Store>(
     let http_addr = http_listener.local_addr()?;
     let connections = Arc::new(Connections::default());
 
-    let service = UplinkServer::new(UplinkService::new(store.clone(), connections.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
+    let service = UplinkServer::new(
+        UplinkService::new(store.clone(), connections.clone())
+            .trust_on_first_use(options.trust_on_first_use),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd);
     let grpc_shutdown = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -38,6 +38,10 @@ enum Command {
         /// (useful with port 0).
         #[arg(long)]
         ports_file: Option<PathBuf>,
+        /// Bind the signing key a gateway presents when none was registered
+        /// for it (recorded in its chain report). Off by default.
+        #[arg(long)]
+        trust_on_first_use: bool,
     },
     /// Register a gateway and print its token (run while the server is stopped).
     RegisterGateway {
@@ -45,6 +49,11 @@ enum Command {
         data: PathBuf,
         /// The id the gateway's config names in `[gateway] id`.
         id: String,
+        /// The gateway's signing public key (64 hex digits), printed by
+        /// `guantong-gateway identity`. Without it, the gateway's evidence
+        /// chain is stored but cannot be verified.
+        #[arg(long)]
+        public_key: Option<String>,
     },
 }
 
@@ -79,14 +88,36 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::RegisterGateway { data, id } => {
+        Command::RegisterGateway {
+            data,
+            id,
+            public_key,
+        } => {
+            let public_key = match public_key {
+                Some(h) => Some(
+                    hex::decode(h.trim())
+                        .ok()
+                        .filter(|k| k.len() == 32)
+                        .ok_or_else(|| anyhow::anyhow!("--public-key: expected 64 hex digits (from `guantong-gateway identity`)"))?,
+                ),
+                None => None,
+            };
             if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
                 anyhow::bail!(
                     "gateway id `{id}`: expected 1 to 128 characters without `/` or control characters"
                 );
             }
             let store = EmbeddedStore::open(&data)?;
-            let token = store.register_gateway(&id).await?;
+            let token = store.register_gateway(&id, public_key.clone()).await?;
+            match &public_key {
+                Some(k) => eprintln!(
+                    "bound signing key {}",
+                    guantong_proto::chain::fingerprint(k)
+                ),
+                None => eprintln!(
+                    "warning: no --public-key: this gateway's evidence chain cannot be verified"
+                ),
+            }
             eprintln!(
                 "registered gateway `{id}` in {}; put this in its config under [uplink] token:",
                 data.display()
@@ -99,11 +130,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             grpc_listen,
             http_listen,
             ports_file,
+            trust_on_first_use,
         } => {
             let store = Arc::new(EmbeddedStore::open(&data)?);
             let shutdown = CancellationToken::new();
-            let running =
-                guantong_ingest::start(store, grpc_listen, http_listen, shutdown.clone()).await?;
+            let options = guantong_ingest::Options { trust_on_first_use };
+            let running = guantong_ingest::start_with(
+                store,
+                grpc_listen,
+                http_listen,
+                shutdown.clone(),
+                options,
+            )
+            .await?;
             if let Some(path) = ports_file {
                 let json = serde_json::json!({
                     "grpc": running.grpc_addr.to_string(),

@@ -7,3 +7,5 @@
 pub mod v1 {
     tonic::include_proto!("guantong.v1");
 }
+
+pub mod chain;

@@ -78,7 +78,7 @@ impl LocalIngest {
     pub async fn start() -> anyhow::Result<LocalIngest> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
-        let token = store.register_gateway(GW).await?;
+        let token = store.register_gateway(GW, None).await?;
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
         let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;

@@ -128,11 +128,23 @@ pub struct IngestProc {
 impl IngestProc {
     /// Registers `gateway` in a fresh data directory and returns its token.
     pub fn register(data: &Path, gateway: &str) -> anyhow::Result<String> {
-        let out = Command::new(binary("guantong-ingest")?)
-            .args(["register-gateway", "--data"])
+        IngestProc::register_with_key(data, gateway, None)
+    }
+
+    /// Registers `gateway` with its signing public key (hex).
+    pub fn register_with_key(
+        data: &Path,
+        gateway: &str,
+        public_key: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let mut cmd = Command::new(binary("guantong-ingest")?);
+        cmd.args(["register-gateway", "--data"])
             .arg(data)
-            .arg(gateway)
-            .output()?;
+            .arg(gateway);
+        if let Some(k) = public_key {
+            cmd.args(["--public-key", k]);
+        }
+        let out = cmd.output()?;
         if !out.status.success() {
             bail!(
                 "register-gateway failed: {}",
@@ -212,6 +224,22 @@ impl IngestProc {
             client: reqwest::Client::new(),
         }
     }
+}
+
+/// The public key (hex) printed by `guantong-gateway identity` for `config`,
+/// creating the key if needed.
+pub fn gateway_public_key(config: &Path) -> anyhow::Result<String> {
+    let out = Command::new(binary("guantong-gateway")?)
+        .args(["identity", "--config"])
+        .arg(config)
+        .output()?;
+    if !out.status.success() {
+        bail!("identity failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8(out.stdout)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("public key").map(|k| k.trim().to_string()))
+        .context("identity printed no public key")
 }
 
 /// A gateway process with its config file and buffer directory.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::procs::{GatewayProc, IngestProc, wait_for};
+use crate::procs::{GatewayProc, IngestProc, gateway_public_key, wait_for};
 use crate::proxy::Proxy;
 use crate::sim::{SimDevice, standard_device_toml};
 
@@ -56,10 +56,37 @@ impl Scenario {
         let sim = SimDevice::new();
         let (sim_addr, _task) = sim.serve(any_port()).await?;
         let data = dir.path().join("ingest");
-        let token = IngestProc::register(&data, GW)?;
+        let config = dir.path().join("gateway.toml");
+        // The gateway creates its key first; ingest binds it at registration.
+        std::fs::write(
+            &config,
+            Self::config_text(&o, "127.0.0.1:1".parse()?, "none", dir.path(), sim_addr),
+        )?;
+        let public_key = gateway_public_key(&config)?;
+        let token = IngestProc::register_with_key(&data, GW, Some(&public_key))?;
         let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
         let proxy = Proxy::start(ingest.grpc).await?;
-        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            Self::config_text(&o, proxy.addr, &token, dir.path(), sim_addr),
+        )?;
+        let gateway = GatewayProc::start(&config)?;
+        Ok(Scenario {
+            dir,
+            sim,
+            ingest,
+            gateway,
+            proxy,
+        })
+    }
+
+    fn config_text(
+        o: &Options,
+        endpoint: SocketAddr,
+        token: &str,
+        dir: &Path,
+        sim_addr: SocketAddr,
+    ) -> String {
         let mut text = format!(
             r#"[gateway]
 id = "{GW}"
@@ -76,9 +103,9 @@ dir = "{buffer}"
 max_bytes = "{max_bytes}"
 commit_interval = "{commit}"
 "#,
-            proxy = proxy.addr,
+            proxy = endpoint,
             keepalive = o.keepalive,
-            buffer = dir.path().join("buffer").display(),
+            buffer = dir.join("buffer").display(),
             max_bytes = o.max_bytes,
             commit = o.commit_interval,
         );
@@ -89,15 +116,34 @@ commit_interval = "{commit}"
                 20 + i
             );
         }
-        std::fs::write(&config, text)?;
-        let gateway = GatewayProc::start(&config)?;
-        Ok(Scenario {
-            dir,
-            sim,
-            ingest,
-            gateway,
-            proxy,
-        })
+        text
+    }
+
+    /// The evidence chain report of this scenario's gateway: every stream,
+    /// with its breaks.
+    pub async fn chains(&self) -> anyhow::Result<Vec<Value>> {
+        let v = self.ingest.api().get("/api/v1/chain").await?;
+        Ok(v["chains"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Fails unless every stream's chain verified from its start with no break.
+    pub async fn assert_chain_intact(&self) -> anyhow::Result<()> {
+        let chains = self.chains().await?;
+        anyhow::ensure!(
+            !chains.is_empty(),
+            "no evidence chain recorded\n{}",
+            self.logs()
+        );
+        for c in &chains {
+            let breaks = c["breaks"].as_array().map_or(0, |b| b.len());
+            anyhow::ensure!(breaks == 0, "chain breaks: {c}\n{}", self.logs());
+            anyhow::ensure!(c["waiting"] == 0, "links waiting for a missing one: {c}");
+            anyhow::ensure!(
+                c["verified_from"] == 1,
+                "chain verified from its start: {c}"
+            );
+        }
+        Ok(())
     }
 
     pub fn logs(&self) -> String {

@@ -24,6 +24,9 @@ async fn settle_exactly_once(s: &Scenario) -> u64 {
     if let Err(e) = check_counter(&points, last, 0, true) {
         panic!("{e}\n{}", s.logs());
     }
+    if let Err(e) = s.assert_chain_intact().await {
+        panic!("{e}");
+    }
     last
 }
 

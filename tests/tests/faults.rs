@@ -24,6 +24,9 @@ async fn assert_exactly_once(s: &Scenario) -> u64 {
     if let Err(e) = check_counter(&points, last, 0, true) {
         panic!("{e}\n{}", s.logs());
     }
+    if let Err(e) = s.assert_chain_intact().await {
+        panic!("{e}");
+    }
     last
 }
 
@@ -185,6 +188,10 @@ async fn a_full_buffer_during_a_long_outage_declares_exactly_what_it_dropped() -
             "stored + declared lost must equal served: {e}\nlosses:\n{detail}\n{}",
             s.logs()
         );
+    }
+    // Loss records bridge the dropped links: the chain still verifies.
+    if let Err(e) = s.assert_chain_intact().await {
+        panic!("{e}");
     }
     // Every tag's loss is declared, not only the counter's.
     let losses = s.ingest.api().get("/api/v1/losses").await?;

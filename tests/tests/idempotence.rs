@@ -62,7 +62,7 @@ fn batch(buffer_id: u64, seq: u64) -> BatchEnvelope {
     };
     BatchEnvelope {
         payload: b.encode_to_vec().into(),
-        backfill: false,
+        ..Default::default()
     }
 }
 
@@ -81,6 +81,7 @@ async fn session(
             buffer_id,
             software_version: "test".into(),
             first_unacked_seq: 1,
+            ..Default::default()
         })),
     })
     .await?;

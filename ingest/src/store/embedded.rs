@@ -13,6 +13,9 @@
 //! | `minutes`    | (series, minute start)           | (good, uncertain, bad)         |
 //! | `losses`     | (gateway, buffer_id, first seq)  | JSON `LossRecord`              |
 //! | `meta`       | name                             | u64 counters                   |
+//! | `signed`     | (gateway, buffer_id, seq)        | original signed batch (`SignedLink`) |
+//! | `chain_state`| (gateway, buffer_id)             | JSON `ChainState`: verified through, head |
+//! | `breaks`     | (gateway, buffer_id, seq)        | JSON `ChainBreak`              |
 //!
 //! A chunk holds the points of one series from one batch that fall in one
 //! calendar minute, so any time window is answered from whole-minute counters
@@ -44,8 +47,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::{
-    AppendBatch, AppendOutcome, Appended, GatewayInfo, LossInfo, ManifestMap, Result, SeqRanges,
-    SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo, WindowCounts,
+    AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
+    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
+    WindowCounts,
 };
 
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
@@ -58,6 +62,9 @@ const CHUNKS: TableDefinition<(u64, i64, u64), &[u8]> = TableDefinition::new("ch
 const MINUTES: TableDefinition<(u64, i64), (u64, u64, u64)> = TableDefinition::new("minutes");
 const LOSSES: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("losses");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SIGNED: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("signed");
+const CHAIN_STATE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chain_state");
+const BREAKS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("breaks");
 
 const MINUTE_MS: i64 = 60_000;
 /// Most points one group commit takes before committing.
@@ -72,6 +79,36 @@ struct GatewayRecord {
     salt: String,
     token_sha256: String,
     registered_at_ms: i64,
+    /// Hex Ed25519 public key the gateway's chain is verified with.
+    #[serde(default)]
+    public_key: Option<String>,
+    /// `registered` or `trust-on-first-use`.
+    #[serde(default)]
+    key_source: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SignedLink {
+    #[prost(bytes = "vec", tag = "1")]
+    payload: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    prev_hash: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    effective_hash: Vec<u8>,
+    #[prost(bool, tag = "5")]
+    signature_ok: bool,
+    #[prost(uint64, tag = "6")]
+    last_seq: u64,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct ChainState {
+    verified_from: u64,
+    verified_through: u64,
+    /// Hex link hash the next link must name; None before any link.
+    head: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -170,6 +207,9 @@ impl EmbeddedStore {
             txn.open_table(MINUTES).map_err(db_err)?;
             txn.open_table(LOSSES).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
+            txn.open_table(SIGNED).map_err(db_err)?;
+            txn.open_table(CHAIN_STATE).map_err(db_err)?;
+            txn.open_table(BREAKS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -254,6 +294,9 @@ fn append_group<'a>(
         let mut state = txn.open_table(STATE).map_err(db_err)?;
         let mut losses = txn.open_table(LOSSES).map_err(db_err)?;
         let mut meta = txn.open_table(META).map_err(db_err)?;
+        let mut signed = txn.open_table(SIGNED).map_err(db_err)?;
+        let mut chain_state = txn.open_table(CHAIN_STATE).map_err(db_err)?;
+        let mut breaks = txn.open_table(BREAKS).map_err(db_err)?;
         let mut next_chunk = meta
             .get("next_chunk")
             .map_err(db_err)?
@@ -341,6 +384,30 @@ fn append_group<'a>(
             streams
                 .insert(key, ranges.encode().as_slice())
                 .map_err(db_err)?;
+            if let Some(link) = &a.link {
+                let stored = SignedLink {
+                    payload: link.payload.to_vec(),
+                    prev_hash: link.prev_hash.clone(),
+                    signature: link.signature.clone(),
+                    effective_hash: link.effective_hash.to_vec(),
+                    signature_ok: link.signature_ok,
+                    last_seq: last,
+                };
+                signed
+                    .insert(
+                        (a.gateway_id.as_str(), b.buffer_id, b.seq),
+                        stored.encode_to_vec().as_slice(),
+                    )
+                    .map_err(db_err)?;
+                advance_chain(
+                    &a.gateway_id,
+                    b.buffer_id,
+                    &signed,
+                    &mut chain_state,
+                    &mut breaks,
+                    a.received_at_ms,
+                )?;
+            }
             outcomes.push(Appended {
                 outcome: AppendOutcome::Stored,
                 stored_seq: ranges.contiguous(),
@@ -350,6 +417,100 @@ fn append_group<'a>(
     }
     txn.commit().map_err(db_err)?;
     Ok(outcomes)
+}
+
+fn put_break(
+    t: &mut redb::Table<(&str, u64, u64), &[u8]>,
+    gateway: &str,
+    buffer_id: u64,
+    seq: u64,
+    reason: String,
+) -> Result<()> {
+    tracing::warn!(%gateway, buffer_id = format_args!("{buffer_id:016x}"), seq, %reason, "evidence chain break");
+    let value = serde_json::to_vec(&ChainBreak {
+        seq,
+        reason,
+        recorded_at_ms: now_ms(),
+    })
+    .map_err(|e| StoreError::Backend(e.to_string()))?;
+    t.insert((gateway, buffer_id, seq), value.as_slice())
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Verifies, in sequence order, every stored link that follows the last
+/// verified one; stops at the first number not received yet. Breaks (bad
+/// signature, wrong previous hash) are recorded and the chain continues from
+/// the breaking link, so one bad batch does not hide the rest.
+fn advance_chain(
+    gateway: &str,
+    buffer_id: u64,
+    signed: &redb::Table<(&str, u64, u64), &[u8]>,
+    states: &mut redb::Table<(&str, u64), &[u8]>,
+    breaks: &mut redb::Table<(&str, u64, u64), &[u8]>,
+    _now: i64,
+) -> Result<()> {
+    let mut st: ChainState = match states.get((gateway, buffer_id)).map_err(db_err)? {
+        Some(v) => {
+            serde_json::from_slice(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?
+        }
+        None => ChainState::default(),
+    };
+    let mut changed = false;
+    loop {
+        let next = st.verified_through + 1;
+        let Some(v) = signed.get((gateway, buffer_id, next)).map_err(db_err)? else {
+            break;
+        };
+        let link = SignedLink::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        drop(v);
+        let expected = match &st.head {
+            Some(h) => Some(h.clone()),
+            None if next == 1 => Some(hex::encode(guantong_proto::chain::genesis(
+                gateway, buffer_id,
+            ))),
+            None => None, // anchored mid-stream: earlier links were acknowledged elsewhere
+        };
+        if !link.signature_ok {
+            put_break(
+                breaks,
+                gateway,
+                buffer_id,
+                next,
+                "signature does not verify with the gateway's key".into(),
+            )?;
+        }
+        match expected {
+            Some(e) if e != hex::encode(&link.prev_hash) => put_break(
+                breaks,
+                gateway,
+                buffer_id,
+                next,
+                format!("does not link to the previous batch (expected previous hash {e})"),
+            )?,
+            None => put_break(
+                breaks,
+                gateway,
+                buffer_id,
+                next,
+                "chain anchored here: earlier batches are not in this store".into(),
+            )?,
+            _ => {}
+        }
+        if st.verified_from == 0 {
+            st.verified_from = next;
+        }
+        st.head = Some(hex::encode(&link.effective_hash));
+        st.verified_through = link.last_seq.max(next);
+        changed = true;
+    }
+    if changed {
+        let value = serde_json::to_vec(&st).map_err(|e| StoreError::Backend(e.to_string()))?;
+        states
+            .insert((gateway, buffer_id), value.as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 fn quality_of(p: &Point) -> Quality {
@@ -485,8 +646,13 @@ fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
 }
 
 impl Store for EmbeddedStore {
-    async fn register_gateway(&self, id: &str) -> Result<String> {
+    async fn register_gateway(&self, id: &str, public_key: Option<Vec<u8>>) -> Result<String> {
         let id = id.to_string();
+        if public_key.as_ref().is_some_and(|k| k.len() != 32) {
+            return Err(StoreError::Invalid(
+                "an Ed25519 public key has 32 bytes (64 hex digits)".into(),
+            ));
+        }
         self.blocking(move |db| {
             let mut secret = [0u8; 32];
             rand::rng().fill_bytes(&mut secret);
@@ -497,6 +663,8 @@ impl Store for EmbeddedStore {
                 salt: hex::encode(salt),
                 token_sha256: hex::encode(token_hash(&salt, &token)),
                 registered_at_ms: now_ms(),
+                key_source: public_key.as_ref().map(|_| "registered".to_string()),
+                public_key: public_key.map(hex::encode),
             };
             let txn = db.begin_write().map_err(db_err)?;
             {
@@ -534,6 +702,114 @@ impl Store for EmbeddedStore {
             Ok(bool::from(
                 token_hash(&salt, &token).as_slice().ct_eq(&expected),
             ))
+        })
+        .await
+    }
+
+    async fn gateway_key(&self, id: &str) -> Result<Option<(Vec<u8>, String)>> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(GATEWAYS).map_err(db_err)?;
+            let Some(v) = t.get(id.as_str()).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let r: GatewayRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            Ok(r.public_key
+                .and_then(|k| hex::decode(k).ok())
+                .map(|k| (k, r.key_source.unwrap_or_default())))
+        })
+        .await
+    }
+
+    async fn bind_key_on_first_use(&self, id: &str, public_key: Vec<u8>) -> Result<()> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
+                let mut r: GatewayRecord = match t.get(id.as_str()).map_err(db_err)? {
+                    Some(v) => serde_json::from_slice(v.value())
+                        .map_err(|e| StoreError::Backend(e.to_string()))?,
+                    None => return Err(StoreError::NotFound(format!("gateway `{id}`"))),
+                };
+                if r.public_key.is_some() {
+                    return Err(StoreError::Exists(format!("a key of gateway `{id}`")));
+                }
+                r.public_key = Some(hex::encode(public_key));
+                r.key_source = Some("trust-on-first-use".into());
+                let value =
+                    serde_json::to_vec(&r).map_err(|e| StoreError::Backend(e.to_string()))?;
+                t.insert(id.as_str(), value.as_slice()).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_break(
+        &self,
+        gateway: &str,
+        buffer_id: u64,
+        seq: u64,
+        reason: String,
+    ) -> Result<()> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            {
+                let mut t = txn.open_table(BREAKS).map_err(db_err)?;
+                put_break(&mut t, &gateway, buffer_id, seq, reason)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn chains(&self) -> Result<Vec<ChainInfo>> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let states = txn.open_table(CHAIN_STATE).map_err(db_err)?;
+            let breaks = txn.open_table(BREAKS).map_err(db_err)?;
+            let signed = txn.open_table(SIGNED).map_err(db_err)?;
+            let mut out = Vec::new();
+            for entry in states.iter().map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let (gateway, buffer_id) = k.value();
+                let st: ChainState = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let mut list = Vec::new();
+                for b in breaks
+                    .range((gateway, buffer_id, 0)..=(gateway, buffer_id, u64::MAX))
+                    .map_err(db_err)?
+                {
+                    let (_, v) = b.map_err(db_err)?;
+                    list.push(
+                        serde_json::from_slice(v.value())
+                            .map_err(|e| StoreError::Backend(e.to_string()))?,
+                    );
+                }
+                let waiting = signed
+                    .range(
+                        (gateway, buffer_id, st.verified_through + 1)
+                            ..=(gateway, buffer_id, u64::MAX),
+                    )
+                    .map_err(db_err)?
+                    .count() as u64;
+                out.push(ChainInfo {
+                    gateway: gateway.to_string(),
+                    buffer_id: format!("{buffer_id:016x}"),
+                    verified_from: st.verified_from,
+                    verified_through: st.verified_through,
+                    head_hash: st.head.unwrap_or_default(),
+                    waiting,
+                    breaks: list,
+                });
+            }
+            Ok(out)
         })
         .await
     }
@@ -1029,6 +1305,7 @@ mod tests {
                 map: Some(map.clone()),
                 received_at_ms: 0,
                 backfill: false,
+                link: None,
                 rejected: None,
             };
             assert_eq!(

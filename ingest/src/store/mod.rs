@@ -51,6 +51,40 @@ pub enum AppendOutcome {
     Duplicate,
 }
 
+/// One batch as a chain link, with its original signed bytes.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub payload: bytes::Bytes,
+    pub prev_hash: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// The hash the next link must name: the loss record's bridge, or this
+    /// link's hash.
+    pub effective_hash: [u8; 32],
+    /// Signature verified with the gateway's bound key.
+    pub signature_ok: bool,
+}
+
+/// Evidence chain status of one stream (gateway, buffer).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainInfo {
+    pub gateway: String,
+    pub buffer_id: String,
+    /// Links verified in sequence order, first..=last (0 when none).
+    pub verified_from: u64,
+    pub verified_through: u64,
+    pub head_hash: String,
+    /// Links stored but not yet reached: an earlier link is missing (so far).
+    pub waiting: u64,
+    pub breaks: Vec<ChainBreak>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ChainBreak {
+    pub seq: u64,
+    pub reason: String,
+    pub recorded_at_ms: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
     pub outcome: AppendOutcome,
@@ -138,6 +172,8 @@ pub struct AppendBatch {
     pub received_at_ms: i64,
     /// Sent from the gateway's backlog after an outage.
     pub backfill: bool,
+    /// The batch as a link of the gateway's evidence chain, checked on receipt.
+    pub link: Option<Link>,
     /// Set when ingest refuses the batch's points: they are not stored, the
     /// sequence number is consumed, and the refusal is recorded as a loss.
     pub rejected: Option<String>,
@@ -220,7 +256,34 @@ pub struct TagLossInfo {
 }
 
 pub trait Store: Send + Sync + 'static {
-    fn register_gateway(&self, id: &str) -> impl Future<Output = Result<String>> + Send;
+    /// Registers a gateway, binding its signing public key when given, and
+    /// returns its token.
+    fn register_gateway(
+        &self,
+        id: &str,
+        public_key: Option<Vec<u8>>,
+    ) -> impl Future<Output = Result<String>> + Send;
+    /// The gateway's bound public key and how it was bound.
+    fn gateway_key(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<(Vec<u8>, String)>>> + Send;
+    /// Binds a key presented by the gateway itself (trust on first use).
+    fn bind_key_on_first_use(
+        &self,
+        id: &str,
+        public_key: Vec<u8>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Records a chain break not tied to a stored batch (e.g. a key change).
+    fn record_break(
+        &self,
+        gateway: &str,
+        buffer_id: u64,
+        seq: u64,
+        reason: String,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Chain status of every stream.
+    fn chains(&self) -> impl Future<Output = Result<Vec<ChainInfo>>> + Send;
     fn authenticate(&self, id: &str, token: &str) -> impl Future<Output = Result<bool>> + Send;
     fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayInfo>>> + Send;
 

@@ -125,7 +125,7 @@ fn raw_redb(batches: &[Batch], group: usize) -> anyhow::Result<Duration> {
 async fn store_direct(batches: &[Batch], tags: u32) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
     let store = EmbeddedStore::open(dir.path())?;
-    store.register_gateway(GW).await?;
+    store.register_gateway(GW, None).await?;
     let map = store.put_manifest(GW, manifest(tags)).await?;
     let start = Instant::now();
     let mut pending = Vec::new();
@@ -136,6 +136,7 @@ async fn store_direct(batches: &[Batch], tags: u32) -> anyhow::Result<Duration> 
             map: Some(map.clone()),
             received_at_ms: 0,
             backfill: false,
+            link: None,
             rejected: None,
         }));
         // Keep a window like a gateway stream would.

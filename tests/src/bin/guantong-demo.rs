@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let (sim_addr, _sim) = sim.serve(or_any(args.modbus)).await?;
 
     let store = Arc::new(EmbeddedStore::open(&data.join("ingest"))?);
-    let token = match store.register_gateway("demo-gateway").await {
+    let token = match store.register_gateway("demo-gateway", None).await {
         Ok(t) => t,
         Err(e) => anyhow::bail!(
             "cannot register the demo gateway in {}: {e} (use a fresh --data)",
