@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::modbus::config::ModbusTcpConfig;
+use crate::modbus::config::ModbusConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -76,19 +76,20 @@ pub struct BufferConfig {
 /// One device, with its protocol's settings.
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
-    ModbusTcp(ModbusTcpConfig),
+    /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
+    Modbus(ModbusConfig),
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
-            DeviceConfig::ModbusTcp(c) => &c.id,
+            DeviceConfig::Modbus(c) => &c.id,
         }
     }
 
     pub fn tag_count(&self) -> usize {
         match self {
-            DeviceConfig::ModbusTcp(c) => c.tags.len(),
+            DeviceConfig::Modbus(c) => c.tags.len(),
         }
     }
 
@@ -98,13 +99,13 @@ impl DeviceConfig {
         device_index: u32,
     ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
         match self {
-            DeviceConfig::ModbusTcp(c) => c.manifest(device_index),
+            DeviceConfig::Modbus(c) => c.manifest(device_index),
         }
     }
 }
 
 /// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
+pub const PROTOCOLS: &[&str] = &["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp"];
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(8).expect("8 is not zero")
@@ -172,6 +173,10 @@ impl Problems {
             path: path.into(),
             message: message.into(),
         });
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 
     /// Deserializes `value` as `T`, recording the first problem inside it
@@ -248,7 +253,9 @@ impl Config {
             Some(toml::Value::Array(items)) => items
                 .into_iter()
                 .enumerate()
-                .filter_map(|(i, item)| parse_device(&format!("devices[{i}]"), item, &mut problems))
+                .filter_map(|(i, item)| {
+                    parse_device(&format!("devices[{i}]"), item, base_dir, &mut problems)
+                })
                 .collect(),
             Some(other) => {
                 problems.push(
@@ -302,6 +309,7 @@ impl Config {
                 );
             }
         }
+        crate::modbus::check_lines(&devices, &mut problems);
         let mut seen = HashSet::new();
         for (i, d) in devices.iter().enumerate() {
             if !seen.insert(d.id().to_string()) {
@@ -329,7 +337,12 @@ impl Config {
     }
 }
 
-fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Option<DeviceConfig> {
+fn parse_device(
+    path: &str,
+    item: toml::Value,
+    base_dir: &Path,
+    problems: &mut Problems,
+) -> Option<DeviceConfig> {
     let toml::Value::Table(mut table) = item else {
         problems.push(
             path,
@@ -358,8 +371,9 @@ fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Optio
         }
     };
     match protocol.as_str() {
-        "modbus-tcp" => {
-            crate::modbus::config::parse_tcp(path, table, problems).map(DeviceConfig::ModbusTcp)
+        "modbus-tcp" | "modbus-rtu" | "modbus-rtu-over-tcp" => {
+            crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
+                .map(DeviceConfig::Modbus)
         }
         other => {
             problems.push(
@@ -472,7 +486,9 @@ type = "f32"
         let p = problems(&dup);
         assert_eq!(
             p,
-            ["devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`"]
+            [
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`"
+            ]
         );
     }
 

@@ -26,7 +26,6 @@ use tracing::info;
 use crate::buffer::Buffer;
 use crate::collector::{Collector, PointSink};
 use crate::config::{Config, DeviceConfig};
-use crate::modbus::ModbusTcpCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -35,7 +34,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// writer commits what they handed over, then the uplink gets a short grace
 /// period to deliver before the process exits. Nothing committed is lost by
 /// stopping: it is sent on the next start.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let buffer = Arc::new(
         Buffer::open(&config.buffer.dir, config.buffer.max_bytes.as_u64()).map_err(|e| {
             anyhow::anyhow!(
@@ -44,6 +43,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             )
         })?,
     );
+    modbus::identify_all(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(manifest.version, &manifest.encode_to_vec())?;
     let stats = buffer.stats()?;
@@ -81,15 +81,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let collectors = TaskTracker::new();
     let collect_cancel = shutdown.child_token();
     let firsts = manifest::first_tag_of_devices(&config);
+    let mut modbus_devices = Vec::new();
     for (device, first) in config.devices.into_iter().zip(firsts) {
         match device {
-            DeviceConfig::ModbusTcp(c) => {
-                let ids = (first..first + c.tags.len() as u32).collect();
-                collectors.spawn(
-                    ModbusTcpCollector::new(c, ids).run(sink.clone(), collect_cancel.clone()),
-                );
-            }
+            DeviceConfig::Modbus(c) => modbus_devices.push((c, first)),
         }
+    }
+    for line in modbus::lines(modbus_devices) {
+        collectors.spawn(line.run(sink.clone(), collect_cancel.clone()));
     }
     drop(sink);
     collectors.close();

@@ -11,6 +11,10 @@
 //! | `0x0002_0002` | could not connect to the device                    |
 //! | `0x0002_0003` | connection broken while reading                    |
 //! | `0x0002_0004` | malformed or mismatched answer                     |
+//! | `0x0002_0005` | CRC error or garbled RTU frame                     |
+//! | `0x0002_0006` | not polled: the unit stopped answering and is      |
+//! |               | polled less often until it answers again (backoff) |
+//! | `0x0003_0001` | value outside the tag's declared valid range       |
 
 use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
@@ -20,6 +24,9 @@ pub const TIMEOUT: u32 = 0x0002_0001;
 pub const CONNECT_FAILED: u32 = 0x0002_0002;
 pub const TRANSPORT_ERROR: u32 = 0x0002_0003;
 pub const MALFORMED: u32 = 0x0002_0004;
+pub const FRAME_ERROR: u32 = 0x0002_0005;
+pub const BACKING_OFF: u32 = 0x0002_0006;
+pub const OUT_OF_RANGE: u32 = 0x0003_0001;
 
 /// One collected value of one tag.
 #[derive(Debug, Clone, PartialEq)]
