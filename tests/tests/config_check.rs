@@ -60,7 +60,7 @@ fn a_wrong_key_is_named_with_its_path() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr,
-        "FILE: 1 problem\n  FILE: devices[0].tags[0].adress: unknown field `adress`, expected one of `name`, `table`, `address`, `type`, `order`, `scale`, `offset`, `unit`\n"
+        "FILE: 1 problem\n  FILE: devices[0].tags[0].adress: unknown field `adress`, expected one of `name`, `table`, `address`, `type`, `bit`, `length`, `order`, `scale`, `offset`, `unit`, `min`, `max`, `interval`\n"
     );
 }
 
