@@ -51,6 +51,8 @@ pub struct ModbusConfig {
     /// Extra attempts after a timeout, while the unit is answering.
     pub retries: u8,
     pub max_gap: u16,
+    /// Registers one read may carry (1-125); some devices accept fewer.
+    pub max_registers: u16,
     /// Longest wait between polls of a unit that stopped answering.
     pub max_backoff: Duration,
     /// Read device identification (function 43/14) at start-up.
@@ -176,6 +178,8 @@ struct RawDevice {
     retries: u8,
     #[serde(default = "default_max_gap")]
     max_gap: u16,
+    #[serde(default)]
+    max_registers: Option<u16>,
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
     max_backoff: Duration,
     #[serde(default = "default_identify")]
@@ -246,6 +250,9 @@ struct TemplateInfo {
     manual: String,
     #[serde(default)]
     notes: String,
+    /// Registers the model answers in one read, when fewer than 125.
+    #[serde(default)]
+    max_registers: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -502,8 +509,11 @@ pub(crate) fn parse(
     let raw = problems.parse::<RawDevice>(path, toml::Value::Table(table));
     let mut tags = Vec::new();
     let template = raw.as_ref().and_then(|r| r.template.clone());
+    let mut template_max_registers = None;
     if let Some(t) = &template {
-        tags.extend(load_template(path, t, base_dir, problems));
+        let (info, template_tags) = load_template(path, t, base_dir, problems);
+        template_max_registers = info.and_then(|i| i.max_registers);
+        tags.extend(template_tags);
     }
     match raw_tags {
         None if template.is_some() => {}
@@ -534,6 +544,10 @@ pub(crate) fn parse(
             "0 is the RTU broadcast address, which never answers; expected 1-247",
         );
     }
+    let max_registers = raw.max_registers.or(template_max_registers).unwrap_or(125);
+    if !(1..=125).contains(&max_registers) {
+        problems.push(format!("{path}.max_registers"), "expected 1-125");
+    }
     let mut names = HashSet::new();
     for tag in &tags {
         if !names.insert(tag.name.clone()) {
@@ -551,6 +565,7 @@ pub(crate) fn parse(
         timeout: raw.timeout,
         retries: raw.retries,
         max_gap: raw.max_gap,
+        max_registers,
         max_backoff: raw.max_backoff,
         identify: raw.identify,
         tags,
@@ -681,14 +696,14 @@ fn load_template(
     file: &str,
     base_dir: &Path,
     problems: &mut Problems,
-) -> Vec<ModbusTagConfig> {
+) -> (Option<TemplateInfo>, Vec<ModbusTagConfig>) {
     let key = format!("{path}.template");
     let full = base_dir.join(file);
     let text = match std::fs::read_to_string(&full) {
         Ok(t) => t,
         Err(e) => {
             problems.push(key, format!("cannot read {}: {e}", full.display()));
-            return Vec::new();
+            return (None, Vec::new());
         }
     };
     let mut root: toml::Table = match text.parse() {
@@ -699,19 +714,20 @@ fn load_template(
                 key,
                 format!("{} is not valid TOML: {}", full.display(), e.message()),
             );
-            return Vec::new();
+            return (None, Vec::new());
         }
     };
     let at = format!("{path}.template({file})");
-    match root.remove("template") {
-        Some(v) => {
-            problems.parse::<TemplateInfo>(&format!("{at}.template"), v);
+    let info = match root.remove("template") {
+        Some(v) => problems.parse::<TemplateInfo>(&format!("{at}.template"), v),
+        None => {
+            problems.push(
+                &at,
+                "missing section `[template]` (manufacturer, model, manual)",
+            );
+            None
         }
-        None => problems.push(
-            &at,
-            "missing section `[template]` (manufacturer, model, manual)",
-        ),
-    }
+    };
     let tags = match root.remove("tags") {
         Some(v) => parse_tags(&at, v, problems),
         None => {
@@ -725,7 +741,7 @@ fn load_template(
             format!("unknown key `{k}`, expected `template` or `tags`"),
         );
     }
-    tags
+    (info, tags)
 }
 
 /// Resolves `table` + `address` into (table, zero-based offset); see the

@@ -74,7 +74,7 @@ impl Unit {
             .into_iter()
             .map(|(interval, select)| Group {
                 interval,
-                plan: plan::plan(&config.tags, &select, config.max_gap),
+                plan: plan::plan(&config.tags, &select, config.max_gap, config.max_registers),
                 next: now,
             })
             .collect();

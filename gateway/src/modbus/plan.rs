@@ -22,8 +22,21 @@ pub struct ReadRequest {
     pub tags: Vec<(usize, u16)>,
 }
 
-/// Plans the tags of `tags` listed in `select` (indices into `tags`).
-pub fn plan(tags: &[ModbusTagConfig], select: &[usize], max_gap: u16) -> Vec<ReadRequest> {
+/// Plans the tags of `tags` listed in `select` (indices into `tags`), with
+/// register requests of at most `max_registers` (bits: always 2000).
+pub fn plan(
+    tags: &[ModbusTagConfig],
+    select: &[usize],
+    max_gap: u16,
+    max_registers: u16,
+) -> Vec<ReadRequest> {
+    let limit = |t: Table| {
+        if t.is_bits() {
+            t.max_quantity()
+        } else {
+            t.max_quantity().min(max_registers.max(1))
+        }
+    };
     let mut order: Vec<usize> = select.to_vec();
     order.sort_by_key(|&i| (tags[i].table, tags[i].address));
     let mut requests: Vec<ReadRequest> = Vec::new();
@@ -37,7 +50,7 @@ pub fn plan(tags: &[ModbusTagConfig], select: &[usize], max_gap: u16) -> Vec<Rea
             let last_end = u32::from(last.start) + u32::from(last.count);
             let fits = last.table == tag.table
                 && start <= last_end + u32::from(max_gap)
-                && end.max(last_end) - u32::from(last.start) <= u32::from(tag.table.max_quantity());
+                && end.max(last_end) - u32::from(last.start) <= u32::from(limit(tag.table));
             if fits {
                 last.count = (end.max(last_end) - u32::from(last.start)) as u16;
                 last.tags.push((i, (start - u32::from(last.start)) as u16));
@@ -92,20 +105,26 @@ mod tests {
         let tags: Vec<_> = (0..300)
             .map(|a| tag(Table::Holding, a, ModbusType::U16))
             .collect();
-        let p = plan(&tags, &all(&tags), 0);
+        let p = plan(&tags, &all(&tags), 0, 125);
         let summary: Vec<_> = p.iter().map(|r| (r.start, r.count)).collect();
         assert_eq!(summary, vec![(0, 125), (125, 125), (250, 50)]);
         // 4000 coils: 2 requests of 2000.
         let bits: Vec<_> = (0..4000)
             .map(|a| tag(Table::Coil, a, ModbusType::Bool))
             .collect();
-        assert_eq!(plan(&bits, &all(&bits), 0).len(), 2);
+        assert_eq!(plan(&bits, &all(&bits), 0, 125).len(), 2);
+        // A device limit on registers per read is honoured.
+        let p = plan(&tags, &all(&tags), 0, 80);
+        assert_eq!(
+            p.iter().map(|r| r.count).collect::<Vec<_>>(),
+            vec![80, 80, 80, 60]
+        );
         // A 64-bit value never straddles two requests.
         let mut t: Vec<_> = (0..123)
             .map(|a| tag(Table::Input, a, ModbusType::U16))
             .collect();
         t.push(tag(Table::Input, 123, ModbusType::F64));
-        let p = plan(&t, &all(&t), 0);
+        let p = plan(&t, &all(&t), 0, 125);
         assert_eq!(
             p.iter().map(|r| (r.start, r.count)).collect::<Vec<_>>(),
             vec![(0, 123), (123, 4)]
@@ -119,7 +138,7 @@ mod tests {
             tag(Table::Holding, 1, ModbusType::F32),
             tag(Table::Holding, 5, ModbusType::U16),
         ];
-        let p = plan(&tags, &all(&tags), 16);
+        let p = plan(&tags, &all(&tags), 16, 125);
         assert_eq!(p.len(), 1);
         let s = split(&tags, &p[0]);
         let summary: Vec<_> = s
@@ -135,7 +154,7 @@ mod tests {
             ]
         );
         // Planning only a selection leaves the others out.
-        let p = plan(&tags, &[0, 2], 16);
+        let p = plan(&tags, &[0, 2], 16, 125);
         assert_eq!(p[0].tags, vec![(0, 0), (2, 5)]);
     }
 
@@ -151,7 +170,7 @@ mod tests {
             tag(Table::Coil, 0, ModbusType::Bool),
             tag(Table::Holding, 220, ModbusType::U16), // 100..221 would exceed 125
         ];
-        let p = plan(&tags, &all(&tags), 16);
+        let p = plan(&tags, &all(&tags), 16, 125);
         let summary: Vec<_> = p.iter().map(|r| (r.table, r.start, r.count)).collect();
         assert_eq!(
             summary,
