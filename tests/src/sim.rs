@@ -111,6 +111,17 @@ impl SimDevice {
         }
     }
 
+    /// The standard map with `n` (at least 200) holding and input
+    /// registers, for benchmarks with many tags.
+    pub fn with_size(n: usize) -> SimDevice {
+        let sim = SimDevice::new();
+        sim.with(|s| {
+            s.holding.resize(n.max(200), 0);
+            s.input.resize(n.max(200), 0);
+        });
+        sim
+    }
+
     pub fn with<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut s)

@@ -8,22 +8,21 @@ use guantong_proto::v1::point::Value;
 use super::config::{ModbusTagConfig, ModbusType, WordOrder};
 use crate::quality;
 
-/// The raw bytes of `words`, most significant first, after applying `order`.
-fn ordered_bytes(words: &[u16], order: WordOrder) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 2);
-    let push = |out: &mut Vec<u8>, w: u16, swap_bytes: bool| {
+/// The raw bytes of up to four `words`, most significant first, after
+/// applying `order` (no allocation: this runs for every point).
+fn ordered_bytes(words: &[u16], order: WordOrder) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    let n = words.len().min(4);
+    let swap_bytes = matches!(order, WordOrder::Badc | WordOrder::Dcba);
+    let reverse = matches!(order, WordOrder::Cdab | WordOrder::Dcba);
+    for i in 0..n {
+        let w = if reverse { words[n - 1 - i] } else { words[i] };
         let b = if swap_bytes {
             w.to_le_bytes()
         } else {
             w.to_be_bytes()
         };
-        out.extend_from_slice(&b);
-    };
-    match order {
-        WordOrder::Abcd => words.iter().for_each(|&w| push(&mut out, w, false)),
-        WordOrder::Badc => words.iter().for_each(|&w| push(&mut out, w, true)),
-        WordOrder::Cdab => words.iter().rev().for_each(|&w| push(&mut out, w, false)),
-        WordOrder::Dcba => words.iter().rev().for_each(|&w| push(&mut out, w, true)),
+        out[2 * i..2 * i + 2].copy_from_slice(&b);
     }
     out
 }

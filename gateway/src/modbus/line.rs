@@ -21,6 +21,7 @@
 //! reported Bad with their exception without being read again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use guantong_proto::v1::point::Value;
@@ -40,7 +41,8 @@ use crate::quality::{self, Sample, now_ms};
 #[derive(Debug)]
 pub struct Group {
     pub interval: Duration,
-    pub plan: Vec<ReadRequest>,
+    /// Shared so that a poll can walk it while the line is borrowed mutably.
+    pub plan: Arc<Vec<ReadRequest>>,
     next: Instant,
 }
 
@@ -74,7 +76,12 @@ impl Unit {
             .into_iter()
             .map(|(interval, select)| Group {
                 interval,
-                plan: plan::plan(&config.tags, &select, config.max_gap, config.max_registers),
+                plan: Arc::new(plan::plan(
+                    &config.tags,
+                    &select,
+                    config.max_gap,
+                    config.max_registers,
+                )),
                 next: now,
             })
             .collect();
@@ -90,7 +97,7 @@ impl Unit {
 
     pub fn log_plan(&self) {
         for g in &self.groups {
-            for r in &g.plan {
+            for r in g.plan.iter() {
                 info!(
                     device = %self.config.id,
                     unit = self.config.unit,
@@ -263,19 +270,21 @@ impl Line {
             unit.bad(&unit.groups[g].plan, quality::BACKING_OFF, out);
             return Ok(());
         }
-        let requests = self.units[u].groups[g].plan.clone();
+        let requests = Arc::clone(&self.units[u].groups[g].plan);
         let mut replanned: Option<Vec<ReadRequest>> = None;
         for (n, r) in requests.iter().enumerate() {
             // Tags refused earlier are reported without asking again.
-            let (asked, refused): (Vec<_>, Vec<_>) = r
-                .tags
-                .iter()
-                .partition(|(i, _)| !self.units[u].refused.contains_key(i));
-            for &(i, _) in refused {
-                let unit = &self.units[u];
-                out.push(Sample::bad(unit.tag_ids[i], now_ms(), unit.refused[&i]));
+            let unit = &self.units[u];
+            let mut asked = r.tags.len();
+            if !unit.refused.is_empty() {
+                for &(i, _) in &r.tags {
+                    if let Some(&code) = unit.refused.get(&i) {
+                        out.push(Sample::bad(unit.tag_ids[i], now_ms(), code));
+                        asked -= 1;
+                    }
+                }
             }
-            if asked.is_empty() {
+            if asked == 0 {
                 if let Some(p) = &mut replanned {
                     p.push(r.clone());
                 }
@@ -368,7 +377,7 @@ impl Line {
             }
         }
         if let Some(p) = replanned {
-            self.units[u].groups[g].plan = p;
+            self.units[u].groups[g].plan = Arc::new(p);
         }
         Ok(())
     }

@@ -512,7 +512,7 @@ async fn dry_run(path: PathBuf, only: Option<String>) -> Result<(), ProbeError> 
             );
             for g in &unit.groups {
                 println!("    every {:?}: {} request(s)", g.interval, g.plan.len());
-                for r in &g.plan {
+                for r in g.plan.iter() {
                     println!(
                         "      {} {}..{} ({} {}, {} tag(s))",
                         r.table.name(),
