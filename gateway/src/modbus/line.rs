@@ -26,14 +26,13 @@ use std::time::Duration;
 
 use guantong_proto::v1::point::Value;
 use tokio::time::Instant;
-use tokio_modbus::client::Context;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::{ModbusConfig, Transport};
 use super::decode;
 use super::plan::{self, ReadRequest};
-use super::transport::{self, Outcome};
+use super::transport::{self, Connection, Outcome};
 use crate::collector::{Collector, PointSink};
 use crate::quality::{self, Sample, now_ms};
 
@@ -153,7 +152,7 @@ pub struct Line {
     pub key: String,
     transport: Transport,
     pub units: Vec<Unit>,
-    ctx: Option<Context>,
+    ctx: Option<Connection>,
     connect_failures: u32,
     reconnect_at: Option<Instant>,
     last_error: Option<String>,
