@@ -466,8 +466,10 @@ fn default_poll_interval() -> Duration {
 fn default_timeout() -> Duration {
     Duration::from_secs(1)
 }
+/// No retries by default: on a shared line every retry of a silent unit is
+/// time the others wait.
 fn default_retries() -> u8 {
-    1
+    0
 }
 fn default_max_gap() -> u16 {
     16

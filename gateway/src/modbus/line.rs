@@ -270,6 +270,7 @@ impl Line {
             return Ok(());
         }
         let requests = Arc::clone(&self.units[u].groups[g].plan);
+        out.reserve(requests.iter().map(|r| r.tags.len()).sum());
         let mut replanned: Option<Vec<ReadRequest>> = None;
         for (n, r) in requests.iter().enumerate() {
             // Tags refused earlier are reported without asking again.

@@ -21,6 +21,7 @@ pub mod probe;
 pub mod transport;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tracing::info;
@@ -93,7 +94,9 @@ pub(crate) fn check_lines(devices: &[DeviceConfig], problems: &mut Problems) {
 /// time, and stores it in the config for the manifest. A unit that does not
 /// answer or support it costs at most its timeout and gets no identity.
 pub async fn identify_all(devices: &mut [DeviceConfig]) {
-    let mut by_line: BTreeMap<String, Vec<(usize, ModbusConfig)>> = BTreeMap::new();
+    // Only what identification needs: a clone of a whole config would copy
+    // every tag (tens of MB at 100k tags) just to read three strings.
+    let mut by_line: BTreeMap<String, Vec<(usize, Transport, u8, Duration)>> = BTreeMap::new();
     for (i, d) in devices.iter().enumerate() {
         #[allow(irrefutable_let_patterns)]
         let DeviceConfig::Modbus(c) = d else {
@@ -103,22 +106,22 @@ pub async fn identify_all(devices: &mut [DeviceConfig]) {
             by_line
                 .entry(c.transport.line_key(&c.id))
                 .or_default()
-                .push((i, c.clone()));
+                .push((i, c.transport.clone(), c.unit, c.timeout));
         }
     }
     let mut tasks = JoinSet::new();
     for (_, units) in by_line {
         tasks.spawn(async move {
             let mut found = Vec::new();
-            let Some((_, first)) = units.first() else {
+            let Some((_, transport, _, limit)) = units.first() else {
                 return found;
             };
-            let Ok(mut ctx) = transport::connect(&first.transport, first.timeout).await else {
+            let Ok(mut conn) = transport::connect(transport, *limit).await else {
                 return found;
             };
-            for (i, c) in &units {
-                let identity = transport::identify(&mut ctx, c.unit, c.timeout).await;
-                tokio::time::sleep(c.transport.inter_frame_delay()).await;
+            for (i, transport, unit, limit) in &units {
+                let identity = transport::identify(&mut conn, *unit, *limit).await;
+                tokio::time::sleep(transport.inter_frame_delay()).await;
                 found.push((*i, identity));
             }
             found

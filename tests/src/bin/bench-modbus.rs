@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_toml};
+use guantong_e2e::procs::{GatewayProc, IngestProc, Proc, binary, gateway_toml};
 use guantong_e2e::sim::SimDevice;
 use guantong_gateway::modbus::config::{
     ModbusConfig, ModbusTagConfig, ModbusType, Table, Transport,
@@ -49,6 +49,14 @@ struct Args {
     /// Point counts for the footprint runs.
     #[arg(long, value_delimiter = ',', default_values_t = [10_000u32, 100_000])]
     points: Vec<u32>,
+    /// Run the gateway under this profiler command (e.g. "heaptrack -o
+    /// /tmp/gw"); figures then include the profiler's overhead.
+    #[arg(long)]
+    wrap: Option<String>,
+    /// Write the footprint devices' tags once, as a template they share,
+    /// instead of inline in the config.
+    #[arg(long)]
+    template: bool,
     /// Skip the footprint runs.
     #[arg(long)]
     no_footprint: bool,
@@ -132,52 +140,40 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     let mut bare = Vec::new();
     let mut collector = Vec::new();
     let mut ctx = tokio_modbus::client::tcp::connect(addr).await?;
+    let mut timed = Vec::new();
+    let mut pair_ratios = Vec::new();
+    let t = Some(Duration::from_secs(1));
     for run in 0..args.runs {
-        // The limit: the same requests from a bare client loop.
-        let start = Instant::now();
-        let mut requests = 0u64;
-        let mut registers = 0u64;
-        while start.elapsed() < window {
-            for &(s, c) in &plan {
-                let words = ctx.read_holding_registers(s, c).await??;
-                registers += words.len() as u64;
-                requests += 1;
+        // Rotate which goes first, so warm-up and drift favour none.
+        let (b, c, bt) = match run % 3 {
+            0 => {
+                let b = bare_run(&mut ctx, &plan, window, None).await?;
+                let c = collector_run(&mut line, plan.len(), window).await?;
+                (b, c, bare_run(&mut ctx, &plan, window, t).await?)
             }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let b = Rate {
-            requests_per_s: requests as f64 / secs,
-            registers_per_s: registers as f64 / secs,
-        };
-        // The collector: the same requests, decoded into samples.
-        let start = Instant::now();
-        let mut cycles = 0u64;
-        let mut samples = 0u64;
-        while start.elapsed() < window {
-            for (_, s) in line.poll_once().await {
-                samples += s.len() as u64;
-                if s.iter().any(|x| x.value.is_none()) {
-                    bail!(
-                        "the collector read Bad values: {:?}",
-                        s.iter().find(|x| x.value.is_none())
-                    );
-                }
+            1 => {
+                let c = collector_run(&mut line, plan.len(), window).await?;
+                let bt = bare_run(&mut ctx, &plan, window, t).await?;
+                (bare_run(&mut ctx, &plan, window, None).await?, c, bt)
             }
-            cycles += 1;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let c = Rate {
-            requests_per_s: (cycles * plan.len() as u64) as f64 / secs,
-            registers_per_s: samples as f64 / secs,
+            _ => {
+                let bt = bare_run(&mut ctx, &plan, window, t).await?;
+                let b = bare_run(&mut ctx, &plan, window, None).await?;
+                (b, collector_run(&mut line, plan.len(), window).await?, bt)
+            }
         };
         println!(
-            "  run {}: bare {:.0} req/s {:.0} reg/s | collector {:.0} req/s {:.0} reg/s",
+            "  run {}: bare {:.0} req/s {:.0} reg/s | bare+timeout {:.0} req/s | collector {:.0} req/s {:.0} reg/s | ratio {:.1}%",
             run + 1,
             b.requests_per_s,
             b.registers_per_s,
+            bt.requests_per_s,
             c.requests_per_s,
-            c.registers_per_s
+            c.registers_per_s,
+            100.0 * c.registers_per_s / b.registers_per_s
         );
+        pair_ratios.push(c.registers_per_s / b.registers_per_s);
+        timed.push(bt);
         bare.push(b);
         collector.push(c);
     }
@@ -203,11 +199,68 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         100.0 * cq / bq
     );
     println!(
+        "| median of per-run ratios collector/bare | | | {:.1}% |",
+        100.0 * median(pair_ratios)
+    );
+    println!(
+        "| bare loop with a 1 s timeout per request, requests/s | | {:.0} | {:.1}% of bare |",
+        med(&timed, |r| r.requests_per_s),
+        100.0 * med(&timed, |r| r.requests_per_s) / bq
+    );
+    println!(
         "| requests per cycle | {} | {} (planner minimum) | |",
         plan.len(),
         minimum
     );
     Ok(())
+}
+
+/// The limit: the collector's requests from a bare tokio-modbus client loop.
+async fn bare_run(
+    ctx: &mut tokio_modbus::client::Context,
+    plan: &[(u16, u16)],
+    window: Duration,
+    per_request_timeout: Option<Duration>,
+) -> anyhow::Result<Rate> {
+    let start = Instant::now();
+    let mut requests = 0u64;
+    let mut registers = 0u64;
+    while start.elapsed() < window {
+        for &(s, c) in plan {
+            let words = match per_request_timeout {
+                Some(t) => tokio::time::timeout(t, ctx.read_holding_registers(s, c)).await???,
+                None => ctx.read_holding_registers(s, c).await??,
+            };
+            registers += words.len() as u64;
+            requests += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Rate {
+        requests_per_s: requests as f64 / secs,
+        registers_per_s: registers as f64 / secs,
+    })
+}
+
+/// The collector: the same requests, each under its timeout, decoded into samples.
+async fn collector_run(line: &mut Line, requests: usize, window: Duration) -> anyhow::Result<Rate> {
+    let start = Instant::now();
+    let mut cycles = 0u64;
+    let mut samples = 0u64;
+    while start.elapsed() < window {
+        for (_, s) in line.poll_once().await {
+            samples += s.len() as u64;
+            if let Some(bad) = s.iter().find(|x| x.value.is_none()) {
+                bail!("the collector read a Bad value: {bad:?}");
+            }
+        }
+        cycles += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Rate {
+        requests_per_s: (cycles * requests as u64) as f64 / secs,
+        registers_per_s: samples as f64 / secs,
+    })
 }
 
 /// utime + stime of `pid`, in seconds.
@@ -251,6 +304,21 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut sims = Vec::new();
     let mut text = String::new();
+    let tags: String = (0..per_device)
+        .map(|a| {
+            format!(
+                "[[devices.tags]]\nname = \"r{a}\"\naddress = {}\ntype = \"u16\"\n",
+                400001 + a
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.path().join("bench-template.toml"),
+        format!(
+            "[template]\nmanufacturer = \"Guantong\"\nmodel = \"bench\"\nmanual = \"none\"\n{}",
+            tags.replace("[[devices.tags]]", "[[tags]]")
+        ),
+    )?;
     for d in 0..devices {
         let sim = SimDevice::with_size(per_device as usize);
         let (addr, task) = sim.serve("127.0.0.1:0".parse()?).await?;
@@ -260,11 +328,10 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
             addr.ip(),
             addr.port()
         );
-        for a in 0..per_device {
-            text += &format!(
-                "[[devices.tags]]\nname = \"r{a}\"\naddress = {}\ntype = \"u16\"\n",
-                400001 + a
-            );
+        if args.template {
+            text += "template = \"bench-template.toml\"\n";
+        } else {
+            text += &tags;
         }
     }
     let data = dir.path().join("ingest");
@@ -275,8 +342,24 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
         &config,
         gateway_toml("bench-gw", ingest.grpc, &token, &dir.path().join("buffer")) + &text,
     )?;
-    let gateway = GatewayProc::start(&config)?;
-    let pid = gateway.proc.pid().context("gateway pid")?;
+    let gateway = match &args.wrap {
+        None => GatewayProc::start(&config)?.proc,
+        Some(wrap) => {
+            let mut words = wrap.split_whitespace();
+            let mut cmd = std::process::Command::new(words.next().context("empty --wrap")?);
+            cmd.args(words)
+                .arg(binary("guantong-gateway")?)
+                .arg("run")
+                .arg("--config")
+                .arg(&config);
+            Proc::spawn(
+                "guantong-gateway (wrapped)",
+                &mut cmd,
+                &config.with_extension("log"),
+            )?
+        }
+    };
+    let pid = gateway.pid().context("gateway pid")?;
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     let requests0: u64 = sims.iter().map(|(s, _)| s.requests()).sum();
     let cpu0 = cpu_seconds(pid)?;
@@ -293,7 +376,12 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let api = ingest.api();
     let stored = api.points("bench-gw", "dev-0", "r0").await?.len();
     println!(
-        "footprint: {points} points at 1 s over {devices} devices ({per_device} each): CPU {:.1}% of one core ({:.2} µs/point), RSS median {:.1} MiB (peak {:.1} MiB), {:.0} requests/s; ingest holds {stored} points of dev-0/r0 after {:.0} s",
+        "footprint: {points} points at 1 s over {devices} devices ({per_device} each{}): CPU {:.1}% of one core ({:.2} µs/point), RSS median {:.1} MiB (peak {:.1} MiB), {:.0} requests/s; ingest holds {stored} points of dev-0/r0 after {:.0} s",
+        if args.template {
+            ", tags from a template"
+        } else {
+            ", tags inline"
+        },
         100.0 * cpu / secs,
         1e6 * cpu / (secs * f64::from(points)),
         median(rss),
@@ -301,7 +389,8 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
         requests as f64 / secs,
         args.warmup as f64 + secs,
     );
-    drop(gateway);
+    let mut gateway = gateway;
+    gateway.terminate(Duration::from_secs(10));
     drop(ingest);
     Ok(())
 }
