@@ -33,6 +33,19 @@ pub fn decode_registers(words: &[u16], data_type: ModbusType, order: WordOrder) 
     if words.len() != usize::from(data_type.words()) {
         return None;
     }
+    // One register, the common case: no byte shuffling beyond a swap.
+    if let [w] = words {
+        let w = if matches!(order, WordOrder::Badc | WordOrder::Dcba) {
+            w.swap_bytes()
+        } else {
+            *w
+        };
+        return match data_type {
+            ModbusType::U16 => Some(Value::Uint(u64::from(w))),
+            ModbusType::I16 => Some(Value::Int(i64::from(w as i16))),
+            _ => None,
+        };
+    }
     let b = ordered_bytes(words, order);
     let v = match data_type {
         ModbusType::Bool | ModbusType::String => return None,
