@@ -308,6 +308,7 @@ fn show(v: &Value) -> String {
     match v {
         Value::Int(i) => i.to_string(),
         Value::Uint(u) => u.to_string(),
+        Value::Double(d) if *d != 0.0 && (d.abs() < 1e-4 || d.abs() >= 1e12) => format!("{d:e}"),
         Value::Double(d) => format!("{d}"),
         Value::String(s) => format!("{s:?}"),
         Value::Bool(b) => b.to_string(),
@@ -324,10 +325,12 @@ pub fn render_read(table: Table, start: u16, words: &[u16], expect: Option<&Expe
         let offset = start.saturating_add(i as u16);
         let label = format!("{} ({}:{offset})", table.conventional(offset), table.name());
         let _ = writeln!(out, "{label}  raw 0x{:04X}", words[i]);
-        let _ = write!(out, "  {:<6}", "");
+        let _ = write!(out, "  {:<7}", "");
         for order in WordOrder::ALL {
             let _ = write!(out, "{:<width$}", order.name());
         }
+        let trimmed = out.trim_end_matches(' ').len();
+        out.truncate(trimmed);
         out.push('\n');
         for ty in TYPES {
             let n = if ty == ModbusType::String {
@@ -338,7 +341,7 @@ pub fn render_read(table: Table, start: u16, words: &[u16], expect: Option<&Expe
             let Some(w) = words.get(i..i + n) else {
                 continue;
             };
-            let _ = write!(out, "  {:<6}", ty.name());
+            let _ = write!(out, "  {:<7}", ty.name());
             for order in WordOrder::ALL {
                 // One register has only two orders: with and without the byte swap.
                 let redundant = matches!(
@@ -351,10 +354,17 @@ pub fn render_read(table: Table, start: u16, words: &[u16], expect: Option<&Expe
                 let cell = if redundant {
                     String::new()
                 } else {
-                    let v = if ty == ModbusType::String {
-                        Some(Value::String(decode_string(w, order)))
-                    } else {
-                        decode_registers(w, ty, order)
+                    let v = match ty {
+                        ModbusType::String => Some(Value::String(decode_string(w, order))),
+                        // Show an f32 with the digits an f32 has (229.49, not
+                        // 229.49000549316406).
+                        ModbusType::F32 => decode_registers(w, ty, order).map(|v| match v {
+                            Value::Double(d) => {
+                                Value::Double(format!("{}", d as f32).parse().unwrap_or(d))
+                            }
+                            other => other,
+                        }),
+                        _ => decode_registers(w, ty, order),
                     };
                     match v {
                         Some(v) => {
