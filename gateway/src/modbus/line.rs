@@ -472,6 +472,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
+        use super::super::config::{ModbusTagConfig, ModbusType, Table};
+        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
+        fast.interval = Some(Duration::from_millis(100));
+        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
+        slow.interval = Some(Duration::from_secs(60));
+        let config = ModbusConfig {
+            id: "d".into(),
+            transport: Transport::Tcp {
+                host: "h".into(),
+                port: 502,
+            },
+            unit: 1,
+            poll_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            max_gap: 16,
+            max_registers: 125,
+            max_backoff: Duration::from_secs(60),
+            identify: false,
+            tags: vec![
+                ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
+                slow,
+                fast,
+                ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
+            ],
+            identity: Default::default(),
+        };
+        let unit = Unit::new(config, vec![10, 11, 12, 13]);
+        let groups: Vec<_> = unit
+            .groups
+            .iter()
+            .map(|g| {
+                let tags: Vec<_> = g
+                    .plan
+                    .iter()
+                    .flat_map(|r| r.tags.iter().map(|t| t.0))
+                    .collect();
+                (g.interval, g.plan.len(), tags)
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                (Duration::from_millis(100), 1, vec![2]),
+                (Duration::from_secs(1), 1, vec![0, 3]),
+                (Duration::from_secs(60), 1, vec![1]),
+            ]
+        );
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_ceiling() {
         let s = Duration::from_secs(1);
         let max = Duration::from_secs(60);
