@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::modbus::config::ModbusTcpConfig;
+use crate::modbus::config::ModbusConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -104,19 +104,20 @@ pub struct BufferConfig {
 /// One device, with its protocol's settings.
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
-    ModbusTcp(ModbusTcpConfig),
+    /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
+    Modbus(ModbusConfig),
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
-            DeviceConfig::ModbusTcp(c) => &c.id,
+            DeviceConfig::Modbus(c) => &c.id,
         }
     }
 
     pub fn tag_count(&self) -> usize {
         match self {
-            DeviceConfig::ModbusTcp(c) => c.tags.len(),
+            DeviceConfig::Modbus(c) => c.tags.len(),
         }
     }
 
@@ -126,13 +127,13 @@ impl DeviceConfig {
         device_index: u32,
     ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
         match self {
-            DeviceConfig::ModbusTcp(c) => c.manifest(device_index),
+            DeviceConfig::Modbus(c) => c.manifest(device_index),
         }
     }
 }
 
 /// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
+pub const PROTOCOLS: &[&str] = &["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp"];
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(128).expect("128 is not zero")
@@ -211,6 +212,10 @@ impl Problems {
         });
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// Deserializes `value` as `T`, recording the first problem inside it
     /// under `base` (the key path of `value` itself).
     pub(crate) fn parse<T: DeserializeOwned>(
@@ -285,7 +290,9 @@ impl Config {
             Some(toml::Value::Array(items)) => items
                 .into_iter()
                 .enumerate()
-                .filter_map(|(i, item)| parse_device(&format!("devices[{i}]"), item, &mut problems))
+                .filter_map(|(i, item)| {
+                    parse_device(&format!("devices[{i}]"), item, base_dir, &mut problems)
+                })
                 .collect(),
             Some(other) => {
                 problems.push(
@@ -350,6 +357,7 @@ impl Config {
                 );
             }
         }
+        crate::modbus::check_lines(&devices, &mut problems);
         let mut seen = HashSet::new();
         for (i, d) in devices.iter().enumerate() {
             if !seen.insert(d.id().to_string()) {
@@ -388,7 +396,12 @@ impl Config {
     }
 }
 
-fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Option<DeviceConfig> {
+fn parse_device(
+    path: &str,
+    item: toml::Value,
+    base_dir: &Path,
+    problems: &mut Problems,
+) -> Option<DeviceConfig> {
     let toml::Value::Table(mut table) = item else {
         problems.push(
             path,
@@ -417,8 +430,9 @@ fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Optio
         }
     };
     match protocol.as_str() {
-        "modbus-tcp" => {
-            crate::modbus::config::parse_tcp(path, table, problems).map(DeviceConfig::ModbusTcp)
+        "modbus-tcp" | "modbus-rtu" | "modbus-rtu-over-tcp" => {
+            crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
+                .map(DeviceConfig::Modbus)
         }
         other => {
             problems.push(
@@ -531,7 +545,9 @@ type = "f32"
         let p = problems(&dup);
         assert_eq!(
             p,
-            ["devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`"]
+            [
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`"
+            ]
         );
     }
 

@@ -27,7 +27,6 @@ use tracing::info;
 use crate::buffer::Buffer;
 use crate::collector::{Collector, PointSink};
 use crate::config::{Config, DeviceConfig};
-use crate::modbus::ModbusTcpCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -36,7 +35,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// writer commits what they handed over, then the uplink gets a short grace
 /// period to deliver before the process exits. Nothing committed is lost by
 /// stopping: it is sent on the next start.
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let key_file = config
         .gateway
         .key_file
@@ -69,6 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             gateway_id: config.gateway.id.clone(),
         }),
     );
+    modbus::identify_all(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(manifest.version, &manifest.encode_to_vec())?;
     let stats = buffer.stats()?;
@@ -94,6 +94,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         committed: committed_tx,
     };
     let writer_task = tokio::spawn(writer.run(rx));
+    // The buffer holds the manifest now; at 100k tags this copy is ~14 MB.
+    drop(manifest);
 
     let uplink_cancel = CancellationToken::new();
     let uplink = uplink::Uplink {
@@ -107,15 +109,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let collectors = TaskTracker::new();
     let collect_cancel = shutdown.child_token();
     let firsts = manifest::first_tag_of_devices(&config);
+    let mut modbus_devices = Vec::new();
     for (device, first) in config.devices.into_iter().zip(firsts) {
         match device {
-            DeviceConfig::ModbusTcp(c) => {
-                let ids = (first..first + c.tags.len() as u32).collect();
-                collectors.spawn(
-                    ModbusTcpCollector::new(c, ids).run(sink.clone(), collect_cancel.clone()),
-                );
-            }
+            DeviceConfig::Modbus(c) => modbus_devices.push((c, first)),
         }
+    }
+    for line in modbus::lines(modbus_devices) {
+        collectors.spawn(line.run(sink.clone(), collect_cancel.clone()));
     }
     drop(sink);
     collectors.close();

@@ -39,6 +39,17 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
+    /// Talk to devices directly, for installers: read, scan, dry-run a config.
+    Probe {
+        #[command(subcommand)]
+        target: ProbeTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProbeTarget {
+    /// Modbus TCP, RTU on a serial port, RTU over TCP.
+    Modbus(guantong_gateway::modbus::probe::ModbusProbe),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +109,25 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Probe { target } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let result = match target {
+                ProbeTarget::Modbus(p) => runtime.block_on(guantong_gateway::modbus::probe::run(p)),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(guantong_gateway::modbus::probe::ProbeError::Config(e)) => {
+                    eprint!("{e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             init_tracing();
             let config = match Config::load(&config) {
@@ -107,15 +137,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -128,6 +151,19 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            None
         }
     }
 }

@@ -11,6 +11,10 @@
 //! | `0x0002_0002` | could not connect to the device                    |
 //! | `0x0002_0003` | connection broken while reading                    |
 //! | `0x0002_0004` | malformed or mismatched answer                     |
+//! | `0x0002_0005` | CRC error or garbled RTU frame                     |
+//! | `0x0002_0006` | not polled: the unit stopped answering and is      |
+//! |               | polled less often until it answers again (backoff) |
+//! | `0x0003_0001` | value outside the tag's declared valid range       |
 
 use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
@@ -20,6 +24,39 @@ pub const TIMEOUT: u32 = 0x0002_0001;
 pub const CONNECT_FAILED: u32 = 0x0002_0002;
 pub const TRANSPORT_ERROR: u32 = 0x0002_0003;
 pub const MALFORMED: u32 = 0x0002_0004;
+pub const FRAME_ERROR: u32 = 0x0002_0005;
+pub const BACKING_OFF: u32 = 0x0002_0006;
+pub const OUT_OF_RANGE: u32 = 0x0003_0001;
+
+/// What a quality code means, for people (the table above).
+pub fn describe(code: u32) -> String {
+    match code {
+        0 => "good".into(),
+        c if c & 0xFFFF_FF00 == MODBUS_EXCEPTION => {
+            let e = c & 0xFF;
+            let name = match e {
+                1 => "illegal function",
+                2 => "illegal data address",
+                3 => "illegal data value",
+                4 => "server device failure",
+                5 => "acknowledge",
+                6 => "server device busy",
+                10 => "gateway path unavailable",
+                11 => "gateway target device failed to respond",
+                _ => "exception",
+            };
+            format!("modbus exception {e} ({name})")
+        }
+        TIMEOUT => "no answer within the timeout".into(),
+        CONNECT_FAILED => "could not connect".into(),
+        TRANSPORT_ERROR => "connection broken while reading".into(),
+        MALFORMED => "malformed or mismatched answer".into(),
+        FRAME_ERROR => "CRC error or garbled frame".into(),
+        BACKING_OFF => "not polled: unit stopped answering (backing off)".into(),
+        OUT_OF_RANGE => "value outside the declared valid range".into(),
+        c => format!("code {c:#010x}"),
+    }
+}
 
 /// One collected value of one tag.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,14 +7,25 @@
 //! covers them, so each poll yields a distinct value and a test can check that
 //! every value arrived exactly once. `set_fault(true)` makes the device answer
 //! every request with exception 4 (server device failure) without counting.
+//! `set_hole(a)` makes holding register `a` absent: any read covering it is
+//! answered with exception 2 (illegal data address), as real devices do.
+//! Function 43/14 answers vendor `Guantong`, product `SIM-1`, revision `1.0`.
+//!
+//! `SimBus` puts several `SimDevice`s on one RTU line, by unit id, served
+//! over RTU-over-TCP or over a pseudo-terminal pair (`serve_pty`); a unit id
+//! with no device never answers, like a dead unit on RS-485.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_modbus::prelude::{
+    ConformityLevel, DeviceIdObject, ExceptionCode, ReadCode, ReadDeviceIdentificationResponse,
+    Request, Response, SlaveRequest,
+};
 use tokio_modbus::server::tcp::Server;
 
 pub const COUNTER_ADDR: u16 = 0;
@@ -32,6 +43,8 @@ pub struct SimState {
     pub animate: bool,
     pub requests: u64,
     pub exceptions: u64,
+    /// Holding registers the device does not have.
+    pub holes: Vec<u16>,
 }
 
 #[derive(Clone)]
@@ -93,8 +106,20 @@ impl SimDevice {
                 animate: false,
                 requests: 0,
                 exceptions: 0,
+                holes: Vec::new(),
             })),
         }
+    }
+
+    /// The standard map with `n` (at least 200) holding and input
+    /// registers, for benchmarks with many tags.
+    pub fn with_size(n: usize) -> SimDevice {
+        let sim = SimDevice::new();
+        sim.with(|s| {
+            s.holding.resize(n.max(200), 0);
+            s.input.resize(n.max(200), 0);
+        });
+        sim
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&mut SimState) -> T) -> T {
@@ -104,6 +129,14 @@ impl SimDevice {
 
     pub fn set_fault(&self, fault: bool) {
         self.with(|s| s.fault = fault);
+    }
+
+    pub fn set_hole(&self, address: u16) {
+        self.with(|s| s.holes.push(address));
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.with(|s| s.requests)
     }
 
     pub fn counter(&self) -> u32 {
@@ -150,6 +183,10 @@ impl SimDevice {
         let result = match request {
             Request::ReadHoldingRegisters(addr, cnt) => {
                 let r = range(addr, cnt, s.holding.len())?;
+                if s.holes.iter().any(|h| r.contains(&usize::from(*h))) {
+                    s.exceptions += 1;
+                    return Err(ExceptionCode::IllegalDataAddress);
+                }
                 if r.contains(&usize::from(COUNTER_ADDR)) {
                     s.counter += 1;
                     let [a, b] = words_be(s.counter.to_be_bytes());
@@ -171,6 +208,21 @@ impl SimDevice {
                 let r = range(addr, cnt, s.discrete.len())?;
                 Ok(Response::ReadDiscreteInputs(s.discrete[r].to_vec()))
             }
+            Request::ReadDeviceIdentification(_, _) => Ok(Response::ReadDeviceIdentification(
+                ReadDeviceIdentificationResponse {
+                    read_code: ReadCode::Basic,
+                    conformity_level: ConformityLevel::BasicIdentificationStreamOnly,
+                    more_follows: false,
+                    next_object_id: 0,
+                    device_id_objects: [(0u8, "Guantong"), (1, "SIM-1"), (2, "1.0")]
+                        .into_iter()
+                        .map(|(id, v)| DeviceIdObject {
+                            id,
+                            value: bytes::Bytes::from_static(v.as_bytes()),
+                        })
+                        .collect(),
+                },
+            )),
             _ => Err(ExceptionCode::IllegalFunction),
         };
         if result.is_err() {
@@ -203,20 +255,116 @@ impl tokio_modbus::server::Service for SimDevice {
     }
 }
 
+/// Several simulated units on one RTU line. Unit ids without a device never
+/// answer.
+#[derive(Clone, Default)]
+pub struct SimBus {
+    units: Arc<Mutex<BTreeMap<u8, SimDevice>>>,
+}
+
+impl SimBus {
+    pub fn new(units: &[(u8, SimDevice)]) -> SimBus {
+        SimBus {
+            units: Arc::new(Mutex::new(units.iter().cloned().collect())),
+        }
+    }
+
+    /// Serves RTU frames over TCP (a serial device server) on `addr`.
+    pub async fn serve_rtu_over_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let bus = self.clone();
+        let task = tokio::spawn(async move {
+            let server = tokio_modbus::server::rtu_over_tcp::Server::new(listener);
+            let on_connected = |stream, _peer| {
+                let bus = bus.clone();
+                async move { Ok(Some((bus, stream))) }
+            };
+            if let Err(e) = server.serve(&on_connected, |_err| {}).await {
+                tracing::warn!(error = %e, "simulated line stopped");
+            }
+        });
+        Ok((local, task))
+    }
+
+    /// Serves RTU on the master side of a new pseudo-terminal pair; returns
+    /// the path of the slave side (what the gateway opens as its serial
+    /// port) and a plain handle on it, which must stay open while the test
+    /// runs (with no slave handle open the master fails).
+    pub fn serve_pty(&self) -> std::io::Result<(String, std::fs::File, JoinHandle<()>)> {
+        use tokio_serial::SerialPort;
+        let (master, slave) = tokio_serial::SerialStream::pair()?;
+        let path = slave
+            .name()
+            .ok_or_else(|| std::io::Error::other("the pty has no name"))?;
+        // serialport holds an exclusive flock on the slave it opened, as the
+        // gateway will on its own handle: keep the pty alive with a plain
+        // handle instead, then let go of the locked one.
+        let keep = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        drop(slave);
+        let bus = self.clone();
+        let task = tokio::spawn(async move {
+            let server = tokio_modbus::server::rtu::Server::new(master);
+            if let Err(e) = server.serve_forever(bus).await {
+                tracing::warn!(error = %e, "simulated serial line stopped");
+            }
+        });
+        Ok((path, keep, task))
+    }
+}
+
+impl tokio_modbus::server::Service for SimBus {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = std::future::Ready<Result<Option<Response>, ExceptionCode>>;
+
+    fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
+        let device = self
+            .units
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&req.slave)
+            .cloned();
+        std::future::ready(match device {
+            Some(d) => d.answer(req.request).map(Some),
+            None => Ok(None),
+        })
+    }
+}
+
 /// Gateway config `[[devices]]` entry for the simulator's map, with the
 /// expected decoded value of each tag (None for the counter).
 pub fn standard_device_toml(id: &str, addr: SocketAddr, poll_interval: &str) -> String {
-    format!(
-        r#"
-[[devices]]
-id = "{id}"
-protocol = "modbus-tcp"
-host = "{host}"
-port = {port}
-unit = 1
-poll_interval = "{poll_interval}"
-timeout = "500ms"
+    standard_device_with(
+        id,
+        &format!(
+            "protocol = \"modbus-tcp\"\nhost = \"{}\"\nport = {}\nunit = 1\npoll_interval = \"{poll_interval}\"\ntimeout = \"500ms\"",
+            addr.ip(),
+            addr.port()
+        ),
+    )
+}
 
+/// A `[[devices]]` entry with the simulator's tags and `settings` (protocol,
+/// connection, unit, intervals) as TOML lines.
+pub fn standard_device_with(id: &str, settings: &str) -> String {
+    format!(
+        "\n[[devices]]\nid = \"{id}\"\n{settings}\n{}",
+        standard_tags_toml()
+    )
+}
+
+/// The `[[devices.tags]]` of the simulator's map (any transport).
+pub fn standard_tags_toml() -> String {
+    String::from(
+        r#"
 [[devices.tags]]
 name = "counter"
 table = "holding"
@@ -282,8 +430,6 @@ table = "discrete"
 address = 0
 type = "bool"
 "#,
-        host = addr.ip(),
-        port = addr.port(),
     )
 }
 

@@ -60,7 +60,7 @@ fn a_wrong_key_is_named_with_its_path() {
     assert_eq!(code, Some(2));
     assert_eq!(
         stderr,
-        "FILE: 1 problem\n  FILE: devices[0].tags[0].adress: unknown field `adress`, expected one of `name`, `table`, `address`, `type`, `order`, `scale`, `offset`, `unit`\n"
+        "FILE: 1 problem\n  FILE: devices[0].tags[0].adress: unknown field `adress`, expected one of `name`, `table`, `address`, `type`, `bit`, `length`, `order`, `scale`, `offset`, `unit`, `min`, `max`, `interval`\n"
     );
 }
 
@@ -192,4 +192,92 @@ fn the_readme_config_reference_lists_every_key() {
             );
         }
     }
+}
+
+#[test]
+fn every_template_passes_check() {
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/templates");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&templates).expect("configs/templates/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let text = format!(
+            "{}\n[[devices]]\nid = \"templated\"\nprotocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyUSB0\"\ntemplate = \"{}\"\n",
+            VALID.split("[[devices]]").next().expect("VALID has a head"),
+            path.display()
+        );
+        let (code, stdout, stderr) = check(&text);
+        assert_eq!(code, Some(0), "{}: {stderr}", path.display());
+        assert!(stdout.contains("ok (1 devices"), "{stdout}");
+        n += 1;
+    }
+    assert!(n >= 2, "expected templates in {}", templates.display());
+}
+
+#[test]
+fn address_notation_mistakes_are_explained() {
+    let cases = [
+        ("address = 7", "`7` is ambiguous without `table`"),
+        ("address = 20001", "leading digit 2 names no table"),
+        ("address = 40000", "register number 0 is outside 1-9999"),
+        (
+            "table = \"holding\"\naddress = \"40001\"",
+            "with `table`, `address` is a zero-based offset",
+        ),
+        (
+            "table = \"holding\"\naddress = 70000",
+            "70000 is not a zero-based offset 0-65535",
+        ),
+    ];
+    for (address, message) in cases {
+        let text = VALID.replace("table = \"holding\"\naddress = 0", address);
+        let (code, _, stderr) = check(&text);
+        assert_eq!(code, Some(2), "{address}: {stderr}");
+        assert!(
+            stderr.contains("devices[0].tags[0].address: ") && stderr.contains(message),
+            "{address}: {stderr}"
+        );
+    }
+    let (code, _, stderr) =
+        check(&VALID.replace("table = \"holding\"\naddress = 0", "address = 40001"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn transport_keys_of_another_protocol_are_rejected() {
+    let text = VALID.replace("port = 502", "port = 502\nbaud_rate = 9600");
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr
+            .contains("devices[0].baud_rate: `baud_rate` does not apply to protocol `modbus-tcp`"),
+        "{stderr}"
+    );
+    // Two devices on one serial line must agree on its settings and units.
+    let head = VALID.split("[[devices]]").next().expect("head");
+    let dev = |id: &str, unit: u8, baud: u32| {
+        format!(
+            "[[devices]]\nid = \"{id}\"\nprotocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyS1\"\nbaud_rate = {baud}\nunit = {unit}\n[[devices.tags]]\nname = \"t\"\naddress = 40001\ntype = \"u16\"\n"
+        )
+    };
+    let text = format!(
+        "{head}{}{}{}",
+        dev("a", 1, 9600),
+        dev("b", 1, 9600),
+        dev("c", 2, 19200)
+    );
+    let (code, _, stderr) = check(&text);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("devices[1].unit: unit 1 is already used on serial /dev/ttyS1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "devices[2]: shares serial /dev/ttyS1 with devices[0] but not its line settings"
+        ),
+        "{stderr}"
+    );
 }

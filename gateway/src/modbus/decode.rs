@@ -6,35 +6,49 @@
 use guantong_proto::v1::point::Value;
 
 use super::config::{ModbusTagConfig, ModbusType, WordOrder};
+use crate::quality;
 
-/// The raw bytes of `words`, most significant first, after applying `order`.
-fn ordered_bytes(words: &[u16], order: WordOrder) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 2);
-    let push = |out: &mut Vec<u8>, w: u16, swap_bytes: bool| {
+/// The raw bytes of up to four `words`, most significant first, after
+/// applying `order` (no allocation: this runs for every point).
+fn ordered_bytes(words: &[u16], order: WordOrder) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    let n = words.len().min(4);
+    let swap_bytes = matches!(order, WordOrder::Badc | WordOrder::Dcba);
+    let reverse = matches!(order, WordOrder::Cdab | WordOrder::Dcba);
+    for i in 0..n {
+        let w = if reverse { words[n - 1 - i] } else { words[i] };
         let b = if swap_bytes {
             w.to_le_bytes()
         } else {
             w.to_be_bytes()
         };
-        out.extend_from_slice(&b);
-    };
-    match order {
-        WordOrder::Abcd => words.iter().for_each(|&w| push(&mut out, w, false)),
-        WordOrder::Badc => words.iter().for_each(|&w| push(&mut out, w, true)),
-        WordOrder::Cdab => words.iter().rev().for_each(|&w| push(&mut out, w, false)),
-        WordOrder::Dcba => words.iter().rev().for_each(|&w| push(&mut out, w, true)),
+        out[2 * i..2 * i + 2].copy_from_slice(&b);
     }
     out
 }
 
 /// Decodes one register-table value from exactly `data_type.words()` words.
+/// `Bool` and `String` need more than the type (`decode_tag` handles them).
 pub fn decode_registers(words: &[u16], data_type: ModbusType, order: WordOrder) -> Option<Value> {
     if words.len() != usize::from(data_type.words()) {
         return None;
     }
+    // One register, the common case: no byte shuffling beyond a swap.
+    if let [w] = words {
+        let w = if matches!(order, WordOrder::Badc | WordOrder::Dcba) {
+            w.swap_bytes()
+        } else {
+            *w
+        };
+        return match data_type {
+            ModbusType::U16 => Some(Value::Uint(u64::from(w))),
+            ModbusType::I16 => Some(Value::Int(i64::from(w as i16))),
+            _ => None,
+        };
+    }
     let b = ordered_bytes(words, order);
     let v = match data_type {
-        ModbusType::Bool => return None,
+        ModbusType::Bool | ModbusType::String => return None,
         ModbusType::U16 => Value::Uint(u64::from(u16::from_be_bytes(b[..2].try_into().ok()?))),
         ModbusType::I16 => Value::Int(i64::from(i16::from_be_bytes(b[..2].try_into().ok()?))),
         ModbusType::U32 => Value::Uint(u64::from(u32::from_be_bytes(b[..4].try_into().ok()?))),
@@ -45,6 +59,69 @@ pub fn decode_registers(words: &[u16], data_type: ModbusType, order: WordOrder) 
         ModbusType::F64 => Value::Double(f64::from_be_bytes(b[..8].try_into().ok()?)),
     };
     Some(v)
+}
+
+/// An ASCII string packed two characters per register, first character in
+/// the high byte (`BADC`/`DCBA`: in the low byte). Trailing NULs and spaces
+/// are dropped; bytes outside printable ASCII become U+FFFD.
+pub fn decode_string(words: &[u16], order: WordOrder) -> String {
+    let swap = matches!(order, WordOrder::Badc | WordOrder::Dcba);
+    let bytes: Vec<u8> = words
+        .iter()
+        .flat_map(|w| {
+            if swap {
+                w.to_le_bytes()
+            } else {
+                w.to_be_bytes()
+            }
+        })
+        .collect();
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && b != b' ')
+        .map_or(0, |i| i + 1);
+    bytes[..end]
+        .iter()
+        .map(|&b| {
+            if b == b' ' || b.is_ascii_graphic() {
+                char::from(b)
+            } else {
+                char::REPLACEMENT_CHARACTER
+            }
+        })
+        .collect()
+}
+
+/// Decodes a register tag from exactly `tag.words()` words: its type, bit,
+/// scale and offset, then its valid range. `Err` is the quality code.
+pub fn decode_tag(tag: &ModbusTagConfig, words: &[u16]) -> Result<Value, u32> {
+    if words.len() != usize::from(tag.words()) {
+        return Err(quality::MALFORMED);
+    }
+    let raw = match (tag.data_type, tag.bit) {
+        (ModbusType::Bool, Some(bit)) => {
+            return Ok(Value::Bool(
+                words[0].checked_shr(u32::from(bit)).unwrap_or(0) & 1 == 1,
+            ));
+        }
+        (ModbusType::String, _) => return Ok(Value::String(decode_string(words, tag.order))),
+        (t, _) => decode_registers(words, t, tag.order).ok_or(quality::MALFORMED)?,
+    };
+    let value = engineering_value(tag, raw);
+    if tag.min.is_some() || tag.max.is_some() {
+        let x = match value {
+            Value::Int(i) => i as f64,
+            Value::Uint(u) => u as f64,
+            Value::Double(d) => d,
+            _ => return Ok(value),
+        };
+        // NaN is outside every range.
+        let inside = tag.min.is_none_or(|lo| x >= lo) && tag.max.is_none_or(|hi| x <= hi);
+        if !inside {
+            return Err(quality::OUT_OF_RANGE);
+        }
+    }
+    Ok(value)
 }
 
 /// Applies a tag's scale and offset; unscaled values keep their type.
@@ -138,6 +215,139 @@ mod tests {
         assert_eq!(
             decode_registers(&[], ModbusType::U16, WordOrder::Abcd),
             None
+        );
+    }
+
+    /// Every numeric type in every order, from one set of golden words: the
+    /// bytes 01 02 03 04 05 06 07 08 as each order puts them on the wire.
+    #[test]
+    fn golden_every_type_in_every_order() {
+        // Wire words for the logical big-endian bytes 0x01..=0x08 (64-bit) and
+        // 0x01..=0x04 (32-bit) and 0x01 0x02 (16-bit), per order.
+        let w64 = |o| match o {
+            WordOrder::Abcd => [0x0102, 0x0304, 0x0506, 0x0708],
+            WordOrder::Badc => [0x0201, 0x0403, 0x0605, 0x0807],
+            WordOrder::Cdab => [0x0708, 0x0506, 0x0304, 0x0102],
+            WordOrder::Dcba => [0x0807, 0x0605, 0x0403, 0x0201],
+        };
+        let w32 = |o| match o {
+            WordOrder::Abcd => [0x0102, 0x0304],
+            WordOrder::Badc => [0x0201, 0x0403],
+            WordOrder::Cdab => [0x0304, 0x0102],
+            WordOrder::Dcba => [0x0403, 0x0201],
+        };
+        let w16 = |o| match o {
+            WordOrder::Abcd | WordOrder::Cdab => [0x8102],
+            WordOrder::Badc | WordOrder::Dcba => [0x0281],
+        };
+        for order in WordOrder::ALL {
+            let d = |w: &[u16], t| decode_registers(w, t, order);
+            assert_eq!(
+                d(&w16(order), ModbusType::U16),
+                Some(Value::Uint(0x8102)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w16(order), ModbusType::I16),
+                Some(Value::Int(0x8102u16 as i16 as i64)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w32(order), ModbusType::U32),
+                Some(Value::Uint(0x0102_0304)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w32(order), ModbusType::I32),
+                Some(Value::Int(0x0102_0304)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w32(order), ModbusType::F32),
+                Some(Value::Double(f64::from(f32::from_bits(0x0102_0304)))),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w64(order), ModbusType::U64),
+                Some(Value::Uint(0x0102_0304_0506_0708)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w64(order), ModbusType::I64),
+                Some(Value::Int(0x0102_0304_0506_0708)),
+                "{order:?}"
+            );
+            assert_eq!(
+                d(&w64(order), ModbusType::F64),
+                Some(Value::Double(f64::from_bits(0x0102_0304_0506_0708))),
+                "{order:?}"
+            );
+        }
+        // Negative values: sign comes from the most significant byte in every order.
+        assert_eq!(
+            decode_registers(&[0xFFFF, 0xFFFE], ModbusType::I32, WordOrder::Cdab),
+            Some(Value::Int(-65537))
+        );
+        assert_eq!(
+            decode_registers(&[0xFEFF, 0xFFFF], ModbusType::I32, WordOrder::Dcba),
+            Some(Value::Int(-2))
+        );
+    }
+
+    #[test]
+    fn bits_strings_scale_and_range() {
+        let mut t = ModbusTagConfig::new(
+            "b",
+            super::super::config::Table::Holding,
+            0,
+            ModbusType::Bool,
+        );
+        t.bit = Some(15);
+        assert_eq!(decode_tag(&t, &[0x8000]), Ok(Value::Bool(true)));
+        t.bit = Some(0);
+        assert_eq!(decode_tag(&t, &[0x8000]), Ok(Value::Bool(false)));
+        assert_eq!(decode_tag(&t, &[0x0001]), Ok(Value::Bool(true)));
+
+        let mut s = ModbusTagConfig::new(
+            "s",
+            super::super::config::Table::Holding,
+            0,
+            ModbusType::String,
+        );
+        s.length = 3;
+        assert_eq!(
+            decode_tag(&s, &[0x5344, 0x4D36, 0x3330]),
+            Ok(Value::String("SDM630".into()))
+        );
+        assert_eq!(
+            decode_tag(&s, &[0x4142, 0x4300, 0x0000]),
+            Ok(Value::String("ABC".into()))
+        );
+        s.order = WordOrder::Badc;
+        assert_eq!(
+            decode_tag(&s, &[0x4241, 0x0043, 0x2020]),
+            Ok(Value::String("ABC".into()))
+        );
+        assert_eq!(decode_tag(&s, &[0x4241]), Err(quality::MALFORMED));
+        assert_eq!(
+            decode_tag(&s, &[0x01FF, 0, 0]),
+            Ok(Value::String("\u{FFFD}\u{FFFD}".into()))
+        );
+
+        let mut v =
+            ModbusTagConfig::new("v", super::super::config::Table::Input, 0, ModbusType::U16);
+        v.scale = 0.1;
+        v.min = Some(0.0);
+        v.max = Some(300.0);
+        assert_eq!(decode_tag(&v, &[2295]), Ok(Value::Double(229.5)));
+        assert_eq!(decode_tag(&v, &[3001]), Err(quality::OUT_OF_RANGE));
+        let mut f =
+            ModbusTagConfig::new("f", super::super::config::Table::Input, 0, ModbusType::F32);
+        f.max = Some(1.0);
+        assert_eq!(
+            decode_tag(&f, &[0x7FC0, 0]),
+            Err(quality::OUT_OF_RANGE),
+            "NaN is out of range"
         );
     }
 }

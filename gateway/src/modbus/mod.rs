@@ -1,201 +1,140 @@
-//! Modbus TCP collector.
+//! Modbus collection: TCP, RTU on serial ports and RTU over TCP.
 //!
-//! Design: one task per device. At start-up the device's tags are planned into
-//! the fewest read requests (`plan`). Each poll cycle sends them one after the
-//! other on one connection, each under the device timeout. A device exception
-//! marks only that request's tags Bad (with the exception code); a timeout or a
-//! broken connection marks the remaining tags of the cycle Bad and drops the
-//! connection, which is rebuilt at the next cycle (a late answer would
-//! otherwise be taken for the next request's). One device never delays
-//! another: each has its own task and timeouts.
+//! Design: devices are grouped into lines (`line`): a Modbus TCP device is a
+//! line of its own; devices on one serial port or one serial device server
+//! share a line, owned by one task that polls their unit ids strictly one at
+//! a time. Tags are planned per unit and poll group into the fewest read
+//! requests (`plan`), decoded by `decode`, and every failure becomes a Bad
+//! point with a code from `crate::quality` — never a panic, whatever bytes a
+//! device sends. `transport` opens connections and classifies answers;
+//! `probe` is the installer's command line.
+//!
+//! Modules: `config` (device and tag keys, address notation, templates),
+//! `plan`, `decode`, `transport`, `line` (scheduling, backoff, exception
+//! splitting), `probe`.
 
 pub mod config;
 pub mod decode;
+pub mod line;
 pub mod plan;
+pub mod probe;
+pub mod transport;
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use tokio::time::{MissedTickBehavior, timeout};
-use tokio_modbus::client::{Context, Reader};
-use tokio_modbus::prelude::{Slave, tcp};
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tokio::task::JoinSet;
+use tracing::info;
 
-use crate::collector::{Collector, PointSink};
-use crate::quality::{self, Sample, now_ms};
-use config::{ModbusTcpConfig, Table};
-use plan::ReadRequest;
+use crate::config::{DeviceConfig, Problems};
+use config::{ModbusConfig, Transport};
+use line::{Line, Unit};
 
-pub struct ModbusTcpCollector {
-    config: ModbusTcpConfig,
-    /// Manifest index of each of `config.tags`.
-    tag_ids: Vec<u32>,
-    plan: Vec<ReadRequest>,
+/// Groups devices (with the manifest index of their first tag) into lines,
+/// in config order.
+pub fn lines(devices: Vec<(ModbusConfig, u32)>) -> Vec<Line> {
+    let mut grouped: BTreeMap<String, (usize, Vec<Unit>)> = BTreeMap::new();
+    for (n, (config, first)) in devices.into_iter().enumerate() {
+        let key = config.transport.line_key(&config.id);
+        let ids = (first..first + config.tags.len() as u32).collect();
+        grouped
+            .entry(key)
+            .or_insert_with(|| (n, Vec::new()))
+            .1
+            .push(Unit::new(config, ids));
+    }
+    let mut lines: Vec<(usize, Line)> = grouped
+        .into_iter()
+        .map(|(key, (n, units))| (n, Line::new(key, units)))
+        .collect();
+    lines.sort_by_key(|(n, _)| *n);
+    lines.into_iter().map(|(_, l)| l).collect()
 }
 
-/// What one request returned.
-enum Answer {
-    Words(Vec<u16>),
-    Bits(Vec<bool>),
-}
-
-impl ModbusTcpCollector {
-    pub fn new(config: ModbusTcpConfig, tag_ids: Vec<u32>) -> ModbusTcpCollector {
-        let plan = plan::plan(&config.tags, config.max_gap);
-        for r in &plan {
-            info!(device = %config.id, table = r.table.name(), start = r.start, count = r.count, tags = r.tags.len(), "modbus request planned");
-        }
-        ModbusTcpCollector {
-            config,
-            tag_ids,
-            plan,
-        }
-    }
-
-    async fn connect(&self) -> Result<Context, String> {
-        let target = format!("{}:{}", self.config.host, self.config.port);
-        let addr: SocketAddr =
-            match timeout(self.config.timeout, tokio::net::lookup_host(&target)).await {
-                Ok(Ok(mut addrs)) => addrs
-                    .next()
-                    .ok_or_else(|| format!("{target} resolves to no address"))?,
-                Ok(Err(e)) => return Err(format!("cannot resolve {target}: {e}")),
-                Err(_) => return Err(format!("resolving {target} timed out")),
-            };
-        match timeout(
-            self.config.timeout,
-            tcp::connect_slave(addr, Slave(self.config.unit)),
-        )
-        .await
-        {
-            Ok(Ok(ctx)) => Ok(ctx),
-            Ok(Err(e)) => Err(format!("cannot connect to {addr}: {e}")),
-            Err(_) => Err(format!("connecting to {addr} timed out")),
-        }
-    }
-
-    /// Reads one request. Ok(Err(code)) is a Bad answer that keeps the
-    /// connection; Err(code) means the connection must be rebuilt.
-    async fn read(&self, ctx: &mut Context, r: &ReadRequest) -> Result<Result<Answer, u32>, u32> {
-        let call = async {
-            match r.table {
-                Table::Holding => ctx
-                    .read_holding_registers(r.start, r.count)
-                    .await
-                    .map(|x| x.map(Answer::Words)),
-                Table::Input => ctx
-                    .read_input_registers(r.start, r.count)
-                    .await
-                    .map(|x| x.map(Answer::Words)),
-                Table::Coil => ctx
-                    .read_coils(r.start, r.count)
-                    .await
-                    .map(|x| x.map(Answer::Bits)),
-                Table::Discrete => ctx
-                    .read_discrete_inputs(r.start, r.count)
-                    .await
-                    .map(|x| x.map(Answer::Bits)),
-            }
+/// Checks that devices sharing a line agree on its settings and do not
+/// share a unit id.
+pub(crate) fn check_lines(devices: &[DeviceConfig], problems: &mut Problems) {
+    let mut seen: BTreeMap<String, (usize, &Transport, Vec<u8>)> = BTreeMap::new();
+    for (i, d) in devices.iter().enumerate() {
+        #[allow(irrefutable_let_patterns)] // other protocols join this enum
+        let DeviceConfig::Modbus(c) = d else {
+            continue;
         };
-        match timeout(self.config.timeout, call).await {
-            Err(_) => Err(quality::TIMEOUT),
-            Ok(Err(tokio_modbus::Error::Transport(e))) => {
-                debug!(device = %self.config.id, error = %e, "modbus transport error");
-                Err(quality::TRANSPORT_ERROR)
-            }
-            Ok(Err(tokio_modbus::Error::Protocol(e))) => {
-                debug!(device = %self.config.id, error = %e, "modbus protocol error");
-                Err(quality::MALFORMED)
-            }
-            Ok(Ok(Err(exception))) => Ok(Err(
-                quality::MODBUS_EXCEPTION | u32::from(u8::from(exception))
-            )),
-            Ok(Ok(Ok(answer))) => Ok(Ok(answer)),
+        if matches!(c.transport, Transport::Tcp { .. }) {
+            continue;
         }
-    }
-
-    fn decode(&self, r: &ReadRequest, answer: &Answer, time_ms: i64, out: &mut Vec<Sample>) {
-        for &(i, offset) in &r.tags {
-            let tag = &self.config.tags[i];
-            let id = self.tag_ids[i];
-            let offset = usize::from(offset);
-            let value = match answer {
-                Answer::Bits(bits) => bits
-                    .get(offset)
-                    .map(|&b| guantong_proto::v1::point::Value::Bool(b)),
-                Answer::Words(words) => words
-                    .get(offset..offset + usize::from(tag.data_type.words()))
-                    .and_then(|w| decode::decode_registers(w, tag.data_type, tag.order))
-                    .map(|v| decode::engineering_value(tag, v)),
-            };
-            out.push(match value {
-                Some(v) => Sample::good(id, time_ms, v),
-                None => Sample::bad(id, time_ms, quality::MALFORMED),
-            });
-        }
-    }
-
-    fn mark_bad(&self, requests: &[ReadRequest], time_ms: i64, code: u32, out: &mut Vec<Sample>) {
-        for r in requests {
-            out.extend(
-                r.tags
-                    .iter()
-                    .map(|&(i, _)| Sample::bad(self.tag_ids[i], time_ms, code)),
-            );
+        let key = c.transport.line_key(&c.id);
+        match seen.get_mut(&key) {
+            None => {
+                seen.insert(key, (i, &c.transport, vec![c.unit]));
+            }
+            Some((first, transport, units)) => {
+                if *transport != &c.transport {
+                    problems.push(
+                        format!("devices[{i}]"),
+                        format!(
+                            "shares {key} with devices[{first}] but not its line settings (baud rate, framing, inter_frame_delay must match)"
+                        ),
+                    );
+                }
+                if units.contains(&c.unit) {
+                    problems.push(
+                        format!("devices[{i}].unit"),
+                        format!("unit {} is already used on {key}", c.unit),
+                    );
+                }
+                units.push(c.unit);
+            }
         }
     }
 }
 
-impl Collector for ModbusTcpCollector {
-    async fn run(self, sink: PointSink, cancel: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.config.poll_interval);
-        // Delay, not Skip or Burst: polls stay at least one interval apart, never
-        // bunched up after a stall (which would also give two polls one timestamp).
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut ctx: Option<Context> = None;
-        let mut last_error: Option<String> = None;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = ticker.tick() => {}
+/// Reads device identification (function 43/14) of every device that has
+/// `identify = true`, line by line in parallel, units of a line one at a
+/// time, and stores it in the config for the manifest. A unit that does not
+/// answer or support it costs at most its timeout and gets no identity.
+pub async fn identify_all(devices: &mut [DeviceConfig]) {
+    // Only what identification needs: a clone of a whole config would copy
+    // every tag (tens of MB at 100k tags) just to read three strings.
+    let mut by_line: BTreeMap<String, Vec<(usize, Transport, u8, Duration)>> = BTreeMap::new();
+    for (i, d) in devices.iter().enumerate() {
+        #[allow(irrefutable_let_patterns)]
+        let DeviceConfig::Modbus(c) = d else {
+            continue;
+        };
+        if c.identify {
+            by_line
+                .entry(c.transport.line_key(&c.id))
+                .or_default()
+                .push((i, c.transport.clone(), c.unit, c.timeout));
+        }
+    }
+    let mut tasks = JoinSet::new();
+    for (_, units) in by_line {
+        tasks.spawn(async move {
+            let mut found = Vec::new();
+            let Some((_, transport, _, limit)) = units.first() else {
+                return found;
+            };
+            let Ok(mut conn) = transport::connect(transport, *limit).await else {
+                return found;
+            };
+            for (i, transport, unit, limit) in &units {
+                let identity = transport::identify(&mut conn, *unit, *limit).await;
+                tokio::time::sleep(transport.inter_frame_delay()).await;
+                found.push((*i, identity));
             }
-            let mut samples = Vec::with_capacity(self.config.tags.len());
-            if ctx.is_none() {
-                match self.connect().await {
-                    Ok(c) => {
-                        info!(device = %self.config.id, "modbus device connected");
-                        last_error = None;
-                        ctx = Some(c);
-                    }
-                    Err(e) => {
-                        if last_error.as_deref() != Some(e.as_str()) {
-                            warn!(device = %self.config.id, error = %e, "modbus device unreachable");
-                            last_error = Some(e);
-                        }
-                        self.mark_bad(&self.plan, now_ms(), quality::CONNECT_FAILED, &mut samples);
-                    }
+            found
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        for (i, identity) in done.unwrap_or_default() {
+            #[allow(irrefutable_let_patterns)]
+            if let Some(DeviceConfig::Modbus(c)) = devices.get_mut(i) {
+                if !identity.is_empty() {
+                    info!(device = %c.id, ?identity, "modbus device identified");
                 }
-            }
-            if let Some(c) = ctx.as_mut() {
-                for (n, r) in self.plan.iter().enumerate() {
-                    // A value is stamped with the time its request was sent.
-                    let sent = now_ms();
-                    match self.read(c, r).await {
-                        Ok(Ok(answer)) => self.decode(r, &answer, sent, &mut samples),
-                        Ok(Err(code)) => {
-                            self.mark_bad(std::slice::from_ref(r), sent, code, &mut samples)
-                        }
-                        Err(code) => {
-                            warn!(device = %self.config.id, code = format_args!("{code:#010x}"), "modbus read failed; reconnecting");
-                            self.mark_bad(&self.plan[n..], sent, code, &mut samples);
-                            ctx = None;
-                            break;
-                        }
-                    }
-                }
-            }
-            if !sink.send(samples).await {
-                break;
+                c.identity = identity;
             }
         }
     }

@@ -3,6 +3,12 @@
 //! Tags of one table are sorted by address and merged into one request while
 //! the request stays within the protocol limit (125 registers, 2000 bits) and
 //! the unused span between neighbours is at most `max_gap`.
+//!
+//! When a device answers a merged request with an exception (it lacks an
+//! address inside the range), the collector reads the request's tags one by
+//! one (`split`), remembers the tags that fail on their own and replaces the
+//! merged request by single-tag requests for the rest: a hole in the map
+//! costs requests, never data.
 
 use super::config::{ModbusTagConfig, Table};
 
@@ -16,21 +22,35 @@ pub struct ReadRequest {
     pub tags: Vec<(usize, u16)>,
 }
 
-pub fn plan(tags: &[ModbusTagConfig], max_gap: u16) -> Vec<ReadRequest> {
-    let mut order: Vec<usize> = (0..tags.len()).collect();
+/// Plans the tags of `tags` listed in `select` (indices into `tags`), with
+/// register requests of at most `max_registers` (bits: always 2000).
+pub fn plan(
+    tags: &[ModbusTagConfig],
+    select: &[usize],
+    max_gap: u16,
+    max_registers: u16,
+) -> Vec<ReadRequest> {
+    let limit = |t: Table| {
+        if t.is_bits() {
+            t.max_quantity()
+        } else {
+            t.max_quantity().min(max_registers.max(1))
+        }
+    };
+    let mut order: Vec<usize> = select.to_vec();
     order.sort_by_key(|&i| (tags[i].table, tags[i].address));
     let mut requests: Vec<ReadRequest> = Vec::new();
     for i in order {
         let tag = &tags[i];
         let (start, end) = (
             u32::from(tag.address),
-            u32::from(tag.address) + u32::from(tag.data_type.words()),
+            u32::from(tag.address) + u32::from(tag.words()),
         );
         if let Some(last) = requests.last_mut() {
             let last_end = u32::from(last.start) + u32::from(last.count);
             let fits = last.table == tag.table
                 && start <= last_end + u32::from(max_gap)
-                && end.max(last_end) - u32::from(last.start) <= u32::from(tag.table.max_quantity());
+                && end.max(last_end) - u32::from(last.start) <= u32::from(limit(tag.table));
             if fits {
                 last.count = (end.max(last_end) - u32::from(last.start)) as u16;
                 last.tags.push((i, (start - u32::from(last.start)) as u16));
@@ -40,29 +60,102 @@ pub fn plan(tags: &[ModbusTagConfig], max_gap: u16) -> Vec<ReadRequest> {
         requests.push(ReadRequest {
             table: tag.table,
             start: tag.address,
-            count: tag.data_type.words(),
+            count: tag.words(),
             tags: vec![(i, 0)],
         });
     }
     requests
 }
 
+/// One request per tag of `r`: what a merged request that drew an
+/// exception is split into.
+pub fn split(tags: &[ModbusTagConfig], r: &ReadRequest) -> Vec<ReadRequest> {
+    r.tags
+        .iter()
+        .map(|&(i, _)| ReadRequest {
+            table: r.table,
+            start: tags[i].address,
+            count: tags[i].words(),
+            tags: vec![(i, 0)],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::config::{ModbusType, WordOrder};
+    use super::super::config::ModbusType;
     use super::*;
 
     fn tag(table: Table, address: u16, data_type: ModbusType) -> ModbusTagConfig {
-        ModbusTagConfig {
-            name: format!("{}{address}", table.name()),
+        ModbusTagConfig::new(
+            &format!("{}{address}", table.name()),
             table,
             address,
             data_type,
-            order: WordOrder::Abcd,
-            scale: 1.0,
-            offset: 0.0,
-            unit: String::new(),
-        }
+        )
+    }
+
+    fn all(tags: &[ModbusTagConfig]) -> Vec<usize> {
+        (0..tags.len()).collect()
+    }
+
+    #[test]
+    fn contiguous_registers_take_the_minimum_number_of_requests() {
+        // 300 consecutive u16: ceil(300 / 125) = 3 requests, the minimum.
+        let tags: Vec<_> = (0..300)
+            .map(|a| tag(Table::Holding, a, ModbusType::U16))
+            .collect();
+        let p = plan(&tags, &all(&tags), 0, 125);
+        let summary: Vec<_> = p.iter().map(|r| (r.start, r.count)).collect();
+        assert_eq!(summary, vec![(0, 125), (125, 125), (250, 50)]);
+        // 4000 coils: 2 requests of 2000.
+        let bits: Vec<_> = (0..4000)
+            .map(|a| tag(Table::Coil, a, ModbusType::Bool))
+            .collect();
+        assert_eq!(plan(&bits, &all(&bits), 0, 125).len(), 2);
+        // A device limit on registers per read is honoured.
+        let p = plan(&tags, &all(&tags), 0, 80);
+        assert_eq!(
+            p.iter().map(|r| r.count).collect::<Vec<_>>(),
+            vec![80, 80, 80, 60]
+        );
+        // A 64-bit value never straddles two requests.
+        let mut t: Vec<_> = (0..123)
+            .map(|a| tag(Table::Input, a, ModbusType::U16))
+            .collect();
+        t.push(tag(Table::Input, 123, ModbusType::F64));
+        let p = plan(&t, &all(&t), 0, 125);
+        assert_eq!(
+            p.iter().map(|r| (r.start, r.count)).collect::<Vec<_>>(),
+            vec![(0, 123), (123, 4)]
+        );
+    }
+
+    #[test]
+    fn exception_split_reads_every_tag_alone() {
+        let tags = vec![
+            tag(Table::Holding, 0, ModbusType::U16),
+            tag(Table::Holding, 1, ModbusType::F32),
+            tag(Table::Holding, 5, ModbusType::U16),
+        ];
+        let p = plan(&tags, &all(&tags), 16, 125);
+        assert_eq!(p.len(), 1);
+        let s = split(&tags, &p[0]);
+        let summary: Vec<_> = s
+            .iter()
+            .map(|r| (r.start, r.count, r.tags.clone()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (0, 1, vec![(0, 0)]),
+                (1, 2, vec![(1, 0)]),
+                (5, 1, vec![(2, 0)])
+            ]
+        );
+        // Planning only a selection leaves the others out.
+        let p = plan(&tags, &[0, 2], 16, 125);
+        assert_eq!(p[0].tags, vec![(0, 0), (2, 5)]);
     }
 
     #[test]
@@ -77,7 +170,7 @@ mod tests {
             tag(Table::Coil, 0, ModbusType::Bool),
             tag(Table::Holding, 220, ModbusType::U16), // 100..221 would exceed 125
         ];
-        let p = plan(&tags, 16);
+        let p = plan(&tags, &all(&tags), 16, 125);
         let summary: Vec<_> = p.iter().map(|r| (r.table, r.start, r.count)).collect();
         assert_eq!(
             summary,

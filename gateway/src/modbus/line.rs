@@ -1,0 +1,536 @@
+//! A line: one connection and the units polled over it, one at a time.
+//!
+//! A Modbus TCP device is a line of one unit. Devices on one serial port, or
+//! behind one serial device server (RTU over TCP), share a line: one task
+//! owns the connection and sends strictly one request at a time, waiting the
+//! inter-frame delay after every answer, so frames of two units never mix.
+//!
+//! Scheduling: every unit has poll groups (tags of the same interval), each
+//! with its own plan and due time. The line polls the group that is due
+//! first; a group that fell behind skips the missed ticks instead of bursting.
+//!
+//! Dead units: a unit that does not answer costs its timeout once; it is then
+//! not polled for `poll_interval × 2^(failures-1)` (at most `max_backoff`) and
+//! its points are reported Bad with `BACKING_OFF` meanwhile, so the other
+//! units of the line keep their interval. Retries are spent only on units
+//! that answered their previous poll. One answer (even an exception) ends the
+//! backoff.
+//!
+//! Exceptions: see `plan` — a merged request that draws exception 2 or 3 is
+//! split into single-tag requests; tags that fail alone are remembered and
+//! reported Bad with their exception without being read again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guantong_proto::v1::point::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::config::{ModbusConfig, Transport};
+use super::decode;
+use super::plan::{self, ReadRequest};
+use super::transport::{self, Connection, Outcome};
+use crate::collector::{Collector, PointSink};
+use crate::quality::{self, Sample, now_ms};
+
+/// One poll group of one unit.
+#[derive(Debug)]
+pub struct Group {
+    pub interval: Duration,
+    /// Shared so that a poll can walk it while the line is borrowed mutably.
+    pub plan: Arc<Vec<ReadRequest>>,
+    next: Instant,
+}
+
+/// One device (unit id) on a line.
+#[derive(Debug)]
+pub struct Unit {
+    pub config: ModbusConfig,
+    /// Manifest index of each of `config.tags`.
+    pub tag_ids: Vec<u32>,
+    pub groups: Vec<Group>,
+    /// Consecutive polls without an answer.
+    failures: u32,
+    resume_at: Option<Instant>,
+    /// Tags the device refuses on their own, with the quality code.
+    refused: HashMap<usize, u32>,
+}
+
+impl Unit {
+    pub fn new(config: ModbusConfig, tag_ids: Vec<u32>) -> Unit {
+        let mut by_interval: Vec<(Duration, Vec<usize>)> = Vec::new();
+        for (i, t) in config.tags.iter().enumerate() {
+            let interval = t.interval.unwrap_or(config.poll_interval);
+            match by_interval.iter_mut().find(|(d, _)| *d == interval) {
+                Some((_, v)) => v.push(i),
+                None => by_interval.push((interval, vec![i])),
+            }
+        }
+        by_interval.sort_by_key(|(d, _)| *d);
+        let now = Instant::now();
+        let groups = by_interval
+            .into_iter()
+            .map(|(interval, select)| Group {
+                interval,
+                plan: Arc::new(plan::plan(
+                    &config.tags,
+                    &select,
+                    config.max_gap,
+                    config.max_registers,
+                )),
+                next: now,
+            })
+            .collect();
+        Unit {
+            config,
+            tag_ids,
+            groups,
+            failures: 0,
+            resume_at: None,
+            refused: HashMap::new(),
+        }
+    }
+
+    pub fn log_plan(&self) {
+        for g in &self.groups {
+            for r in g.plan.iter() {
+                info!(
+                    device = %self.config.id,
+                    unit = self.config.unit,
+                    interval = ?g.interval,
+                    table = r.table.name(),
+                    start = r.start,
+                    count = r.count,
+                    tags = r.tags.len(),
+                    "modbus request planned"
+                );
+            }
+        }
+    }
+
+    fn bad(&self, requests: &[ReadRequest], code: u32, out: &mut Vec<Sample>) {
+        let t = now_ms();
+        for r in requests {
+            out.extend(
+                r.tags
+                    .iter()
+                    .map(|&(i, _)| Sample::bad(self.tag_ids[i], t, code)),
+            );
+        }
+    }
+
+    fn decode(&self, r: &ReadRequest, outcome: &Outcome, out: &mut Vec<Sample>) {
+        let t = now_ms();
+        for &(i, offset) in &r.tags {
+            let tag = &self.config.tags[i];
+            let id = self.tag_ids[i];
+            let offset = usize::from(offset);
+            let value = match outcome {
+                Outcome::Bits(bits) => bits
+                    .get(offset)
+                    .map(|&b| Value::Bool(b))
+                    .ok_or(quality::MALFORMED),
+                Outcome::Words(words) => words
+                    .get(offset..offset + usize::from(tag.words()))
+                    .ok_or(quality::MALFORMED)
+                    .and_then(|w| decode::decode_tag(tag, w)),
+                other => Err(other.code()),
+            };
+            out.push(match value {
+                Ok(v) => Sample::good(id, t, v),
+                Err(code) => Sample::bad(id, t, code),
+            });
+        }
+    }
+}
+
+/// The connection of a line and the units on it.
+pub struct Line {
+    pub key: String,
+    transport: Transport,
+    pub units: Vec<Unit>,
+    ctx: Option<Connection>,
+    connect_failures: u32,
+    reconnect_at: Option<Instant>,
+    last_error: Option<String>,
+    /// End of the last frame exchange: the next request waits the inter-frame
+    /// delay from here.
+    quiet_since: Option<Instant>,
+}
+
+/// Why polling a group stopped early.
+enum Stop {
+    /// The connection broke: rebuild it.
+    Reconnect,
+}
+
+impl Line {
+    pub fn new(key: String, units: Vec<Unit>) -> Line {
+        let transport =
+            units
+                .first()
+                .map(|u| u.config.transport.clone())
+                .unwrap_or(Transport::Tcp {
+                    host: String::new(),
+                    port: 0,
+                });
+        Line {
+            key,
+            transport,
+            units,
+            ctx: None,
+            connect_failures: 0,
+            reconnect_at: None,
+            last_error: None,
+            quiet_since: None,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.units
+            .iter()
+            .map(|u| u.config.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    fn max_backoff(&self) -> Duration {
+        self.units
+            .iter()
+            .map(|u| u.config.max_backoff)
+            .min()
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Connects if not connected (respecting the reconnect backoff).
+    async fn ensure_connected(&mut self) -> Result<(), u32> {
+        if self.ctx.is_some() {
+            return Ok(());
+        }
+        if self.reconnect_at.is_some_and(|t| Instant::now() < t) {
+            return Err(quality::CONNECT_FAILED);
+        }
+        match transport::connect(&self.transport, self.timeout()).await {
+            Ok(ctx) => {
+                info!(line = %self.key, "modbus line connected");
+                self.ctx = Some(ctx);
+                self.connect_failures = 0;
+                self.reconnect_at = None;
+                self.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                if self.last_error.as_deref() != Some(e.as_str()) {
+                    warn!(line = %self.key, error = %e, "modbus line unreachable");
+                    self.last_error = Some(e);
+                }
+                self.connect_failures += 1;
+                let wait = backoff(
+                    Duration::from_millis(500),
+                    self.connect_failures,
+                    self.max_backoff(),
+                );
+                self.reconnect_at = Some(Instant::now() + wait);
+                Err(quality::CONNECT_FAILED)
+            }
+        }
+    }
+
+    /// Waits the inter-frame delay, then reads.
+    async fn read(&mut self, unit: usize, r: &ReadRequest) -> Outcome {
+        let delay = self.transport.inter_frame_delay();
+        if let Some(q) = self.quiet_since
+            && !delay.is_zero()
+        {
+            tokio::time::sleep_until(q + delay).await;
+        }
+        let Some(ctx) = self.ctx.as_mut() else {
+            return Outcome::Broken("not connected".into());
+        };
+        let c = &self.units[unit].config;
+        let outcome = transport::read(ctx, c.unit, r.table, r.start, r.count, c.timeout).await;
+        self.quiet_since = Some(Instant::now());
+        outcome
+    }
+
+    /// Polls group `g` of unit `u` once, appending its samples.
+    async fn poll_group(&mut self, u: usize, g: usize, out: &mut Vec<Sample>) -> Result<(), Stop> {
+        let now = Instant::now();
+        if let Err(code) = self.ensure_connected().await {
+            let unit = &self.units[u];
+            unit.bad(&unit.groups[g].plan, code, out);
+            return Ok(());
+        }
+        if self.units[u].resume_at.is_some_and(|t| now < t) {
+            let unit = &self.units[u];
+            unit.bad(&unit.groups[g].plan, quality::BACKING_OFF, out);
+            return Ok(());
+        }
+        let requests = Arc::clone(&self.units[u].groups[g].plan);
+        out.reserve(requests.iter().map(|r| r.tags.len()).sum());
+        let mut replanned: Option<Vec<ReadRequest>> = None;
+        for (n, r) in requests.iter().enumerate() {
+            // Tags refused earlier are reported without asking again.
+            let unit = &self.units[u];
+            let mut asked = r.tags.len();
+            if !unit.refused.is_empty() {
+                for &(i, _) in &r.tags {
+                    if let Some(&code) = unit.refused.get(&i) {
+                        out.push(Sample::bad(unit.tag_ids[i], now_ms(), code));
+                        asked -= 1;
+                    }
+                }
+            }
+            if asked == 0 {
+                if let Some(p) = &mut replanned {
+                    p.push(r.clone());
+                }
+                continue;
+            }
+            let attempts = if self.units[u].failures == 0 {
+                1 + u32::from(self.units[u].config.retries)
+            } else {
+                1
+            };
+            let mut outcome = Outcome::Timeout;
+            for _ in 0..attempts {
+                outcome = self.read(u, r).await;
+                if !matches!(outcome, Outcome::Timeout | Outcome::Frame) {
+                    break;
+                }
+            }
+            match outcome {
+                Outcome::Words(_) | Outcome::Bits(_) => {
+                    self.answered(u);
+                    self.units[u].decode(r, &outcome, out);
+                }
+                Outcome::Exception(code @ (2 | 3)) if r.tags.len() > 1 => {
+                    self.answered(u);
+                    warn!(device = %self.units[u].config.id, start = r.start, count = r.count, exception = code, "merged read refused; reading its tags one by one");
+                    let singles = plan::split(&self.units[u].config.tags, r);
+                    let mut kept = Vec::new();
+                    for s in singles {
+                        let o = self.read(u, &s).await;
+                        match o {
+                            Outcome::Exception(c @ (2 | 3)) => {
+                                let (i, _) = s.tags[0];
+                                let unit = &mut self.units[u];
+                                warn!(device = %unit.config.id, tag = %unit.config.tags[i].name, exception = c, "device refuses this tag; no longer reading it");
+                                unit.refused
+                                    .insert(i, quality::MODBUS_EXCEPTION | u32::from(c));
+                                unit.bad(std::slice::from_ref(&s), o.code(), out);
+                                kept.push(s);
+                            }
+                            Outcome::Broken(_) => {
+                                self.units[u].bad(std::slice::from_ref(&s), o.code(), out);
+                                self.drop_connection(&o);
+                                return Err(Stop::Reconnect);
+                            }
+                            _ => {
+                                self.units[u].decode(&s, &o, out);
+                                kept.push(s);
+                            }
+                        }
+                    }
+                    let plan = replanned.get_or_insert_with(|| requests[..n].to_vec());
+                    plan.extend(kept);
+                    continue;
+                }
+                Outcome::Exception(_) | Outcome::Mismatch => {
+                    self.answered(u);
+                    self.units[u].bad(std::slice::from_ref(r), outcome.code(), out);
+                }
+                Outcome::Timeout | Outcome::Frame => {
+                    let unit = &mut self.units[u];
+                    unit.bad(&requests[n..], outcome.code(), out);
+                    unit.failures += 1;
+                    let wait = backoff(
+                        unit.config.poll_interval,
+                        unit.failures,
+                        unit.config.max_backoff,
+                    );
+                    if unit.failures == 1 {
+                        warn!(device = %unit.config.id, unit = unit.config.unit, code = format_args!("{:#010x}", outcome.code()), "modbus unit not answering; backing off");
+                    }
+                    unit.resume_at = Some(Instant::now() + wait);
+                    // On Modbus TCP a late answer would be taken for the
+                    // next request's: start over on a fresh connection.
+                    if matches!(self.transport, Transport::Tcp { .. }) {
+                        self.ctx = None;
+                    }
+                    if let Some(p) = &mut replanned {
+                        p.extend_from_slice(&requests[n..]);
+                    }
+                    break;
+                }
+                Outcome::Broken(_) => {
+                    self.units[u].bad(&requests[n..], outcome.code(), out);
+                    self.drop_connection(&outcome);
+                    return Err(Stop::Reconnect);
+                }
+            }
+            if let Some(p) = &mut replanned {
+                p.push(r.clone());
+            }
+        }
+        if let Some(p) = replanned {
+            self.units[u].groups[g].plan = Arc::new(p);
+        }
+        Ok(())
+    }
+
+    fn answered(&mut self, u: usize) {
+        let unit = &mut self.units[u];
+        if unit.failures > 0 {
+            info!(device = %unit.config.id, unit = unit.config.unit, "modbus unit answering again");
+        }
+        unit.failures = 0;
+        unit.resume_at = None;
+    }
+
+    fn drop_connection(&mut self, why: &Outcome) {
+        if let Outcome::Broken(e) = why {
+            warn!(line = %self.key, error = %e, "modbus connection broken; reconnecting");
+        }
+        self.ctx = None;
+        self.quiet_since = None;
+    }
+
+    /// Polls every group of every unit once (the `probe` dry run), returning
+    /// (unit index, samples).
+    pub async fn poll_once(&mut self) -> Vec<(usize, Vec<Sample>)> {
+        let mut result = Vec::new();
+        for u in 0..self.units.len() {
+            let mut samples = Vec::new();
+            for g in 0..self.units[u].groups.len() {
+                let _ = self.poll_group(u, g, &mut samples).await;
+            }
+            result.push((u, samples));
+        }
+        result
+    }
+
+    /// The group due first: (unit, group, due time).
+    fn next_due(&self) -> Option<(usize, usize, Instant)> {
+        let mut best: Option<(usize, usize, Instant)> = None;
+        for (u, unit) in self.units.iter().enumerate() {
+            for (g, group) in unit.groups.iter().enumerate() {
+                if best.is_none_or(|(_, _, t)| group.next < t) {
+                    best = Some((u, g, group.next));
+                }
+            }
+        }
+        best
+    }
+}
+
+/// `base × 2^(failures-1)`, at most `max`.
+pub fn backoff(base: Duration, failures: u32, max: Duration) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(max)
+}
+
+impl Collector for Line {
+    async fn run(mut self, sink: PointSink, cancel: CancellationToken) {
+        for u in &self.units {
+            u.log_plan();
+        }
+        loop {
+            let Some((u, g, due)) = self.next_due() else {
+                cancel.cancelled().await;
+                return;
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            {
+                let group = &mut self.units[u].groups[g];
+                group.next += group.interval;
+                let now = Instant::now();
+                if group.next <= now {
+                    // Behind (a slow line): skip the missed ticks.
+                    group.next = now + group.interval;
+                }
+            }
+            let mut samples = Vec::new();
+            // Not cancel-safe on purpose: a poll runs to its end (each read
+            // is bounded by the unit's timeout) so no frame is cut in half.
+            let _ = self.poll_group(u, g, &mut samples).await;
+            if !sink.send(samples).await {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
+        use super::super::config::{ModbusTagConfig, ModbusType, Table};
+        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
+        fast.interval = Some(Duration::from_millis(100));
+        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
+        slow.interval = Some(Duration::from_secs(60));
+        let config = ModbusConfig {
+            id: "d".into(),
+            transport: Transport::Tcp {
+                host: "h".into(),
+                port: 502,
+            },
+            unit: 1,
+            poll_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            max_gap: 16,
+            max_registers: 125,
+            max_backoff: Duration::from_secs(60),
+            identify: false,
+            tags: vec![
+                ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
+                slow,
+                fast,
+                ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
+            ],
+            identity: Default::default(),
+        };
+        let unit = Unit::new(config, vec![10, 11, 12, 13]);
+        let groups: Vec<_> = unit
+            .groups
+            .iter()
+            .map(|g| {
+                let tags: Vec<_> = g
+                    .plan
+                    .iter()
+                    .flat_map(|r| r.tags.iter().map(|t| t.0))
+                    .collect();
+                (g.interval, g.plan.len(), tags)
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            vec![
+                (Duration::from_millis(100), 1, vec![2]),
+                (Duration::from_secs(1), 1, vec![0, 3]),
+                (Duration::from_secs(60), 1, vec![1]),
+            ]
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling() {
+        let s = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        assert_eq!(backoff(s, 1, max), s);
+        assert_eq!(backoff(s, 2, max), 2 * s);
+        assert_eq!(backoff(s, 4, max), 8 * s);
+        assert_eq!(backoff(s, 10, max), max);
+        assert_eq!(backoff(s, u32::MAX, max), max);
+    }
+}
