@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::modbus::config::ModbusTcpConfig;
+use crate::mqtt::config::MqttConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -77,18 +78,21 @@ pub struct BufferConfig {
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
     ModbusTcp(ModbusTcpConfig),
+    Mqtt(Box<MqttConfig>),
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::ModbusTcp(c) => &c.id,
+            DeviceConfig::Mqtt(c) => &c.id,
         }
     }
 
     pub fn tag_count(&self) -> usize {
         match self {
             DeviceConfig::ModbusTcp(c) => c.tags.len(),
+            DeviceConfig::Mqtt(c) => c.tags.len(),
         }
     }
 
@@ -99,12 +103,13 @@ impl DeviceConfig {
     ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
         match self {
             DeviceConfig::ModbusTcp(c) => c.manifest(device_index),
+            DeviceConfig::Mqtt(c) => c.manifest(device_index),
         }
     }
 }
 
 /// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &["modbus-tcp"];
+pub const PROTOCOLS: &[&str] = &["modbus-tcp", "mqtt"];
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(8).expect("8 is not zero")
@@ -317,6 +322,16 @@ impl Config {
                 if buffer.dir.is_relative() {
                     buffer.dir = base_dir.join(&buffer.dir);
                 }
+                let mut devices = devices;
+                for d in &mut devices {
+                    if let DeviceConfig::Mqtt(m) = d {
+                        m.resolve_paths(base_dir);
+                        // Unique per gateway and device, so two gateways on
+                        // one broker never take over each other's session.
+                        m.client_id
+                            .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
+                    }
+                }
                 Ok(Config {
                     gateway,
                     uplink,
@@ -361,6 +376,8 @@ fn parse_device(path: &str, item: toml::Value, problems: &mut Problems) -> Optio
         "modbus-tcp" => {
             crate::modbus::config::parse_tcp(path, table, problems).map(DeviceConfig::ModbusTcp)
         }
+        "mqtt" => crate::mqtt::config::parse(path, table, problems)
+            .map(|c| DeviceConfig::Mqtt(Box::new(c))),
         other => {
             problems.push(
                 format!("{path}.protocol"),
@@ -472,7 +489,9 @@ type = "f32"
         let p = problems(&dup);
         assert_eq!(
             p,
-            ["devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`"]
+            [
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `mqtt`"
+            ]
         );
     }
 

@@ -10,6 +10,7 @@ pub mod collector;
 pub mod config;
 pub mod manifest;
 pub mod modbus;
+pub mod mqtt;
 pub mod quality;
 pub mod uplink;
 pub mod writer;
@@ -27,6 +28,7 @@ use crate::buffer::Buffer;
 use crate::collector::{Collector, PointSink};
 use crate::config::{Config, DeviceConfig};
 use crate::modbus::ModbusTcpCollector;
+use crate::mqtt::MqttCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -88,6 +90,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 collectors.spawn(
                     ModbusTcpCollector::new(c, ids).run(sink.clone(), collect_cancel.clone()),
                 );
+            }
+            DeviceConfig::Mqtt(c) => {
+                let ids = (first..first + c.tags.len() as u32).collect();
+                collectors
+                    .spawn(MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()));
             }
         }
     }

@@ -33,6 +33,44 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
+    /// Look at a live source and what the mapping would extract from it.
+    Probe {
+        #[command(subcommand)]
+        target: ProbeTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProbeTarget {
+    /// Subscribe to a broker and print each message, with the values the
+    /// configured mapping would extract beside it.
+    Mqtt(ProbeMqtt),
+}
+
+#[derive(clap::Args)]
+struct ProbeMqtt {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    #[arg(long)]
+    broker: String,
+    /// Topic filter to subscribe (wildcards allowed); repeat for several.
+    #[arg(long, required = true)]
+    topic: Vec<String>,
+    /// Gateway config whose MQTT devices' mappings are applied to each message.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// MQTT protocol version: 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    mqtt_version: String,
+    #[arg(long)]
+    username: Option<String>,
+    #[arg(long, env = "GUANTONG_MQTT_PASSWORD")]
+    password: Option<String>,
+    /// PEM CA certificate(s) for an `mqtts://` broker.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Stop after this many messages (default: until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
 }
 
 fn main() -> ExitCode {
@@ -54,6 +92,46 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Probe {
+            target: ProbeTarget::Mqtt(p),
+        } => {
+            let args = guantong_gateway::mqtt::probe::ProbeArgs {
+                broker: p.broker,
+                topics: p.topic,
+                config: p.config,
+                mqtt_version: if p.mqtt_version == "5" {
+                    guantong_gateway::mqtt::config::MqttVersion::V5
+                } else {
+                    guantong_gateway::mqtt::config::MqttVersion::V311
+                },
+                username: p.username,
+                password: p.password,
+                ca_file: p.ca_file,
+                count: p.count,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let cancel = CancellationToken::new();
+                tokio::spawn(signal_shutdown(cancel.clone()));
+                let mut out = std::io::stdout();
+                match guantong_gateway::mqtt::probe::run(args, &mut out, cancel).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("probe mqtt: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
         Command::Run { config } => {
             init_tracing();
             let config = match Config::load(&config) {

@@ -11,6 +11,11 @@
 //! | `0x0002_0002` | could not connect to the device                    |
 //! | `0x0002_0003` | connection broken while reading                    |
 //! | `0x0002_0004` | malformed or mismatched answer                     |
+//! | `0x0003_0001` | MQTT payload not decodable in the configured format |
+//! | `0x0003_0002` | MQTT value present but not of the tag's type        |
+//! | `0x0003_0003` | Sparkplug death certificate (NDEATH or DDEATH)      |
+//! | `0x0003_0004` | Sparkplug `seq` gap: messages between were lost     |
+//! | `0x0003_0005` | MQTT broker connection lost                         |
 
 use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
@@ -20,6 +25,11 @@ pub const TIMEOUT: u32 = 0x0002_0001;
 pub const CONNECT_FAILED: u32 = 0x0002_0002;
 pub const TRANSPORT_ERROR: u32 = 0x0002_0003;
 pub const MALFORMED: u32 = 0x0002_0004;
+pub const MQTT_MALFORMED_PAYLOAD: u32 = 0x0003_0001;
+pub const MQTT_TYPE_MISMATCH: u32 = 0x0003_0002;
+pub const SPARKPLUG_DEATH: u32 = 0x0003_0003;
+pub const SPARKPLUG_SEQ_GAP: u32 = 0x0003_0004;
+pub const MQTT_CONNECTION_LOST: u32 = 0x0003_0005;
 
 /// One collected value of one tag.
 #[derive(Debug, Clone, PartialEq)]
