@@ -2,6 +2,7 @@
 //! processes, and a client for ingest's API. Used by the scenarios in
 //! `tests/`, the demo (`guantong-demo`) and the benchmark (`guantong-bench`).
 
+pub mod mqtt;
 pub mod procs;
 pub mod proxy;
 pub mod sim;

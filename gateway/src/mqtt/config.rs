@@ -635,6 +635,58 @@ mod tests {
         assert!(BrokerAddr::parse("mqtt://").is_err());
     }
 
+    const HEAD: &str = "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n";
+
+    fn problems(devices: &str) -> Vec<String> {
+        crate::config::Config::parse(&format!("{HEAD}{devices}"), Path::new("/etc/g"))
+            .expect_err("rejected")
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn reports_every_mqtt_problem_with_its_key_path() {
+        let p = problems(
+            "[[devices]]\nid = \"d\"\nprotocol = \"mqtt\"\nbroker = \"tcp://x\"\nqos = 2\n\
+             topic = \"a/#/b\"\n[[devices.tags]]\nname = \"t\"\npointer = \"temp\"\n\
+             [[devices]]\nid = \"e\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://x\"\ntopic = \"f/+/g\"\n\
+             device_level = 0\n[[devices.tags]]\nname = \"t\"\nunit = 3\n",
+        );
+        assert_eq!(
+            p,
+            [
+                "devices[0].broker: `tcp://x` is not a broker URL, expected `mqtt://host[:port]` or `mqtts://host[:port]`",
+                "devices[0].qos: 2 is not supported, expected 0 or 1",
+                "devices[0].topic: `a/#/b`: `#` must be a whole level and the last one",
+                "devices[0].tags[0].pointer: `temp` is not a JSON pointer, expected e.g. `/temperature`",
+                "devices[1].tags[0].unit: invalid type: integer `3`, expected a string",
+                "devices[1].topic: `f/+/g` has no `+` or `e` at level 0 (`device_level`, counted from 0)",
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_the_client_id_and_resolves_files() {
+        let c = crate::config::Config::parse(
+            &format!(
+                "{HEAD}[[devices]]\nid = \"d\"\nprotocol = \"mqtt\"\nbroker = \"mqtts://x\"\n\
+                 ca_file = \"ca.pem\"\ntopic = \"a\"\n[[devices.tags]]\nname = \"t\"\n"
+            ),
+            Path::new("/etc/g"),
+        )
+        .expect("valid");
+        let crate::config::DeviceConfig::Mqtt(m) = &c.devices[0] else {
+            panic!("mqtt")
+        };
+        assert_eq!(m.client_id(), "guantong-gw-d");
+        assert_eq!(m.ca_file.as_deref(), Some(Path::new("/etc/g/ca.pem")));
+        assert_eq!(m.broker_addr().port, 8883);
+        let (device, tags) = m.manifest(0);
+        assert_eq!(device.endpoint, "mqtts://x a");
+        assert_eq!(tags[0].address, "a#");
+    }
+
     #[test]
     fn checks_topic_filters() {
         assert!(check_filter("factory/+/line1/#").is_ok());

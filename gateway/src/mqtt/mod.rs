@@ -7,7 +7,10 @@
 //!   session expiry), a stable client id. rumqttc neither backs off nor
 //!   resubscribes: after a failed poll we wait (exponential backoff with
 //!   jitter, up to `max_backoff`), and whenever a ConnAck says
-//!   `session_present = false` we subscribe every filter again.
+//!   `session_present = false` we subscribe every filter again (and on the
+//!   first connect of the process, since a saved session holds the filters
+//!   of the config it was made with; filters since removed stay in it and
+//!   their messages match no tag, so they are acknowledged and ignored).
 //! - Nothing acknowledged is lost: QoS 1 messages are acknowledged by hand
 //!   (`manual_acks`) only once the writer has committed their samples to the
 //!   buffer (`PointSink::send_committed`); a SIGKILL before that makes the
@@ -463,6 +466,7 @@ impl Collector for MqttCollector {
             last_warn: None,
         };
         let mut connected = false;
+        let mut first_connect = true;
         let mut last_error: Option<String> = None;
         let mut samples: Vec<Sample> = Vec::new();
         let mut acks: Vec<AckToken> = Vec::new();
@@ -481,7 +485,11 @@ impl Collector for MqttCollector {
                     last_error = None;
                     backoff.reset();
                     info!(device = %config.id, session_present, "mqtt connected");
-                    if !session_present {
+                    // Subscribe on the first connect of this process too: a
+                    // saved session holds the filters of the config it was
+                    // made with, which may have changed since.
+                    if !session_present || first_connect {
+                        first_connect = false;
                         let (acker, filters, qos, id) = (
                             acker.clone(),
                             filters.clone(),
