@@ -464,18 +464,25 @@ async fn gateway_sigkill_with_persistent_session_loses_no_qos1_message() -> anyh
     s.warm_up(&publisher, &topic, br#"{"n": 0}"#, "dev-kill", "n")
         .await?;
     let last = 1000u64;
+    let before = publisher.acked.load(std::sync::atomic::Ordering::Relaxed);
     for n in 1..=last {
         publisher
             .publish(&topic, QoS::AtLeastOnce, format!(r#"{{"n": {n}}}"#))
             .await;
-        if n == 300 {
-            // Mid-stream: no chance to flush or acknowledge anything.
+        if n == 350 {
+            // A burst the broker has taken and the gateway is receiving:
+            // kill well inside the 100 ms commit interval, with messages
+            // received but not yet on disk (an implementation that acked
+            // on receipt would lose them).
+            publisher
+                .wait_acked(before + n, Duration::from_secs(20))
+                .await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             s.gateway.proc.kill9();
         }
         if n == 600 {
             s.gateway.restart()?;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let dups = wait_all(&s, "dev-kill", "n", last).await?;
     eprintln!("stored twice across the kill (at-least-once): {dups}");
