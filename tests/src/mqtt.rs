@@ -64,6 +64,12 @@ pub struct OwnBroker {
 
 impl OwnBroker {
     pub fn start(dir: &Path) -> anyhow::Result<OwnBroker> {
+        OwnBroker::start_with(dir, true)
+    }
+
+    /// `persistence`: save sessions to disk (survive a restart); off for the
+    /// benchmark, where disk writes of the broker would compete with ours.
+    pub fn start_with(dir: &Path, persistence: bool) -> anyhow::Result<OwnBroker> {
         let port = free_port()?;
         let data = dir.join("mosquitto-data");
         std::fs::create_dir_all(&data)?;
@@ -73,7 +79,7 @@ impl OwnBroker {
             format!(
                 // `user root`: started as root, Mosquitto would otherwise
                 // switch to its own user, which cannot write into our temp dir.
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\n\
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence {persistence}\n\
                  persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n\
                  autosave_interval 1\n",
                 data.display()

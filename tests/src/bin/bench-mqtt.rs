@@ -1,0 +1,267 @@
+//! MQTT ingestion benchmark: messages/s and values/s sustained from a real
+//! Mosquitto into the gateway's durable buffer, beside a bare rumqttc
+//! subscriber counting the same messages in the same run (the limit).
+//!
+//! Per run: a private Mosquitto (no persistence), one publisher, the bare
+//! subscriber and the gateway's MQTT collector + buffer writer + redb buffer
+//! (the library, in this process) subscribed to the same topic. After a
+//! warm-up, `--messages` JSON messages of `--values` numbers each are
+//! published; each side's rate is messages / (time from the first publish to
+//! its last message counted, or committed to disk for the gateway).
+//!
+//! `cargo run --release -p guantong-e2e --bin bench-mqtt -- --runs 5`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use guantong_e2e::mqtt::{OwnBroker, Publisher};
+use guantong_gateway::buffer::Buffer;
+use guantong_gateway::collector::{Collector, PointSink};
+use guantong_gateway::config::{Config, DeviceConfig};
+use guantong_gateway::mqtt::MqttCollector;
+use guantong_gateway::writer::Writer;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 50_000)]
+    messages: u64,
+    /// Values (tags) per message.
+    #[arg(long, default_value_t = 10)]
+    values: usize,
+    /// Runs per QoS; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// QoS levels to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,0")]
+    qos: Vec<u8>,
+}
+
+struct RunResult {
+    gateway_msgs_per_s: f64,
+    bare_msgs_per_s: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        println!(
+            "bench-mqtt: {} messages x {} values per run, {} runs per QoS",
+            args.messages, args.values, args.runs
+        );
+        for &qos in &args.qos {
+            let mut results = Vec::new();
+            for run in 0..args.runs {
+                let r = one_run(&args, qos, run).await?;
+                println!(
+                    "  qos {qos} run {run}: gateway {:>9.0} msg/s {:>10.0} values/s | bare subscriber {:>9.0} msg/s | ratio {:.3}",
+                    r.gateway_msgs_per_s,
+                    r.gateway_msgs_per_s * args.values as f64,
+                    r.bare_msgs_per_s,
+                    r.gateway_msgs_per_s / r.bare_msgs_per_s
+                );
+                results.push(r);
+            }
+            let gw = median(results.iter().map(|r| r.gateway_msgs_per_s).collect());
+            let bare = median(results.iter().map(|r| r.bare_msgs_per_s).collect());
+            let ratio = median(
+                results
+                    .iter()
+                    .map(|r| r.gateway_msgs_per_s / r.bare_msgs_per_s)
+                    .collect(),
+            );
+            println!(
+                "qos {qos} median: gateway {gw:.0} msg/s, {:.0} values/s into the buffer; limit (bare subscriber) {bare:.0} msg/s; ratio {ratio:.3}",
+                gw * args.values as f64
+            );
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn one_run(args: &Args, qos: u8, run: usize) -> anyhow::Result<RunResult> {
+    let dir = tempfile::tempdir()?;
+    let broker = OwnBroker::start_with(dir.path(), false)?;
+    let topic = format!("bench/{run}/data");
+    let mq = if qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+
+    // The gateway side: collector -> sink -> writer -> redb buffer.
+    let mut tags = String::new();
+    for i in 0..args.values {
+        tags.push_str(&format!(
+            "[[devices.tags]]\nname = \"v{i}\"\npointer = \"/v{i}\"\n"
+        ));
+    }
+    let text = format!(
+        "[gateway]\nid = \"bench\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\ntoken = \"t\"\n\
+         [buffer]\ndir = \"buffer\"\nmax_bytes = \"4 GiB\"\n\
+         [[devices]]\nid = \"dev\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1:{}\"\n\
+         qos = {qos}\ntopic = \"{topic}\"\n{tags}",
+        broker.port
+    );
+    let config =
+        Config::parse(&text, dir.path()).map_err(|p| anyhow::anyhow!("bench config: {p:?}"))?;
+    let buffer = Arc::new(Buffer::open(
+        &config.buffer.dir,
+        config.buffer.max_bytes.as_u64(),
+    )?);
+    let (sink, rx) = PointSink::new(1024);
+    let (committed_tx, mut committed_rx) = watch::channel(0u64);
+    let writer = Writer {
+        buffer: buffer.clone(),
+        manifest_version: 1,
+        commit_interval: config.buffer.commit_interval,
+        max_batch_points: config.uplink.max_batch_points.get() as usize,
+        committed: committed_tx,
+    };
+    let writer_task = tokio::spawn(writer.run(rx));
+    let cancel = CancellationToken::new();
+    let Some(DeviceConfig::Mqtt(device)) = config.devices.into_iter().next() else {
+        bail!("bench config has no mqtt device");
+    };
+    let ids = (0..args.values as u32).collect();
+    let collector = tokio::spawn(MqttCollector::new(*device, ids).run(sink, cancel.clone()));
+
+    // The limit: a bare subscriber on the same topic, counting.
+    let bare_count = Arc::new(AtomicU64::new(0));
+    let bare_task = {
+        let mut o = MqttOptions::new(format!("bare-{run}"), "127.0.0.1", broker.port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(o, 1000);
+        client.subscribe(&topic, mq).await?;
+        let count = bare_count.clone();
+        tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+    };
+
+    let publisher = Publisher::connect(broker.port, &format!("pub-{run}"), false).await?;
+    let payload = |n: u64| {
+        let mut p = format!("{{\"n\":{n}");
+        for i in 0..args.values {
+            p.push_str(&format!(",\"v{i}\":{}.{}", n % 1000, i));
+        }
+        p.push('}');
+        p
+    };
+
+    // Warm-up: until both sides see messages, then settle.
+    let mut points = PointCounter::default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        publisher.publish(&topic, mq, payload(0)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        points.update(&buffer)?;
+        if bare_count.load(Ordering::Relaxed) > 0 && points.total > 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("warm-up: nothing arrived in 20 s");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    points.update(&buffer)?;
+    let bare0 = bare_count.load(Ordering::Relaxed);
+    let points0 = points.total;
+
+    let n = args.messages;
+    let want_points = points0 + n * args.values as u64;
+    let start = Instant::now();
+    let pub_task = {
+        let client = publisher.client.clone();
+        let topic = topic.clone();
+        let payloads: Vec<String> = (1..=n).map(payload).collect();
+        tokio::spawn(async move {
+            for p in payloads {
+                if client.publish(&topic, mq, false, p).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut bare_done = None;
+    let mut gw_done = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while bare_done.is_none() || gw_done.is_none() {
+        if bare_done.is_none() && bare_count.load(Ordering::Relaxed) >= bare0 + n {
+            bare_done = Some(start.elapsed());
+        }
+        if gw_done.is_none() {
+            points.update(&buffer)?;
+            if points.total >= want_points {
+                gw_done = Some(start.elapsed());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "run {run}: bare {} of {n}, gateway {} of {} points after 600 s",
+                bare_count.load(Ordering::Relaxed) - bare0,
+                points.total - points0,
+                want_points - points0
+            );
+        }
+        // Wakes on each commit, or every 2 ms for the bare count.
+        let _ = tokio::time::timeout(Duration::from_millis(2), committed_rx.changed()).await;
+    }
+    cancel.cancel();
+    let _ = collector.await;
+    let _ = writer_task.await;
+    pub_task.abort();
+    bare_task.abort();
+    drop(publisher);
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64()).context("finished");
+    Ok(RunResult {
+        gateway_msgs_per_s: n as f64 / secs(gw_done)?,
+        bare_msgs_per_s: n as f64 / secs(bare_done)?,
+    })
+}
+
+/// Points committed to the buffer, summed incrementally over new batches.
+#[derive(Default)]
+struct PointCounter {
+    next_seq: u64,
+    total: u64,
+}
+
+impl PointCounter {
+    fn update(&mut self, buffer: &Buffer) -> anyhow::Result<()> {
+        loop {
+            let batches = buffer.read_from(self.next_seq.max(1), 1000)?;
+            let Some(last) = batches.last() else {
+                return Ok(());
+            };
+            self.next_seq = last.last_seq + 1;
+            self.total += batches.iter().map(|b| u64::from(b.points)).sum::<u64>();
+            if batches.len() < 1000 {
+                return Ok(());
+            }
+        }
+    }
+}
