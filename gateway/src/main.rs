@@ -68,6 +68,11 @@ struct ProbeMqtt {
     /// PEM CA certificate(s) for an `mqtts://` broker.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for brokers that require one.
+    #[arg(long, requires = "client_key_file")]
+    client_cert_file: Option<PathBuf>,
+    #[arg(long, requires = "client_cert_file")]
+    client_key_file: Option<PathBuf>,
     /// Stop after this many messages (default: until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     count: u64,
@@ -107,6 +112,8 @@ fn main() -> ExitCode {
                 username: p.username,
                 password: p.password,
                 ca_file: p.ca_file,
+                client_cert_file: p.client_cert_file,
+                client_key_file: p.client_key_file,
                 count: p.count,
             };
             let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -38,7 +38,7 @@ pub fn unique_prefix(test: &str) -> String {
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -70,6 +70,12 @@ impl OwnBroker {
     /// `persistence`: save sessions to disk (survive a restart); off for the
     /// benchmark, where disk writes of the broker would compete with ours.
     pub fn start_with(dir: &Path, persistence: bool) -> anyhow::Result<OwnBroker> {
+        OwnBroker::start_conf(dir, persistence, "")
+    }
+
+    /// `extra`: more Mosquitto config after the plain listener on `port`
+    /// (e.g. a TLS listener).
+    pub fn start_conf(dir: &Path, persistence: bool, extra: &str) -> anyhow::Result<OwnBroker> {
         let port = free_port()?;
         let data = dir.join("mosquitto-data");
         std::fs::create_dir_all(&data)?;
@@ -81,7 +87,7 @@ impl OwnBroker {
                 // switch to its own user, which cannot write into our temp dir.
                 "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence {persistence}\n\
                  persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 0\n\
-                 autosave_interval 1\n",
+                 autosave_interval 1\n{extra}",
                 data.display()
             ),
         )?;
@@ -226,4 +232,95 @@ pub async fn forget_session(port: u16, client_id: &str) -> anyhow::Result<()> {
     client.disconnect().await?;
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     Ok(())
+}
+
+/// A test CA with a server certificate for 127.0.0.1 and a client
+/// certificate, made with the `openssl` command in `dir`.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn create(dir: &Path) -> anyhow::Result<TestPki> {
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .context("cannot run `openssl`: install it with `apt-get install openssl` (./test.sh does)")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=guantong-test-ca",
+        ]);
+        run(&a)?;
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+            let (key, csr, pem, extf) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            let mut a = vec!["req"];
+            a.extend(ec);
+            a.extend(["-keyout", &key, "-out", &csr, "-subj"]);
+            let subj = format!("/CN=guantong-test-{name}");
+            a.push(&subj);
+            run(&a)?;
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extf,
+            ])?;
+        }
+        Ok(TestPki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        })
+    }
 }

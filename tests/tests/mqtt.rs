@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use guantong_e2e::mqtt::{OwnBroker, Publisher, forget_session, shared_broker, unique_prefix};
+use guantong_e2e::mqtt::{
+    OwnBroker, Publisher, TestPki, forget_session, free_port, shared_broker, unique_prefix,
+};
 use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_toml, wait_for};
 use guantong_gateway::mqtt::sparkplug::{Metric, MetricValue, Payload};
 use prost::Message;
@@ -498,5 +500,136 @@ async fn gateway_sigkill_with_persistent_session_loses_no_qos1_message() -> anyh
     );
     s.gateway.proc.kill9();
     forget_session(port, &format!("{prefix}-gw")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_with_ca_and_client_certificate() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::create(dir.path())?;
+    let tls_port = free_port()?;
+    // The publisher uses the plain listener; the gateway must pass the TLS
+    // one, which demands a client certificate signed by the test CA.
+    let broker = OwnBroker::start_conf(
+        dir.path(),
+        false,
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pki.ca.display(),
+            pki.server_cert.display(),
+            pki.server_key.display()
+        ),
+    )?;
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.client_cert.clone(),
+        pki.client_key.clone(),
+    );
+    let s = Setup::start(move |_| {
+        format!(
+            "\n[[devices]]\nid = \"tls-dev\"\nprotocol = \"mqtt\"\nbroker = \"mqtts://127.0.0.1:{tls_port}\"\n\
+             mqtt_version = \"5\"\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n\
+             topic = \"secure/data\"\nmax_backoff = \"1s\"\n\
+             [[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    })
+    .await?;
+    let publisher = Publisher::connect(broker.port, "tls-pub", false).await?;
+    s.warm_up(&publisher, "secure/data", br#"{"n": 0}"#, "tls-dev", "n")
+        .await?;
+    for n in 1..=20u64 {
+        publisher
+            .publish("secure/data", QoS::AtLeastOnce, format!(r#"{{"n": {n}}}"#))
+            .await;
+    }
+    wait_all(&s, "tls-dev", "n", 20).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn probe_shows_messages_and_the_values_the_mapping_extracts() -> anyhow::Result<()> {
+    let port = shared_broker()?;
+    let prefix = unique_prefix("probe");
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        gateway_toml(GW, any_port(), "t", &dir.path().join("buffer"))
+            + &mqtt_device(
+                "press-7",
+                port,
+                &format!(
+                    "topic = \"{prefix}/+/data\"\ndevice_level = 2\n\
+                     [[devices.tags]]\nname = \"temp\"\npointer = \"/t\"\n\
+                     [[devices.tags]]\nname = \"count\"\npointer = \"/n\"\ntype = \"uint\"\n"
+                ),
+            ),
+    )?;
+    let child = std::process::Command::new(guantong_e2e::procs::binary("guantong-gateway")?)
+        .args(["probe", "mqtt", "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .args([
+            "--topic",
+            &format!("{prefix}/#"),
+            "--count",
+            "3",
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let publisher = Publisher::connect(port, &format!("{prefix}-pub"), false).await?;
+    let output = std::thread::spawn(move || child.wait_with_output());
+    // Until the probe has subscribed and seen three messages.
+    for _ in 0..100 {
+        if output.is_finished() {
+            break;
+        }
+        publisher
+            .publish(
+                &format!("{prefix}/press-7/data"),
+                QoS::AtLeastOnce,
+                r#"{"t": 21.5, "n": -1}"#,
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !output.is_finished() {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let out = output
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe waiter panicked"))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{prefix}/press-7/data  {{\"t\": 21.5, \"n\": -1}}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("    press-7.temp = 21.5 (double) @ "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("    press-7.count: Bad 0x00030002"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("    press-7: rejected: -1 is not an unsigned integer"),
+        "{stdout}"
+    );
     Ok(())
 }

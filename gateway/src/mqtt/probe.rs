@@ -34,6 +34,8 @@ pub struct ProbeArgs {
     pub username: Option<String>,
     pub password: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     /// Stop after this many messages (0: until Ctrl-C).
     pub count: u64,
 }
@@ -310,6 +312,8 @@ impl MqttConfig {
         c.username = args.username.clone();
         c.password = args.password.clone();
         c.ca_file = args.ca_file.clone();
+        c.client_cert_file = args.client_cert_file.clone();
+        c.client_key_file = args.client_key_file.clone();
         c
     }
 }
