@@ -448,22 +448,34 @@ async fn broker_restart_mid_stream_loses_no_qos1_message() -> anyhow::Result<()>
 
 #[tokio::test]
 async fn gateway_sigkill_with_persistent_session_loses_no_qos1_message() -> anyhow::Result<()> {
+    sigkill_loses_nothing("3.1.1").await
+}
+
+#[tokio::test]
+async fn gateway_sigkill_with_persistent_mqtt5_session_loses_no_qos1_message() -> anyhow::Result<()>
+{
+    sigkill_loses_nothing("5").await
+}
+
+async fn sigkill_loses_nothing(version: &str) -> anyhow::Result<()> {
     let port = shared_broker()?;
-    let prefix = unique_prefix("kill");
-    let p = prefix.clone();
+    let prefix = unique_prefix(&format!("kill-v{version}"));
+    let dev = format!("dev-kill-v{version}");
+    let version = version.to_string();
+    let (p, d) = (prefix.clone(), dev.clone());
     let mut s = Setup::start(move |_| {
         mqtt_device(
-            "dev-kill",
+            &d,
             port,
             &format!(
-                "topic = \"{p}/data\"\nclient_id = \"{p}-gw\"\n[[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n"
+                "topic = \"{p}/data\"\nclient_id = \"{p}-gw\"\nmqtt_version = \"{version}\"\n[[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n"
             ),
         )
     })
     .await?;
     let publisher = Publisher::connect(port, &format!("{prefix}-pub"), false).await?;
     let topic = format!("{prefix}/data");
-    s.warm_up(&publisher, &topic, br#"{"n": 0}"#, "dev-kill", "n")
+    s.warm_up(&publisher, &topic, br#"{"n": 0}"#, &dev, "n")
         .await?;
     let last = 1000u64;
     let before = publisher.acked.load(std::sync::atomic::Ordering::Relaxed);
@@ -486,7 +498,7 @@ async fn gateway_sigkill_with_persistent_session_loses_no_qos1_message() -> anyh
             s.gateway.restart()?;
         }
     }
-    let dups = wait_all(&s, "dev-kill", "n", last).await?;
+    let dups = wait_all(&s, &dev, "n", last).await?;
     eprintln!("stored twice across the kill (at-least-once): {dups}");
     let log = std::fs::read_to_string(s.dir.path().join("gateway.log"))?;
     assert_eq!(

@@ -372,18 +372,23 @@ impl Decoder {
             }
             Decoder::Sparkplug(node) => match node.handle(topic, payload, arrival_ms) {
                 Ok(items) => {
+                    // A gap or a death marks every tag: say so once.
+                    let mut state: Option<String> = None;
                     for i in items {
                         out.push(match i.value {
                             Ok(x) => Sample::good(ids[i.tag], i.time_ms, x),
                             Err((code, reason)) => {
                                 if code == quality::MQTT_TYPE_MISMATCH {
                                     rejected = Some(Rejected { reason });
-                                } else {
-                                    warn!(topic, reason, "sparkplug node state");
+                                } else if state.as_deref() != Some(reason.as_str()) {
+                                    state = Some(reason);
                                 }
                                 Sample::bad(ids[i.tag], i.time_ms, code)
                             }
                         });
+                    }
+                    if let Some(reason) = state {
+                        warn!(topic, reason, "sparkplug node: tags marked Bad");
                     }
                 }
                 Err(e) => {
