@@ -61,9 +61,11 @@ struct ProbeMqtt {
     /// MQTT protocol version: 3.1.1 or 5.
     #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
     mqtt_version: String,
+    /// User name, for brokers that require a login.
     #[arg(long)]
     username: Option<String>,
-    #[arg(long, env = "GUANTONG_MQTT_PASSWORD")]
+    /// Password (better given in the environment than on the command line).
+    #[arg(long, env = "GUANTONG_MQTT_PASSWORD", requires = "username")]
     password: Option<String>,
     /// PEM CA certificate(s) for an `mqtts://` broker.
     #[arg(long)]
@@ -71,6 +73,7 @@ struct ProbeMqtt {
     /// PEM client certificate chain, for brokers that require one.
     #[arg(long, requires = "client_key_file")]
     client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
     #[arg(long, requires = "client_cert_file")]
     client_key_file: Option<PathBuf>,
     /// Stop after this many messages (default: until Ctrl-C).
