@@ -70,8 +70,15 @@ enum AckToken {
 
 /// What one poll of the event loop produced.
 pub enum Polled {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Message(Message),
+    /// The broker answered a subscription; the codes it refused, if any
+    /// (e.g. not authorized by its ACL).
+    Subscribed {
+        refused: Vec<String>,
+    },
     Other,
 }
 
@@ -219,7 +226,7 @@ impl Session {
             Session::V5(_, e) => {
                 use rumqttc::v5::Event;
                 use rumqttc::v5::mqttbytes::QoS;
-                use rumqttc::v5::mqttbytes::v5::Packet;
+                use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
                 match e.poll().await.map_err(|e| e.to_string())? {
                     Event::Incoming(Packet::ConnAck(c)) => Ok(Polled::Connected {
                         session_present: c.session_present,
@@ -229,6 +236,14 @@ impl Session {
                         payload: p.payload.clone(),
                         ack: (p.qos != QoS::AtMostOnce).then_some(Box::new(AckToken::V5(p))),
                     })),
+                    Event::Incoming(Packet::SubAck(s)) => Ok(Polled::Subscribed {
+                        refused: s
+                            .return_codes
+                            .iter()
+                            .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                            .map(|c| format!("{c:?}"))
+                            .collect(),
+                    }),
                     _ => Ok(Polled::Other),
                 }
             }
@@ -519,6 +534,13 @@ impl Collector for MqttCollector {
                     }
                     if let Some(a) = m.ack {
                         acks.push(*a);
+                    }
+                }
+                Ok(Polled::Subscribed { refused }) => {
+                    if refused.is_empty() {
+                        info!(device = %config.id, filters = ?filters, "mqtt subscribed");
+                    } else {
+                        tracing::error!(device = %config.id, filters = ?filters, refused = ?refused, "mqtt broker refused a subscription (check its ACL for this user)");
                     }
                 }
                 Ok(Polled::Other) => {}

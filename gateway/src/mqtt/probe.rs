@@ -126,6 +126,10 @@ pub async fn run(
                     return Ok(());
                 }
             }
+            Ok(Polled::Subscribed { refused }) if !refused.is_empty() => {
+                bail!("the broker refused the subscription: {refused:?}")
+            }
+            Ok(Polled::Subscribed { .. }) => writeln!(out, "subscribed")?,
             Ok(Polled::Other) => {}
             Err(e) => {
                 writeln!(out, "connection: {e}; retrying")?;
