@@ -44,27 +44,38 @@ pub struct Extracted {
 #[derive(Debug, Clone)]
 pub struct Mapping {
     tags: Vec<TagMapping>,
+    /// Distinct filters and the tags reading each: a topic is matched once
+    /// per filter, not once per tag.
+    filters: Vec<(String, Vec<usize>)>,
     timestamp: Option<String>,
     timestamp_format: TimestampFormat,
 }
 
 #[derive(Debug, Clone)]
 struct TagMapping {
-    filter: String,
-    pointer: String,
+    /// The JSON pointer, unescaped into its reference tokens once.
+    pointer: Vec<String>,
     data_type: ValueType,
     format: PayloadFormat,
 }
 
 impl Mapping {
     pub fn new(config: &MqttConfig) -> Mapping {
+        let mut filters: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, t) in config.tags.iter().enumerate() {
+            let f = config.tag_filter(t);
+            match filters.iter_mut().find(|(g, _)| *g == f) {
+                Some((_, tags)) => tags.push(i),
+                None => filters.push((f, vec![i])),
+            }
+        }
         Mapping {
+            filters,
             tags: config
                 .tags
                 .iter()
                 .map(|t| TagMapping {
-                    filter: config.tag_filter(t),
-                    pointer: t.pointer.clone(),
+                    pointer: pointer_tokens(&t.pointer),
                     data_type: t.data_type,
                     format: config.payload,
                 })
@@ -76,12 +87,16 @@ impl Mapping {
 
     /// Indexes of the tags whose filter matches `topic`.
     pub fn matching(&self, topic: &str) -> Vec<usize> {
-        self.tags
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| topic_matches(&t.filter, topic))
-            .map(|(i, _)| i)
-            .collect()
+        let mut out: Vec<usize> = Vec::new();
+        for (f, tags) in &self.filters {
+            if topic_matches(f, topic) {
+                out.extend(tags);
+            }
+        }
+        if self.filters.len() > 1 {
+            out.sort_unstable();
+        }
+        out
     }
 
     /// Decodes one message: its source time and the values of the tags
@@ -129,7 +144,7 @@ impl Mapping {
                     .iter()
                     .filter_map(|&i| {
                         let t = &self.tags[i];
-                        doc.pointer(&t.pointer).map(|v| Extracted {
+                        resolve(&doc, &t.pointer).map(|v| Extracted {
                             tag: i,
                             value: json_value(v, t.data_type),
                         })
@@ -139,6 +154,37 @@ impl Mapping {
             }
         }
     }
+}
+
+/// The reference tokens of an RFC 6901 JSON pointer (`/a~1b/0` -> `a/b`,
+/// `0`); `""` is the whole document.
+fn pointer_tokens(pointer: &str) -> Vec<String> {
+    if pointer.is_empty() {
+        return Vec::new();
+    }
+    pointer
+        .split('/')
+        .skip(1)
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect()
+}
+
+/// `serde_json::Value::pointer` with the tokens unescaped beforehand.
+fn resolve<'a>(doc: &'a Json, tokens: &[String]) -> Option<&'a Json> {
+    let mut v = doc;
+    for t in tokens {
+        v = match v {
+            Json::Object(map) => map.get(t)?,
+            Json::Array(items) => {
+                if t.len() > 1 && t.starts_with('0') {
+                    return None;
+                }
+                items.get(t.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(v)
 }
 
 /// Whether `topic` matches the MQTT topic `filter` (`+` one level, `#` the
@@ -331,6 +377,24 @@ mod tests {
         match c.devices.into_iter().next() {
             Some(crate::config::DeviceConfig::Mqtt(m)) => *m,
             _ => panic!("not an mqtt device"),
+        }
+    }
+
+    #[test]
+    fn resolves_pointers_like_serde_json() {
+        let doc: Json = serde_json::from_str(r#"{"a/b": {"~x": [1, {"c": 2}]}, "": 3, "01": 4}"#)
+            .expect("json");
+        for p in [
+            "",
+            "/a~1b",
+            "/a~1b/~0x/1/c",
+            "/",
+            "/a~1b/~0x/01",
+            "/01",
+            "/nope",
+            "/a~1b/~0x/9",
+        ] {
+            assert_eq!(resolve(&doc, &pointer_tokens(p)), doc.pointer(p), "{p}");
         }
     }
 

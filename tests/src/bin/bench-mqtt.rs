@@ -12,6 +12,14 @@
 //! the gateway. The whole-run rate (first publish to last message, which for
 //! the gateway includes the last commit) is printed beside it.
 //!
+//! Two modes:
+//! - `flow`: messages are published while both sides are subscribed; the
+//!   limit is then what the publisher and the broker sustain.
+//! - `drain`: both sides subscribe, go away, the messages are published and
+//!   queued in their sessions, then both come back at once and drain their
+//!   queues as fast as they can read (and, for the gateway, commit and
+//!   acknowledge): the limit is the bare subscriber's own speed.
+//!
 //! `cargo run --release -p guantong-e2e --bin bench-mqtt -- --runs 5`
 
 use std::sync::Arc;
@@ -44,6 +52,9 @@ struct Args {
     /// QoS levels to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     qos: Vec<u8>,
+    /// Modes to measure: flow, drain.
+    #[arg(long, value_delimiter = ',', default_value = "flow,drain")]
+    mode: Vec<String>,
 }
 
 struct RunResult {
@@ -96,12 +107,21 @@ fn main() -> anyhow::Result<()> {
             "bench-mqtt: {} messages x {} values per run, {} runs per QoS",
             args.messages, args.values, args.runs
         );
-        for &qos in &args.qos {
+        for (mode, &qos) in args
+            .mode
+            .iter()
+            .flat_map(|m| args.qos.iter().map(move |q| (m.as_str(), q)))
+        {
+            let drain = match mode {
+                "flow" => false,
+                "drain" => true,
+                other => bail!("unknown mode `{other}`, expected flow or drain"),
+            };
             let mut results = Vec::new();
             for run in 0..args.runs {
-                let r = one_run(&args, qos, run).await?;
+                let r = one_run(&args, qos, run, drain).await?;
                 println!(
-                    "  qos {qos} run {run}: sustained gateway {:>7.0} msg/s {:>8.0} values/s | bare subscriber {:>7.0} msg/s | ratio {:.3}   (whole run: {:.0} vs {:.0} msg/s, ratio {:.3})",
+                    "  {mode} qos {qos} run {run}: sustained gateway {:>7.0} msg/s {:>8.0} values/s | bare subscriber {:>7.0} msg/s | ratio {:.3}   (whole run: {:.0} vs {:.0} msg/s, ratio {:.3})",
                     r.gateway_msgs_per_s,
                     r.gateway_msgs_per_s * args.values as f64,
                     r.bare_msgs_per_s,
@@ -127,7 +147,7 @@ fn main() -> anyhow::Result<()> {
                     .collect(),
             );
             println!(
-                "qos {qos} median (sustained): gateway {gw:.0} msg/s, {:.0} values/s into the buffer; limit (bare subscriber) {bare:.0} msg/s; ratio {ratio:.3}; whole-run ratio {whole_ratio:.3}",
+                "{mode} qos {qos} median (sustained): gateway {gw:.0} msg/s, {:.0} values/s into the buffer; limit (bare subscriber) {bare:.0} msg/s; ratio {ratio:.3}; whole-run ratio {whole_ratio:.3}",
                 gw * args.values as f64
             );
         }
@@ -140,9 +160,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-async fn one_run(args: &Args, qos: u8, run: usize) -> anyhow::Result<RunResult> {
+/// The limit: a bare subscriber counting publishes. Persistent session, so
+/// that in drain mode it finds its queue again under the same id.
+async fn spawn_bare(
+    port: u16,
+    id: &str,
+    subscribe: Option<(&str, QoS)>,
+    count: Arc<AtomicU64>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20)
+        .set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(o, 1000);
+    if let Some((topic, qos)) = subscribe {
+        client.subscribe(topic, qos).await?;
+    }
+    Ok(tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }))
+}
+
+async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Result<RunResult> {
     let dir = tempfile::tempdir()?;
-    let broker = OwnBroker::start_with(dir.path(), false)?;
+    // Queue QoS 0 messages for absent persistent sessions too (drain mode).
+    let broker = OwnBroker::start_conf(dir.path(), false, "queue_qos0_messages true\n")?;
     let topic = format!("bench/{run}/data");
     let mq = if qos == 0 {
         QoS::AtMostOnce
@@ -184,30 +234,20 @@ async fn one_run(args: &Args, qos: u8, run: usize) -> anyhow::Result<RunResult> 
     let Some(DeviceConfig::Mqtt(device)) = config.devices.into_iter().next() else {
         bail!("bench config has no mqtt device");
     };
-    let ids = (0..args.values as u32).collect();
-    let collector = tokio::spawn(MqttCollector::new(*device, ids).run(sink, cancel.clone()));
+    let ids: Vec<u32> = (0..args.values as u32).collect();
+    let mut collector = tokio::spawn(
+        MqttCollector::new((*device).clone(), ids.clone()).run(sink.clone(), cancel.clone()),
+    );
 
-    // The limit: a bare subscriber on the same topic, counting.
     let bare_count = Arc::new(AtomicU64::new(0));
-    let bare_task = {
-        let mut o = MqttOptions::new(format!("bare-{run}"), "127.0.0.1", broker.port);
-        o.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(o, 1000);
-        client.subscribe(&topic, mq).await?;
-        let count = bare_count.clone();
-        tokio::spawn(async move {
-            let _client = client;
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(_))) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        })
-    };
+    let bare_id = format!("bare-{run}");
+    let mut bare_task = spawn_bare(
+        broker.port,
+        &bare_id,
+        Some((&topic, mq)),
+        bare_count.clone(),
+    )
+    .await?;
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{run}"), false).await?;
     let payload = |n: u64| {
@@ -240,11 +280,36 @@ async fn one_run(args: &Args, qos: u8, run: usize) -> anyhow::Result<RunResult> 
 
     let n = args.messages;
     let want_points = points0 + n * args.values as u64;
+    let mut cancel = cancel;
+    if drain {
+        // Both go away; their sessions queue what is published meanwhile.
+        cancel.cancel();
+        (&mut collector).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bare_task.abort();
+        let acked0 = publisher.acked.load(Ordering::Relaxed);
+        for m in 1..=n {
+            publisher
+                .publish(&topic, QoS::AtLeastOnce, payload(m))
+                .await;
+        }
+        publisher
+            .wait_acked(acked0 + n, Duration::from_secs(300))
+            .await?;
+    }
     let start = Instant::now();
+    if drain {
+        cancel = CancellationToken::new();
+        collector = tokio::spawn(MqttCollector::new(*device, ids).run(sink, cancel.clone()));
+        bare_task = spawn_bare(broker.port, &bare_id, None, bare_count.clone()).await?;
+    } else {
+        drop(sink);
+    }
+    let n_publish = if drain { 0 } else { n };
     let pub_task = {
         let client = publisher.client.clone();
         let topic = topic.clone();
-        let payloads: Vec<String> = (1..=n).map(payload).collect();
+        let payloads: Vec<String> = (1..=n_publish).map(payload).collect();
         tokio::spawn(async move {
             for p in payloads {
                 if client.publish(&topic, mq, false, p).await.is_err() {
