@@ -52,6 +52,11 @@ struct Args {
     /// QoS levels to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     qos: Vec<u8>,
+    /// More Mosquitto config lines for the benchmark's broker, e.g.
+    /// `max_inflight_messages 20` (Mosquitto's default; the benchmark's
+    /// broker otherwise has no in-flight limit).
+    #[arg(long, default_value = "")]
+    broker_conf: String,
     /// Modes to measure: flow, drain.
     #[arg(long, value_delimiter = ',', default_value = "flow,drain")]
     mode: Vec<String>,
@@ -202,7 +207,11 @@ async fn spawn_bare(
 async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Result<RunResult> {
     let dir = tempfile::tempdir()?;
     // Queue QoS 0 messages for absent persistent sessions too (drain mode).
-    let broker = OwnBroker::start_conf(dir.path(), false, "queue_qos0_messages true\n")?;
+    let broker = OwnBroker::start_conf(
+        dir.path(),
+        false,
+        &format!("queue_qos0_messages true\n{}\n", args.broker_conf),
+    )?;
     let topic = format!("bench/{run}/data");
     let mq = if qos == 0 {
         QoS::AtMostOnce
