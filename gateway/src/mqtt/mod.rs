@@ -477,6 +477,7 @@ impl Collector for MqttCollector {
             }
         };
         let acker = session.acker();
+        let acks_out = spawn_acker(acker.clone());
         let mut decoder = Decoder::new(&config);
         let mut backoff = Backoff::new(config.max_backoff);
         let mut malformed = Malformed {
@@ -557,7 +558,7 @@ impl Collector for MqttCollector {
                         warn!(device = %config.id, error = %e, received, malformed = malformed.total, "mqtt connection down; reconnecting");
                         last_error = Some(e);
                     }
-                    if !hand_over(&sink, &acker, &mut samples, &mut acks).await {
+                    if !hand_over(&sink, &acks_out, &mut samples, &mut acks).await {
                         break;
                     }
                     let delay = backoff.next_delay();
@@ -573,21 +574,50 @@ impl Collector for MqttCollector {
             if (!session.has_buffered()
                 || acks.len() >= MAX_GROUP
                 || samples.len() >= 8 * MAX_GROUP)
-                && !hand_over(&sink, &acker, &mut samples, &mut acks).await
+                && !hand_over(&sink, &acks_out, &mut samples, &mut acks).await
             {
                 break;
             }
         }
-        let _ = hand_over(&sink, &acker, &mut samples, &mut acks).await;
+        let _ = hand_over(&sink, &acks_out, &mut samples, &mut acks).await;
         info!(device = %config.id, received, malformed = malformed.total, "mqtt collector stopped");
     }
 }
 
-/// Sends the samples to the writer; acknowledges the messages once they are
-/// committed (in a task of its own, so the event loop keeps running).
+/// Groups of messages waiting for their commit, in commit order.
+type AckQueue =
+    tokio::sync::mpsc::UnboundedSender<(tokio::sync::oneshot::Receiver<()>, Vec<AckToken>)>;
+
+/// The one task that acknowledges: waits for each group's commit, in order
+/// (the writer commits in order), then sends its PUBACKs. One task, so one
+/// sender waits on rumqttc's request channel at a time (a task per group
+/// made them queue up there by the thousand). Unbounded: what it holds is
+/// bounded by the broker's in-flight window, and the poll loop must never
+/// wait for it (the acks it sends need that loop).
+fn spawn_acker(acker: Acker) -> AckQueue {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+        tokio::sync::oneshot::Receiver<()>,
+        Vec<AckToken>,
+    )>();
+    tokio::spawn(async move {
+        while let Some((committed, batch)) = rx.recv().await {
+            // Dropped (commit failed or shutdown): no ack, the broker
+            // delivers the messages again.
+            if committed.await.is_ok() {
+                for a in &batch {
+                    acker.ack(a).await;
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Sends the samples to the writer; the acknowledging task sends the
+/// PUBACKs once they are committed, while the event loop keeps running.
 async fn hand_over(
     sink: &PointSink,
-    acker: &Acker,
+    acks_out: &AckQueue,
     samples: &mut Vec<Sample>,
     acks: &mut Vec<AckToken>,
 ) -> bool {
@@ -598,15 +628,8 @@ async fn hand_over(
     let Some(committed) = sink.send_committed(std::mem::take(samples)).await else {
         return false;
     };
-    let acker = acker.clone();
-    tokio::spawn(async move {
-        // Dropped (commit failed or shutdown): no ack, the broker redelivers.
-        if committed.await.is_ok() {
-            for a in &batch {
-                acker.ack(a).await;
-            }
-        }
-    });
+    // Fails only once the acknowledging task is gone (shutdown).
+    let _ = acks_out.send((committed, batch));
     true
 }
 
