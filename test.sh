@@ -16,6 +16,8 @@ missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
+# The MQTT TLS test makes its CA and certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q

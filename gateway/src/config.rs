@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::modbus::config::ModbusConfig;
+use crate::mqtt::config::MqttConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -106,18 +107,21 @@ pub struct BufferConfig {
 pub enum DeviceConfig {
     /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
     Modbus(ModbusConfig),
+    Mqtt(Box<MqttConfig>),
 }
 
 impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::Modbus(c) => &c.id,
+            DeviceConfig::Mqtt(c) => &c.id,
         }
     }
 
     pub fn tag_count(&self) -> usize {
         match self {
             DeviceConfig::Modbus(c) => c.tags.len(),
+            DeviceConfig::Mqtt(c) => c.tags.len(),
         }
     }
 
@@ -128,12 +132,13 @@ impl DeviceConfig {
     ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
         match self {
             DeviceConfig::Modbus(c) => c.manifest(device_index),
+            DeviceConfig::Mqtt(c) => c.manifest(device_index),
         }
     }
 }
 
 /// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp"];
+pub const PROTOCOLS: &[&str] = &["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp", "mqtt"];
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(128).expect("128 is not zero")
@@ -384,6 +389,16 @@ impl Config {
                         .join("gateway.key"),
                 };
                 gateway.key_file = Some(key_file);
+                let mut devices = devices;
+                for d in &mut devices {
+                    if let DeviceConfig::Mqtt(m) = d {
+                        m.resolve_paths(base_dir);
+                        // Unique per gateway and device, so two gateways on
+                        // one broker never take over each other's session.
+                        m.client_id
+                            .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
+                    }
+                }
                 Ok(Config {
                     gateway,
                     uplink,
@@ -434,6 +449,8 @@ fn parse_device(
             crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
                 .map(DeviceConfig::Modbus)
         }
+        "mqtt" => crate::mqtt::config::parse(path, table, problems)
+            .map(|c| DeviceConfig::Mqtt(Box::new(c))),
         other => {
             problems.push(
                 format!("{path}.protocol"),
@@ -546,7 +563,7 @@ type = "f32"
         assert_eq!(
             p,
             [
-                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`"
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`"
             ]
         );
     }

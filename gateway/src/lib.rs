@@ -11,6 +11,7 @@ pub mod config;
 pub mod identity;
 pub mod manifest;
 pub mod modbus;
+pub mod mqtt;
 pub mod quality;
 pub mod uplink;
 pub mod writer;
@@ -27,6 +28,7 @@ use tracing::info;
 use crate::buffer::Buffer;
 use crate::collector::{Collector, PointSink};
 use crate::config::{Config, DeviceConfig};
+use crate::mqtt::MqttCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -113,6 +115,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     for (device, first) in config.devices.into_iter().zip(firsts) {
         match device {
             DeviceConfig::Modbus(c) => modbus_devices.push((c, first)),
+            DeviceConfig::Mqtt(c) => {
+                let ids = (first..first + c.tags.len() as u32).collect();
+                collectors
+                    .spawn(MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()));
+            }
         }
     }
     for line in modbus::lines(modbus_devices) {

@@ -39,7 +39,8 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
-    /// Talk to devices directly, for installers: read, scan, dry-run a config.
+    /// Talk to devices and brokers directly, for installers: read, scan,
+    /// dry-run a config, watch live messages with the values a mapping extracts.
     Probe {
         #[command(subcommand)]
         target: ProbeTarget,
@@ -50,6 +51,43 @@ enum Command {
 enum ProbeTarget {
     /// Modbus TCP, RTU on a serial port, RTU over TCP.
     Modbus(guantong_gateway::modbus::probe::ModbusProbe),
+    /// Subscribe to a broker and print each message, with the values the
+    /// configured mapping would extract beside it.
+    Mqtt(ProbeMqtt),
+}
+
+#[derive(clap::Args)]
+struct ProbeMqtt {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    #[arg(long)]
+    broker: String,
+    /// Topic filter to subscribe (wildcards allowed); repeat for several.
+    #[arg(long, required = true)]
+    topic: Vec<String>,
+    /// Gateway config whose MQTT devices' mappings are applied to each message.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// MQTT protocol version: 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    mqtt_version: String,
+    /// User name, for brokers that require a login.
+    #[arg(long)]
+    username: Option<String>,
+    /// Password (better given in the environment than on the command line).
+    #[arg(long, env = "GUANTONG_MQTT_PASSWORD", requires = "username")]
+    password: Option<String>,
+    /// PEM CA certificate(s) for an `mqtts://` broker.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for brokers that require one.
+    #[arg(long, requires = "client_key_file")]
+    client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, requires = "client_cert_file")]
+    client_key_file: Option<PathBuf>,
+    /// Stop after this many messages (default: until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
 }
 
 fn main() -> ExitCode {
@@ -109,13 +147,13 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Probe { target } => {
+        Command::Probe {
+            target: ProbeTarget::Modbus(p),
+        } => {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
             };
-            let result = match target {
-                ProbeTarget::Modbus(p) => runtime.block_on(guantong_gateway::modbus::probe::run(p)),
-            };
+            let result = runtime.block_on(guantong_gateway::modbus::probe::run(p));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(guantong_gateway::modbus::probe::ProbeError::Config(e)) => {
@@ -127,6 +165,48 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Probe {
+            target: ProbeTarget::Mqtt(p),
+        } => {
+            let args = guantong_gateway::mqtt::probe::ProbeArgs {
+                broker: p.broker,
+                topics: p.topic,
+                config: p.config,
+                mqtt_version: if p.mqtt_version == "5" {
+                    guantong_gateway::mqtt::config::MqttVersion::V5
+                } else {
+                    guantong_gateway::mqtt::config::MqttVersion::V311
+                },
+                username: p.username,
+                password: p.password,
+                ca_file: p.ca_file,
+                client_cert_file: p.client_cert_file,
+                client_key_file: p.client_key_file,
+                count: p.count,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let cancel = CancellationToken::new();
+                tokio::spawn(signal_shutdown(cancel.clone()));
+                let mut out = std::io::stdout();
+                match guantong_gateway::mqtt::probe::run(args, &mut out, cancel).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("probe mqtt: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
         }
         Command::Run { config } => {
             init_tracing();

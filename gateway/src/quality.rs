@@ -15,6 +15,11 @@
 //! | `0x0002_0006` | not polled: the unit stopped answering and is      |
 //! |               | polled less often until it answers again (backoff) |
 //! | `0x0003_0001` | value outside the tag's declared valid range       |
+//! | `0x0004_0001` | MQTT payload not decodable in the configured format |
+//! | `0x0004_0002` | MQTT value present but not of the tag's type        |
+//! | `0x0004_0003` | Sparkplug death certificate (NDEATH or DDEATH)      |
+//! | `0x0004_0004` | Sparkplug `seq` gap: messages between were lost     |
+//! | `0x0004_0005` | MQTT broker connection lost                         |
 
 use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
@@ -54,9 +59,19 @@ pub fn describe(code: u32) -> String {
         FRAME_ERROR => "CRC error or garbled frame".into(),
         BACKING_OFF => "not polled: unit stopped answering (backing off)".into(),
         OUT_OF_RANGE => "value outside the declared valid range".into(),
+        MQTT_MALFORMED_PAYLOAD => "MQTT payload not decodable in the configured format".into(),
+        MQTT_TYPE_MISMATCH => "MQTT value not of the tag's type".into(),
+        SPARKPLUG_DEATH => "Sparkplug death certificate".into(),
+        SPARKPLUG_SEQ_GAP => "Sparkplug seq gap: messages were lost".into(),
+        MQTT_CONNECTION_LOST => "MQTT broker connection lost".into(),
         c => format!("code {c:#010x}"),
     }
 }
+pub const MQTT_MALFORMED_PAYLOAD: u32 = 0x0004_0001;
+pub const MQTT_TYPE_MISMATCH: u32 = 0x0004_0002;
+pub const SPARKPLUG_DEATH: u32 = 0x0004_0003;
+pub const SPARKPLUG_SEQ_GAP: u32 = 0x0004_0004;
+pub const MQTT_CONNECTION_LOST: u32 = 0x0004_0005;
 
 /// One collected value of one tag.
 #[derive(Debug, Clone, PartialEq)]

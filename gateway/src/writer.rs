@@ -6,14 +6,19 @@
 //! commit interval is therefore the most a power cut or SIGKILL can lose.
 //! When the channel closes (all collectors stopped), what is held is committed
 //! before the writer returns: that is the shutdown flush.
+//!
+//! A handoff that waits for its commit (`PointSink::send_committed`) is
+//! committed at once, together with everything already queued behind it
+//! (group commit), and its waiter is told after the commit succeeded.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::error;
 
 use crate::buffer::Buffer;
+use crate::collector::Handoff;
 use crate::quality::Sample;
 
 /// How often unsent data is checked against `max_age`.
@@ -31,8 +36,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub async fn run(self, mut rx: mpsc::Receiver<Vec<Sample>>) {
+    pub async fn run(self, mut rx: mpsc::Receiver<Handoff>) {
         let mut pending: Vec<Sample> = Vec::new();
+        let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
@@ -41,9 +47,20 @@ impl Writer {
         while open {
             tokio::select! {
                 received = rx.recv() => match received {
-                    Some(mut samples) => {
-                        pending.append(&mut samples);
-                        if pending.len() < self.max_batch_points {
+                    Some(mut h) => {
+                        pending.append(&mut h.samples);
+                        waiters.extend(h.committed);
+                        // Group commit: take what is already queued too.
+                        while !waiters.is_empty() && pending.len() < self.max_batch_points {
+                            match rx.try_recv() {
+                                Ok(mut h) => {
+                                    pending.append(&mut h.samples);
+                                    waiters.extend(h.committed);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if waiters.is_empty() && pending.len() < self.max_batch_points {
                             continue;
                         }
                     }
@@ -53,7 +70,12 @@ impl Writer {
                 _ = expiry.tick() => self.expire().await,
             }
             if !pending.is_empty() {
-                self.commit(std::mem::take(&mut pending)).await;
+                let ok = self.commit(std::mem::take(&mut pending)).await;
+                for w in waiters.drain(..) {
+                    if ok {
+                        let _ = w.send(());
+                    }
+                }
             }
         }
     }
@@ -71,7 +93,8 @@ impl Writer {
         }
     }
 
-    async fn commit(&self, samples: Vec<Sample>) {
+    /// Commits `samples`; true when they are on disk.
+    async fn commit(&self, samples: Vec<Sample>) -> bool {
         let buffer = self.buffer.clone();
         let (version, max) = (self.manifest_version, self.max_batch_points);
         let n = samples.len();
@@ -80,9 +103,16 @@ impl Writer {
         match result {
             Ok(Ok(last)) => {
                 self.committed.send_replace(last);
+                true
             }
-            Ok(Err(e)) => error!(error = %e, points = n, "buffer commit failed; points lost"),
-            Err(e) => error!(error = %e, points = n, "buffer commit task failed; points lost"),
+            Ok(Err(e)) => {
+                error!(error = %e, points = n, "buffer commit failed; points lost");
+                false
+            }
+            Err(e) => {
+                error!(error = %e, points = n, "buffer commit task failed; points lost");
+                false
+            }
         }
     }
 }
