@@ -43,6 +43,12 @@ enum Command {
         #[arg(long)]
         trust_on_first_use: bool,
     },
+    /// Re-verify every stored evidence chain from the original signed bytes
+    /// (run while the server is stopped). Exit code 1 when anything breaks.
+    VerifyChain {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+    },
     /// Register a gateway and print its token (run while the server is stopped).
     RegisterGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
@@ -88,6 +94,31 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::VerifyChain { data } => {
+            let store = EmbeddedStore::open(&data)?;
+            let results = store.verify_chains()?;
+            let mut broken = 0;
+            for c in &results {
+                println!(
+                    "gateway {} buffer {}: links {}..={} ({} stored), head {}",
+                    c.gateway, c.buffer_id, c.first_seq, c.last_seq, c.links, c.head_hash
+                );
+                if c.breaks.is_empty() {
+                    println!("  verified: every signature and every link holds");
+                }
+                for (seq, reason) in &c.breaks {
+                    println!("  BREAK at batch {seq}: {reason}");
+                    broken += 1;
+                }
+            }
+            if results.is_empty() {
+                println!("no signed batches stored");
+            }
+            if broken > 0 {
+                anyhow::bail!("{broken} break(s) found");
+            }
+            Ok(())
+        }
         Command::RegisterGateway {
             data,
             id,

@@ -7,5 +7,6 @@ pub mod bench;
 pub mod mqtt;
 pub mod procs;
 pub mod proxy;
+pub mod raw;
 pub mod scenario;
 pub mod sim;

@@ -1,0 +1,171 @@
+//! A raw gRPC client that speaks the uplink protocol by hand, to play
+//! gateways that misbehave: re-send what was stored, sign with the wrong key,
+//! skip or reorder links.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use guantong_proto::chain::{self, Hash};
+use guantong_proto::v1::gateway_message::Kind as Up;
+use guantong_proto::v1::ingest_message::Kind as Down;
+use guantong_proto::v1::uplink_client::UplinkClient;
+use guantong_proto::v1::{
+    Batch, BatchEnvelope, DataType, Device, GatewayMessage, Hello, Manifest, Point,
+    SignatureAlgorithm, Tag, point,
+};
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One device `dev` with one uint tag `x` at 1 s.
+pub fn manifest(gateway: &str) -> Manifest {
+    Manifest {
+        version: 42,
+        gateway_id: gateway.into(),
+        created_at_ms: 0,
+        devices: vec![Device {
+            id: "dev".into(),
+            protocol: "test".into(),
+            endpoint: "here".into(),
+            identity: Default::default(),
+        }],
+        tags: vec![Tag {
+            device: 0,
+            name: "x".into(),
+            address: "holding:0".into(),
+            data_type: DataType::Uint as i32,
+            unit: String::new(),
+            interval_ms: 1000,
+        }],
+    }
+}
+
+/// Encoded batch `seq` of `buffer_id`: ten points valued seq*100+i.
+pub fn batch_bytes(buffer_id: u64, seq: u64) -> Vec<u8> {
+    let base = 1_700_000_000_000 + seq as i64 * 10_000;
+    let points = (0..10)
+        .map(|i| Point {
+            tag: 0,
+            time_offset_ms: i * 1000,
+            value: Some(point::Value::Uint(seq * 100 + i as u64)),
+            quality: 0,
+            quality_code: 0,
+        })
+        .collect();
+    Batch {
+        buffer_id,
+        seq,
+        manifest_version: 42,
+        base_time_ms: base,
+        points,
+        loss: None,
+        committed_at_ms: base,
+    }
+    .encode_to_vec()
+}
+
+/// An unsigned envelope.
+pub fn unsigned(payload: Vec<u8>) -> BatchEnvelope {
+    BatchEnvelope {
+        payload: payload.into(),
+        ..Default::default()
+    }
+}
+
+/// A gateway's chain state: signs links in the order they are made.
+pub struct Signer {
+    pub key: ed25519_dalek::SigningKey,
+    pub head: Hash,
+}
+
+impl Signer {
+    pub fn new(seed: u8, gateway: &str, buffer_id: u64) -> Signer {
+        Signer {
+            key: ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+            head: chain::genesis(gateway, buffer_id),
+        }
+    }
+
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.verifying_key().to_bytes().to_vec()
+    }
+
+    /// Links `payload` after the current head and signs it with `key`
+    /// (normally this signer's own).
+    pub fn link_with(
+        &mut self,
+        payload: Vec<u8>,
+        key: &ed25519_dalek::SigningKey,
+    ) -> BatchEnvelope {
+        let prev = self.head;
+        let link = chain::link_hash(&prev, &payload);
+        self.head = link;
+        BatchEnvelope {
+            payload: payload.into(),
+            prev_hash: prev.to_vec(),
+            signature: chain::sign(key, &link).to_vec(),
+            algorithm: SignatureAlgorithm::Ed25519 as i32,
+            backfill: false,
+        }
+    }
+
+    pub fn link(&mut self, payload: Vec<u8>) -> BatchEnvelope {
+        let key = self.key.clone();
+        self.link_with(payload, &key)
+    }
+}
+
+/// One connection: Hello (with `public_key`), then `msgs`. Returns
+/// (Welcome.stored_seq, the batch numbers acknowledged).
+pub async fn session(
+    addr: SocketAddr,
+    gateway: &str,
+    token: &str,
+    buffer_id: u64,
+    public_key: Vec<u8>,
+    msgs: Vec<Up>,
+) -> anyhow::Result<(u64, Vec<u64>)> {
+    let mut client = UplinkClient::connect(format!("http://{addr}")).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let key_algorithm = if public_key.is_empty() {
+        0
+    } else {
+        SignatureAlgorithm::Ed25519 as i32
+    };
+    let hello = Hello {
+        gateway_id: gateway.into(),
+        buffer_id,
+        software_version: "test".into(),
+        first_unacked_seq: 1,
+        public_key,
+        key_algorithm,
+    };
+    tx.send(GatewayMessage {
+        kind: Some(Up::Hello(hello)),
+    })
+    .await?;
+    let expected_acks = msgs.iter().filter(|m| matches!(m, Up::Batch(_))).count();
+    for m in msgs {
+        tx.send(GatewayMessage { kind: Some(m) }).await?;
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    req.metadata_mut()
+        .insert("x-guantong-gateway", gateway.parse()?);
+    let mut inbound = client.stream(req).await?.into_inner();
+    let stored = match inbound.message().await?.and_then(|m| m.kind) {
+        Some(Down::Welcome(w)) => w.stored_seq,
+        other => anyhow::bail!("expected Welcome, got {other:?}"),
+    };
+    let mut acks = Vec::new();
+    while acks.len() < expected_acks {
+        match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await?? {
+            Some(m) => match m.kind {
+                Some(Down::Ack(a)) => acks.push(a.batch_seq),
+                other => anyhow::bail!("expected Ack, got {other:?}"),
+            },
+            None => anyhow::bail!("stream closed after {} acks", acks.len()),
+        }
+    }
+    Ok((stored, acks))
+}

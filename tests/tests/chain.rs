@@ -1,0 +1,222 @@
+//! The evidence chain against a real ingest process, with a raw client that
+//! plays gateways: an honest one, and ones whose batches were signed by
+//! another key, removed, reordered, or edited in the database afterwards.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use guantong_e2e::procs::{IngestProc, binary};
+use guantong_e2e::raw::{Signer, batch_bytes, manifest, session};
+use guantong_proto::v1::gateway_message::Kind as Up;
+use redb::ReadableTable;
+use serde_json::Value;
+
+const GW: &str = "gw-chain";
+
+fn any() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("address")
+}
+
+async fn chains(ingest: &IngestProc) -> anyhow::Result<Vec<Value>> {
+    Ok(ingest.api().get("/api/v1/chain").await?["chains"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+fn chain_of<'a>(chains: &'a [Value], buffer_id: u64) -> &'a Value {
+    let id = format!("{buffer_id:016x}");
+    chains
+        .iter()
+        .find(|c| c["buffer_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no chain for {id}: {chains:?}"))
+}
+
+fn break_reasons(chain: &Value) -> Vec<(u64, String)> {
+    chain["breaks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            (
+                b["seq"].as_u64().unwrap_or(0),
+                b["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let honest = Signer::new(7, GW, 1);
+    let token = IngestProc::register_with_key(&data, GW, Some(&hex::encode(honest.public_key())))?;
+    let mut ingest = IngestProc::start(&data, any(), any()).await?;
+    let key = honest.public_key();
+    let intruder = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+
+    // Buffer 1: honest, sent in two connections and out of order.
+    let mut s = Signer::new(7, GW, 1);
+    let (b1, b2, b3) = (
+        s.link(batch_bytes(1, 1)),
+        s.link(batch_bytes(1, 2)),
+        s.link(batch_bytes(1, 3)),
+    );
+    session(
+        ingest.grpc,
+        GW,
+        &token,
+        1,
+        key.clone(),
+        vec![Up::Manifest(manifest(GW)), Up::Batch(b1), Up::Batch(b3)],
+    )
+    .await?;
+    session(ingest.grpc, GW, &token, 1, key.clone(), vec![Up::Batch(b2)]).await?;
+
+    // Buffer 2: batch 2 signed by another key.
+    let mut s = Signer::new(7, GW, 2);
+    let msgs = vec![
+        Up::Batch(s.link(batch_bytes(2, 1))),
+        Up::Batch(s.link_with(batch_bytes(2, 2), &intruder)),
+        Up::Batch(s.link(batch_bytes(2, 3))),
+    ];
+    session(ingest.grpc, GW, &token, 2, key.clone(), msgs).await?;
+
+    // Buffer 3: batch 2 removed.
+    let mut s = Signer::new(7, GW, 3);
+    let (l1, _l2, l3) = (
+        s.link(batch_bytes(3, 1)),
+        s.link(batch_bytes(3, 2)),
+        s.link(batch_bytes(3, 3)),
+    );
+    session(
+        ingest.grpc,
+        GW,
+        &token,
+        3,
+        key.clone(),
+        vec![Up::Batch(l1), Up::Batch(l3)],
+    )
+    .await?;
+
+    // Buffer 4: batches 2 and 3 chained in the other order.
+    let mut s = Signer::new(7, GW, 4);
+    let l1 = s.link(batch_bytes(4, 1));
+    let l3 = s.link(batch_bytes(4, 3));
+    let l2 = s.link(batch_bytes(4, 2));
+    session(
+        ingest.grpc,
+        GW,
+        &token,
+        4,
+        key.clone(),
+        vec![Up::Batch(l1), Up::Batch(l2), Up::Batch(l3)],
+    )
+    .await?;
+
+    // A different key presented in Hello is refused and recorded.
+    let other = Signer::new(9, GW, 5);
+    let refused = session(ingest.grpc, GW, &token, 5, other.public_key(), vec![]).await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("key change refused")));
+
+    let all = chains(&ingest).await?;
+    let c1 = chain_of(&all, 1);
+    assert_eq!(
+        (
+            c1["verified_from"].as_u64(),
+            c1["verified_through"].as_u64()
+        ),
+        (Some(1), Some(3)),
+        "{c1}"
+    );
+    assert!(
+        break_reasons(c1).is_empty(),
+        "honest chain has no break: {c1}"
+    );
+
+    let b = break_reasons(chain_of(&all, 2));
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].0, 2);
+    assert!(b[0].1.contains("signature does not verify"), "{b:?}");
+
+    let c3 = chain_of(&all, 3);
+    assert_eq!(
+        c3["verified_through"], 1,
+        "verification stops before the removed batch: {c3}"
+    );
+    assert_eq!(
+        c3["waiting"], 1,
+        "batch 3 waits for its missing predecessor: {c3}"
+    );
+
+    let b = break_reasons(chain_of(&all, 4));
+    assert_eq!(
+        b.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        vec![2, 3],
+        "both reordered links break: {b:?}"
+    );
+    assert!(
+        b.iter()
+            .all(|(_, r)| r.contains("does not link to the previous batch")),
+        "{b:?}"
+    );
+
+    let key_change = all
+        .iter()
+        .flat_map(break_reasons)
+        .filter(|(_, r)| r.contains("key change refused"))
+        .count();
+    assert_eq!(key_change, 1, "{all:?}");
+
+    // Offline re-verification agrees, and names the batch edited in the database.
+    ingest.proc.terminate(std::time::Duration::from_secs(10));
+    let verify = || {
+        Command::new(binary("guantong-ingest").expect("binary"))
+            .args(["verify-chain", "--data"])
+            .arg(&data)
+            .output()
+    };
+    let out = verify()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success(),
+        "breaks make verify-chain fail:\n{text}"
+    );
+    assert!(
+        text.contains(&format!("buffer {:016x}: links 1..=3 (3 stored)", 1)),
+        "{text}"
+    );
+    {
+        let db = redb::Database::open(data.join("ingest.redb"))?;
+        let table: redb::TableDefinition<(&str, u64, u64), &[u8]> =
+            redb::TableDefinition::new("signed");
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(table)?;
+            let mut bytes = t
+                .get((GW, 1, 2))?
+                .expect("batch 2 of buffer 1 stored")
+                .value()
+                .to_vec();
+            // The stored link is a protobuf whose field 1 is the payload; flip
+            // a byte inside it (one point value).
+            let at = bytes.len() / 3;
+            bytes[at] ^= 0x01;
+            t.insert((GW, 1, 2), bytes.as_slice())?;
+        }
+        txn.commit()?;
+    }
+    let out = verify()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let buffer1: Vec<&str> = text
+        .split("gateway ")
+        .filter(|s| s.contains(&format!("buffer {:016x}", 1)))
+        .collect();
+    assert_eq!(buffer1.len(), 1, "{text}");
+    assert!(
+        buffer1[0].contains("BREAK at batch 2"),
+        "the edited batch is named:\n{text}"
+    );
+    Ok(())
+}
