@@ -24,7 +24,7 @@ async fn chains(ingest: &IngestProc) -> anyhow::Result<Vec<Value>> {
         .unwrap_or_default())
 }
 
-fn chain_of<'a>(chains: &'a [Value], buffer_id: u64) -> &'a Value {
+fn chain_of(chains: &[Value], buffer_id: u64) -> &Value {
     let id = format!("{buffer_id:016x}");
     chains
         .iter()
