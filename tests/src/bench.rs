@@ -76,9 +76,14 @@ pub struct LocalIngest {
 
 impl LocalIngest {
     pub async fn start() -> anyhow::Result<LocalIngest> {
+        LocalIngest::start_with_key(None).await
+    }
+
+    /// An ingest that verifies the bench gateway's chain with `public_key`.
+    pub async fn start_with_key(public_key: Option<Vec<u8>>) -> anyhow::Result<LocalIngest> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
-        let token = store.register_gateway(GW, None).await?;
+        let token = store.register_gateway(GW, public_key).await?;
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
         let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;

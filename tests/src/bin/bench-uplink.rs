@@ -23,12 +23,13 @@ use clap::Parser;
 use guantong_e2e::bench::{
     GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained,
 };
-use guantong_gateway::buffer::{Buffer, WhenFull};
+use guantong_gateway::buffer::{Buffer, ChainSigner, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
+use guantong_proto::chain;
 use guantong_proto::v1::{Batch, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
@@ -154,8 +155,16 @@ fn fill_buffer(
     dir: &std::path::Path,
     all: &[Sample],
     batch: usize,
+    key: Option<&ed25519_dalek::SigningKey>,
 ) -> anyhow::Result<(Arc<Buffer>, Duration, u64)> {
-    let buffer = Arc::new(Buffer::open(dir, 8 << 30, WhenFull::DropOldest)?);
+    let mut buffer = Buffer::open(dir, 8 << 30, WhenFull::DropOldest)?;
+    if let Some(key) = key {
+        buffer = buffer.with_identity(ChainSigner {
+            key: key.clone(),
+            gateway_id: GW.into(),
+        });
+    }
+    let buffer = Arc::new(buffer);
     buffer.put_manifest(
         MANIFEST_VERSION,
         &manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1).encode_to_vec(),
@@ -169,10 +178,19 @@ fn fill_buffer(
     Ok((buffer, start.elapsed(), last))
 }
 
-async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Duration, u64)> {
+/// Drains a pre-filled buffer into a real ingest; with `signed`, the buffer
+/// signs its chain and ingest verifies it on receipt.
+async fn end_to_end(
+    all: &[Sample],
+    args: &Args,
+    signed: bool,
+) -> anyhow::Result<(Duration, Duration, u64)> {
     let dir = tempfile::tempdir()?;
-    let ingest = LocalIngest::start().await?;
-    let (buffer, write_time, last) = fill_buffer(dir.path(), all, args.batch)?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let public = signed.then(|| key.verifying_key().to_bytes().to_vec());
+    let ingest = LocalIngest::start_with_key(public).await?;
+    let (buffer, write_time, last) =
+        fill_buffer(dir.path(), all, args.batch, signed.then_some(&key))?;
     let (_tx, committed) = watch::channel(last);
     let compression = match args.compression.as_str() {
         "gzip" => Compression::Gzip,
@@ -194,7 +212,39 @@ async fn end_to_end(all: &[Sample], args: &Args) -> anyhow::Result<(Duration, Du
     let elapsed = start.elapsed();
     cancel.cancel();
     let _ = task.await;
+    if signed {
+        let chains = ingest.store.chains().await?;
+        anyhow::ensure!(
+            chains.len() == 1 && chains[0].breaks.is_empty() && chains[0].verified_through == last,
+            "the signed chain did not verify: {chains:?}"
+        );
+    }
     Ok((elapsed, write_time, ingest.stored_points().await?))
+}
+
+/// (sign, verify) cost per batch: link hash + Ed25519 over the real payloads.
+fn chain_cost(batches: &[Batch]) -> (Duration, Duration) {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let public = key.verifying_key().to_bytes();
+    let payloads: Vec<Vec<u8>> = batches.iter().map(|b| b.encode_to_vec()).collect();
+    let mut head = chain::genesis(GW, 1);
+    let start = Instant::now();
+    let mut sigs = Vec::with_capacity(payloads.len());
+    for p in &payloads {
+        let link = chain::link_hash(&head, p);
+        sigs.push((head, chain::sign(&key, &link)));
+        head = link;
+    }
+    let sign = start.elapsed() / payloads.len() as u32;
+    let start = Instant::now();
+    for (p, (prev, sig)) in payloads.iter().zip(&sigs) {
+        let link = chain::link_hash(prev, p);
+        assert!(
+            chain::verify(&public, &link, sig),
+            "a fresh signature verifies"
+        );
+    }
+    (sign, start.elapsed() / payloads.len() as u32)
 }
 
 #[tokio::main]
@@ -205,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
     let n = args.points as f64;
     let (mut raw, mut raw8, mut direct, mut buf, mut e2e) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut signed_e2e = Vec::new();
     println!(
         "bench-uplink: {} points, {} tags, {} points per batch, {} runs (median shown)",
         args.points, args.tags, args.batch, args.runs
@@ -214,7 +265,14 @@ async fn main() -> anyhow::Result<()> {
         let r = n / raw_redb(&batches, 1)?.as_secs_f64();
         let r8 = n / raw_redb(&batches, 8)?.as_secs_f64();
         let d = n / store_direct(&batches, args.tags).await?.as_secs_f64();
-        let (e, w, stored) = end_to_end(&all, &args).await?;
+        let (e, w, stored) = end_to_end(&all, &args, false).await?;
+        let (es, _, stored_signed) = end_to_end(&all, &args, true).await?;
+        anyhow::ensure!(
+            stored_signed == args.points as u64,
+            "signed end to end stored {stored_signed} points"
+        );
+        let es = n / es.as_secs_f64();
+        signed_e2e.push(es);
         if stored != args.points as u64 {
             anyhow::bail!(
                 "end to end stored {stored} points, expected {}",
@@ -223,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let (e, w) = (n / e.as_secs_f64(), n / w.as_secs_f64());
         println!(
-            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s"
+            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s  signed {es:>10.0}/s"
         );
         raw.push(r);
         raw8.push(r8);
@@ -237,6 +295,30 @@ async fn main() -> anyhow::Result<()> {
         median(direct),
         median(buf),
         median(e2e),
+    );
+    let signed = median(signed_e2e);
+    let (sign, verify) = chain_cost(&batches);
+    println!();
+    println!("| evidence chain (issue 8) | value | vs end to end unsigned |");
+    println!("|---|---:|---:|");
+    println!("| end to end, unsigned | {e2e:.0} points/s | 1.00 |");
+    println!(
+        "| end to end, signed at commit and verified by ingest on receipt | {signed:.0} points/s | {:.2} |",
+        signed / e2e
+    );
+    let per_point = |d: Duration| d.as_secs_f64() * 1e9 / args.batch as f64;
+    println!(
+        "| sign one {}-point batch (link hash + Ed25519) | {:.1} µs, {:.1} ns/point | {:.1} % of an unsigned point's end-to-end time |",
+        args.batch,
+        sign.as_secs_f64() * 1e6,
+        per_point(sign),
+        per_point(sign) * e2e / 1e9 * 100.0
+    );
+    println!(
+        "| verify one batch (link hash + Ed25519) | {:.1} µs, {:.1} ns/point | {:.1} % |",
+        verify.as_secs_f64() * 1e6,
+        per_point(verify),
+        per_point(verify) * e2e / 1e9 * 100.0
     );
     println!();
     println!("| figure | points/s (median) | vs raw redb |");
