@@ -400,6 +400,7 @@ impl<S: Store> Session<S> {
             .and_then(|l| chain::to_hash(&l.bridge_hash))
             .unwrap_or(hash);
         Some(Link {
+            signature_checked: self.key.is_some(),
             payload: envelope.payload.clone(),
             prev_hash: envelope.prev_hash.clone(),
             signature: envelope.signature.clone(),

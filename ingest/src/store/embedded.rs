@@ -101,6 +101,8 @@ struct SignedLink {
     signature_ok: bool,
     #[prost(uint64, tag = "6")]
     last_seq: u64,
+    #[prost(bool, tag = "7")]
+    signature_checked: bool,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -392,6 +394,7 @@ fn append_group<'a>(
                     effective_hash: link.effective_hash.to_vec(),
                     signature_ok: link.signature_ok,
                     last_seq: last,
+                    signature_checked: link.signature_checked,
                 };
                 signed
                     .insert(
@@ -471,7 +474,17 @@ fn advance_chain(
             ))),
             None => None, // anchored mid-stream: earlier links were acknowledged elsewhere
         };
-        if !link.signature_ok {
+        if !link.signature_checked {
+            if st.verified_from == 0 {
+                put_break(
+                    breaks,
+                    gateway,
+                    buffer_id,
+                    next,
+                    "no public key bound to this gateway: signatures are not checked (register it with --public-key)".into(),
+                )?;
+            }
+        } else if !link.signature_ok {
             put_break(
                 breaks,
                 gateway,

@@ -62,6 +62,8 @@ pub struct Link {
     pub effective_hash: [u8; 32],
     /// Signature verified with the gateway's bound key.
     pub signature_ok: bool,
+    /// A key was bound, so the signature could be checked at all.
+    pub signature_checked: bool,
 }
 
 /// Evidence chain status of one stream (gateway, buffer).

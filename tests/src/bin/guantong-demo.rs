@@ -66,11 +66,16 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let shutdown = CancellationToken::new();
-    let ingest = guantong_ingest::start(
+    // The demo gateway creates its key at its first start: bind it on first use.
+    let options = guantong_ingest::Options {
+        trust_on_first_use: true,
+    };
+    let ingest = guantong_ingest::start_with(
         store.clone(),
         or_any(args.grpc),
         or_any(args.http),
         shutdown.clone(),
+        options,
     )
     .await?;
 
@@ -114,6 +119,10 @@ commit_interval = "200ms"
     );
     println!(
         "        http://{}/api/v1/points?gateway=demo-gateway&device=press-01&tag=temperature",
+        ingest.http_addr
+    );
+    println!(
+        "        http://{}/api/v1/chain                  signed evidence chain, verified on receipt",
         ingest.http_addr
     );
     println!();
