@@ -645,3 +645,54 @@ async fn probe_shows_messages_and_the_values_the_mapping_extracts() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn username_and_password_are_sent_and_checked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["gateway", "s3cret"])
+        .status()?;
+    anyhow::ensure!(
+        made.success(),
+        "mosquitto_passwd failed (install mosquitto: ./test.sh does)"
+    );
+    // Anonymous clients may still publish; a client that presents a user
+    // name is checked against the file.
+    let broker = OwnBroker::start_conf(
+        dir.path(),
+        false,
+        &format!("password_file {}\n", passwords.display()),
+    )?;
+    let port = broker.port;
+    let s = Setup::start(move |_| {
+        format!(
+            "\n[[devices]]\nid = \"good\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1:{port}\"\n\
+             username = \"gateway\"\npassword = \"s3cret\"\ntopic = \"auth/data\"\nmax_backoff = \"1s\"\n\
+             [[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n\
+             \n[[devices]]\nid = \"bad\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1:{port}\"\n\
+             username = \"gateway\"\npassword = \"wrong\"\ntopic = \"auth/data\"\nmax_backoff = \"1s\"\n\
+             [[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n"
+        )
+    })
+    .await?;
+    let publisher = Publisher::connect(port, "auth-pub", false).await?;
+    s.warm_up(&publisher, "auth/data", br#"{"n": 0}"#, "good", "n")
+        .await?;
+    for n in 1..=10u64 {
+        publisher
+            .publish("auth/data", QoS::AtLeastOnce, format!(r#"{{"n": {n}}}"#))
+            .await;
+    }
+    wait_all(&s, "good", "n", 10).await?;
+    let api = s.ingest.api();
+    let bad = api.points(GW, "bad", "n").await?;
+    assert!(
+        bad.iter().all(|p| p["quality"] != "good"),
+        "a wrong password must not receive anything: {bad:?}\n{}",
+        s.logs()
+    );
+    Ok(())
+}
