@@ -145,6 +145,8 @@ pub struct Buffer {
     handed_out: Mutex<BTreeSet<u64>>,
     drop_lock: Mutex<()>,
     signer: Option<ChainSigner>,
+    /// An unreadable file was moved aside and its loss is not recorded yet.
+    lost_file: Mutex<bool>,
 }
 
 /// Signs the buffer's links with the gateway's identity.
@@ -232,20 +234,32 @@ impl Buffer {
             handed_out: Mutex::new(BTreeSet::new()),
             drop_lock: Mutex::new(()),
             signer: None,
+            lost_file: Mutex::new(moved_aside.is_some()),
         };
-        if moved_aside.is_some() {
-            // Tell ingest: the first record of the new buffer is a loss of unknown size.
-            buffer.append_loss(Loss {
+        Ok(buffer)
+    }
+
+    /// Writes the record saying that an unreadable buffer file was moved
+    /// aside, once, as the new buffer's first record (signed when an identity
+    /// is attached, so it is a proper first link).
+    fn note_lost_file(&self) -> Result<()> {
+        let mut pending = self.lost_file.lock().unwrap_or_else(|e| e.into_inner());
+        if *pending {
+            self.append_loss(Loss {
                 reason: LossReason::Corrupted as i32,
                 ..Default::default()
             })?;
+            *pending = false;
         }
-        Ok(buffer)
+        Ok(())
     }
 
     /// Signs every record committed from now on as a link of the chain.
     pub fn with_identity(mut self, signer: ChainSigner) -> Buffer {
         self.signer = Some(signer);
+        if let Err(e) = self.note_lost_file() {
+            tracing::error!(error = %e, "cannot record the lost buffer file; it is logged above");
+        }
         self
     }
 
@@ -343,6 +357,7 @@ impl Buffer {
         samples: &[Sample],
         max_points: usize,
     ) -> Result<u64> {
+        self.note_lost_file()?;
         let committed_at = now_ms();
         let records: Vec<(Vec<u8>, &[Sample])> = samples
             .chunks(max_points.max(1))
@@ -1114,6 +1129,7 @@ mod tests {
             })
             .collect();
         assert_eq!(aside.len(), 1, "the unreadable file is kept for inspection");
+        b.append(1, &samples(1, 0), 10).expect("append");
         let first = b.read_from(1, 1).expect("read");
         let loss = Batch::decode(first[0].payload.as_ref())
             .expect("decodes")

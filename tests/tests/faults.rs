@@ -249,6 +249,10 @@ async fn a_destroyed_buffer_file_is_moved_aside_and_collection_goes_on() -> anyh
                 .starts_with("buffer.redb.unreadable-")
         });
     assert!(aside, "the destroyed file is kept for inspection");
+    // The new buffer's first link is the signed record of the lost file.
+    if let Err(e) = s.assert_chain_intact().await {
+        panic!("{e}");
+    }
     assert!(
         s.gateway_log().contains("BUFFER FILE CANNOT BE OPENED"),
         "loud error"
