@@ -114,6 +114,9 @@ pub struct DeviceSummary {
     pub id: String,
     pub protocol: String,
     pub endpoint: String,
+    /// What the device said it is (e.g. Modbus function 43/14: vendor,
+    /// product code, revision): evidence that a real device answered.
+    pub identity: std::collections::BTreeMap<String, String>,
     pub tags: Vec<TagSummary>,
 }
 
@@ -229,6 +232,7 @@ async fn summary<S: Store>(
                 id: s.device,
                 protocol: s.protocol,
                 endpoint: s.endpoint,
+                identity: s.identity,
                 tags: vec![tag],
             }),
         }

@@ -65,6 +65,11 @@ async fn every_served_value_arrives_correctly_decoded() -> anyhow::Result<()> {
             "{tag}: declared interval from the manifest"
         );
     }
+    // The device's own identification (Modbus 43/14) reaches the summary.
+    let summary = api.get("/api/v1/summary").await?;
+    let device = &summary["gateways"][0]["devices"][0];
+    assert_eq!(device["identity"]["vendor"], "Guantong", "{device}");
+    assert_eq!(device["identity"]["product_code"], "SIM-1", "{device}");
     let flow = api.tag(GW, DEV, "flow").await?.expect("flow tag");
     assert_eq!(flow["unit"], "m³/h");
     assert_eq!(flow["address"], "input:0");

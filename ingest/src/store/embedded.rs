@@ -124,6 +124,9 @@ struct SeriesMeta {
     data_type: String,
     unit: String,
     interval_ms: u64,
+    /// What the device said it is (vendor, product code, revision, …).
+    #[serde(default)]
+    identity: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -953,6 +956,11 @@ impl Store for EmbeddedStore {
                             .unwrap_or_else(|_| "unspecified".into()),
                         unit: tag.unit.clone(),
                         interval_ms: tag.interval_ms,
+                        identity: device
+                            .identity
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
                     };
                     let value =
                         serde_json::to_vec(&m).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -1055,6 +1063,7 @@ impl Store for EmbeddedStore {
                     data_type: m.data_type,
                     unit: m.unit,
                     interval_ms: m.interval_ms,
+                    identity: m.identity,
                     samples: s.good + s.uncertain + s.bad,
                     good: s.good,
                     uncertain: s.uncertain,

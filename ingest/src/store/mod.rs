@@ -200,6 +200,8 @@ pub struct SeriesInfo {
     pub data_type: String,
     pub unit: String,
     pub interval_ms: u64,
+    /// The device's own identification, from the manifest.
+    pub identity: std::collections::BTreeMap<String, String>,
     pub samples: u64,
     pub good: u64,
     pub uncertain: u64,
