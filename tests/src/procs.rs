@@ -160,6 +160,16 @@ impl IngestProc {
         grpc: SocketAddr,
         http: SocketAddr,
     ) -> anyhow::Result<IngestProc> {
+        IngestProc::start_with_args(data, grpc, http, &[]).await
+    }
+
+    /// Starts ingest with extra `serve` arguments (e.g. `--trust-on-first-use`).
+    pub async fn start_with_args(
+        data: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<IngestProc> {
         let ports_file = data.with_extension("ports.json");
         let _ = std::fs::remove_file(&ports_file);
         let log = data.with_extension("log");
@@ -174,7 +184,8 @@ impl IngestProc {
                 .arg("--http-listen")
                 .arg(http.to_string())
                 .arg("--ports-file")
-                .arg(&ports_file),
+                .arg(&ports_file)
+                .args(extra),
             &log,
         )?;
         let mut ingest = IngestProc {

@@ -220,3 +220,44 @@ async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyho
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_on_first_use_binds_the_first_key_records_it_and_refuses_another()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let token = IngestProc::register(&data, GW)?;
+    let ingest =
+        IngestProc::start_with_args(&data, any(), any(), &["--trust-on-first-use"]).await?;
+    let mut first = Signer::new(7, GW, 1);
+    let key = first.public_key();
+    let (l1, l2) = (first.link(batch_bytes(1, 1)), first.link(batch_bytes(1, 2)));
+    session(
+        ingest.grpc,
+        GW,
+        &token,
+        1,
+        key,
+        vec![Up::Manifest(manifest(GW)), Up::Batch(l1), Up::Batch(l2)],
+    )
+    .await?;
+    let other = Signer::new(8, GW, 2);
+    let refused = session(ingest.grpc, GW, &token, 2, other.public_key(), vec![]).await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("key change refused")),
+        "a second key is refused"
+    );
+    let all = chains(&ingest).await?;
+    let c1 = chain_of(&all, 1);
+    let notes = break_reasons(c1);
+    assert_eq!(notes.len(), 1, "{c1}");
+    assert!(
+        notes[0].1.contains("bound by trust on first use"),
+        "recorded as such: {notes:?}"
+    );
+    assert_eq!(
+        c1["verified_through"], 2,
+        "the bound key verifies the chain: {c1}"
+    );
+    Ok(())
+}
