@@ -359,10 +359,6 @@ impl Buffer {
     ) -> Result<u64> {
         self.note_lost_file()?;
         let committed_at = now_ms();
-        let records: Vec<(Vec<u8>, &[Sample])> = samples
-            .chunks(max_points.max(1))
-            .map(|chunk| (Vec::new(), chunk))
-            .collect();
         let mut txn = self.db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let (last, over) = {
@@ -372,7 +368,7 @@ impl Buffer {
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
             let mut rejected: Vec<&Sample> = Vec::new();
             let mut head = self.chain_head(&txn)?;
-            for (_, chunk) in records {
+            for chunk in samples.chunks(max_points.max(1)) {
                 let payload =
                     encode_batch(self.buffer_id, seq, manifest_version, chunk, committed_at);
                 let (record, link) =
@@ -714,7 +710,13 @@ impl Buffer {
 
     /// Deletes every record in `first..=last` (ingest has stored them).
     pub fn ack_range(&self, first: u64, last: u64) -> Result<u64> {
-        if last < first {
+        self.ack_ranges(&[(first, last)])
+    }
+
+    /// Deletes every record in each of `ranges`, in one transaction.
+    pub fn ack_ranges(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        let ranges: Vec<(u64, u64)> = ranges.iter().copied().filter(|(a, b)| a <= b).collect();
+        if ranges.is_empty() {
             return Ok(0);
         }
         let mut txn = self.db.begin_write().map_err(storage)?;
@@ -724,13 +726,15 @@ impl Buffer {
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
-            for entry in batches
-                .extract_from_if(first..=last, |_, _| true)
-                .map_err(storage)?
-            {
-                let (_, v) = entry.map_err(storage)?;
-                bytes = bytes.saturating_sub(v.value().len() as u64);
-                removed += 1;
+            for &(first, last) in &ranges {
+                for entry in batches
+                    .extract_from_if(first..=last, |_, _| true)
+                    .map_err(storage)?
+                {
+                    let (_, v) = entry.map_err(storage)?;
+                    bytes = bytes.saturating_sub(v.value().len() as u64);
+                    removed += 1;
+                }
             }
             if removed > 0 {
                 meta.insert("bytes", bytes).map_err(storage)?;
@@ -738,9 +742,11 @@ impl Buffer {
         }
         txn.commit().map_err(storage)?;
         let mut handed = self.handed_out();
-        let acked: Vec<u64> = handed.range(first..=last).copied().collect();
-        for k in acked {
-            handed.remove(&k);
+        for &(first, last) in &ranges {
+            let acked: Vec<u64> = handed.range(first..=last).copied().collect();
+            for k in acked {
+                handed.remove(&k);
+            }
         }
         Ok(removed)
     }

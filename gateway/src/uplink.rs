@@ -366,12 +366,10 @@ impl Uplink {
         last: u64,
         in_flight: &mut InFlight,
     ) -> Result<(), UplinkError> {
-        if first > cumulative {
-            self.delete(first, last).await?;
-        }
-        if cumulative > 0 {
-            self.delete(1, cumulative).await?;
-        }
+        // One transaction for both: this runs once per acknowledged batch.
+        let ranges = [(1, cumulative), (first.max(cumulative + 1), last)];
+        let b = self.buffer.clone();
+        tokio::task::spawn_blocking(move || b.ack_ranges(&ranges)).await??;
         in_flight.remove(&first);
         in_flight.retain(|_, (l, _)| *l > cumulative);
         Ok(())

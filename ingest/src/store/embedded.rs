@@ -411,7 +411,6 @@ fn append_group<'a>(
                     &signed,
                     &mut chain_state,
                     &mut breaks,
-                    a.received_at_ms,
                 )?;
             }
             outcomes.push(Appended {
@@ -454,7 +453,6 @@ fn advance_chain(
     signed: &redb::Table<(&str, u64, u64), &[u8]>,
     states: &mut redb::Table<(&str, u64), &[u8]>,
     breaks: &mut redb::Table<(&str, u64, u64), &[u8]>,
-    _now: i64,
 ) -> Result<()> {
     let mut st: ChainState = match states.get((gateway, buffer_id)).map_err(db_err)? {
         Some(v) => {
