@@ -360,6 +360,7 @@ impl<S: Store> Session<S> {
                     let link = self.link(&batch, &envelope);
                     let (reply, mut append) = self.check(batch, envelope.backfill).await?;
                     append.link = link;
+                    append.wire_bytes = envelope.payload.len() as u64;
                     if let Some(reason) = &reply.rejected {
                         warn!(gateway = %self.gateway, seq = reply.first, %reason, "batch rejected");
                         self.connections.update(&self.gateway, |c| c.rejected += 1);
@@ -462,6 +463,7 @@ impl<S: Store> Session<S> {
             backfill,
             link: None,
             rejected,
+            wire_bytes: 0,
         };
         Ok((reply, append))
     }

@@ -6,6 +6,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod registry;
 pub mod store;
 
 use std::net::SocketAddr;

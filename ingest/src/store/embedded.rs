@@ -16,6 +16,14 @@
 //! | `signed`     | (gateway, buffer_id, seq)        | original signed batch (`SignedLink`) |
 //! | `chain_state`| (gateway, buffer_id)             | JSON `ChainState`: verified through, head |
 //! | `breaks`     | (gateway, buffer_id, seq)        | JSON `ChainBreak`              |
+//! | `days`       | (series, day start)              | `rollup::SeriesDay`            |
+//! | `hours`      | (series, hour start)             | (count, sum, min, max) of Good numbers |
+//! | `runs`       | (series, kind, start)            | end: runs of data, Bad, backfill |
+//! | `gateway_days`| (gateway, day of receipt)       | `rollup::GatewayDay`           |
+//! | registry tables | see `registry` in this module | enterprises, equipment, accounts, access log |
+//!
+//! The rollup tables (`rollup` module) are written in the same transaction
+//! as the points they summarise.
 //!
 //! A chunk holds the points of one series from one batch that fall in one
 //! calendar minute, so any time window is answered from whole-minute counters
@@ -46,6 +54,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+use super::rollup;
 use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
     ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
@@ -65,6 +74,15 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SIGNED: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("signed");
 const CHAIN_STATE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chain_state");
 const BREAKS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("breaks");
+const DAYS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("days");
+const HOURS: TableDefinition<(u64, i64), (u64, f64, f64, f64)> = TableDefinition::new("hours");
+const RUNS: TableDefinition<(u64, u8, i64), i64> = TableDefinition::new("runs");
+const GATEWAY_DAYS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("gateway_days");
+
+mod registry;
+mod rollups;
+
+use rollups::RollupTables;
 
 const MINUTE_MS: i64 = 60_000;
 /// Most points one group commit takes before committing.
@@ -156,6 +174,14 @@ struct SeriesState {
     last: Option<Point>,
     #[prost(uint64, tag = "7")]
     backfilled: u64,
+    /// The latest in-order value (time, hash) and when the value last
+    /// changed, for the rollups' change tracking.
+    #[prost(int64, optional, tag = "8")]
+    track_time_ms: Option<i64>,
+    #[prost(uint64, tag = "9")]
+    track_hash: u64,
+    #[prost(int64, tag = "10")]
+    changed_at_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -215,6 +241,11 @@ impl EmbeddedStore {
             txn.open_table(SIGNED).map_err(db_err)?;
             txn.open_table(CHAIN_STATE).map_err(db_err)?;
             txn.open_table(BREAKS).map_err(db_err)?;
+            txn.open_table(DAYS).map_err(db_err)?;
+            txn.open_table(HOURS).map_err(db_err)?;
+            txn.open_table(RUNS).map_err(db_err)?;
+            txn.open_table(GATEWAY_DAYS).map_err(db_err)?;
+            registry::create_tables(&txn)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -302,6 +333,12 @@ fn append_group<'a>(
         let mut signed = txn.open_table(SIGNED).map_err(db_err)?;
         let mut chain_state = txn.open_table(CHAIN_STATE).map_err(db_err)?;
         let mut breaks = txn.open_table(BREAKS).map_err(db_err)?;
+        let mut rollups = RollupTables {
+            days: txn.open_table(DAYS).map_err(db_err)?,
+            hours: txn.open_table(HOURS).map_err(db_err)?,
+            runs: txn.open_table(RUNS).map_err(db_err)?,
+            gateway_days: txn.open_table(GATEWAY_DAYS).map_err(db_err)?,
+        };
         let mut next_chunk = meta
             .get("next_chunk")
             .map_err(db_err)?
@@ -382,8 +419,10 @@ fn append_group<'a>(
                     &mut chunks,
                     &mut minutes,
                     &mut state,
+                    &mut rollups,
                     &mut next_chunk,
                 )?;
+                rollups.gateway_day(a)?;
             }
             ranges.insert(b.seq, last);
             streams
@@ -537,9 +576,11 @@ fn store_points(
     chunks: &mut redb::Table<(u64, i64, u64), &[u8]>,
     minutes: &mut redb::Table<(u64, i64), (u64, u64, u64)>,
     state: &mut redb::Table<u64, &[u8]>,
+    rollups: &mut RollupTables,
     next_chunk: &mut u64,
 ) -> Result<()> {
     let b = &a.batch;
+    let mut intervals: HashMap<u64, u64> = HashMap::new();
     // (series, minute) -> points with absolute times
     let mut groups: HashMap<(u64, i64), Vec<Point>> = HashMap::new();
     for p in &b.points {
@@ -547,6 +588,10 @@ fn store_points(
             .series
             .get(p.tag as usize)
             .ok_or_else(|| StoreError::Invalid(format!("tag {} outside manifest", p.tag)))?;
+        intervals.insert(
+            series,
+            map.intervals.get(p.tag as usize).copied().unwrap_or(0),
+        );
         let t = b.base_time_ms.saturating_add(p.time_offset_ms);
         let mut p = p.clone();
         p.tag = 0;
@@ -606,6 +651,25 @@ fn store_points(
         if a.backfill {
             s.backfilled += points.len() as u64;
         }
+        let mut prev = s.track_time_ms.map(|t| rollup::Previous {
+            time_ms: t,
+            value_hash: s.track_hash,
+            changed_at_ms: s.changed_at_ms,
+        });
+        let mut sorted = points.clone();
+        let update = rollup::fold_series(
+            &mut sorted,
+            intervals.get(&series).copied().unwrap_or(0),
+            a.received_at_ms,
+            a.backfill,
+            &mut prev,
+        );
+        if let Some(p) = prev {
+            s.track_time_ms = Some(p.time_ms);
+            s.track_hash = p.value_hash;
+            s.changed_at_ms = p.changed_at_ms;
+        }
+        rollups.apply(series, intervals.get(&series).copied().unwrap_or(0), update)?;
         for p in points {
             let t = p.time_offset_ms;
             match quality_of(p) {
@@ -978,6 +1042,7 @@ impl Store for EmbeddedStore {
             Ok(Arc::new(ManifestMap {
                 version: manifest.version,
                 series,
+                intervals: manifest.tags.iter().map(|t| t.interval_ms).collect(),
             }))
         })
         .await
@@ -1008,7 +1073,11 @@ impl Store for EmbeddedStore {
                     .ok_or_else(|| StoreError::Backend(format!("series {key} missing")))?;
                 series.push(id.value());
             }
-            Ok(Some(Arc::new(ManifestMap { version, series })))
+            Ok(Some(Arc::new(ManifestMap {
+                version,
+                series,
+                intervals: manifest.tags.iter().map(|t| t.interval_ms).collect(),
+            })))
         })
         .await
     }
@@ -1343,6 +1412,7 @@ mod tests {
                 backfill: false,
                 link: None,
                 rejected: None,
+                wire_bytes: 0,
             };
             assert_eq!(
                 store.append(a).await.expect("append").outcome,

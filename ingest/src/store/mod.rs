@@ -11,6 +11,7 @@
 //!   names them; later manifests update their metadata.
 
 pub mod embedded;
+pub mod rollup;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub struct ManifestMap {
     pub version: u64,
     pub series: Vec<u64>,
+    /// `intervals[i]`: the declared sampling interval of tag `i` (0: none).
+    pub intervals: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +179,8 @@ pub struct AppendBatch {
     pub backfill: bool,
     /// The batch as a link of the gateway's evidence chain, checked on receipt.
     pub link: Option<Link>,
+    /// Size of the batch as received (signed payload bytes).
+    pub wire_bytes: u64,
     /// Set when ingest refuses the batch's points: they are not stored, the
     /// sequence number is consumed, and the refusal is recorded as a loss.
     pub rejected: Option<String>,

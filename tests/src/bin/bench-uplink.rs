@@ -139,6 +139,7 @@ async fn store_direct(batches: &[Batch], tags: u32) -> anyhow::Result<Duration> 
             backfill: false,
             link: None,
             rejected: None,
+            wire_bytes: 0,
         }));
         // Keep a window like a gateway stream would.
         if pending.len() >= 8 {

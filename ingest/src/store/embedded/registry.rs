@@ -1,0 +1,238 @@
+//! Registry tables of the embedded store: enterprises, equipment registers,
+//! gateway ownership, accounts and the access log.
+//!
+//! | table         | key                        | value                       |
+//! |---------------|----------------------------|-----------------------------|
+//! | `enterprises` | credit code                | JSON `Enterprise`           |
+//! | `equipment`   | (credit code, equipment id)| JSON `Equipment`            |
+//! | `owners`      | gateway id                 | credit code                 |
+//! | `accounts`    | account name               | JSON `Account`              |
+//! | `tokens`      | SHA-256 of a token         | account name                |
+//! | `access_log`  | (time ms, sequence)        | JSON `Access`               |
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{EmbeddedStore, db_err};
+use crate::registry::{Access, Account, Enterprise, Equipment, new_token, token_digest};
+use crate::store::{Result, StoreError};
+
+const ENTERPRISES: TableDefinition<&str, &[u8]> = TableDefinition::new("enterprises");
+const EQUIPMENT: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("equipment");
+const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+const TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("tokens");
+const ACCESS_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("access_log");
+
+static ACCESS_SEQ: AtomicU64 = AtomicU64::new(0);
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<()> {
+    txn.open_table(ENTERPRISES).map_err(db_err)?;
+    txn.open_table(EQUIPMENT).map_err(db_err)?;
+    txn.open_table(OWNERS).map_err(db_err)?;
+    txn.open_table(ACCOUNTS).map_err(db_err)?;
+    txn.open_table(TOKENS).map_err(db_err)?;
+    txn.open_table(ACCESS_LOG).map_err(db_err)?;
+    Ok(())
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn parse<T: DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::Backend(format!("{what}: {e}")))
+}
+
+impl EmbeddedStore {
+    pub fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(ENTERPRISES)
+            .map_err(db_err)?
+            .insert(e.code.as_str(), json(e)?.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn enterprises(&self) -> Result<Vec<Enterprise>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(ENTERPRISES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(parse(v.value(), "enterprise")?);
+        }
+        Ok(out)
+    }
+
+    pub fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(ENTERPRISES).map_err(db_err)?;
+        match t.get(code).map_err(db_err)? {
+            Some(v) => Ok(Some(parse(v.value(), "enterprise")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces an enterprise's equipment register.
+    pub fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            if txn
+                .open_table(ENTERPRISES)
+                .map_err(db_err)?
+                .get(code)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Err(StoreError::NotFound(format!("enterprise {code}")));
+            }
+            let mut t = txn.open_table(EQUIPMENT).map_err(db_err)?;
+            let old: Vec<String> = t
+                .range((code, "")..)
+                .map_err(db_err)?
+                .map_while(|e| e.ok())
+                .take_while(|(k, _)| k.value().0 == code)
+                .map(|(k, _)| k.value().1.to_string())
+                .collect();
+            for id in old {
+                t.remove((code, id.as_str())).map_err(db_err)?;
+            }
+            for e in list {
+                t.insert((code, e.id.as_str()), json(e)?.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(EQUIPMENT).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.range((code, "")..).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if k.value().0 != code {
+                break;
+            }
+            out.push(parse(v.value(), "equipment")?);
+        }
+        Ok(out)
+    }
+
+    /// Makes `gateway` belong to enterprise `code`.
+    pub fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            if txn
+                .open_table(ENTERPRISES)
+                .map_err(db_err)?
+                .get(code)
+                .map_err(db_err)?
+                .is_none()
+            {
+                return Err(StoreError::NotFound(format!("enterprise {code}")));
+            }
+            txn.open_table(OWNERS)
+                .map_err(db_err)?
+                .insert(gateway, code)
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// gateway id -> enterprise credit code.
+    pub fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(OWNERS).map_err(db_err)?;
+        let mut out = BTreeMap::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            out.insert(k.value().to_string(), v.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// Creates or replaces an account and returns its new token (the old
+    /// token, if any, stops working).
+    pub fn put_account(&self, a: &Account) -> Result<String> {
+        let token = new_token();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
+            let stale: Vec<Vec<u8>> = tokens
+                .iter()
+                .map_err(db_err)?
+                .filter_map(|e| e.ok())
+                .filter(|(_, v)| v.value() == a.name)
+                .map(|(k, _)| k.value().to_vec())
+                .collect();
+            for k in stale {
+                tokens.remove(k.as_slice()).map_err(db_err)?;
+            }
+            tokens
+                .insert(token_digest(&token).as_slice(), a.name.as_str())
+                .map_err(db_err)?;
+            txn.open_table(ACCOUNTS)
+                .map_err(db_err)?
+                .insert(a.name.as_str(), json(a)?.as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(token)
+    }
+
+    pub fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let tokens = txn.open_table(TOKENS).map_err(db_err)?;
+        let Some(name) = tokens.get(token_digest(token).as_slice()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let accounts = txn.open_table(ACCOUNTS).map_err(db_err)?;
+        match accounts.get(name.value()).map_err(db_err)? {
+            Some(v) => Ok(Some(parse(v.value(), "account")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn accounts(&self) -> Result<Vec<Account>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(ACCOUNTS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(parse(v.value(), "account")?);
+        }
+        Ok(out)
+    }
+
+    pub fn log_access(&self, a: &Access) -> Result<()> {
+        let seq = ACCESS_SEQ.fetch_add(1, Ordering::Relaxed);
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(ACCESS_LOG)
+            .map_err(db_err)?
+            .insert((a.at_ms, seq), json(a)?.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+
+    /// The latest `limit` accesses, newest first.
+    pub fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(ACCESS_LOG).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db_err)?.rev().take(limit) {
+            let (_, v) = entry.map_err(db_err)?;
+            out.push(parse(v.value(), "access")?);
+        }
+        Ok(out)
+    }
+}
