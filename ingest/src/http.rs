@@ -8,6 +8,9 @@
 //! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
 //! | `GET /api/v1/losses`  | data dropped by gateways and sequence gaps                |
 //! | `GET /api/v1/chain`   | evidence chain per gateway buffer: verified range, head, breaks |
+//! | registry, reports     | see the `web` module: enterprises, equipment, accounts, access log, reports, city view |
+//!
+//! Every route but `/healthz` and `/login` needs an account token (`web`).
 //!
 //! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
 //! since the Unix epoch, and returned as RFC 3339 with milliseconds.
@@ -23,31 +26,63 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::routing::{get, put};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::evidence::Criteria;
 use crate::grpc::{ConnectionInfo, Connections, now_ms};
 use crate::store::{Store, StoreError, StoredPoint};
+use crate::web::{self, Viewer};
 
 pub struct ApiState<S> {
     pub store: Arc<S>,
     pub connections: Arc<Connections>,
+    pub criteria: Arc<Criteria>,
 }
 
 pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
-    Router::new()
+    let protected = Router::new()
         .route("/", get(|| async { Html(OVERVIEW_HTML) }))
-        .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/summary", get(summary::<S>))
         .route("/api/v1/points", get(points::<S>))
         .route("/api/v1/losses", get(losses::<S>))
         .route("/api/v1/chain", get(chains::<S>))
+        .route(
+            "/api/v1/enterprises",
+            get(web::list_enterprises::<S>).post(web::put_enterprise::<S>),
+        )
+        .route(
+            "/api/v1/enterprises/{code}/equipment",
+            get(web::get_equipment::<S>).put(web::put_equipment::<S>),
+        )
+        .route("/api/v1/enterprises/{code}/report", get(web::report::<S>))
+        .route(
+            "/api/v1/gateways/{id}/enterprise",
+            put(web::assign_gateway::<S>),
+        )
+        .route(
+            "/api/v1/accounts",
+            get(web::list_accounts::<S>).post(web::add_account::<S>),
+        )
+        .route("/api/v1/access-log", get(web::access_log::<S>))
+        .route("/api/v1/city", get(web::city::<S>))
+        .route("/report/{code}", get(web::report_page::<S>))
+        .route("/city", get(web::city_page::<S>))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            web::authenticate::<S>,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/login", get(web::login_page).post(web::login::<S>))
+        .merge(protected)
         .with_state(state)
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -154,6 +189,7 @@ pub struct WindowSummary {
 
 async fn summary<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
     Query(q): Query<WindowQuery>,
 ) -> Result<Json<Summary>, ApiError> {
     let now = now_ms();
@@ -176,6 +212,9 @@ async fn summary<S: Store>(
     let connections = state.connections.snapshot();
     let mut gateways: BTreeMap<String, GatewaySummary> = BTreeMap::new();
     for g in state.store.gateways().await? {
+        if !viewer.sees(&g.id) {
+            continue;
+        }
         gateways.insert(
             g.id.clone(),
             GatewaySummary {
@@ -187,6 +226,9 @@ async fn summary<S: Store>(
         );
     }
     for s in state.store.series().await? {
+        if !viewer.sees(&s.gateway) {
+            continue;
+        }
         let from = from.unwrap_or_else(|| (to - 3_600_000).max(s.first_seen_ms.unwrap_or(to)));
         let counts = state.store.window_counts(s.id, from, to).await?;
         let expected = ((to - from).max(0) as u64)
@@ -263,6 +305,7 @@ pub struct PointsResponse {
 
 async fn points<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
     Query(q): Query<PointsQuery>,
 ) -> Result<Json<PointsResponse>, ApiError> {
     let from = q
@@ -281,7 +324,12 @@ async fn points<S: Store>(
         .series()
         .await?
         .into_iter()
-        .find(|s| s.gateway == q.gateway && s.device == q.device && s.tag == q.tag)
+        .find(|s| {
+            viewer.sees(&s.gateway)
+                && s.gateway == q.gateway
+                && s.device == q.device
+                && s.tag == q.tag
+        })
         .ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -302,18 +350,20 @@ async fn points<S: Store>(
 
 async fn chains<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        serde_json::json!({ "chains": state.store.chains().await? }),
-    ))
+    let mut chains = state.store.chains().await?;
+    chains.retain(|c| viewer.sees(&c.gateway));
+    Ok(Json(serde_json::json!({ "chains": chains })))
 }
 
 async fn losses<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(
-        serde_json::json!({ "losses": state.store.losses().await? }),
-    ))
+    let mut losses = state.store.losses().await?;
+    losses.retain(|l| viewer.sees(&l.gateway));
+    Ok(Json(serde_json::json!({ "losses": losses })))
 }
 
 const OVERVIEW_HTML: &str = r#"<!doctype html>

@@ -4,10 +4,12 @@
 //! `start` binds the gRPC listener (gateways) and the HTTP listener (API and
 //! pages) and serves both until the shutdown token is cancelled.
 
+pub mod evidence;
 pub mod grpc;
 pub mod http;
 pub mod registry;
 pub mod store;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,10 +36,12 @@ pub struct Running {
 }
 
 /// Serving options beyond the listeners.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Bind the key a gateway presents when none was registered for it.
     pub trust_on_first_use: bool,
+    /// Criteria of acceptance verdicts and flags.
+    pub criteria: evidence::Criteria,
 }
 
 /// Binds both listeners and serves until `shutdown`, with default options.
@@ -92,7 +96,11 @@ pub async fn start_with<S: Store>(
             )
             .await
     });
-    let router = http::router(Arc::new(http::ApiState { store, connections }));
+    let router = http::router(Arc::new(http::ApiState {
+        store,
+        connections,
+        criteria: Arc::new(options.criteria),
+    }));
     let http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
         axum::serve(http_listener, router)

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use guantong_ingest::evidence::Criteria;
+use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +44,82 @@ enum Command {
         /// for it (recorded in its chain report). Off by default.
         #[arg(long)]
         trust_on_first_use: bool,
+        /// Acceptance criteria (TOML; see the README): verdict thresholds,
+        /// critical flags, industries, the city's networking-rate target.
+        #[arg(long, env = "GUANTONG_CRITERIA")]
+        criteria: Option<PathBuf>,
+    },
+    /// Manage enterprises (run while the server is stopped, or use the API).
+    #[command(subcommand)]
+    Enterprise(EnterpriseCommand),
+    /// Replace an enterprise's equipment register (设备台账) from a CSV file
+    /// (run while the server is stopped, or PUT it to the API).
+    ImportEquipment {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// The enterprise's unified social credit code.
+        #[arg(long)]
+        enterprise: String,
+        /// CSV with columns id,name[,kind,workshop,production,gateway,device]
+        /// (or the Chinese headers 设备编号,设备名称,…).
+        file: PathBuf,
+    },
+    /// Make a gateway belong to an enterprise (run while the server is stopped).
+    AssignGateway {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        gateway: String,
+        #[arg(long)]
+        enterprise: String,
+    },
+    /// Create or replace an account and print its new token (run while the
+    /// server is stopped, or POST /api/v1/accounts).
+    AddAccount {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        name: String,
+        /// admin, provider or reviewer.
+        #[arg(long)]
+        role: String,
+        /// For a provider account: the provider name its enterprises carry.
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// For a reviewer: an enterprise it may read (repeat; none: all).
+        #[arg(long = "enterprise")]
+        enterprises: Vec<String>,
+    },
+    /// Write an acceptance report for one enterprise, or the city overview
+    /// (run while the server is stopped; a running server serves the same at
+    /// /report/CODE and /api/v1/enterprises/CODE/report).
+    Report {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// The enterprise's unified social credit code.
+        #[arg(long, required_unless_present = "city")]
+        enterprise: Option<String>,
+        /// The city overview instead of one enterprise.
+        #[arg(long, conflicts_with = "enterprise")]
+        city: bool,
+        /// First day (YYYY-MM-DD, UTC+8); default: 6 days before `to`.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, inclusive (YYYY-MM-DD, UTC+8); default: today.
+        #[arg(long)]
+        to: Option<String>,
+        /// html, json or csv.
+        #[arg(long, default_value = "html")]
+        format: String,
+        /// For csv: devices, equipment, gaps or usage.
+        #[arg(long)]
+        part: Option<String>,
+        /// zh (default) or en.
+        #[arg(long)]
+        lang: Option<String>,
+        #[arg(long, env = "GUANTONG_CRITERIA")]
+        criteria: Option<PathBuf>,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Re-verify every stored evidence chain from the original signed bytes
     /// (run while the server is stopped). Exit code 1 when anything breaks.
@@ -61,6 +139,92 @@ enum Command {
         #[arg(long)]
         public_key: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum EnterpriseCommand {
+    /// Register (or update) an enterprise.
+    Add {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// Unified social credit code (统一社会信用代码), checked.
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        /// County or district (区县).
+        #[arg(long)]
+        county: String,
+        /// Industry key: petrochemical, metallurgy, equipment, light (or
+        /// those of the criteria file).
+        #[arg(long)]
+        industry: String,
+        /// Service provider (服务商).
+        #[arg(long, default_value = "")]
+        provider: String,
+        #[arg(long, env = "GUANTONG_CRITERIA")]
+        criteria: Option<PathBuf>,
+    },
+    /// List enterprises as JSON.
+    List {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+    },
+}
+
+/// Reads acceptance criteria, defaults where the file is silent.
+fn load_criteria(path: Option<&std::path::Path>) -> anyhow::Result<Criteria> {
+    let Some(path) = path else {
+        return Ok(Criteria::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read criteria {}: {e}", path.display()))?;
+    let c: Criteria =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("criteria {}: {e}", path.display()))?;
+    if !(0.0..=1.0).contains(&c.completeness_min)
+        || !(0.0..=1.0).contains(&c.networking_target)
+        || !(0.0..=1.0).contains(&c.no_jitter_share)
+        || !(0.0..=1.0).contains(&c.identical_similarity)
+    {
+        anyhow::bail!(
+            "criteria {}: completeness_min, networking_target, no_jitter_share and identical_similarity are shares from 0 to 1",
+            path.display()
+        );
+    }
+    if c.verdict_days == 0 || c.industries.is_empty() {
+        anyhow::bail!(
+            "criteria {}: verdict_days must be at least 1 and industries not empty",
+            path.display()
+        );
+    }
+    Ok(c)
+}
+
+/// Creates the first admin account when there is none and writes its token
+/// to `admin.token` in the data directory, readable by the owner only.
+fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Result<()> {
+    if !store.accounts()?.is_empty() {
+        return Ok(());
+    }
+    let token = store.put_account(&Account {
+        name: "admin".into(),
+        role: Role::Admin,
+        provider: String::new(),
+        enterprises: Vec::new(),
+    })?;
+    let path = data.join("admin.token");
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    writeln!(f, "{token}")?;
+    tracing::info!(path = %path.display(), "created the admin account; its token is in this file");
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -119,6 +283,127 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Enterprise(EnterpriseCommand::Add {
+            data,
+            code,
+            name,
+            county,
+            industry,
+            provider,
+            criteria,
+        }) => {
+            let criteria = load_criteria(criteria.as_deref())?;
+            let e = Enterprise {
+                code: code.trim().to_string(),
+                name,
+                county,
+                industry,
+                provider,
+            };
+            e.validate(&criteria.industries)
+                .map_err(anyhow::Error::msg)?;
+            let store = EmbeddedStore::open(&data)?;
+            store.put_enterprise(&e)?;
+            eprintln!("registered enterprise {} ({})", e.code, e.name);
+            Ok(())
+        }
+        Command::Enterprise(EnterpriseCommand::List { data }) => {
+            let store = EmbeddedStore::open(&data)?;
+            println!("{}", serde_json::to_string_pretty(&store.enterprises()?)?);
+            Ok(())
+        }
+        Command::ImportEquipment {
+            data,
+            enterprise,
+            file,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let list = parse_equipment_csv(&text).map_err(|problems| {
+                anyhow::anyhow!("{}:\n  {}", file.display(), problems.join("\n  "))
+            })?;
+            let store = EmbeddedStore::open(&data)?;
+            store.put_equipment(&enterprise, &list)?;
+            eprintln!(
+                "imported {} entries ({} production equipment) for {enterprise}",
+                list.len(),
+                list.iter().filter(|e| e.production).count()
+            );
+            Ok(())
+        }
+        Command::AssignGateway {
+            data,
+            gateway,
+            enterprise,
+        } => {
+            let store = EmbeddedStore::open(&data)?;
+            store.assign_gateway(&gateway, &enterprise)?;
+            eprintln!("gateway {gateway} belongs to {enterprise}");
+            Ok(())
+        }
+        Command::AddAccount {
+            data,
+            name,
+            role,
+            provider,
+            enterprises,
+        } => {
+            let account = Account {
+                name,
+                role: role.parse().map_err(anyhow::Error::msg)?,
+                provider,
+                enterprises,
+            };
+            guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
+            let store = EmbeddedStore::open(&data)?;
+            let token = store.put_account(&account)?;
+            eprintln!("account {} ({:?}); its token:", account.name, account.role);
+            println!("{token}");
+            Ok(())
+        }
+        Command::Report {
+            data,
+            enterprise,
+            city,
+            from,
+            to,
+            format,
+            part,
+            lang,
+            criteria,
+            out,
+        } => {
+            let criteria = load_criteria(criteria.as_deref())?;
+            let store = EmbeddedStore::open(&data)?;
+            let now = guantong_ingest::grpc::now_ms();
+            let (from_day, to_day) =
+                guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
+                    .map_err(anyhow::Error::msg)?;
+            let snap = guantong_ingest::web::snapshot(&store)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+            let bytes = guantong_ingest::web::render_cli(
+                &store,
+                &snap,
+                enterprise.as_deref().filter(|_| !city),
+                from_day,
+                to_day,
+                &criteria,
+                &format,
+                part.as_deref(),
+                lang.as_deref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+            match out {
+                Some(path) => std::fs::write(&path, bytes)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+                None => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&bytes)?;
+                }
+            }
+            Ok(())
+        }
         Command::RegisterGateway {
             data,
             id,
@@ -162,10 +447,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             http_listen,
             ports_file,
             trust_on_first_use,
+            criteria,
         } => {
+            let criteria = load_criteria(criteria.as_deref())?;
             let store = Arc::new(EmbeddedStore::open(&data)?);
+            bootstrap_admin(&store, &data)?;
             let shutdown = CancellationToken::new();
-            let options = guantong_ingest::Options { trust_on_first_use };
+            let options = guantong_ingest::Options {
+                trust_on_first_use,
+                criteria,
+            };
             let running = guantong_ingest::start_with(
                 store,
                 grpc_listen,

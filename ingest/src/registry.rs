@@ -365,14 +365,14 @@ mod tests {
         ] {
             assert_eq!(check_credit_code(ok), Ok(()), "{ok}");
         }
-        let e = check_credit_code("91350100M000100Y44").unwrap_err();
+        let e = check_credit_code("91350100M000100Y44").expect_err("must be refused");
         assert!(e.contains("check character is `4`, expected `3`"), "{e}");
         assert!(
             check_credit_code("91350100M000100Y4")
-                .unwrap_err()
+                .expect_err("must be refused")
                 .contains("18")
         );
-        let e = check_credit_code("91350100I000100Y43").unwrap_err();
+        let e = check_credit_code("91350100I000100Y43").expect_err("must be refused");
         assert!(e.contains("character 9 (`I`)"), "{e}");
     }
 
@@ -394,7 +394,7 @@ mod tests {
     #[test]
     fn equipment_csv_problems_name_their_lines() {
         let csv = "id,name,production,gateway,device\nE1,A,maybe,,\nE2,,yes,,\nE3,C,yes,gw,\nE4,D,,,\nE4,D2,,,\n";
-        let problems = parse_equipment_csv(csv).unwrap_err();
+        let problems = parse_equipment_csv(csv).expect_err("must be refused");
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(
             problems[0].starts_with("line 2: production `maybe`"),
@@ -406,7 +406,7 @@ mod tests {
             "{problems:?}"
         );
         assert!(problems[3].contains("already on line 5"), "{problems:?}");
-        let unknown = parse_equipment_csv("id,name,colour\n").unwrap_err();
+        let unknown = parse_equipment_csv("id,name,colour\n").expect_err("must be refused");
         assert!(
             unknown[0].contains("unknown column `colour`"),
             "{unknown:?}"

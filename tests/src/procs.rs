@@ -229,11 +229,27 @@ impl IngestProc {
         }
     }
 
+    /// The API as the admin account `serve` created at its first start.
     pub fn api(&self) -> Api {
+        self.api_as(self.admin_token().ok())
+    }
+
+    /// The API with `token` (None: no token at all).
+    pub fn api_as(&self, token: Option<String>) -> Api {
         Api {
             base: format!("http://{}", self.http),
             client: reqwest::Client::new(),
+            token,
         }
+    }
+
+    /// The admin token `serve` wrote into its data directory.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let path = self.data.join("admin.token");
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("{} (written by serve at its first start)", path.display()))?
+            .trim()
+            .to_string())
     }
 }
 
@@ -312,21 +328,44 @@ commit_interval = "100ms"
 pub struct Api {
     pub base: String,
     client: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Api {
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
+        let (status, body) = self.send(reqwest::Method::GET, path, None).await?;
         if !status.is_success() {
             bail!("GET {path}: {status}: {body}");
         }
         Ok(body)
+    }
+
+    /// Any request; returns the status and the body (JSON, or the text as a
+    /// JSON string).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            let json = b.trim_start().starts_with('{');
+            req = req
+                .header(
+                    "content-type",
+                    if json { "application/json" } else { "text/csv" },
+                )
+                .body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
     }
 
     /// All stored points of one tag, oldest first.

@@ -40,7 +40,7 @@
 //! exactly-once check reads the stream's stored seq inside that transaction,
 //! so two copies of a batch in one group are still stored once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
@@ -60,6 +60,7 @@ use super::{
     ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
     WindowCounts,
 };
+use crate::registry::{Access, Account, Enterprise, Equipment};
 
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
 const STREAMS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("streams");
@@ -75,7 +76,7 @@ const SIGNED: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("s
 const CHAIN_STATE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chain_state");
 const BREAKS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("breaks");
 const DAYS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("days");
-const HOURS: TableDefinition<(u64, i64), (u64, f64, f64, f64)> = TableDefinition::new("hours");
+const HOURS: TableDefinition<(u64, i64), rollup::HourStats> = TableDefinition::new("hours");
 const RUNS: TableDefinition<(u64, u8, i64), i64> = TableDefinition::new("runs");
 const GATEWAY_DAYS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("gateway_days");
 
@@ -145,6 +146,10 @@ struct SeriesMeta {
     /// What the device said it is (vendor, product code, revision, …).
     #[serde(default)]
     identity: std::collections::BTreeMap<String, String>,
+    /// When a manifest first named the series (ms); expected samples count
+    /// from here.
+    #[serde(default)]
+    created_ms: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -724,6 +729,72 @@ fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
 }
 
 impl Store for EmbeddedStore {
+    fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
+        EmbeddedStore::put_enterprise(self, e)
+    }
+    fn enterprises(&self) -> Result<Vec<Enterprise>> {
+        EmbeddedStore::enterprises(self)
+    }
+    fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
+        EmbeddedStore::enterprise(self, code)
+    }
+    fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
+        EmbeddedStore::put_equipment(self, code, list)
+    }
+    fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
+        EmbeddedStore::equipment(self, code)
+    }
+    fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
+        EmbeddedStore::assign_gateway(self, gateway, code)
+    }
+    fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
+        EmbeddedStore::gateway_owners(self)
+    }
+    fn put_account(&self, a: &Account) -> Result<String> {
+        EmbeddedStore::put_account(self, a)
+    }
+    fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
+        EmbeddedStore::account_by_token(self, token)
+    }
+    fn accounts(&self) -> Result<Vec<Account>> {
+        EmbeddedStore::accounts(self)
+    }
+    fn log_access(&self, a: &Access) -> Result<()> {
+        EmbeddedStore::log_access(self, a)
+    }
+    fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
+        EmbeddedStore::access_log(self, limit)
+    }
+    fn series_days(
+        &self,
+        series: &[u64],
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(u64, i64, rollup::SeriesDay)>> {
+        EmbeddedStore::series_days(self, series, from_day, to_day)
+    }
+    fn series_runs(
+        &self,
+        series: u64,
+        kind: u8,
+        tol: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, i64)>> {
+        EmbeddedStore::series_runs(self, series, kind, tol, from, to)
+    }
+    fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
+        EmbeddedStore::series_hours(self, series, from, to)
+    }
+    fn gateway_days(
+        &self,
+        gateway: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(i64, rollup::GatewayDay)>> {
+        EmbeddedStore::gateway_days(self, gateway, from_day, to_day)
+    }
+
     async fn register_gateway(&self, id: &str, public_key: Option<Vec<u8>>) -> Result<String> {
         let id = id.to_string();
         if public_key.as_ref().is_some_and(|k| k.len() != 32) {
@@ -994,11 +1065,19 @@ impl Store for EmbeddedStore {
                         ))
                     })?;
                     let key = format!("{gateway}/{}/{}", device.id, tag.name);
-                    let id = match keys.get(key.as_str()).map_err(db_err)? {
-                        Some(v) => v.value(),
+                    let (id, created_ms) = match keys.get(key.as_str()).map_err(db_err)? {
+                        Some(v) => {
+                            let id = v.value();
+                            let created = metas
+                                .get(id)
+                                .map_err(db_err)?
+                                .and_then(|m| serde_json::from_slice::<SeriesMeta>(m.value()).ok())
+                                .map_or(0, |m| m.created_ms);
+                            (id, created)
+                        }
                         None => {
                             next += 1;
-                            next - 1
+                            (next - 1, now_ms())
                         }
                     };
                     keys.insert(key.as_str(), id).map_err(db_err)?;
@@ -1023,6 +1102,7 @@ impl Store for EmbeddedStore {
                             .iter()
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect(),
+                        created_ms,
                     };
                     let value =
                         serde_json::to_vec(&m).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -1131,6 +1211,11 @@ impl Store for EmbeddedStore {
                     unit: m.unit,
                     interval_ms: m.interval_ms,
                     identity: m.identity,
+                    created_ms: if m.created_ms > 0 {
+                        Some(m.created_ms)
+                    } else {
+                        s.first_ms
+                    },
                     samples: s.good + s.uncertain + s.bad,
                     good: s.good,
                     uncertain: s.uncertain,

@@ -13,11 +13,15 @@
 pub mod embedded;
 pub mod rollup;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use guantong_proto::v1::{Batch, Manifest};
 use serde::Serialize;
+
+use crate::registry::{Access, Account, Enterprise, Equipment};
+use rollup::{GatewayDay, SeriesDay};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -207,6 +211,8 @@ pub struct SeriesInfo {
     pub interval_ms: u64,
     /// The device's own identification, from the manifest.
     pub identity: std::collections::BTreeMap<String, String>,
+    /// When a manifest first named the series.
+    pub created_ms: Option<i64>,
     pub samples: u64,
     pub good: u64,
     pub uncertain: u64,
@@ -338,6 +344,50 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredPoint>>> + Send;
     fn losses(&self) -> impl Future<Output = Result<Vec<LossInfo>>> + Send;
+
+    // Registry and rollups. These block: call them from a blocking task.
+
+    fn put_enterprise(&self, e: &Enterprise) -> Result<()>;
+    fn enterprises(&self) -> Result<Vec<Enterprise>>;
+    fn enterprise(&self, code: &str) -> Result<Option<Enterprise>>;
+    /// Replaces an enterprise's equipment register.
+    fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()>;
+    fn equipment(&self, code: &str) -> Result<Vec<Equipment>>;
+    fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()>;
+    /// gateway id -> enterprise credit code.
+    fn gateway_owners(&self) -> Result<BTreeMap<String, String>>;
+    /// Creates or replaces an account; returns its new token.
+    fn put_account(&self, a: &Account) -> Result<String>;
+    fn account_by_token(&self, token: &str) -> Result<Option<Account>>;
+    fn accounts(&self) -> Result<Vec<Account>>;
+    fn log_access(&self, a: &Access) -> Result<()>;
+    /// The latest `limit` accesses, newest first.
+    fn access_log(&self, limit: usize) -> Result<Vec<Access>>;
+    /// Day rollups of `series` for days starting in `from_day..to_day`.
+    fn series_days(
+        &self,
+        series: &[u64],
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(u64, i64, SeriesDay)>>;
+    /// Runs of one kind of one series overlapping `from..to`, merged with
+    /// tolerance `tol`.
+    fn series_runs(
+        &self,
+        series: u64,
+        kind: u8,
+        tol: i64,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, i64)>>;
+    /// Hourly (hour, count, sum, min, max) of one series' Good numbers.
+    fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>>;
+    fn gateway_days(
+        &self,
+        gateway: &str,
+        from_day: i64,
+        to_day: i64,
+    ) -> Result<Vec<(i64, GatewayDay)>>;
 }
 
 #[cfg(test)]

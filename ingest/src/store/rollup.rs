@@ -34,6 +34,11 @@ pub const LATENCY_BUCKETS: usize = 40;
 /// The gateway's quality code for a value outside the declared range.
 pub const OUT_OF_RANGE_CODE: u32 = 0x0003_0001;
 
+/// Hourly stats of Good numbers: (count, sum, min, max).
+pub type HourStats = (u64, f64, f64, f64);
+/// (hour start, count, sum, min, max)
+pub type HourRow = (i64, u64, f64, f64, f64);
+
 pub const RUN_DATA: u8 = 0;
 pub const RUN_BAD: u8 = 1;
 pub const RUN_BACKFILL: u8 = 2;
@@ -211,7 +216,7 @@ pub struct Previous {
 pub struct SeriesUpdate {
     pub days: Vec<(i64, SeriesDay)>,
     /// (hour, count, sum, min, max)
-    pub hours: Vec<(i64, u64, f64, f64, f64)>,
+    pub hours: Vec<HourRow>,
     /// (kind, start, end)
     pub runs: Vec<(u8, i64, i64)>,
 }

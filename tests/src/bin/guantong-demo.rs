@@ -11,9 +11,12 @@ use std::time::Duration;
 use clap::Parser;
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
 use guantong_gateway::config::Config;
+use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
+
+const DEMO_ENTERPRISE: &str = "91350100M000100Y43";
 
 #[derive(Parser)]
 #[command(about = "Guantong live demo: simulated Modbus device -> gateway -> ingest")]
@@ -69,7 +72,33 @@ async fn main() -> anyhow::Result<()> {
     // The demo gateway creates its key at its first start: bind it on first use.
     let options = guantong_ingest::Options {
         trust_on_first_use: true,
+        ..Default::default()
     };
+    // A demo enterprise whose register has two production machines, one of
+    // them networked through the demo gateway: networking rate 50 %.
+    store.put_enterprise(&Enterprise {
+        code: DEMO_ENTERPRISE.into(),
+        name: "示范精细化工有限公司".into(),
+        county: "示范区".into(),
+        industry: "petrochemical".into(),
+        provider: "demo-provider".into(),
+    })?;
+    store.put_equipment(
+        DEMO_ENTERPRISE,
+        &parse_equipment_csv(
+            "设备编号,设备名称,车间,生产设备,网关,采集设备\n\
+             E-001,压机1号,一车间,是,demo-gateway,press-01\n\
+             E-002,反应釜2号,二车间,是,,\n",
+        )
+        .map_err(|p| anyhow::anyhow!("demo register: {p:?}"))?,
+    )?;
+    store.assign_gateway("demo-gateway", DEMO_ENTERPRISE)?;
+    let admin = store.put_account(&Account {
+        name: "demo-admin".into(),
+        role: Role::Admin,
+        provider: String::new(),
+        enterprises: Vec::new(),
+    })?;
     let ingest = guantong_ingest::start_with(
         store.clone(),
         or_any(args.grpc),
@@ -109,22 +138,15 @@ commit_interval = "200ms"
     );
     println!("  ingest gRPC                  {}", ingest.grpc_addr);
     println!();
-    println!(
-        "  Open  http://{}/                       live overview",
-        ingest.http_addr
-    );
-    println!(
-        "  API   http://{}/api/v1/summary         connectivity summary (JSON)",
-        ingest.http_addr
-    );
-    println!(
-        "        http://{}/api/v1/points?gateway=demo-gateway&device=press-01&tag=temperature",
-        ingest.http_addr
-    );
-    println!(
-        "        http://{}/api/v1/chain                  signed evidence chain, verified on receipt",
-        ingest.http_addr
-    );
+    let http = ingest.http_addr;
+    println!("  Open  http://{http}/?token={admin}");
+    println!("        live overview (the link signs you in as demo-admin)");
+    println!("        http://{http}/report/{DEMO_ENTERPRISE}   acceptance report (中文; &lang=en)");
+    println!("        http://{http}/city                       city overview");
+    println!("  API   curl -H 'Authorization: Bearer {admin}' http://{http}/api/v1/summary");
+    println!("        /api/v1/enterprises/{DEMO_ENTERPRISE}/report?format=json|csv");
+    println!("        /api/v1/points?gateway=demo-gateway&device=press-01&tag=temperature");
+    println!("        /api/v1/chain   signed evidence chain, verified on receipt");
     println!();
     println!("  Ctrl-C stops it. Points arriving:");
 

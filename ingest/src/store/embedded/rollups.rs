@@ -12,7 +12,7 @@ use crate::store::{AppendBatch, Result, StoreError};
 
 pub(super) struct RollupTables<'t> {
     pub days: redb::Table<'t, (u64, i64), &'static [u8]>,
-    pub hours: redb::Table<'t, (u64, i64), (u64, f64, f64, f64)>,
+    pub hours: redb::Table<'t, (u64, i64), rollup::HourStats>,
     pub runs: redb::Table<'t, (u64, u8, i64), i64>,
     pub gateway_days: redb::Table<'t, (&'static str, i64), &'static [u8]>,
 }
@@ -154,12 +154,7 @@ impl EmbeddedStore {
     }
 
     /// Hourly (hour, count, sum, min, max) of one series' Good numbers.
-    pub fn series_hours(
-        &self,
-        series: u64,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(i64, u64, f64, f64, f64)>> {
+    pub fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let hours = txn.open_table(HOURS).map_err(db_err)?;
         let mut out = Vec::new();
@@ -198,7 +193,7 @@ impl EmbeddedStore {
         &self,
         days: Vec<(u64, i64, SeriesDay)>,
         runs: Vec<(u64, u8, i64, i64)>,
-        hours: Vec<(u64, i64, (u64, f64, f64, f64))>,
+        hours: Vec<(u64, i64, rollup::HourStats)>,
     ) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {

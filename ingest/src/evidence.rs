@@ -1,0 +1,1078 @@
+//! Connectivity evidence for acceptance: per tag, device, gateway and
+//! enterprise, computed from the rollups (never from raw points), plus the
+//! networking rate, cloud usage and the city view.
+//!
+//! Definitions (also in the README, "Acceptance evidence"):
+//! - A tag is *expected* to deliver one sample per declared interval from
+//!   when a manifest first named it (or the window start, if later) until the
+//!   window end (or now, less a grace of two intervals). *Received* samples are
+//!   Good or Uncertain; Bad samples mean the device did not give a value.
+//! - A *gap* is a stretch longer than twice the interval without a received
+//!   sample. Its cause is `device_fault` when Bad samples cover most of it,
+//!   `dropped_by_gateway` when the gateway's loss records cover most of it,
+//!   else `no_data`. Stretches delivered late from the gateway's backlog are
+//!   listed as `gateway_offline_backfilled` (data complete, arrived late).
+//! - A device is *data-through* when, on every day of the verdict period
+//!   (the last `verdict_days` days of the window that expected data), its
+//!   completeness is at least `completeness_min`, and no tag carries a
+//!   critical plausibility flag.
+//! - Networking rate = data-through production devices of the equipment
+//!   register ÷ all production devices of the register.
+//!
+//! Invariant: every figure here is a pure function of the store's contents
+//! and the criteria, so two runs on the same data give the same report.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Enterprise, Equipment, Industry, default_industries};
+use crate::store::rollup::{
+    self, DAY_MS, GatewayDay, LATENCY_BUCKETS, RUN_BACKFILL, RUN_BAD, RUN_DATA, SKETCH_K,
+    SeriesDay, bucket_upper_ms, sketch_similarity,
+};
+use crate::store::{ChainInfo, LossInfo, Result, SeriesInfo, Store};
+
+/// The configurable criteria of verdicts and flags (`[evidence]` in the
+/// ingest config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Criteria {
+    /// Least completeness a device needs on each day of the verdict period.
+    pub completeness_min: f64,
+    /// Days (ending with the window) a verdict looks at.
+    pub verdict_days: u32,
+    /// A numeric value unchanged this long is `frozen`.
+    #[serde(with = "humantime_serde")]
+    pub frozen_after: std::time::Duration,
+    /// Share of timestamp steps that are exact multiples of the interval
+    /// above which a tag is flagged `no_jitter` (simulator-like), given at
+    /// least 100 steps.
+    pub no_jitter_share: f64,
+    /// Estimated overlap of the value sets of two tags on different devices
+    /// above which both are flagged `identical_series`.
+    pub identical_similarity: f64,
+    /// Flags that fail a device's verdict.
+    pub critical_flags: Vec<FlagKind>,
+    /// The city's target networking rate, for progress.
+    pub networking_target: f64,
+    /// The industries enterprises are filed under.
+    pub industries: Vec<Industry>,
+}
+
+impl Default for Criteria {
+    fn default() -> Self {
+        Criteria {
+            completeness_min: 0.95,
+            verdict_days: 7,
+            frozen_after: std::time::Duration::from_secs(6 * 3600),
+            no_jitter_share: 0.99,
+            identical_similarity: 0.9,
+            critical_flags: vec![FlagKind::IdenticalSeries, FlagKind::FutureTimestamps],
+            networking_target: 0.8,
+            industries: default_industries(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagKind {
+    Frozen,
+    IdenticalSeries,
+    OutOfRange,
+    NoJitter,
+    FutureTimestamps,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Flag {
+    pub kind: FlagKind,
+    pub critical: bool,
+    pub tag: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Gap {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub duration_ms: i64,
+    pub cause: &'static str,
+    /// Tags of the device affected.
+    pub tags: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DayCell {
+    /// Day start (UTC ms) of a UTC+8 day.
+    pub day_ms: i64,
+    pub date: String,
+    pub expected: u64,
+    pub received: u64,
+    pub completeness: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TagReport {
+    pub tag: String,
+    pub unit: String,
+    pub interval_ms: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub bad: u64,
+    pub completeness: Option<f64>,
+    pub first_seen_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Trend {
+    pub tag: String,
+    pub unit: String,
+    /// (hour start ms, mean, min, max)
+    pub points: Vec<(i64, f64, f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub data_through: bool,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceReport {
+    pub gateway: String,
+    pub device: String,
+    pub protocol: String,
+    pub identity: BTreeMap<String, String>,
+    /// The register entry this device collects, if any.
+    pub equipment: Option<Equipment>,
+    pub expected: u64,
+    pub received: u64,
+    pub good: u64,
+    pub uncertain: u64,
+    pub bad: u64,
+    pub backfilled: u64,
+    pub completeness: Option<f64>,
+    pub first_seen_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+    pub daily: Vec<DayCell>,
+    pub gaps: Vec<Gap>,
+    pub gaps_total: usize,
+    pub flags: Vec<Flag>,
+    pub verdict: Verdict,
+    pub tags: Vec<TagReport>,
+    pub trend: Vec<Trend>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayReport {
+    pub gateway: String,
+    pub batches: u64,
+    pub points: u64,
+    pub bytes: u64,
+    pub backfill_share: f64,
+    pub latency_p50_ms: Option<i64>,
+    pub latency_p95_ms: Option<i64>,
+    /// Gateway clock minus ingest clock, within ± the network delay.
+    pub clock_offset_ms: Option<i64>,
+    pub chains: Vec<ChainInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EquipmentStatus {
+    pub equipment: Equipment,
+    pub data_through: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Networking {
+    /// Production devices in the equipment register (the denominator).
+    pub registered_production: u64,
+    pub data_through: u64,
+    pub rate: Option<f64>,
+    pub equipment: Vec<EquipmentStatus>,
+    /// Gateway devices no register entry names (not counted).
+    pub unregistered_devices: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct UsageDay {
+    pub day_ms: i64,
+    pub date: String,
+    pub active: bool,
+    pub points: u64,
+    pub bytes: u64,
+    pub batches: u64,
+    pub active_devices: u64,
+    pub active_tags: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EnterpriseReport {
+    pub enterprise: Enterprise,
+    pub industry_name: String,
+    pub from_day_ms: i64,
+    pub to_day_ms: i64,
+    pub from: String,
+    pub to: String,
+    pub generated_at_ms: i64,
+    pub criteria: Criteria,
+    pub networking: Networking,
+    pub devices: Vec<DeviceReport>,
+    pub gateways: Vec<GatewayReport>,
+    pub usage: Vec<UsageDay>,
+    /// month "YYYY-MM" -> active days.
+    pub active_days: BTreeMap<String, u64>,
+}
+
+/// Everything a report needs that the async store API gives.
+pub struct Snapshot {
+    pub series: Vec<SeriesInfo>,
+    pub losses: Vec<LossInfo>,
+    pub chains: Vec<ChainInfo>,
+    pub now_ms: i64,
+}
+
+/// "YYYY-MM-DD" of a UTC+8 day start.
+pub fn date_of(day_ms: i64) -> String {
+    let days = (day_ms + rollup::DAY_OFFSET_MS).div_euclid(DAY_MS);
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The UTC ms start of a UTC+8 date "YYYY-MM-DD".
+pub fn parse_date(s: &str) -> std::result::Result<i64, String> {
+    let bad = || format!("date `{s}`: expected YYYY-MM-DD");
+    let mut it = s.trim().splitn(3, '-');
+    let y: i64 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let m: u32 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let d: u32 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
+        return Err(bad());
+    }
+    let days = days_from_civil(y, m, d);
+    if date_of(days * DAY_MS - rollup::DAY_OFFSET_MS) != s.trim() {
+        return Err(format!("date `{s}` does not exist"));
+    }
+    Ok(days * DAY_MS - rollup::DAY_OFFSET_MS)
+}
+
+// Howard Hinnant's civil calendar algorithms.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn ratio(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| (a.min(b)) as f64 / b as f64)
+}
+
+/// Samples a tag should have delivered in `[from, to)`.
+fn expected_in(s: &SeriesInfo, from: i64, to: i64, now_ms: i64) -> u64 {
+    if s.interval_ms == 0 {
+        return 0;
+    }
+    let start = from.max(s.created_ms.unwrap_or(i64::MAX));
+    let grace = 2 * s.interval_ms as i64;
+    let end = to.min(now_ms - grace);
+    if end <= start {
+        return 0;
+    }
+    ((end - start) / s.interval_ms as i64) as u64
+}
+
+/// Gaps of one tag in `[from, to)` from its runs, with causes.
+fn tag_gaps(
+    store: &impl Store,
+    s: &SeriesInfo,
+    from: i64,
+    to: i64,
+    losses: &[(i64, i64)],
+) -> Result<Vec<Gap>> {
+    if s.interval_ms == 0 {
+        return Ok(Vec::new());
+    }
+    let start = from.max(s.created_ms.unwrap_or(i64::MAX));
+    if to <= start {
+        return Ok(Vec::new());
+    }
+    let iv = s.interval_ms as i64;
+    let tol = rollup::run_tolerance(s.interval_ms);
+    let data = store.series_runs(s.id, RUN_DATA, tol, start, to)?;
+    let bad = store.series_runs(s.id, RUN_BAD, tol, start, to)?;
+    let mut holes = Vec::new();
+    let mut cursor = start;
+    for &(a, b) in &data {
+        if a - cursor > tol {
+            holes.push((cursor, a));
+        }
+        cursor = cursor.max(b + iv);
+    }
+    if to - cursor > tol {
+        holes.push((cursor, to));
+    }
+    let overlap = |ranges: &[(i64, i64)], a: i64, b: i64| -> i64 {
+        ranges
+            .iter()
+            .map(|&(x, y)| (y.max(x + 1).min(b) - x.max(a)).max(0))
+            .sum()
+    };
+    let mut out: Vec<Gap> = holes
+        .into_iter()
+        .map(|(a, b)| {
+            let len = b - a;
+            let cause = if overlap(&bad, a, b) * 2 >= len {
+                "device_fault"
+            } else if overlap(losses, a, b) * 2 >= len {
+                "dropped_by_gateway"
+            } else {
+                "no_data"
+            };
+            Gap {
+                start_ms: a,
+                end_ms: b,
+                duration_ms: len,
+                cause,
+                tags: 1,
+            }
+        })
+        .collect();
+    for (a, b) in store.series_runs(s.id, RUN_BACKFILL, tol, start, to)? {
+        out.push(Gap {
+            start_ms: a,
+            end_ms: b + iv,
+            duration_ms: b + iv - a,
+            cause: "gateway_offline_backfilled",
+            tags: 1,
+        });
+    }
+    Ok(out)
+}
+
+/// Joins the gaps of a device's tags: same cause and overlapping → one row.
+fn merge_gaps(mut gaps: Vec<Gap>) -> Vec<Gap> {
+    gaps.sort_by_key(|g| (g.cause, g.start_ms));
+    let mut out: Vec<Gap> = Vec::new();
+    for g in gaps {
+        match out.last_mut() {
+            Some(last) if last.cause == g.cause && g.start_ms <= last.end_ms => {
+                last.end_ms = last.end_ms.max(g.end_ms);
+                last.duration_ms = last.end_ms - last.start_ms;
+                last.tags += 1;
+            }
+            _ => out.push(g),
+        }
+    }
+    out.sort_by_key(|g| g.start_ms);
+    out
+}
+
+fn percentile(hist: &[u64], q: f64) -> Option<i64> {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil() as u64;
+    let mut seen = 0;
+    for (i, n) in hist.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(bucket_upper_ms(i));
+        }
+    }
+    None
+}
+
+fn is_numeric(data_type: &str) -> bool {
+    !matches!(data_type, "bool" | "string" | "unspecified")
+}
+
+/// Per-tag window facts read from the day rows.
+#[derive(Default, Clone)]
+struct TagWindow {
+    day: SeriesDay,
+    per_day: BTreeMap<i64, SeriesDay>,
+}
+
+/// Reads the rollups of a set of series for the window.
+fn tag_windows(
+    store: &impl Store,
+    series: &[&SeriesInfo],
+    from_day: i64,
+    to_day: i64,
+) -> Result<HashMap<u64, TagWindow>> {
+    let ids: Vec<u64> = series.iter().map(|s| s.id).collect();
+    let mut out: HashMap<u64, TagWindow> = HashMap::new();
+    for (id, day, row) in store.series_days(&ids, from_day, to_day)? {
+        let w = out.entry(id).or_default();
+        rollup::merge_day(&mut w.day, &row);
+        w.per_day.insert(day, row);
+    }
+    Ok(out)
+}
+
+/// Flags `identical_series` on tags of different devices whose value sets
+/// nearly coincide. Candidates share one of their sketch's three smallest
+/// hashes, so the check is not quadratic in the number of tags.
+fn identical_pairs(
+    series: &[&SeriesInfo],
+    windows: &HashMap<u64, TagWindow>,
+    threshold: f64,
+) -> HashMap<u64, (String, String)> {
+    let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, s) in series.iter().enumerate() {
+        let Some(w) = windows.get(&s.id) else {
+            continue;
+        };
+        if w.day.sketch.len() < SKETCH_K {
+            continue; // too few distinct values to tell
+        }
+        for &h in w.day.sketch.iter().take(3) {
+            buckets.entry(h).or_default().push(i);
+        }
+    }
+    let mut hits = HashMap::new();
+    let mut checked = BTreeSet::new();
+    for members in buckets.values() {
+        for (x, &i) in members.iter().enumerate() {
+            for &j in &members[x + 1..] {
+                let (a, b) = (series[i], series[j]);
+                if (a.gateway == b.gateway && a.device == b.device)
+                    || !checked.insert((i.min(j), i.max(j)))
+                {
+                    continue;
+                }
+                let sim = sketch_similarity(&windows[&a.id].day.sketch, &windows[&b.id].day.sketch);
+                if sim >= threshold {
+                    hits.insert(
+                        a.id,
+                        (
+                            format!("{}/{}/{}", b.gateway, b.device, b.tag),
+                            format!("{sim:.2}"),
+                        ),
+                    );
+                    hits.insert(
+                        b.id,
+                        (
+                            format!("{}/{}/{}", a.gateway, a.device, a.tag),
+                            format!("{sim:.2}"),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    hits
+}
+
+fn tag_flags(
+    s: &SeriesInfo,
+    w: &TagWindow,
+    identical: Option<&(String, String)>,
+    c: &Criteria,
+) -> Vec<Flag> {
+    let mut flags = Vec::new();
+    let mut flag = |kind: FlagKind, detail: String| {
+        flags.push(Flag {
+            kind,
+            critical: c.critical_flags.contains(&kind),
+            tag: s.tag.clone(),
+            detail,
+        })
+    };
+    let d = &w.day;
+    if is_numeric(&s.data_type)
+        && d.good + d.uncertain > 1
+        && d.max_unchanged_ms as u128 >= c.frozen_after.as_millis()
+    {
+        flag(
+            FlagKind::Frozen,
+            format!("value unchanged for {} s", d.max_unchanged_ms / 1000),
+        );
+    }
+    if let Some((other, sim)) = identical {
+        flag(
+            FlagKind::IdenticalSeries,
+            format!("same values as {other} (similarity {sim})"),
+        );
+    }
+    if d.out_of_range > 0 {
+        flag(
+            FlagKind::OutOfRange,
+            format!("{} samples outside the declared range", d.out_of_range),
+        );
+    }
+    if d.deltas >= 100 && d.deltas_exact as f64 >= c.no_jitter_share * d.deltas as f64 {
+        flag(
+            FlagKind::NoJitter,
+            format!(
+                "{} of {} timestamp steps are exact multiples of the interval",
+                d.deltas_exact, d.deltas
+            ),
+        );
+    }
+    if d.future > 0 {
+        flag(
+            FlagKind::FutureTimestamps,
+            format!(
+                "{} samples stamped more than 5 s after their receipt",
+                d.future
+            ),
+        );
+    }
+    flags
+}
+
+/// The report of one enterprise for days `from_day..to_day` (UTC ms of
+/// UTC+8 day starts, `to_day` exclusive).
+pub fn enterprise_report(
+    store: &impl Store,
+    snap: &Snapshot,
+    enterprise: &Enterprise,
+    from_day: i64,
+    to_day: i64,
+    c: &Criteria,
+) -> Result<EnterpriseReport> {
+    let owners = store.gateway_owners()?;
+    let gateways: BTreeSet<&str> = owners
+        .iter()
+        .filter(|(_, code)| **code == enterprise.code)
+        .map(|(g, _)| g.as_str())
+        .collect();
+    let register = store.equipment(&enterprise.code)?;
+    let series: Vec<&SeriesInfo> = snap
+        .series
+        .iter()
+        .filter(|s| gateways.contains(s.gateway.as_str()))
+        .collect();
+    let windows = tag_windows(store, &series, from_day, to_day)?;
+    let identical = identical_pairs(&series, &windows, c.identical_similarity);
+    let from_ms = from_day;
+    let to_ms = to_day;
+    let days: Vec<i64> = (0..)
+        .map(|i| from_day + i * DAY_MS)
+        .take_while(|d| *d < to_day)
+        .collect();
+
+    // Per-tag loss time ranges: (gateway, device, tag) -> ranges.
+    type TagKey<'a> = (&'a str, &'a str, &'a str);
+    let mut loss_ranges: HashMap<TagKey, Vec<(i64, i64)>> = HashMap::new();
+    for l in &snap.losses {
+        for t in &l.tags {
+            loss_ranges
+                .entry((l.gateway.as_str(), t.device.as_str(), t.tag.as_str()))
+                .or_default()
+                .push((t.first_time_ms, t.last_time_ms));
+        }
+    }
+
+    let mut by_device: BTreeMap<(&str, &str), Vec<&SeriesInfo>> = BTreeMap::new();
+    for s in &series {
+        by_device
+            .entry((s.gateway.as_str(), s.device.as_str()))
+            .or_default()
+            .push(s);
+    }
+    let verdict_from = to_day - c.verdict_days as i64 * DAY_MS;
+    let empty = TagWindow::default();
+    let mut devices = Vec::new();
+    for ((gw, dev), tags) in &by_device {
+        let mut d = DeviceReport {
+            gateway: gw.to_string(),
+            device: dev.to_string(),
+            protocol: tags[0].protocol.clone(),
+            identity: tags[0].identity.clone(),
+            equipment: register
+                .iter()
+                .find(|e| e.gateway == *gw && e.device == *dev)
+                .cloned(),
+            expected: 0,
+            received: 0,
+            good: 0,
+            uncertain: 0,
+            bad: 0,
+            backfilled: 0,
+            completeness: None,
+            first_seen_ms: None,
+            last_seen_ms: None,
+            daily: Vec::new(),
+            gaps: Vec::new(),
+            gaps_total: 0,
+            flags: Vec::new(),
+            verdict: Verdict {
+                data_through: false,
+                reasons: Vec::new(),
+            },
+            tags: Vec::new(),
+            trend: Vec::new(),
+        };
+        let mut daily: Vec<(u64, u64)> = vec![(0, 0); days.len()];
+        let mut gaps = Vec::new();
+        for s in tags {
+            let w = windows.get(&s.id).unwrap_or(&empty);
+            let expected = expected_in(s, from_ms, to_ms, snap.now_ms);
+            let received = w.day.good + w.day.uncertain;
+            d.expected += expected;
+            d.received += received.min(expected.max(received));
+            d.good += w.day.good;
+            d.uncertain += w.day.uncertain;
+            d.bad += w.day.bad;
+            d.backfilled += w.day.backfilled;
+            d.first_seen_ms = match (d.first_seen_ms, w.day.first_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            d.last_seen_ms = match (d.last_seen_ms, w.day.last_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            for (i, day) in days.iter().enumerate() {
+                let e = expected_in(s, *day, day + DAY_MS, snap.now_ms);
+                let r = w.per_day.get(day).map_or(0, |r| r.good + r.uncertain);
+                daily[i].0 += e;
+                daily[i].1 += r.min(e);
+            }
+            let losses = loss_ranges
+                .get(&(s.gateway.as_str(), s.device.as_str(), s.tag.as_str()))
+                .map_or(&[][..], |v| v.as_slice());
+            gaps.extend(tag_gaps(store, s, from_ms, to_ms, losses)?);
+            d.flags.extend(tag_flags(s, w, identical.get(&s.id), c));
+            d.tags.push(TagReport {
+                tag: s.tag.clone(),
+                unit: s.unit.clone(),
+                interval_ms: s.interval_ms,
+                expected,
+                received,
+                bad: w.day.bad,
+                completeness: ratio(received, expected),
+                first_seen_ms: w.day.first_ms,
+                last_seen_ms: w.day.last_ms,
+            });
+        }
+        d.completeness = ratio(d.received, d.expected);
+        d.daily = days
+            .iter()
+            .zip(&daily)
+            .map(|(day, (e, r))| DayCell {
+                day_ms: *day,
+                date: date_of(*day),
+                expected: *e,
+                received: *r,
+                completeness: ratio(*r, *e),
+            })
+            .collect();
+        let merged = merge_gaps(gaps);
+        d.gaps_total = merged.len();
+        d.gaps = merged.into_iter().take(200).collect();
+        // Trend: the first numeric tags, hourly.
+        for s in tags.iter().filter(|s| is_numeric(&s.data_type)).take(3) {
+            let points = store
+                .series_hours(s.id, from_ms, to_ms)?
+                .into_iter()
+                .map(|(h, n, sum, min, max)| (h, sum / n.max(1) as f64, min, max))
+                .collect();
+            d.trend.push(Trend {
+                tag: s.tag.clone(),
+                unit: s.unit.clone(),
+                points,
+            });
+        }
+        let mut reasons = Vec::new();
+        let period: Vec<&DayCell> = d
+            .daily
+            .iter()
+            .filter(|c| c.day_ms >= verdict_from && c.expected > 0)
+            .collect();
+        if period.is_empty() {
+            reasons.push("no data expected in the verdict period".to_string());
+        }
+        for cell in &period {
+            let got = cell.completeness.unwrap_or(0.0);
+            if got < c.completeness_min {
+                reasons.push(format!(
+                    "{}: completeness {:.1}% < {:.1}%",
+                    cell.date,
+                    got * 100.0,
+                    c.completeness_min * 100.0
+                ));
+            }
+        }
+        for f in d.flags.iter().filter(|f| f.critical) {
+            reasons.push(format!("{} on {}: {}", flag_name(f.kind), f.tag, f.detail));
+        }
+        d.verdict = Verdict {
+            data_through: reasons.is_empty(),
+            reasons,
+        };
+        devices.push(d);
+    }
+
+    let networking = networking(&register, &devices, &gateways);
+
+    let mut gateway_reports = Vec::new();
+    let mut usage: BTreeMap<i64, UsageDay> = days
+        .iter()
+        .map(|&day| {
+            (
+                day,
+                UsageDay {
+                    day_ms: day,
+                    date: date_of(day),
+                    ..UsageDay::default()
+                },
+            )
+        })
+        .collect();
+    for gw in &gateways {
+        let rows = store.gateway_days(gw, from_day, to_day)?;
+        let mut hist = vec![0u64; LATENCY_BUCKETS];
+        let mut total = GatewayDay::default();
+        let mut skew_min: Option<i64> = None;
+        for (day, row) in &rows {
+            for (i, n) in row.latency.iter().enumerate() {
+                hist[i] += n;
+            }
+            total.batches += row.batches;
+            total.points += row.points;
+            total.bytes += row.bytes;
+            total.backfill_points += row.backfill_points;
+            if let Some(m) = row.skew_min_ms {
+                skew_min = Some(skew_min.map_or(m, |x| x.min(m)));
+            }
+            if let Some(u) = usage.get_mut(day) {
+                u.points += row.points;
+                u.bytes += row.bytes;
+                u.batches += row.batches;
+            }
+        }
+        gateway_reports.push(GatewayReport {
+            gateway: gw.to_string(),
+            batches: total.batches,
+            points: total.points,
+            bytes: total.bytes,
+            backfill_share: if total.points > 0 {
+                total.backfill_points as f64 / total.points as f64
+            } else {
+                0.0
+            },
+            latency_p50_ms: percentile(&hist, 0.50),
+            latency_p95_ms: percentile(&hist, 0.95),
+            clock_offset_ms: skew_min.map(|m| -m),
+            chains: snap
+                .chains
+                .iter()
+                .filter(|c| c.gateway == *gw)
+                .cloned()
+                .collect(),
+        });
+    }
+    for s in &series {
+        let Some(w) = windows.get(&s.id) else {
+            continue;
+        };
+        for (day, row) in &w.per_day {
+            if row.samples() > 0
+                && let Some(u) = usage.get_mut(day)
+            {
+                u.active_tags += 1;
+            }
+        }
+    }
+    for d in &devices {
+        for cell in &d.daily {
+            if cell.received > 0
+                && let Some(u) = usage.get_mut(&cell.day_ms)
+            {
+                u.active_devices += 1;
+            }
+        }
+    }
+    let mut active_days = BTreeMap::new();
+    for u in usage.values_mut() {
+        u.active = u.active_devices > 0;
+        let month = u.date[..7].to_string();
+        *active_days.entry(month).or_insert(0) += u.active as u64;
+    }
+    let industry_name = c
+        .industries
+        .iter()
+        .find(|i| i.key == enterprise.industry)
+        .map_or(enterprise.industry.clone(), |i| i.name_zh.clone());
+    Ok(EnterpriseReport {
+        enterprise: enterprise.clone(),
+        industry_name,
+        from_day_ms: from_day,
+        to_day_ms: to_day,
+        from: date_of(from_day),
+        to: date_of(to_day - DAY_MS),
+        generated_at_ms: snap.now_ms,
+        criteria: c.clone(),
+        networking,
+        devices,
+        gateways: gateway_reports,
+        usage: usage.into_values().collect(),
+        active_days,
+    })
+}
+
+pub fn flag_name(k: FlagKind) -> &'static str {
+    match k {
+        FlagKind::Frozen => "frozen",
+        FlagKind::IdenticalSeries => "identical_series",
+        FlagKind::OutOfRange => "out_of_range",
+        FlagKind::NoJitter => "no_jitter",
+        FlagKind::FutureTimestamps => "future_timestamps",
+    }
+}
+
+fn networking(
+    register: &[Equipment],
+    devices: &[DeviceReport],
+    gateways: &BTreeSet<&str>,
+) -> Networking {
+    let mut equipment = Vec::new();
+    let mut through = 0;
+    let production: Vec<&Equipment> = register.iter().filter(|e| e.production).collect();
+    for e in &production {
+        let status = if e.gateway.is_empty() {
+            (false, "not networked: no gateway device named".to_string())
+        } else if !gateways.contains(e.gateway.as_str()) {
+            (
+                false,
+                format!("gateway {} does not belong to this enterprise", e.gateway),
+            )
+        } else {
+            match devices
+                .iter()
+                .find(|d| d.gateway == e.gateway && d.device == e.device)
+            {
+                None => (
+                    false,
+                    "never connected: no data from this device".to_string(),
+                ),
+                Some(d) if d.verdict.data_through => (true, "data-through".to_string()),
+                Some(d) => (false, d.verdict.reasons.join("; ")),
+            }
+        };
+        through += status.0 as u64;
+        equipment.push(EquipmentStatus {
+            equipment: (*e).clone(),
+            data_through: status.0,
+            reason: status.1,
+        });
+    }
+    let unregistered_devices = devices
+        .iter()
+        .filter(|d| {
+            !register
+                .iter()
+                .any(|e| e.gateway == d.gateway && e.device == d.device)
+        })
+        .map(|d| format!("{}/{}", d.gateway, d.device))
+        .collect();
+    Networking {
+        registered_production: production.len() as u64,
+        data_through: through,
+        rate: ratio(through, production.len() as u64),
+        equipment,
+        unregistered_devices,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CityRow {
+    pub code: String,
+    pub name: String,
+    pub county: String,
+    pub industry: String,
+    pub provider: String,
+    pub registered_production: u64,
+    pub data_through: u64,
+    pub networking_rate: Option<f64>,
+    /// Data from at least one device on the window's last day.
+    pub on_cloud: bool,
+    pub meets_target: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CityGroup {
+    pub key: String,
+    pub name: String,
+    pub enterprises: u64,
+    pub on_cloud: u64,
+    pub meets_target: u64,
+    pub mean_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CityView {
+    pub from: String,
+    pub to: String,
+    pub target: f64,
+    pub enterprises: u64,
+    pub on_cloud: u64,
+    pub meets_target: u64,
+    /// Enterprises by networking rate: [0,20%), [20,40%), … [80,100%], none.
+    pub distribution: [u64; 6],
+    pub by_industry: Vec<CityGroup>,
+    pub by_county: Vec<CityGroup>,
+    pub rows: Vec<CityRow>,
+}
+
+/// The city overview over `enterprises` (already filtered to what the
+/// reader may see).
+pub fn city_view(
+    store: &impl Store,
+    snap: &Snapshot,
+    enterprises: &[Enterprise],
+    from_day: i64,
+    to_day: i64,
+    c: &Criteria,
+) -> Result<CityView> {
+    let mut rows = Vec::new();
+    for e in enterprises {
+        let r = enterprise_report(store, snap, e, from_day, to_day, c)?;
+        let on_cloud = r.usage.last().is_some_and(|u| u.active);
+        rows.push(CityRow {
+            code: e.code.clone(),
+            name: e.name.clone(),
+            county: e.county.clone(),
+            industry: e.industry.clone(),
+            provider: e.provider.clone(),
+            registered_production: r.networking.registered_production,
+            data_through: r.networking.data_through,
+            networking_rate: r.networking.rate,
+            on_cloud,
+            meets_target: r.networking.rate.is_some_and(|x| x >= c.networking_target),
+        });
+    }
+    let mut distribution = [0u64; 6];
+    for r in &rows {
+        let i = match r.networking_rate {
+            None => 5,
+            Some(x) => ((x * 5.0) as usize).min(4),
+        };
+        distribution[i] += 1;
+    }
+    let group = |key_of: &dyn Fn(&CityRow) -> String, name_of: &dyn Fn(&str) -> String| {
+        let mut groups: BTreeMap<String, (CityGroup, f64, u64)> = BTreeMap::new();
+        for r in &rows {
+            let k = key_of(r);
+            let g = groups.entry(k.clone()).or_insert_with(|| {
+                (
+                    CityGroup {
+                        name: name_of(&k),
+                        key: k,
+                        ..CityGroup::default()
+                    },
+                    0.0,
+                    0,
+                )
+            });
+            g.0.enterprises += 1;
+            g.0.on_cloud += r.on_cloud as u64;
+            g.0.meets_target += r.meets_target as u64;
+            if let Some(x) = r.networking_rate {
+                g.1 += x;
+                g.2 += 1;
+            }
+        }
+        groups
+            .into_values()
+            .map(|(mut g, sum, n)| {
+                g.mean_rate = (n > 0).then(|| sum / n as f64);
+                g
+            })
+            .collect::<Vec<_>>()
+    };
+    let industry_name = |k: &str| {
+        c.industries
+            .iter()
+            .find(|i| i.key == k)
+            .map_or(k.to_string(), |i| i.name_zh.clone())
+    };
+    let by_industry = group(&|r| r.industry.clone(), &industry_name);
+    let by_county = group(&|r| r.county.clone(), &|k| k.to_string());
+    Ok(CityView {
+        from: date_of(from_day),
+        to: date_of(to_day - DAY_MS),
+        target: c.networking_target,
+        enterprises: rows.len() as u64,
+        on_cloud: rows.iter().filter(|r| r.on_cloud).count() as u64,
+        meets_target: rows.iter().filter(|r| r.meets_target).count() as u64,
+        distribution,
+        by_industry,
+        by_county,
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_round_trip_in_china_standard_time() {
+        let d = parse_date("2025-11-25").expect("valid");
+        assert_eq!(date_of(d), "2025-11-25");
+        // 2025-11-25 00:00 +08:00 = 2025-11-24 16:00 UTC = 1764000000000.
+        assert_eq!(d, 1_764_000_000_000);
+        assert_eq!(date_of(d + DAY_MS - 1), "2025-11-25");
+        assert!(parse_date("2026-02-30").is_err());
+        assert!(parse_date("25.11.2026").is_err());
+    }
+
+    #[test]
+    fn gaps_of_a_device_merge_across_tags() {
+        let g = |a, b, cause| Gap {
+            start_ms: a,
+            end_ms: b,
+            duration_ms: b - a,
+            cause,
+            tags: 1,
+        };
+        let merged = merge_gaps(vec![
+            g(100, 200, "no_data"),
+            g(105, 210, "no_data"),
+            g(150, 160, "device_fault"),
+            g(500, 600, "no_data"),
+        ]);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(
+            (merged[0].start_ms, merged[0].end_ms, merged[0].tags),
+            (100, 210, 2)
+        );
+    }
+
+    #[test]
+    fn percentiles_from_the_latency_histogram() {
+        let mut h = vec![0u64; LATENCY_BUCKETS];
+        h[5] = 50; // < 32 ms
+        h[10] = 45; // < 1024 ms
+        h[12] = 5; // < 4096 ms
+        assert_eq!(percentile(&h, 0.5), Some(1024));
+        assert_eq!(percentile(&h, 0.95), Some(1024));
+        assert_eq!(percentile(&h, 0.96), Some(4096));
+        assert_eq!(percentile(&[0; 4], 0.5), None);
+    }
+}
