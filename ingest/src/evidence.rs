@@ -1070,7 +1070,7 @@ mod tests {
         h[5] = 50; // < 32 ms
         h[10] = 45; // < 1024 ms
         h[12] = 5; // < 4096 ms
-        assert_eq!(percentile(&h, 0.5), Some(1024));
+        assert_eq!(percentile(&h, 0.5), Some(32));
         assert_eq!(percentile(&h, 0.95), Some(1024));
         assert_eq!(percentile(&h, 0.96), Some(4096));
         assert_eq!(percentile(&[0; 4], 0.5), None);
