@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of Guantong: formatting, lints, unit tests and the
 # end-to-end suites against real peers (simulated Modbus devices started by
-# the tests, Mosquitto on 127.0.0.1:1883).
+# the tests, Mosquitto on 127.0.0.1:1883, headless Chromium for the report
+# pages).
 #
 # On a fresh Debian/Ubuntu machine it first installs what is missing (a C
 # compiler, Mosquitto, Rust) and starts the services the tests need.
@@ -18,6 +19,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
 # The MQTT TLS test makes its CA and certificates with the openssl command.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The acceptance test opens the report pages in headless Chromium.
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q

@@ -307,11 +307,14 @@ fn tag_gaps(
     s: &SeriesInfo,
     from: i64,
     to: i64,
+    now_ms: i64,
     losses: &[(i64, i64)],
 ) -> Result<Vec<Gap>> {
     if s.interval_ms == 0 {
         return Ok(Vec::new());
     }
+    // Samples of the last moments may still be on their way.
+    let to = to.min(now_ms - 2 * s.interval_ms as i64);
     let start = from.max(s.created_ms.unwrap_or(i64::MAX));
     if to <= start {
         return Ok(Vec::new());
@@ -655,7 +658,7 @@ pub fn enterprise_report(
             let losses = loss_ranges
                 .get(&(s.gateway.as_str(), s.device.as_str(), s.tag.as_str()))
                 .map_or(&[][..], |v| v.as_slice());
-            gaps.extend(tag_gaps(store, s, from_ms, to_ms, losses)?);
+            gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses)?);
             d.flags.extend(tag_flags(s, w, identical.get(&s.id), c));
             d.tags.push(TagReport {
                 tag: s.tag.clone(),

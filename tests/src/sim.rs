@@ -45,7 +45,13 @@ pub struct SimState {
     pub exceptions: u64,
     /// Holding registers the device does not have.
     pub holes: Vec<u16>,
+    /// When set, holding register `SIGNAL_ADDR` follows a pseudo-random
+    /// signal of this seed that steps every 400 ms of wall-clock time, so
+    /// two devices with one seed serve the same series.
+    pub signal: Option<u64>,
 }
+
+pub const SIGNAL_ADDR: u16 = 30;
 
 #[derive(Clone)]
 pub struct SimDevice {
@@ -107,6 +113,7 @@ impl SimDevice {
                 requests: 0,
                 exceptions: 0,
                 holes: Vec::new(),
+                signal: None,
             })),
         }
     }
@@ -170,6 +177,15 @@ impl SimDevice {
         }
         if s.animate {
             animate(&mut s);
+        }
+        if let Some(seed) = s.signal {
+            let step = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64 / 400)
+                .unwrap_or(0);
+            let mut z = step ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            s.holding[usize::from(SIGNAL_ADDR)] = (z >> 40) as u16;
         }
         let range =
             |addr: u16, cnt: u16, len: usize| -> Result<std::ops::Range<usize>, ExceptionCode> {
