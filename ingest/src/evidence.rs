@@ -556,6 +556,19 @@ pub fn enterprise_report(
     to_day: i64,
     c: &Criteria,
 ) -> Result<EnterpriseReport> {
+    report_with(store, snap, enterprise, from_day, to_day, c, true)
+}
+
+/// `detail`: also gaps and trends (the city view needs neither).
+fn report_with(
+    store: &impl Store,
+    snap: &Snapshot,
+    enterprise: &Enterprise,
+    from_day: i64,
+    to_day: i64,
+    c: &Criteria,
+    detail: bool,
+) -> Result<EnterpriseReport> {
     let owners = store.gateway_owners()?;
     let gateways: BTreeSet<&str> = owners
         .iter()
@@ -658,7 +671,9 @@ pub fn enterprise_report(
             let losses = loss_ranges
                 .get(&(s.gateway.as_str(), s.device.as_str(), s.tag.as_str()))
                 .map_or(&[][..], |v| v.as_slice());
-            gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses)?);
+            if detail {
+                gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses)?);
+            }
             d.flags.extend(tag_flags(s, w, identical.get(&s.id), c));
             d.tags.push(TagReport {
                 tag: s.tag.clone(),
@@ -688,7 +703,11 @@ pub fn enterprise_report(
         d.gaps_total = merged.len();
         d.gaps = merged.into_iter().take(200).collect();
         // Trend: the first numeric tags, hourly.
-        for s in tags.iter().filter(|s| is_numeric(&s.data_type)).take(3) {
+        for s in tags
+            .iter()
+            .filter(|s| detail && is_numeric(&s.data_type))
+            .take(3)
+        {
             let points = store
                 .series_hours(s.id, from_ms, to_ms)?
                 .into_iter()
@@ -954,7 +973,7 @@ pub fn city_view(
 ) -> Result<CityView> {
     let mut rows = Vec::new();
     for e in enterprises {
-        let r = enterprise_report(store, snap, e, from_day, to_day, c)?;
+        let r = report_with(store, snap, e, from_day, to_day, c, false)?;
         let on_cloud = r.usage.last().is_some_and(|u| u.active);
         rows.push(CityRow {
             code: e.code.clone(),

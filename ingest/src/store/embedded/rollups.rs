@@ -4,7 +4,7 @@
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{DAYS, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, db_err};
+use super::{DAYS, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, SERIES, SeriesMeta, db_err};
 use crate::store::rollup::{
     self, GatewayDay, LATENCY_BUCKETS, SeriesDay, SeriesUpdate, latency_bucket, merge_day,
 };
@@ -194,9 +194,15 @@ impl EmbeddedStore {
         days: Vec<(u64, i64, SeriesDay)>,
         runs: Vec<(u64, u8, i64, i64)>,
         hours: Vec<(u64, i64, rollup::HourStats)>,
+        gateway_days: Vec<(String, i64, GatewayDay)>,
     ) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
+            let mut g = txn.open_table(GATEWAY_DAYS).map_err(db_err)?;
+            for (gw, d, row) in gateway_days {
+                g.insert((gw.as_str(), d), row.encode_to_vec().as_slice())
+                    .map_err(db_err)?;
+            }
             let mut t = txn.open_table(DAYS).map_err(db_err)?;
             for (s, d, row) in days {
                 t.insert((s, d), row.encode_to_vec().as_slice())
@@ -209,6 +215,33 @@ impl EmbeddedStore {
             let mut h = txn.open_table(HOURS).map_err(db_err)?;
             for (s, hour, v) in hours {
                 h.insert((s, hour), v).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(())
+    }
+}
+
+impl EmbeddedStore {
+    /// Moves every series' creation time to `created_ms`, as if its
+    /// manifest had arrived then (benchmarks of long windows).
+    #[doc(hidden)]
+    pub fn bench_backdate_series(&self, created_ms: i64) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = txn.open_table(SERIES).map_err(db_err)?;
+            let rows: Vec<(u64, Vec<u8>)> = t
+                .iter()
+                .map_err(db_err)?
+                .filter_map(|e| e.ok())
+                .map(|(k, v)| (k.value(), v.value().to_vec()))
+                .collect();
+            for (id, bytes) in rows {
+                let mut m: SeriesMeta = serde_json::from_slice(&bytes)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                m.created_ms = created_ms;
+                let v = serde_json::to_vec(&m).map_err(|e| StoreError::Backend(e.to_string()))?;
+                t.insert(id, v.as_slice()).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)?;
