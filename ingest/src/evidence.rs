@@ -1086,6 +1086,83 @@ mod tests {
         );
     }
 
+    fn series(id: u64) -> SeriesInfo {
+        SeriesInfo {
+            id,
+            gateway: "gw".into(),
+            device: "d".into(),
+            protocol: "modbus-tcp".into(),
+            endpoint: String::new(),
+            tag: "t".into(),
+            address: String::new(),
+            data_type: "double".into(),
+            unit: String::new(),
+            interval_ms: 1000,
+            identity: BTreeMap::new(),
+            created_ms: Some(0),
+            samples: 0,
+            good: 0,
+            uncertain: 0,
+            bad: 0,
+            backfilled: 0,
+            first_seen_ms: None,
+            last_seen_ms: None,
+            last_value: None,
+            last_quality: None,
+            last_quality_code: 0,
+        }
+    }
+
+    #[test]
+    fn gap_causes_come_from_bad_runs_loss_records_or_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store");
+        // Data 0–100 s, 120–200 s, 230–300 s, 340–400 s; Bad samples 101–119 s;
+        // the gateway dropped 201–229 s; nothing explains 301–339 s.
+        let runs = vec![
+            (1, RUN_DATA, 0, 100_000),
+            (1, RUN_DATA, 120_000, 200_000),
+            (1, RUN_DATA, 230_000, 300_000),
+            (1, RUN_DATA, 340_000, 400_000),
+            (1, RUN_BAD, 101_000, 119_000),
+            (1, RUN_BACKFILL, 150_000, 160_000),
+        ];
+        store
+            .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
+            .expect("write");
+        let gaps = tag_gaps(
+            &store,
+            &series(1),
+            0,
+            401_000,
+            1_000_000,
+            &[(201_000, 229_000)],
+        )
+        .expect("gaps");
+        let got: Vec<(i64, i64, &str)> = gaps
+            .iter()
+            .map(|g| (g.start_ms, g.end_ms, g.cause))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (101_000, 120_000, "device_fault"),
+                (201_000, 230_000, "dropped_by_gateway"),
+                (301_000, 340_000, "no_data"),
+                (150_000, 161_000, "gateway_offline_backfilled"),
+            ]
+        );
+        // The window end is clipped to now less two intervals.
+        let gaps = tag_gaps(&store, &series(1), 0, 500_000, 450_000, &[]).expect("gaps");
+        assert_eq!(
+            gaps.iter()
+                .filter(|g| g.cause == "no_data")
+                .map(|g| g.end_ms)
+                .max(),
+            Some(448_000)
+        );
+    }
+
     #[test]
     fn percentiles_from_the_latency_histogram() {
         let mut h = vec![0u64; LATENCY_BUCKETS];

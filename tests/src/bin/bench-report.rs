@@ -69,7 +69,9 @@ fn manifest(gateway: &str, devices: u32, tags: u32) -> Manifest {
 
 fn credit_code(n: u32) -> String {
     const C: &[u8] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
-    const W: [u32; 17] = [1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28];
+    const W: [u32; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
     let body = format!("9135010{n:010}");
     let sum: u32 = body
         .bytes()
@@ -80,7 +82,13 @@ fn credit_code(n: u32) -> String {
 }
 
 /// Rollup rows of `series` for `days` days ending today.
-fn fill(store: &EmbeddedStore, gateway: &str, series: &[u64], days: i64, today: i64) -> anyhow::Result<()> {
+fn fill(
+    store: &EmbeddedStore,
+    gateway: &str,
+    series: &[u64],
+    days: i64,
+    today: i64,
+) -> anyhow::Result<()> {
     let first = today - (days - 1) * DAY_MS;
     for chunk in series.chunks(100) {
         let mut day_rows = Vec::new();
@@ -120,7 +128,12 @@ fn fill(store: &EmbeddedStore, gateway: &str, series: &[u64], days: i64, today: 
             let end = today + DAY_MS - 1000;
             let span = (end - first) / 4;
             for g in 0..4 {
-                runs.push((s, RUN_DATA, first + g * span, first + (g + 1) * span - 600_000));
+                runs.push((
+                    s,
+                    RUN_DATA,
+                    first + g * span,
+                    first + (g + 1) * span - 600_000,
+                ));
             }
             runs.push((s, RUN_BAD, first + span - 600_000, first + span));
         }
@@ -158,7 +171,9 @@ async fn enterprise(
 ) -> anyhow::Result<(Enterprise, Vec<u64>)> {
     let gw = format!("gw-{n}");
     store.register_gateway(&gw, None).await?;
-    let map = store.put_manifest(&gw, manifest(&gw, devices, tags)).await?;
+    let map = store
+        .put_manifest(&gw, manifest(&gw, devices, tags))
+        .await?;
     let e = Enterprise {
         code: credit_code(n),
         name: format!("企业{n}"),
@@ -174,8 +189,16 @@ async fn enterprise(
             kind: String::new(),
             workshop: String::new(),
             production: true,
-            gateway: if d < devices { gw.clone() } else { String::new() },
-            device: if d < devices { format!("dev-{d}") } else { String::new() },
+            gateway: if d < devices {
+                gw.clone()
+            } else {
+                String::new()
+            },
+            device: if d < devices {
+                format!("dev-{d}")
+            } else {
+                String::new()
+            },
         })
         .collect();
     store.put_equipment(&e.code, &register)?;
@@ -203,13 +226,21 @@ async fn main() -> anyhow::Result<()> {
     let criteria = Criteria::default();
 
     let t = Instant::now();
-    let (big, big_series) = enterprise(&store, 0, a.devices, a.tags_per_device, a.days, today).await?;
-    eprintln!("large enterprise written in {:.1} s", t.elapsed().as_secs_f64());
+    let (big, big_series) =
+        enterprise(&store, 0, a.devices, a.tags_per_device, a.days, today).await?;
+    eprintln!(
+        "large enterprise written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let t = Instant::now();
     for n in 1..=a.enterprises {
         enterprise(&store, n, 10, 10, 7, today).await?;
     }
-    eprintln!("{} enterprises written in {:.1} s", a.enterprises, t.elapsed().as_secs_f64());
+    eprintln!(
+        "{} enterprises written in {:.1} s",
+        a.enterprises,
+        t.elapsed().as_secs_f64()
+    );
     store.bench_backdate_series(today - a.days * DAY_MS)?;
 
     let from = today - (a.days - 1) * DAY_MS;
@@ -232,8 +263,18 @@ async fn main() -> anyhow::Result<()> {
         report_s.push(t.elapsed().as_secs_f64());
         assert_eq!(r.devices.len(), a.devices as usize);
         let t = Instant::now();
-        let html = guantong_ingest::web::render_cli(&store, &snap, Some(&big.code), from, to, &criteria, "html", None, None)
-            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+        let html = guantong_ingest::web::render_cli(
+            &store,
+            &snap,
+            Some(&big.code),
+            from,
+            to,
+            &criteria,
+            "html",
+            None,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("{}", e.1))?;
         html_s.push(t.elapsed().as_secs_f64());
         assert!(html.len() > 10_000);
         let t = Instant::now();
@@ -247,7 +288,14 @@ async fn main() -> anyhow::Result<()> {
             chains: store.chains().await?,
             now_ms: now_ms(),
         };
-        let view = evidence::city_view(&store, &snap, &store.enterprises()?, today - 6 * DAY_MS, to, &criteria)?;
+        let view = evidence::city_view(
+            &store,
+            &snap,
+            &store.enterprises()?,
+            today - 6 * DAY_MS,
+            to,
+            &criteria,
+        )?;
         city_s.push(t.elapsed().as_secs_f64());
         assert_eq!(view.enterprises, u64::from(a.enterprises) + 1);
         let t = Instant::now();
@@ -257,12 +305,21 @@ async fn main() -> anyhow::Result<()> {
     let tags = a.devices * a.tags_per_device;
     let (r, h, b) = (median(report_s), median(html_s), median(bare_s));
     let (c, cb) = (median(city_s), median(city_bare_s));
-    println!("enterprise report, {tags} tags × {} days (median of {} runs):", a.days, a.runs);
+    println!(
+        "enterprise report, {tags} tags × {} days (median of {} runs):",
+        a.days, a.runs
+    );
     println!("  report (JSON data)        {r:>8.3} s   target < 2 s");
     println!("  report rendered as HTML   {h:>8.3} s");
-    println!("  bare read of its rollups  {b:>8.3} s   (limit)   ratio {:.1}×", r / b);
+    println!(
+        "  bare read of its rollups  {b:>8.3} s   (limit)   ratio {:.1}×",
+        r / b
+    );
     println!("city overview, {} enterprises, 7 days:", a.enterprises + 1);
     println!("  city view                 {c:>8.3} s   target < 5 s");
-    println!("  bare read of day rollups  {cb:>8.3} s   (limit)   ratio {:.1}×", c / cb);
+    println!(
+        "  bare read of day rollups  {cb:>8.3} s   (limit)   ratio {:.1}×",
+        c / cb
+    );
     Ok(())
 }
