@@ -556,30 +556,53 @@ pub fn enterprise_report(
     to_day: i64,
     c: &Criteria,
 ) -> Result<EnterpriseReport> {
-    report_with(store, snap, enterprise, from_day, to_day, c, true)
+    let index = Index::new(store, snap)?;
+    report_with(store, snap, &index, enterprise, from_day, to_day, c, true)
+}
+
+/// Lookups shared by the reports of many enterprises.
+struct Index<'a> {
+    owners: BTreeMap<String, String>,
+    by_gateway: HashMap<&'a str, Vec<&'a SeriesInfo>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(store: &impl Store, snap: &'a Snapshot) -> Result<Index<'a>> {
+        let mut by_gateway: HashMap<&str, Vec<&SeriesInfo>> = HashMap::new();
+        for s in &snap.series {
+            by_gateway.entry(s.gateway.as_str()).or_default().push(s);
+        }
+        Ok(Index {
+            owners: store.gateway_owners()?,
+            by_gateway,
+        })
+    }
 }
 
 /// `detail`: also gaps and trends (the city view needs neither).
+#[allow(clippy::too_many_arguments)]
 fn report_with(
     store: &impl Store,
     snap: &Snapshot,
+    index: &Index,
     enterprise: &Enterprise,
     from_day: i64,
     to_day: i64,
     c: &Criteria,
     detail: bool,
 ) -> Result<EnterpriseReport> {
-    let owners = store.gateway_owners()?;
-    let gateways: BTreeSet<&str> = owners
+    let gateways: BTreeSet<&str> = index
+        .owners
         .iter()
         .filter(|(_, code)| **code == enterprise.code)
         .map(|(g, _)| g.as_str())
         .collect();
     let register = store.equipment(&enterprise.code)?;
-    let series: Vec<&SeriesInfo> = snap
-        .series
+    let series: Vec<&SeriesInfo> = gateways
         .iter()
-        .filter(|s| gateways.contains(s.gateway.as_str()))
+        .filter_map(|g| index.by_gateway.get(g))
+        .flatten()
+        .copied()
         .collect();
     let windows = tag_windows(store, &series, from_day, to_day)?;
     let identical = identical_pairs(&series, &windows, c.identical_similarity);
@@ -972,8 +995,9 @@ pub fn city_view(
     c: &Criteria,
 ) -> Result<CityView> {
     let mut rows = Vec::new();
+    let index = Index::new(store, snap)?;
     for e in enterprises {
-        let r = report_with(store, snap, e, from_day, to_day, c, false)?;
+        let r = report_with(store, snap, &index, e, from_day, to_day, c, false)?;
         let on_cloud = r.usage.last().is_some_and(|u| u.active);
         rows.push(CityRow {
             code: e.code.clone(),
