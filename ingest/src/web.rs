@@ -487,6 +487,16 @@ pub async fn snapshot<S: Store>(store: &S) -> Result<Snapshot, ApiError> {
     })
 }
 
+/// The query's window and a snapshot of the store.
+async fn prepare<S: Store>(
+    state: &ApiState<S>,
+    q: &ReportQuery,
+) -> Result<(i64, i64, Snapshot), ApiError> {
+    let (from_day, to_day) = window(q.from.as_deref(), q.to.as_deref(), now_ms())
+        .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
+    Ok((from_day, to_day, snapshot(&*state.store).await?))
+}
+
 /// Builds one enterprise's report (blocking).
 pub fn build_report<S: Store>(
     store: &S,
@@ -510,9 +520,7 @@ pub async fn report<S: Store>(
     Path(code): Path<String>,
     Query(q): Query<ReportQuery>,
 ) -> Result<Response, ApiError> {
-    let (from_day, to_day) = window(q.from.as_deref(), q.to.as_deref(), now_ms())
-        .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
-    let snap = snapshot(&*state.store).await?;
+    let (from_day, to_day, snap) = prepare(&state, &q).await?;
     let store = state.store.clone();
     let criteria = state.criteria.clone();
     blocking(move || {
@@ -571,9 +579,7 @@ pub async fn city<S: Store>(
     Extension(viewer): Extension<Arc<Viewer>>,
     Query(q): Query<ReportQuery>,
 ) -> Result<Response, ApiError> {
-    let (from_day, to_day) = window(q.from.as_deref(), q.to.as_deref(), now_ms())
-        .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
-    let snap = snapshot(&*state.store).await?;
+    let (from_day, to_day, snap) = prepare(&state, &q).await?;
     let store = state.store.clone();
     let criteria = state.criteria.clone();
     blocking(move || {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use guantong_e2e::bench::median;
-use guantong_ingest::evidence::{self, Criteria, Snapshot};
+use guantong_ingest::evidence::{self, Criteria};
 use guantong_ingest::grpc::now_ms;
 use guantong_ingest::registry::{Enterprise, Equipment};
 use guantong_ingest::store::Store;
@@ -23,6 +23,7 @@ use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::rollup::{
     DAY_MS, GatewayDay, HOUR_MS, LATENCY_BUCKETS, RUN_BAD, RUN_DATA, SKETCH_K, SeriesDay, day_of,
 };
+use guantong_ingest::web::snapshot;
 use guantong_proto::v1::{DataType, Device, Manifest, Tag};
 
 #[derive(Parser)]
@@ -253,12 +254,9 @@ async fn main() -> anyhow::Result<()> {
     let all_series: Vec<u64> = store.series().await?.iter().map(|s| s.id).collect();
     for _ in 0..a.runs {
         let t = Instant::now();
-        let snap = Snapshot {
-            series: store.series().await?,
-            losses: store.losses().await?,
-            chains: store.chains().await?,
-            now_ms: now_ms(),
-        };
+        let snap = snapshot(&store)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
         let r = evidence::enterprise_report(&store, &snap, &big, from, to, &criteria)?;
         report_s.push(t.elapsed().as_secs_f64());
         assert_eq!(r.devices.len(), a.devices as usize);
@@ -282,12 +280,9 @@ async fn main() -> anyhow::Result<()> {
         bare_s.push(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        let snap = Snapshot {
-            series: store.series().await?,
-            losses: store.losses().await?,
-            chains: store.chains().await?,
-            now_ms: now_ms(),
-        };
+        let snap = snapshot(&store)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
         let view = evidence::city_view(
             &store,
             &snap,

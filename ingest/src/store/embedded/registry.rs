@@ -40,6 +40,14 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<()> {
     Ok(())
 }
 
+fn require_enterprise(txn: &WriteTransaction, code: &str) -> Result<()> {
+    let t = txn.open_table(ENTERPRISES).map_err(db_err)?;
+    if t.get(code).map_err(db_err)?.is_none() {
+        return Err(StoreError::NotFound(format!("enterprise {code}")));
+    }
+    Ok(())
+}
+
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| StoreError::Backend(e.to_string()))
 }
@@ -83,15 +91,7 @@ impl EmbeddedStore {
     pub fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            if txn
-                .open_table(ENTERPRISES)
-                .map_err(db_err)?
-                .get(code)
-                .map_err(db_err)?
-                .is_none()
-            {
-                return Err(StoreError::NotFound(format!("enterprise {code}")));
-            }
+            require_enterprise(&txn, code)?;
             let mut t = txn.open_table(EQUIPMENT).map_err(db_err)?;
             let old: Vec<String> = t
                 .range((code, "")..)
@@ -130,15 +130,7 @@ impl EmbeddedStore {
     pub fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            if txn
-                .open_table(ENTERPRISES)
-                .map_err(db_err)?
-                .get(code)
-                .map_err(db_err)?
-                .is_none()
-            {
-                return Err(StoreError::NotFound(format!("enterprise {code}")));
-            }
+            require_enterprise(&txn, code)?;
             txn.open_table(OWNERS)
                 .map_err(db_err)?
                 .insert(gateway, code)
