@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::{ModbusConfig, Transport};
-use super::decode;
+use super::decode::TagReader;
 use super::plan::{self, ReadRequest};
 use super::transport::{self, Connection, Outcome};
 use crate::collector::{Collector, PointSink};
@@ -48,9 +48,13 @@ pub struct Group {
 /// One device (unit id) on a line.
 #[derive(Debug)]
 pub struct Unit {
+    /// The device's settings. Its `tags` are empty: `Unit::new` turns them
+    /// into `readers` (names and units are in the manifest).
     pub config: ModbusConfig,
-    /// Manifest index of each of `config.tags`.
-    pub tag_ids: Vec<u32>,
+    /// How to decode each tag, in config order.
+    pub readers: Vec<TagReader>,
+    /// Manifest index of `readers[0]`; tag `i` is `first_tag + i`.
+    pub first_tag: u32,
     pub groups: Vec<Group>,
     /// Consecutive polls without an answer.
     failures: u32,
@@ -60,7 +64,7 @@ pub struct Unit {
 }
 
 impl Unit {
-    pub fn new(config: ModbusConfig, tag_ids: Vec<u32>) -> Unit {
+    pub fn new(mut config: ModbusConfig, first_tag: u32) -> Unit {
         let mut by_interval: Vec<(Duration, Vec<usize>)> = Vec::new();
         for (i, t) in config.tags.iter().enumerate() {
             let interval = t.interval.unwrap_or(config.poll_interval);
@@ -70,13 +74,17 @@ impl Unit {
             }
         }
         by_interval.sort_by_key(|(d, _)| *d);
+        let readers: Vec<TagReader> = std::mem::take(&mut config.tags)
+            .iter()
+            .map(TagReader::new)
+            .collect();
         let now = Instant::now();
         let groups = by_interval
             .into_iter()
             .map(|(interval, select)| Group {
                 interval,
                 plan: Arc::new(plan::plan(
-                    &config.tags,
+                    &readers,
                     &select,
                     config.max_gap,
                     config.max_registers,
@@ -86,7 +94,8 @@ impl Unit {
             .collect();
         Unit {
             config,
-            tag_ids,
+            readers,
+            first_tag,
             groups,
             failures: 0,
             resume_at: None,
@@ -111,38 +120,50 @@ impl Unit {
         }
     }
 
+    fn tag_id(&self, i: usize) -> u32 {
+        self.first_tag + i as u32
+    }
+
     fn bad(&self, requests: &[ReadRequest], code: u32, out: &mut Vec<Sample>) {
         let t = now_ms();
         for r in requests {
             out.extend(
                 r.tags
                     .iter()
-                    .map(|&(i, _)| Sample::bad(self.tag_ids[i], t, code)),
+                    .map(|&(i, _)| Sample::bad(self.tag_id(i), t, code)),
             );
         }
     }
 
+    /// Appends one sample per tag of `r` from its answer. The hot path of
+    /// collection: one match per request, no allocation per point (except
+    /// string values).
     fn decode(&self, r: &ReadRequest, outcome: &Outcome, out: &mut Vec<Sample>) {
         let t = now_ms();
-        for &(i, offset) in &r.tags {
-            let tag = &self.config.tags[i];
-            let id = self.tag_ids[i];
-            let offset = usize::from(offset);
-            let value = match outcome {
-                Outcome::Bits(bits) => bits
-                    .get(offset)
+        let sample = |i: usize, value: Result<Value, u32>| match value {
+            Ok(v) => Sample::good(self.tag_id(i), t, v),
+            Err(code) => Sample::bad(self.tag_id(i), t, code),
+        };
+        match outcome {
+            Outcome::Words(words) => out.extend(r.tags.iter().map(|&(i, offset)| {
+                let offset = usize::from(offset);
+                let value = match (self.readers.get(i), words.get(offset..)) {
+                    (Some(tag), Some(rest)) => rest
+                        .get(..usize::from(tag.words))
+                        .ok_or(quality::MALFORMED)
+                        .and_then(|w| tag.decode(w)),
+                    _ => Err(quality::MALFORMED),
+                };
+                sample(i, value)
+            })),
+            Outcome::Bits(bits) => out.extend(r.tags.iter().map(|&(i, offset)| {
+                let value = bits
+                    .get(usize::from(offset))
                     .map(|&b| Value::Bool(b))
-                    .ok_or(quality::MALFORMED),
-                Outcome::Words(words) => words
-                    .get(offset..offset + usize::from(tag.words()))
-                    .ok_or(quality::MALFORMED)
-                    .and_then(|w| decode::decode_tag(tag, w)),
-                other => Err(other.code()),
-            };
-            out.push(match value {
-                Ok(v) => Sample::good(id, t, v),
-                Err(code) => Sample::bad(id, t, code),
-            });
+                    .ok_or(quality::MALFORMED);
+                sample(i, value)
+            })),
+            other => self.bad(std::slice::from_ref(r), other.code(), out),
         }
     }
 }
@@ -252,7 +273,9 @@ impl Line {
         };
         let c = &self.units[unit].config;
         let outcome = transport::read(ctx, c.unit, r.table, r.start, r.count, c.timeout).await;
-        self.quiet_since = Some(Instant::now());
+        if !delay.is_zero() {
+            self.quiet_since = Some(Instant::now());
+        }
         outcome
     }
 
@@ -279,7 +302,7 @@ impl Line {
             if !unit.refused.is_empty() {
                 for &(i, _) in &r.tags {
                     if let Some(&code) = unit.refused.get(&i) {
-                        out.push(Sample::bad(unit.tag_ids[i], now_ms(), code));
+                        out.push(Sample::bad(unit.tag_id(i), now_ms(), code));
                         asked -= 1;
                     }
                 }
@@ -310,7 +333,7 @@ impl Line {
                 Outcome::Exception(code @ (2 | 3)) if r.tags.len() > 1 => {
                     self.answered(u);
                     warn!(device = %self.units[u].config.id, start = r.start, count = r.count, exception = code, "merged read refused; reading its tags one by one");
-                    let singles = plan::split(&self.units[u].config.tags, r);
+                    let singles = plan::split(&self.units[u].readers, r);
                     let mut kept = Vec::new();
                     for s in singles {
                         let o = self.read(u, &s).await;
@@ -318,7 +341,7 @@ impl Line {
                             Outcome::Exception(c @ (2 | 3)) => {
                                 let (i, _) = s.tags[0];
                                 let unit = &mut self.units[u];
-                                warn!(device = %unit.config.id, tag = %unit.config.tags[i].name, exception = c, "device refuses this tag; no longer reading it");
+                                warn!(device = %unit.config.id, address = %unit.readers[i].address_text(), tag_index = unit.tag_id(i), exception = c, "device refuses this address; no longer reading its tag");
                                 unit.refused
                                     .insert(i, quality::MODBUS_EXCEPTION | u32::from(c));
                                 unit.bad(std::slice::from_ref(&s), o.code(), out);
@@ -500,7 +523,9 @@ mod tests {
             ],
             identity: Default::default(),
         };
-        let unit = Unit::new(config, vec![10, 11, 12, 13]);
+        let unit = Unit::new(config, 10);
+        assert_eq!(unit.readers.len(), 4);
+        assert!(unit.config.tags.is_empty());
         let groups: Vec<_> = unit
             .groups
             .iter()

@@ -10,7 +10,8 @@
 //! merged request by single-tag requests for the rest: a hole in the map
 //! costs requests, never data.
 
-use super::config::{ModbusTagConfig, Table};
+use super::config::Table;
+use super::decode::TagReader;
 
 /// One read request and the tags it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +26,7 @@ pub struct ReadRequest {
 /// Plans the tags of `tags` listed in `select` (indices into `tags`), with
 /// register requests of at most `max_registers` (bits: always 2000).
 pub fn plan(
-    tags: &[ModbusTagConfig],
+    tags: &[TagReader],
     select: &[usize],
     max_gap: u16,
     max_registers: u16,
@@ -44,7 +45,7 @@ pub fn plan(
         let tag = &tags[i];
         let (start, end) = (
             u32::from(tag.address),
-            u32::from(tag.address) + u32::from(tag.words()),
+            u32::from(tag.address) + u32::from(tag.words),
         );
         if let Some(last) = requests.last_mut() {
             let last_end = u32::from(last.start) + u32::from(last.count);
@@ -60,7 +61,7 @@ pub fn plan(
         requests.push(ReadRequest {
             table: tag.table,
             start: tag.address,
-            count: tag.words(),
+            count: tag.words,
             tags: vec![(i, 0)],
         });
     }
@@ -69,13 +70,13 @@ pub fn plan(
 
 /// One request per tag of `r`: what a merged request that drew an
 /// exception is split into.
-pub fn split(tags: &[ModbusTagConfig], r: &ReadRequest) -> Vec<ReadRequest> {
+pub fn split(tags: &[TagReader], r: &ReadRequest) -> Vec<ReadRequest> {
     r.tags
         .iter()
         .map(|&(i, _)| ReadRequest {
             table: r.table,
             start: tags[i].address,
-            count: tags[i].words(),
+            count: tags[i].words,
             tags: vec![(i, 0)],
         })
         .collect()
@@ -83,19 +84,19 @@ pub fn split(tags: &[ModbusTagConfig], r: &ReadRequest) -> Vec<ReadRequest> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::ModbusType;
+    use super::super::config::{ModbusTagConfig, ModbusType};
     use super::*;
 
-    fn tag(table: Table, address: u16, data_type: ModbusType) -> ModbusTagConfig {
-        ModbusTagConfig::new(
+    fn tag(table: Table, address: u16, data_type: ModbusType) -> TagReader {
+        TagReader::new(&ModbusTagConfig::new(
             &format!("{}{address}", table.name()),
             table,
             address,
             data_type,
-        )
+        ))
     }
 
-    fn all(tags: &[ModbusTagConfig]) -> Vec<usize> {
+    fn all(tags: &[TagReader]) -> Vec<usize> {
         (0..tags.len()).collect()
     }
 

@@ -119,10 +119,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     let sim = SimDevice::with_size(usize::from(n) + 200);
     let (addr, _task) = sim.serve("127.0.0.1:0".parse()?).await?;
     let config = device("bench", addr, u32::from(n), Duration::from_secs(1));
-    let mut line = Line::new(
-        "bench".into(),
-        vec![Unit::new(config, (0..u32::from(n)).collect())],
-    );
+    let mut line = Line::new("bench".into(), vec![Unit::new(config, 0)]);
     let plan: Vec<(u16, u16)> = line.units[0].groups[0]
         .plan
         .iter()
