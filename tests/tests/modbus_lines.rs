@@ -1,6 +1,7 @@
 //! Modbus transports and lines end to end, with the real binaries: RTU over
 //! TCP (a serial device server) and RTU over a pseudo-terminal pair, several
-//! units on one line with one dead, and a device with holes in its map.
+//! units on one line with one dead, a device with holes in its map, and the
+//! inter-frame delay measured on the wire by a relay.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -60,6 +60,10 @@ struct Args {
     /// Skip the footprint runs.
     #[arg(long)]
     no_footprint: bool,
+    /// The gateway's `uplink.max_in_flight` in the footprint runs (batches
+    /// sent and not yet acknowledged; each holds its encoded points).
+    #[arg(long)]
+    max_in_flight: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -335,10 +339,11 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let token = IngestProc::register(&data, "bench-gw")?;
     let ingest = IngestProc::start(&data, "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?).await?;
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_toml("bench-gw", ingest.grpc, &token, &dir.path().join("buffer")) + &text,
-    )?;
+    let mut head = gateway_toml("bench-gw", ingest.grpc, &token, &dir.path().join("buffer"));
+    if let Some(n) = args.max_in_flight {
+        head = head.replace("[uplink]\n", &format!("[uplink]\nmax_in_flight = {n}\n"));
+    }
+    std::fs::write(&config, head + &text)?;
     let gateway = match &args.wrap {
         None => GatewayProc::start(&config)?.proc,
         Some(wrap) => {
