@@ -144,6 +144,15 @@ impl TagReader {
         }
     }
 
+    /// A plain `u16`: one register, no byte swap, bit, scale or range; its
+    /// value is the register itself.
+    pub fn is_plain_u16(&self) -> bool {
+        self.data_type == ModbusType::U16
+            && matches!(self.order, WordOrder::Abcd | WordOrder::Cdab)
+            && self.bit.is_none()
+            && self.engineering.is_none()
+    }
+
     /// `holding:0`, `holding:3.15` (a bit), `holding:100+10` (a string).
     pub fn address_text(&self) -> String {
         let base = format!("{}:{}", self.table.name(), self.address);
@@ -156,7 +165,25 @@ impl TagReader {
 
     /// Decodes the tag from exactly `self.words` register words. `Err` is
     /// the quality code.
+    #[inline]
     pub fn decode(&self, words: &[u16]) -> Result<Value, u32> {
+        // The common case, inline in the poll loop: a plain 16-bit register.
+        if let ([w], None, None) = (words, self.bit, &self.engineering) {
+            let w = if matches!(self.order, WordOrder::Badc | WordOrder::Dcba) {
+                w.swap_bytes()
+            } else {
+                *w
+            };
+            match self.data_type {
+                ModbusType::U16 => return Ok(Value::Uint(u64::from(w))),
+                ModbusType::I16 => return Ok(Value::Int(i64::from(w as i16))),
+                _ => {}
+            }
+        }
+        self.decode_any(words)
+    }
+
+    fn decode_any(&self, words: &[u16]) -> Result<Value, u32> {
         if words.len() != usize::from(self.words) {
             return Err(quality::MALFORMED);
         }

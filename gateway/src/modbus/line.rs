@@ -145,14 +145,20 @@ impl Unit {
             Err(code) => Sample::bad(self.tag_id(i), t, code),
         };
         match outcome {
+            Outcome::Words(words) if r.plain_u16 => out.extend(r.tags.iter().map(
+                |&(i, offset)| match words.get(usize::from(offset)) {
+                    Some(&w) => Sample::good(self.tag_id(i), t, Value::Uint(u64::from(w))),
+                    None => Sample::bad(self.tag_id(i), t, quality::MALFORMED),
+                },
+            )),
             Outcome::Words(words) => out.extend(r.tags.iter().map(|&(i, offset)| {
-                let offset = usize::from(offset);
-                let value = match (self.readers.get(i), words.get(offset..)) {
-                    (Some(tag), Some(rest)) => rest
-                        .get(..usize::from(tag.words))
+                let start = usize::from(offset);
+                let value = match self.readers.get(i) {
+                    Some(tag) => words
+                        .get(start..start + usize::from(tag.words))
                         .ok_or(quality::MALFORMED)
                         .and_then(|w| tag.decode(w)),
-                    _ => Err(quality::MALFORMED),
+                    None => Err(quality::MALFORMED),
                 };
                 sample(i, value)
             })),
@@ -494,14 +500,10 @@ impl Collector for Line {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
-        use super::super::config::{ModbusTagConfig, ModbusType, Table};
-        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
-        fast.interval = Some(Duration::from_millis(100));
-        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
-        slow.interval = Some(Duration::from_secs(60));
-        let config = ModbusConfig {
+    use super::super::config::{ModbusTagConfig, ModbusType, Table};
+
+    fn device(tags: Vec<ModbusTagConfig>) -> ModbusConfig {
+        ModbusConfig {
             id: "d".into(),
             transport: Transport::Tcp {
                 host: "h".into(),
@@ -515,14 +517,23 @@ mod tests {
             max_registers: 125,
             max_backoff: Duration::from_secs(60),
             identify: false,
-            tags: vec![
-                ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
-                slow,
-                fast,
-                ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
-            ],
+            tags,
             identity: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
+        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
+        fast.interval = Some(Duration::from_millis(100));
+        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
+        slow.interval = Some(Duration::from_secs(60));
+        let config = device(vec![
+            ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
+            slow,
+            fast,
+            ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
+        ]);
         let unit = Unit::new(config, 10);
         assert_eq!(unit.readers.len(), 4);
         assert!(unit.config.tags.is_empty());
@@ -546,6 +557,40 @@ mod tests {
                 (Duration::from_secs(60), 1, vec![1]),
             ]
         );
+    }
+
+    /// Requests of plain u16 tags skip per-tag decoding; the values must be
+    /// those the general path gives.
+    #[test]
+    fn plain_registers_decode_as_the_general_path_does() {
+        let plain: Vec<_> = (0..4)
+            .map(|a| ModbusTagConfig::new(&format!("r{a}"), Table::Holding, a, ModbusType::U16))
+            .collect();
+        let mut scaled = plain.clone();
+        scaled[2].scale = 0.5;
+        for (tags, fast_path) in [(plain, true), (scaled, false)] {
+            let unit = Unit::new(device(tags), 100);
+            let r = &unit.groups[0].plan[0];
+            assert_eq!(r.plain_u16, fast_path);
+            let answer = Outcome::Words(vec![1, 0xFFFF, 3, 4]);
+            let mut general = r.clone();
+            general.plain_u16 = false;
+            let (mut got, mut expected) = (Vec::new(), Vec::new());
+            unit.decode(r, &answer, &mut got);
+            unit.decode(&general, &answer, &mut expected);
+            let strip = |v: Vec<Sample>| {
+                v.into_iter()
+                    .map(|s| (s.tag, s.value, s.code))
+                    .collect::<Vec<_>>()
+            };
+            let got = strip(got);
+            assert_eq!(got, strip(expected));
+            assert_eq!(got[1], (101, Some(Value::Uint(0xFFFF)), 0));
+            // An answer too short for its tags is Bad, not shifted.
+            let mut short = Vec::new();
+            unit.decode(r, &Outcome::Words(vec![1, 2]), &mut short);
+            assert_eq!(strip(short)[3], (103, None, quality::MALFORMED));
+        }
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct ReadRequest {
     pub count: u16,
     /// (index of the tag in the device's tag list, offset of its first item in the response)
     pub tags: Vec<(usize, u16)>,
+    /// Every tag is a plain `u16` (`TagReader::is_plain_u16`): the collector
+    /// then copies registers into values without decoding each tag.
+    pub plain_u16: bool,
 }
 
 /// Plans the tags of `tags` listed in `select` (indices into `tags`), with
@@ -55,6 +58,7 @@ pub fn plan(
             if fits {
                 last.count = (end.max(last_end) - u32::from(last.start)) as u16;
                 last.tags.push((i, (start - u32::from(last.start)) as u16));
+                last.plain_u16 &= tag.is_plain_u16();
                 continue;
             }
         }
@@ -63,6 +67,7 @@ pub fn plan(
             start: tag.address,
             count: tag.words,
             tags: vec![(i, 0)],
+            plain_u16: tag.is_plain_u16(),
         });
     }
     requests
@@ -78,6 +83,7 @@ pub fn split(tags: &[TagReader], r: &ReadRequest) -> Vec<ReadRequest> {
             start: tags[i].address,
             count: tags[i].words,
             tags: vec![(i, 0)],
+            plain_u16: tags[i].is_plain_u16(),
         })
         .collect()
 }
