@@ -47,6 +47,11 @@
 //!   fresh buffer started, whose first record says so.
 //! - Acknowledged deletes commit without fsync: if they are lost in a crash the
 //!   batches are sent again and ingest recognises them by their numbers.
+//!
+//! # Memory
+//! redb's page cache is capped at `CACHE_BYTES` (redb's default is 1 GiB).
+//! Batches are read back within seconds of their commit and only once, so a
+//! small cache serves the uplink; older pages come from the OS page cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -149,6 +154,9 @@ pub struct Buffer {
     lost_file: Mutex<bool>,
 }
 
+/// Most memory redb may use to cache pages (reads and the write buffer).
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Signs the buffer's links with the gateway's identity.
 pub struct ChainSigner {
     pub key: ed25519_dalek::SigningKey,
@@ -188,7 +196,8 @@ impl Buffer {
                 current: bytesize::ByteSize(current),
             });
         }
-        let (db, moved_aside) = match Database::create(&path) {
+        let create = |path: &Path| Database::builder().set_cache_size(CACHE_BYTES).create(path);
+        let (db, moved_aside) = match create(&path) {
             Ok(db) => (db, None),
             Err(e) => {
                 let aside = dir.join(format!("buffer.redb.unreadable-{}", now_ms()));
@@ -202,7 +211,7 @@ impl Buffer {
                     path: path.clone(),
                     source,
                 })?;
-                (Database::create(&path).map_err(storage)?, Some(aside))
+                (create(&path).map_err(storage)?, Some(aside))
             }
         };
         let txn = db.begin_write().map_err(storage)?;

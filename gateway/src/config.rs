@@ -9,6 +9,14 @@
 //!
 //! Relative paths (the buffer directory) are resolved against the directory of
 //! the config file, so a config means the same thing from any working directory.
+//!
+//! Memory: a TOML tree costs ~2 KB per small table, so a config with 100,000
+//! inline tags would take ~270 MB as one tree. The text is therefore cut at
+//! each top-level `[[devices]]` header (`split_devices`) and every device is
+//! parsed, converted and dropped on its own: the peak is one device's tree.
+//! Any piece that does not parse on its own sends the whole text through the
+//! one-tree path, whose problems (with line numbers) are the ones reported;
+//! a clean cut gives the same config as the one-tree path.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -265,17 +273,29 @@ impl Config {
 
     /// Parses config text; relative paths are resolved against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, Vec<Problem>> {
-        let mut root: toml::Table = match text.parse() {
-            Ok(t) => t,
-            Err(e) => {
-                let e: toml::de::Error = e;
-                return Err(vec![Problem {
-                    path: String::new(),
-                    message: format!("not valid TOML: {}", e.to_string().trim_end()),
-                }]);
+        Config::parse_with(text, base_dir, true)
+    }
+
+    /// `split`: try parsing device by device first (see the module docs).
+    fn parse_with(text: &str, base_dir: &Path, split: bool) -> Result<Config, Vec<Problem>> {
+        let mut problems = Problems::default();
+        let (mut root, devices) = match split.then(|| split_devices(text)).flatten() {
+            Some(split) => split,
+            None => {
+                let mut root: toml::Table = match text.parse() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let e: toml::de::Error = e;
+                        return Err(vec![Problem {
+                            path: String::new(),
+                            message: format!("not valid TOML: {}", e.to_string().trim_end()),
+                        }]);
+                    }
+                };
+                let devices = root.remove("devices");
+                (root, DeviceTexts::Tree(devices))
             }
         };
-        let mut problems = Problems::default();
 
         let mut section = |name: &str, problems: &mut Problems| match root.remove(name) {
             Some(v) => Some(v),
@@ -290,16 +310,31 @@ impl Config {
             .and_then(|v| problems.parse::<UplinkConfig>("uplink", v));
         let buffer = section("buffer", &mut problems)
             .and_then(|v| problems.parse::<BufferConfig>("buffer", v));
-        let devices = match root.remove("devices") {
-            None => Vec::new(),
-            Some(toml::Value::Array(items)) => items
+        let devices = match devices {
+            DeviceTexts::Pieces(pieces) => {
+                let mut devices = Vec::new();
+                for (i, piece) in pieces.into_iter().enumerate() {
+                    let Some(item) = one_device(piece) else {
+                        return Config::parse_with(text, base_dir, false);
+                    };
+                    devices.extend(parse_device(
+                        &format!("devices[{i}]"),
+                        item,
+                        base_dir,
+                        &mut problems,
+                    ));
+                }
+                devices
+            }
+            DeviceTexts::Tree(None) => Vec::new(),
+            DeviceTexts::Tree(Some(toml::Value::Array(items))) => items
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, item)| {
                     parse_device(&format!("devices[{i}]"), item, base_dir, &mut problems)
                 })
                 .collect(),
-            Some(other) => {
+            DeviceTexts::Tree(Some(other)) => {
                 problems.push(
                     "devices",
                     format!(
@@ -408,6 +443,76 @@ impl Config {
             }
             _ => Err(problems.0),
         }
+    }
+}
+
+/// The `devices` of a config: parsed as one tree, or one piece of text per
+/// device, parsed one at a time.
+enum DeviceTexts<'a> {
+    Tree(Option<toml::Value>),
+    Pieces(Vec<&'a str>),
+}
+
+/// Cuts `text` before every line that is exactly a `[[devices]]` header
+/// (trailing comment allowed) and at the next header that is not under
+/// `devices`; returns the rest, parsed, and each device's text. None when
+/// there is nothing to cut or the rest does not stand alone; a device piece
+/// that does not (`one_device`) also sends the caller to the one-tree path.
+///
+/// Why a cut is right when every piece parses: a `[[devices]]` line is valid
+/// TOML only as a header or inside a multi-line string, and texts with
+/// multi-line strings are not cut. A cut inside a multi-line array or inline
+/// table leaves the piece before it unterminated; `devices` written another
+/// way (`[[ devices ]]`, dotted keys) stays in the rest and is refused there.
+fn split_devices(text: &str) -> Option<(toml::Table, DeviceTexts<'_>)> {
+    if text.contains("\"\"\"") || text.contains("'''") {
+        return None;
+    }
+    let mut rest = String::new();
+    let mut pieces: Vec<&str> = Vec::new();
+    let mut device_start: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let header = line.trim_start();
+        let header = header.split('#').next().unwrap_or_default().trim_end();
+        if header.starts_with('[') {
+            let is_device = header == "[[devices]]";
+            let under_devices = header.starts_with("[[devices.") || header.starts_with("[devices.");
+            if is_device || !under_devices {
+                if let Some(start) = device_start.take() {
+                    pieces.push(&text[start..offset]);
+                }
+                if is_device {
+                    device_start = Some(offset);
+                }
+            } else if device_start.is_none() {
+                return None;
+            }
+        }
+        if device_start.is_none() {
+            rest.push_str(line);
+        }
+        offset += line.len();
+    }
+    if let Some(start) = device_start {
+        pieces.push(&text[start..]);
+    }
+    if pieces.is_empty() {
+        return None;
+    }
+    let root: toml::Table = rest.parse().ok()?;
+    if root.contains_key("devices") {
+        return None;
+    }
+    Some((root, DeviceTexts::Pieces(pieces)))
+}
+
+/// The one device table of a piece cut by `split_devices`.
+fn one_device(piece: &str) -> Option<toml::Value> {
+    let mut table: toml::Table = piece.parse().ok()?;
+    match (table.remove("devices"), table.is_empty()) {
+        (Some(toml::Value::Array(mut items)), true) if items.len() == 1 => items.pop(),
+        _ => None,
     }
 }
 
@@ -566,6 +671,42 @@ type = "f32"
                 "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`"
             ]
         );
+    }
+
+    /// Parsing device by device gives what one tree gives, and falls back
+    /// to one tree where a cut would be wrong.
+    #[test]
+    fn device_by_device_parsing_matches_the_one_tree_path() {
+        let same = |text: &str| {
+            let pieces = Config::parse_with(text, Path::new("/etc"), true);
+            let tree = Config::parse_with(text, Path::new("/etc"), false);
+            assert_eq!(format!("{pieces:?}"), format!("{tree:?}"), "{text}");
+            pieces
+        };
+        let second = GOOD
+            .split("[[devices]]")
+            .nth(1)
+            .expect("GOOD has a device")
+            .replace("meter-1", "meter-2");
+        // Devices, then a section after them, with comments on headers.
+        let text = format!(
+            "{}\n[[devices]] # the second\n{second}\n[gateway]\nid = \"gw-1\"\n",
+            GOOD.replace("[gateway]\nid = \"gw-1\"", "")
+        );
+        assert_eq!(same(&text).expect("valid").devices.len(), 2);
+        assert!(split_devices(&text).is_some(), "a plain config is cut");
+        // A multi-line string holding header lines: not cut.
+        let tricky = GOOD.replace(
+            "token = \"secret\"",
+            "token = \"\"\"\n[[devices]]\nid = \"x\"\n[buffer]\n\"\"\"",
+        );
+        let c = same(&tricky).expect("valid");
+        assert!(c.uplink.token.contains("[[devices]]"));
+        assert!(split_devices(&tricky).is_none());
+        // Errors come from the one-tree path, with lines of the whole file.
+        let broken = format!("{GOOD}\n[[devices]]\nid = \"meter-2\"\nport = \n");
+        let p = same(&broken).expect_err("invalid");
+        assert!(p[0].message.contains("line 25"), "{:?}", p[0]);
     }
 
     #[test]

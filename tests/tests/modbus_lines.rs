@@ -1,10 +1,12 @@
 //! Modbus transports and lines end to end, with the real binaries: RTU over
 //! TCP (a serial device server) and RTU over a pseudo-terminal pair, several
-//! units on one line with one dead, and a device with holes in its map.
+//! units on one line with one dead, a device with holes in its map, and the
+//! inter-frame delay measured on the wire by a relay.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_toml, wait_for};
 use guantong_e2e::sim::{
@@ -231,5 +233,130 @@ async fn device_identification_reaches_the_config() -> anyhow::Result<()> {
         Some("SIM-1")
     );
     assert_eq!(identity.get("revision").map(String::as_str), Some("1.0"));
+    Ok(())
+}
+
+/// What a relay between the gateway and a serial device server saw: when
+/// each request started and when each answer ended, on the wire.
+#[derive(Default)]
+struct Wire {
+    /// (time, true for gateway → device) of every chunk forwarded.
+    chunks: Vec<(Instant, bool)>,
+}
+
+impl Wire {
+    /// The silence before each request: from the end of the previous answer
+    /// (its last chunk forwarded to the gateway) to the request's first byte.
+    fn gaps(&self) -> Vec<Duration> {
+        let mut gaps = Vec::new();
+        let mut answer_end: Option<Instant> = None;
+        for &(t, upstream) in &self.chunks {
+            if upstream {
+                if let Some(end) = answer_end.take() {
+                    gaps.push(t - end);
+                }
+            } else {
+                answer_end = Some(t);
+            }
+        }
+        gaps
+    }
+}
+
+/// Forwards every connection on a new port to `device`, logging chunk times
+/// in `wire`. The time of an answer chunk is taken after it was written to
+/// the gateway, so a measured gap is never longer than the gateway's.
+async fn timed_relay(
+    device: SocketAddr,
+    wire: Arc<Mutex<Wire>>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(any_port()).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((gateway, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(device).await else {
+                continue;
+            };
+            let _ = (gateway.set_nodelay(true), upstream.set_nodelay(true));
+            let (mut g_read, mut g_write) = gateway.into_split();
+            let (mut d_read, mut d_write) = upstream.into_split();
+            let log = wire.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n @ 1..) = g_read.read(&mut buf).await {
+                    let t = Instant::now();
+                    log.lock().expect("wire log").chunks.push((t, true));
+                    if d_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let log = wire.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n @ 1..) = d_read.read(&mut buf).await {
+                    if g_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    log.lock()
+                        .expect("wire log")
+                        .chunks
+                        .push((Instant::now(), false));
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Two units on one serial device server, each polled as fast as allowed
+/// (10 ms) with four requests per poll: without the configured 40 ms
+/// inter-frame delay, requests would follow answers within a millisecond.
+/// Every gap seen on the wire must be at least the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_inter_frame_delay_is_kept_on_the_wire() -> anyhow::Result<()> {
+    const DELAY: Duration = Duration::from_millis(40);
+    let bus = SimBus::new(&[(1, SimDevice::new()), (2, SimDevice::new())]);
+    let (device, _task) = bus.serve_rtu_over_tcp(any_port()).await?;
+    let wire = Arc::new(Mutex::new(Wire::default()));
+    let (relay, _relay_task) = timed_relay(device, wire.clone()).await?;
+    let unit = |id: &str, unit: u8| {
+        standard_device_with(
+            id,
+            &format!(
+                "protocol = \"modbus-rtu-over-tcp\"\nhost = \"{}\"\nport = {}\nunit = {unit}\npoll_interval = \"10ms\"\ntimeout = \"500ms\"\ninter_frame_delay = \"{}ms\"\nidentify = false",
+                relay.ip(),
+                relay.port(),
+                DELAY.as_millis()
+            ),
+        )
+    };
+    let s = Setup::start(&(unit("unit-1", 1) + &unit("unit-2", 2))).await?;
+    s.expect_standard_values("unit-1").await;
+    s.expect_standard_values("unit-2").await;
+    let seen = wire.lock().expect("wire log").chunks.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gaps: Vec<Duration> = {
+        let wire = wire.lock().expect("wire log");
+        let Wire { chunks } = &*wire;
+        Wire {
+            chunks: chunks[seen..].to_vec(),
+        }
+        .gaps()
+    };
+    // 2 s at one request per 40+ ms: about 45 gaps.
+    assert!(
+        gaps.len() >= 20,
+        "only {} request/answer gaps in 2 s\n{}",
+        gaps.len(),
+        s.logs()
+    );
+    let shortest = gaps.iter().min().copied().unwrap_or_default();
+    assert!(
+        shortest >= DELAY,
+        "a request followed an answer after {shortest:?}, less than the inter_frame_delay {DELAY:?} ({} gaps)",
+        gaps.len()
+    );
     Ok(())
 }

@@ -429,12 +429,7 @@ impl ModbusTagConfig {
 
     /// `holding:0`, `holding:3.15` (a bit), `holding:100+10` (a string of 10 registers).
     pub fn address_text(&self) -> String {
-        let base = format!("{}:{}", self.table.name(), self.address);
-        match (self.bit, self.data_type) {
-            (Some(b), _) => format!("{base}.{b}"),
-            (None, ModbusType::String) => format!("{base}+{}", self.length),
-            _ => base,
-        }
+        super::decode::TagReader::new(self).address_text()
     }
 
     fn scaled(&self) -> bool {

@@ -5,7 +5,7 @@
 
 use guantong_proto::v1::point::Value;
 
-use super::config::{ModbusTagConfig, ModbusType, WordOrder};
+use super::config::{ModbusTagConfig, ModbusType, Table, WordOrder};
 use crate::quality;
 
 /// The raw bytes of up to four `words`, most significant first, after
@@ -95,47 +95,137 @@ pub fn decode_string(words: &[u16], order: WordOrder) -> String {
 /// Decodes a register tag from exactly `tag.words()` words: its type, bit,
 /// scale and offset, then its valid range. `Err` is the quality code.
 pub fn decode_tag(tag: &ModbusTagConfig, words: &[u16]) -> Result<Value, u32> {
-    if words.len() != usize::from(tag.words()) {
-        return Err(quality::MALFORMED);
-    }
-    let raw = match (tag.data_type, tag.bit) {
-        (ModbusType::Bool, Some(bit)) => {
-            return Ok(Value::Bool(
-                words[0].checked_shr(u32::from(bit)).unwrap_or(0) & 1 == 1,
-            ));
+    TagReader::new(tag).decode(words)
+}
+
+/// What the poll path keeps of a tag: how to decode it, in 24 bytes (the
+/// full `ModbusTagConfig` is ~130 bytes plus its strings, and a gateway may
+/// hold 100,000 of them). Name, unit and interval live in the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagReader {
+    pub address: u16,
+    /// Registers (or bits) the tag occupies.
+    pub words: u16,
+    pub table: Table,
+    pub data_type: ModbusType,
+    pub order: WordOrder,
+    pub bit: Option<u8>,
+    /// Scale, offset and valid range, for the tags that have any.
+    pub engineering: Option<Box<Engineering>>,
+}
+
+/// `value × scale + offset`, then Bad outside `min..=max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Engineering {
+    pub scale: f64,
+    pub offset: f64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl TagReader {
+    pub fn new(tag: &ModbusTagConfig) -> TagReader {
+        let plain = tag.scale == 1.0 && tag.offset == 0.0 && tag.min.is_none() && tag.max.is_none();
+        TagReader {
+            address: tag.address,
+            words: tag.words(),
+            table: tag.table,
+            data_type: tag.data_type,
+            order: tag.order,
+            bit: tag.bit,
+            engineering: (!plain).then(|| {
+                Box::new(Engineering {
+                    scale: tag.scale,
+                    offset: tag.offset,
+                    min: tag.min,
+                    max: tag.max,
+                })
+            }),
         }
-        (ModbusType::String, _) => return Ok(Value::String(decode_string(words, tag.order))),
-        (t, _) => decode_registers(words, t, tag.order).ok_or(quality::MALFORMED)?,
-    };
-    let value = engineering_value(tag, raw);
-    if tag.min.is_some() || tag.max.is_some() {
-        let x = match value {
+    }
+
+    /// A plain `u16`: one register, no byte swap, bit, scale or range; its
+    /// value is the register itself.
+    pub fn is_plain_u16(&self) -> bool {
+        self.data_type == ModbusType::U16
+            && matches!(self.order, WordOrder::Abcd | WordOrder::Cdab)
+            && self.bit.is_none()
+            && self.engineering.is_none()
+    }
+
+    /// `holding:0`, `holding:3.15` (a bit), `holding:100+10` (a string).
+    pub fn address_text(&self) -> String {
+        let base = format!("{}:{}", self.table.name(), self.address);
+        match (self.bit, self.data_type) {
+            (Some(b), _) => format!("{base}.{b}"),
+            (None, ModbusType::String) => format!("{base}+{}", self.words),
+            _ => base,
+        }
+    }
+
+    /// Decodes the tag from exactly `self.words` register words. `Err` is
+    /// the quality code.
+    #[inline]
+    pub fn decode(&self, words: &[u16]) -> Result<Value, u32> {
+        // The common case, inline in the poll loop: a plain 16-bit register.
+        if let ([w], None, None) = (words, self.bit, &self.engineering) {
+            let w = if matches!(self.order, WordOrder::Badc | WordOrder::Dcba) {
+                w.swap_bytes()
+            } else {
+                *w
+            };
+            match self.data_type {
+                ModbusType::U16 => return Ok(Value::Uint(u64::from(w))),
+                ModbusType::I16 => return Ok(Value::Int(i64::from(w as i16))),
+                _ => {}
+            }
+        }
+        self.decode_any(words)
+    }
+
+    fn decode_any(&self, words: &[u16]) -> Result<Value, u32> {
+        if words.len() != usize::from(self.words) {
+            return Err(quality::MALFORMED);
+        }
+        let raw = match (self.data_type, self.bit) {
+            (ModbusType::Bool, Some(bit)) => {
+                return Ok(Value::Bool(
+                    words[0].checked_shr(u32::from(bit)).unwrap_or(0) & 1 == 1,
+                ));
+            }
+            (ModbusType::String, _) => return Ok(Value::String(decode_string(words, self.order))),
+            (t, _) => decode_registers(words, t, self.order).ok_or(quality::MALFORMED)?,
+        };
+        match &self.engineering {
+            None => Ok(raw),
+            Some(e) => e.apply(raw),
+        }
+    }
+}
+
+impl Engineering {
+    /// Scales `raw` (unscaled values keep their type) and checks the range.
+    pub fn apply(&self, raw: Value) -> Result<Value, u32> {
+        let x = match raw {
             Value::Int(i) => i as f64,
             Value::Uint(u) => u as f64,
             Value::Double(d) => d,
-            _ => return Ok(value),
+            other => return Ok(other),
+        };
+        let scaled = self.scale != 1.0 || self.offset != 0.0;
+        let x = if scaled {
+            x * self.scale + self.offset
+        } else {
+            x
         };
         // NaN is outside every range.
-        let inside = tag.min.is_none_or(|lo| x >= lo) && tag.max.is_none_or(|hi| x <= hi);
-        if !inside {
-            return Err(quality::OUT_OF_RANGE);
+        let inside = self.min.is_none_or(|lo| x >= lo) && self.max.is_none_or(|hi| x <= hi);
+        match (inside, scaled) {
+            (false, _) => Err(quality::OUT_OF_RANGE),
+            (true, true) => Ok(Value::Double(x)),
+            (true, false) => Ok(raw),
         }
     }
-    Ok(value)
-}
-
-/// Applies a tag's scale and offset; unscaled values keep their type.
-pub fn engineering_value(tag: &ModbusTagConfig, raw: Value) -> Value {
-    if tag.scale == 1.0 && tag.offset == 0.0 {
-        return raw;
-    }
-    let x = match raw {
-        Value::Int(i) => i as f64,
-        Value::Uint(u) => u as f64,
-        Value::Double(d) => d,
-        other => return other,
-    };
-    Value::Double(x * tag.scale + tag.offset)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::{ModbusConfig, Transport};
-use super::decode;
+use super::decode::TagReader;
 use super::plan::{self, ReadRequest};
 use super::transport::{self, Connection, Outcome};
 use crate::collector::{Collector, PointSink};
@@ -48,9 +48,13 @@ pub struct Group {
 /// One device (unit id) on a line.
 #[derive(Debug)]
 pub struct Unit {
+    /// The device's settings. Its `tags` are empty: `Unit::new` turns them
+    /// into `readers` (names and units are in the manifest).
     pub config: ModbusConfig,
-    /// Manifest index of each of `config.tags`.
-    pub tag_ids: Vec<u32>,
+    /// How to decode each tag, in config order.
+    pub readers: Vec<TagReader>,
+    /// Manifest index of `readers[0]`; tag `i` is `first_tag + i`.
+    pub first_tag: u32,
     pub groups: Vec<Group>,
     /// Consecutive polls without an answer.
     failures: u32,
@@ -60,7 +64,7 @@ pub struct Unit {
 }
 
 impl Unit {
-    pub fn new(config: ModbusConfig, tag_ids: Vec<u32>) -> Unit {
+    pub fn new(mut config: ModbusConfig, first_tag: u32) -> Unit {
         let mut by_interval: Vec<(Duration, Vec<usize>)> = Vec::new();
         for (i, t) in config.tags.iter().enumerate() {
             let interval = t.interval.unwrap_or(config.poll_interval);
@@ -70,13 +74,17 @@ impl Unit {
             }
         }
         by_interval.sort_by_key(|(d, _)| *d);
+        let readers: Vec<TagReader> = std::mem::take(&mut config.tags)
+            .iter()
+            .map(TagReader::new)
+            .collect();
         let now = Instant::now();
         let groups = by_interval
             .into_iter()
             .map(|(interval, select)| Group {
                 interval,
                 plan: Arc::new(plan::plan(
-                    &config.tags,
+                    &readers,
                     &select,
                     config.max_gap,
                     config.max_registers,
@@ -86,7 +94,8 @@ impl Unit {
             .collect();
         Unit {
             config,
-            tag_ids,
+            readers,
+            first_tag,
             groups,
             failures: 0,
             resume_at: None,
@@ -111,38 +120,56 @@ impl Unit {
         }
     }
 
+    fn tag_id(&self, i: usize) -> u32 {
+        self.first_tag + i as u32
+    }
+
     fn bad(&self, requests: &[ReadRequest], code: u32, out: &mut Vec<Sample>) {
         let t = now_ms();
         for r in requests {
             out.extend(
                 r.tags
                     .iter()
-                    .map(|&(i, _)| Sample::bad(self.tag_ids[i], t, code)),
+                    .map(|&(i, _)| Sample::bad(self.tag_id(i), t, code)),
             );
         }
     }
 
+    /// Appends one sample per tag of `r` from its answer. The hot path of
+    /// collection: one match per request, no allocation per point (except
+    /// string values).
     fn decode(&self, r: &ReadRequest, outcome: &Outcome, out: &mut Vec<Sample>) {
         let t = now_ms();
-        for &(i, offset) in &r.tags {
-            let tag = &self.config.tags[i];
-            let id = self.tag_ids[i];
-            let offset = usize::from(offset);
-            let value = match outcome {
-                Outcome::Bits(bits) => bits
-                    .get(offset)
+        let sample = |i: usize, value: Result<Value, u32>| match value {
+            Ok(v) => Sample::good(self.tag_id(i), t, v),
+            Err(code) => Sample::bad(self.tag_id(i), t, code),
+        };
+        match outcome {
+            Outcome::Words(words) if r.plain_u16 => out.extend(r.tags.iter().map(
+                |&(i, offset)| match words.get(usize::from(offset)) {
+                    Some(&w) => Sample::good(self.tag_id(i), t, Value::Uint(u64::from(w))),
+                    None => Sample::bad(self.tag_id(i), t, quality::MALFORMED),
+                },
+            )),
+            Outcome::Words(words) => out.extend(r.tags.iter().map(|&(i, offset)| {
+                let start = usize::from(offset);
+                let value = match self.readers.get(i) {
+                    Some(tag) => words
+                        .get(start..start + usize::from(tag.words))
+                        .ok_or(quality::MALFORMED)
+                        .and_then(|w| tag.decode(w)),
+                    None => Err(quality::MALFORMED),
+                };
+                sample(i, value)
+            })),
+            Outcome::Bits(bits) => out.extend(r.tags.iter().map(|&(i, offset)| {
+                let value = bits
+                    .get(usize::from(offset))
                     .map(|&b| Value::Bool(b))
-                    .ok_or(quality::MALFORMED),
-                Outcome::Words(words) => words
-                    .get(offset..offset + usize::from(tag.words()))
-                    .ok_or(quality::MALFORMED)
-                    .and_then(|w| decode::decode_tag(tag, w)),
-                other => Err(other.code()),
-            };
-            out.push(match value {
-                Ok(v) => Sample::good(id, t, v),
-                Err(code) => Sample::bad(id, t, code),
-            });
+                    .ok_or(quality::MALFORMED);
+                sample(i, value)
+            })),
+            other => self.bad(std::slice::from_ref(r), other.code(), out),
         }
     }
 }
@@ -252,7 +279,9 @@ impl Line {
         };
         let c = &self.units[unit].config;
         let outcome = transport::read(ctx, c.unit, r.table, r.start, r.count, c.timeout).await;
-        self.quiet_since = Some(Instant::now());
+        if !delay.is_zero() {
+            self.quiet_since = Some(Instant::now());
+        }
         outcome
     }
 
@@ -279,7 +308,7 @@ impl Line {
             if !unit.refused.is_empty() {
                 for &(i, _) in &r.tags {
                     if let Some(&code) = unit.refused.get(&i) {
-                        out.push(Sample::bad(unit.tag_ids[i], now_ms(), code));
+                        out.push(Sample::bad(unit.tag_id(i), now_ms(), code));
                         asked -= 1;
                     }
                 }
@@ -310,7 +339,7 @@ impl Line {
                 Outcome::Exception(code @ (2 | 3)) if r.tags.len() > 1 => {
                     self.answered(u);
                     warn!(device = %self.units[u].config.id, start = r.start, count = r.count, exception = code, "merged read refused; reading its tags one by one");
-                    let singles = plan::split(&self.units[u].config.tags, r);
+                    let singles = plan::split(&self.units[u].readers, r);
                     let mut kept = Vec::new();
                     for s in singles {
                         let o = self.read(u, &s).await;
@@ -318,7 +347,7 @@ impl Line {
                             Outcome::Exception(c @ (2 | 3)) => {
                                 let (i, _) = s.tags[0];
                                 let unit = &mut self.units[u];
-                                warn!(device = %unit.config.id, tag = %unit.config.tags[i].name, exception = c, "device refuses this tag; no longer reading it");
+                                warn!(device = %unit.config.id, address = %unit.readers[i].address_text(), tag_index = unit.tag_id(i), exception = c, "device refuses this address; no longer reading its tag");
                                 unit.refused
                                     .insert(i, quality::MODBUS_EXCEPTION | u32::from(c));
                                 unit.bad(std::slice::from_ref(&s), o.code(), out);
@@ -471,14 +500,10 @@ impl Collector for Line {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
-        use super::super::config::{ModbusTagConfig, ModbusType, Table};
-        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
-        fast.interval = Some(Duration::from_millis(100));
-        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
-        slow.interval = Some(Duration::from_secs(60));
-        let config = ModbusConfig {
+    use super::super::config::{ModbusTagConfig, ModbusType, Table};
+
+    fn device(tags: Vec<ModbusTagConfig>) -> ModbusConfig {
+        ModbusConfig {
             id: "d".into(),
             transport: Transport::Tcp {
                 host: "h".into(),
@@ -492,15 +517,26 @@ mod tests {
             max_registers: 125,
             max_backoff: Duration::from_secs(60),
             identify: false,
-            tags: vec![
-                ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
-                slow,
-                fast,
-                ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
-            ],
+            tags,
             identity: Default::default(),
-        };
-        let unit = Unit::new(config, vec![10, 11, 12, 13]);
+        }
+    }
+
+    #[test]
+    fn tags_with_their_own_interval_form_poll_groups_planned_apart() {
+        let mut fast = ModbusTagConfig::new("fast", Table::Holding, 1, ModbusType::U16);
+        fast.interval = Some(Duration::from_millis(100));
+        let mut slow = ModbusTagConfig::new("slow", Table::Holding, 3, ModbusType::U16);
+        slow.interval = Some(Duration::from_secs(60));
+        let config = device(vec![
+            ModbusTagConfig::new("a", Table::Holding, 0, ModbusType::U16),
+            slow,
+            fast,
+            ModbusTagConfig::new("b", Table::Holding, 2, ModbusType::U16),
+        ]);
+        let unit = Unit::new(config, 10);
+        assert_eq!(unit.readers.len(), 4);
+        assert!(unit.config.tags.is_empty());
         let groups: Vec<_> = unit
             .groups
             .iter()
@@ -521,6 +557,40 @@ mod tests {
                 (Duration::from_secs(60), 1, vec![1]),
             ]
         );
+    }
+
+    /// Requests of plain u16 tags skip per-tag decoding; the values must be
+    /// those the general path gives.
+    #[test]
+    fn plain_registers_decode_as_the_general_path_does() {
+        let plain: Vec<_> = (0..4)
+            .map(|a| ModbusTagConfig::new(&format!("r{a}"), Table::Holding, a, ModbusType::U16))
+            .collect();
+        let mut scaled = plain.clone();
+        scaled[2].scale = 0.5;
+        for (tags, fast_path) in [(plain, true), (scaled, false)] {
+            let unit = Unit::new(device(tags), 100);
+            let r = &unit.groups[0].plan[0];
+            assert_eq!(r.plain_u16, fast_path);
+            let answer = Outcome::Words(vec![1, 0xFFFF, 3, 4]);
+            let mut general = r.clone();
+            general.plain_u16 = false;
+            let (mut got, mut expected) = (Vec::new(), Vec::new());
+            unit.decode(r, &answer, &mut got);
+            unit.decode(&general, &answer, &mut expected);
+            let strip = |v: Vec<Sample>| {
+                v.into_iter()
+                    .map(|s| (s.tag, s.value, s.code))
+                    .collect::<Vec<_>>()
+            };
+            let got = strip(got);
+            assert_eq!(got, strip(expected));
+            assert_eq!(got[1], (101, Some(Value::Uint(0xFFFF)), 0));
+            // An answer too short for its tags is Bad, not shifted.
+            let mut short = Vec::new();
+            unit.decode(r, &Outcome::Words(vec![1, 2]), &mut short);
+            assert_eq!(strip(short)[3], (103, None, quality::MALFORMED));
+        }
     }
 
     #[test]

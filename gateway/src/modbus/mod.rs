@@ -36,12 +36,11 @@ pub fn lines(devices: Vec<(ModbusConfig, u32)>) -> Vec<Line> {
     let mut grouped: BTreeMap<String, (usize, Vec<Unit>)> = BTreeMap::new();
     for (n, (config, first)) in devices.into_iter().enumerate() {
         let key = config.transport.line_key(&config.id);
-        let ids = (first..first + config.tags.len() as u32).collect();
         grouped
             .entry(key)
             .or_insert_with(|| (n, Vec::new()))
             .1
-            .push(Unit::new(config, ids));
+            .push(Unit::new(config, first));
     }
     let mut lines: Vec<(usize, Line)> = grouped
         .into_iter()

@@ -10,7 +10,8 @@
 //! merged request by single-tag requests for the rest: a hole in the map
 //! costs requests, never data.
 
-use super::config::{ModbusTagConfig, Table};
+use super::config::Table;
+use super::decode::TagReader;
 
 /// One read request and the tags it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,12 +21,15 @@ pub struct ReadRequest {
     pub count: u16,
     /// (index of the tag in the device's tag list, offset of its first item in the response)
     pub tags: Vec<(usize, u16)>,
+    /// Every tag is a plain `u16` (`TagReader::is_plain_u16`): the collector
+    /// then copies registers into values without decoding each tag.
+    pub plain_u16: bool,
 }
 
 /// Plans the tags of `tags` listed in `select` (indices into `tags`), with
 /// register requests of at most `max_registers` (bits: always 2000).
 pub fn plan(
-    tags: &[ModbusTagConfig],
+    tags: &[TagReader],
     select: &[usize],
     max_gap: u16,
     max_registers: u16,
@@ -44,7 +48,7 @@ pub fn plan(
         let tag = &tags[i];
         let (start, end) = (
             u32::from(tag.address),
-            u32::from(tag.address) + u32::from(tag.words()),
+            u32::from(tag.address) + u32::from(tag.words),
         );
         if let Some(last) = requests.last_mut() {
             let last_end = u32::from(last.start) + u32::from(last.count);
@@ -54,14 +58,16 @@ pub fn plan(
             if fits {
                 last.count = (end.max(last_end) - u32::from(last.start)) as u16;
                 last.tags.push((i, (start - u32::from(last.start)) as u16));
+                last.plain_u16 &= tag.is_plain_u16();
                 continue;
             }
         }
         requests.push(ReadRequest {
             table: tag.table,
             start: tag.address,
-            count: tag.words(),
+            count: tag.words,
             tags: vec![(i, 0)],
+            plain_u16: tag.is_plain_u16(),
         });
     }
     requests
@@ -69,33 +75,34 @@ pub fn plan(
 
 /// One request per tag of `r`: what a merged request that drew an
 /// exception is split into.
-pub fn split(tags: &[ModbusTagConfig], r: &ReadRequest) -> Vec<ReadRequest> {
+pub fn split(tags: &[TagReader], r: &ReadRequest) -> Vec<ReadRequest> {
     r.tags
         .iter()
         .map(|&(i, _)| ReadRequest {
             table: r.table,
             start: tags[i].address,
-            count: tags[i].words(),
+            count: tags[i].words,
             tags: vec![(i, 0)],
+            plain_u16: tags[i].is_plain_u16(),
         })
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::config::ModbusType;
+    use super::super::config::{ModbusTagConfig, ModbusType};
     use super::*;
 
-    fn tag(table: Table, address: u16, data_type: ModbusType) -> ModbusTagConfig {
-        ModbusTagConfig::new(
+    fn tag(table: Table, address: u16, data_type: ModbusType) -> TagReader {
+        TagReader::new(&ModbusTagConfig::new(
             &format!("{}{address}", table.name()),
             table,
             address,
             data_type,
-        )
+        ))
     }
 
-    fn all(tags: &[ModbusTagConfig]) -> Vec<usize> {
+    fn all(tags: &[TagReader]) -> Vec<usize> {
         (0..tags.len()).collect()
     }
 

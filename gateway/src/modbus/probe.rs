@@ -19,8 +19,8 @@ use std::time::Duration;
 use guantong_proto::v1::point::Value;
 
 use super::config::{
-    ModbusConfig, ModbusType, Parity, SerialSettings, Table, Transport, WordOrder, conventional,
-    rtu_silent_interval,
+    ModbusConfig, ModbusTagConfig, ModbusType, Parity, SerialSettings, Table, Transport, WordOrder,
+    conventional, rtu_silent_interval,
 };
 use super::decode::{decode_registers, decode_string};
 use super::transport::{self, Outcome};
@@ -496,13 +496,13 @@ async fn dry_run(path: PathBuf, only: Option<String>) -> Result<(), ProbeError> 
     }
     super::identify_all(&mut config.devices).await;
     let mut devices: Vec<(ModbusConfig, u32)> = Vec::new();
-    let mut next = 0u32;
+    // Lines keep only how to decode each tag; names and units for printing.
+    let mut tags: Vec<ModbusTagConfig> = Vec::new();
     for d in config.devices {
         #[allow(irrefutable_let_patterns)] // other protocols join this enum
         if let DeviceConfig::Modbus(c) = d {
-            let n = c.tags.len() as u32;
-            devices.push((c, next));
-            next += n;
+            devices.push((c.clone(), tags.len() as u32));
+            tags.extend(c.tags);
         }
     }
     for mut line in super::lines(devices) {
@@ -543,10 +543,9 @@ async fn dry_run(path: PathBuf, only: Option<String>) -> Result<(), ProbeError> 
             let unit = &line.units[u];
             println!("  values of {}:", unit.config.id);
             for s in samples {
-                let Some(i) = unit.tag_ids.iter().position(|&id| id == s.tag) else {
+                let Some(tag) = tags.get(s.tag as usize) else {
                     continue;
                 };
-                let tag = &unit.config.tags[i];
                 let value = match &s.value {
                     Some(v) => format!("{} {}", show(v), tag.unit),
                     None => format!("BAD {}", quality::describe(s.code)),

@@ -9,6 +9,13 @@
 //! keeps waiting, so such an answer would look like silence; with the count,
 //! a timeout after bytes did arrive is reported as a frame error instead,
 //! which tells the installer the unit is there but the line is not right.
+//!
+//! Timeouts: each connection keeps one timer. A read re-arms it only when it
+//! is set later than the read's deadline, or when it fires before the
+//! deadline; while a device answers, that is about once per timeout period
+//! instead of a timer registered and cancelled per request. A read never
+//! times out before its deadline (and, like `tokio::time::timeout`, at most
+//! a timer tick after it).
 
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
@@ -21,7 +28,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use tokio::time::timeout;
+use tokio::time::{Instant, Sleep, timeout};
 use tokio_modbus::client::{Client, Context, rtu, tcp};
 use tokio_modbus::prelude::{ReadCode, Request, Response, SlaveContext};
 use tokio_modbus::slave::Slave;
@@ -65,6 +72,8 @@ impl Outcome {
 pub struct Connection {
     pub ctx: Context,
     received: Arc<AtomicU64>,
+    /// Read timeouts (see the module documentation); made at the first read.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Connection {
@@ -83,7 +92,11 @@ impl Connection {
         } else {
             tcp::attach(stream)
         };
-        Connection { ctx, received }
+        Connection {
+            ctx,
+            received,
+            timer: None,
+        }
     }
 }
 
@@ -200,8 +213,13 @@ pub async fn read(
     count: u16,
     limit: Duration,
 ) -> Outcome {
+    let deadline = Instant::now() + limit;
     let before = conn.received.load(Ordering::Relaxed);
-    let ctx = &mut conn.ctx;
+    let Connection {
+        ctx,
+        received,
+        timer,
+    } = conn;
     ctx.set_slave(Slave(unit));
     // `Client::call`, not the `Reader` helpers: those debug-assert the
     // answer's length, and a device's bytes must never panic the gateway.
@@ -211,24 +229,38 @@ pub async fn read(
         Table::Coil => Request::ReadCoils(start, count),
         Table::Discrete => Request::ReadDiscreteInputs(start, count),
     };
-    let call = async {
-        ctx.call(request).await.map(|r| {
-            r.map(|response| match response {
-                Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => {
-                    Outcome::Words(w)
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() > deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let call = ctx.call(request);
+    tokio::pin!(call);
+    let answer = loop {
+        tokio::select! {
+            biased;
+            answer = &mut call => break Some(answer),
+            () = timer.as_mut() => {
+                if Instant::now() >= deadline {
+                    break None;
                 }
-                Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => Outcome::Bits(b),
-                _ => Outcome::Mismatch,
-            })
-        })
+                // Armed by an earlier read: wait for this one's deadline.
+                timer.as_mut().reset(deadline);
+            }
+        }
     };
-    let outcome = match timeout(limit, call).await {
+    let outcome = match answer {
         // Bytes came, but no frame: garbled (CRC, baud rate, parity).
-        Err(_) if conn.received.load(Ordering::Relaxed) > before => return Outcome::Frame,
-        Err(_) => return Outcome::Timeout,
-        Ok(Ok(Ok(answer))) => answer,
-        Ok(Ok(Err(exception))) => return Outcome::Exception(u8::from(exception)),
-        Ok(Err(e)) => return classify(e),
+        None if received.load(Ordering::Relaxed) > before => return Outcome::Frame,
+        None => return Outcome::Timeout,
+        Some(Ok(Ok(response))) => match response {
+            Response::ReadHoldingRegisters(w) | Response::ReadInputRegisters(w) => {
+                Outcome::Words(w)
+            }
+            Response::ReadCoils(b) | Response::ReadDiscreteInputs(b) => Outcome::Bits(b),
+            _ => Outcome::Mismatch,
+        },
+        Some(Ok(Err(exception))) => return Outcome::Exception(u8::from(exception)),
+        Some(Err(e)) => return classify(e),
     };
     // A device that returns fewer items than asked must not shift values
     // into the wrong tags: the whole answer is Bad. (Bit answers are padded
@@ -386,6 +418,38 @@ mod tests {
             read_with_reply(None, true, 2).await,
             Outcome::Timeout
         ));
+    }
+
+    /// The connection's timer, armed by an earlier read, must not cut a
+    /// later read short: each read gets its whole timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_armed_by_an_earlier_read_does_not_shorten_the_next() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut device) = tokio::io::duplex(1024);
+        let mut conn = Connection::attach(client, true);
+        let limit = Duration::from_millis(100);
+        let device = tokio::spawn(async move {
+            let mut request = [0u8; 8];
+            // Answer the first read, then stay silent.
+            device.read_exact(&mut request).await.ok()?;
+            device.write_all(&frame(&[1, 3, 2, 0, 7])).await.ok()?;
+            device.read_exact(&mut request).await.ok()?;
+            Some(device)
+        });
+        assert!(matches!(
+            read(&mut conn, 1, Table::Holding, 0, 1, limit).await,
+            Outcome::Words(w) if w == [7]
+        ));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let start = Instant::now();
+        let outcome = read(&mut conn, 1, Table::Holding, 0, 1, limit).await;
+        let waited = start.elapsed();
+        assert!(matches!(outcome, Outcome::Timeout), "{outcome:?}");
+        assert!(
+            waited >= limit && waited < limit + Duration::from_millis(5),
+            "timed out after {waited:?}, expected {limit:?}"
+        );
+        let _device = device.await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,6 +60,10 @@ struct Args {
     /// Skip the footprint runs.
     #[arg(long)]
     no_footprint: bool,
+    /// The gateway's `uplink.max_in_flight` in the footprint runs (batches
+    /// sent and not yet acknowledged; each holds its encoded points).
+    #[arg(long)]
+    max_in_flight: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,10 +123,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     let sim = SimDevice::with_size(usize::from(n) + 200);
     let (addr, _task) = sim.serve("127.0.0.1:0".parse()?).await?;
     let config = device("bench", addr, u32::from(n), Duration::from_secs(1));
-    let mut line = Line::new(
-        "bench".into(),
-        vec![Unit::new(config, (0..u32::from(n)).collect())],
-    );
+    let mut line = Line::new("bench".into(), vec![Unit::new(config, 0)]);
     let plan: Vec<(u16, u16)> = line.units[0].groups[0]
         .plan
         .iter()
@@ -338,10 +339,11 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let token = IngestProc::register(&data, "bench-gw")?;
     let ingest = IngestProc::start(&data, "127.0.0.1:0".parse()?, "127.0.0.1:0".parse()?).await?;
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        gateway_toml("bench-gw", ingest.grpc, &token, &dir.path().join("buffer")) + &text,
-    )?;
+    let mut head = gateway_toml("bench-gw", ingest.grpc, &token, &dir.path().join("buffer"));
+    if let Some(n) = args.max_in_flight {
+        head = head.replace("[uplink]\n", &format!("[uplink]\nmax_in_flight = {n}\n"));
+    }
+    std::fs::write(&config, head + &text)?;
     let gateway = match &args.wrap {
         None => GatewayProc::start(&config)?.proc,
         Some(wrap) => {
