@@ -32,7 +32,7 @@ use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::Criteria;
+use crate::acceptance::Criteria;
 use crate::grpc::{ConnectionInfo, Connections, now_ms};
 use crate::store::{Store, StoreError, StoredPoint};
 use crate::web::{self, Viewer};

@@ -4,7 +4,7 @@
 //! `start` binds the gRPC listener (gateways) and the HTTP listener (API and
 //! pages) and serves both until the shutdown token is cancelled.
 
-pub mod evidence;
+pub mod acceptance;
 pub mod grpc;
 pub mod http;
 pub mod registry;
@@ -41,7 +41,7 @@ pub struct Options {
     /// Bind the key a gateway presents when none was registered for it.
     pub trust_on_first_use: bool,
     /// Criteria of acceptance verdicts and flags.
-    pub criteria: evidence::Criteria,
+    pub criteria: acceptance::Criteria,
 }
 
 /// Binds both listeners and serves until `shutdown`, with default options.

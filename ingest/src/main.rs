@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use guantong_ingest::evidence::Criteria;
+use guantong_ingest::acceptance::Criteria;
 use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;

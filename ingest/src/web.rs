@@ -23,7 +23,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form, Json};
 use serde::Deserialize;
 
-use crate::evidence::{self, Criteria, EnterpriseReport, Snapshot};
+use crate::acceptance::{self, Criteria, EnterpriseReport, Snapshot};
 use crate::grpc::now_ms;
 use crate::http::{ApiError, ApiState};
 use crate::registry::{Access, Account, Enterprise, Role, parse_equipment_csv};
@@ -462,11 +462,11 @@ pub struct ReportQuery {
 /// the last seven days up to today.
 pub fn window(from: Option<&str>, to: Option<&str>, now: i64) -> Result<(i64, i64), String> {
     let to_day = match to {
-        Some(t) => evidence::parse_date(t)? + DAY_MS,
+        Some(t) => acceptance::parse_date(t)? + DAY_MS,
         None => day_of(now) + DAY_MS,
     };
     let from_day = match from {
-        Some(f) => evidence::parse_date(f)?,
+        Some(f) => acceptance::parse_date(f)?,
         None => to_day - 7 * DAY_MS,
     };
     if from_day >= to_day {
@@ -509,7 +509,7 @@ pub fn build_report<S: Store>(
     let e = store
         .enterprise(code)?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no enterprise {code}")))?;
-    Ok(evidence::enterprise_report(
+    Ok(acceptance::enterprise_report(
         store, snap, &e, from_day, to_day, criteria,
     )?)
 }
@@ -589,7 +589,8 @@ pub async fn city<S: Store>(
             .into_iter()
             .filter(|e| viewer.account.can_read(e))
             .collect();
-        let view = evidence::city_view(&*store, &snap, &enterprises, from_day, to_day, &criteria)?;
+        let view =
+            acceptance::city_view(&*store, &snap, &enterprises, from_day, to_day, &criteria)?;
         let lang = html::Lang::from(q.lang.as_deref());
         match q.format.as_deref().unwrap_or("json") {
             "json" => Ok(Json(view).into_response()),
@@ -646,7 +647,7 @@ pub fn render_cli<S: Store>(
             }
         }
         None => {
-            let view = evidence::city_view(
+            let view = acceptance::city_view(
                 store,
                 snap,
                 &store.enterprises()?,

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 
-use crate::evidence::{CityView, Criteria, EnterpriseReport, Gap, flag_name};
+use crate::acceptance::{CityView, Criteria, EnterpriseReport, Gap, flag_name};
 use crate::http::rfc3339;
 use crate::store::rollup::DAY_OFFSET_MS;
 

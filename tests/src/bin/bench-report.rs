@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use guantong_e2e::bench::median;
-use guantong_ingest::evidence::{self, Criteria};
+use guantong_ingest::acceptance::{self, Criteria};
 use guantong_ingest::grpc::now_ms;
 use guantong_ingest::registry::{Enterprise, Equipment};
 use guantong_ingest::store::Store;
@@ -257,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
         let snap = snapshot(&store)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-        let r = evidence::enterprise_report(&store, &snap, &big, from, to, &criteria)?;
+        let r = acceptance::enterprise_report(&store, &snap, &big, from, to, &criteria)?;
         report_s.push(t.elapsed().as_secs_f64());
         assert_eq!(r.devices.len(), a.devices as usize);
         let t = Instant::now();
@@ -283,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         let snap = snapshot(&store)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-        let view = evidence::city_view(
+        let view = acceptance::city_view(
             &store,
             &snap,
             &store.enterprises()?,

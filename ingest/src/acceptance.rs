@@ -1,4 +1,4 @@
-//! Connectivity evidence for acceptance: per tag, device, gateway and
+//! Acceptance evidence: per tag, device, gateway and
 //! enterprise, computed from the rollups (never from raw points), plus the
 //! networking rate, cloud usage and the city view.
 //!
