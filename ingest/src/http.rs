@@ -8,6 +8,7 @@
 //! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
 //! | `GET /api/v1/losses`  | data dropped by gateways and sequence gaps                |
 //! | `GET /api/v1/chain`   | evidence chain per gateway buffer: verified range, head, breaks |
+//! | `GET /api/v1/digests` | ingest's signed daily digests, `?day=YYYY-MM-DD&gateway=` (repeatable) |
 //!
 //! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
 //! since the Unix epoch, and returned as RFC 3339 with milliseconds.
@@ -44,6 +45,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/api/v1/points", get(points::<S>))
         .route("/api/v1/losses", get(losses::<S>))
         .route("/api/v1/chain", get(chains::<S>))
+        .route("/api/v1/digests", get(digests::<S>))
         .with_state(state)
 }
 
@@ -306,6 +308,36 @@ async fn chains<S: Store>(
     Ok(Json(
         serde_json::json!({ "chains": state.store.chains().await? }),
     ))
+}
+
+/// `?day=YYYY-MM-DD` (default yesterday, UTC) and any number of `gateway=`.
+async fn digests<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut day = None;
+    let mut gateways = Vec::new();
+    for (k, v) in q {
+        match k.as_str() {
+            "day" => day = Some(v),
+            "gateway" => gateways.push(v),
+            other => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter `{other}`; expected day, gateway"),
+                ));
+            }
+        }
+    }
+    let day = day.unwrap_or_else(crate::evidence::digest::yesterday);
+    let digests: Vec<_> = state
+        .store
+        .day_digests(gateways, day)
+        .await?
+        .into_iter()
+        .map(|d| d.digest)
+        .collect();
+    Ok(Json(serde_json::json!({ "digests": digests })))
 }
 
 async fn losses<S: Store>(

@@ -4,6 +4,7 @@
 //! `start` binds the gRPC listener (gateways) and the HTTP listener (API and
 //! pages) and serves both until the shutdown token is cancelled.
 
+pub mod evidence;
 pub mod grpc;
 pub mod http;
 pub mod store;
