@@ -167,7 +167,8 @@ async fn a_bundle_verifies_offline_and_every_edit_is_named() -> anyhow::Result<(
     );
     assert!(r.text.contains("matches the digest kept"), "{}", r.text);
     assert!(
-        r.text.contains("1 series agree with the signed batches"),
+        r.text
+            .contains("HOLDS gateway gw-evidence report: 1 of 1 series agree"),
         "{}",
         r.text
     );

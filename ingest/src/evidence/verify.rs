@@ -177,9 +177,14 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
                     Status::Note,
                     &subject,
                     format!(
-                        "key {} bound by {}",
+                        "key {} bound {}",
                         chain::fingerprint(&k),
-                        g.key_source.as_deref().unwrap_or("an unrecorded method")
+                        match g.key_source.as_deref() {
+                            Some("registered") => "at registration",
+                            Some("trust-on-first-use") =>
+                                "by trust on first use (not checked by anyone)",
+                            _ => "by an unrecorded method",
+                        }
                     ),
                 );
                 Some(k)
@@ -505,10 +510,15 @@ impl GatewayCheck<'_> {
                 );
             }
         }
+        let total = self.report.len().max(reported.len()).max(matching);
         v.push(
-            Status::Note,
+            if matching == total {
+                Status::Holds
+            } else {
+                Status::Note
+            },
             format!("{subject} report"),
-            format!("{matching} series agree with the signed batches over the window"),
+            format!("{matching} of {total} series agree with the signed batches over the window"),
         );
     }
 
