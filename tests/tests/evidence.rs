@@ -52,6 +52,8 @@ struct SignedLink {
 }
 
 const CHUNKS: redb::TableDefinition<(u64, i64, u64), &[u8]> = redb::TableDefinition::new("chunks");
+const MANIFESTS: redb::TableDefinition<(&str, u64), &[u8]> =
+    redb::TableDefinition::new("manifests");
 const SIGNED: redb::TableDefinition<(&str, u64, u64), &[u8]> = redb::TableDefinition::new("signed");
 
 /// Adds 1 to the first value of batch `seq`'s chunk in the query tables.
@@ -298,6 +300,45 @@ async fn gateway_restarts_and_buffer_replays_keep_the_evidence_valid() -> anyhow
     assert!(
         r.text.contains("HOLDS gateway gw-test buffer")
             && r.text.contains("chain verified from batch 1"),
+        "{}",
+        r.text
+    );
+    assert!(
+        !r.text.contains("without a manifest link"),
+        "the gateway announced every manifest it used in the chain:\n{}",
+        r.text
+    );
+
+    // The stored manifest edited (a tag's unit): the manifest link signed
+    // at the gateway contradicts it.
+    {
+        let db = redb::Database::open(s.ingest.data.join("ingest.redb"))?;
+        let txn = db.begin_write()?;
+        {
+            let mut t = txn.open_table(MANIFESTS)?;
+            let (key, mut manifest) = {
+                let (k, v) = t.iter()?.next().expect("a manifest")?;
+                let (g, version) = k.value();
+                (
+                    (g.to_string(), version),
+                    guantong_proto::v1::Manifest::decode(v.value())?,
+                )
+            };
+            manifest.tags[0].unit = "forged".into();
+            t.insert((key.0.as_str(), key.1), manifest.encode_to_vec().as_slice())?;
+        }
+        txn.commit()?;
+    }
+    let r = verify_chain(&s.ingest.data)?;
+    assert!(
+        !r.ok && r.text.contains("is not the one this manifest link signed"),
+        "{}",
+        r.text
+    );
+    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    let r = verify(&bundle, None)?;
+    assert!(
+        !findings(&r.text, "FAILS", "is not the one this manifest link signed").is_empty(),
         "{}",
         r.text
     );

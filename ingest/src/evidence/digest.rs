@@ -277,7 +277,8 @@ mod tests {
         let mut forged = d.clone();
         forged.leaves = 1;
         assert!(!verify_signature(&forged));
-        let e = enterprise_digest(&key, "ent", "2026-11-25", &[d.clone()]).expect("one day");
+        let e = enterprise_digest(&key, "ent", "2026-11-25", std::slice::from_ref(&d))
+            .expect("one day");
         assert_eq!(
             e.root,
             "68dd6357af2720df8f9d9d237cf09975376f1c618bfa786c5fe078cd87009d36"

@@ -158,6 +158,11 @@ struct GatewayCheck<'a> {
     report: BTreeMap<(String, String), SeriesReport>,
     /// (day, leaf) of every link.
     leaves: Vec<(String, [u8; 48], u64, u64)>,
+    /// The manifest version the stream's last manifest link announced (None:
+    /// none seen, or a loss record since, which may have replaced one).
+    announced: Option<u64>,
+    /// Versions used without an announcement in the bundle (noted once).
+    unannounced: HashSet<(u64, u64)>,
 }
 
 fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
@@ -202,6 +207,8 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
         rejected: HashSet::new(),
         report: BTreeMap::new(),
         leaves: Vec::new(),
+        announced: None,
+        unannounced: HashSet::new(),
     };
     for m in &g.manifests {
         let decoded = hex::decode(&m.bytes)
@@ -247,6 +254,15 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
         }
         check.stream(bundle, buffer_id, &stream_subject, &s.links, v);
     }
+    let mut unannounced: Vec<_> = check.unannounced.iter().copied().collect();
+    unannounced.sort_unstable();
+    for (buffer_id, version) in unannounced {
+        v.push(
+            Status::Note,
+            format!("{subject} buffer {buffer_id:016x}"),
+            format!("manifest {version:016x} is used without a manifest link in the bundle (announced before the window, or by a gateway predating manifest links)"),
+        );
+    }
     check.compare_report(&g.series, &subject, v);
     check.days(g, &bundle.ingest_public_key, &subject, v);
 }
@@ -263,6 +279,7 @@ impl GatewayCheck<'_> {
         let mut expected: Option<Hash> = None;
         let mut last: Option<u64> = None;
         let mut broken = Vec::new();
+        self.announced = None;
         for l in links {
             let at = format!("{subject} batch {}", l.seq);
             let mut reasons = Vec::new();
@@ -407,10 +424,45 @@ impl GatewayCheck<'_> {
             .as_ref()
             .and_then(|loss| chain::to_hash(&loss.bridge_hash))
             .unwrap_or(hash);
-        if batch.loss.is_none() {
+        if batch.loss.is_some() {
+            self.announced = None;
+        } else if !batch.manifest_sha256.is_empty() {
+            self.manifest_link(&batch, reasons);
+        } else {
+            match self.announced {
+                Some(v) if v != batch.manifest_version => reasons.push(format!(
+                    "uses manifest {:016x} but the chain's last manifest link announced {v:016x}",
+                    batch.manifest_version
+                )),
+                Some(_) => {}
+                None => {
+                    self.unannounced.insert((buffer_id, batch.manifest_version));
+                }
+            }
             self.points(bundle, buffer_id, l, &batch, reasons);
         }
         Some(effective)
+    }
+
+    /// A manifest link: the manifest in the bundle must be the one signed.
+    fn manifest_link(&mut self, batch: &Batch, reasons: &mut Vec<String>) {
+        self.announced = Some(batch.manifest_version);
+        if !batch.points.is_empty() {
+            reasons.push("a manifest link carries points".into());
+        }
+        match self.manifests.get(&batch.manifest_version) {
+            None => reasons.push(format!(
+                "announces manifest {:016x}, which is not in the bundle",
+                batch.manifest_version
+            )),
+            Some(m) if chain::manifest_hash(m).as_slice() != batch.manifest_sha256.as_slice() => {
+                reasons.push(format!(
+                    "the bundle's manifest {:016x} is not the one this manifest link signed",
+                    batch.manifest_version
+                ))
+            }
+            Some(_) => {}
+        }
     }
 
     /// Compares the batch's signed points with what ingest serves for it,

@@ -212,7 +212,7 @@ pub(crate) fn collect(db: &Database, gateway: &str, from_ms: i64, to_ms: i64) ->
             series: Vec::new(),
             days: Vec::new(),
         },
-        series: series.into_iter().map(|(id, d, t)| (id, d, t)).collect(),
+        series,
         days,
     })
 }
@@ -422,6 +422,14 @@ impl QueryTables {
                 batch.manifest_version
             )));
         };
+        if !batch.manifest_sha256.is_empty()
+            && chain::manifest_hash(manifest).as_slice() != batch.manifest_sha256.as_slice()
+        {
+            return Ok(Some(format!(
+                "the stored manifest {:016x} is not the one this manifest link signed",
+                batch.manifest_version
+            )));
+        }
         let mut signed = PointsDigest::default();
         for p in &batch.points {
             let t = manifest.tags.get(p.tag as usize);
