@@ -96,8 +96,9 @@ struct GatewayRecord {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct SignedLink {
-    #[prost(bytes = "vec", tag = "1")]
-    payload: Vec<u8>,
+    /// `Bytes`: storing a link shares the received payload instead of copying it.
+    #[prost(bytes = "bytes", tag = "1")]
+    payload: bytes::Bytes,
     #[prost(bytes = "vec", tag = "2")]
     prev_hash: Vec<u8>,
     #[prost(bytes = "vec", tag = "3")]
@@ -113,6 +114,22 @@ struct SignedLink {
     /// When ingest received it: its UTC day places it in a daily digest.
     #[prost(int64, tag = "8")]
     received_at_ms: i64,
+}
+
+/// A `SignedLink` read without its payload (prost skips the field without
+/// copying it): what chain bookkeeping on the write path needs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SignedLinkHead {
+    #[prost(bytes = "vec", tag = "2")]
+    prev_hash: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    effective_hash: Vec<u8>,
+    #[prost(bool, tag = "5")]
+    signature_ok: bool,
+    #[prost(uint64, tag = "6")]
+    last_seq: u64,
+    #[prost(bool, tag = "7")]
+    signature_checked: bool,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -413,7 +430,7 @@ fn append_group<'a>(
                 .map_err(db_err)?;
             if let Some(link) = &a.link {
                 let stored = SignedLink {
-                    payload: link.payload.to_vec(),
+                    payload: link.payload.clone(),
                     prev_hash: link.prev_hash.clone(),
                     signature: link.signature.clone(),
                     effective_hash: link.effective_hash.to_vec(),
@@ -489,7 +506,8 @@ fn advance_chain(
         let Some(v) = signed.get((gateway, buffer_id, next)).map_err(db_err)? else {
             break;
         };
-        let link = SignedLink::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let link =
+            SignedLinkHead::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
         drop(v);
         let expected = match &st.head {
             Some(h) => Some(h.clone()),
@@ -1588,7 +1606,7 @@ impl EmbeddedStore {
             {
                 breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into());
             }
-            let batch = Batch::decode(link.payload.as_slice());
+            let batch = Batch::decode(link.payload.as_ref());
             match &batch {
                 Ok(b) if b.seq != seq || b.buffer_id != buffer_id => breaks.push(format!(
                     "stored under seq {seq} but the signed batch says seq {} of {:016x}",

@@ -50,7 +50,7 @@ fn touches(link: &SignedLink, from_ms: i64, to_ms: i64) -> bool {
     if (from_ms..to_ms).contains(&link.received_at_ms) {
         return true;
     }
-    let Ok(b) = Batch::decode(link.payload.as_slice()) else {
+    let Ok(b) = Batch::decode(link.payload.as_ref()) else {
         return true; // undecodable: let the verifier say so
     };
     let in_window = |t: i64| (from_ms..to_ms).contains(&t);
@@ -101,7 +101,7 @@ pub(crate) fn collect(db: &Database, gateway: &str, from_ms: i64, to_ms: i64) ->
             let (k, v) = entry.map_err(db_err)?;
             let seq = k.value().2;
             let link = SignedLink::decode(v.value()).map_err(backend("stored link"))?;
-            if let Ok(b) = Batch::decode(link.payload.as_slice()) {
+            if let Ok(b) = Batch::decode(link.payload.as_ref()) {
                 if b.loss.is_none() {
                     versions.insert(b.manifest_version);
                 }
