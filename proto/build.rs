@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .bytes(".guantong.v1.BatchEnvelope.payload")
+        // Maps as BTreeMap: encoding is then deterministic, which manifest
+        // versions and manifest hashes rely on.
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -12,7 +12,8 @@
 //! - `manifests`: manifest version (u64) -> encoded `Manifest`
 //! - `meta`: name -> u64 (`buffer_id`, `next_seq`, `bytes`, `dropped_points`)
 //!
-//! - `chain`: `head` -> link hash of the newest record (see proto `chain`)
+//! - `chain`: `head` -> link hash of the newest record (see proto `chain`);
+//!   `manifest` -> the manifest version the last manifest link announced
 //!
 //! Record layout (version 2, big-endian): `[1] format = 2`, `[4] crc32 of
 //! everything after the header's first 25 bytes`, `[8] last_seq`,
@@ -59,7 +60,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use guantong_proto::chain::{self, Hash};
-use guantong_proto::v1::{Batch, Loss, LossReason, Point, Quality, TagLoss};
+use guantong_proto::v1::{Batch, Loss, LossReason, Manifest, Point, Quality, TagLoss};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
@@ -335,12 +336,56 @@ impl Buffer {
         self.buffer_id
     }
 
-    pub fn put_manifest(&self, version: u64, encoded: &[u8]) -> Result<()> {
-        let txn = self.db.begin_write().map_err(storage)?;
+    /// Stores a manifest. With an identity, when the chain has not announced
+    /// this version last, also commits a manifest link for it (a signed batch
+    /// without points carrying `chain::manifest_hash`), so configuration
+    /// changes are part of the evidence.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let version = manifest.version;
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
         txn.open_table(MANIFESTS)
             .map_err(storage)?
-            .insert(version, encoded)
+            .insert(version, manifest.encode_to_vec().as_slice())
             .map_err(storage)?;
+        let announced = txn
+            .open_table(CHAIN)
+            .map_err(storage)?
+            .get("manifest")
+            .map_err(storage)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map(u64::from_be_bytes);
+        if self.signer.is_some() && announced != Some(version) {
+            let committed_at = now_ms();
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
+            let payload = Batch {
+                buffer_id: self.buffer_id,
+                seq,
+                manifest_version: version,
+                base_time_ms: committed_at,
+                points: Vec::new(),
+                loss: None,
+                committed_at_ms: committed_at,
+                manifest_sha256: chain::manifest_hash(manifest).to_vec(),
+            }
+            .encode_to_vec();
+            let head = self.chain_head(&txn)?;
+            let (record, link) = self.seal(seq, version, 0, &head, &payload);
+            txn.open_table(BATCHES)
+                .map_err(storage)?
+                .insert(seq, record.as_slice())
+                .map_err(storage)?;
+            let bytes = meta_get(&meta, "bytes")?.unwrap_or(0) + record.len() as u64;
+            meta.insert("next_seq", seq + 1).map_err(storage)?;
+            meta.insert("bytes", bytes).map_err(storage)?;
+            drop(meta);
+            self.set_chain_head(&txn, &link)?;
+            txn.open_table(CHAIN)
+                .map_err(storage)?
+                .insert("manifest", version.to_be_bytes().as_slice())
+                .map_err(storage)?;
+        }
         txn.commit().map_err(storage)?;
         Ok(())
     }
@@ -501,6 +546,7 @@ impl Buffer {
             seq: first,
             loss: Some(loss),
             committed_at_ms: now_ms(),
+            manifest_sha256: Vec::new(),
             ..Default::default()
         };
         let (record, link) = self.seal(last, 0, 0, &prev, &batch.encode_to_vec());
@@ -624,6 +670,7 @@ impl Buffer {
                 seq: run.first,
                 loss: Some(loss),
                 committed_at_ms: now_ms(),
+                manifest_sha256: Vec::new(),
                 ..Default::default()
             };
             let (record, _) = self.seal(run.last, 0, 0, &run.prev, &batch.encode_to_vec());
@@ -699,6 +746,7 @@ impl Buffer {
                         seq,
                         loss: Some(loss),
                         committed_at_ms: now_ms(),
+                        manifest_sha256: Vec::new(),
                         ..Default::default()
                     };
                     StoredBatch {
@@ -924,6 +972,7 @@ fn encode_batch(
             .collect(),
         loss: None,
         committed_at_ms,
+        manifest_sha256: Vec::new(),
     };
     batch.encode_to_vec()
 }
@@ -1018,6 +1067,56 @@ mod tests {
             "a batch acked out of order is deleted alone"
         );
         assert_eq!(b.stats().expect("stats").first_seq, 3);
+    }
+
+    #[test]
+    fn a_changed_manifest_is_a_signed_link_of_the_chain_once_per_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let signed = |b: Buffer| {
+            b.with_identity(ChainSigner {
+                key: key.clone(),
+                gateway_id: "gw".into(),
+            })
+        };
+        let manifest = |version| Manifest {
+            version,
+            gateway_id: "gw".into(),
+            ..Default::default()
+        };
+        {
+            let b = signed(open(dir.path(), 64 << 20));
+            b.put_manifest(&manifest(7)).expect("manifest");
+            b.append(7, &samples(3, 1000), 10).expect("append");
+        }
+        let b = signed(open(dir.path(), 64 << 20));
+        b.put_manifest(&manifest(7))
+            .expect("same manifest after restart");
+        b.put_manifest(&manifest(8)).expect("changed manifest");
+        let all = b.read_from(1, 10).expect("read");
+        let links: Vec<(u64, u64, u32)> = all
+            .iter()
+            .map(|r| (r.seq, r.manifest_version, r.points))
+            .collect();
+        assert_eq!(links, [(1, 7, 0), (2, 7, 3), (3, 8, 0)]);
+        for (r, version) in [(&all[0], 7), (&all[2], 8)] {
+            let batch = Batch::decode(r.payload.as_ref()).expect("decodes");
+            assert_eq!(
+                batch.manifest_sha256,
+                chain::manifest_hash(&manifest(version)).to_vec()
+            );
+        }
+        // Each record links to the one before, manifest links included.
+        let mut prev = chain::genesis("gw", b.buffer_id());
+        for r in &all {
+            assert_eq!(r.prev_hash, prev);
+            prev = chain::link_hash(&prev, &r.payload);
+            assert!(chain::verify(
+                key.verifying_key().as_bytes(),
+                &prev,
+                &r.signature
+            ));
+        }
     }
 
     #[test]

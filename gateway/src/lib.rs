@@ -19,7 +19,6 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,7 +71,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     );
     modbus::identify_all(&mut config.devices).await;
     let manifest = manifest::build(&config);
-    buffer.put_manifest(manifest.version, &manifest.encode_to_vec())?;
+    buffer.put_manifest(&manifest)?;
     let stats = buffer.stats()?;
     info!(
         gateway = %config.gateway.id,

@@ -228,6 +228,7 @@ impl<S: Store> Uplink for UplinkService<S> {
             gateway,
             buffer_id: hello.buffer_id,
             manifests: HashMap::new(),
+            manifest_hashes: HashMap::new(),
             key,
         };
         tokio::spawn(session.run(inbound, tx));
@@ -241,6 +242,9 @@ struct Session<S> {
     gateway: String,
     buffer_id: u64,
     manifests: HashMap<u64, Arc<ManifestMap>>,
+    /// `chain::manifest_hash` of each manifest received on this stream, to
+    /// check manifest links against.
+    manifest_hashes: HashMap<u64, chain::Hash>,
     /// Bound signing key; None: the chain cannot be verified.
     key: Option<Vec<u8>>,
 }
@@ -340,6 +344,8 @@ impl<S: Store> Session<S> {
                         return Err(Status::permission_denied("manifest names another gateway"));
                     }
                     let version = m.version;
+                    self.manifest_hashes
+                        .insert(version, chain::manifest_hash(&m));
                     let map =
                         self.store
                             .put_manifest(&self.gateway, m)
@@ -426,10 +432,11 @@ impl<S: Store> Session<S> {
             .loss
             .as_ref()
             .map_or(batch.seq, |l| l.last_seq.max(batch.seq));
-        let mut rejected = None;
+        let mut rejected = self.manifest_link_problem(&batch);
         let mut map = None;
         if batch.loss.is_none() {
             match self.manifest(batch.manifest_version).await? {
+                _ if rejected.is_some() => {}
                 None => {
                     rejected = Some(format!(
                         "unknown manifest version {:016x}",
@@ -466,6 +473,23 @@ impl<S: Store> Session<S> {
             wire_bytes: 0,
         };
         Ok((reply, append))
+    }
+
+    /// Why a manifest link does not match the manifest sent on this stream.
+    fn manifest_link_problem(&self, batch: &Batch) -> Option<String> {
+        if batch.manifest_sha256.is_empty() {
+            return None;
+        }
+        if !batch.points.is_empty() {
+            return Some("a manifest link carries points".into());
+        }
+        let sent = self.manifest_hashes.get(&batch.manifest_version)?;
+        (sent.as_slice() != batch.manifest_sha256.as_slice()).then(|| {
+            format!(
+                "the manifest link's hash is not that of manifest {:016x} as sent",
+                batch.manifest_version
+            )
+        })
     }
 
     async fn manifest(&mut self, version: u64) -> Result<Option<Arc<ManifestMap>>, Status> {

@@ -11,6 +11,7 @@
 //! | registry, reports     | see the `web` module: enterprises, equipment, accounts, access log, reports, city view |
 //!
 //! Every route but `/healthz` and `/login` needs an account token (`web`).
+//! | `GET /api/v1/digests` | ingest's signed daily digests, `?day=YYYY-MM-DD&gateway=` (repeatable) |
 //!
 //! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
 //! since the Unix epoch, and returned as RFC 3339 with milliseconds.
@@ -71,6 +72,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/api/v1/city", get(web::city::<S>))
         .route("/report/{code}", get(web::report_page::<S>))
         .route("/city", get(web::city_page::<S>))
+        .route("/api/v1/digests", get(digests::<S>))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             web::authenticate::<S>,
@@ -355,6 +357,36 @@ async fn chains<S: Store>(
     let mut chains = state.store.chains().await?;
     chains.retain(|c| viewer.sees(&c.gateway));
     Ok(Json(serde_json::json!({ "chains": chains })))
+}
+
+/// `?day=YYYY-MM-DD` (default yesterday, UTC) and any number of `gateway=`.
+async fn digests<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut day = None;
+    let mut gateways = Vec::new();
+    for (k, v) in q {
+        match k.as_str() {
+            "day" => day = Some(v),
+            "gateway" => gateways.push(v),
+            other => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter `{other}`; expected day, gateway"),
+                ));
+            }
+        }
+    }
+    let day = day.unwrap_or_else(crate::evidence::digest::yesterday);
+    let digests: Vec<_> = state
+        .store
+        .day_digests(gateways, day)
+        .await?
+        .into_iter()
+        .map(|d| d.digest)
+        .collect();
+    Ok(Json(serde_json::json!({ "digests": digests })))
 }
 
 async fn losses<S: Store>(

@@ -5,6 +5,7 @@
 //! pages) and serves both until the shutdown token is cancelled.
 
 pub mod acceptance;
+pub mod evidence;
 pub mod grpc;
 pub mod http;
 pub mod registry;

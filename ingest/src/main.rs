@@ -127,6 +127,48 @@ enum Command {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
     },
+    /// Write an evidence bundle of gateways over a window (run while the
+    /// server is stopped); check it anywhere with `guantong-ingest verify`.
+    ExportEvidence {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// A gateway to include (repeat for several).
+        #[arg(long = "gateway", required_unless_present = "enterprise")]
+        gateways: Vec<String>,
+        /// Every gateway of this enterprise (unified social credit code).
+        #[arg(long)]
+        enterprise: Option<String>,
+        /// Start of the window (source time), RFC 3339 or epoch ms.
+        #[arg(long)]
+        from: String,
+        /// End of the window (exclusive), RFC 3339 or epoch ms.
+        #[arg(long)]
+        to: String,
+        /// The bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an evidence bundle offline, without server or database; prints
+    /// what holds and what does not. Exit code 1 when anything fails.
+    Verify {
+        bundle: PathBuf,
+        /// Digests kept earlier (JSON as served by /api/v1/digests or
+        /// `guantong-ingest digest`): the bundle must agree with them.
+        #[arg(long = "digests")]
+        digests: Vec<PathBuf>,
+    },
+    /// Print ingest's signed daily digests as JSON (run while the server is
+    /// stopped; a running server serves them at /api/v1/digests).
+    Digest {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// UTC day, YYYY-MM-DD; default yesterday.
+        #[arg(long)]
+        day: Option<String>,
+        /// Only these gateways (repeat); default all.
+        #[arg(long = "gateway")]
+        gateways: Vec<String>,
+    },
     /// Register a gateway and print its token (run while the server is stopped).
     RegisterGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
@@ -262,7 +304,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&data)?;
             let results = store.verify_chains()?;
             let mut broken = 0;
-            for c in &results {
+            for problem in &results.query_tables {
+                println!("QUERY TABLES: {problem}");
+                broken += 1;
+            }
+            for c in &results.chains {
                 println!(
                     "gateway {} buffer {}: links {}..={} ({} stored), head {}",
                     c.gateway, c.buffer_id, c.first_seq, c.last_seq, c.links, c.head_hash
@@ -275,7 +321,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     broken += 1;
                 }
             }
-            if results.is_empty() {
+            if results.chains.is_empty() {
                 println!("no signed batches stored");
             }
             if broken > 0 {
@@ -402,6 +448,87 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     std::io::stdout().write_all(&bytes)?;
                 }
             }
+            Ok(())
+        }
+        Command::ExportEvidence {
+            data,
+            mut gateways,
+            enterprise,
+            from,
+            to,
+            out,
+        } => {
+            let time = |name: &str, s: &str| {
+                guantong_ingest::http::parse_time(name, s).map_err(|_| {
+                    anyhow::anyhow!("--{name} `{s}`: expected RFC 3339 (2026-11-25T00:00:00Z) or epoch milliseconds")
+                })
+            };
+            let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
+            let store = EmbeddedStore::open(&data)?;
+            if let Some(code) = &enterprise {
+                if store.enterprise(code)?.is_none() {
+                    anyhow::bail!(
+                        "--enterprise {code}: no such enterprise in {}",
+                        data.display()
+                    );
+                }
+                gateways.extend(
+                    store
+                        .gateway_owners()?
+                        .into_iter()
+                        .filter(|(_, owner)| owner == code)
+                        .map(|(g, _)| g),
+                );
+                if gateways.is_empty() {
+                    anyhow::bail!("--enterprise {code}: no gateway belongs to it (assign-gateway)");
+                }
+            }
+            let bundle = store.export_evidence(gateways, from_ms, to_ms).await?;
+            let links: usize = bundle
+                .gateways
+                .iter()
+                .flat_map(|g| &g.streams)
+                .map(|s| s.links.len())
+                .sum();
+            guantong_ingest::evidence::write_bundle(&out, &bundle)?;
+            eprintln!(
+                "wrote {} ({} gateways, {links} signed batches); check it with `guantong-ingest verify {}`",
+                out.display(),
+                bundle.gateways.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Verify { bundle, digests } => {
+            let b = guantong_ingest::evidence::read_bundle(&bundle)?;
+            let mut kept = Vec::new();
+            for path in &digests {
+                kept.extend(guantong_ingest::evidence::read_digests(path)?);
+            }
+            let verdict = guantong_ingest::evidence::verify::verify(&b, &kept);
+            for f in &verdict.findings {
+                println!("{f}");
+            }
+            let failures = verdict.failures();
+            if failures > 0 {
+                anyhow::bail!("{failures} check(s) fail: the evidence does not hold");
+            }
+            println!("all checks hold");
+            Ok(())
+        }
+        Command::Digest {
+            data,
+            day,
+            gateways,
+        } => {
+            let day = day.unwrap_or_else(guantong_ingest::evidence::digest::yesterday);
+            let store = EmbeddedStore::open(&data)?;
+            let days = store.day_digests(gateways, day).await?;
+            let digests: Vec<_> = days.into_iter().map(|d| d.digest).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "digests": digests }))?
+            );
             Ok(())
         }
         Command::RegisterGateway {

@@ -16,6 +16,12 @@
 //!   `prev_hash` and carries `Loss.bridge_hash` = link m's hash; the chain
 //!   continues from the bridge hash. The loss record is itself signed.
 //! - Links are ordered by sequence number, whatever order they arrive in.
+//! - A **manifest link** is a batch without points whose `manifest_sha256` is
+//!   `manifest_hash` of the manifest its `manifest_version` names:
+//!   `SHA-256("guantong/manifest/v1" ‖ the Manifest encoded with version = 0
+//!   and created_at_ms = 0)` (protobuf encoding, fields in number order, map
+//!   entries in key order). The gateway commits one whenever its manifest
+//!   changes, so configuration changes are part of the chain.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -25,6 +31,21 @@ pub type Hash = [u8; HASH_LEN];
 
 const LINK_DOMAIN: &[u8] = b"guantong/chain/v1";
 const GENESIS_DOMAIN: &[u8] = b"guantong/genesis/v1";
+const MANIFEST_DOMAIN: &[u8] = b"guantong/manifest/v1";
+
+/// The hash a manifest link carries (see the module doc).
+pub fn manifest_hash(manifest: &crate::v1::Manifest) -> Hash {
+    use prost::Message;
+    let canonical = crate::v1::Manifest {
+        version: 0,
+        created_at_ms: 0,
+        ..manifest.clone()
+    };
+    let mut h = Sha256::new();
+    h.update(MANIFEST_DOMAIN);
+    h.update(canonical.encode_to_vec());
+    h.finalize().into()
+}
 
 /// The `prev_hash` of a buffer's first link.
 pub fn genesis(gateway_id: &str, buffer_id: u64) -> Hash {
@@ -112,6 +133,41 @@ mod tests {
         assert_eq!(
             fingerprint(key.verifying_key().as_bytes()),
             "fe81:2c12:f3ab:4ce6:ac5d:b69a:c352:f906"
+        );
+    }
+
+    /// Golden vector: the manifest's protobuf bytes written out by hand and
+    /// hashed with Python's hashlib. Never update it to make a test pass.
+    #[test]
+    fn golden_vector_of_the_manifest_hash() {
+        use crate::v1::{DataType, Device, Manifest, Tag};
+        let m = Manifest {
+            version: 99,
+            gateway_id: "gw-1".into(),
+            created_at_ms: 1234,
+            devices: vec![Device {
+                id: "d".into(),
+                protocol: "modbus-tcp".into(),
+                endpoint: String::new(),
+                identity: [
+                    ("vendor".to_string(), "V".to_string()),
+                    ("model".to_string(), "M".to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            }],
+            tags: vec![Tag {
+                device: 0,
+                name: "t".into(),
+                address: String::new(),
+                data_type: DataType::Double as i32,
+                unit: String::new(),
+                interval_ms: 1000,
+            }],
+        };
+        assert_eq!(
+            hex::encode(manifest_hash(&m)),
+            "e71b66034eb08ec8b4ddd3406169bcd0b3db95cf75f32b5e0859e1d907747718"
         );
     }
 

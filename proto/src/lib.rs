@@ -9,3 +9,5 @@ pub mod v1 {
 }
 
 pub mod chain;
+pub mod keyfile;
+pub mod merkle;

@@ -4,6 +4,7 @@
 //! (`guantong-demo`) and the benchmarks.
 
 pub mod bench;
+pub mod evidence;
 pub mod mqtt;
 pub mod procs;
 pub mod proxy;

@@ -59,6 +59,7 @@ pub fn batch_bytes(buffer_id: u64, seq: u64) -> Vec<u8> {
         points,
         loss: None,
         committed_at_ms: base,
+        manifest_sha256: Vec::new(),
     }
     .encode_to_vec()
 }

@@ -25,6 +25,8 @@
 //! The rollup tables (`rollup` module) are written in the same transaction
 //! as the points they summarise.
 //!
+//! Ingest's digest key (`ingest.key`, mode 0600) sits beside the redb file.
+//!
 //! A chunk holds the points of one series from one batch that fall in one
 //! calendar minute, so any time window is answered from whole-minute counters
 //! plus the chunks of at most two edge minutes.
@@ -55,6 +57,11 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::rollup;
+mod evidence;
+
+use crate::evidence::bundle::{self, Bundle, DayEvidence, SeriesReport};
+use crate::evidence::digest;
+
 use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
     ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
@@ -108,12 +115,32 @@ struct GatewayRecord {
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct SignedLink {
-    #[prost(bytes = "vec", tag = "1")]
-    payload: Vec<u8>,
+    /// `Bytes`: storing a link shares the received payload instead of copying it.
+    #[prost(bytes = "bytes", tag = "1")]
+    payload: bytes::Bytes,
     #[prost(bytes = "vec", tag = "2")]
     prev_hash: Vec<u8>,
     #[prost(bytes = "vec", tag = "3")]
     signature: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    effective_hash: Vec<u8>,
+    #[prost(bool, tag = "5")]
+    signature_ok: bool,
+    #[prost(uint64, tag = "6")]
+    last_seq: u64,
+    #[prost(bool, tag = "7")]
+    signature_checked: bool,
+    /// When ingest received it: its UTC day places it in a daily digest.
+    #[prost(int64, tag = "8")]
+    received_at_ms: i64,
+}
+
+/// A `SignedLink` read without its payload (prost skips the field without
+/// copying it): what chain bookkeeping on the write path needs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SignedLinkHead {
+    #[prost(bytes = "vec", tag = "2")]
+    prev_hash: Vec<u8>,
     #[prost(bytes = "vec", tag = "4")]
     effective_hash: Vec<u8>,
     #[prost(bool, tag = "5")]
@@ -201,6 +228,12 @@ struct Chunk {
     /// Arrived from the gateway's backlog after an outage.
     #[prost(bool, tag = "4")]
     backfill: bool,
+    /// The batch these points came from (seq 0: stored before chunks named
+    /// their batch), so evidence checks can compare them with the signed batch.
+    #[prost(fixed64, tag = "5")]
+    buffer_id: u64,
+    #[prost(uint64, tag = "6")]
+    seq: u64,
 }
 
 struct Job {
@@ -210,6 +243,8 @@ struct Job {
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Signs daily digests (`evidence::digest`).
+    digest_key: Arc<ed25519_dalek::SigningKey>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     path: PathBuf,
 }
@@ -223,6 +258,9 @@ impl EmbeddedStore {
                 dir.display()
             ))
         })?;
+        let (digest_key, _) =
+            guantong_proto::keyfile::load_or_create(&dir.join(crate::evidence::KEY_FILE))
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
         let path = dir.join("ingest.redb");
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
@@ -262,6 +300,7 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(EmbeddedStore {
             db,
+            digest_key: Arc::new(digest_key),
             jobs: Mutex::new(Some(tx)),
             path,
         })
@@ -435,13 +474,14 @@ fn append_group<'a>(
                 .map_err(db_err)?;
             if let Some(link) = &a.link {
                 let stored = SignedLink {
-                    payload: link.payload.to_vec(),
+                    payload: link.payload.clone(),
                     prev_hash: link.prev_hash.clone(),
                     signature: link.signature.clone(),
                     effective_hash: link.effective_hash.to_vec(),
                     signature_ok: link.signature_ok,
                     last_seq: last,
                     signature_checked: link.signature_checked,
+                    received_at_ms: a.received_at_ms,
                 };
                 signed
                     .insert(
@@ -510,7 +550,8 @@ fn advance_chain(
         let Some(v) = signed.get((gateway, buffer_id, next)).map_err(db_err)? else {
             break;
         };
-        let link = SignedLink::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let link =
+            SignedLinkHead::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
         drop(v);
         let expected = match &st.head {
             Some(h) => Some(h.clone()),
@@ -637,6 +678,8 @@ fn store_points(
                 })
                 .collect(),
             backfill: a.backfill,
+            buffer_id: b.buffer_id,
+            seq: b.seq,
         };
         chunks
             .insert(
@@ -1414,6 +1457,84 @@ impl Store for EmbeddedStore {
         })
         .await
     }
+
+    async fn export_evidence(
+        &self,
+        gateways: Vec<String>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Bundle> {
+        if to_ms <= from_ms {
+            return Err(StoreError::Invalid(
+                "the window is empty: `to` must be after `from`".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(gateways.len());
+        for gateway in gateways {
+            let id = gateway.clone();
+            let collected = self
+                .blocking(move |db| evidence::collect(db, &id, from_ms, to_ms))
+                .await?;
+            let mut g = collected.gateway;
+            // The report as the query path answers it.
+            for (series, device, tag) in collected.series {
+                let c = self.window_counts(series, from_ms, to_ms).await?;
+                let sum = self
+                    .points(series, from_ms, to_ms, usize::MAX)
+                    .await?
+                    .iter()
+                    .filter_map(|p| p.value.as_ref().and_then(serde_json::Value::as_f64))
+                    .sum();
+                g.series.push(SeriesReport {
+                    device,
+                    tag,
+                    good: c.good,
+                    uncertain: c.uncertain,
+                    bad: c.bad,
+                    sum,
+                });
+            }
+            for day in collected.days {
+                let digests = self
+                    .day_digests(vec![gateway.clone()], digest::day_of(day))
+                    .await?;
+                g.days.extend(digests);
+            }
+            out.push(g);
+        }
+        Ok(Bundle {
+            format: bundle::FORMAT.into(),
+            version: bundle::VERSION,
+            created_at_ms: now_ms(),
+            from_ms,
+            to_ms,
+            ingest_public_key: hex::encode(self.digest_key.verifying_key().as_bytes()),
+            gateways: out,
+        })
+    }
+
+    async fn day_digests(&self, gateways: Vec<String>, day: String) -> Result<Vec<DayEvidence>> {
+        let start = evidence::day_start(&day)?;
+        let gateways = if gateways.is_empty() {
+            self.gateways().await?.into_iter().map(|g| g.id).collect()
+        } else {
+            gateways
+        };
+        let key = self.digest_key.clone();
+        self.blocking(move |db| {
+            let mut out = Vec::with_capacity(gateways.len());
+            for gateway in gateways {
+                let mut links = evidence::day_links(db, &gateway, start)?;
+                let digest = digest::gateway_digest(&key, &gateway, &day, &mut links);
+                out.push(DayEvidence {
+                    digest,
+                    leaves: links.iter().map(|l| hex::encode(l.leaf())).collect(),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -1551,13 +1672,24 @@ pub struct ChainVerification {
     pub breaks: Vec<(u64, String)>,
 }
 
+/// Everything `verify-chain` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreVerification {
+    pub chains: Vec<ChainVerification>,
+    /// The query tables disagree with themselves (minute counters vs points).
+    pub query_tables: Vec<String>,
+}
+
 impl EmbeddedStore {
     /// Re-verifies every stored chain from the original signed bytes, as an
     /// auditor would: recomputes each link hash, checks each signature with
     /// the gateway's bound key, each batch's own numbers, and each link's
-    /// predecessor. Reads only; works while nothing else has the file open.
-    pub fn verify_chains(&self) -> Result<Vec<ChainVerification>> {
+    /// predecessor; and compares each signed batch with the points the query
+    /// tables serve for it. Reads only; works while nothing else has the file
+    /// open.
+    pub fn verify_chains(&self) -> Result<StoreVerification> {
         let txn = self.db.begin_read().map_err(db_err)?;
+        let mut query = evidence::QueryTables::read(&txn)?;
         let signed = txn.open_table(SIGNED).map_err(db_err)?;
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
         let mut out: Vec<ChainVerification> = Vec::new();
@@ -1629,13 +1761,13 @@ impl EmbeddedStore {
             {
                 breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into());
             }
-            let batch = Batch::decode(link.payload.as_slice());
+            let batch = Batch::decode(link.payload.as_ref());
             match &batch {
                 Ok(b) if b.seq != seq || b.buffer_id != buffer_id => breaks.push(format!(
                     "stored under seq {seq} but the signed batch says seq {} of {:016x}",
                     b.seq, b.buffer_id
                 )),
-                Ok(_) => {}
+                Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
                 Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
             }
             if let Some(e) = expected
@@ -1657,6 +1789,30 @@ impl EmbeddedStore {
             c.links += 1;
             c.breaks.extend(breaks.into_iter().map(|r| (seq, r)));
         }
-        Ok(out)
+        let streams = out
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.gateway.clone(),
+                    u64::from_str_radix(&c.buffer_id, 16).ok()?,
+                ))
+            })
+            .collect();
+        for (gateway, buffer_id, seq, points) in query.unsigned_in(&streams) {
+            let id = format!("{buffer_id:016x}");
+            if let Some(c) = out
+                .iter_mut()
+                .find(|c| c.gateway == gateway && c.buffer_id == id)
+            {
+                c.breaks.push((
+                    seq,
+                    format!("the query tables serve {points} points for this batch, which is not among the signed batches"),
+                ));
+            }
+        }
+        Ok(StoreVerification {
+            chains: out,
+            query_tables: query.problems,
+        })
     }
 }

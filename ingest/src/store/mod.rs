@@ -20,6 +20,7 @@ use std::sync::Arc;
 use guantong_proto::v1::{Batch, Manifest};
 use serde::Serialize;
 
+use crate::evidence::bundle::{Bundle, DayEvidence};
 use crate::registry::{Access, Account, Enterprise, Equipment};
 use rollup::{GatewayDay, SeriesDay};
 
@@ -388,6 +389,23 @@ pub trait Store: Send + Sync + 'static {
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<(i64, GatewayDay)>>;
+    /// The evidence bundle of `gateways` over the source-time window
+    /// `from_ms..to_ms` (format in docs/evidence.md). An enterprise is
+    /// exported by passing its gateways.
+    fn export_evidence(
+        &self,
+        gateways: Vec<String>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> impl Future<Output = Result<Bundle>> + Send;
+    /// Ingest's signed digest of one UTC day (`YYYY-MM-DD`) for each of
+    /// `gateways` (every registered gateway when empty), with its leaves.
+    /// The digest key lives with the store's data.
+    fn day_digests(
+        &self,
+        gateways: Vec<String>,
+        day: String,
+    ) -> impl Future<Output = Result<Vec<DayEvidence>>> + Send;
 }
 
 #[cfg(test)]

@@ -27,8 +27,7 @@ use guantong_gateway::config::Compression;
 use guantong_gateway::quality::{Sample, now_ms};
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::Store;
-use guantong_proto::v1::point;
-use prost::Message;
+use guantong_proto::v1::{Manifest, point};
 use redb::{Database, Durability, TableDefinition};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +50,10 @@ const RAW: TableDefinition<u64, &[u8]> = TableDefinition::new("raw");
 
 fn new_buffer(dir: &std::path::Path, tags: u32) -> anyhow::Result<Arc<Buffer>> {
     let b = Arc::new(Buffer::open(dir, 8 << 30, WhenFull::DropOldest)?);
-    b.put_manifest(MANIFEST_VERSION, &manifest(tags + 1).encode_to_vec())?;
+    b.put_manifest(&Manifest {
+        version: MANIFEST_VERSION,
+        ..manifest(tags + 1)
+    })?;
     Ok(b)
 }
 

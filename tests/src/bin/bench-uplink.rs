@@ -30,7 +30,7 @@ use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
 use guantong_proto::chain;
-use guantong_proto::v1::{Batch, Point};
+use guantong_proto::v1::{Batch, Manifest, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
 use tokio::sync::watch;
@@ -79,6 +79,7 @@ fn batches(all: &[Sample], size: usize) -> Vec<Batch> {
                     .collect(),
                 loss: None,
                 committed_at_ms: base,
+                manifest_sha256: Vec::new(),
             }
         })
         .collect()
@@ -166,10 +167,10 @@ fn fill_buffer(
         });
     }
     let buffer = Arc::new(buffer);
-    buffer.put_manifest(
-        MANIFEST_VERSION,
-        &manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1).encode_to_vec(),
-    )?;
+    buffer.put_manifest(&Manifest {
+        version: MANIFEST_VERSION,
+        ..manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1)
+    })?;
     let start = Instant::now();
     // As the writer does: one commit per batch.
     let mut last = 0;

@@ -1,0 +1,90 @@
+//! Evidence an auditor can take away: bundles, their offline verifier, and
+//! daily signed digests. The format, algorithms and hash inputs are specified
+//! byte by byte in docs/evidence.md; the chain itself in
+//! `guantong_proto::chain`.
+//!
+//! - `bundle`: the self-contained bundle (JSON), written by
+//!   `guantong-ingest export-evidence` from the store.
+//! - `verify`: checks a bundle with nothing else (`guantong-ingest verify`).
+//! - `digest`: per gateway and UTC day, a Merkle root over the day's link
+//!   hashes, signed by ingest's own key (`ingest.key` in the data directory).
+//! - `points`: the canonical form of a point, used to compare what the query
+//!   tables serve with what the gateway signed.
+//!
+//! Export and digest functions take a list of gateway ids, so that a group of
+//! gateways (an enterprise) resolves to that list.
+
+pub mod bundle;
+pub mod digest;
+pub mod points;
+pub mod verify;
+
+/// The file of ingest's digest key in the data directory.
+pub const KEY_FILE: &str = "ingest.key";
+
+use std::path::Path;
+
+use bundle::Bundle;
+use digest::SignedDigest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not {what}: {message}")]
+    Format {
+        path: String,
+        what: &'static str,
+        message: String,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> EvidenceError + '_ {
+    move |source| EvidenceError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+pub fn write_bundle(path: &Path, bundle: &Bundle) -> Result<(), EvidenceError> {
+    let json = serde_json::to_vec_pretty(bundle).map_err(|e| EvidenceError::Format {
+        path: path.display().to_string(),
+        what: "writable",
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, json).map_err(io(path))
+}
+
+pub fn read_bundle(path: &Path) -> Result<Bundle, EvidenceError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| EvidenceError::Format {
+        path: path.display().to_string(),
+        what: "an evidence bundle",
+        message: e.to_string(),
+    })
+}
+
+/// Digests kept by a supervisor: `{"digests": [...]}` as served, a list, or
+/// one digest.
+pub fn read_digests(path: &Path) -> Result<Vec<SignedDigest>, EvidenceError> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Kept {
+        Served { digests: Vec<SignedDigest> },
+        List(Vec<SignedDigest>),
+        One(SignedDigest),
+    }
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    match serde_json::from_slice(&bytes).map_err(|e| EvidenceError::Format {
+        path: path.display().to_string(),
+        what: "digests",
+        message: e.to_string(),
+    })? {
+        Kept::Served { digests } | Kept::List(digests) => Ok(digests),
+        Kept::One(d) => Ok(vec![d]),
+    }
+}
