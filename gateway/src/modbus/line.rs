@@ -19,6 +19,11 @@
 //! Exceptions: see `plan` — a merged request that draws exception 2 or 3 is
 //! split into single-tag requests; tags that fail alone are remembered and
 //! reported Bad with their exception without being read again.
+//!
+//! Poll path: a unit keeps each tag as a 24-byte `TagReader` (names and
+//! units are in the manifest) and numbers its samples `first_tag + index`;
+//! an answer is matched once per request and, when every tag of the request
+//! is a plain u16, copied into values without per-tag decoding.
 
 use std::collections::HashMap;
 use std::sync::Arc;
