@@ -86,7 +86,13 @@ impl LocalIngest {
         let token = store.register_gateway(GW, public_key).await?;
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
-        let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
+        // Plaintext and no quotas: the benches measure ingest's own speed.
+        let options = guantong_ingest::Options {
+            limits: guantong_ingest::limits::Limits::unlimited(),
+            ..guantong_ingest::Options::default()
+        };
+        let running =
+            guantong_ingest::start_with(store.clone(), any, any, shutdown.clone(), options).await?;
         Ok(LocalIngest {
             store,
             token,
@@ -105,6 +111,13 @@ impl LocalIngest {
         UplinkConfig {
             endpoint: format!("http://{endpoint}"),
             token: self.token.clone(),
+            token_file: None,
+            token_env: None,
+            plaintext: true,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
             max_in_flight: std::num::NonZeroU32::new(window.max(1)).expect("nonzero"),
             max_batch_points: std::num::NonZeroU32::new(10_000).expect("nonzero"),
             connect_timeout: Duration::from_secs(5),

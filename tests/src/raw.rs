@@ -114,6 +114,33 @@ impl Signer {
     }
 }
 
+/// A channel to the ingest at `addr`: TLS trusting its CA when it serves
+/// TLS (see `procs::uplink_toml`), else plaintext.
+pub async fn channel(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    channel_with(addr, None).await
+}
+
+/// A channel presenting the client certificate `identity` (cert, key PEM).
+pub async fn channel_with(
+    addr: SocketAddr,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let Some(ca) = crate::procs::ca_for(addr) else {
+        return Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
 /// One connection: Hello (with `public_key`), then `msgs`. Returns
 /// (Welcome.stored_seq, the batch numbers acknowledged).
 pub async fn session(
@@ -124,7 +151,7 @@ pub async fn session(
     public_key: Vec<u8>,
     msgs: Vec<Up>,
 ) -> anyhow::Result<(u64, Vec<u64>)> {
-    let mut client = UplinkClient::connect(format!("http://{addr}")).await?;
+    let mut client = UplinkClient::new(channel(addr).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let key_algorithm = if public_key.is_empty() {
         0

@@ -92,8 +92,7 @@ impl Scenario {
 id = "{GW}"
 
 [uplink]
-endpoint = "http://{proxy}"
-token = "{token}"
+{uplink}token = "{token}"
 max_backoff = "1s"
 keepalive_interval = "{keepalive}"
 keepalive_timeout = "{keepalive}"
@@ -103,7 +102,7 @@ dir = "{buffer}"
 max_bytes = "{max_bytes}"
 commit_interval = "{commit}"
 "#,
-            proxy = endpoint,
+            uplink = crate::procs::uplink_toml(endpoint),
             keepalive = o.keepalive,
             buffer = dir.join("buffer").display(),
             max_bytes = o.max_bytes,

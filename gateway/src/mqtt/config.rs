@@ -635,7 +635,7 @@ mod tests {
         assert!(BrokerAddr::parse("mqtt://").is_err());
     }
 
-    const HEAD: &str = "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n";
+    const HEAD: &str = "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"https://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n";
 
     fn problems(devices: &str) -> Vec<String> {
         crate::config::Config::parse(&format!("{HEAD}{devices}"), Path::new("/etc/g"))
