@@ -492,8 +492,17 @@ fn parse_device(
             crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
                 .map(DeviceConfig::Modbus)
         }
-        "mqtt" => crate::mqtt::config::parse(path, table, problems)
-            .map(|c| DeviceConfig::Mqtt(Box::new(c))),
+        "mqtt" => crate::mqtt::config::parse(path, table, problems).map(|mut c| {
+            c.resolve_paths(base_dir);
+            c.password = crate::secret::resolve(
+                c.password.take(),
+                c.password_file.as_deref(),
+                c.password_env.as_deref(),
+                &format!("{path}.password"),
+                problems,
+            );
+            DeviceConfig::Mqtt(Box::new(c))
+        }),
         other => {
             problems.push(
                 format!("{path}.protocol"),

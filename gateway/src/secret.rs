@@ -3,8 +3,9 @@
 //! by others.
 //!
 //! `[uplink]` takes exactly one of `token`, `token_file` (its content,
-//! trimmed) and `token_env` (a variable's value). Paths are relative to the
-//! config file. Files are read once at load; the TLS files (`ca_file`,
+//! trimmed) and `token_env` (a variable's value); an MQTT device at most one
+//! of `password`, `password_file` and `password_env`. Paths are relative to
+//! the config file. Files are read once at load; the TLS files (`ca_file`,
 //! `cert_file`, `key_file`) are checked to be readable at load and read again
 //! at every connection.
 
@@ -30,34 +31,15 @@ pub(crate) fn resolve_uplink(u: &mut UplinkConfig, base_dir: &Path, problems: &m
     absolute(&mut u.cert_file);
     absolute(&mut u.key_file);
 
-    let sources = usize::from(!u.token.is_empty())
-        + usize::from(u.token_file.is_some())
-        + usize::from(u.token_env.is_some());
-    if sources > 1 {
-        problems.push(
-            "uplink.token",
-            "set only one of `token`, `token_file` and `token_env`",
-        );
-        return;
-    }
-    if let Some(path) = &u.token_file {
-        match std::fs::read_to_string(path) {
-            Ok(text) if !text.trim().is_empty() => u.token = text.trim().to_string(),
-            Ok(_) => problems.push("uplink.token_file", format!("{} is empty", path.display())),
-            Err(e) => problems.push(
-                "uplink.token_file",
-                format!("cannot read {}: {e}", path.display()),
-            ),
-        }
-    }
-    if let Some(var) = &u.token_env {
-        match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => u.token = v.trim().to_string(),
-            _ => problems.push(
-                "uplink.token_env",
-                format!("environment variable `{var}` is not set or empty"),
-            ),
-        }
+    let inline = (!u.token.is_empty()).then(|| u.token.clone());
+    if let Some(token) = resolve(
+        inline,
+        u.token_file.as_deref(),
+        u.token_env.as_deref(),
+        "uplink.token",
+        problems,
+    ) {
+        u.token = token;
     }
     if u.cert_file.is_some() != u.key_file.is_some() {
         problems.push(
@@ -84,6 +66,57 @@ pub(crate) fn resolve_uplink(u: &mut UplinkConfig, base_dir: &Path, problems: &m
     }
 }
 
+/// The secret from exactly one of `inline`, the file `file` (trimmed) or
+/// the environment variable `env`; problems are recorded under `at`
+/// (`uplink.token`) and `at` + `_file` / `_env`.
+pub(crate) fn resolve(
+    inline: Option<String>,
+    file: Option<&Path>,
+    env: Option<&str>,
+    at: &str,
+    problems: &mut Problems,
+) -> Option<String> {
+    let key = at.rsplit('.').next().unwrap_or(at);
+    let sources =
+        usize::from(inline.is_some()) + usize::from(file.is_some()) + usize::from(env.is_some());
+    if sources > 1 {
+        problems.push(
+            at,
+            format!("set only one of `{key}`, `{key}_file` and `{key}_env`"),
+        );
+        return None;
+    }
+    if let Some(path) = file {
+        return match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
+            Ok(_) => {
+                problems.push(format!("{at}_file"), format!("{} is empty", path.display()));
+                None
+            }
+            Err(e) => {
+                problems.push(
+                    format!("{at}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        };
+    }
+    if let Some(var) = env {
+        return match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
+            _ => {
+                problems.push(
+                    format!("{at}_env"),
+                    format!("environment variable `{var}` is not set or empty"),
+                );
+                None
+            }
+        };
+    }
+    inline
+}
+
 /// Whether the file at `path` can be read by its group or others.
 pub fn readable_by_others(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
@@ -98,6 +131,14 @@ pub fn warn_at_start(config: &Config) {
             && readable_by_others(path)
         {
             warn!(file = %path.display(), key = what, "secret file is readable by others; run chmod 600 on it");
+        }
+    }
+    for d in &config.devices {
+        if let crate::config::DeviceConfig::Mqtt(m) = d
+            && let Some(path) = &m.password_file
+            && readable_by_others(path)
+        {
+            warn!(file = %path.display(), device = %m.id, "secret file is readable by others; run chmod 600 on it");
         }
     }
     if u.plaintext {

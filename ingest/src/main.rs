@@ -43,7 +43,7 @@ enum Command {
         #[arg(long)]
         trust_on_first_use: bool,
         #[command(flatten)]
-        security: ServeSecurity,
+        security: Box<ServeSecurity>,
     },
     /// The operator CA for gateway client certificates (mutual TLS).
     #[command(subcommand)]

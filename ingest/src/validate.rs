@@ -187,26 +187,26 @@ mod tests {
         let l = ValidationLimits::default();
         let ok = batch(-1000, Some(Value::Double(1.0)), 1);
         assert_eq!(check_points(&ok, 2, &l, NOW), Ok(()));
-        let unknown = check_points(&ok, 1, &l, NOW).unwrap_err();
+        let unknown = check_points(&ok, 1, &l, NOW).expect_err("refused");
         assert!(
             unknown.contains("tag 1 but the manifest has 1 tags"),
             "{unknown}"
         );
         let future = batch(2 * 86_400_000, None, 0);
-        let e = check_points(&future, 1, &l, NOW).unwrap_err();
+        let e = check_points(&future, 1, &l, NOW).expect_err("refused");
         assert!(e.contains("outside the accepted range"), "{e}");
         let past = batch(-(4000 * 86_400_000), None, 0);
         assert!(check_points(&past, 1, &l, NOW).is_err());
         let overflow = batch(i64::MAX, None, 0);
         assert!(
             check_points(&overflow, 1, &l, NOW)
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("overflows")
         );
         let long = batch(0, Some(Value::String("x".repeat(70_000))), 0);
         assert!(
             check_points(&long, 1, &l, NOW)
-                .unwrap_err()
+                .expect_err("refused")
                 .contains("70000 bytes")
         );
     }
@@ -226,11 +226,19 @@ mod tests {
         };
         assert_eq!(check_manifest(&m), Ok(()));
         m.tags[0].name = "a/b".into();
-        assert!(check_manifest(&m).unwrap_err().contains("tags[0].name"));
+        assert!(
+            check_manifest(&m)
+                .expect_err("refused")
+                .contains("tags[0].name")
+        );
         m.tags[0].name = "x".repeat(300);
         assert!(check_manifest(&m).is_err());
         m.tags[0].name = "t".into();
         m.tags[0].device = 3;
-        assert!(check_manifest(&m).unwrap_err().contains("names device 3"));
+        assert!(
+            check_manifest(&m)
+                .expect_err("refused")
+                .contains("names device 3")
+        );
     }
 }

@@ -21,6 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEV: &str = "meter";
 
+/// A client certificate and its key, PEM.
+type Identity = (Vec<u8>, Vec<u8>);
+
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
 }
@@ -53,7 +56,7 @@ fn issue(
     gateway: &str,
     out: &Path,
     valid_for: &str,
-) -> anyhow::Result<((Vec<u8>, Vec<u8>), String)> {
+) -> anyhow::Result<(Identity, String)> {
     let data_s = data.to_str().expect("utf-8 path");
     let out_s = out.to_str().expect("utf-8 path");
     ingest_cmd(&[
@@ -84,7 +87,7 @@ fn issue(
 /// the handshake or by the service) as text.
 async fn attempt(
     addr: SocketAddr,
-    identity: Option<(Vec<u8>, Vec<u8>)>,
+    identity: Option<Identity>,
     gateway: &str,
     token: &str,
     hello_gateway: &str,
