@@ -636,6 +636,16 @@ type = "f32"
             problems(&both),
             ["uplink.token: set only one of `token`, `token_file` and `token_env`"]
         );
+        let mqtt = format!(
+            "{}\n[[devices]]\nid = \"m\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n\
+             username = \"u\"\npassword_file = \"token\"\n[[devices.tags]]\nname = \"t\"\ntopic = \"a\"\n",
+            GOOD
+        );
+        let c = Config::parse(&mqtt, dir.path()).expect("valid");
+        match &c.devices[1] {
+            DeviceConfig::Mqtt(m) => assert_eq!(m.password.as_deref(), Some("gt_from_file")),
+            _ => panic!("not mqtt"),
+        }
         let missing_ca = GOOD.replace(
             "token = \"secret\"",
             "token = \"a\"\nca_file = \"nope.pem\"",

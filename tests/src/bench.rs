@@ -71,6 +71,8 @@ pub struct LocalIngest {
     pub token: String,
     pub grpc: std::net::SocketAddr,
     pub shutdown: CancellationToken,
+    /// The CA of its TLS certificate; None: plaintext.
+    pub ca_file: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -81,14 +83,29 @@ impl LocalIngest {
 
     /// An ingest that verifies the bench gateway's chain with `public_key`.
     pub async fn start_with_key(public_key: Option<Vec<u8>>) -> anyhow::Result<LocalIngest> {
+        LocalIngest::start_with(public_key, false).await
+    }
+
+    /// With `tls`, gRPC over TLS from an operator CA in its directory.
+    pub async fn start_with(public_key: Option<Vec<u8>>, tls: bool) -> anyhow::Result<LocalIngest> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
         let token = store.register_gateway(GW, public_key).await?;
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
-        // Plaintext and no quotas: the benches measure ingest's own speed.
+        // No quotas: the benches measure ingest's own speed.
+        let (tls, ca_file) = if tls {
+            let tls = guantong_ingest::tls::TlsArgs::default().prepare(dir.path())?;
+            (
+                tls,
+                Some(guantong_ingest::ca::dir(dir.path()).join("ca.pem")),
+            )
+        } else {
+            (None, None)
+        };
         let options = guantong_ingest::Options {
             limits: guantong_ingest::limits::Limits::unlimited(),
+            tls,
             ..guantong_ingest::Options::default()
         };
         let running =
@@ -98,6 +115,7 @@ impl LocalIngest {
             token,
             grpc: running.grpc_addr,
             shutdown,
+            ca_file,
             _dir: dir,
         })
     }
@@ -109,12 +127,15 @@ impl LocalIngest {
         window: u32,
     ) -> UplinkConfig {
         UplinkConfig {
-            endpoint: format!("http://{endpoint}"),
+            endpoint: match self.ca_file {
+                Some(_) => format!("https://{endpoint}"),
+                None => format!("http://{endpoint}"),
+            },
             token: self.token.clone(),
             token_file: None,
             token_env: None,
-            plaintext: true,
-            ca_file: None,
+            plaintext: self.ca_file.is_none(),
+            ca_file: self.ca_file.clone(),
             cert_file: None,
             key_file: None,
             server_name: None,
