@@ -127,7 +127,15 @@ commit_interval = "{commit}"
 
     /// Fails unless every stream's chain verified from its start with no break.
     pub async fn assert_chain_intact(&self) -> anyhow::Result<()> {
-        let chains = self.chains().await?;
+        // Live batches go before the backlog, so right after a reconnect a
+        // later link may be stored before an earlier one still in flight:
+        // give the backlog time to land before judging.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut chains = self.chains().await?;
+        while chains.iter().any(|c| c["waiting"] != 0) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            chains = self.chains().await?;
+        }
         anyhow::ensure!(
             !chains.is_empty(),
             "no evidence chain recorded\n{}",
