@@ -63,3 +63,27 @@ cargo build --workspace --bins --tests --locked
 
 log "running tests"
 cargo test --workspace --locked
+
+# A short smoke run of every fuzz target: its regression inputs first (every
+# crash ever found), then ~20 s of fresh inputs. Long runs: SECURITY.md.
+# cargo-fuzz wants nightly flags; RUSTC_BOOTSTRAP lets stable take them.
+if [ "${GUANTONG_SKIP_FUZZ:-0}" != 1 ]; then
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  fi
+  root="$PWD"
+  fuzz_smoke() { # crate-dir target
+    local corpus
+    corpus="$(mktemp -d)"
+    log "fuzz smoke: $1 $2"
+    # One target directory for both fuzz crates: their sanitizer-built
+    # dependencies compile once.
+    (cd "$1/fuzz" && RUSTC_BOOTSTRAP=1 cargo fuzz run -O --target-dir "$root/gateway/fuzz/target" \
+      "$2" "$corpus" "regressions/$2" -- \
+      -max_total_time="${GUANTONG_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12)
+    rm -rf "$corpus"
+  }
+  for t in modbus_response mqtt_json sparkplug_payload config_parse; do fuzz_smoke gateway "$t"; done
+  fuzz_smoke ingest batch_validate
+fi

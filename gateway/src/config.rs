@@ -53,10 +53,36 @@ pub struct GatewaySection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Ingest gRPC endpoint, e.g. `http://ingest.example.com:7600`.
+    /// Ingest gRPC endpoint, e.g. `https://ingest.example.com:7600`.
     pub endpoint: String,
-    /// Token printed by `guantong-ingest register-gateway`.
+    /// Token printed by `guantong-ingest register-gateway`; or read from
+    /// `token_file` or the environment variable `token_env` (exactly one of
+    /// the three). Resolved at load: this holds the token itself.
+    #[serde(default)]
     pub token: String,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Allow an `http://` endpoint: no TLS, token and data in clear. For
+    /// local testing only; warned about at every start.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// CA certificate (PEM) ingest's certificate is checked against, e.g.
+    /// `<ingest data>/tls/ca.pem`; default the system's trusted roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS, from
+    /// `guantong-ingest ca issue`. Read at every connection, so replaced
+    /// files take effect without a restart.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Name expected in ingest's certificate when it differs from the
+    /// endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
     /// Batches sent but not yet acknowledged, at most.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: NonZeroU32,
@@ -355,14 +381,31 @@ impl Config {
         if let Some(g) = &gateway {
             check_id(&mut problems, "gateway.id", &g.id);
         }
+        let mut uplink = uplink;
+        if let Some(u) = &mut uplink {
+            crate::secret::resolve_uplink(u, base_dir, &mut problems);
+        }
         if let Some(u) = &uplink {
             if !(u.endpoint.starts_with("http://") || u.endpoint.starts_with("https://")) {
                 problems.push(
                     "uplink.endpoint",
                     format!(
-                        "`{}` is not a URL, expected e.g. `http://ingest.example.com:7600`",
+                        "`{}` is not a URL, expected e.g. `https://ingest.example.com:7600`",
                         u.endpoint
                     ),
+                );
+            } else if u.endpoint.starts_with("http://") && !u.plaintext {
+                problems.push(
+                    "uplink.endpoint",
+                    format!(
+                        "`{}` has no TLS: the token and data would cross the network in clear; use `https://`, or set `plaintext = true` for local testing",
+                        u.endpoint
+                    ),
+                );
+            } else if u.endpoint.starts_with("https://") && u.plaintext {
+                problems.push(
+                    "uplink.plaintext",
+                    "`plaintext = true` needs an `http://` endpoint",
                 );
             }
             if u.keepalive_interval < Duration::from_millis(100)
@@ -373,10 +416,10 @@ impl Config {
                     "keepalive interval and timeout must be at least 100ms",
                 );
             }
-            if u.token.trim().is_empty() {
+            if u.token.trim().is_empty() && u.token_file.is_none() && u.token_env.is_none() {
                 problems.push(
                     "uplink.token",
-                    "is empty, expected the token printed by `guantong-ingest register-gateway`",
+                    "is empty, expected the token printed by `guantong-ingest register-gateway` (or `token_file`, `token_env`)",
                 );
             }
         }
@@ -554,8 +597,17 @@ fn parse_device(
             crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
                 .map(DeviceConfig::Modbus)
         }
-        "mqtt" => crate::mqtt::config::parse(path, table, problems)
-            .map(|c| DeviceConfig::Mqtt(Box::new(c))),
+        "mqtt" => crate::mqtt::config::parse(path, table, problems).map(|mut c| {
+            c.resolve_paths(base_dir);
+            c.password = crate::secret::resolve(
+                c.password.take(),
+                c.password_file.as_deref(),
+                c.password_env.as_deref(),
+                &format!("{path}.password"),
+                problems,
+            );
+            DeviceConfig::Mqtt(Box::new(c))
+        }),
         other => {
             problems.push(
                 format!("{path}.protocol"),
@@ -595,7 +647,7 @@ mod tests {
 [gateway]
 id = "gw-1"
 [uplink]
-endpoint = "http://127.0.0.1:7600"
+endpoint = "https://127.0.0.1:7600"
 token = "secret"
 [buffer]
 dir = "buf"
@@ -638,15 +690,74 @@ type = "f32"
             .replace("type = \"f32\"", "type = \"f33\"");
         let p = problems(&text);
         assert_eq!(p.len(), 3, "{p:#?}");
-        assert_eq!(p[0], "uplink: missing field `token`");
         assert_eq!(
-            p[1],
+            p[0],
             "devices[0].port: invalid type: string \"5020\", expected u16"
         );
         assert!(
-            p[2].starts_with("devices[0].tags[0].type: unknown variant `f33`, expected one of"),
+            p[1].starts_with("devices[0].tags[0].type: unknown variant `f33`, expected one of"),
             "{}",
-            p[2]
+            p[1]
+        );
+        assert!(p[2].starts_with("uplink.token: is empty"), "{}", p[2]);
+    }
+
+    #[test]
+    fn refuses_plaintext_unless_asked_and_reads_tokens_from_files_and_env() {
+        let plain = GOOD.replace("https://", "http://");
+        let p = problems(&plain);
+        assert!(
+            p[0].starts_with("uplink.endpoint: `http://127.0.0.1:7600` has no TLS"),
+            "{p:?}"
+        );
+        let allowed = plain.replace("token = \"secret\"", "token = \"secret\"\nplaintext = true");
+        assert!(
+            Config::parse(&allowed, Path::new("/"))
+                .expect("valid")
+                .uplink
+                .plaintext
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("token"), "gt_from_file\n").expect("write");
+        let from_file = GOOD.replace("token = \"secret\"", "token_file = \"token\"");
+        let c = Config::parse(&from_file, dir.path()).expect("valid");
+        assert_eq!(c.uplink.token, "gt_from_file");
+        // A variable name no other test sets.
+        let var = "GUANTONG_TEST_TOKEN_ENV_7";
+        let from_env = GOOD.replace("token = \"secret\"", &format!("token_env = \"{var}\""));
+        let p = problems(&from_env);
+        assert_eq!(
+            p,
+            [format!(
+                "uplink.token_env: environment variable `{var}` is not set or empty"
+            )]
+        );
+        let both = GOOD.replace(
+            "token = \"secret\"",
+            "token = \"a\"\ntoken_file = \"token\"",
+        );
+        assert_eq!(
+            problems(&both),
+            ["uplink.token: set only one of `token`, `token_file` and `token_env`"]
+        );
+        let mqtt = format!(
+            "{}\n[[devices]]\nid = \"m\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n\
+             username = \"u\"\npassword_file = \"token\"\n[[devices.tags]]\nname = \"t\"\ntopic = \"a\"\n",
+            GOOD
+        );
+        let c = Config::parse(&mqtt, dir.path()).expect("valid");
+        match &c.devices[1] {
+            DeviceConfig::Mqtt(m) => assert_eq!(m.password.as_deref(), Some("gt_from_file")),
+            _ => panic!("not mqtt"),
+        }
+        let missing_ca = GOOD.replace(
+            "token = \"secret\"",
+            "token = \"a\"\nca_file = \"nope.pem\"",
+        );
+        assert!(
+            problems(&missing_ca)[0]
+                .starts_with("uplink.ca_file: cannot read /etc/guantong/nope.pem")
         );
     }
 

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod modbus;
 pub mod mqtt;
 pub mod quality;
+pub mod secret;
 pub mod uplink;
 pub mod writer;
 
@@ -37,6 +38,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// period to deliver before the process exits. Nothing committed is lost by
 /// stopping: it is sent on the next start.
 pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    secret::warn_at_start(&config);
     let key_file = config
         .gateway
         .key_file

@@ -26,6 +26,13 @@
 //!   full jitter, and reset after a connection that got an ack.
 //! - A dead link is noticed by HTTP/2 keepalive within `keepalive_interval` +
 //!   `keepalive_timeout` even when no RST arrives.
+//!
+//! # Transport security
+//! An `https://` endpoint is TLS (rustls, ring): ingest's certificate is
+//! checked against `ca_file` or the system roots; with `cert_file` and
+//! `key_file` the gateway presents its client certificate (mutual TLS). The
+//! files are read at every connection, so renewed certificates are picked up
+//! without a restart. `http://` needs `plaintext = true` (config check).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -40,7 +47,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{debug, info, warn};
 
 use crate::buffer::{Buffer, StoredBatch};
@@ -53,8 +60,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub enum UplinkError {
     #[error("invalid endpoint `{0}`")]
     Endpoint(String),
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect: {}", chain(.0))]
     Connect(#[from] tonic::transport::Error),
+    #[error("TLS settings: {0}")]
+    Tls(String),
     #[error("ingest refused the stream: {0}")]
     Status(#[from] tonic::Status),
     #[error("ingest closed the stream")]
@@ -70,9 +79,44 @@ pub enum UplinkError {
 impl UplinkError {
     /// Whether trying again later can succeed (a wrong token cannot).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, UplinkError::Endpoint(_))
+        !matches!(self, UplinkError::Endpoint(_) | UplinkError::Tls(_))
             && !matches!(self, UplinkError::Status(s) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::PermissionDenied)
     }
+}
+
+/// An error and its sources, `a: b: c` (tonic's own message is only
+/// "transport error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The TLS settings of `config` (an `https://` endpoint), files read now.
+pub fn tls_config(config: &UplinkConfig) -> Result<ClientTlsConfig, UplinkError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| UplinkError::Tls(format!("{}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &config.ca_file {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read(path)?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(name) = &config.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(tls)
 }
 
 enum Event {
@@ -138,8 +182,14 @@ impl Uplink {
         &self,
         compression: Compression,
     ) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
-        let endpoint = Endpoint::from_shared(self.config.endpoint.clone())
-            .map_err(|_| UplinkError::Endpoint(self.config.endpoint.clone()))?
+        let mut endpoint = Endpoint::from_shared(self.config.endpoint.clone())
+            .map_err(|_| UplinkError::Endpoint(self.config.endpoint.clone()))?;
+        if self.config.endpoint.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tls_config(&self.config)?)
+                .map_err(|e| UplinkError::Tls(chain(&e)))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(self.config.keepalive_interval)

@@ -9,6 +9,13 @@
 //! and sends one cumulative `Ack` per batch. An ack is sent only after the
 //! store says the batch is durable. A batch that fails validation is not
 //! stored: it is recorded as a loss and answered with `BatchRejected`.
+//!
+//! Guards ([`Guards`]): with mutual TLS the client certificate must be
+//! unrevoked and issued to the authenticated gateway; a gateway holds at most
+//! `max_streams_per_gateway` streams; each batch is charged to its
+//! gateway's quota and the stream's reader waits while the quota is spent
+//! (see [`crate::limits`]); points and manifests are checked by
+//! [`crate::validate`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -25,7 +32,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::limits::{Limits, Quotas, StreamSlot};
 use crate::store::{AppendBatch, AppendOutcome, Appended, Link, ManifestMap, Store};
+use crate::tls::ClientAuth;
+use crate::validate::{self, ValidationLimits};
 use guantong_proto::chain;
 use guantong_proto::v1::SignatureAlgorithm;
 
@@ -77,6 +87,25 @@ pub struct UplinkService<S> {
     store: Arc<S>,
     connections: Arc<Connections>,
     trust_on_first_use: bool,
+    guards: Arc<Guards>,
+}
+
+/// What every stream is held to beyond its token.
+pub struct Guards {
+    pub quotas: Arc<Quotas>,
+    pub validation: ValidationLimits,
+    /// Some with mutual TLS.
+    pub client_auth: Option<ClientAuth>,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            quotas: Quotas::new(Limits::default()),
+            validation: ValidationLimits::default(),
+            client_auth: None,
+        }
+    }
 }
 
 impl<S: Store> UplinkService<S> {
@@ -85,7 +114,13 @@ impl<S: Store> UplinkService<S> {
             store,
             connections,
             trust_on_first_use: false,
+            guards: Arc::new(Guards::default()),
         }
+    }
+
+    pub fn guards(mut self, guards: Arc<Guards>) -> Self {
+        self.guards = guards;
+        self
     }
 
     /// Binds the key a gateway presents when none was registered for it
@@ -187,6 +222,17 @@ impl<S: Store> Uplink for UplinkService<S> {
             warn!(%gateway, %peer, "refused: unknown gateway or wrong token");
             return Err(Status::unauthenticated("unknown gateway or wrong token"));
         }
+        if let Some(auth) = &self.guards.client_auth {
+            let certs = request.peer_certs();
+            auth.check(certs.as_deref().map(Vec::as_slice), &gateway)
+                .inspect_err(
+                    |status| warn!(%gateway, %peer, %status, "refused: client certificate"),
+                )?;
+        }
+        let slot =
+            self.guards.quotas.open_stream(&gateway).inspect_err(
+                |status| warn!(%gateway, %peer, %status, "refused: too many streams"),
+            )?;
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await?.and_then(|m| m.kind) {
             Some(Up::Hello(h)) => h,
@@ -230,6 +276,8 @@ impl<S: Store> Uplink for UplinkService<S> {
             manifests: HashMap::new(),
             manifest_hashes: HashMap::new(),
             key,
+            guards: self.guards.clone(),
+            _slot: slot,
         };
         tokio::spawn(session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -247,6 +295,9 @@ struct Session<S> {
     manifest_hashes: HashMap<u64, chain::Hash>,
     /// Bound signing key; None: the chain cannot be verified.
     key: Option<Vec<u8>>,
+    guards: Arc<Guards>,
+    /// This stream's place in its gateway's stream quota.
+    _slot: StreamSlot,
 }
 
 /// What to answer for one batch once the store has it.
@@ -343,6 +394,8 @@ impl<S: Store> Session<S> {
                     if m.gateway_id != self.gateway {
                         return Err(Status::permission_denied("manifest names another gateway"));
                     }
+                    validate::check_manifest(&m)
+                        .map_err(|e| Status::invalid_argument(format!("manifest: {e}")))?;
                     let version = m.version;
                     self.manifest_hashes
                         .insert(version, chain::manifest_hash(&m));
@@ -363,6 +416,16 @@ impl<S: Store> Session<S> {
                     let batch = Batch::decode(envelope.payload.as_ref()).map_err(|e| {
                         Status::invalid_argument(format!("batch payload does not decode: {e}"))
                     })?;
+                    // Over quota: stop reading this stream until it refills;
+                    // flow control holds this gateway back, and only it.
+                    let wait = self.guards.quotas.charge(
+                        &self.gateway,
+                        batch.points.len() as u64,
+                        envelope.payload.len() as u64,
+                    );
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     let link = self.link(&batch, &envelope);
                     let (reply, mut append) = self.check(batch, envelope.backfill).await?;
                     append.link = link;
@@ -444,14 +507,14 @@ impl<S: Store> Session<S> {
                     ))
                 }
                 Some(m) => {
-                    let n = m.series.len() as u32;
-                    if let Some(p) = batch.points.iter().find(|p| p.tag >= n) {
-                        rejected = Some(format!(
-                            "point refers to tag {} but the manifest has {n} tags",
-                            p.tag
-                        ));
-                    } else {
-                        map = Some(m);
+                    match validate::check_points(
+                        &batch,
+                        m.series.len(),
+                        &self.guards.validation,
+                        now_ms(),
+                    ) {
+                        Err(reason) => rejected = Some(reason),
+                        Ok(()) => map = Some(m),
                     }
                 }
             }

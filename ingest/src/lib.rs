@@ -2,14 +2,21 @@
 //! turns it into connectivity evidence.
 //!
 //! `start` binds the gRPC listener (gateways) and the HTTP listener (API and
-//! pages) and serves both until the shutdown token is cancelled.
+//! pages) and serves both until the shutdown token is cancelled. The gRPC
+//! listener speaks TLS when `Options::tls` is set (the binary sets it unless
+//! `--plaintext`), the HTTP listener when `Options::http_tls` is also set.
 
 pub mod acceptance;
+pub mod ca;
 pub mod evidence;
+pub mod forwarded;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod registry;
 pub mod store;
+pub mod tls;
+pub mod validate;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -24,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
 use tracing::info;
 
-use crate::grpc::{Connections, UplinkService};
+use crate::grpc::{Connections, Guards, UplinkService};
 use crate::store::Store;
 
 /// Largest gRPC message accepted.
@@ -37,10 +44,22 @@ pub struct Running {
 }
 
 /// Serving options beyond the listeners.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
     /// Bind the key a gateway presents when none was registered for it.
     pub trust_on_first_use: bool,
+    /// TLS for the gRPC listener (None: plaintext).
+    pub tls: Option<tls::ServerTls>,
+    /// Serve HTTP over TLS as well (needs `tls`).
+    pub http_tls: bool,
+    /// Per-gateway quotas.
+    pub limits: limits::Limits,
+    /// Checks on points and manifests.
+    pub validation: validate::ValidationLimits,
+    /// Peers whose X-Forwarded-* headers are believed (reverse proxies).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Largest gRPC message accepted, bytes (0: [`MAX_MESSAGE_BYTES`]).
+    pub max_message_bytes: usize,
     /// Criteria of acceptance verdicts and flags.
     pub criteria: acceptance::Criteria,
 }
@@ -72,19 +91,35 @@ pub async fn start_with<S: Store>(
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
     let connections = Arc::new(Connections::default());
+    let guards = Arc::new(Guards {
+        quotas: limits::Quotas::new(options.limits),
+        validation: options.validation,
+        client_auth: options.tls.as_ref().and_then(|t| t.client_auth.clone()),
+    });
+    let max_message = match options.max_message_bytes {
+        0 => MAX_MESSAGE_BYTES,
+        n => n,
+    };
 
     let service = UplinkServer::new(
         UplinkService::new(store.clone(), connections.clone())
-            .trust_on_first_use(options.trust_on_first_use),
+            .trust_on_first_use(options.trust_on_first_use)
+            .guards(guards),
     )
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message)
     .accept_compressed(CompressionEncoding::Zstd)
     .accept_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Zstd);
     let grpc_shutdown = shutdown.clone();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        server = server
+            .tls_config(tls.grpc())
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    }
     let grpc_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        server
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -100,14 +135,28 @@ pub async fn start_with<S: Store>(
     let router = http::router(Arc::new(http::ApiState {
         store,
         connections,
-        criteria: Arc::new(options.criteria),
+        criteria: Arc::new(options.criteria.clone()),
     }));
+    let http_tls = options.tls.is_some() && options.http_tls;
+    let router = forwarded::layer(router, options.trusted_proxies.clone(), http_tls)
+        .into_make_service_with_connect_info::<forwarded::Peer>();
     let http_shutdown = shutdown.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, router)
-            .with_graceful_shutdown(http_shutdown.cancelled_owned())
-            .await
-    });
+    let http_task = match (&options.tls, options.http_tls) {
+        (Some(tls), true) => {
+            let listener = tls::TlsListener::new(http_listener, tls.http_acceptor()?)?;
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                    .await
+            })
+        }
+        (None, true) => anyhow::bail!("HTTP over TLS needs the TLS settings"),
+        _ => tokio::spawn(async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await
+        }),
+    };
     info!(grpc = %grpc_addr, http = %http_addr, "ingest listening");
     let done = tokio::spawn(async move {
         shutdown.cancelled().await;

@@ -48,6 +48,22 @@ enum Command {
         /// critical flags, industries, the city's networking-rate target.
         #[arg(long, env = "GUANTONG_CRITERIA")]
         criteria: Option<PathBuf>,
+        #[command(flatten)]
+        security: Box<ServeSecurity>,
+    },
+    /// The operator CA for gateway client certificates (mutual TLS).
+    #[command(subcommand)]
+    Ca(guantong_ingest::ca::CaCommand),
+    /// Issue a gateway a new token (run while the server is stopped); the
+    /// old one keeps working for `--grace`, so buffered data keeps flowing
+    /// until the gateway's config has the new one.
+    RotateGatewayToken {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        id: String,
+        /// How long the old token stays valid, e.g. `7d`; `0s` ends it now.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
     },
     /// Manage enterprises (run while the server is stopped, or use the API).
     #[command(subcommand)]
@@ -267,6 +283,28 @@ fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Res
     writeln!(f, "{token}")?;
     tracing::info!(path = %path.display(), "created the admin account; its token is in this file");
     Ok(())
+}
+
+/// `serve` options of the security work: TLS, quotas, validation, proxies.
+#[derive(clap::Args)]
+struct ServeSecurity {
+    #[command(flatten)]
+    tls: guantong_ingest::tls::TlsArgs,
+    #[command(flatten)]
+    limits: guantong_ingest::limits::Limits,
+    #[command(flatten)]
+    validation: guantong_ingest::validate::ValidationLimits,
+    /// Address of a reverse proxy whose X-Forwarded-* headers are believed
+    /// (repeatable); from any other peer they are removed.
+    #[arg(
+        long = "trusted-proxy",
+        env = "GUANTONG_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<std::net::IpAddr>,
+    /// Largest gRPC message accepted from a gateway, bytes.
+    #[arg(long, env = "GUANTONG_MAX_MESSAGE_BYTES", default_value_t = guantong_ingest::MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -531,6 +569,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Ca(command) => command.run(),
+        Command::RotateGatewayToken { data, id, grace } => {
+            let store = EmbeddedStore::open(&data)?;
+            let token = store.rotate_token(&id, grace).await?;
+            eprintln!(
+                "new token for gateway `{id}`; the old one stays valid for {}. Put this in its config under [uplink] token (or token_file):",
+                humantime::format_duration(grace)
+            );
+            println!("{token}");
+            Ok(())
+        }
         Command::RegisterGateway {
             data,
             id,
@@ -575,14 +624,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             ports_file,
             trust_on_first_use,
             criteria,
+            security,
         } => {
             let criteria = load_criteria(criteria.as_deref())?;
+            let tls = security.tls.prepare(&data)?;
             let store = Arc::new(EmbeddedStore::open(&data)?);
             bootstrap_admin(&store, &data)?;
             let shutdown = CancellationToken::new();
             let options = guantong_ingest::Options {
                 trust_on_first_use,
                 criteria,
+                tls,
+                http_tls: security.tls.http_tls,
+                limits: security.limits,
+                validation: security.validation,
+                trusted_proxies: security.trusted_proxies,
+                max_message_bytes: security.max_message_bytes,
             };
             let running = guantong_ingest::start_with(
                 store,

@@ -71,6 +71,8 @@ pub struct LocalIngest {
     pub token: String,
     pub grpc: std::net::SocketAddr,
     pub shutdown: CancellationToken,
+    /// The CA of its TLS certificate; None: plaintext.
+    pub ca_file: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -81,17 +83,39 @@ impl LocalIngest {
 
     /// An ingest that verifies the bench gateway's chain with `public_key`.
     pub async fn start_with_key(public_key: Option<Vec<u8>>) -> anyhow::Result<LocalIngest> {
+        LocalIngest::start_with(public_key, false).await
+    }
+
+    /// With `tls`, gRPC over TLS from an operator CA in its directory.
+    pub async fn start_with(public_key: Option<Vec<u8>>, tls: bool) -> anyhow::Result<LocalIngest> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
         let token = store.register_gateway(GW, public_key).await?;
         let shutdown = CancellationToken::new();
         let any = "127.0.0.1:0".parse()?;
-        let running = guantong_ingest::start(store.clone(), any, any, shutdown.clone()).await?;
+        // No quotas: the benches measure ingest's own speed.
+        let (tls, ca_file) = if tls {
+            let tls = guantong_ingest::tls::TlsArgs::default().prepare(dir.path())?;
+            (
+                tls,
+                Some(guantong_ingest::ca::dir(dir.path()).join("ca.pem")),
+            )
+        } else {
+            (None, None)
+        };
+        let options = guantong_ingest::Options {
+            limits: guantong_ingest::limits::Limits::unlimited(),
+            tls,
+            ..guantong_ingest::Options::default()
+        };
+        let running =
+            guantong_ingest::start_with(store.clone(), any, any, shutdown.clone(), options).await?;
         Ok(LocalIngest {
             store,
             token,
             grpc: running.grpc_addr,
             shutdown,
+            ca_file,
             _dir: dir,
         })
     }
@@ -103,8 +127,18 @@ impl LocalIngest {
         window: u32,
     ) -> UplinkConfig {
         UplinkConfig {
-            endpoint: format!("http://{endpoint}"),
+            endpoint: match self.ca_file {
+                Some(_) => format!("https://{endpoint}"),
+                None => format!("http://{endpoint}"),
+            },
             token: self.token.clone(),
+            token_file: None,
+            token_env: None,
+            plaintext: self.ca_file.is_none(),
+            ca_file: self.ca_file.clone(),
+            cert_file: None,
+            key_file: None,
+            server_name: None,
             max_in_flight: std::num::NonZeroU32::new(window.max(1)).expect("nonzero"),
             max_batch_points: std::num::NonZeroU32::new(10_000).expect("nonzero"),
             connect_timeout: Duration::from_secs(5),

@@ -5,14 +5,49 @@
 //! into (`cargo build --workspace --bins` first; the test script does).
 //! Each process logs to a file in its work directory; `logs()` returns the
 //! tail for failure messages.
+//!
+//! Ingest serves TLS (its default): `start` notes the CA it created under
+//! its data directory for its gRPC address, and [`uplink_toml`] (used by
+//! [`gateway_toml`], the scenarios and the raw client) connects to such an
+//! address over TLS trusting that CA. An address with no CA noted (a test
+//! that never started ingest, or `--plaintext`) gets a plaintext uplink.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+
+/// Ingest gRPC addresses and the CA file their certificate comes from.
+static CA_FILES: Mutex<Vec<(SocketAddr, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Notes that the ingest at `addr` serves TLS with a certificate from `ca`.
+pub fn note_ca(addr: SocketAddr, ca: &Path) {
+    let mut cas = CA_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    cas.retain(|(a, _)| *a != addr);
+    cas.push((addr, ca.to_path_buf()));
+}
+
+/// The CA file of the ingest at `addr`, when it serves TLS.
+pub fn ca_for(addr: SocketAddr) -> Option<PathBuf> {
+    let cas = CA_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    cas.iter().find(|(a, _)| *a == addr).map(|(_, p)| p.clone())
+}
+
+/// The `[uplink]` lines reaching the ingest at `addr`: `https://` with its
+/// CA when it serves TLS, else `http://` with `plaintext = true`.
+pub fn uplink_toml(addr: SocketAddr) -> String {
+    match ca_for(addr) {
+        Some(ca) => format!(
+            "endpoint = \"https://{addr}\"\nca_file = \"{}\"\n",
+            ca.display()
+        ),
+        None => format!("endpoint = \"http://{addr}\"\nplaintext = true\n"),
+    }
+}
 
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
@@ -200,6 +235,9 @@ impl IngestProc {
             if let Some(v) = ports.and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
                 ingest.grpc = v["grpc"].as_str().context("grpc")?.parse()?;
                 ingest.http = v["http"].as_str().context("http")?.parse()?;
+                if !extra.contains(&"--plaintext") {
+                    note_ca(ingest.grpc, &ingest.ca_file());
+                }
                 return Ok(ingest);
             }
             if !ingest.proc.is_running() || Instant::now() > deadline {
@@ -227,6 +265,11 @@ impl IngestProc {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The operator CA `serve` created in the data directory.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data.join("tls").join("ca.pem")
     }
 
     /// The API as the admin account `serve` created at its first start.
@@ -311,8 +354,7 @@ pub fn gateway_toml(
 id = "{gateway}"
 
 [uplink]
-endpoint = "http://{ingest_grpc}"
-token = "{token}"
+{uplink}token = "{token}"
 max_backoff = "1s"
 
 [buffer]
@@ -320,7 +362,8 @@ dir = "{dir}"
 max_bytes = "64 MiB"
 commit_interval = "100ms"
 "#,
-        dir = buffer_dir.display()
+        dir = buffer_dir.display(),
+        uplink = uplink_toml(ingest_grpc),
     )
 }
 

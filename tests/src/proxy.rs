@@ -43,6 +43,10 @@ impl Proxy {
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        // Clients of the proxy reach the upstream's TLS server.
+        if let Some(ca) = crate::procs::ca_for(upstream) {
+            crate::procs::note_ca(addr, &ca);
+        }
         let (tx, _) = watch::channel(Mode::Pass);
         let mode = Arc::new(tx);
         let m = mode.clone();

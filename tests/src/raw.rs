@@ -115,6 +115,33 @@ impl Signer {
     }
 }
 
+/// A channel to the ingest at `addr`: TLS trusting its CA when it serves
+/// TLS (see `procs::uplink_toml`), else plaintext.
+pub async fn channel(addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    channel_with(addr, None).await
+}
+
+/// A channel presenting the client certificate `identity` (cert, key PEM).
+pub async fn channel_with(
+    addr: SocketAddr,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let Some(ca) = crate::procs::ca_for(addr) else {
+        return Ok(Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?);
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .connect()
+        .await?)
+}
+
 /// One connection: Hello (with `public_key`), then `msgs`. Returns
 /// (Welcome.stored_seq, the batch numbers acknowledged).
 pub async fn session(
@@ -125,7 +152,7 @@ pub async fn session(
     public_key: Vec<u8>,
     msgs: Vec<Up>,
 ) -> anyhow::Result<(u64, Vec<u64>)> {
-    let mut client = UplinkClient::connect(format!("http://{addr}")).await?;
+    let mut client = UplinkClient::new(channel(addr).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let key_algorithm = if public_key.is_empty() {
         0
@@ -169,4 +196,106 @@ pub async fn session(
         }
     }
     Ok((stored, acks))
+}
+
+/// One stream held open, to send and receive message by message.
+pub struct RawStream {
+    tx: tokio::sync::mpsc::Sender<GatewayMessage>,
+    inbound: tonic::Streaming<guantong_proto::v1::IngestMessage>,
+    pub stored_seq: u64,
+}
+
+impl RawStream {
+    /// Opens a stream on `channel` authenticated as `gateway` with `token`,
+    /// whose Hello names `hello_gateway`. Refusals come back as the status.
+    pub async fn open(
+        channel: tonic::transport::Channel,
+        gateway: &str,
+        token: &str,
+        hello_gateway: &str,
+        buffer_id: u64,
+    ) -> Result<RawStream, tonic::Status> {
+        let mut client = UplinkClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let hello = Hello {
+            gateway_id: hello_gateway.into(),
+            buffer_id,
+            software_version: "test".into(),
+            first_unacked_seq: 1,
+            public_key: Vec::new(),
+            key_algorithm: 0,
+        };
+        let _ = tx
+            .send(GatewayMessage {
+                kind: Some(Up::Hello(hello)),
+            })
+            .await;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        let header = |v: &str| {
+            v.parse()
+                .map_err(|_| tonic::Status::invalid_argument("not a header value"))
+        };
+        req.metadata_mut()
+            .insert("authorization", header(&format!("Bearer {token}"))?);
+        req.metadata_mut()
+            .insert("x-guantong-gateway", header(gateway)?);
+        let mut inbound = client.stream(req).await?.into_inner();
+        let stored_seq = match inbound.message().await?.and_then(|m| m.kind) {
+            Some(Down::Welcome(w)) => w.stored_seq,
+            other => {
+                return Err(tonic::Status::internal(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
+        };
+        Ok(RawStream {
+            tx,
+            inbound,
+            stored_seq,
+        })
+    }
+
+    pub async fn send(&self, kind: Up) -> anyhow::Result<()> {
+        self.tx
+            .send(GatewayMessage { kind: Some(kind) })
+            .await
+            .map_err(|_| anyhow::anyhow!("stream closed"))
+    }
+
+    /// The next message from ingest (10 s at most); an error status ends
+    /// the stream.
+    pub async fn next(&mut self) -> Result<Down, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(10), self.inbound.message()).await {
+            Err(_) => Err(tonic::Status::deadline_exceeded("no message within 10 s")),
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(None)) => Err(tonic::Status::aborted("stream ended")),
+            Ok(Ok(Some(m))) => m
+                .kind
+                .ok_or_else(|| tonic::Status::internal("empty message")),
+        }
+    }
+}
+
+/// Encoded batch `seq` of `buffer_id` with `points` points of tag 0, timed
+/// from `base_ms` on, 1 ms apart.
+pub fn batch_at(buffer_id: u64, seq: u64, base_ms: i64, points: usize) -> Vec<u8> {
+    Batch {
+        buffer_id,
+        seq,
+        manifest_version: 42,
+        base_time_ms: base_ms,
+        points: (0..points)
+            .map(|i| Point {
+                tag: 0,
+                time_offset_ms: i as i64,
+                value: Some(point::Value::Uint(i as u64)),
+                quality: 0,
+                quality_code: 0,
+            })
+            .collect(),
+        loss: None,
+        committed_at_ms: base_ms,
+        manifest_sha256: Vec::new(),
+    }
+    .encode_to_vec()
 }

@@ -92,8 +92,7 @@ impl Scenario {
 id = "{GW}"
 
 [uplink]
-endpoint = "http://{proxy}"
-token = "{token}"
+{uplink}token = "{token}"
 max_backoff = "1s"
 keepalive_interval = "{keepalive}"
 keepalive_timeout = "{keepalive}"
@@ -103,7 +102,7 @@ dir = "{buffer}"
 max_bytes = "{max_bytes}"
 commit_interval = "{commit}"
 "#,
-            proxy = endpoint,
+            uplink = crate::procs::uplink_toml(endpoint),
             keepalive = o.keepalive,
             buffer = dir.join("buffer").display(),
             max_bytes = o.max_bytes,
@@ -128,7 +127,15 @@ commit_interval = "{commit}"
 
     /// Fails unless every stream's chain verified from its start with no break.
     pub async fn assert_chain_intact(&self) -> anyhow::Result<()> {
-        let chains = self.chains().await?;
+        // Live batches go before the backlog, so right after a reconnect a
+        // later link may be stored before an earlier one still in flight:
+        // give the backlog time to land before judging.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut chains = self.chains().await?;
+        while chains.iter().any(|c| c["waiting"] != 0) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            chains = self.chains().await?;
+        }
         anyhow::ensure!(
             !chains.is_empty(),
             "no evidence chain recorded\n{}",

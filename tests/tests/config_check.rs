@@ -10,7 +10,7 @@ const VALID: &str = r#"[gateway]
 id = "gw-1"
 
 [uplink]
-endpoint = "http://127.0.0.1:7600"
+endpoint = "https://127.0.0.1:7600"
 token = "gt_x"
 
 [buffer]
@@ -166,7 +166,7 @@ fn the_readme_config_reference_lists_every_key() {
     // error lists them all.
     let sections = [
         ("[gateway]", "id = \"gw-1\"\n"),
-        ("[uplink]", "endpoint = \"http://127.0.0.1:7600\"\n"),
+        ("[uplink]", "endpoint = \"https://127.0.0.1:7600\"\n"),
         ("[buffer]", "dir = \"buffer\"\n"),
         ("protocol = \"modbus-tcp\"", "protocol = \"modbus-tcp\"\n"),
         ("type = \"f32\"", "type = \"f32\"\n"),

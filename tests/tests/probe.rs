@@ -87,7 +87,7 @@ async fn dry_run_prints_the_plan_and_one_round_of_values() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("gateway.toml");
     let text = format!(
-        "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\ntoken = \"t\"\n[buffer]\ndir = \"buf\"\n{}",
+        "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"https://127.0.0.1:1\"\ntoken = \"t\"\n[buffer]\ndir = \"buf\"\n{}",
         standard_device_toml("press", addr, "1s")
     );
     std::fs::write(&config, text).expect("write config");

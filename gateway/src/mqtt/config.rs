@@ -39,6 +39,12 @@ pub struct MqttConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// Read the password from this file (trimmed) or environment variable
+    /// instead; resolved into `password` at load.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
     /// PEM file of the CA certificate(s) that signed the broker's
     /// certificate (`mqtts://` only); relative to the config file.
     #[serde(default)]
@@ -322,6 +328,7 @@ impl MqttConfig {
     /// Resolves relative file paths against the config file's directory.
     pub(crate) fn resolve_paths(&mut self, base_dir: &Path) {
         for p in [
+            &mut self.password_file,
             &mut self.ca_file,
             &mut self.client_cert_file,
             &mut self.client_key_file,
@@ -635,7 +642,7 @@ mod tests {
         assert!(BrokerAddr::parse("mqtt://").is_err());
     }
 
-    const HEAD: &str = "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n";
+    const HEAD: &str = "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"https://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n";
 
     fn problems(devices: &str) -> Vec<String> {
         crate::config::Config::parse(&format!("{HEAD}{devices}"), Path::new("/etc/g"))

@@ -370,7 +370,7 @@ mod tests {
 
     fn device(extra: &str, tags: &str) -> MqttConfig {
         let text = format!(
-            "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n\
+            "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"https://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n\
              [[devices]]\nid = \"press-7\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n{extra}\n{tags}"
         );
         let c = Config::parse(&text, Path::new("/")).expect("valid config");

@@ -361,7 +361,7 @@ mod tests {
             .map(|d| format!("sparkplug_device = \"{d}\"\n"))
             .unwrap_or_default();
         let text = format!(
-            "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"http://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n\
+            "[gateway]\nid = \"gw\"\n[uplink]\nendpoint = \"https://x:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n\
              [[devices]]\nid = \"n1\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\npayload = \"sparkplug\"\n\
              group = \"plant\"\nedge_node = \"node1\"\n{dev}\
              [[devices.tags]]\nname = \"temp\"\nmetric = \"Temperature\"\n\

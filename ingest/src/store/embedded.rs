@@ -111,6 +111,40 @@ struct GatewayRecord {
     /// `registered` or `trust-on-first-use`.
     #[serde(default)]
     key_source: Option<String>,
+    /// The token before the last rotation, valid until `valid_until_ms`.
+    #[serde(default)]
+    previous_token: Option<PreviousToken>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PreviousToken {
+    salt: String,
+    token_sha256: String,
+    valid_until_ms: i64,
+}
+
+/// A new random token and its record fields (salt, salted SHA-256), hex.
+/// Tokens are 256 random bits, so a salted hash needs no slow KDF.
+fn new_token() -> (String, String, String) {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = format!("gt_{}", hex::encode(secret));
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let hash = hex::encode(token_hash(&salt, &token));
+    (token, hex::encode(salt), hash)
+}
+
+/// Constant-time check of `token` against a hex salt and hash.
+fn token_matches(id: &str, salt: &str, hash: &str, token: &str) -> Result<bool> {
+    let (Ok(salt), Ok(expected)) = (hex::decode(salt), hex::decode(hash)) else {
+        return Err(StoreError::Backend(format!(
+            "gateway {id}: malformed token record"
+        )));
+    };
+    Ok(bool::from(
+        token_hash(&salt, token).as_slice().ct_eq(&expected),
+    ))
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -846,14 +880,11 @@ impl Store for EmbeddedStore {
             ));
         }
         self.blocking(move |db| {
-            let mut secret = [0u8; 32];
-            rand::rng().fill_bytes(&mut secret);
-            let token = format!("gt_{}", hex::encode(secret));
-            let mut salt = [0u8; 16];
-            rand::rng().fill_bytes(&mut salt);
+            let (token, salt, token_sha256) = new_token();
             let record = GatewayRecord {
-                salt: hex::encode(salt),
-                token_sha256: hex::encode(token_hash(&salt, &token)),
+                salt,
+                token_sha256,
+                previous_token: None,
                 registered_at_ms: now_ms(),
                 key_source: public_key.as_ref().map(|_| "registered".to_string()),
                 public_key: public_key.map(hex::encode),
@@ -884,16 +915,42 @@ impl Store for EmbeddedStore {
             };
             let record: GatewayRecord = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::Backend(format!("gateway {id}: {e}")))?;
-            let (Ok(salt), Ok(expected)) =
-                (hex::decode(&record.salt), hex::decode(&record.token_sha256))
-            else {
-                return Err(StoreError::Backend(format!(
-                    "gateway {id}: malformed token record"
-                )));
+            let current = token_matches(&id, &record.salt, &record.token_sha256, &token)?;
+            let previous = match &record.previous_token {
+                Some(p) => {
+                    token_matches(&id, &p.salt, &p.token_sha256, &token)?
+                        && now_ms() < p.valid_until_ms
+                }
+                None => false,
             };
-            Ok(bool::from(
-                token_hash(&salt, &token).as_slice().ct_eq(&expected),
-            ))
+            Ok(current || previous)
+        })
+        .await
+    }
+
+    async fn rotate_token(&self, id: &str, grace: std::time::Duration) -> Result<String> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_err)?;
+            let (token, salt, token_sha256) = new_token();
+            {
+                let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
+                let mut record: GatewayRecord = match t.get(id.as_str()).map_err(db_err)? {
+                    Some(v) => serde_json::from_slice(v.value())
+                        .map_err(|e| StoreError::Backend(format!("gateway {id}: {e}")))?,
+                    None => return Err(StoreError::Invalid(format!("no gateway `{id}`"))),
+                };
+                record.previous_token = Some(PreviousToken {
+                    salt: std::mem::replace(&mut record.salt, salt),
+                    token_sha256: std::mem::replace(&mut record.token_sha256, token_sha256),
+                    valid_until_ms: now_ms().saturating_add(grace.as_millis() as i64),
+                });
+                let value =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
+                t.insert(id.as_str(), value.as_slice()).map_err(db_err)?;
+            }
+            txn.commit().map_err(db_err)?;
+            Ok(token)
         })
         .await
     }

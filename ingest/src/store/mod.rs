@@ -300,7 +300,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     /// Chain status of every stream.
     fn chains(&self) -> impl Future<Output = Result<Vec<ChainInfo>>> + Send;
+    /// Whether `token` is the gateway's current token, or its previous one
+    /// within the grace period of a rotation. Compared in constant time.
     fn authenticate(&self, id: &str, token: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Gives a registered gateway a new token; the current one stays valid
+    /// for `grace`. Returns the new token.
+    fn rotate_token(
+        &self,
+        id: &str,
+        grace: std::time::Duration,
+    ) -> impl Future<Output = Result<String>> + Send;
     fn gateways(&self) -> impl Future<Output = Result<Vec<GatewayInfo>>> + Send;
 
     /// Starts a stream: everything below `first_unacked` was acknowledged

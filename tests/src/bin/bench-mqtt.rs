@@ -227,7 +227,7 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         ));
     }
     let text = format!(
-        "[gateway]\nid = \"bench\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\ntoken = \"t\"\n\
+        "[gateway]\nid = \"bench\"\n[uplink]\nendpoint = \"https://127.0.0.1:1\"\ntoken = \"t\"\n\
          [buffer]\ndir = \"buffer\"\nmax_bytes = \"4 GiB\"\n\
          [[devices]]\nid = \"dev\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1:{}\"\n\
          qos = {qos}\ntopic = \"{topic}\"\n{tags}",

@@ -13,7 +13,8 @@
 //!   same batches, no network (shows the cost of ingest's bookkeeping).
 //! - buffer write: the gateway buffer committing the same points.
 //! - end to end: a pre-filled gateway buffer drained by the real uplink over
-//!   loopback gRPC into a real ingest until every batch is acknowledged.
+//!   loopback gRPC into a real ingest until every batch is acknowledged;
+//!   plaintext, signed, and over TLS (the default since issue 9).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -186,11 +187,12 @@ async fn end_to_end(
     all: &[Sample],
     args: &Args,
     signed: bool,
+    tls: bool,
 ) -> anyhow::Result<(Duration, Duration, u64)> {
     let dir = tempfile::tempdir()?;
     let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let public = signed.then(|| key.verifying_key().to_bytes().to_vec());
-    let ingest = LocalIngest::start_with_key(public).await?;
+    let ingest = LocalIngest::start_with(public, tls).await?;
     let (buffer, write_time, last) =
         fill_buffer(dir.path(), all, args.batch, signed.then_some(&key))?;
     let (_tx, committed) = watch::channel(last);
@@ -257,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
     let n = args.points as f64;
     let (mut raw, mut raw8, mut direct, mut buf, mut e2e) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut signed_e2e = Vec::new();
+    let (mut signed_e2e, mut tls_e2e) = (Vec::new(), Vec::new());
     println!(
         "bench-uplink: {} points, {} tags, {} points per batch, {} runs (median shown)",
         args.points, args.tags, args.batch, args.runs
@@ -267,8 +269,15 @@ async fn main() -> anyhow::Result<()> {
         let r = n / raw_redb(&batches, 1)?.as_secs_f64();
         let r8 = n / raw_redb(&batches, 8)?.as_secs_f64();
         let d = n / store_direct(&batches, args.tags).await?.as_secs_f64();
-        let (e, w, stored) = end_to_end(&all, &args, false).await?;
-        let (es, _, stored_signed) = end_to_end(&all, &args, true).await?;
+        let (e, w, stored) = end_to_end(&all, &args, false, false).await?;
+        let (es, _, stored_signed) = end_to_end(&all, &args, true, false).await?;
+        let (et, _, stored_tls) = end_to_end(&all, &args, false, true).await?;
+        anyhow::ensure!(
+            stored_tls == args.points as u64,
+            "end to end over TLS stored {stored_tls} points"
+        );
+        let et = n / et.as_secs_f64();
+        tls_e2e.push(et);
         anyhow::ensure!(
             stored_signed == args.points as u64,
             "signed end to end stored {stored_signed} points"
@@ -283,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let (e, w) = (n / e.as_secs_f64(), n / w.as_secs_f64());
         println!(
-            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s  signed {es:>10.0}/s"
+            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s  signed {es:>10.0}/s  TLS {et:>10.0}/s"
         );
         raw.push(r);
         raw8.push(r8);
@@ -299,6 +308,15 @@ async fn main() -> anyhow::Result<()> {
         median(e2e),
     );
     let signed = median(signed_e2e);
+    let over_tls = median(tls_e2e);
+    println!();
+    println!("| transport security (issue 9) | points/s (median) | vs plaintext |");
+    println!("|---|---:|---:|");
+    println!("| end to end, plaintext | {e2e:.0} | 1.00 |");
+    println!(
+        "| end to end, TLS 1.3 (rustls, ring) | {over_tls:.0} | {:.2} |",
+        over_tls / e2e
+    );
     let (sign, verify) = chain_cost(&batches);
     println!();
     println!("| evidence chain (issue 8) | value | vs end to end unsigned |");

@@ -70,9 +70,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     // The demo gateway creates its key at its first start: bind it on first use.
+    // TLS as in production: an operator CA in the data directory, created
+    // at the first start, which the gateway trusts.
+    let ingest_data = data.join("ingest");
+    let tls = guantong_ingest::tls::TlsArgs::default().prepare(&ingest_data)?;
+    let ca_file = guantong_ingest::ca::dir(&ingest_data).join("ca.pem");
     let options = guantong_ingest::Options {
         trust_on_first_use: true,
-        ..Default::default()
+        tls,
+        ..guantong_ingest::Options::default()
     };
     // A demo enterprise whose register has two production machines, one of
     // them networked through the demo gateway: networking rate 50 %.
@@ -113,7 +119,8 @@ async fn main() -> anyhow::Result<()> {
 id = "demo-gateway"
 
 [uplink]
-endpoint = "http://{grpc}"
+endpoint = "https://{grpc}"
+ca_file = "{ca_file}"
 token = "{token}"
 max_backoff = "2s"
 
@@ -123,6 +130,7 @@ max_bytes = "64 MiB"
 commit_interval = "200ms"
 "#,
         grpc = ingest.grpc_addr,
+        ca_file = ca_file.display(),
         buffer = data.join("gateway-buffer").display(),
     ) + &standard_device_toml("press-01", sim_addr, "1s");
     let config = Config::parse(&config_text, &data)
