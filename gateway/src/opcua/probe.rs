@@ -1,0 +1,1 @@
+//! `guantong-gateway probe opcua`.
