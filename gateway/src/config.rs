@@ -237,6 +237,14 @@ impl Problems {
         self.0.len()
     }
 
+    /// Each problem as `path: message`.
+    pub(crate) fn messages(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
+    }
+
     /// Deserializes `value` as `T`, recording the first problem inside it
     /// under `base` (the key path of `value` itself).
     pub(crate) fn parse<T: DeserializeOwned>(

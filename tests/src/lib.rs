@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod mqtt;
+pub mod opcua;
 pub mod procs;
 pub mod proxy;
 pub mod raw;

@@ -704,14 +704,36 @@ async fn subscribe_and_forward(
         .collect();
     let (mut created, mut revised_down) = (0usize, 0usize);
     let mut refused = Vec::new();
+    let mut batch_size = per_call.max(1);
+    let mut in_subscription = 0usize;
     let now = now_ms();
     while !pending.is_empty() {
-        let n = per_call.min(pending.len());
-        let batch: Vec<MonitoredItemCreateRequest> = pending.drain(..n).collect();
-        let results = session
+        let n = batch_size.min(pending.len());
+        let batch: Vec<MonitoredItemCreateRequest> = pending.iter().take(n).cloned().collect();
+        let results = match session
             .create_monitored_items(subscription, TimestampsToReturn::Both, batch.clone())
             .await
-            .map_err(|e| OpcUaError::status("CreateMonitoredItems", err_status(e)))?;
+        {
+            Ok(r) => r,
+            // The subscription is full (or the batch is larger than a
+            // subscription may hold): a new subscription, or smaller batches.
+            Err(e) if e.status() == StatusCode::BadTooManyMonitoredItems => {
+                if in_subscription == 0 {
+                    if batch_size == 1 {
+                        return Err(OpcUaError::status("CreateMonitoredItems", e.status()));
+                    }
+                    batch_size = (batch_size / 2).max(1);
+                } else {
+                    subscription = new_subscription().await?;
+                    subscriptions += 1;
+                    in_subscription = 0;
+                }
+                continue;
+            }
+            Err(e) => return Err(OpcUaError::status("CreateMonitoredItems", err_status(e))),
+        };
+        pending.drain(..n);
+        in_subscription += n;
         let mut full = Vec::new();
         for (req, res) in batch.into_iter().zip(results) {
             let status = res.result.status_code;
@@ -729,17 +751,12 @@ async fn subscribe_and_forward(
             }
         }
         if !full.is_empty() {
-            if created == 0 && subscriptions > 1 {
-                return Err(OpcUaError::status(
-                    "CreateMonitoredItems",
-                    StatusCode::BadTooManyMonitoredItems,
-                ));
-            }
             for r in full.into_iter().rev() {
                 pending.push_front(r);
             }
             subscription = new_subscription().await?;
             subscriptions += 1;
+            in_subscription = 0;
         }
     }
     drop(tx);
