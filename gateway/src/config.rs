@@ -420,9 +420,8 @@ impl Config {
                             m.resolve_paths(base_dir);
                             // Unique per gateway and device, so two gateways on
                             // one broker never take over each other's session.
-                            m.client_id.get_or_insert_with(|| {
-                                format!("guantong-{}-{}", gateway.id, m.id)
-                            });
+                            m.client_id
+                                .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
                         }
                         #[cfg(feature = "opcua")]
                         DeviceConfig::OpcUa(o) => {

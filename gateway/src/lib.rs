@@ -127,8 +127,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => {
                 collectors.spawn(
-                    opcua::OpcUaCollector::new(*c, first)
-                        .run(sink.clone(), collect_cancel.clone()),
+                    opcua::OpcUaCollector::new(*c, first).run(sink.clone(), collect_cancel.clone()),
                 );
             }
         }

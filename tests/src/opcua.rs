@@ -95,17 +95,38 @@ impl TestServer {
             .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD))
             .add_endpoint(
                 "none",
-                ("/", SecurityPolicy::None, MessageSecurityMode::None, &users[..]),
+                (
+                    "/",
+                    SecurityPolicy::None,
+                    MessageSecurityMode::None,
+                    &users[..],
+                ),
             )
             .max_array_length(100_000)
             .max_message_size(64 * 1024 * 1024)
             .max_chunk_count(0);
         if options.secure {
             for (id, policy, mode) in [
-                ("b256_s", SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign),
-                ("b256_se", SecurityPolicy::Basic256Sha256, MessageSecurityMode::SignAndEncrypt),
-                ("aes_s", SecurityPolicy::Aes128Sha256RsaOaep, MessageSecurityMode::Sign),
-                ("aes_se", SecurityPolicy::Aes128Sha256RsaOaep, MessageSecurityMode::SignAndEncrypt),
+                (
+                    "b256_s",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "b256_se",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes_s",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "aes_se",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
             ] {
                 builder = builder.add_endpoint(id, ("/", policy, mode, &users[..]));
             }
@@ -154,10 +175,20 @@ impl TestServer {
             let opaque = async_opcua::types::ByteString::from(vec![1u8, 2, 3]);
             let vars = vec![
                 Variable::new(&NodeId::new(ns, "Counter"), "Counter", "Counter", 0u32),
-                Variable::new(&NodeId::new(ns, "Temperature"), "Temperature", "Temperature", 20.5f64),
+                Variable::new(
+                    &NodeId::new(ns, "Temperature"),
+                    "Temperature",
+                    "Temperature",
+                    20.5f64,
+                ),
                 Variable::new(&NodeId::new(ns, "Running"), "Running", "Running", true),
                 Variable::new(&NodeId::new(ns, "Label"), "Label", "Label", "Line 1"),
-                Variable::new(&NodeId::new(ns, "Vector"), "Vector", "Vector", vec![1i32, 2, 3]),
+                Variable::new(
+                    &NodeId::new(ns, "Vector"),
+                    "Vector",
+                    "Vector",
+                    vec![1i32, 2, 3],
+                ),
                 Variable::new(&NodeId::new(ns, 1001u32), "Total", "Total", -7i64),
                 Variable::new(&NodeId::new(ns, guid), "Ratio", "Ratio", 0.25f32),
                 Variable::new(&NodeId::new(ns, opaque), "Code", "Code", 7u16),
@@ -169,7 +200,12 @@ impl TestServer {
                 let vars = (0..options.items)
                     .map(|i| {
                         let name = format!("v{i}");
-                        Variable::new(&NodeId::new(ns, name.clone()), name.as_str(), name.as_str(), 0.0f64)
+                        Variable::new(
+                            &NodeId::new(ns, name.clone()),
+                            name.as_str(),
+                            name.as_str(),
+                            0.0f64,
+                        )
                     })
                     .collect();
                 space.add_variables(vars, &folder);

@@ -235,14 +235,14 @@ impl NodeAddress {
 impl OpcUaConfig {
     /// Queue size for an item sampled at `sampling`: every sample of one
     /// publishing interval, twice over (a publish can be late), at least 2;
-    /// 10 when the server samples at its own fastest rate.
+    /// 100 when the server samples at its own fastest rate (every change).
     pub fn queue_size_for(&self, tag: &OpcUaTagConfig) -> u32 {
         if let Some(q) = tag.queue_size.or(self.queue_size) {
             return q;
         }
         let sampling = tag.sampling_interval.unwrap_or(self.sampling_interval);
         if sampling.is_zero() {
-            return 10;
+            return 100;
         }
         let per_publish = self.publishing_interval.as_secs_f64() / sampling.as_secs_f64();
         (per_publish.ceil() as u32).saturating_mul(2).max(2)
@@ -280,12 +280,10 @@ impl OpcUaConfig {
     /// Resolves relative paths against the config file's directory; the PKI
     /// directory defaults to `opcua-pki` beside the buffer directory.
     pub(crate) fn resolve_paths(&mut self, base_dir: &Path, buffer_dir: &Path) {
-        let pki = self.pki_dir.take().unwrap_or_else(|| {
-            buffer_dir
-                .parent()
-                .unwrap_or(buffer_dir)
-                .join("opcua-pki")
-        });
+        let pki = self
+            .pki_dir
+            .take()
+            .unwrap_or_else(|| buffer_dir.parent().unwrap_or(buffer_dir).join("opcua-pki"));
         self.pki_dir = Some(if pki.is_relative() {
             base_dir.join(pki)
         } else {

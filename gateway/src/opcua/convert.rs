@@ -176,26 +176,48 @@ mod tests {
         use ValueType::*;
         assert_eq!(convert(&Variant::SByte(-5), Int), Some(Value::Int(-5)));
         assert_eq!(convert(&Variant::Byte(5), Uint), Some(Value::Uint(5)));
-        assert_eq!(convert(&Variant::Int16(-5), Double), Some(Value::Double(-5.0)));
+        assert_eq!(
+            convert(&Variant::Int16(-5), Double),
+            Some(Value::Double(-5.0))
+        );
         assert_eq!(convert(&Variant::UInt16(5), Int), Some(Value::Int(5)));
-        assert_eq!(convert(&Variant::UInt64(u64::MAX), Uint), Some(Value::Uint(u64::MAX)));
+        assert_eq!(
+            convert(&Variant::UInt64(u64::MAX), Uint),
+            Some(Value::Uint(u64::MAX))
+        );
         assert_eq!(convert(&Variant::UInt64(u64::MAX), Int), None);
         assert_eq!(convert(&Variant::Int32(-1), Uint), None);
-        assert_eq!(convert(&Variant::Float(1.5), Double), Some(Value::Double(1.5)));
+        assert_eq!(
+            convert(&Variant::Float(1.5), Double),
+            Some(Value::Double(1.5))
+        );
         assert_eq!(convert(&Variant::Double(1.5), Int), None);
         assert_eq!(convert(&Variant::Double(2.0), Int), Some(Value::Int(2)));
-        assert_eq!(convert(&Variant::Boolean(true), Bool), Some(Value::Bool(true)));
+        assert_eq!(
+            convert(&Variant::Boolean(true), Bool),
+            Some(Value::Bool(true))
+        );
         assert_eq!(convert(&Variant::Int32(1), Bool), Some(Value::Bool(true)));
         assert_eq!(convert(&Variant::Int32(2), Bool), None);
         assert_eq!(convert(&Variant::from("x"), Double), None);
-        assert_eq!(convert(&Variant::from("x"), String), Some(Value::String("x".into())));
+        assert_eq!(
+            convert(&Variant::from("x"), String),
+            Some(Value::String("x".into()))
+        );
         let lt = Variant::LocalizedText(Box::new(LocalizedText::new("en", "hello")));
         assert_eq!(text(&lt), "hello");
         let qn = Variant::QualifiedName(Box::new(QualifiedName::new(2, "q")));
         assert_eq!(text(&qn), "q");
-        assert_eq!(text(&Variant::ByteString(ByteString::from(vec![1u8, 2, 3]))), "AQID");
+        assert_eq!(
+            text(&Variant::ByteString(ByteString::from(vec![1u8, 2, 3]))),
+            "AQID"
+        );
         let dt = Variant::DateTime(Box::new(DateTime::ymd_hms(2024, 1, 2, 3, 4, 5)));
-        assert!(text(&dt).starts_with("2024-01-02T03:04:05"), "{}", text(&dt));
+        assert!(
+            text(&dt).starts_with("2024-01-02T03:04:05"),
+            "{}",
+            text(&dt)
+        );
         let arr = Variant::from(vec![1i32, 2, 3]);
         assert_eq!(convert(&arr, String), Some(Value::String("[1,2,3]".into())));
         assert_eq!(convert(&arr, Int), None);

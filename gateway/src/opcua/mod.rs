@@ -53,16 +53,15 @@ use async_opcua::types::{
     MonitoringMode, MonitoringParameters, NodeId, NotificationMessage, QualifiedName, ReadValueId,
     StatusCode, TimestampsToReturn, UserTokenType, VariableId,
 };
-use tokio_stream::StreamExt;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::collector::{Collector, PointSink};
 use crate::quality::{self, Sample, now_ms};
 use config::{
-    Deadband, Mode, Namespace, NodeAddress, OpcUaConfig, SecurityModeChoice,
-    SecurityPolicyChoice,
+    Deadband, Mode, Namespace, NodeAddress, OpcUaConfig, SecurityModeChoice, SecurityPolicyChoice,
 };
 use convert::Conversion;
 
@@ -143,7 +142,8 @@ impl Collector for OpcUaCollector {
         let mut marked_down = false;
         loop {
             let started = Instant::now();
-            let result = run_session(&self.config, &mut client, self.first_tag, &sink, &cancel).await;
+            let result =
+                run_session(&self.config, &mut client, self.first_tag, &sink, &cancel).await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -499,7 +499,10 @@ async fn server_limit(session: &Session, limit: VariableId) -> Option<usize> {
 }
 
 /// Each tag's NodeId on this server, or the code why it has none.
-fn resolve(config: &OpcUaConfig, namespaces: &async_opcua::types::NamespaceMap) -> Vec<Result<NodeId, u32>> {
+fn resolve(
+    config: &OpcUaConfig,
+    namespaces: &async_opcua::types::NamespaceMap,
+) -> Vec<Result<NodeId, u32>> {
     config
         .tags
         .iter()
@@ -562,7 +565,11 @@ async fn serve(
     let unresolved: Vec<Sample> = nodes
         .iter()
         .enumerate()
-        .filter_map(|(i, n)| n.as_ref().err().map(|c| Sample::bad(first_tag + i as u32, now, *c)))
+        .filter_map(|(i, n)| {
+            n.as_ref()
+                .err()
+                .map(|c| Sample::bad(first_tag + i as u32, now, *c))
+        })
         .collect();
     if !unresolved.is_empty() {
         warn!(device = %config.id, tags = unresolved.len(), "namespace URI not on the server; those tags are Bad");
@@ -700,7 +707,11 @@ async fn subscribe_and_forward(
     let mut pending: std::collections::VecDeque<MonitoredItemCreateRequest> = nodes
         .iter()
         .enumerate()
-        .filter_map(|(i, n)| n.as_ref().ok().map(|n| monitored_item(config, i, n.clone())))
+        .filter_map(|(i, n)| {
+            n.as_ref()
+                .ok()
+                .map(|n| monitored_item(config, i, n.clone()))
+        })
         .collect();
     let (mut created, mut revised_down) = (0usize, 0usize);
     let mut refused = Vec::new();
@@ -864,15 +875,22 @@ async fn poll(
 
 /// Reads each OPC UA device's server identity for the manifest (ApplicationUri,
 /// product, BuildInfo, certificate thumbprint, security in use). A server that
-/// does not answer within a few seconds gets no identity; collection does not
-/// wait for it.
+/// does not answer within `request_timeout` gets no identity; collection does
+/// not wait for it.
 pub async fn identify_all(devices: &mut [crate::config::DeviceConfig]) {
     let mut jobs = Vec::new();
     for (i, d) in devices.iter().enumerate() {
         if let crate::config::DeviceConfig::OpcUa(c) = d {
             let c = (**c).clone();
             jobs.push(tokio::spawn(async move {
-                let r = tokio::time::timeout(Duration::from_secs(5), identify(&c)).await;
+                // Creating the certificate (an RSA key) is not the server's
+                // time: it happens before the timeout starts.
+                let r = match build_client(&c) {
+                    Ok(mut client) => {
+                        tokio::time::timeout(c.request_timeout, identify(&c, &mut client)).await
+                    }
+                    Err(e) => Ok(Err(e)),
+                };
                 (i, c.id.clone(), r)
             }));
         }
@@ -887,16 +905,18 @@ pub async fn identify_all(devices: &mut [crate::config::DeviceConfig]) {
                 }
             }
             Ok(Err(error)) => warn!(%error, device = %id, "opc ua server not identified"),
-            Err(_) => warn!(device = %id, "opc ua server not identified: no answer within 5s"),
+            Err(_) => {
+                warn!(device = %id, "opc ua server not identified: no answer within request_timeout")
+            }
         }
     }
 }
 
 async fn identify(
     config: &OpcUaConfig,
+    client: &mut Client,
 ) -> Result<std::collections::BTreeMap<String, String>, OpcUaError> {
-    let mut client = build_client(config)?;
-    let conn = Connection::open(config, &mut client).await?;
+    let conn = Connection::open(config, client).await?;
     let r = identity_of(&conn).await;
     conn.close().await;
     r
@@ -907,9 +927,18 @@ pub(crate) async fn identity_of(
 ) -> Result<std::collections::BTreeMap<String, String>, OpcUaError> {
     let mut id = std::collections::BTreeMap::new();
     let server = &conn.endpoint.server;
-    id.insert("application_uri".into(), server.application_uri.as_ref().to_string());
-    id.insert("product_uri".into(), server.product_uri.as_ref().to_string());
-    id.insert("application_name".into(), server.application_name.text.as_ref().to_string());
+    id.insert(
+        "application_uri".into(),
+        server.application_uri.as_ref().to_string(),
+    );
+    id.insert(
+        "product_uri".into(),
+        server.product_uri.as_ref().to_string(),
+    );
+    id.insert(
+        "application_name".into(),
+        server.application_name.text.as_ref().to_string(),
+    );
     if let Ok(cert) = X509::from_byte_string(&conn.endpoint.server_certificate) {
         id.insert("certificate_thumbprint".into(), pki::thumbprint(&cert));
     }
@@ -922,11 +951,26 @@ pub(crate) async fn identity_of(
         ),
     );
     let fields = [
-        ("product_name", VariableId::Server_ServerStatus_BuildInfo_ProductName),
-        ("manufacturer", VariableId::Server_ServerStatus_BuildInfo_ManufacturerName),
-        ("software_version", VariableId::Server_ServerStatus_BuildInfo_SoftwareVersion),
-        ("build_number", VariableId::Server_ServerStatus_BuildInfo_BuildNumber),
-        ("build_date", VariableId::Server_ServerStatus_BuildInfo_BuildDate),
+        (
+            "product_name",
+            VariableId::Server_ServerStatus_BuildInfo_ProductName,
+        ),
+        (
+            "manufacturer",
+            VariableId::Server_ServerStatus_BuildInfo_ManufacturerName,
+        ),
+        (
+            "software_version",
+            VariableId::Server_ServerStatus_BuildInfo_SoftwareVersion,
+        ),
+        (
+            "build_number",
+            VariableId::Server_ServerStatus_BuildInfo_BuildNumber,
+        ),
+        (
+            "build_date",
+            VariableId::Server_ServerStatus_BuildInfo_BuildDate,
+        ),
     ];
     let nodes: Vec<NodeId> = fields.iter().map(|(_, v)| (*v).into()).collect();
     let values = read_values(&conn.session, &nodes).await?;
@@ -964,9 +1008,21 @@ mod tests {
         let eps = vec![
             ep(SecurityPolicy::None, MessageSecurityMode::None, 0),
             ep(SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign, 3),
-            ep(SecurityPolicy::Basic256Sha256, MessageSecurityMode::SignAndEncrypt, 4),
-            ep(SecurityPolicy::Aes128Sha256RsaOaep, MessageSecurityMode::SignAndEncrypt, 5),
-            ep(SecurityPolicy::Basic128Rsa15, MessageSecurityMode::SignAndEncrypt, 9),
+            ep(
+                SecurityPolicy::Basic256Sha256,
+                MessageSecurityMode::SignAndEncrypt,
+                4,
+            ),
+            ep(
+                SecurityPolicy::Aes128Sha256RsaOaep,
+                MessageSecurityMode::SignAndEncrypt,
+                5,
+            ),
+            ep(
+                SecurityPolicy::Basic128Rsa15,
+                MessageSecurityMode::SignAndEncrypt,
+                9,
+            ),
         ];
         let pick = |p, m| {
             select_endpoint(&eps, p, m, UserTokenType::Anonymous).map(|e| {
@@ -980,7 +1036,10 @@ mod tests {
         use SecurityPolicyChoice as P;
         assert_eq!(
             pick(P::Best, M::Best),
-            Some((SecurityPolicy::Aes128Sha256RsaOaep, MessageSecurityMode::SignAndEncrypt))
+            Some((
+                SecurityPolicy::Aes128Sha256RsaOaep,
+                MessageSecurityMode::SignAndEncrypt
+            ))
         );
         assert_eq!(
             pick(P::Basic256sha256, M::Sign),

@@ -86,8 +86,9 @@ pub fn ensure_own_certificate(
     let mut data = X509Data::from((description, None));
     data.certificate_duration_days = OWN_CERT_DAYS;
     data.key_size = 2048;
-    let (cert, _) = CertificateStore::create_certificate_and_key(&data, true, &cert_path, &key_path)
-        .map_err(PkiError::Cert)?;
+    let (cert, _) =
+        CertificateStore::create_certificate_and_key(&data, true, &cert_path, &key_path)
+            .map_err(PkiError::Cert)?;
     restrict(&key_path)?;
     Ok((thumbprint(&cert), true))
 }
@@ -134,7 +135,10 @@ pub fn trust(pki: &Path, prefix: &str) -> Result<CertInfo, PkiError> {
         .to_ascii_lowercase();
     let rejected = pki.join("rejected");
     if wanted.is_empty() {
-        return Err(PkiError::NotFound(prefix.into(), rejected.display().to_string()));
+        return Err(PkiError::NotFound(
+            prefix.into(),
+            rejected.display().to_string(),
+        ));
     }
     let matches: Vec<CertInfo> = list(pki, "rejected")
         .into_iter()
@@ -203,7 +207,10 @@ mod tests {
             assert!(pki.join(d).is_dir(), "{d}");
         }
         let cert = CertificateStore::read_cert(&own_cert_path(&pki)).expect("readable");
-        assert!(cert.is_application_uri_valid("urn:guantong:gateway:gw-1").is_ok());
+        assert!(
+            cert.is_application_uri_valid("urn:guantong:gateway:gw-1")
+                .is_ok()
+        );
         let (again, created) =
             ensure_own_certificate(&pki, "urn:guantong:gateway:gw-1").expect("read");
         assert!(!created);

@@ -76,7 +76,12 @@ pub async fn run(args: OpcUaProbe, out: &mut impl std::io::Write) -> Result<(), 
         .map_err(|e| OpcUaError::status("GetEndpoints", e.status()))?;
     let mut text = format!("endpoints of {}\n", config.url);
     for e in &endpoints {
-        let _ = writeln!(text, "  {}  {}", describe_endpoint(e), e.endpoint_url.as_ref());
+        let _ = writeln!(
+            text,
+            "  {}  {}",
+            describe_endpoint(e),
+            e.endpoint_url.as_ref()
+        );
     }
     write_out(out, &text)?;
     if args.endpoints_only {
@@ -97,7 +102,10 @@ fn probe_config(args: &OpcUaProbe) -> Result<OpcUaConfig, OpcUaError> {
     let mut t = toml::Table::new();
     t.insert("id".into(), args.device_id.clone().into());
     t.insert("url".into(), args.url.clone().into());
-    t.insert("security_policy".into(), args.security_policy.clone().into());
+    t.insert(
+        "security_policy".into(),
+        args.security_policy.clone().into(),
+    );
     t.insert("security_mode".into(), args.security_mode.clone().into());
     t.insert("trust_on_first_use".into(), args.trust_on_first_use.into());
     if let (Some(u), Some(p)) = (&args.username, &args.password) {
@@ -143,8 +151,7 @@ async fn browse_and_print(
         let _ = writeln!(text, "  ns={i}  {u}");
     }
     write_out(out, &text)?;
-    let start = NodeAddress::parse(&args.browse)
-        .map_err(OpcUaError::Setup)?;
+    let start = NodeAddress::parse(&args.browse).map_err(OpcUaError::Setup)?;
     let start = match &start.namespace {
         super::config::Namespace::Index(i) => start.with_index(*i),
         super::config::Namespace::Uri(u) => start.with_index(
@@ -215,7 +222,10 @@ async fn browse_and_print(
         }
         stack.extend(next.into_iter().rev());
         if nodes_seen > 20_000 {
-            let _ = writeln!(text, "  ... stopped after 20000 nodes; use --browse and --depth");
+            let _ = writeln!(
+                text,
+                "  ... stopped after 20000 nodes; use --browse and --depth"
+            );
             break;
         }
     }
