@@ -199,11 +199,10 @@ impl NodeAddress {
             let split = rest
                 .match_indices(';')
                 .map(|(i, _)| i)
-                .filter(|&i| {
+                .find(|&i| {
                     let t = &rest[i + 1..];
                     t.len() >= 2 && matches!(&t[..2], "i=" | "s=" | "g=" | "b=")
                 })
-                .next()
                 .ok_or_else(bad)?;
             let uri = &rest[..split];
             if uri.is_empty() {

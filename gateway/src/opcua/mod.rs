@@ -426,17 +426,16 @@ impl Connection {
         });
         let first = tokio::time::timeout(config.request_timeout * 3, events.recv()).await;
         let fail = |status: StatusCode| {
-            if status == StatusCode::BadCertificateUntrusted
-                || status == StatusCode::BadSecurityChecksFailed
+            if (status == StatusCode::BadCertificateUntrusted
+                || status == StatusCode::BadSecurityChecksFailed)
+                && let Some(cert) = &server_cert
             {
-                if let Some(cert) = &server_cert {
-                    warn!(
-                        device = %config.id,
-                        thumbprint = %pki::thumbprint(cert),
-                        rejected = %config.pki_dir().join("rejected").display(),
-                        "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
-                    );
-                }
+                warn!(
+                    device = %config.id,
+                    thumbprint = %pki::thumbprint(cert),
+                    rejected = %config.pki_dir().join("rejected").display(),
+                    "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
+                );
             }
             OpcUaError::status("connect", status)
         };

@@ -310,8 +310,7 @@ async fn browse_children(
         .browse(&[desc], 1000, None)
         .await
         .map_err(|e| OpcUaError::status("Browse", e.status()))?;
-    loop {
-        let Some(r) = results.pop() else { break };
+    while let Some(r) = results.pop() {
         for rd in r.references.into_iter().flatten() {
             if rd.node_id.server_index != 0 {
                 continue;
