@@ -238,6 +238,7 @@ impl Problems {
     }
 
     /// Each problem as `path: message`.
+    #[cfg(feature = "opcua")]
     pub(crate) fn messages(&self) -> Vec<String> {
         self.0
             .iter()
