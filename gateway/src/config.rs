@@ -29,6 +29,8 @@ use serde::de::DeserializeOwned;
 
 use crate::modbus::config::ModbusConfig;
 use crate::mqtt::config::MqttConfig;
+#[cfg(feature = "opcua")]
+use crate::opcua::config::OpcUaConfig;
 
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
@@ -142,6 +144,8 @@ pub enum DeviceConfig {
     /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
     Modbus(ModbusConfig),
     Mqtt(Box<MqttConfig>),
+    #[cfg(feature = "opcua")]
+    OpcUa(Box<OpcUaConfig>),
 }
 
 impl DeviceConfig {
@@ -149,6 +153,8 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Modbus(c) => &c.id,
             DeviceConfig::Mqtt(c) => &c.id,
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(c) => &c.id,
         }
     }
 
@@ -156,6 +162,8 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Modbus(c) => c.tags.len(),
             DeviceConfig::Mqtt(c) => c.tags.len(),
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(c) => c.tags.len(),
         }
     }
 
@@ -167,12 +175,20 @@ impl DeviceConfig {
         match self {
             DeviceConfig::Modbus(c) => c.manifest(device_index),
             DeviceConfig::Mqtt(c) => c.manifest(device_index),
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(c) => c.manifest(device_index),
         }
     }
 }
 
 /// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &["modbus-tcp", "modbus-rtu", "modbus-rtu-over-tcp", "mqtt"];
+pub const PROTOCOLS: &[&str] = &[
+    "modbus-tcp",
+    "modbus-rtu",
+    "modbus-rtu-over-tcp",
+    "mqtt",
+    "opcua",
+];
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(128).expect("128 is not zero")
@@ -253,6 +269,15 @@ impl Problems {
 
     pub(crate) fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Each problem as `path: message`.
+    #[cfg(feature = "opcua")]
+    pub(crate) fn messages(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect()
     }
 
     /// Deserializes `value` as `T`, recording the first problem inside it
@@ -469,12 +494,22 @@ impl Config {
                 gateway.key_file = Some(key_file);
                 let mut devices = devices;
                 for d in &mut devices {
-                    if let DeviceConfig::Mqtt(m) = d {
-                        m.resolve_paths(base_dir);
-                        // Unique per gateway and device, so two gateways on
-                        // one broker never take over each other's session.
-                        m.client_id
-                            .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
+                    match d {
+                        DeviceConfig::Mqtt(m) => {
+                            m.resolve_paths(base_dir);
+                            // Unique per gateway and device, so two gateways on
+                            // one broker never take over each other's session.
+                            m.client_id
+                                .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
+                        }
+                        #[cfg(feature = "opcua")]
+                        DeviceConfig::OpcUa(o) => {
+                            o.resolve_paths(base_dir, &buffer.dir);
+                            o.application_uri.get_or_insert_with(|| {
+                                format!("urn:guantong:gateway:{}", gateway.id)
+                            });
+                        }
+                        DeviceConfig::Modbus(_) => {}
                     }
                 }
                 Ok(Config {
@@ -608,6 +643,17 @@ fn parse_device(
             );
             DeviceConfig::Mqtt(Box::new(c))
         }),
+        #[cfg(feature = "opcua")]
+        "opcua" => crate::opcua::config::parse(path, table, problems)
+            .map(|c| DeviceConfig::OpcUa(Box::new(c))),
+        #[cfg(not(feature = "opcua"))]
+        "opcua" => {
+            problems.push(
+                format!("{path}.protocol"),
+                "this gateway was built without OPC UA (the `opcua` cargo feature)",
+            );
+            None
+        }
         other => {
             problems.push(
                 format!("{path}.protocol"),
@@ -779,7 +825,7 @@ type = "f32"
         assert_eq!(
             p,
             [
-                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`"
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`"
             ]
         );
     }

@@ -12,6 +12,8 @@ pub mod identity;
 pub mod manifest;
 pub mod modbus;
 pub mod mqtt;
+#[cfg(feature = "opcua")]
+pub mod opcua;
 pub mod quality;
 pub mod secret;
 pub mod uplink;
@@ -72,6 +74,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         }),
     );
     modbus::identify_all(&mut config.devices).await;
+    #[cfg(feature = "opcua")]
+    opcua::identify_all(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(&manifest)?;
     let stats = buffer.stats()?;
@@ -120,6 +124,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
                 let ids = (first..first + c.tags.len() as u32).collect();
                 collectors
                     .spawn(MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()));
+            }
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(c) => {
+                collectors.spawn(
+                    opcua::OpcUaCollector::new(*c, first).run(sink.clone(), collect_cancel.clone()),
+                );
             }
         }
     }

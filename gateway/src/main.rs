@@ -45,6 +45,32 @@ enum Command {
         #[command(subcommand)]
         target: ProbeTarget,
     },
+    /// OPC UA certificates: what is trusted and rejected, and trusting a
+    /// rejected server certificate.
+    #[cfg(feature = "opcua")]
+    Opcua {
+        #[command(subcommand)]
+        action: OpcuaAction,
+    },
+}
+
+#[cfg(feature = "opcua")]
+#[derive(Subcommand)]
+enum OpcuaAction {
+    /// For each OPC UA device: its PKI directory, this gateway's certificate,
+    /// and the trusted and rejected server certificates with thumbprints.
+    Status {
+        #[arg(long, short, env = "GUANTONG_CONFIG")]
+        config: PathBuf,
+    },
+    /// Trusts the rejected server certificate with this thumbprint (or a
+    /// unique prefix of it): moves it from rejected/ to trusted/. A running
+    /// gateway uses it at its next reconnect attempt.
+    Trust {
+        thumbprint: String,
+        #[arg(long, short, env = "GUANTONG_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -54,6 +80,10 @@ enum ProbeTarget {
     /// Subscribe to a broker and print each message, with the values the
     /// configured mapping would extract beside it.
     Mqtt(ProbeMqtt),
+    /// List an OPC UA server's endpoints, browse its address space with data
+    /// types and values, and print a tag-mapping snippet for the config.
+    #[cfg(feature = "opcua")]
+    Opcua(guantong_gateway::opcua::probe::OpcUaProbe),
 }
 
 #[derive(clap::Args)]
@@ -208,6 +238,24 @@ fn main() -> ExitCode {
                 }
             })
         }
+        #[cfg(feature = "opcua")]
+        Command::Probe {
+            target: ProbeTarget::Opcua(p),
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let mut out = std::io::stdout();
+            match runtime.block_on(guantong_gateway::opcua::probe::run(p, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("probe opcua: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        #[cfg(feature = "opcua")]
+        Command::Opcua { action } => opcua_command(action),
         Command::Run { config } => {
             init_tracing();
             let config = match Config::load(&config) {
@@ -231,6 +279,83 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+    }
+}
+
+#[cfg(feature = "opcua")]
+fn opcua_command(action: OpcuaAction) -> ExitCode {
+    use guantong_gateway::config::DeviceConfig;
+    use guantong_gateway::opcua::pki;
+    let config = match &action {
+        OpcuaAction::Status { config } | OpcuaAction::Trust { config, .. } => config.clone(),
+    };
+    let c = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    // Devices grouped by PKI directory, in config order.
+    let mut dirs: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    for d in &c.devices {
+        if let DeviceConfig::OpcUa(o) = d {
+            let dir = o.pki_dir().to_path_buf();
+            match dirs.iter_mut().find(|(p, _)| *p == dir) {
+                Some((_, ids)) => ids.push(o.id.clone()),
+                None => dirs.push((dir, vec![o.id.clone()])),
+            }
+        }
+    }
+    if dirs.is_empty() {
+        eprintln!("{}: no OPC UA devices", config.display());
+        return ExitCode::FAILURE;
+    }
+    match action {
+        OpcuaAction::Status { .. } => {
+            for (dir, ids) in &dirs {
+                println!("pki {}  (devices: {})", dir.display(), ids.join(", "));
+                match guantong_gateway::opcua::pki::list(dir, "own").first() {
+                    Some(own) => println!("  own       {}  {}", own.thumbprint, own.subject),
+                    None => println!("  own       (none yet: created at the first connect)"),
+                }
+                for (kind, certs) in [
+                    ("trusted", pki::list(dir, "trusted")),
+                    ("rejected", pki::list(dir, "rejected")),
+                ] {
+                    for cert in certs {
+                        println!("  {kind:<9} {}  {}", cert.thumbprint, cert.subject);
+                        if kind == "rejected" {
+                            println!(
+                                "            trust with: guantong-gateway opcua trust {} --config {}",
+                                cert.thumbprint,
+                                config.display()
+                            );
+                        }
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        OpcuaAction::Trust { thumbprint, .. } => {
+            let mut errors = Vec::new();
+            for (dir, _) in &dirs {
+                match pki::trust(dir, &thumbprint) {
+                    Ok(cert) => {
+                        println!(
+                            "trusted {}  {}\n  now {}",
+                            cert.thumbprint,
+                            cert.subject,
+                            cert.path.display()
+                        );
+                        return ExitCode::SUCCESS;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            eprintln!("{}", errors.join("\n"));
+            ExitCode::FAILURE
         }
     }
 }

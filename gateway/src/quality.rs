@@ -20,6 +20,18 @@
 //! | `0x0004_0003` | Sparkplug death certificate (NDEATH or DDEATH)      |
 //! | `0x0004_0004` | Sparkplug `seq` gap: messages between were lost     |
 //! | `0x0004_0005` | MQTT broker connection lost                         |
+//! | `0x0005_0001` | OPC UA session lost (connection cut, server gone or |
+//! |               | keep-alive watchdog): no value until it is back     |
+//! | `0x0005_0002` | OPC UA value missing or not of the tag's type       |
+//! | `0x0005_0003` | OPC UA namespace URI of the tag not on the server   |
+//! | `0x4000_0000` | an OPC UA status code, verbatim: Uncertain          |
+//! | ..`0xFFFF_FFFF` | (`0b01` top bits) or Bad (`0b10`), as the server  |
+//! |               | sent it or as the OPC UA stack reported it          |
+//! |               | (e.g. `0x8034_0000` BadNodeIdUnknown)               |
+//!
+//! A Good point normally has code 0; an OPC UA Good status with info bits
+//! keeps them (e.g. `0x0000_0480`: the server's queue overflowed, values
+//! were dropped before this one).
 
 use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
@@ -64,6 +76,10 @@ pub fn describe(code: u32) -> String {
         SPARKPLUG_DEATH => "Sparkplug death certificate".into(),
         SPARKPLUG_SEQ_GAP => "Sparkplug seq gap: messages were lost".into(),
         MQTT_CONNECTION_LOST => "MQTT broker connection lost".into(),
+        OPCUA_CONNECTION_LOST => "OPC UA session lost".into(),
+        OPCUA_TYPE_MISMATCH => "OPC UA value missing or not of the tag's type".into(),
+        OPCUA_NAMESPACE_UNKNOWN => "OPC UA namespace URI not on the server".into(),
+        c if c >= 0x4000_0000 || c & 0xFFFF_0000 == 0 => opcua_status(c),
         c => format!("code {c:#010x}"),
     }
 }
@@ -72,6 +88,20 @@ pub const MQTT_TYPE_MISMATCH: u32 = 0x0004_0002;
 pub const SPARKPLUG_DEATH: u32 = 0x0004_0003;
 pub const SPARKPLUG_SEQ_GAP: u32 = 0x0004_0004;
 pub const MQTT_CONNECTION_LOST: u32 = 0x0004_0005;
+pub const OPCUA_CONNECTION_LOST: u32 = 0x0005_0001;
+pub const OPCUA_TYPE_MISMATCH: u32 = 0x0005_0002;
+pub const OPCUA_NAMESPACE_UNKNOWN: u32 = 0x0005_0003;
+
+/// An OPC UA status code by name, where this build knows the names.
+fn opcua_status(code: u32) -> String {
+    #[cfg(feature = "opcua")]
+    {
+        let status = async_opcua::types::StatusCode::from(code);
+        format!("OPC UA {status} ({code:#010x})")
+    }
+    #[cfg(not(feature = "opcua"))]
+    format!("OPC UA status {code:#010x}")
+}
 
 /// One collected value of one tag.
 #[derive(Debug, Clone, PartialEq)]

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod evidence;
 pub mod mqtt;
+pub mod opcua;
 pub mod procs;
 pub mod proxy;
 pub mod raw;

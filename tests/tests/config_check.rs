@@ -155,6 +155,39 @@ fn every_example_config_passes_check() {
 /// reference cannot silently drift from the code.
 #[test]
 fn the_readme_config_reference_lists_every_key() {
+    assert_reference_lists(
+        VALID,
+        &[
+            ("[gateway]", "id = \"gw-1\"\n"),
+            ("[uplink]", "endpoint = \"https://127.0.0.1:7600\"\n"),
+            ("[buffer]", "dir = \"buffer\"\n"),
+            ("protocol = \"modbus-tcp\"", "protocol = \"modbus-tcp\"\n"),
+            ("type = \"f32\"", "type = \"f32\"\n"),
+        ],
+    );
+}
+
+#[test]
+fn the_readme_config_reference_lists_every_opcua_key() {
+    let opcua = VALID
+        .split("[[devices]]")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+        + "[[devices]]\nid = \"plc\"\nprotocol = \"opcua\"\nurl = \"opc.tcp://127.0.0.1:4840\"\n[[devices.tags]]\nname = \"t\"\nnode = \"ns=2;s=T\"\n";
+    assert_reference_lists(
+        &opcua,
+        &[
+            ("protocol = \"opcua\"", "protocol = \"opcua\"\n"),
+            ("node = ", "node = \"ns=2;s=T\"\n"),
+        ],
+    );
+}
+
+/// For each (section, anchor line) of `config`: an unknown key after the
+/// anchor makes the parser list the keys it takes; each is in the README's
+/// config reference as `| `key` |`.
+fn assert_reference_lists(config: &str, sections: &[(&str, &str)]) {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .expect("README.md");
@@ -162,18 +195,9 @@ fn the_readme_config_reference_lists_every_key() {
         .split("### Config reference")
         .nth(1)
         .expect("README has a `### Config reference` section");
-    // Ask the parser itself which keys each section takes: an unknown key's
-    // error lists them all.
-    let sections = [
-        ("[gateway]", "id = \"gw-1\"\n"),
-        ("[uplink]", "endpoint = \"https://127.0.0.1:7600\"\n"),
-        ("[buffer]", "dir = \"buffer\"\n"),
-        ("protocol = \"modbus-tcp\"", "protocol = \"modbus-tcp\"\n"),
-        ("type = \"f32\"", "type = \"f32\"\n"),
-    ];
     for (section, anchor) in sections {
         let (_, _, stderr) =
-            check(&VALID.replacen(anchor, &format!("{anchor}zz_unknown = 1\n"), 1));
+            check(&config.replacen(anchor, &format!("{anchor}zz_unknown = 1\n"), 1));
         let listed = stderr
             .split("unknown field `zz_unknown`, expected ")
             .nth(1)

@@ -264,41 +264,6 @@ async fn collector_run(line: &mut Line, requests: usize, window: Duration) -> an
     })
 }
 
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces).
-    let rest = stat.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// (VmRSS, VmHWM) of `pid`, in MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
-}
-
 async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let devices = args.devices.max(1);
     let per_device = points.div_ceil(devices as u32);
@@ -364,17 +329,17 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
     let pid = gateway.pid().context("gateway pid")?;
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
     let requests0: u64 = sims.iter().map(|(s, _)| s.requests()).sum();
-    let cpu0 = cpu_seconds(pid)?;
+    let cpu0 = guantong_e2e::bench::cpu_seconds(pid)?;
     let t0 = Instant::now();
     let mut rss = Vec::new();
     while t0.elapsed() < Duration::from_secs(args.window) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        rss.push(rss_mib(pid)?.0);
+        rss.push(guantong_e2e::bench::rss_mib(pid)?.0);
     }
-    let cpu = cpu_seconds(pid)? - cpu0;
+    let cpu = guantong_e2e::bench::cpu_seconds(pid)? - cpu0;
     let secs = t0.elapsed().as_secs_f64();
     let requests: u64 = sims.iter().map(|(s, _)| s.requests()).sum::<u64>() - requests0;
-    let (_, peak) = rss_mib(pid)?;
+    let (_, peak) = guantong_e2e::bench::rss_mib(pid)?;
     let api = ingest.api();
     let stored = api.points("bench-gw", "dev-0", "r0").await?.len();
     println!(

@@ -1,0 +1,1054 @@
+//! OPC UA collector: one session per device, subscription or polling.
+//!
+//! Design
+//! - async-opcua's client, with its own reconnect switched off: a session
+//!   that dies ends, and this module opens a new one (endpoint discovery,
+//!   security, namespaces by URI resolved again, subscriptions recreated), so
+//!   one code path serves the first connect, a network cut and a server
+//!   restart (after which namespace indexes may differ).
+//! - The gap is recorded, never hidden: when a session ends every tag gets
+//!   one Bad point (`OPCUA_CONNECTION_LOST`) at the time the loss was seen;
+//!   while the server stays unreachable nothing more is written (the next
+//!   point of each tag is its first value after the reconnect, which a new
+//!   monitored item always sends). A connect that fails before any session
+//!   marks the tags Bad once with the failure's status code.
+//! - Watchdog: the stack reads the server state every `keep_alive_interval`
+//!   and closes the session after `keep_alive_failures` failures; besides,
+//!   a subscription that has had no publish response (data or keep-alive)
+//!   for 3 of its keep-alive periods (or a poll that cannot read) ends the
+//!   session here.
+//! - Subscriptions: monitored items are created `max_items_per_call` at a
+//!   time (the server's OperationLimits, else 1000); when the server says a
+//!   subscription is full (BadTooManyMonitoredItems) the rest go into a new
+//!   subscription. Client handle = tag index + 1, so a notification maps to
+//!   its tag without a lookup. Queue sizes are chosen so that no sample of a
+//!   publishing interval is dropped (discard oldest if the server overflows
+//!   anyway; the overflow bit then stays in the point's quality code and is
+//!   counted in the log). A server that revises a queue size down is logged.
+//! - Notifications are converted in the stack's callback and handed to this
+//!   task as one `Vec<Sample>` per publish response through an unbounded
+//!   channel (the callback cannot wait); the task forwards them to the
+//!   bounded `PointSink`, so a slow disk slows the Publish loop here and the
+//!   server keeps the backlog in its queues.
+//! - Polling: Read of every resolved node every `poll_interval`, in chunks of
+//!   the server's MaxNodesPerRead.
+
+pub mod config;
+pub mod convert;
+pub mod pki;
+pub mod probe;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_opcua::client::{
+    Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore,
+    Session, SessionPollResult, SubscriptionActivity,
+};
+use async_opcua::crypto::{SecurityPolicy, X509};
+use async_opcua::types::{
+    AttributeId, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DataValue,
+    EndpointDescription, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest,
+    MonitoringMode, MonitoringParameters, NodeId, NotificationMessage, QualifiedName, ReadValueId,
+    StatusCode, TimestampsToReturn, UserTokenType, VariableId,
+};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::collector::{Collector, PointSink};
+use crate::quality::{self, Sample, now_ms};
+use config::{
+    Deadband, Mode, Namespace, NodeAddress, OpcUaConfig, SecurityModeChoice, SecurityPolicyChoice,
+};
+use convert::Conversion;
+
+/// First reconnect delay; doubles up to `max_backoff`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Items or nodes per request when the server does not say.
+const DEFAULT_PER_CALL: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpcUaError {
+    #[error("{context}: {status}")]
+    Status {
+        context: &'static str,
+        status: StatusCode,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("no endpoint of {url} offers {wanted}; it offers: {offered}")]
+    NoEndpoint {
+        url: String,
+        wanted: String,
+        offered: String,
+    },
+    #[error("{0}")]
+    Pki(#[from] pki::PkiError),
+}
+
+impl OpcUaError {
+    fn status(context: &'static str, e: impl Into<StatusCode>) -> OpcUaError {
+        OpcUaError::Status {
+            context,
+            status: e.into(),
+        }
+    }
+
+    /// The code a tag gets while this error keeps the device unreachable.
+    fn quality_code(&self) -> u32 {
+        match self {
+            OpcUaError::Status { status, .. } if status.is_bad() => status.bits(),
+            _ => quality::CONNECT_FAILED,
+        }
+    }
+}
+
+fn err_status(e: async_opcua::types::Error) -> StatusCode {
+    e.status()
+}
+
+pub struct OpcUaCollector {
+    config: OpcUaConfig,
+    /// Manifest index of the device's first tag.
+    first_tag: u32,
+}
+
+impl OpcUaCollector {
+    pub fn new(config: OpcUaConfig, first_tag: u32) -> OpcUaCollector {
+        OpcUaCollector { config, first_tag }
+    }
+}
+
+impl Collector for OpcUaCollector {
+    async fn run(self, sink: PointSink, cancel: CancellationToken) {
+        let id = self.config.id.clone();
+        let mut client = match build_client(&self.config) {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(%error, device = %id, "opc ua client cannot start");
+                let now = now_ms();
+                let bad = (0..self.config.tags.len() as u32)
+                    .map(|i| Sample::bad(self.first_tag + i, now, quality::CONNECT_FAILED))
+                    .collect();
+                sink.send(bad).await;
+                return;
+            }
+        };
+        let mut backoff = FIRST_BACKOFF;
+        // Whether the tags' last points are values (so a loss must be written).
+        let mut marked_down = false;
+        loop {
+            let started = Instant::now();
+            let result =
+                run_session(&self.config, &mut client, self.first_tag, &sink, &cancel).await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            let (code, connected) = match &result {
+                Ok(SessionEnd::Lost(status)) => {
+                    warn!(device = %id, %status, "opc ua session lost; tags marked Bad until it is back");
+                    (quality::OPCUA_CONNECTION_LOST, true)
+                }
+                Ok(SessionEnd::Stopped) => return,
+                Err(error) => {
+                    warn!(%error, device = %id, retry_in = ?backoff, "opc ua connect failed");
+                    (error.quality_code(), false)
+                }
+            };
+            if connected {
+                marked_down = false;
+                backoff = FIRST_BACKOFF;
+            }
+            if !marked_down {
+                let now = now_ms();
+                let bad = (0..self.config.tags.len() as u32)
+                    .map(|i| Sample::bad(self.first_tag + i, now, code))
+                    .collect();
+                if !sink.send(bad).await {
+                    return;
+                }
+                marked_down = true;
+            }
+            // A session that lived a while reconnects at once (after the
+            // first backoff step); repeated failures back off.
+            let wait = if connected && started.elapsed() > self.config.max_backoff {
+                FIRST_BACKOFF
+            } else {
+                backoff
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(self.config.max_backoff);
+        }
+    }
+}
+
+/// How a session that was established ended.
+enum SessionEnd {
+    Lost(StatusCode),
+    Stopped,
+}
+
+/// Events of the stack's session event loop that matter here.
+enum LoopEvent {
+    Connected,
+    Alive,
+    Lost(StatusCode),
+    Ended(StatusCode),
+}
+
+pub(crate) fn build_client(config: &OpcUaConfig) -> Result<Client, OpcUaError> {
+    let uri = config
+        .application_uri
+        .clone()
+        .unwrap_or_else(|| "urn:guantong:gateway".into());
+    let (thumb, created) = pki::ensure_own_certificate(config.pki_dir(), &uri)?;
+    if created {
+        info!(device = %config.id, pki = %config.pki_dir().display(), thumbprint = %thumb, application_uri = %uri,
+            "created the gateway's OPC UA application instance certificate");
+    }
+    ClientBuilder::new()
+        .application_name("Guantong gateway")
+        .application_uri(uri)
+        .product_uri("urn:guantong:gateway")
+        .pki_dir(config.pki_dir())
+        .certificate_path("own/cert.der")
+        .private_key_path("private/private.pem")
+        .create_sample_keypair(false)
+        .trust_server_certs(false)
+        .verify_server_certs(true)
+        .session_retry_limit(0)
+        .recreate_subscriptions(false)
+        .keep_alive_interval(config.keep_alive_interval)
+        .max_failed_keep_alive_count(u64::from(config.keep_alive_failures))
+        .request_timeout(config.request_timeout)
+        .publish_timeout(config.request_timeout.max(config.publishing_interval * 3))
+        .session_timeout(config.session_timeout.as_millis().min(u32::MAX as u128) as u32)
+        .session_name(format!("guantong {}", config.id))
+        .max_array_length(1_000_000)
+        .max_message_size(64 * 1024 * 1024)
+        .max_chunk_count(0)
+        .client()
+        .map_err(|e| OpcUaError::Setup(format!("OPC UA client settings: {}", e.join("; "))))
+}
+
+fn identity(config: &OpcUaConfig) -> Result<IdentityToken, OpcUaError> {
+    if let (Some(u), Some(p)) = (&config.username, &config.password) {
+        return Ok(IdentityToken::new_user_name(u.clone(), p.clone()));
+    }
+    if let (Some(c), Some(k)) = (&config.user_certificate_file, &config.user_private_key_file) {
+        return IdentityToken::new_x509_path(c, k).map_err(|e| {
+            OpcUaError::Setup(format!(
+                "user certificate {} / key {}: {e}",
+                c.display(),
+                k.display()
+            ))
+        });
+    }
+    Ok(IdentityToken::Anonymous)
+}
+
+fn token_type(t: &IdentityToken) -> UserTokenType {
+    match t {
+        IdentityToken::UserName(..) => UserTokenType::UserName,
+        IdentityToken::X509(..) => UserTokenType::Certificate,
+        IdentityToken::IssuedToken(_) => UserTokenType::IssuedToken,
+        _ => UserTokenType::Anonymous,
+    }
+}
+
+/// Policies this gateway uses, weakest first.
+const POLICIES: [SecurityPolicy; 3] = [
+    SecurityPolicy::None,
+    SecurityPolicy::Basic256Sha256,
+    SecurityPolicy::Aes128Sha256RsaOaep,
+];
+
+/// The endpoint to use: the configured policy and mode (or the most secure
+/// the server offers), with the user token type needed.
+pub fn select_endpoint(
+    endpoints: &[EndpointDescription],
+    policy: SecurityPolicyChoice,
+    mode: SecurityModeChoice,
+    token: UserTokenType,
+) -> Option<EndpointDescription> {
+    let policy_ok = |e: &EndpointDescription| {
+        let p = SecurityPolicy::from_uri(e.security_policy_uri.as_ref());
+        match policy {
+            SecurityPolicyChoice::Best => POLICIES.contains(&p),
+            SecurityPolicyChoice::None => p == SecurityPolicy::None,
+            SecurityPolicyChoice::Basic256sha256 => p == SecurityPolicy::Basic256Sha256,
+            SecurityPolicyChoice::Aes128Sha256RsaOaep => p == SecurityPolicy::Aes128Sha256RsaOaep,
+        }
+    };
+    let mode_ok = |e: &EndpointDescription| match mode {
+        SecurityModeChoice::Best => e.security_mode != MessageSecurityMode::Invalid,
+        SecurityModeChoice::None => e.security_mode == MessageSecurityMode::None,
+        SecurityModeChoice::Sign => e.security_mode == MessageSecurityMode::Sign,
+        SecurityModeChoice::SignAndEncrypt => {
+            e.security_mode == MessageSecurityMode::SignAndEncrypt
+        }
+    };
+    let token_ok = |e: &EndpointDescription| {
+        e.user_identity_tokens
+            .iter()
+            .flatten()
+            .any(|t| t.token_type == token)
+    };
+    let rank = |e: &EndpointDescription| {
+        let p = SecurityPolicy::from_uri(e.security_policy_uri.as_ref());
+        let policy_rank = POLICIES.iter().position(|x| *x == p).unwrap_or(0);
+        let mode_rank = match e.security_mode {
+            MessageSecurityMode::SignAndEncrypt => 2,
+            MessageSecurityMode::Sign => 1,
+            _ => 0,
+        };
+        (mode_rank, policy_rank, e.security_level)
+    };
+    endpoints
+        .iter()
+        .filter(|e| policy_ok(e) && mode_ok(e) && token_ok(e))
+        .max_by_key(|e| rank(e))
+        .cloned()
+}
+
+/// `policy/mode` of an endpoint, for people.
+pub fn describe_endpoint(e: &EndpointDescription) -> String {
+    let policy = SecurityPolicy::from_uri(e.security_policy_uri.as_ref());
+    let tokens: Vec<String> = e
+        .user_identity_tokens
+        .iter()
+        .flatten()
+        .map(|t| format!("{:?}", t.token_type))
+        .collect();
+    format!(
+        "{} {:?} (level {}, users: {})",
+        policy.to_str(),
+        e.security_mode,
+        e.security_level,
+        tokens.join("/")
+    )
+}
+
+/// An open session, its event loop running on its own task.
+pub(crate) struct Connection {
+    pub session: Arc<Session>,
+    pub endpoint: EndpointDescription,
+    events: mpsc::UnboundedReceiver<LoopEvent>,
+    event_task: tokio::task::JoinHandle<()>,
+}
+
+impl Connection {
+    /// Discovers the endpoints, picks one, applies trust on first use, and
+    /// opens a session; returns once it is activated.
+    pub(crate) async fn open(
+        config: &OpcUaConfig,
+        client: &mut Client,
+    ) -> Result<Connection, OpcUaError> {
+        let endpoints = tokio::time::timeout(
+            config.request_timeout,
+            client.get_server_endpoints_from_url(config.url.as_str()),
+        )
+        .await
+        .map_err(|_| OpcUaError::status("GetEndpoints", StatusCode::BadTimeout))?
+        .map_err(|e| OpcUaError::status("GetEndpoints", err_status(e)))?;
+        let identity = identity(config)?;
+        let Some(endpoint) = select_endpoint(
+            &endpoints,
+            config.security_policy,
+            config.security_mode,
+            token_type(&identity),
+        ) else {
+            return Err(OpcUaError::NoEndpoint {
+                url: config.url.clone(),
+                wanted: format!(
+                    "policy {:?}, mode {:?}, user token {:?}",
+                    config.security_policy,
+                    config.security_mode,
+                    token_type(&identity)
+                ),
+                offered: endpoints
+                    .iter()
+                    .map(describe_endpoint)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        };
+        let secured = endpoint.security_mode != MessageSecurityMode::None;
+        let server_cert = X509::from_byte_string(&endpoint.server_certificate).ok();
+        if secured
+            && config.trust_on_first_use
+            && let Some(cert) = &server_cert
+            && let Some(thumbprint) = pki::trust_on_first_use(config.pki_dir(), &config.id, cert)?
+        {
+            warn!(device = %config.id, %thumbprint, "trusted the server's certificate on first use");
+        }
+        debug!(device = %config.id, endpoint = %describe_endpoint(&endpoint), "opc ua endpoint chosen");
+        let (session, event_loop) = client
+            .session_builder()
+            .with_endpoints(endpoints)
+            .connect_to_matching_endpoint(endpoint.clone())
+            .map_err(|e| OpcUaError::status("endpoint", err_status(e)))?
+            .user_identity_token(identity)
+            .build(client.certificate_store().clone())
+            .map_err(|e| OpcUaError::status("session", err_status(e)))?;
+        session.disable_reconnects();
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let event_task = tokio::spawn(async move {
+            let stream = event_loop.enter();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(r) = stream.next().await {
+                let event = match r {
+                    Ok(SessionPollResult::Reconnected(_)) => LoopEvent::Connected,
+                    Ok(SessionPollResult::ConnectionLost(s)) => LoopEvent::Lost(s),
+                    Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish)) => {
+                        LoopEvent::Alive
+                    }
+                    Ok(SessionPollResult::SessionActivity(
+                        async_opcua::client::SessionActivity::KeepAliveSucceeded,
+                    )) => LoopEvent::Alive,
+                    Ok(_) => continue,
+                    Err(s) => {
+                        let _ = tx.send(LoopEvent::Ended(s));
+                        return;
+                    }
+                };
+                if tx.send(event).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(LoopEvent::Ended(StatusCode::BadConnectionClosed));
+        });
+        let first = tokio::time::timeout(config.request_timeout * 3, events.recv()).await;
+        let fail = |status: StatusCode| {
+            if (status == StatusCode::BadCertificateUntrusted
+                || status == StatusCode::BadSecurityChecksFailed)
+                && let Some(cert) = &server_cert
+            {
+                warn!(
+                    device = %config.id,
+                    thumbprint = %pki::thumbprint(cert),
+                    rejected = %config.pki_dir().join("rejected").display(),
+                    "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
+                );
+            }
+            OpcUaError::status("connect", status)
+        };
+        match first {
+            Ok(Some(LoopEvent::Connected)) => Ok(Connection {
+                session,
+                endpoint,
+                events,
+                event_task,
+            }),
+            Ok(Some(LoopEvent::Lost(s) | LoopEvent::Ended(s))) => {
+                event_task.abort();
+                Err(fail(s))
+            }
+            Ok(Some(LoopEvent::Alive)) | Ok(None) => {
+                event_task.abort();
+                Err(fail(StatusCode::BadConnectionClosed))
+            }
+            Err(_) => {
+                event_task.abort();
+                Err(fail(StatusCode::BadTimeout))
+            }
+        }
+    }
+
+    /// Closes the session (best effort, bounded) and stops its event loop.
+    pub(crate) async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.session.disconnect()).await;
+        self.event_task.abort();
+    }
+}
+
+/// Reads one scalar Value attribute of each node.
+pub(crate) async fn read_values(
+    session: &Session,
+    nodes: &[NodeId],
+) -> Result<Vec<DataValue>, OpcUaError> {
+    let ids: Vec<ReadValueId> = nodes.iter().map(|n| read_value_id(n.clone())).collect();
+    session
+        .read(&ids, TimestampsToReturn::Both, 0.0)
+        .await
+        .map_err(|e| OpcUaError::status("Read", err_status(e)))
+}
+
+fn read_value_id(node_id: NodeId) -> ReadValueId {
+    ReadValueId {
+        node_id,
+        attribute_id: AttributeId::Value as u32,
+        index_range: Default::default(),
+        data_encoding: QualifiedName::null(),
+    }
+}
+
+/// The server's per-call limit for `limit` (an OperationLimits variable),
+/// when it states one.
+async fn server_limit(session: &Session, limit: VariableId) -> Option<usize> {
+    let v = read_values(session, &[limit.into()]).await.ok()?;
+    let n: u32 = v.first()?.value.clone()?.try_cast_to().ok()?;
+    (n > 0).then_some(n as usize)
+}
+
+/// Each tag's NodeId on this server, or the code why it has none.
+fn resolve(
+    config: &OpcUaConfig,
+    namespaces: &async_opcua::types::NamespaceMap,
+) -> Vec<Result<NodeId, u32>> {
+    config
+        .tags
+        .iter()
+        .map(|t| {
+            let a = NodeAddress::parse(&t.node).expect("checked when the config was loaded");
+            match &a.namespace {
+                Namespace::Index(i) => Ok(a.with_index(*i)),
+                Namespace::Uri(u) => namespaces
+                    .get_index(u)
+                    .map(|i| a.with_index(i))
+                    .ok_or(quality::OPCUA_NAMESPACE_UNKNOWN),
+            }
+        })
+        .collect()
+}
+
+/// Runs one session: connect, subscribe or poll, until it is lost or
+/// `cancel` fires.
+async fn run_session(
+    config: &OpcUaConfig,
+    client: &mut Client,
+    first_tag: u32,
+    sink: &PointSink,
+    cancel: &CancellationToken,
+) -> Result<SessionEnd, OpcUaError> {
+    let mut conn = tokio::select! {
+        _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
+        c = Connection::open(config, client) => c?,
+    };
+    info!(device = %config.id, endpoint = %describe_endpoint(&conn.endpoint), "opc ua session open");
+    let result = serve(config, &mut conn, first_tag, sink, cancel).await;
+    conn.close().await;
+    result
+}
+
+async fn serve(
+    config: &OpcUaConfig,
+    conn: &mut Connection,
+    first_tag: u32,
+    sink: &PointSink,
+    cancel: &CancellationToken,
+) -> Result<SessionEnd, OpcUaError> {
+    let session = conn.session.clone();
+    let namespaces = session
+        .read_namespace_array()
+        .await
+        .map_err(|e| OpcUaError::status("read NamespaceArray", err_status(e)))?;
+    let nodes = resolve(config, &namespaces);
+    let conversions: Vec<Conversion> = config
+        .tags
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Conversion {
+            tag: first_tag + i as u32,
+            value_type: t.data_type,
+            timestamp: config.timestamp,
+        })
+        .collect();
+    let now = now_ms();
+    let unresolved: Vec<Sample> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            n.as_ref()
+                .err()
+                .map(|c| Sample::bad(first_tag + i as u32, now, *c))
+        })
+        .collect();
+    if !unresolved.is_empty() {
+        warn!(device = %config.id, tags = unresolved.len(), "namespace URI not on the server; those tags are Bad");
+        sink.send(unresolved).await;
+    }
+    match config.mode {
+        Mode::Subscription => {
+            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel).await
+        }
+        Mode::Poll => poll(config, conn, &nodes, &conversions, sink, cancel).await,
+    }
+}
+
+/// The subscription callback: converts each publish response's data
+/// changes and hands them to the collector task in one piece.
+struct Notifications {
+    conversions: Arc<[Conversion]>,
+    tx: mpsc::UnboundedSender<Vec<Sample>>,
+    overflows: Arc<AtomicU64>,
+}
+
+impl OnSubscriptionNotificationCore for Notifications {
+    fn on_subscription_notification(
+        &mut self,
+        notification: NotificationMessage,
+        _items: MonitoredItemMap<'_>,
+    ) {
+        let Some(data) = notification.notification_data else {
+            return;
+        };
+        let mut samples = Vec::new();
+        for obj in data {
+            let Some(v) = obj.into_inner_as::<DataChangeNotification>() else {
+                continue;
+            };
+            samples.reserve(v.monitored_items.as_ref().map_or(0, |m| m.len()));
+            for item in v.monitored_items.into_iter().flatten() {
+                let Some(c) = (item.client_handle as usize)
+                    .checked_sub(1)
+                    .and_then(|i| self.conversions.get(i))
+                else {
+                    continue;
+                };
+                if item.value.status.is_some_and(|s| s.overflow()) {
+                    self.overflows.fetch_add(1, Ordering::Relaxed);
+                }
+                samples.push(c.sample(item.value));
+            }
+        }
+        if !samples.is_empty() {
+            let _ = self.tx.send(samples);
+        }
+    }
+}
+
+fn monitored_item(config: &OpcUaConfig, tag: usize, node: NodeId) -> MonitoredItemCreateRequest {
+    let t = &config.tags[tag];
+    let deadband = t.deadband.unwrap_or(config.deadband);
+    let filter = if deadband == Deadband::None {
+        ExtensionObject::null()
+    } else {
+        ExtensionObject::from_message(DataChangeFilter {
+            trigger: DataChangeTrigger::StatusValue,
+            deadband_type: match deadband {
+                Deadband::Absolute => 1,
+                Deadband::Percent => 2,
+                Deadband::None => 0,
+            },
+            deadband_value: t.deadband_value.unwrap_or(config.deadband_value),
+        })
+    };
+    MonitoredItemCreateRequest {
+        item_to_monitor: read_value_id(node),
+        monitoring_mode: MonitoringMode::Reporting,
+        requested_parameters: MonitoringParameters {
+            client_handle: tag as u32 + 1,
+            sampling_interval: t
+                .sampling_interval
+                .unwrap_or(config.sampling_interval)
+                .as_secs_f64()
+                * 1000.0,
+            filter,
+            queue_size: config.queue_size_for(t),
+            discard_oldest: true,
+        },
+    }
+}
+
+async fn subscribe_and_forward(
+    config: &OpcUaConfig,
+    conn: &mut Connection,
+    nodes: &[Result<NodeId, u32>],
+    conversions: Vec<Conversion>,
+    sink: &PointSink,
+    cancel: &CancellationToken,
+) -> Result<SessionEnd, OpcUaError> {
+    let session = conn.session.clone();
+    let per_call = match config.max_items_per_call {
+        Some(n) => n as usize,
+        None => server_limit(
+            &session,
+            VariableId::Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+        )
+        .await
+        .unwrap_or(DEFAULT_PER_CALL),
+    };
+    let conversions: Arc<[Conversion]> = conversions.into();
+    let (tx, mut data) = mpsc::unbounded_channel();
+    let overflows = Arc::new(AtomicU64::new(0));
+    let keep_alive_count = 10u32;
+    let new_subscription = || {
+        let callback = Notifications {
+            conversions: conversions.clone(),
+            tx: tx.clone(),
+            overflows: overflows.clone(),
+        };
+        let session = session.clone();
+        async move {
+            session
+                .create_subscription(
+                    config.publishing_interval,
+                    keep_alive_count * 3,
+                    keep_alive_count,
+                    0,
+                    0,
+                    true,
+                    callback,
+                )
+                .await
+                .map_err(|e| OpcUaError::status("CreateSubscription", err_status(e)))
+        }
+    };
+    let mut subscription = new_subscription().await?;
+    let mut subscriptions = 1;
+    let mut pending: std::collections::VecDeque<MonitoredItemCreateRequest> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            n.as_ref()
+                .ok()
+                .map(|n| monitored_item(config, i, n.clone()))
+        })
+        .collect();
+    let (mut created, mut revised_down) = (0usize, 0usize);
+    let mut refused = Vec::new();
+    let mut batch_size = per_call.max(1);
+    let mut in_subscription = 0usize;
+    let now = now_ms();
+    while !pending.is_empty() {
+        let n = batch_size.min(pending.len());
+        let batch: Vec<MonitoredItemCreateRequest> = pending.iter().take(n).cloned().collect();
+        let results = match session
+            .create_monitored_items(subscription, TimestampsToReturn::Both, batch.clone())
+            .await
+        {
+            Ok(r) => r,
+            // The subscription is full (or the batch is larger than a
+            // subscription may hold): a new subscription, or smaller batches.
+            Err(e) if e.status() == StatusCode::BadTooManyMonitoredItems => {
+                if in_subscription == 0 {
+                    if batch_size == 1 {
+                        return Err(OpcUaError::status("CreateMonitoredItems", e.status()));
+                    }
+                    batch_size = (batch_size / 2).max(1);
+                } else {
+                    subscription = new_subscription().await?;
+                    subscriptions += 1;
+                    in_subscription = 0;
+                }
+                continue;
+            }
+            Err(e) => return Err(OpcUaError::status("CreateMonitoredItems", err_status(e))),
+        };
+        pending.drain(..n);
+        in_subscription += n;
+        let mut full = Vec::new();
+        for (req, res) in batch.into_iter().zip(results) {
+            let status = res.result.status_code;
+            let tag = req.requested_parameters.client_handle as usize - 1;
+            if status == StatusCode::BadTooManyMonitoredItems {
+                full.push(req);
+            } else if status.is_bad() {
+                refused.push(Sample::bad(conversions[tag].tag, now, status.bits()));
+                debug!(device = %config.id, tag = %config.tags[tag].name, %status, "monitored item refused");
+            } else {
+                created += 1;
+                if res.result.revised_queue_size < req.requested_parameters.queue_size {
+                    revised_down += 1;
+                }
+            }
+        }
+        if !full.is_empty() {
+            for r in full.into_iter().rev() {
+                pending.push_front(r);
+            }
+            subscription = new_subscription().await?;
+            subscriptions += 1;
+            in_subscription = 0;
+        }
+    }
+    drop(tx);
+    if !refused.is_empty() {
+        warn!(device = %config.id, refused = refused.len(), first_code = %StatusCode::from(refused[0].code), "the server refused monitored items; those tags are Bad");
+        sink.send(refused).await;
+    }
+    if revised_down > 0 {
+        warn!(device = %config.id, items = revised_down, "the server revised queue sizes down: values changing faster than it publishes may be dropped (the overflow bit marks them)");
+    }
+    info!(device = %config.id, items = created, subscriptions, per_call, "opc ua subscribed");
+
+    // Silence longer than this (no data, no keep-alive) means the server or
+    // the path to it is dead.
+    let watchdog = (config.publishing_interval * keep_alive_count * 3)
+        .max(config.keep_alive_interval * (config.keep_alive_failures + 1));
+    let mut last_alive = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut overflows_logged = 0;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
+            batch = data.recv() => {
+                let Some(batch) = batch else {
+                    return Ok(SessionEnd::Lost(StatusCode::BadSubscriptionIdInvalid));
+                };
+                last_alive = Instant::now();
+                if !sink.send(batch).await {
+                    return Ok(SessionEnd::Stopped);
+                }
+            }
+            event = conn.events.recv() => match event {
+                Some(LoopEvent::Alive | LoopEvent::Connected) => last_alive = Instant::now(),
+                Some(LoopEvent::Lost(s) | LoopEvent::Ended(s)) => return Ok(SessionEnd::Lost(s)),
+                None => return Ok(SessionEnd::Lost(StatusCode::BadConnectionClosed)),
+            },
+            _ = tick.tick() => {
+                if last_alive.elapsed() > watchdog {
+                    warn!(device = %config.id, silent = ?last_alive.elapsed(), "opc ua watchdog: no publish response or keep-alive");
+                    return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
+                }
+                let o = overflows.load(Ordering::Relaxed);
+                if o > overflows_logged {
+                    warn!(device = %config.id, overflows = o, "server queues overflowed: values were dropped before reaching the gateway");
+                    overflows_logged = o;
+                }
+            }
+        }
+    }
+}
+
+async fn poll(
+    config: &OpcUaConfig,
+    conn: &mut Connection,
+    nodes: &[Result<NodeId, u32>],
+    conversions: &[Conversion],
+    sink: &PointSink,
+    cancel: &CancellationToken,
+) -> Result<SessionEnd, OpcUaError> {
+    let session = conn.session.clone();
+    let per_call = match config.max_items_per_call {
+        Some(n) => n as usize,
+        None => server_limit(
+            &session,
+            VariableId::Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
+        )
+        .await
+        .unwrap_or(DEFAULT_PER_CALL),
+    };
+    let targets: Vec<(usize, NodeId)> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| n.as_ref().ok().map(|n| (i, n.clone())))
+        .collect();
+    info!(device = %config.id, nodes = targets.len(), interval = ?config.poll_interval, "opc ua polling");
+    let mut tick = tokio::time::interval(config.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
+            event = conn.events.recv() => match event {
+                Some(LoopEvent::Lost(s) | LoopEvent::Ended(s)) => return Ok(SessionEnd::Lost(s)),
+                None => return Ok(SessionEnd::Lost(StatusCode::BadConnectionClosed)),
+                Some(_) => continue,
+            },
+            _ = tick.tick() => {}
+        }
+        let mut samples = Vec::with_capacity(targets.len());
+        for chunk in targets.chunks(per_call) {
+            let ids: Vec<NodeId> = chunk.iter().map(|(_, n)| n.clone()).collect();
+            let values = match read_values(&session, &ids).await {
+                Ok(v) => v,
+                Err(OpcUaError::Status { status, .. }) => return Ok(SessionEnd::Lost(status)),
+                Err(e) => return Err(e),
+            };
+            for ((i, _), dv) in chunk.iter().zip(values) {
+                samples.push(conversions[*i].sample(dv));
+            }
+        }
+        if !sink.send(samples).await {
+            return Ok(SessionEnd::Stopped);
+        }
+    }
+}
+
+/// Reads each OPC UA device's server identity for the manifest (ApplicationUri,
+/// product, BuildInfo, certificate thumbprint, security in use). A server that
+/// does not answer within `request_timeout` gets no identity; collection does
+/// not wait for it.
+pub async fn identify_all(devices: &mut [crate::config::DeviceConfig]) {
+    let mut jobs = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        if let crate::config::DeviceConfig::OpcUa(c) = d {
+            let c = (**c).clone();
+            jobs.push(tokio::spawn(async move {
+                // Creating the certificate (an RSA key) is not the server's
+                // time: it happens before the timeout starts.
+                let r = match build_client(&c) {
+                    Ok(mut client) => {
+                        tokio::time::timeout(c.request_timeout, identify(&c, &mut client)).await
+                    }
+                    Err(e) => Ok(Err(e)),
+                };
+                (i, c.id.clone(), r)
+            }));
+        }
+    }
+    for job in jobs {
+        let Ok((i, id, r)) = job.await else { continue };
+        match r {
+            Ok(Ok(identity)) => {
+                info!(device = %id, ?identity, "opc ua server identified");
+                if let crate::config::DeviceConfig::OpcUa(c) = &mut devices[i] {
+                    c.identity = identity;
+                }
+            }
+            Ok(Err(error)) => warn!(%error, device = %id, "opc ua server not identified"),
+            Err(_) => {
+                warn!(device = %id, "opc ua server not identified: no answer within request_timeout")
+            }
+        }
+    }
+}
+
+async fn identify(
+    config: &OpcUaConfig,
+    client: &mut Client,
+) -> Result<std::collections::BTreeMap<String, String>, OpcUaError> {
+    let conn = Connection::open(config, client).await?;
+    let r = identity_of(&conn).await;
+    conn.close().await;
+    r
+}
+
+pub(crate) async fn identity_of(
+    conn: &Connection,
+) -> Result<std::collections::BTreeMap<String, String>, OpcUaError> {
+    let mut id = std::collections::BTreeMap::new();
+    let server = &conn.endpoint.server;
+    id.insert(
+        "application_uri".into(),
+        server.application_uri.as_ref().to_string(),
+    );
+    id.insert(
+        "product_uri".into(),
+        server.product_uri.as_ref().to_string(),
+    );
+    id.insert(
+        "application_name".into(),
+        server.application_name.text.as_ref().to_string(),
+    );
+    if let Ok(cert) = X509::from_byte_string(&conn.endpoint.server_certificate) {
+        id.insert("certificate_thumbprint".into(), pki::thumbprint(&cert));
+    }
+    id.insert(
+        "security".into(),
+        format!(
+            "{} {:?}",
+            SecurityPolicy::from_uri(conn.endpoint.security_policy_uri.as_ref()).to_str(),
+            conn.endpoint.security_mode
+        ),
+    );
+    let fields = [
+        (
+            "product_name",
+            VariableId::Server_ServerStatus_BuildInfo_ProductName,
+        ),
+        (
+            "manufacturer",
+            VariableId::Server_ServerStatus_BuildInfo_ManufacturerName,
+        ),
+        (
+            "software_version",
+            VariableId::Server_ServerStatus_BuildInfo_SoftwareVersion,
+        ),
+        (
+            "build_number",
+            VariableId::Server_ServerStatus_BuildInfo_BuildNumber,
+        ),
+        (
+            "build_date",
+            VariableId::Server_ServerStatus_BuildInfo_BuildDate,
+        ),
+    ];
+    let nodes: Vec<NodeId> = fields.iter().map(|(_, v)| (*v).into()).collect();
+    let values = read_values(&conn.session, &nodes).await?;
+    for ((key, _), dv) in fields.iter().zip(values) {
+        if let Some(v) = dv.value
+            && dv.status.is_none_or(|s| s.is_good())
+        {
+            let text = convert::text(&v);
+            if !text.is_empty() {
+                id.insert((*key).into(), text);
+            }
+        }
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_opcua::types::{UAString, UserTokenPolicy};
+
+    fn ep(policy: SecurityPolicy, mode: MessageSecurityMode, level: u8) -> EndpointDescription {
+        EndpointDescription {
+            endpoint_url: UAString::from("opc.tcp://x:4840/"),
+            security_policy_uri: UAString::from(policy.to_uri()),
+            security_mode: mode,
+            security_level: level,
+            user_identity_tokens: Some(vec![UserTokenPolicy::anonymous()]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selects_the_most_secure_endpoint_or_the_configured_one() {
+        let eps = vec![
+            ep(SecurityPolicy::None, MessageSecurityMode::None, 0),
+            ep(SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign, 3),
+            ep(
+                SecurityPolicy::Basic256Sha256,
+                MessageSecurityMode::SignAndEncrypt,
+                4,
+            ),
+            ep(
+                SecurityPolicy::Aes128Sha256RsaOaep,
+                MessageSecurityMode::SignAndEncrypt,
+                5,
+            ),
+            ep(
+                SecurityPolicy::Basic128Rsa15,
+                MessageSecurityMode::SignAndEncrypt,
+                9,
+            ),
+        ];
+        let pick = |p, m| {
+            select_endpoint(&eps, p, m, UserTokenType::Anonymous).map(|e| {
+                (
+                    SecurityPolicy::from_uri(e.security_policy_uri.as_ref()),
+                    e.security_mode,
+                )
+            })
+        };
+        use SecurityModeChoice as M;
+        use SecurityPolicyChoice as P;
+        assert_eq!(
+            pick(P::Best, M::Best),
+            Some((
+                SecurityPolicy::Aes128Sha256RsaOaep,
+                MessageSecurityMode::SignAndEncrypt
+            ))
+        );
+        assert_eq!(
+            pick(P::Basic256sha256, M::Sign),
+            Some((SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign))
+        );
+        assert_eq!(
+            pick(P::None, M::Best),
+            Some((SecurityPolicy::None, MessageSecurityMode::None))
+        );
+        assert_eq!(pick(P::Aes128Sha256RsaOaep, M::Sign), None);
+        assert!(select_endpoint(&eps, P::Best, M::Best, UserTokenType::UserName).is_none());
+    }
+}

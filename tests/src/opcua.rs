@@ -1,0 +1,266 @@
+//! An async-opcua server run inside the test (or bench) process, with
+//! variables the test changes: the real OPC UA peer for the collector's tests.
+//!
+//! Address space (namespace `urn:guantong:test`, whose index moves when the
+//! server is started with `shift_namespace`):
+//! - `s=Counter` (UInt32), `s=Temperature` (Double), `s=Running` (Boolean),
+//!   `s=Label` (String), `s=Vector` (Int32 array), `i=1001` (Int64),
+//!   `g=09087e75-8e5e-499b-954f-f2a9603db28a` (Float), `b=AQID` (UInt16),
+//!   all in the folder `s=Plant`;
+//! - `s=v0` .. `s=v{items-1}` (Double), in the folder `s=Items`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_opcua::crypto::{CertificateStore, SecurityPolicy};
+use async_opcua::server::address_space::Variable;
+use async_opcua::server::diagnostics::NamespaceMetadata;
+use async_opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
+use async_opcua::server::{ServerBuilder, ServerHandle, ServerUserToken};
+use async_opcua::types::{
+    BuildInfo, DataValue, DateTime, Guid, MessageSecurityMode, NodeId, Variant,
+};
+
+pub const NAMESPACE: &str = "urn:guantong:test";
+pub const GUID: &str = "09087e75-8e5e-499b-954f-f2a9603db28a";
+pub const USER: &str = "operator";
+pub const PASSWORD: &str = "s3cret-pass";
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// 0: any free port.
+    pub port: u16,
+    /// Its own PKI directory (kept across a restart so its certificate stays).
+    pub pki_dir: PathBuf,
+    /// Also offer Basic256Sha256 and Aes128_Sha256_RsaOaep, Sign and
+    /// SignAndEncrypt (the None endpoint is always there).
+    pub secure: bool,
+    /// Register another namespace first, so the test namespace's index is 3
+    /// instead of 2 (as after a server upgrade).
+    pub shift_namespace: bool,
+    /// `v0`.. variables.
+    pub items: usize,
+    /// Most monitored items per subscription (0: no limit).
+    pub max_items_per_subscription: usize,
+}
+
+impl ServerOptions {
+    pub fn new(pki_dir: &Path) -> ServerOptions {
+        ServerOptions {
+            port: 0,
+            pki_dir: pki_dir.to_path_buf(),
+            secure: false,
+            shift_namespace: false,
+            items: 0,
+            max_items_per_subscription: 1000,
+        }
+    }
+}
+
+pub struct TestServer {
+    pub handle: ServerHandle,
+    pub manager: Arc<SimpleNodeManager>,
+    pub port: u16,
+    pub ns: u16,
+    pub options: ServerOptions,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    pub async fn start(options: ServerOptions) -> anyhow::Result<TestServer> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
+        let port = listener.local_addr()?.port();
+        let users: Vec<&str> = vec!["ANONYMOUS", "operator"];
+        let mut builder = ServerBuilder::new()
+            .application_name("Guantong test server")
+            .application_uri("urn:guantong:test-server")
+            .product_uri("urn:guantong:test-server:product")
+            .build_info(BuildInfo {
+                product_uri: "urn:guantong:test-server:product".into(),
+                manufacturer_name: "Guantong tests".into(),
+                product_name: "Guantong OPC UA test server".into(),
+                software_version: "1.2.3".into(),
+                build_number: "42".into(),
+                build_date: DateTime::now(),
+            })
+            .host("127.0.0.1")
+            .port(port)
+            .pki_dir(&options.pki_dir)
+            .create_sample_keypair(true)
+            .trust_client_certs(true)
+            .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{port}/")])
+            .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD))
+            .add_endpoint(
+                "none",
+                (
+                    "/",
+                    SecurityPolicy::None,
+                    MessageSecurityMode::None,
+                    &users[..],
+                ),
+            )
+            .max_array_length(100_000)
+            .max_message_size(64 * 1024 * 1024)
+            .max_chunk_count(0);
+        if options.secure {
+            for (id, policy, mode) in [
+                (
+                    "b256_s",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "b256_se",
+                    SecurityPolicy::Basic256Sha256,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+                (
+                    "aes_s",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::Sign,
+                ),
+                (
+                    "aes_se",
+                    SecurityPolicy::Aes128Sha256RsaOaep,
+                    MessageSecurityMode::SignAndEncrypt,
+                ),
+            ] {
+                builder = builder.add_endpoint(id, ("/", policy, mode, &users[..]));
+            }
+        }
+        if options.shift_namespace {
+            builder = builder.with_node_manager(simple_node_manager(
+                NamespaceMetadata {
+                    namespace_uri: "urn:guantong:padding".into(),
+                    ..Default::default()
+                },
+                "padding",
+            ));
+        }
+        builder = builder.with_node_manager(simple_node_manager(
+            NamespaceMetadata {
+                namespace_uri: NAMESPACE.into(),
+                ..Default::default()
+            },
+            "test",
+        ));
+        {
+            let limits = builder.limits_mut();
+            limits.subscriptions.max_monitored_items_per_sub = options.max_items_per_subscription;
+            limits.subscriptions.max_subscriptions_per_session = 50;
+            limits.subscriptions.max_monitored_item_queue_size = 1000;
+            limits.subscriptions.max_pending_publish_requests = 100;
+            limits.subscriptions.max_queued_notifications = 1000;
+            limits.subscriptions.min_publishing_interval_ms = 50.0;
+            limits.subscriptions.min_sampling_interval_ms = 0.0;
+        }
+        let (server, handle) = builder
+            .build()
+            .map_err(|e| anyhow::anyhow!("test OPC UA server: {e}"))?;
+        let manager = handle
+            .node_managers()
+            .get_by_name::<SimpleNodeManager>("test")
+            .context("test node manager")?;
+        let ns = handle
+            .get_namespace_index(NAMESPACE)
+            .context("test namespace")?;
+        {
+            let mut space = manager.address_space().write();
+            let plant = NodeId::new(ns, "Plant");
+            space.add_folder(&plant, "Plant", "Plant", &NodeId::objects_folder_id());
+            let guid = Guid::from_str(GUID).map_err(|_| anyhow::anyhow!("guid"))?;
+            let opaque = async_opcua::types::ByteString::from(vec![1u8, 2, 3]);
+            let vars = vec![
+                Variable::new(&NodeId::new(ns, "Counter"), "Counter", "Counter", 0u32),
+                Variable::new(
+                    &NodeId::new(ns, "Temperature"),
+                    "Temperature",
+                    "Temperature",
+                    20.5f64,
+                ),
+                Variable::new(&NodeId::new(ns, "Running"), "Running", "Running", true),
+                Variable::new(&NodeId::new(ns, "Label"), "Label", "Label", "Line 1"),
+                Variable::new(
+                    &NodeId::new(ns, "Vector"),
+                    "Vector",
+                    "Vector",
+                    vec![1i32, 2, 3],
+                ),
+                Variable::new(&NodeId::new(ns, 1001u32), "Total", "Total", -7i64),
+                Variable::new(&NodeId::new(ns, guid), "Ratio", "Ratio", 0.25f32),
+                Variable::new(&NodeId::new(ns, opaque), "Code", "Code", 7u16),
+            ];
+            space.add_variables(vars, &plant);
+            if options.items > 0 {
+                let folder = NodeId::new(ns, "Items");
+                space.add_folder(&folder, "Items", "Items", &NodeId::objects_folder_id());
+                let vars = (0..options.items)
+                    .map(|i| {
+                        let name = format!("v{i}");
+                        Variable::new(
+                            &NodeId::new(ns, name.clone()),
+                            name.as_str(),
+                            name.as_str(),
+                            0.0f64,
+                        )
+                    })
+                    .collect();
+                space.add_variables(vars, &folder);
+            }
+        }
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run_with(listener).await {
+                eprintln!("test OPC UA server stopped: {e}");
+            }
+        });
+        Ok(TestServer {
+            handle,
+            manager,
+            port,
+            ns,
+            options,
+            task,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("opc.tcp://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn node(&self, id: &str) -> NodeId {
+        NodeId::new(self.ns, id)
+    }
+
+    /// Sets values (source timestamp now) and notifies subscriptions.
+    pub fn set(&self, values: Vec<(NodeId, Variant)>) {
+        let now = DateTime::now();
+        let updates: Vec<(NodeId, DataValue)> = values
+            .into_iter()
+            .map(|(n, v)| {
+                let mut dv = DataValue::new_at(v, now);
+                dv.server_timestamp = Some(now);
+                (n, dv)
+            })
+            .collect();
+        let _ = self.manager.set_values(
+            self.handle.subscriptions(),
+            updates.iter().map(|(n, dv)| (n, None, dv.clone())),
+        );
+    }
+
+    /// The SHA-1 thumbprint of the server's certificate, hex.
+    pub fn thumbprint(&self) -> anyhow::Result<String> {
+        let cert = CertificateStore::read_cert(&self.options.pki_dir.join("own/cert.der"))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(cert.thumbprint().as_hex_string())
+    }
+
+    /// Stops the server: its sessions end, its port closes.
+    pub async fn stop(self) {
+        self.handle.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
