@@ -555,7 +555,7 @@ async fn probe_lists_endpoints_browses_and_writes_a_snippet() {
     );
     // The snippet is a valid config once under a gateway section.
     let cfg = format!(
-        "[gateway]\nid = \"g\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n{snippet}"
+        "[gateway]\nid = \"g\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\nplaintext = true\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n{snippet}"
     );
     guantong_gateway::config::Config::parse(&cfg, Path::new("/tmp")).expect("snippet parses");
     server.stop().await;
