@@ -264,8 +264,10 @@ impl Wire {
 }
 
 /// Forwards every connection on a new port to `device`, logging chunk times
-/// in `wire`. The time of an answer chunk is taken after it was written to
-/// the gateway, so a measured gap is never longer than the gateway's.
+/// in `wire`. An answer chunk is stamped before it is written to the gateway
+/// and a request chunk after it was read, so the relay's own scheduling can
+/// only lengthen a measured gap, never shorten it below the gateway's delay;
+/// without the delay, gaps stay near a millisecond and the test fails.
 async fn timed_relay(
     device: SocketAddr,
     wire: Arc<Mutex<Wire>>,
@@ -296,13 +298,13 @@ async fn timed_relay(
             tokio::spawn(async move {
                 let mut buf = [0u8; 512];
                 while let Ok(n @ 1..) = d_read.read(&mut buf).await {
-                    if g_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
                     log.lock()
                         .expect("wire log")
                         .chunks
                         .push((Instant::now(), false));
+                    if g_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
             });
         }
