@@ -238,49 +238,16 @@ pub struct Snapshot {
 
 /// "YYYY-MM-DD" of a UTC+8 day start.
 pub fn date_of(day_ms: i64) -> String {
-    let days = (day_ms + rollup::DAY_OFFSET_MS).div_euclid(DAY_MS);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
+    crate::days::format((day_ms + rollup::DAY_OFFSET_MS).div_euclid(DAY_MS))
 }
 
 /// The UTC ms start of a UTC+8 date "YYYY-MM-DD".
 pub fn parse_date(s: &str) -> std::result::Result<i64, String> {
-    let bad = || format!("date `{s}`: expected YYYY-MM-DD");
-    let mut it = s.trim().splitn(3, '-');
-    let y: i64 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    let m: u32 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    let d: u32 = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
-        return Err(bad());
-    }
-    let days = days_from_civil(y, m, d);
-    if date_of(days * DAY_MS - rollup::DAY_OFFSET_MS) != s.trim() {
-        return Err(format!("date `{s}` does not exist"));
-    }
+    let days = crate::days::parse(s.trim()).map_err(|e| match e {
+        crate::days::DateError::Format => format!("date `{s}`: expected YYYY-MM-DD"),
+        crate::days::DateError::NoSuchDate => format!("date `{s}` does not exist"),
+    })?;
     Ok(days * DAY_MS - rollup::DAY_OFFSET_MS)
-}
-
-// Howard Hinnant's civil calendar algorithms.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 fn ratio(a: u64, b: u64) -> Option<f64> {

@@ -8,6 +8,7 @@
 
 pub mod acceptance;
 pub mod ca;
+pub mod days;
 pub mod evidence;
 pub mod forwarded;
 pub mod grpc;

@@ -61,9 +61,7 @@ pub struct SignedDigest {
 
 /// The UTC day (`YYYY-MM-DD`) of a time.
 pub fn day_of(ms: i64) -> String {
-    let days = ms.div_euclid(DAY_MS);
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
+    crate::days::format(ms.div_euclid(DAY_MS))
 }
 
 /// Yesterday, UTC: the latest day that is over.
@@ -73,42 +71,7 @@ pub fn yesterday() -> String {
 
 /// Start (ms) of a `YYYY-MM-DD` day, UTC.
 pub fn parse_day(day: &str) -> Option<i64> {
-    let b = day.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let y: i64 = day[..4].parse().ok()?;
-    let m: u32 = day[5..7].parse().ok()?;
-    let d: u32 = day[8..].parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let start = days_from_civil(y, m, d) * DAY_MS;
-    (day_of(start) == day).then_some(start)
-}
-
-// Howard Hinnant's civil calendar algorithms.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    crate::days::parse(day).ok().map(|d| d * DAY_MS)
 }
 
 /// The root over a gateway's day links (any order in; sorted here).
