@@ -724,7 +724,7 @@ fn store_points(
         *next_chunk += 1;
         per_series.entry(*series).or_default().extend(points.iter());
     }
-    for (series, points) in per_series {
+    for (series, mut points) in per_series {
         let mut s = match state.get(series).map_err(db_err)? {
             Some(v) => SeriesState::decode(v.value())
                 .map_err(|e| StoreError::Backend(format!("series {series} state: {e}")))?,
@@ -738,9 +738,9 @@ fn store_points(
             value_hash: s.track_hash,
             changed_at_ms: s.changed_at_ms,
         });
-        let mut sorted = points.clone();
+        // Sorted by time (stable) from here on.
         let update = rollup::fold_series(
-            &mut sorted,
+            &mut points,
             intervals.get(&series).copied().unwrap_or(0),
             a.received_at_ms,
             a.backfill,
@@ -752,17 +752,21 @@ fn store_points(
             s.changed_at_ms = p.changed_at_ms;
         }
         rollups.apply(series, intervals.get(&series).copied().unwrap_or(0), update)?;
-        for p in points {
-            let t = p.time_offset_ms;
+        for p in &points {
             match quality_of(p) {
                 Quality::Good => s.good += 1,
                 Quality::Uncertain => s.uncertain += 1,
                 Quality::Bad => s.bad += 1,
             }
-            s.first_ms = Some(s.first_ms.map_or(t, |f| f.min(t)));
-            if s.last_ms.is_none_or(|l| t >= l) {
-                s.last_ms = Some(t);
-                s.last = Some(p.clone());
+        }
+        if let (Some(first), Some(last)) = (points.first(), points.last()) {
+            s.first_ms = Some(
+                s.first_ms
+                    .map_or(first.time_offset_ms, |f| f.min(first.time_offset_ms)),
+            );
+            if s.last_ms.is_none_or(|l| last.time_offset_ms >= l) {
+                s.last_ms = Some(last.time_offset_ms);
+                s.last = Some((*last).clone());
             }
         }
         state
