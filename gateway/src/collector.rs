@@ -2,9 +2,12 @@
 //! it writes to.
 //!
 //! A collector owns its device connection(s), polls or subscribes, and hands
-//! `Sample`s to the `PointSink`. The sink is a bounded channel into the buffer
-//! writer: when the disk falls behind, collectors wait instead of piling up
-//! memory. A collector never returns on device errors; it reports them as Bad
+//! `Sample`s to the `PointSink`. The sink is a channel into the buffer writer
+//! bounded by points, not by hand-offs: every hand-off holds permits for its
+//! samples from one budget until the writer has committed them, so when the
+//! disk falls behind, collectors wait instead of piling up memory, however
+//! large their hand-offs are. A hand-off larger than the whole budget takes
+//! all of it. A collector never returns on device errors; it reports them as Bad
 //! samples and retries. It returns only when cancelled.
 //!
 //! A collector whose source redelivers what is not acknowledged (MQTT QoS 1)
@@ -15,7 +18,9 @@
 
 use std::future::Future;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::quality::Sample;
@@ -27,19 +32,50 @@ pub trait Collector: Send + 'static {
 #[derive(Clone)]
 pub struct PointSink {
     tx: mpsc::Sender<Handoff>,
+    budget: Arc<Semaphore>,
+    max_points: usize,
 }
 
-/// Samples on their way to the writer, and who wants to know when they are
-/// on disk.
+/// Samples on their way to the writer, who wants to know when they are on
+/// disk, and their share of the sink's budget (to be dropped after commit).
 pub struct Handoff {
     pub samples: Vec<Sample>,
     pub committed: Option<oneshot::Sender<()>>,
+    pub permit: OwnedSemaphorePermit,
 }
 
 impl PointSink {
-    pub fn new(capacity: usize) -> (PointSink, mpsc::Receiver<Handoff>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (PointSink { tx }, rx)
+    /// A sink holding at most `max_points` samples between collectors and
+    /// the writer's commit.
+    pub fn new(max_points: usize) -> (PointSink, mpsc::Receiver<Handoff>) {
+        let max_points = max_points.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        // Hand-offs are bounded by the budget; the channel itself only
+        // needs room for many small ones.
+        let (tx, rx) = mpsc::channel(4096);
+        let budget = Arc::new(Semaphore::new(max_points));
+        (
+            PointSink {
+                tx,
+                budget,
+                max_points,
+            },
+            rx,
+        )
+    }
+
+    async fn handoff(&self, samples: Vec<Sample>, committed: Option<oneshot::Sender<()>>) -> bool {
+        let permits = samples.len().min(self.max_points) as u32;
+        let Ok(permit) = self.budget.clone().acquire_many_owned(permits).await else {
+            return false;
+        };
+        self.tx
+            .send(Handoff {
+                samples,
+                committed,
+                permit,
+            })
+            .await
+            .is_ok()
     }
 
     /// Hands samples to the buffer writer; the receiver fires once they are
@@ -51,14 +87,7 @@ impl PointSink {
             let _ = tx.send(());
             return Some(rx);
         }
-        self.tx
-            .send(Handoff {
-                samples,
-                committed: Some(tx),
-            })
-            .await
-            .ok()?;
-        Some(rx)
+        self.handoff(samples, Some(tx)).await.then_some(rx)
     }
 
     /// Hands samples to the buffer writer, waiting while it is behind.
@@ -67,12 +96,45 @@ impl PointSink {
         if samples.is_empty() {
             return true;
         }
-        self.tx
-            .send(Handoff {
-                samples,
-                committed: None,
-            })
-            .await
-            .is_ok()
+        self.handoff(samples, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use guantong_proto::v1::point::Value;
+
+    fn samples(n: usize) -> Vec<Sample> {
+        (0..n as u32)
+            .map(|i| Sample::good(i, 0, Value::Uint(1)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn senders_wait_until_the_writer_has_committed_what_the_budget_holds() {
+        let (sink, mut rx) = PointSink::new(100);
+        assert!(sink.send(samples(60)).await);
+        let first = rx.recv().await.expect("first hand-off");
+        // 60 of 100 points are held by the writer: 50 more must wait.
+        let waiting = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.send(samples(50)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the budget did not hold the sender");
+        assert!(rx.try_recv().is_err());
+        drop(first); // committed: its permits go back
+        assert!(waiting.await.expect("sender task"));
+        assert_eq!(rx.recv().await.expect("second hand-off").samples.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn a_hand_off_larger_than_the_budget_takes_all_of_it() {
+        let (sink, mut rx) = PointSink::new(10);
+        assert!(sink.send(samples(25)).await);
+        assert_eq!(rx.recv().await.expect("hand-off").samples.len(), 25);
     }
 }

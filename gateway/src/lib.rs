@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod collector;
 pub mod config;
 pub mod identity;
+pub mod malloc;
 pub mod manifest;
 pub mod modbus;
 pub mod mqtt;
@@ -34,6 +35,10 @@ use crate::mqtt::MqttCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Samples that may wait between the collectors and the writer's commit:
+/// 2.6 s at 100,000 points/s, at most 14 MiB of 56-byte samples.
+pub const SINK_MAX_POINTS: usize = 1 << 18;
 
 /// Runs the gateway until `shutdown` is cancelled: collectors stop first, the
 /// writer commits what they handed over, then the uplink gets a short grace
@@ -90,7 +95,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         "gateway starting"
     );
 
-    let (sink, rx) = PointSink::new(1024);
+    let (sink, rx) = PointSink::new(SINK_MAX_POINTS);
     let (committed_tx, committed_rx) = watch::channel(stats.next_seq.saturating_sub(1));
     let writer = writer::Writer {
         buffer: buffer.clone(),
@@ -138,6 +143,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     }
     drop(sink);
     collectors.close();
+    // The config and manifest are dropped: give their pages back.
+    malloc::trim();
 
     shutdown.cancelled().await;
     info!("shutting down: stopping collectors");

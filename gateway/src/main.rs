@@ -257,6 +257,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "opcua")]
         Command::Opcua { action } => opcua_command(action),
         Command::Run { config } => {
+            guantong_gateway::malloc::tune();
             init_tracing();
             let config = match Config::load(&config) {
                 Ok(c) => c,

@@ -39,6 +39,8 @@ impl Writer {
     pub async fn run(self, mut rx: mpsc::Receiver<Handoff>) {
         let mut pending: Vec<Sample> = Vec::new();
         let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+        // Released after the commit, so the sink's budget covers `pending`.
+        let mut permits = Vec::new();
         let mut tick = tokio::time::interval(self.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
@@ -50,12 +52,14 @@ impl Writer {
                     Some(mut h) => {
                         pending.append(&mut h.samples);
                         waiters.extend(h.committed);
+                        permits.push(h.permit);
                         // Group commit: take what is already queued too.
                         while !waiters.is_empty() && pending.len() < self.max_batch_points {
                             match rx.try_recv() {
                                 Ok(mut h) => {
                                     pending.append(&mut h.samples);
                                     waiters.extend(h.committed);
+                                    permits.push(h.permit);
                                 }
                                 Err(_) => break,
                             }
@@ -77,6 +81,7 @@ impl Writer {
                     }
                 }
             }
+            permits.clear();
         }
     }
 

@@ -247,7 +247,7 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
             gateway_id: "bench".into(),
         }),
     );
-    let (sink, rx) = PointSink::new(1024);
+    let (sink, rx) = PointSink::new(guantong_gateway::SINK_MAX_POINTS);
     let (committed_tx, mut committed_rx) = watch::channel(0u64);
     let writer = Writer {
         buffer: buffer.clone(),
