@@ -3,22 +3,14 @@
 //! the topic matched.
 #![no_main]
 
-use std::path::Path;
+mod common;
+
 use std::sync::LazyLock;
 
-use guantong_gateway::config::{Config, DeviceConfig};
 use guantong_gateway::mqtt::decode::Mapping;
 use libfuzzer_sys::fuzz_target;
 
-const CONFIG: &str = r#"
-[gateway]
-id = "fuzz"
-[uplink]
-endpoint = "https://127.0.0.1:1"
-token = "t"
-[buffer]
-dir = "b"
-
+const DEVICES: &str = r#"
 [[devices]]
 id = "json"
 protocol = "mqtt"
@@ -64,15 +56,7 @@ topic = "p/#"
 "#;
 
 static MAPPINGS: LazyLock<Vec<Mapping>> = LazyLock::new(|| {
-    let config = Config::parse(CONFIG, Path::new("/")).expect("the fuzz config is valid");
-    config
-        .devices
-        .iter()
-        .map(|d| match d {
-            DeviceConfig::Mqtt(m) => Mapping::new(m),
-            _ => unreachable!("only MQTT devices"),
-        })
-        .collect()
+    common::mqtt_devices(DEVICES).iter().map(Mapping::new).collect()
 });
 
 fuzz_target!(|data: &[u8]| {

@@ -3,23 +3,15 @@
 //! `SparkplugError` — never a panic — and items only for configured tags.
 #![no_main]
 
-use std::path::Path;
+mod common;
+
 use std::sync::LazyLock;
 
-use guantong_gateway::config::{Config, DeviceConfig};
 use guantong_gateway::mqtt::config::MqttConfig;
 use guantong_gateway::mqtt::sparkplug::SparkplugNode;
 use libfuzzer_sys::fuzz_target;
 
-const CONFIG: &str = r#"
-[gateway]
-id = "fuzz"
-[uplink]
-endpoint = "https://127.0.0.1:1"
-token = "t"
-[buffer]
-dir = "b"
-
+const DEVICES: &str = r#"
 [[devices]]
 id = "n1"
 protocol = "mqtt"
@@ -42,16 +34,8 @@ name = "label"
 type = "string"
 "#;
 
-static DEVICE: LazyLock<MqttConfig> = LazyLock::new(|| {
-    match Config::parse(CONFIG, Path::new("/"))
-        .expect("the fuzz config is valid")
-        .devices
-        .remove(0)
-    {
-        DeviceConfig::Mqtt(m) => *m,
-        _ => unreachable!("an MQTT device"),
-    }
-});
+static DEVICE: LazyLock<MqttConfig> =
+    LazyLock::new(|| common::mqtt_devices(DEVICES).remove(0));
 
 const TOPICS: [&str; 9] = [
     "spBv1.0/plant/NBIRTH/node1",
