@@ -1436,6 +1436,7 @@ impl Store for EmbeddedStore {
                             quality_code: p.quality_code,
                             received_at_ms: chunk.received_at_ms,
                             backfill: chunk.backfill,
+                            server_time_ms: p.server_time_delta_ms.map(|d| t.saturating_add(d)),
                         });
                     }
                 }
@@ -1663,6 +1664,7 @@ mod tests {
                         value: (q == Quality::Good).then_some(Value::Uint(t as u64)),
                         quality: q as i32,
                         quality_code: 0,
+                        server_time_delta_ms: None,
                     })
                     .collect(),
                 ..Default::default()
