@@ -968,6 +968,7 @@ fn encode_batch(
                 value: s.value.clone(),
                 quality: s.quality as i32,
                 quality_code: s.code,
+                server_time_delta_ms: s.server_time_ms.map(|t| t.saturating_sub(s.time_ms)),
             })
             .collect(),
         loss: None,
@@ -990,6 +991,9 @@ pub fn samples_of(payload: &[u8]) -> Option<Vec<Sample>> {
                 value: p.value,
                 quality: Quality::try_from(p.quality).unwrap_or(Quality::Bad),
                 code: p.quality_code,
+                server_time_ms: p
+                    .server_time_delta_ms
+                    .map(|d| batch.base_time_ms + p.time_offset_ms + d),
             })
             .collect(),
     )
@@ -1008,6 +1012,29 @@ mod tests {
 
     fn open(dir: &Path, max: u64) -> Buffer {
         Buffer::open(dir, max, WhenFull::DropOldest).expect("open")
+    }
+
+    #[test]
+    fn a_server_timestamp_is_encoded_only_when_present() {
+        let mut s = Sample::good(0, 1000, Value::Uint(5));
+        // Without one the bytes are those of batches from before the field
+        // existed: signed batches and golden vectors stay valid.
+        let without = encode_batch(1, 1, 1, std::slice::from_ref(&s), 1000);
+        let mut expect = vec![
+            0x09, 1, 0, 0, 0, 0, 0, 0, 0, 0x10, 1, 0x19, 1, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        expect.extend([0x20, 0xE8, 0x07, 0x2A, 2, 0x28, 5, 0x38, 0xE8, 0x07]);
+        assert_eq!(without, expect);
+        // Field 16, sint64 +250 (zigzag 500).
+        s.server_time_ms = Some(1250);
+        let with = encode_batch(1, 1, 1, std::slice::from_ref(&s), 1000);
+        let mut expect = vec![
+            0x09, 1, 0, 0, 0, 0, 0, 0, 0, 0x10, 1, 0x19, 1, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        expect.extend([0x20, 0xE8, 0x07, 0x2A, 6, 0x28, 5, 0x80, 0x01, 0xF4, 0x03]);
+        expect.extend([0x38, 0xE8, 0x07]);
+        assert_eq!(with, expect);
+        assert_eq!(samples_of(&with), Some(vec![s]));
     }
 
     /// Every sequence number is covered exactly once; returns (kept points, lost points).

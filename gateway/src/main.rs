@@ -336,6 +336,9 @@ fn opcua_command(action: OpcuaAction) -> ExitCode {
                         }
                     }
                 }
+                for (device, thumbprint) in pki::tofu_records(dir) {
+                    println!("  tofu      {thumbprint}  trusted on first use by device {device}");
+                }
             }
             ExitCode::SUCCESS
         }

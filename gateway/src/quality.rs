@@ -113,6 +113,9 @@ pub struct Sample {
     pub value: Option<Value>,
     pub quality: Quality,
     pub code: u32,
+    /// A second timestamp from the device (the OPC UA server timestamp),
+    /// milliseconds since the Unix epoch; None for other protocols.
+    pub server_time_ms: Option<i64>,
 }
 
 impl Sample {
@@ -123,6 +126,7 @@ impl Sample {
             value: Some(value),
             quality: Quality::Good,
             code: 0,
+            server_time_ms: None,
         }
     }
     pub fn bad(tag: u32, time_ms: i64, code: u32) -> Sample {
@@ -132,6 +136,7 @@ impl Sample {
             value: None,
             quality: Quality::Bad,
             code,
+            server_time_ms: None,
         }
     }
 }

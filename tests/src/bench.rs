@@ -210,3 +210,37 @@ pub fn rss_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     };
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
+
+/// Where a process's resident memory is, in MiB, from `/proc/PID/smaps`:
+/// (mapping, RSS) for the executable's file pages, `[heap]`, anonymous
+/// mappings (thread stacks, malloc arenas, large allocations), shared
+/// libraries and the rest, largest first.
+pub fn rss_by_mapping(pid: u32) -> anyhow::Result<Vec<(String, f64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?
+        .to_string_lossy()
+        .into_owned();
+    let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address perms offset dev inode [path].
+            let path = fields.nth(4).unwrap_or_default();
+            current = match path {
+                "" => "anonymous".into(),
+                p if p == exe => "executable (code, read-only data)".into(),
+                "[heap]" => "[heap]".into(),
+                p if p.contains(".so") => "shared libraries".into(),
+                p => p.to_string(),
+            };
+        } else if first == "Rss:" {
+            let kib: f64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            *sums.entry(current.clone()).or_default() += kib / 1024.0;
+        }
+    }
+    let mut out: Vec<(String, f64)> = sums.into_iter().filter(|(_, v)| *v >= 0.05).collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(out)
+}

@@ -45,6 +45,8 @@ pub struct ServerOptions {
     pub items: usize,
     /// Most monitored items per subscription (0: no limit).
     pub max_items_per_subscription: usize,
+    /// Certificates (DER) of X.509 users the server accepts, on every endpoint.
+    pub user_certificates: Vec<PathBuf>,
 }
 
 impl ServerOptions {
@@ -56,6 +58,7 @@ impl ServerOptions {
             shift_namespace: false,
             items: 0,
             max_items_per_subscription: 1000,
+            user_certificates: Vec::new(),
         }
     }
 }
@@ -73,7 +76,11 @@ impl TestServer {
     pub async fn start(options: ServerOptions) -> anyhow::Result<TestServer> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
         let port = listener.local_addr()?.port();
-        let users: Vec<&str> = vec!["ANONYMOUS", "operator"];
+        let cert_users: Vec<String> = (0..options.user_certificates.len())
+            .map(|i| format!("cert-user-{i}"))
+            .collect();
+        let mut users: Vec<&str> = vec!["ANONYMOUS", USER];
+        users.extend(cert_users.iter().map(String::as_str));
         let mut builder = ServerBuilder::new()
             .application_name("Guantong test server")
             .application_uri("urn:guantong:test-server")
@@ -92,7 +99,11 @@ impl TestServer {
             .create_sample_keypair(true)
             .trust_client_certs(true)
             .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{port}/")])
-            .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD))
+            .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD));
+        for (id, cert) in cert_users.iter().zip(&options.user_certificates) {
+            builder = builder.add_user_token(id, ServerUserToken::x509(id.as_str(), cert));
+        }
+        builder = builder
             .add_endpoint(
                 "none",
                 (
@@ -234,14 +245,19 @@ impl TestServer {
         NodeId::new(self.ns, id)
     }
 
-    /// Sets values (source timestamp now) and notifies subscriptions.
+    /// Sets values (source and server timestamp now) and notifies subscriptions.
     pub fn set(&self, values: Vec<(NodeId, Variant)>) {
         let now = DateTime::now();
+        self.set_at(values, now, now);
+    }
+
+    /// Sets values with the given source and server timestamps.
+    pub fn set_at(&self, values: Vec<(NodeId, Variant)>, source: DateTime, server: DateTime) {
         let updates: Vec<(NodeId, DataValue)> = values
             .into_iter()
             .map(|(n, v)| {
-                let mut dv = DataValue::new_at(v, now);
-                dv.server_timestamp = Some(now);
+                let mut dv = DataValue::new_at(v, source);
+                dv.server_timestamp = Some(server);
                 (n, dv)
             })
             .collect();
@@ -256,6 +272,23 @@ impl TestServer {
         let cert = CertificateStore::read_cert(&self.options.pki_dir.join("own/cert.der"))
             .map_err(|e| anyhow::anyhow!(e))?;
         Ok(cert.thumbprint().as_hex_string())
+    }
+
+    /// Creates a certificate and private key for an X.509 user; returns
+    /// (certificate DER path, key PEM path).
+    pub fn user_certificate(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let cert = dir.join(format!("{name}.der"));
+        let key = dir.join(format!("{name}.pem"));
+        let description = async_opcua::types::ApplicationDescription {
+            application_uri: format!("urn:guantong:user:{name}").into(),
+            application_name: async_opcua::types::LocalizedText::new("", name),
+            ..Default::default()
+        };
+        let mut data = async_opcua::crypto::X509Data::from((description, None));
+        data.key_size = 2048;
+        CertificateStore::create_certificate_and_key(&data, true, &cert, &key)
+            .map_err(|e| anyhow::anyhow!("user certificate {name}: {e}"))?;
+        Ok((cert, key))
     }
 
     /// Stops the server: its sessions end, its port closes.

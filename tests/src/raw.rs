@@ -49,6 +49,7 @@ pub fn batch_bytes(buffer_id: u64, seq: u64) -> Vec<u8> {
             value: Some(point::Value::Uint(seq * 100 + i as u64)),
             quality: 0,
             quality_code: 0,
+            server_time_delta_ms: None,
         })
         .collect();
     Batch {
@@ -291,6 +292,7 @@ pub fn batch_at(buffer_id: u64, seq: u64, base_ms: i64, points: usize) -> Vec<u8
                 value: Some(point::Value::Uint(i as u64)),
                 quality: 0,
                 quality_code: 0,
+                server_time_delta_ms: None,
             })
             .collect(),
         loss: None,

@@ -7,9 +7,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use async_opcua::types::Variant;
+use async_opcua::types::{DateTime, Variant};
 use guantong_e2e::opcua::{GUID, NAMESPACE, PASSWORD, ServerOptions, TestServer, USER};
 use guantong_e2e::procs::{GatewayProc, IngestProc, binary, gateway_toml, wait_for};
+use guantong_e2e::proxy::{Mode as ProxyMode, Proxy};
 use serde_json::Value;
 
 const GW: &str = "gw-opcua";
@@ -558,5 +559,302 @@ async fn probe_lists_endpoints_browses_and_writes_a_snippet() {
         "[gateway]\nid = \"g\"\n[uplink]\nendpoint = \"http://127.0.0.1:1\"\nplaintext = true\ntoken = \"t\"\n[buffer]\ndir = \"b\"\n{snippet}"
     );
     guantong_gateway::config::Config::parse(&cfg, Path::new("/tmp")).expect("snippet parses");
+    server.stop().await;
+}
+
+/// A device with one tag, `counter`; `extra`: more device keys.
+fn counter_device(id: &str, url: &str, publishing_interval: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[devices]]
+id = "{id}"
+protocol = "opcua"
+url = "{url}"
+publishing_interval = "{publishing_interval}"
+max_backoff = "500ms"
+{extra}
+[[devices.tags]]
+name = "counter"
+node = "nsu={NAMESPACE};s=Counter"
+type = "uint"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_the_source_and_the_server_timestamp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
+        .await
+        .expect("server");
+    let devices = counter_device(
+        "press",
+        &server.url(),
+        "100ms",
+        "security_policy = \"none\"",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    s.wait_point("press", "counter", |p| p["quality"] == "good")
+        .await;
+    // The machine stamped the value 5 s before the server saw it.
+    const TICKS_PER_MS: i64 = 10_000;
+    let now = DateTime::now().ticks() / TICKS_PER_MS * TICKS_PER_MS;
+    let server_time = DateTime::from(now - 1000 * TICKS_PER_MS);
+    let source_time = DateTime::from(now - 6000 * TICKS_PER_MS);
+    let (source_ms, server_ms) = (
+        source_time.as_chrono().timestamp_millis(),
+        server_time.as_chrono().timestamp_millis(),
+    );
+    server.set_at(
+        vec![(server.node("Counter"), Variant::UInt32(77))],
+        source_time,
+        server_time,
+    );
+    let p = s.wait_point("press", "counter", |p| p["value"] == 77).await;
+    assert_eq!(
+        p["time_ms"], source_ms,
+        "the point's time is the source timestamp: {p}"
+    );
+    assert_eq!(
+        p["server_time_ms"], server_ms,
+        "the server timestamp is kept: {p}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_on_first_use_trusts_the_first_certificate_and_rejects_a_changed_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    let (port, first) = (server.port, server.thumbprint().expect("thumbprint"));
+    let devices = counter_device(
+        "press",
+        &server.url(),
+        "100ms",
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign_and_encrypt\"\ntrust_on_first_use = true",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    // Trusted without an operator: recorded in the log and in `opcua status`.
+    s.wait_point("press", "counter", |p| p["quality"] == "good")
+        .await;
+    let logs = s.gateway.proc.logs();
+    assert!(
+        logs.contains("trusted the server's certificate on first use") && logs.contains(&first),
+        "{logs}"
+    );
+    let (ok, status) = s.cli(&["opcua", "status"]);
+    assert!(ok, "{status}");
+    assert!(status.contains(&format!("trusted   {first}")), "{status}");
+    assert!(
+        status.contains(&format!(
+            "tofu      {first}  trusted on first use by device press"
+        )),
+        "{status}"
+    );
+
+    // Another server (a new certificate) at the same address: rejected like
+    // any unknown certificate, its values never taken.
+    server.stop().await;
+    let mut options = ServerOptions::new(&s.dir.path().join("impostor-pki"));
+    options.secure = true;
+    options.port = port;
+    let impostor = TestServer::start(options).await.expect("impostor");
+    let second = impostor.thumbprint().expect("thumbprint");
+    assert_ne!(first, second);
+    impostor.set(vec![(impostor.node("Counter"), Variant::UInt32(666))]);
+    wait_for("the changed certificate in rejected/", WAIT, || async {
+        let (_, status) = s.cli(&["opcua", "status"]);
+        Ok(status
+            .contains(&format!("rejected  {second}"))
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let points = s.points("press", "counter").await;
+    assert!(
+        points.iter().all(|p| p["value"] != 666),
+        "no value from the impostor: {points:?}"
+    );
+    let last = points.last().expect("points");
+    assert_eq!(
+        last["quality"], "bad",
+        "the tag is Bad meanwhile: {points:?}"
+    );
+    impostor.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_user_identity_is_accepted_and_an_unknown_user_certificate_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users");
+    std::fs::create_dir_all(&users).expect("users dir");
+    let (alice_cert, alice_key) = TestServer::user_certificate(&users, "alice").expect("alice");
+    let (mallory_cert, mallory_key) =
+        TestServer::user_certificate(&users, "mallory").expect("mallory");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    options.user_certificates = vec![alice_cert.clone()];
+    let server = TestServer::start(options).await.expect("server");
+    let secured =
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true";
+    let devices = counter_device(
+        "alice",
+        &server.url(),
+        "100ms",
+        &format!(
+            "{secured}\nuser_certificate_file = \"{}\"\nuser_private_key_file = \"{}\"",
+            alice_cert.display(),
+            alice_key.display()
+        ),
+    ) + &counter_device(
+        "mallory",
+        &server.url(),
+        "100ms",
+        &format!(
+            "{secured}\nuser_certificate_file = \"{}\"\nuser_private_key_file = \"{}\"",
+            mallory_cert.display(),
+            mallory_key.display()
+        ),
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    server.set(vec![(server.node("Counter"), Variant::UInt32(3))]);
+    s.wait_point("alice", "counter", |p| p["value"] == 3).await;
+    let refused = s
+        .wait_point("mallory", "counter", |p| p["quality"] == "bad")
+        .await;
+    assert_eq!(
+        refused["quality_code"],
+        0x8021_0000u32,
+        "BadIdentityTokenRejected: {refused}\n{}",
+        s.logs()
+    );
+    assert!(
+        s.points("mallory", "counter")
+            .await
+            .iter()
+            .all(|p| p["quality"] == "bad")
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_transferred() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", server.port).parse().expect("addr"))
+        .await
+        .expect("proxy");
+    // Signed, so that the server lets the anonymous session's subscription
+    // move to the next session.
+    let devices = counter_device(
+        "press",
+        &format!("opc.tcp://{}/", proxy.addr),
+        "100ms",
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true\nkeep_alive_interval = \"500ms\"\nkeep_alive_failures = 2\nrequest_timeout = \"1s\"",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    server.set(vec![(server.node("Counter"), Variant::UInt32(1))]);
+    s.wait_point("press", "counter", |p| p["value"] == 1).await;
+    let through_proxy = proxy.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(through_proxy > 0, "the session goes through the proxy");
+
+    // Packets vanish, no FIN, no RST: only the watchdog can tell.
+    proxy.set(ProxyMode::Blackhole);
+    let cut_ms = DateTime::now().as_chrono().timestamp_millis();
+    for v in [2u32, 3] {
+        server.set(vec![(server.node("Counter"), Variant::UInt32(v))]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let gap = s
+        .wait_point("press", "counter", |p| p["quality_code"] == 0x0005_0001)
+        .await;
+    assert_eq!(gap["quality"], "bad", "{gap}");
+    let detected_after = gap["time_ms"].as_i64().expect("time") - cut_ms;
+    assert!(
+        (0..=8000).contains(&detected_after),
+        "the dead link is seen within the watchdog's bound (3 s here), not {detected_after} ms\n{}",
+        s.logs()
+    );
+
+    // The link returns: the subscription moves to the new session, and the
+    // values changed during the cut arrive, each of them.
+    proxy.set(ProxyMode::Pass);
+    s.wait_point("press", "counter", |p| p["value"] == 3).await;
+    server.set(vec![(server.node("Counter"), Variant::UInt32(4))]);
+    s.wait_point("press", "counter", |p| p["value"] == 4).await;
+    let points = s.points("press", "counter").await;
+    let values: Vec<u64> = points.iter().filter_map(|p| p["value"].as_u64()).collect();
+    assert!(
+        values.contains(&2) && values.contains(&3),
+        "no value of the cut lost: {points:?}\n{}",
+        s.logs()
+    );
+    assert!(
+        s.gateway
+            .proc
+            .logs()
+            .contains("opc ua subscriptions transferred to the new session"),
+        "{}",
+        s.logs()
+    );
+    let gap_at = points
+        .iter()
+        .position(|p| p["quality_code"] == 0x0005_0001)
+        .expect("gap");
+    assert!(
+        points[gap_at + 1..].iter().all(|p| p["value"] != 1),
+        "no stale value after the gap: {points:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_queue_overflow_keeps_its_status_bit_and_is_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
+        .await
+        .expect("server");
+    let devices = counter_device("press", &server.url(), "1s", "security_policy = \"none\"")
+        + "queue_size = 2\n";
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    s.wait_point("press", "counter", |p| p["value"] == 0).await;
+    // Ten changes within one publishing interval into a queue of two: the
+    // server drops values and says so in the status of what it keeps.
+    for i in 1..=10u32 {
+        server.set(vec![(server.node("Counter"), Variant::UInt32(i))]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.wait_point("press", "counter", |p| p["value"] == 10).await;
+    let points = s.points("press", "counter").await;
+    let flagged: Vec<&Value> = points
+        .iter()
+        .filter(|p| p["quality_code"].as_u64().is_some_and(|c| c & 0x80 != 0))
+        .collect();
+    assert!(
+        !flagged.is_empty(),
+        "a point carries the overflow bit: {points:?}"
+    );
+    for p in &flagged {
+        assert_eq!(
+            p["quality"], "good",
+            "overflow is info on a Good value: {p}"
+        );
+        assert!(p["value"].is_u64(), "{p}");
+    }
+    assert!(points.len() < 11, "the server did drop values: {points:?}");
+    wait_for("the overflow count in the log", WAIT, || async {
+        Ok(s.gateway
+            .proc
+            .logs()
+            .contains("server queues overflowed")
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     server.stop().await;
 }

@@ -12,7 +12,11 @@
 //!   `OPCUA_TYPE_MISMATCH`); `string` tags take any value, arrays as JSON
 //!   text (`[1,2,3]`), so every built-in type and arrays of them arrive.
 //! - Time: the configured timestamp (source or server), else the other one,
-//!   else the arrival time.
+//!   else the arrival time. With `timestamp = "source"` (the default) the
+//!   server timestamp, when the server sent one, is kept beside it in the
+//!   point (`server_time_ms`, `Point.server_time_delta_ms` on the wire), so
+//!   both arrive; with `"server"` the point's time is the server timestamp
+//!   and the source timestamp is only its fallback.
 
 use async_opcua::types::{DataValue, DateTime, StatusCode, Variant};
 use guantong_proto::v1::Quality;
@@ -33,25 +37,36 @@ pub struct Conversion {
 impl Conversion {
     pub fn sample(&self, dv: DataValue) -> Sample {
         let time_ms = self.time_of(&dv);
+        let server_time_ms = match self.timestamp {
+            TimestampChoice::Source
+                if dv.source_timestamp.as_ref().is_some_and(|t| !t.is_null()) =>
+            {
+                dv.server_timestamp.as_ref().and_then(millis)
+            }
+            _ => None,
+        };
         let status = dv.status.unwrap_or(StatusCode::Good);
-        if status.is_bad() {
-            return Sample::bad(self.tag, time_ms, status.bits());
-        }
-        let value = dv.value.as_ref().and_then(|v| convert(v, self.value_type));
-        match value {
-            Some(value) => Sample {
-                tag: self.tag,
-                time_ms,
-                value: Some(value),
-                quality: if status.is_uncertain() {
-                    Quality::Uncertain
-                } else {
-                    Quality::Good
+        let mut sample = if status.is_bad() {
+            Sample::bad(self.tag, time_ms, status.bits())
+        } else {
+            match dv.value.as_ref().and_then(|v| convert(v, self.value_type)) {
+                Some(value) => Sample {
+                    tag: self.tag,
+                    time_ms,
+                    value: Some(value),
+                    quality: if status.is_uncertain() {
+                        Quality::Uncertain
+                    } else {
+                        Quality::Good
+                    },
+                    code: status.bits(),
+                    server_time_ms: None,
                 },
-                code: status.bits(),
-            },
-            None => Sample::bad(self.tag, time_ms, quality::OPCUA_TYPE_MISMATCH),
-        }
+                None => Sample::bad(self.tag, time_ms, quality::OPCUA_TYPE_MISMATCH),
+            }
+        };
+        sample.server_time_ms = server_time_ms;
+        sample
     }
 
     fn time_of(&self, dv: &DataValue) -> i64 {
@@ -247,8 +262,11 @@ mod tests {
         dv.source_timestamp = Some(DateTime::ymd_hms(2024, 1, 1, 0, 0, 0));
         dv.server_timestamp = Some(DateTime::ymd_hms(2024, 1, 1, 0, 0, 1));
         let mut c = conv(ValueType::Double);
-        assert_eq!(c.sample(dv.clone()).time_ms, 1_704_067_200_000);
+        let s = c.sample(dv.clone());
+        assert_eq!(s.time_ms, 1_704_067_200_000);
+        assert_eq!(s.server_time_ms, Some(1_704_067_201_000), "both kept");
         c.timestamp = TimestampChoice::Server;
+        assert_eq!(c.sample(dv.clone()).server_time_ms, None);
         assert_eq!(c.sample(dv.clone()).time_ms, 1_704_067_201_000);
         dv.server_timestamp = None;
         assert_eq!(c.sample(dv).time_ms, 1_704_067_200_000);

@@ -3,15 +3,27 @@
 //! Design
 //! - async-opcua's client, with its own reconnect switched off: a session
 //!   that dies ends, and this module opens a new one (endpoint discovery,
-//!   security, namespaces by URI resolved again, subscriptions recreated), so
-//!   one code path serves the first connect, a network cut and a server
-//!   restart (after which namespace indexes may differ).
+//!   security, namespaces by URI resolved again), so one code path serves
+//!   the first connect, a network cut and a server restart (after which
+//!   namespace indexes may differ). The session is opened at the configured
+//!   URL's host and port, whatever address the server advertises.
+//! - Subscription transfer: a lost session is closed without deleting its
+//!   subscriptions, whose lifetime covers `session_timeout`. When the next
+//!   session resolves the same NodeIds it takes them over
+//!   (TransferSubscriptions) and republishes what the server sent that never
+//!   arrived (sequence numbers above the last one received), so the values
+//!   the server queued during a network cut arrive. When the server no longer
+//!   has them (restart, lifetime over) or the nodes differ, they are deleted
+//!   and created anew, each item's first notification being its current
+//!   value. async-opcua's own reconnect could transfer too, but would keep
+//!   stale namespace indexes after a server restart.
 //! - The gap is recorded, never hidden: when a session ends every tag gets
 //!   one Bad point (`OPCUA_CONNECTION_LOST`) at the time the loss was seen;
 //!   while the server stays unreachable nothing more is written (the next
 //!   point of each tag is its first value after the reconnect, which a new
-//!   monitored item always sends). A connect that fails before any session
-//!   marks the tags Bad once with the failure's status code.
+//!   monitored item always sends, or values the server queued meanwhile
+//!   when the subscription was transferred). A connect that fails before
+//!   any session marks the tags Bad once with the failure's status code.
 //! - Watchdog: the stack reads the server state every `keep_alive_interval`
 //!   and closes the session after `keep_alive_failures` failures; besides,
 //!   a subscription that has had no publish response (data or keep-alive)
@@ -39,19 +51,20 @@ pub mod pki;
 pub mod probe;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_opcua::client::services::CreateMonitoredItems;
 use async_opcua::client::{
     Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore,
-    Session, SessionPollResult, SubscriptionActivity,
+    Session, SessionPollResult, Subscription, SubscriptionActivity, UARequest,
 };
 use async_opcua::crypto::{SecurityPolicy, X509};
 use async_opcua::types::{
     AttributeId, DataChangeFilter, DataChangeNotification, DataChangeTrigger, DataValue,
     EndpointDescription, ExtensionObject, MessageSecurityMode, MonitoredItemCreateRequest,
     MonitoringMode, MonitoringParameters, NodeId, NotificationMessage, QualifiedName, ReadValueId,
-    StatusCode, TimestampsToReturn, UserTokenType, VariableId,
+    StatusCode, TimestampsToReturn, TransferResult, UserTokenType, VariableId,
 };
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -140,10 +153,19 @@ impl Collector for OpcUaCollector {
         let mut backoff = FIRST_BACKOFF;
         // Whether the tags' last points are values (so a loss must be written).
         let mut marked_down = false;
+        // The lost session's subscriptions, for the next session to take over.
+        let mut carried: Option<Carried> = None;
         loop {
             let started = Instant::now();
-            let result =
-                run_session(&self.config, &mut client, self.first_tag, &sink, &cancel).await;
+            let result = run_session(
+                &self.config,
+                &mut client,
+                self.first_tag,
+                &sink,
+                &cancel,
+                &mut carried,
+            )
+            .await;
             if cancel.is_cancelled() {
                 return;
             }
@@ -317,6 +339,21 @@ pub fn select_endpoint(
         .cloned()
 }
 
+/// `endpoint_url` with the host and port of `configured` (its path kept).
+fn at_address_of(endpoint_url: &str, configured: &str) -> String {
+    fn split(url: &str) -> Option<(&str, &str, &str)> {
+        let (scheme, rest) = url.split_once("://")?;
+        let at = rest.find('/').unwrap_or(rest.len());
+        Some((scheme, &rest[..at], &rest[at..]))
+    }
+    match (split(endpoint_url), split(configured)) {
+        (Some((scheme, _, path)), Some((_, authority, _))) => {
+            format!("{scheme}://{authority}{path}")
+        }
+        _ => endpoint_url.to_string(),
+    }
+}
+
 /// `policy/mode` of an endpoint, for people.
 pub fn describe_endpoint(e: &EndpointDescription) -> String {
     let policy = SecurityPolicy::from_uri(e.security_policy_uri.as_ref());
@@ -357,6 +394,16 @@ impl Connection {
         .await
         .map_err(|_| OpcUaError::status("GetEndpoints", StatusCode::BadTimeout))?
         .map_err(|e| OpcUaError::status("GetEndpoints", err_status(e)))?;
+        // Servers advertise their own idea of their address (a host name the
+        // gateway cannot resolve, a port behind NAT or a proxy): the session
+        // goes where GetEndpoints was answered, the configured `url`.
+        let endpoints: Vec<EndpointDescription> = endpoints
+            .into_iter()
+            .map(|mut e| {
+                e.endpoint_url = at_address_of(e.endpoint_url.as_ref(), &config.url).into();
+                e
+            })
+            .collect();
         let identity = identity(config)?;
         let Some(endpoint) = select_endpoint(
             &endpoints,
@@ -466,6 +513,17 @@ impl Connection {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.session.disconnect()).await;
         self.event_task.abort();
     }
+
+    /// Closes the session but leaves its subscriptions on the server (until
+    /// their lifetime ends), for the next session to transfer.
+    async fn close_keeping_subscriptions(self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.session.disconnect_without_delete_subscriptions(),
+        )
+        .await;
+        self.event_task.abort();
+    }
 }
 
 /// Reads one scalar Value attribute of each node.
@@ -526,14 +584,21 @@ async fn run_session(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
+    carried: &mut Option<Carried>,
 ) -> Result<SessionEnd, OpcUaError> {
     let mut conn = tokio::select! {
         _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
         c = Connection::open(config, client) => c?,
     };
     info!(device = %config.id, endpoint = %describe_endpoint(&conn.endpoint), "opc ua session open");
-    let result = serve(config, &mut conn, first_tag, sink, cancel).await;
-    conn.close().await;
+    let result = serve(config, &mut conn, first_tag, sink, cancel, carried).await;
+    match result {
+        Ok(SessionEnd::Lost(_)) if carried.is_some() => conn.close_keeping_subscriptions().await,
+        _ => {
+            *carried = None;
+            conn.close().await;
+        }
+    }
     result
 }
 
@@ -543,6 +608,7 @@ async fn serve(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
+    carried: &mut Option<Carried>,
 ) -> Result<SessionEnd, OpcUaError> {
     let session = conn.session.clone();
     let namespaces = session
@@ -576,7 +642,7 @@ async fn serve(
     }
     match config.mode {
         Mode::Subscription => {
-            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel).await
+            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel, carried).await
         }
         Mode::Poll => poll(config, conn, &nodes, &conversions, sink, cancel).await,
     }
@@ -584,10 +650,14 @@ async fn serve(
 
 /// The subscription callback: converts each publish response's data
 /// changes and hands them to the collector task in one piece.
+#[derive(Clone)]
 struct Notifications {
     conversions: Arc<[Conversion]>,
     tx: mpsc::UnboundedSender<Vec<Sample>>,
     overflows: Arc<AtomicU64>,
+    /// The subscription's highest sequence number received (0: none yet),
+    /// so that a transfer republishes only what never arrived.
+    received: Arc<AtomicU32>,
 }
 
 impl OnSubscriptionNotificationCore for Notifications {
@@ -596,9 +666,17 @@ impl OnSubscriptionNotificationCore for Notifications {
         notification: NotificationMessage,
         _items: MonitoredItemMap<'_>,
     ) {
+        self.forward(notification);
+    }
+}
+
+impl Notifications {
+    fn forward(&self, notification: NotificationMessage) {
         let Some(data) = notification.notification_data else {
             return;
         };
+        self.received
+            .fetch_max(notification.sequence_number, Ordering::Relaxed);
         let mut samples = Vec::new();
         for obj in data {
             let Some(v) = obj.into_inner_as::<DataChangeNotification>() else {
@@ -657,6 +735,34 @@ fn monitored_item(config: &OpcUaConfig, tag: usize, node: NodeId) -> MonitoredIt
     }
 }
 
+/// Subscriptions a lost session leaves on the server, for the next session
+/// to take over with TransferSubscriptions.
+pub(crate) struct Carried {
+    /// Hash of the resolved NodeIds: a transfer is only tried when they are
+    /// the same (a server restart can move namespace indexes).
+    nodes_key: u64,
+    subscriptions: Vec<(u32, Arc<AtomicU32>)>,
+}
+
+fn nodes_key(nodes: &[Result<NodeId, u32>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    nodes.hash(&mut h);
+    h.finish()
+}
+
+/// Subscription parameters: keep-alive every `KEEP_ALIVE_COUNT` publishing
+/// intervals; a lifetime long enough for the subscriptions to outlive a
+/// network cut of up to `session_timeout`, so the next session can take
+/// them over (at least the 3 keep-alives OPC UA requires).
+const KEEP_ALIVE_COUNT: u32 = 10;
+
+fn lifetime_count(config: &OpcUaConfig) -> u32 {
+    let intervals =
+        config.session_timeout.as_secs_f64() / config.publishing_interval.as_secs_f64().max(0.001);
+    (intervals.ceil().min(f64::from(u32::MAX)) as u32).max(KEEP_ALIVE_COUNT * 3)
+}
+
 async fn subscribe_and_forward(
     config: &OpcUaConfig,
     conn: &mut Connection,
@@ -664,120 +770,32 @@ async fn subscribe_and_forward(
     conversions: Vec<Conversion>,
     sink: &PointSink,
     cancel: &CancellationToken,
+    carried: &mut Option<Carried>,
 ) -> Result<SessionEnd, OpcUaError> {
     let session = conn.session.clone();
-    let per_call = match config.max_items_per_call {
-        Some(n) => n as usize,
-        None => server_limit(
-            &session,
-            VariableId::Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
-        )
-        .await
-        .unwrap_or(DEFAULT_PER_CALL),
-    };
-    let conversions: Arc<[Conversion]> = conversions.into();
     let (tx, mut data) = mpsc::unbounded_channel();
     let overflows = Arc::new(AtomicU64::new(0));
-    let keep_alive_count = 10u32;
-    let new_subscription = || {
-        let callback = Notifications {
-            conversions: conversions.clone(),
-            tx: tx.clone(),
-            overflows: overflows.clone(),
-        };
-        let session = session.clone();
-        async move {
-            session
-                .create_subscription(
-                    config.publishing_interval,
-                    keep_alive_count * 3,
-                    keep_alive_count,
-                    0,
-                    0,
-                    true,
-                    callback,
-                )
-                .await
-                .map_err(|e| OpcUaError::status("CreateSubscription", err_status(e)))
-        }
+    let callback = Notifications {
+        conversions: conversions.into(),
+        tx,
+        overflows: overflows.clone(),
+        received: Arc::new(AtomicU32::new(0)),
     };
-    let mut subscription = new_subscription().await?;
-    let mut subscriptions = 1;
-    let mut pending: std::collections::VecDeque<MonitoredItemCreateRequest> = nodes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, n)| {
-            n.as_ref()
-                .ok()
-                .map(|n| monitored_item(config, i, n.clone()))
-        })
-        .collect();
-    let (mut created, mut revised_down) = (0usize, 0usize);
-    let mut refused = Vec::new();
-    let mut batch_size = per_call.max(1);
-    let mut in_subscription = 0usize;
-    let now = now_ms();
-    while !pending.is_empty() {
-        let n = batch_size.min(pending.len());
-        let batch: Vec<MonitoredItemCreateRequest> = pending.iter().take(n).cloned().collect();
-        let results = match session
-            .create_monitored_items(subscription, TimestampsToReturn::Both, batch.clone())
-            .await
-        {
-            Ok(r) => r,
-            // The subscription is full (or the batch is larger than a
-            // subscription may hold): a new subscription, or smaller batches.
-            Err(e) if e.status() == StatusCode::BadTooManyMonitoredItems => {
-                if in_subscription == 0 {
-                    if batch_size == 1 {
-                        return Err(OpcUaError::status("CreateMonitoredItems", e.status()));
-                    }
-                    batch_size = (batch_size / 2).max(1);
-                } else {
-                    subscription = new_subscription().await?;
-                    subscriptions += 1;
-                    in_subscription = 0;
-                }
-                continue;
-            }
-            Err(e) => return Err(OpcUaError::status("CreateMonitoredItems", err_status(e))),
-        };
-        pending.drain(..n);
-        in_subscription += n;
-        let mut full = Vec::new();
-        for (req, res) in batch.into_iter().zip(results) {
-            let status = res.result.status_code;
-            let tag = req.requested_parameters.client_handle as usize - 1;
-            if status == StatusCode::BadTooManyMonitoredItems {
-                full.push(req);
-            } else if status.is_bad() {
-                refused.push(Sample::bad(conversions[tag].tag, now, status.bits()));
-                debug!(device = %config.id, tag = %config.tags[tag].name, %status, "monitored item refused");
-            } else {
-                created += 1;
-                if res.result.revised_queue_size < req.requested_parameters.queue_size {
-                    revised_down += 1;
-                }
-            }
-        }
-        if !full.is_empty() {
-            for r in full.into_iter().rev() {
-                pending.push_front(r);
-            }
-            subscription = new_subscription().await?;
-            subscriptions += 1;
-            in_subscription = 0;
-        }
-    }
-    drop(tx);
-    if !refused.is_empty() {
-        warn!(device = %config.id, refused = refused.len(), first_code = %StatusCode::from(refused[0].code), "the server refused monitored items; those tags are Bad");
-        sink.send(refused).await;
-    }
-    if revised_down > 0 {
-        warn!(device = %config.id, items = revised_down, "the server revised queue sizes down: values changing faster than it publishes may be dropped (the overflow bit marks them)");
-    }
-    info!(device = %config.id, items = created, subscriptions, per_call, "opc ua subscribed");
+    let key = nodes_key(nodes);
+    let transferred = match carried.take() {
+        Some(c) if c.nodes_key == key => transfer(config, &session, c, &callback).await?,
+        _ => None,
+    };
+    let subscriptions = match transferred {
+        Some(s) => s,
+        None => create_subscriptions(config, &session, nodes, &callback, sink).await?,
+    };
+    *carried = Some(Carried {
+        nodes_key: key,
+        subscriptions,
+    });
+    drop(callback);
+    let keep_alive_count = KEEP_ALIVE_COUNT;
 
     // Silence longer than this (no data, no keep-alive) means the server or
     // the path to it is dead.
@@ -816,6 +834,217 @@ async fn subscribe_and_forward(
             }
         }
     }
+}
+
+/// Moves the lost session's subscriptions to this session
+/// (TransferSubscriptions, OPC UA Part 4 5.13.7), then republishes the
+/// notifications the server sent that never arrived, so a network cut
+/// shorter than the subscriptions' lifetime loses nothing the server's
+/// queues held. None when the server no longer has them all (server
+/// restarted, lifetime over, another user): those it has are deleted and
+/// the caller creates new ones.
+async fn transfer(
+    config: &OpcUaConfig,
+    session: &Arc<Session>,
+    carried: Carried,
+    callback: &Notifications,
+) -> Result<Option<Vec<(u32, Arc<AtomicU32>)>>, OpcUaError> {
+    let ids: Vec<u32> = carried.subscriptions.iter().map(|(id, _)| *id).collect();
+    // Known to the stack before the server moves them, so that no publish
+    // response of theirs is dropped as unknown.
+    for (id, received) in &carried.subscriptions {
+        let callback = Notifications {
+            received: received.clone(),
+            ..callback.clone()
+        };
+        session
+            .subscription_state()
+            .lock()
+            .add_subscription(Subscription::new(
+                *id,
+                config.publishing_interval,
+                lifetime_count(config),
+                KEEP_ALIVE_COUNT,
+                0,
+                0,
+                true,
+                Box::new(callback),
+            ));
+    }
+    // A server without the service answers with a fault: recreate, as when
+    // it refuses.
+    let results = session
+        .transfer_subscriptions(&ids, false)
+        .await
+        .unwrap_or_else(|e| {
+            vec![TransferResult {
+                status_code: e.status(),
+                available_sequence_numbers: None,
+            }]
+        });
+    if let Some(refused) = results
+        .iter()
+        .map(|r| r.status_code)
+        .chain((results.len() < ids.len()).then_some(StatusCode::BadUnexpectedError))
+        .find(|s| !s.is_good())
+    {
+        info!(device = %config.id, %refused, "opc ua subscriptions not transferred; creating new ones");
+        session
+            .delete_subscriptions(&ids)
+            .await
+            .map_err(|e| OpcUaError::status("DeleteSubscriptions", err_status(e)))?;
+        return Ok(None);
+    }
+    session.trigger_publish_now();
+    let mut republished = 0usize;
+    for ((id, received), result) in carried.subscriptions.iter().zip(&results) {
+        let seen = received.load(Ordering::Relaxed);
+        for seq in result.available_sequence_numbers.iter().flatten() {
+            if *seq <= seen {
+                continue;
+            }
+            match session.republish(*id, *seq).await {
+                Ok(message) => {
+                    callback.forward(message);
+                    republished += 1;
+                }
+                Err(e) => {
+                    warn!(device = %config.id, subscription = id, seq, status = %e.status(), "a notification sent during the outage cannot be republished");
+                }
+            }
+        }
+    }
+    info!(device = %config.id, subscriptions = ids.len(), republished, "opc ua subscriptions transferred to the new session");
+    Ok(Some(carried.subscriptions))
+}
+
+/// Creates the subscriptions and monitored items of every resolved node.
+async fn create_subscriptions(
+    config: &OpcUaConfig,
+    session: &Arc<Session>,
+    nodes: &[Result<NodeId, u32>],
+    callback: &Notifications,
+    sink: &PointSink,
+) -> Result<Vec<(u32, Arc<AtomicU32>)>, OpcUaError> {
+    let per_call = match config.max_items_per_call {
+        Some(n) => n as usize,
+        None => server_limit(
+            session,
+            VariableId::Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+        )
+        .await
+        .unwrap_or(DEFAULT_PER_CALL),
+    };
+    let conversions = callback.conversions.clone();
+    let mut ids = vec![new_subscription(config, session, callback).await?];
+    let mut subscription = ids[0].0;
+    // Tags still to create, by index: requests are built one batch at a time.
+    let mut pending: std::collections::VecDeque<usize> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| n.is_ok().then_some(i))
+        .collect();
+    let (mut created, mut revised_down) = (0usize, 0usize);
+    let mut refused = Vec::new();
+    let mut batch_size = per_call.max(1);
+    let mut in_subscription = 0usize;
+    let now = now_ms();
+    while !pending.is_empty() {
+        let n = batch_size.min(pending.len());
+        let batch: Vec<MonitoredItemCreateRequest> = pending
+            .iter()
+            .take(n)
+            .filter_map(|&i| Some(monitored_item(config, i, nodes[i].clone().ok()?)))
+            .collect();
+        // The raw service, not `Session::create_monitored_items`: the stack
+        // would keep its own record of every item (NodeId, parameters, two
+        // map entries), which nothing here reads: the callback maps client
+        // handles to tags itself.
+        let results = match CreateMonitoredItems::new(subscription, session)
+            .timestamps_to_return(TimestampsToReturn::Both)
+            .items_to_create(batch)
+            .send(session.channel())
+            .await
+        {
+            Ok(r) => r.results,
+            // The subscription is full (or the batch is larger than a
+            // subscription may hold): a new subscription, or smaller batches.
+            Err(e) if e.status() == StatusCode::BadTooManyMonitoredItems => {
+                if in_subscription == 0 {
+                    if batch_size == 1 {
+                        return Err(OpcUaError::status("CreateMonitoredItems", e.status()));
+                    }
+                    batch_size = (batch_size / 2).max(1);
+                } else {
+                    ids.push(new_subscription(config, session, callback).await?);
+                    subscription = ids[ids.len() - 1].0;
+                    in_subscription = 0;
+                }
+                continue;
+            }
+            Err(e) => return Err(OpcUaError::status("CreateMonitoredItems", err_status(e))),
+        };
+        pending.drain(..n);
+        in_subscription += n;
+        let mut full = Vec::new();
+        for res in results {
+            let status = res.result.status_code;
+            let tag = res.requested_parameters.client_handle as usize - 1;
+            if status == StatusCode::BadTooManyMonitoredItems {
+                full.push(tag);
+            } else if status.is_bad() {
+                refused.push(Sample::bad(conversions[tag].tag, now, status.bits()));
+                debug!(device = %config.id, tag = %config.tags[tag].name, %status, "monitored item refused");
+            } else {
+                created += 1;
+                if res.result.revised_queue_size < res.requested_parameters.queue_size {
+                    revised_down += 1;
+                }
+            }
+        }
+        if !full.is_empty() {
+            for r in full.into_iter().rev() {
+                pending.push_front(r);
+            }
+            ids.push(new_subscription(config, session, callback).await?);
+            subscription = ids[ids.len() - 1].0;
+            in_subscription = 0;
+        }
+    }
+    if !refused.is_empty() {
+        warn!(device = %config.id, refused = refused.len(), first_code = %StatusCode::from(refused[0].code), "the server refused monitored items; those tags are Bad");
+        sink.send(refused).await;
+    }
+    if revised_down > 0 {
+        warn!(device = %config.id, items = revised_down, "the server revised queue sizes down: values changing faster than it publishes may be dropped (the overflow bit marks them)");
+    }
+    info!(device = %config.id, items = created, subscriptions = ids.len(), per_call, "opc ua subscribed");
+    Ok(ids)
+}
+
+async fn new_subscription(
+    config: &OpcUaConfig,
+    session: &Session,
+    callback: &Notifications,
+) -> Result<(u32, Arc<AtomicU32>), OpcUaError> {
+    let received = Arc::new(AtomicU32::new(0));
+    let callback = Notifications {
+        received: received.clone(),
+        ..callback.clone()
+    };
+    let id = session
+        .create_subscription(
+            config.publishing_interval,
+            lifetime_count(config),
+            KEEP_ALIVE_COUNT,
+            0,
+            0,
+            true,
+            callback,
+        )
+        .await
+        .map_err(|e| OpcUaError::status("CreateSubscription", err_status(e)))?;
+    Ok((id, received))
 }
 
 async fn poll(
@@ -1000,6 +1229,20 @@ mod tests {
             user_identity_tokens: Some(vec![UserTokenPolicy::anonymous()]),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn endpoints_are_reached_at_the_configured_address() {
+        let c = "opc.tcp://10.0.0.5:14840/";
+        assert_eq!(
+            at_address_of("opc.tcp://plc-7.local:4840/UA/Server", c),
+            "opc.tcp://10.0.0.5:14840/UA/Server"
+        );
+        assert_eq!(
+            at_address_of("opc.tcp://plc:4840", c),
+            "opc.tcp://10.0.0.5:14840"
+        );
+        assert_eq!(at_address_of("garbage", c), "garbage");
     }
 
     #[test]

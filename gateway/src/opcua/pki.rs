@@ -192,6 +192,25 @@ pub fn trust_on_first_use(
     Ok(Some(thumb))
 }
 
+/// The thumbprints trusted on first use, as (device id, thumbprint).
+pub fn tofu_records(pki: &Path) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(pki.join("tofu")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let thumb = std::fs::read_to_string(e.path()).ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                thumb.trim().to_string(),
+            ))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,6 +108,7 @@ mod tests {
             value: Some(Value::Uint(v)),
             quality: 0,
             quality_code: 0,
+            server_time_delta_ms: None,
         }
     }
 

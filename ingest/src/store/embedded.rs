@@ -1440,6 +1440,7 @@ impl Store for EmbeddedStore {
                             quality_code: p.quality_code,
                             received_at_ms: chunk.received_at_ms,
                             backfill: chunk.backfill,
+                            server_time_ms: p.server_time_delta_ms.map(|d| t.saturating_add(d)),
                         });
                     }
                 }
@@ -1667,6 +1668,7 @@ mod tests {
                         value: (q == Quality::Good).then_some(Value::Uint(t as u64)),
                         quality: q as i32,
                         quality_code: 0,
+                        server_time_delta_ms: None,
                     })
                     .collect(),
                 ..Default::default()

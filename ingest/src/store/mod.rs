@@ -243,6 +243,9 @@ pub struct StoredPoint {
     pub quality: &'static str,
     pub quality_code: u32,
     pub received_at_ms: i64,
+    /// The device's second timestamp (OPC UA server timestamp), when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_time_ms: Option<i64>,
 }
 
 /// A gap in a gateway's sequence, or data the gateway declared dropped.

@@ -381,6 +381,7 @@ mod tests {
             value: Some(Value::Double(v)),
             quality: q as i32,
             quality_code: 0,
+            server_time_delta_ms: None,
         }
     }
 

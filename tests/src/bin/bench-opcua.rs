@@ -222,6 +222,12 @@ async fn one_run(args: &Args) -> anyhow::Result<Figures> {
         stored().await?,
     );
     let (_, peak) = guantong_e2e::bench::rss_mib(pid)?;
+    let split = guantong_e2e::bench::rss_by_mapping(pid)?
+        .iter()
+        .map(|(m, v)| format!("{m} {v:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("  gateway RSS by mapping (MiB): {split}");
     gateway.proc.terminate(Duration::from_secs(10));
     changer.abort();
     let _ = session.disconnect().await;

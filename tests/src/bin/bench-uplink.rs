@@ -76,6 +76,7 @@ fn batches(all: &[Sample], size: usize) -> Vec<Batch> {
                         value: s.value.clone(),
                         quality: 0,
                         quality_code: 0,
+                        server_time_delta_ms: None,
                     })
                     .collect(),
                 loss: None,
