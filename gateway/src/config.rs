@@ -280,6 +280,35 @@ impl Problems {
             .collect()
     }
 
+    /// Parses a device's `tags` array (`value`; `path` is the device's key
+    /// path): each table as `T` under `path.tags[i]`, then `check` with that
+    /// path, keeping what it returns.
+    pub(crate) fn parse_tags<T: DeserializeOwned, U>(
+        &mut self,
+        path: &str,
+        value: toml::Value,
+        mut check: impl FnMut(&str, T, &mut Problems) -> Option<U>,
+    ) -> Vec<U> {
+        let toml::Value::Array(items) = value else {
+            self.push(
+                format!("{path}.tags"),
+                format!(
+                    "invalid type: {}, expected an array of tables (`[[devices.tags]]`)",
+                    value.type_str()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut tags = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let tag_path = format!("{path}.tags[{i}]");
+            if let Some(tag) = self.parse::<T>(&tag_path, item) {
+                tags.extend(check(&tag_path, tag, self));
+            }
+        }
+        tags
+    }
+
     /// Deserializes `value` as `T`, recording the first problem inside it
     /// under `base` (the key path of `value` itself).
     pub(crate) fn parse<T: DeserializeOwned>(

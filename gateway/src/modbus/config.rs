@@ -518,7 +518,7 @@ pub(crate) fn parse(
             path,
             "missing field `tags`, expected at least one `[[devices.tags]]` or a `template`",
         ),
-        Some(value) => tags.extend(parse_tags(path, value, problems)),
+        Some(value) => tags.extend(problems.parse_tags::<RawTag, _>(path, value, check_tag)),
     }
     let raw = raw?;
     check_id(problems, &format!("{path}.id"), &raw.id);
@@ -664,30 +664,6 @@ fn transport(
     }
 }
 
-fn parse_tags(path: &str, value: toml::Value, problems: &mut Problems) -> Vec<ModbusTagConfig> {
-    let mut tags = Vec::new();
-    match value {
-        toml::Value::Array(items) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let tag_path = format!("{path}.tags[{i}]");
-                if let Some(raw) = problems.parse::<RawTag>(&tag_path, item)
-                    && let Some(tag) = check_tag(&tag_path, raw, problems)
-                {
-                    tags.push(tag);
-                }
-            }
-        }
-        other => problems.push(
-            format!("{path}.tags"),
-            format!(
-                "invalid type: {}, expected an array of tables (`[[devices.tags]]`)",
-                other.type_str()
-            ),
-        ),
-    }
-    tags
-}
-
 fn load_template(
     path: &str,
     file: &str,
@@ -726,7 +702,7 @@ fn load_template(
         }
     };
     let tags = match root.remove("tags") {
-        Some(v) => parse_tags(&at, v, problems),
+        Some(v) => problems.parse_tags::<RawTag, _>(&at, v, check_tag),
         None => {
             problems.push(&at, "missing `[[tags]]`");
             Vec::new()

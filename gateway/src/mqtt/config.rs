@@ -384,29 +384,21 @@ pub(crate) fn parse(
 ) -> Option<MqttConfig> {
     let raw_tags = table.remove("tags");
     let device = problems.parse::<MqttConfig>(path, toml::Value::Table(table));
-    let mut tags = Vec::new();
-    match raw_tags {
-        None => problems.push(
-            path,
-            "missing field `tags`, expected at least one `[[devices.tags]]`",
-        ),
-        Some(toml::Value::Array(items)) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let tag_path = format!("{path}.tags[{i}]");
-                if let Some(tag) = problems.parse::<MqttTagConfig>(&tag_path, item) {
-                    check_id(problems, &format!("{tag_path}.name"), &tag.name);
-                    tags.push((tag_path, tag));
-                }
-            }
+    let tags = match raw_tags {
+        None => {
+            problems.push(
+                path,
+                "missing field `tags`, expected at least one `[[devices.tags]]`",
+            );
+            Vec::new()
         }
-        Some(other) => problems.push(
-            format!("{path}.tags"),
-            format!(
-                "invalid type: {}, expected an array of tables (`[[devices.tags]]`)",
-                other.type_str()
-            ),
-        ),
-    }
+        Some(value) => {
+            problems.parse_tags(path, value, |tag_path, tag: MqttTagConfig, problems| {
+                check_id(problems, &format!("{tag_path}.name"), &tag.name);
+                Some((tag_path.to_string(), tag))
+            })
+        }
+    };
     let mut device = device?;
     let at = |key: &str| format!("{path}.{key}");
     check_id(problems, &at("id"), &device.id);

@@ -342,32 +342,24 @@ pub(crate) fn parse(
 ) -> Option<OpcUaConfig> {
     let raw_tags = table.remove("tags");
     let device = problems.parse::<OpcUaConfig>(path, toml::Value::Table(table));
-    let mut tags = Vec::new();
-    match raw_tags {
-        None => problems.push(
-            path,
-            "missing field `tags`, expected at least one `[[devices.tags]]`",
-        ),
-        Some(toml::Value::Array(items)) => {
-            for (i, item) in items.into_iter().enumerate() {
-                let tag_path = format!("{path}.tags[{i}]");
-                if let Some(tag) = problems.parse::<OpcUaTagConfig>(&tag_path, item) {
-                    check_id(problems, &format!("{tag_path}.name"), &tag.name);
-                    if let Err(e) = NodeAddress::parse(&tag.node) {
-                        problems.push(format!("{tag_path}.node"), e);
-                    }
-                    tags.push((tag_path, tag));
-                }
-            }
+    let tags = match raw_tags {
+        None => {
+            problems.push(
+                path,
+                "missing field `tags`, expected at least one `[[devices.tags]]`",
+            );
+            Vec::new()
         }
-        Some(other) => problems.push(
-            format!("{path}.tags"),
-            format!(
-                "invalid type: {}, expected an array of tables (`[[devices.tags]]`)",
-                other.type_str()
-            ),
-        ),
-    }
+        Some(value) => {
+            problems.parse_tags(path, value, |tag_path, tag: OpcUaTagConfig, problems| {
+                check_id(problems, &format!("{tag_path}.name"), &tag.name);
+                if let Err(e) = NodeAddress::parse(&tag.node) {
+                    problems.push(format!("{tag_path}.node"), e);
+                }
+                Some((tag_path.to_string(), tag))
+            })
+        }
+    };
     let mut device = device?;
     let at = |key: &str| format!("{path}.{key}");
     check_id(problems, &at("id"), &device.id);
