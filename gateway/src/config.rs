@@ -280,6 +280,25 @@ impl Problems {
             .collect()
     }
 
+    /// `parse_tags`, where a missing `tags` array is a problem.
+    pub(crate) fn parse_required_tags<T: DeserializeOwned, U>(
+        &mut self,
+        path: &str,
+        value: Option<toml::Value>,
+        check: impl FnMut(&str, T, &mut Problems) -> Option<U>,
+    ) -> Vec<U> {
+        match value {
+            Some(value) => self.parse_tags(path, value, check),
+            None => {
+                self.push(
+                    path,
+                    "missing field `tags`, expected at least one `[[devices.tags]]`",
+                );
+                Vec::new()
+            }
+        }
+    }
+
     /// Parses a device's `tags` array (`value`; `path` is the device's key
     /// path): each table as `T` under `path.tags[i]`, then `check` with that
     /// path, keeping what it returns.

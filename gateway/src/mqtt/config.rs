@@ -384,21 +384,11 @@ pub(crate) fn parse(
 ) -> Option<MqttConfig> {
     let raw_tags = table.remove("tags");
     let device = problems.parse::<MqttConfig>(path, toml::Value::Table(table));
-    let tags = match raw_tags {
-        None => {
-            problems.push(
-                path,
-                "missing field `tags`, expected at least one `[[devices.tags]]`",
-            );
-            Vec::new()
-        }
-        Some(value) => {
-            problems.parse_tags(path, value, |tag_path, tag: MqttTagConfig, problems| {
-                check_id(problems, &format!("{tag_path}.name"), &tag.name);
-                Some((tag_path.to_string(), tag))
-            })
-        }
-    };
+    let tags =
+        problems.parse_required_tags(path, raw_tags, |tag_path, tag: MqttTagConfig, problems| {
+            check_id(problems, &format!("{tag_path}.name"), &tag.name);
+            Some((tag_path.to_string(), tag))
+        });
     let mut device = device?;
     let at = |key: &str| format!("{path}.{key}");
     check_id(problems, &at("id"), &device.id);
