@@ -15,17 +15,20 @@
 //! - `chain`: `head` -> link hash of the newest record (see proto `chain`);
 //!   `manifest` -> the manifest version the last manifest link announced
 //!
-//! Record layout (version 2, big-endian): `[1] format = 2`, `[4] crc32 of
+//! Record layout (version 2, big-endian): `[1] format`, `[4] crc32 of
 //! everything after the header's first 25 bytes`, `[8] last_seq`,
 //! `[8] manifest_version`, `[4] points`, `[32] prev_hash`, `[64] signature`,
-//! payload.
+//! payload. The format byte names the link's chain algorithm: 2 for
+//! `ed25519` (or unsigned, signature all zero), 3 for `sm2` (same layout), so
+//! a record keeps its algorithm when the configured one changes.
 //!
 //! # Evidence chain
 //! With an identity (`with_identity`), every record is a signed link of the
 //! buffer's hash chain, fixed at commit: a re-send carries the same link. A
 //! loss record replacing links k..=m takes link k's `prev_hash` and carries
 //! link m's effective hash as `bridge_hash`, so the chain still verifies
-//! across what was dropped.
+//! across what was dropped. A buffer's first link chains after the genesis
+//! of the algorithm that signs it.
 //!
 //! # Invariants
 //! - Sequence numbers start at 1, increase by one per batch and are never
@@ -59,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use guantong_proto::chain::{self, Hash};
+use guantong_proto::chain::{self, Algorithm, ChainKey, Hash};
 use guantong_proto::v1::{Batch, Loss, LossReason, Manifest, Point, Quality, TagLoss};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -74,6 +77,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CHAIN: TableDefinition<&str, &[u8]> = TableDefinition::new("chain");
 
 const FORMAT: u8 = 2;
+/// The same layout, for a link of the `sm2` chain algorithm.
+const FORMAT_SM2: u8 = 3;
 /// format, crc32, last_seq, manifest_version, points, prev_hash, signature
 const HEADER: usize = 1 + 4 + 8 + 8 + 4 + 32 + 64;
 /// Room kept below the quota for the loss record a drop writes.
@@ -129,6 +134,8 @@ pub struct StoredBatch {
     /// Chain link: previous link hash and the signature over this link.
     pub prev_hash: [u8; 32],
     pub signature: [u8; 64],
+    /// The chain algorithm the link was made with.
+    pub algorithm: Algorithm,
 }
 
 /// Counters for status output and upstream reports.
@@ -160,7 +167,7 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Signs the buffer's links with the gateway's identity.
 pub struct ChainSigner {
-    pub key: ed25519_dalek::SigningKey,
+    pub key: ChainKey,
     pub gateway_id: String,
 }
 
@@ -281,7 +288,7 @@ impl Buffer {
             .map_err(storage)?
             .and_then(|v| chain::to_hash(v.value()));
         Ok(stored.unwrap_or_else(|| match &self.signer {
-            Some(s) => chain::genesis(&s.gateway_id, self.buffer_id),
+            Some(s) => s.key.algorithm().genesis(&s.gateway_id, self.buffer_id),
             None => [0; 32],
         }))
     }
@@ -303,13 +310,19 @@ impl Buffer {
         prev: &Hash,
         payload: &[u8],
     ) -> (Vec<u8>, Hash) {
-        let link = chain::link_hash(prev, payload);
-        let signature = self
-            .signer
-            .as_ref()
-            .map_or([0; 64], |s| chain::sign(&s.key, &link));
+        let algorithm = self.algorithm();
+        // Without an identity (tests, benches) there is no chain to keep:
+        // no hash, so an unsigned baseline carries none of the chain's cost.
+        let (link, signature) = match &self.signer {
+            Some(s) => {
+                let link = algorithm.link_hash(prev, payload);
+                (link, s.key.sign(&link))
+            }
+            None => ([0; 32], [0; 64]),
+        };
         (
             frame_record(
+                algorithm,
                 last_seq,
                 manifest_version,
                 points,
@@ -326,10 +339,15 @@ impl Buffer {
     }
 
     /// The public key the buffer's links are signed with, if any.
-    pub fn public_key(&self) -> Option<[u8; 32]> {
+    pub fn public_key(&self) -> Option<Vec<u8>> {
+        self.signer.as_ref().map(|s| s.key.public_key())
+    }
+
+    /// The chain algorithm of links made from now on (`ed25519` unsigned).
+    pub fn algorithm(&self) -> Algorithm {
         self.signer
             .as_ref()
-            .map(|s| s.key.verifying_key().to_bytes())
+            .map_or(Algorithm::Ed25519, |s| s.key.algorithm())
     }
 
     pub fn buffer_id(&self) -> u64 {
@@ -614,7 +632,7 @@ impl Buffer {
             match decoded {
                 Some((h, batch)) => {
                     run.last = h.last_seq.max(key);
-                    run.bridge = effective_link(&h.prev_hash, &record[HEADER..], &batch);
+                    run.bridge = effective_link(&h, &record[HEADER..], &batch);
                     if let Some(loss) = batch.loss {
                         run.points += loss.points;
                         for t in loss.tags {
@@ -724,6 +742,7 @@ impl Buffer {
                     payload: Bytes::copy_from_slice(&record[HEADER..]),
                     prev_hash: h.prev_hash,
                     signature: h.signature,
+                    algorithm: h.algorithm,
                 },
                 None => {
                     tracing::error!(
@@ -757,6 +776,7 @@ impl Buffer {
                         payload: batch.encode_to_vec().into(),
                         prev_hash: [0; 32],
                         signature: [0; 64],
+                        algorithm: Algorithm::Ed25519,
                     }
                 }
             });
@@ -885,10 +905,16 @@ struct Header {
     points: u32,
     prev_hash: Hash,
     signature: [u8; 64],
+    algorithm: Algorithm,
 }
 
 fn split_header(record: &[u8]) -> Option<Header> {
-    if record.len() < HEADER || record[0] != FORMAT {
+    let algorithm = match *record.first()? {
+        FORMAT => Algorithm::Ed25519,
+        FORMAT_SM2 => Algorithm::Sm2,
+        _ => return None,
+    };
+    if record.len() < HEADER {
         return None;
     }
     let crc = u32::from_be_bytes(record[1..5].try_into().ok()?);
@@ -901,6 +927,7 @@ fn split_header(record: &[u8]) -> Option<Header> {
         points: u32::from_be_bytes(record[21..25].try_into().ok()?),
         prev_hash: record[25..57].try_into().ok()?,
         signature: record[57..121].try_into().ok()?,
+        algorithm,
     })
 }
 
@@ -912,15 +939,16 @@ fn decode_record(record: &[u8]) -> Option<(Header, Batch)> {
 
 /// The hash the next link's `prev_hash` must equal: a loss record's bridge,
 /// any other record's link hash.
-fn effective_link(prev: &Hash, payload: &[u8], batch: &Batch) -> Hash {
+fn effective_link(header: &Header, payload: &[u8], batch: &Batch) -> Hash {
     batch
         .loss
         .as_ref()
         .and_then(|l| chain::to_hash(&l.bridge_hash))
-        .unwrap_or_else(|| chain::link_hash(prev, payload))
+        .unwrap_or_else(|| header.algorithm.link_hash(&header.prev_hash, payload))
 }
 
 fn frame_record(
+    algorithm: Algorithm,
     last_seq: u64,
     manifest_version: u64,
     points: u32,
@@ -929,7 +957,10 @@ fn frame_record(
     payload: &[u8],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + payload.len());
-    out.push(FORMAT);
+    out.push(match algorithm {
+        Algorithm::Ed25519 => FORMAT,
+        Algorithm::Sm2 => FORMAT_SM2,
+    });
     out.extend_from_slice(&[0; 4]); // crc, below
     out.extend_from_slice(&last_seq.to_be_bytes());
     out.extend_from_slice(&manifest_version.to_be_bytes());
@@ -1099,7 +1130,7 @@ mod tests {
     #[test]
     fn a_changed_manifest_is_a_signed_link_of_the_chain_once_per_version() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let key = ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
         let signed = |b: Buffer| {
             b.with_identity(ChainSigner {
                 key: key.clone(),
@@ -1138,11 +1169,62 @@ mod tests {
         for r in &all {
             assert_eq!(r.prev_hash, prev);
             prev = chain::link_hash(&prev, &r.payload);
-            assert!(chain::verify(
-                key.verifying_key().as_bytes(),
-                &prev,
-                &r.signature
-            ));
+            assert_eq!(r.algorithm, Algorithm::Ed25519);
+            assert!(Algorithm::Ed25519.verify(&key.public_key(), &prev, &r.signature));
+        }
+    }
+
+    #[test]
+    fn records_keep_their_algorithm_when_the_key_changes_from_sm2_to_ed25519() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sm2 = ChainKey::sm2_from_secret(&[7; 32]).expect("scalar");
+        let ed = ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[7; 32]));
+        let with = |key: &ChainKey| {
+            open(dir.path(), 64 << 20).with_identity(ChainSigner {
+                key: key.clone(),
+                gateway_id: "gw".into(),
+            })
+        };
+        let sm2_head = {
+            let b = with(&sm2);
+            assert_eq!(b.algorithm(), Algorithm::Sm2);
+            b.append(7, &samples(3, 1000), 10).expect("append");
+            b.append(7, &samples(3, 2000), 10).expect("append");
+            let mut prev = Algorithm::Sm2.genesis("gw", b.buffer_id());
+            for r in b.read_from(1, 10).expect("read") {
+                assert_eq!((r.algorithm, r.prev_hash), (Algorithm::Sm2, prev));
+                prev = Algorithm::Sm2.link_hash(&prev, &r.payload);
+                assert!(Algorithm::Sm2.verify(&sm2.public_key(), &prev, &r.signature));
+            }
+            prev
+        };
+        // Under the Ed25519 key: the SM2 links become a loss record, whose
+        // bridge is the last SM2 link's SM3 hash, then a new Ed25519 link.
+        let b = with(&ed);
+        b.expire(i64::MAX).expect("expire");
+        b.append(7, &samples(3, 3000), 10).expect("append");
+        let all = b.read_from(1, 10).expect("read");
+        let got: Vec<(u64, u64, Algorithm)> = all
+            .iter()
+            .map(|r| (r.seq, r.last_seq, r.algorithm))
+            .collect();
+        assert_eq!(
+            got,
+            [(1, 2, Algorithm::Ed25519), (3, 3, Algorithm::Ed25519)]
+        );
+        let loss = Batch::decode(all[0].payload.as_ref())
+            .expect("decodes")
+            .loss
+            .expect("a loss record");
+        assert_eq!(loss.bridge_hash, sm2_head.to_vec());
+        assert_eq!(
+            all[0].prev_hash,
+            Algorithm::Sm2.genesis("gw", b.buffer_id())
+        );
+        assert_eq!(all[1].prev_hash, sm2_head);
+        for r in &all {
+            let link = Algorithm::Ed25519.link_hash(&r.prev_hash, &r.payload);
+            assert!(Algorithm::Ed25519.verify(&ed.public_key(), &link, &r.signature));
         }
     }
 

@@ -50,6 +50,28 @@ pub struct GatewaySection {
     /// `gateway.key` beside the buffer directory.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// The signing algorithm of the evidence chain: `ed25519` (default) or
+    /// `sm2` (SM2 with SM3, the national algorithms).
+    #[serde(default)]
+    pub key_algorithm: KeyAlgorithm,
+}
+
+/// `[gateway] key_algorithm`: see `guantong_proto::chain::Algorithm`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAlgorithm {
+    #[default]
+    Ed25519,
+    Sm2,
+}
+
+impl From<KeyAlgorithm> for guantong_proto::chain::Algorithm {
+    fn from(a: KeyAlgorithm) -> Self {
+        match a {
+            KeyAlgorithm::Ed25519 => guantong_proto::chain::Algorithm::Ed25519,
+            KeyAlgorithm::Sm2 => guantong_proto::chain::Algorithm::Sm2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

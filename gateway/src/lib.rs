@@ -51,12 +51,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         .key_file
         .clone()
         .unwrap_or_else(|| config.buffer.dir.join("gateway.key"));
-    let (key, created) = identity::load_or_create(&key_file)?;
-    let public = key.verifying_key().to_bytes();
+    let (key, created) = identity::load_or_create(&key_file, config.gateway.key_algorithm.into())?;
+    let public = key.public_key();
     if created {
         tracing::warn!(
             file = %key_file.display(),
-            fingerprint = %guantong_proto::chain::fingerprint(&public),
+            algorithm = %key.algorithm(),
+            fingerprint = %key.algorithm().fingerprint(&public),
             public_key = %hex::encode(public),
             "created this gateway's signing key: register its public key with ingest"
         );

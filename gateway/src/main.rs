@@ -132,26 +132,24 @@ fn main() -> ExitCode {
                 }
             };
             let path = c.gateway.key_file.clone().unwrap_or_default();
-            match guantong_gateway::identity::load_or_create(&path) {
+            match guantong_gateway::identity::load_or_create(&path, c.gateway.key_algorithm.into())
+            {
                 Ok((key, created)) => {
-                    let public = key.verifying_key().to_bytes();
+                    let (algorithm, public) = (key.algorithm(), key.public_key());
                     println!("gateway      {}", c.gateway.id);
                     println!(
                         "key file     {}{}",
                         path.display(),
                         if created { " (created now)" } else { "" }
                     );
-                    println!("algorithm    ed25519");
-                    println!(
-                        "fingerprint  {}",
-                        guantong_proto::chain::fingerprint(&public)
-                    );
-                    println!("public key   {}", hex::encode(public));
+                    println!("algorithm    {algorithm}");
+                    println!("fingerprint  {}", algorithm.fingerprint(&public));
+                    println!("public key   {}", hex::encode(&public));
                     println!();
                     println!(
-                        "register with: guantong-ingest register-gateway {} --public-key {}",
+                        "register with: guantong-ingest register-gateway {} --key-algorithm {algorithm} --public-key {}",
                         c.gateway.id,
-                        hex::encode(public)
+                        hex::encode(&public)
                     );
                     ExitCode::SUCCESS
                 }

@@ -235,13 +235,9 @@ impl Uplink {
             buffer_id: stats.buffer_id,
             software_version: env!("CARGO_PKG_VERSION").into(),
             first_unacked_seq: stats.first_seq,
-            public_key: self
-                .buffer
-                .public_key()
-                .map(|k| k.to_vec())
-                .unwrap_or_default(),
+            public_key: self.buffer.public_key().unwrap_or_default(),
             key_algorithm: if self.buffer.public_key().is_some() {
-                SignatureAlgorithm::Ed25519 as i32
+                self.buffer.algorithm().wire() as i32
             } else {
                 SignatureAlgorithm::None as i32
             },
@@ -399,7 +395,7 @@ impl Uplink {
                 algorithm: if b.signature == [0; 64] {
                     SignatureAlgorithm::None as i32
                 } else {
-                    SignatureAlgorithm::Ed25519 as i32
+                    b.algorithm.wire() as i32
                 },
                 prev_hash: b.prev_hash.to_vec(),
                 signature: b.signature.to_vec(),

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use guantong_proto::v1::gateway_message::Kind as Up;
 use guantong_proto::v1::ingest_message::Kind as Down;
 use guantong_proto::v1::uplink_server::Uplink;
-use guantong_proto::v1::{Ack, Batch, BatchRejected, GatewayMessage, IngestMessage, Welcome};
+use guantong_proto::v1::{
+    Ack, Batch, BatchRejected, GatewayMessage, Hello, IngestMessage, Welcome,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -36,7 +38,7 @@ use crate::limits::{Limits, Quotas, StreamSlot};
 use crate::store::{AppendBatch, AppendOutcome, Appended, Link, ManifestMap, Store};
 use crate::tls::ClientAuth;
 use crate::validate::{self, ValidationLimits};
-use guantong_proto::chain;
+use guantong_proto::chain::{self, Algorithm, PublicKey};
 use guantong_proto::v1::SignatureAlgorithm;
 
 /// Batches queued to the store but not yet acked, per stream.
@@ -131,21 +133,35 @@ impl<S: Store> UplinkService<S> {
     }
 
     /// The key this stream's chain is verified with, handling first use and
-    /// key changes.
+    /// key changes. A key of another algorithm is a key change like any
+    /// other.
     async fn signing_key(
         &self,
         gateway: &str,
         buffer_id: u64,
-        presented: &[u8],
-    ) -> Result<Option<Vec<u8>>, Status> {
+        hello: &Hello,
+    ) -> Result<Option<PublicKey>, Status> {
         let unavailable = |e: crate::store::StoreError| Status::unavailable(e.to_string());
+        let presented = match Algorithm::from_wire(hello.key_algorithm) {
+            _ if hello.public_key.is_empty() => None,
+            Some(a) => Some(
+                PublicKey::new(a, hello.public_key.clone())
+                    .map_err(|e| Status::invalid_argument(format!("Hello.public_key: {e}")))?,
+            ),
+            None => {
+                return Err(Status::invalid_argument(format!(
+                    "Hello.key_algorithm {} is not a signature algorithm this ingest knows",
+                    hello.key_algorithm
+                )));
+            }
+        };
         let bound = self.store.gateway_key(gateway).await.map_err(unavailable)?;
-        match bound {
-            Some((key, _)) if !presented.is_empty() && key != presented => {
+        match (bound, presented) {
+            (Some((key, _)), Some(presented)) if key != presented => {
                 let reason = format!(
                     "key change refused: the gateway presents key {} but {} is bound",
-                    chain::fingerprint(presented),
-                    chain::fingerprint(&key)
+                    presented.fingerprint(),
+                    key.fingerprint()
                 );
                 self.store
                     .record_break(gateway, buffer_id, 0, reason.clone())
@@ -155,23 +171,23 @@ impl<S: Store> UplinkService<S> {
                     "{reason}; re-register the gateway with its new key"
                 )))
             }
-            Some((key, _)) => Ok(Some(key)),
-            None if self.trust_on_first_use && presented.len() == 32 => {
+            (Some((key, _)), _) => Ok(Some(key)),
+            (None, Some(presented)) if self.trust_on_first_use => {
                 self.store
-                    .bind_key_on_first_use(gateway, presented.to_vec())
+                    .bind_key_on_first_use(gateway, presented.clone())
                     .await
                     .map_err(unavailable)?;
                 let note = format!(
                     "key {} bound by trust on first use",
-                    chain::fingerprint(presented)
+                    presented.fingerprint()
                 );
                 self.store
                     .record_break(gateway, buffer_id, 0, note)
                     .await
                     .map_err(unavailable)?;
-                Ok(Some(presented.to_vec()))
+                Ok(Some(presented))
             }
-            None => Ok(None),
+            (None, _) => Ok(None),
         }
     }
 }
@@ -265,9 +281,7 @@ impl<S: Store> Uplink for UplinkService<S> {
                 server_time_ms: now_ms(),
             })))
             .await;
-        let key = self
-            .signing_key(&gateway, hello.buffer_id, &hello.public_key)
-            .await?;
+        let key = self.signing_key(&gateway, hello.buffer_id, &hello).await?;
         let session = Session {
             store: self.store.clone(),
             connections: self.connections.clone(),
@@ -294,7 +308,7 @@ struct Session<S> {
     /// check manifest links against.
     manifest_hashes: HashMap<u64, chain::Hash>,
     /// Bound signing key; None: the chain cannot be verified.
-    key: Option<Vec<u8>>,
+    key: Option<PublicKey>,
     guards: Arc<Guards>,
     /// This stream's place in its gateway's stream quota.
     _slot: StreamSlot,
@@ -451,25 +465,29 @@ impl<S: Store> Session<S> {
         Ok(())
     }
 
-    /// The batch as a chain link, its signature checked with the bound key.
-    /// Unsigned batches are no link (their stream's chain stays empty).
+    /// The batch as a chain link, its signature checked with the bound key,
+    /// which must be of the algorithm the envelope names. Unsigned batches
+    /// are no link (their stream's chain stays empty); an unknown algorithm
+    /// is a link whose signature fails.
     fn link(&self, batch: &Batch, envelope: &guantong_proto::v1::BatchEnvelope) -> Option<Link> {
         if envelope.algorithm == SignatureAlgorithm::None as i32 {
             return None;
         }
+        let named = Algorithm::from_wire(envelope.algorithm);
+        let algorithm = named.unwrap_or_default();
         let prev = chain::to_hash(&envelope.prev_hash).unwrap_or([0; 32]);
-        let hash = chain::link_hash(&prev, &envelope.payload);
-        let signature_ok = envelope.algorithm == SignatureAlgorithm::Ed25519 as i32
-            && self
-                .key
-                .as_ref()
-                .is_some_and(|k| chain::verify(k, &hash, &envelope.signature));
+        let hash = algorithm.link_hash(&prev, &envelope.payload);
+        let signature_ok = self
+            .key
+            .as_ref()
+            .is_some_and(|k| Some(k.algorithm) == named && k.verify(&hash, &envelope.signature));
         let effective_hash = batch
             .loss
             .as_ref()
             .and_then(|l| chain::to_hash(&l.bridge_hash))
             .unwrap_or(hash);
         Some(Link {
+            algorithm,
             signature_checked: self.key.is_some(),
             payload: envelope.payload.clone(),
             prev_hash: envelope.prev_hash.clone(),

@@ -191,11 +191,14 @@ enum Command {
         data: PathBuf,
         /// The id the gateway's config names in `[gateway] id`.
         id: String,
-        /// The gateway's signing public key (64 hex digits), printed by
+        /// The gateway's signing public key (hex), printed by
         /// `guantong-gateway identity`. Without it, the gateway's evidence
         /// chain is stored but cannot be verified.
         #[arg(long)]
         public_key: Option<String>,
+        /// The key's algorithm, as `guantong-gateway identity` prints it.
+        #[arg(long, default_value = "ed25519", value_parser = ["ed25519", "sm2"])]
+        key_algorithm: String,
     },
 }
 
@@ -584,14 +587,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
             data,
             id,
             public_key,
+            key_algorithm,
         } => {
             let public_key = match public_key {
-                Some(h) => Some(
-                    hex::decode(h.trim())
-                        .ok()
-                        .filter(|k| k.len() == 32)
-                        .ok_or_else(|| anyhow::anyhow!("--public-key: expected 64 hex digits (from `guantong-gateway identity`)"))?,
-                ),
+                Some(h) => {
+                    let algorithm = guantong_proto::chain::Algorithm::from_name(&key_algorithm)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--key-algorithm: `{key_algorithm}` is not ed25519 or sm2"
+                            )
+                        })?;
+                    let bytes = hex::decode(h.trim()).map_err(|e| {
+                        anyhow::anyhow!(
+                            "--public-key: not hex ({e}); copy it from `guantong-gateway identity`"
+                        )
+                    })?;
+                    Some(
+                        guantong_proto::chain::PublicKey::new(algorithm, bytes).map_err(|e| {
+                            anyhow::anyhow!("--public-key with --key-algorithm {algorithm}: {e} (copy both from `guantong-gateway identity`)")
+                        })?,
+                    )
+                }
                 None => None,
             };
             if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
@@ -602,10 +618,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = EmbeddedStore::open(&data)?;
             let token = store.register_gateway(&id, public_key.clone()).await?;
             match &public_key {
-                Some(k) => eprintln!(
-                    "bound signing key {}",
-                    guantong_proto::chain::fingerprint(k)
-                ),
+                Some(k) => eprintln!("bound signing key {}", k.fingerprint()),
                 None => eprintln!(
                     "warning: no --public-key: this gateway's evidence chain cannot be verified"
                 ),

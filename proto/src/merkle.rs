@@ -7,6 +7,8 @@
 //! - The root of n > 1 leaves splits them at k, the largest power of two
 //!   smaller than n: `node(root(leaves[..k]), root(leaves[k..]))`.
 //! - The root of no leaves is `SHA-256("")`.
+//! - An inclusion proof of leaf m is its audit path (RFC 6962 §2.1.1), checked
+//!   as RFC 9162 §2.1.3.2 does.
 //!
 //! What the leaves are is defined where a tree is used (daily digests:
 //! `ingest/src/evidence/digest.rs`).
@@ -49,6 +51,62 @@ pub fn root_of_leaf_hashes(leaves: &[Hash]) -> Hash {
 pub fn root<L: AsRef<[u8]>>(leaves: &[L]) -> Hash {
     let hashed: Vec<Hash> = leaves.iter().map(|l| leaf_hash(l.as_ref())).collect();
     root_of_leaf_hashes(&hashed)
+}
+
+/// The audit path of leaf `index` among `leaves` (hashed with
+/// [`leaf_hash`]), RFC 6962 §2.1.1; None when `index` is out of range.
+pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
+    if index >= leaves.len() {
+        return None;
+    }
+    let (mut lo, mut hi, mut m) = (0, leaves.len(), index);
+    let mut siblings = Vec::new();
+    while hi - lo > 1 {
+        let k = split(hi - lo);
+        if m < k {
+            siblings.push(root_of_leaf_hashes(&leaves[lo + k..hi]));
+            hi = lo + k;
+        } else {
+            siblings.push(root_of_leaf_hashes(&leaves[lo..lo + k]));
+            lo += k;
+            m -= k;
+        }
+    }
+    // The path lists siblings from the leaf up.
+    siblings.reverse();
+    Some(siblings)
+}
+
+/// The root that `proof` gives for leaf `index` (its hash `leaf`) of a tree
+/// of `size` leaves, RFC 9162 §2.1.3.2; None when the proof cannot belong
+/// to such a tree.
+pub fn root_from_inclusion_proof(
+    leaf: &Hash,
+    index: u64,
+    size: u64,
+    proof: &[Hash],
+) -> Option<Hash> {
+    if index >= size {
+        return None;
+    }
+    let (mut f, mut s, mut r) = (index, size - 1, *leaf);
+    for p in proof {
+        if s == 0 {
+            return None;
+        }
+        if f & 1 == 1 || f == s {
+            r = node_hash(p, &r);
+            while f & 1 == 0 && f != 0 {
+                f >>= 1;
+                s >>= 1;
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        f >>= 1;
+        s >>= 1;
+    }
+    (s == 0).then_some(r)
 }
 
 /// The largest power of two smaller than `n` (n > 1).
@@ -94,4 +152,43 @@ mod tests {
         assert_ne!(root(&edited), r);
         assert_ne!(root(&leaves[..6]), r);
     }
+
+    #[test]
+    fn every_inclusion_proof_gives_the_root_and_no_other_leaf_does() {
+        for n in 1..=20usize {
+            let hashes: Vec<Hash> = (0..n as u8).map(|i| leaf_hash(&[i])).collect();
+            let r = root_of_leaf_hashes(&hashes);
+            for m in 0..n {
+                let proof = inclusion_proof(&hashes, m).expect("in range");
+                let (m64, n64) = (m as u64, n as u64);
+                assert_eq!(
+                    root_from_inclusion_proof(&hashes[m], m64, n64, &proof),
+                    Some(r),
+                    "leaf {m} of {n}"
+                );
+                let other = leaf_hash(b"not a leaf");
+                assert_ne!(root_from_inclusion_proof(&other, m64, n64, &proof), Some(r));
+                if n > 1 {
+                    let moved = (m64 + 1) % n64;
+                    assert_ne!(
+                        root_from_inclusion_proof(&hashes[m], moved, n64, &proof),
+                        Some(r)
+                    );
+                }
+            }
+            assert_eq!(inclusion_proof(&hashes, n), None);
+        }
+    }
+
+    /// Golden vector: the audit path of leaf 2 of ["a", "b", "c"] (RFC 6962
+    /// §2.1.1: [MTH(a, b)]), computed with Python's hashlib.
+    #[test]
+    fn golden_vector_of_an_inclusion_proof() {
+        let hashes: Vec<Hash> = [b"a", b"b", b"c"].iter().map(|l| leaf_hash(*l)).collect();
+        let proof = inclusion_proof(&hashes, 2).expect("in range");
+        assert_eq!(proof.len(), 1);
+        assert_eq!(hex::encode(proof[0]), GOLDEN_AB);
+    }
+
+    const GOLDEN_AB: &str = "b137985ff484fb600db93107c77b0365c80d78f5b429ded0fd97361d077999eb";
 }

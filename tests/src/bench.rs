@@ -82,12 +82,17 @@ impl LocalIngest {
     }
 
     /// An ingest that verifies the bench gateway's chain with `public_key`.
-    pub async fn start_with_key(public_key: Option<Vec<u8>>) -> anyhow::Result<LocalIngest> {
+    pub async fn start_with_key(
+        public_key: Option<guantong_proto::chain::PublicKey>,
+    ) -> anyhow::Result<LocalIngest> {
         LocalIngest::start_with(public_key, false).await
     }
 
     /// With `tls`, gRPC over TLS from an operator CA in its directory.
-    pub async fn start_with(public_key: Option<Vec<u8>>, tls: bool) -> anyhow::Result<LocalIngest> {
+    pub async fn start_with(
+        public_key: Option<guantong_proto::chain::PublicKey>,
+        tls: bool,
+    ) -> anyhow::Result<LocalIngest> {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(EmbeddedStore::open(dir.path())?);
         let token = store.register_gateway(GW, public_key).await?;

@@ -172,12 +172,21 @@ impl IngestProc {
         gateway: &str,
         public_key: Option<&str>,
     ) -> anyhow::Result<String> {
+        IngestProc::register_with_algorithm_key(data, gateway, public_key.map(|k| ("ed25519", k)))
+    }
+
+    /// Registers `gateway` with its (algorithm, signing public key in hex).
+    pub fn register_with_algorithm_key(
+        data: &Path,
+        gateway: &str,
+        key: Option<(&str, &str)>,
+    ) -> anyhow::Result<String> {
         let mut cmd = Command::new(binary("guantong-ingest")?);
         cmd.args(["register-gateway", "--data"])
             .arg(data)
             .arg(gateway);
-        if let Some(k) = public_key {
-            cmd.args(["--public-key", k]);
+        if let Some((algorithm, k)) = key {
+            cmd.args(["--key-algorithm", algorithm, "--public-key", k]);
         }
         let out = cmd.output()?;
         if !out.status.success() {
@@ -299,6 +308,12 @@ impl IngestProc {
 /// The public key (hex) printed by `guantong-gateway identity` for `config`,
 /// creating the key if needed.
 pub fn gateway_public_key(config: &Path) -> anyhow::Result<String> {
+    Ok(gateway_identity(config)?.1)
+}
+
+/// (algorithm, public key in hex) printed by `guantong-gateway identity` for
+/// `config`, creating the key if needed.
+pub fn gateway_identity(config: &Path) -> anyhow::Result<(String, String)> {
     let out = Command::new(binary("guantong-gateway")?)
         .args(["identity", "--config"])
         .arg(config)
@@ -307,9 +322,12 @@ pub fn gateway_public_key(config: &Path) -> anyhow::Result<String> {
         bail!("identity failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8(out.stdout)?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("public key").map(|k| k.trim().to_string()))
-        .context("identity printed no public key")
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|k| k.trim().to_string()))
+            .with_context(|| format!("identity printed no {name}:\n{text}"))
+    };
+    Ok((field("algorithm")?, field("public key")?))
 }
 
 /// A gateway process with its config file and buffer directory.

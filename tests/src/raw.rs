@@ -5,13 +5,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use guantong_proto::chain::{self, Hash};
+use guantong_proto::chain::{self, Algorithm, ChainKey, Hash};
 use guantong_proto::v1::gateway_message::Kind as Up;
 use guantong_proto::v1::ingest_message::Kind as Down;
 use guantong_proto::v1::uplink_client::UplinkClient;
 use guantong_proto::v1::{
-    Batch, BatchEnvelope, DataType, Device, GatewayMessage, Hello, Manifest, Point,
-    SignatureAlgorithm, Tag, point,
+    Batch, BatchEnvelope, DataType, Device, GatewayMessage, Hello, Manifest, Point, Tag, point,
 };
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,37 +74,42 @@ pub fn unsigned(payload: Vec<u8>) -> BatchEnvelope {
 
 /// A gateway's chain state: signs links in the order they are made.
 pub struct Signer {
-    pub key: ed25519_dalek::SigningKey,
+    pub key: ChainKey,
     pub head: Hash,
 }
 
 impl Signer {
+    /// An Ed25519 signer with seed `[seed; 32]`.
     pub fn new(seed: u8, gateway: &str, buffer_id: u64) -> Signer {
         Signer {
-            key: ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
+            key: ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[seed; 32])),
             head: chain::genesis(gateway, buffer_id),
         }
     }
 
+    /// An SM2 signer with secret scalar `[seed; 32]`.
+    pub fn sm2(seed: u8, gateway: &str, buffer_id: u64) -> Signer {
+        Signer {
+            key: ChainKey::sm2_from_secret(&[seed; 32]).expect("a valid SM2 scalar"),
+            head: Algorithm::Sm2.genesis(gateway, buffer_id),
+        }
+    }
+
     pub fn public_key(&self) -> Vec<u8> {
-        self.key.verifying_key().to_bytes().to_vec()
+        self.key.public_key()
     }
 
     /// Links `payload` after the current head and signs it with `key`
-    /// (normally this signer's own).
-    pub fn link_with(
-        &mut self,
-        payload: Vec<u8>,
-        key: &ed25519_dalek::SigningKey,
-    ) -> BatchEnvelope {
+    /// (normally this signer's own; the link hash is of `key`'s algorithm).
+    pub fn link_with(&mut self, payload: Vec<u8>, key: &ChainKey) -> BatchEnvelope {
         let prev = self.head;
-        let link = chain::link_hash(&prev, &payload);
+        let link = key.algorithm().link_hash(&prev, &payload);
         self.head = link;
         BatchEnvelope {
             payload: payload.into(),
             prev_hash: prev.to_vec(),
-            signature: chain::sign(key, &link).to_vec(),
-            algorithm: SignatureAlgorithm::Ed25519 as i32,
+            signature: key.sign(&link).to_vec(),
+            algorithm: key.algorithm().wire() as i32,
             backfill: false,
         }
     }
@@ -153,12 +157,32 @@ pub async fn session(
     public_key: Vec<u8>,
     msgs: Vec<Up>,
 ) -> anyhow::Result<(u64, Vec<u64>)> {
+    session_as(
+        addr,
+        gateway,
+        token,
+        buffer_id,
+        (Algorithm::Ed25519, public_key),
+        msgs,
+    )
+    .await
+}
+
+/// `session` presenting a key of `algorithm` in Hello.
+pub async fn session_as(
+    addr: SocketAddr,
+    gateway: &str,
+    token: &str,
+    buffer_id: u64,
+    (algorithm, public_key): (Algorithm, Vec<u8>),
+    msgs: Vec<Up>,
+) -> anyhow::Result<(u64, Vec<u64>)> {
     let mut client = UplinkClient::new(channel(addr).await?);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let key_algorithm = if public_key.is_empty() {
         0
     } else {
-        SignatureAlgorithm::Ed25519 as i32
+        algorithm.wire() as i32
     };
     let hello = Hello {
         gateway_id: gateway.into(),

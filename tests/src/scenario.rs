@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::procs::{GatewayProc, IngestProc, gateway_public_key, wait_for};
+use crate::procs::{GatewayProc, IngestProc, gateway_identity, wait_for};
 use crate::proxy::Proxy;
 use crate::sim::{SimDevice, standard_device_toml};
 
@@ -23,6 +23,8 @@ pub struct Options {
     pub keepalive: &'static str,
     /// Extra u16 tags (holding 20..) for volume.
     pub extra_tags: usize,
+    /// `[gateway] key_algorithm`: `ed25519` or `sm2`.
+    pub key_algorithm: &'static str,
 }
 
 impl Default for Options {
@@ -33,6 +35,7 @@ impl Default for Options {
             max_bytes: "64 MiB",
             keepalive: "10s",
             extra_tags: 0,
+            key_algorithm: "ed25519",
         }
     }
 }
@@ -62,8 +65,9 @@ impl Scenario {
             &config,
             Self::config_text(&o, "127.0.0.1:1".parse()?, "none", dir.path(), sim_addr),
         )?;
-        let public_key = gateway_public_key(&config)?;
-        let token = IngestProc::register_with_key(&data, GW, Some(&public_key))?;
+        let (algorithm, public_key) = gateway_identity(&config)?;
+        let token =
+            IngestProc::register_with_algorithm_key(&data, GW, Some((&algorithm, &public_key)))?;
         let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
         let proxy = Proxy::start(ingest.grpc).await?;
         std::fs::write(
@@ -90,6 +94,7 @@ impl Scenario {
         let mut text = format!(
             r#"[gateway]
 id = "{GW}"
+key_algorithm = "{key_algorithm}"
 
 [uplink]
 {uplink}token = "{token}"
@@ -104,6 +109,7 @@ commit_interval = "{commit}"
 "#,
             uplink = crate::procs::uplink_toml(endpoint),
             keepalive = o.keepalive,
+            key_algorithm = o.key_algorithm,
             buffer = dir.join("buffer").display(),
             max_bytes = o.max_bytes,
             commit = o.commit_interval,

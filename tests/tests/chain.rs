@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use guantong_e2e::procs::{IngestProc, binary};
-use guantong_e2e::raw::{Signer, batch_bytes, manifest, session};
+use guantong_e2e::raw::{Signer, batch_bytes, manifest, session, session_as};
+use guantong_proto::chain::Algorithm;
 use guantong_proto::v1::gateway_message::Kind as Up;
 use redb::ReadableTable;
 use serde_json::Value;
@@ -54,7 +55,8 @@ async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyho
     let token = IngestProc::register_with_key(&data, GW, Some(&hex::encode(honest.public_key())))?;
     let mut ingest = IngestProc::start(&data, any(), any()).await?;
     let key = honest.public_key();
-    let intruder = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let intruder =
+        guantong_proto::chain::ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[9; 32]));
 
     // Buffer 1: honest, sent in two connections and out of order.
     let mut s = Signer::new(7, GW, 1);
@@ -259,5 +261,90 @@ async fn trust_on_first_use_binds_the_first_key_records_it_and_refuses_another()
         c1["verified_through"], 2,
         "the bound key verifies the chain: {c1}"
     );
+    Ok(())
+}
+
+/// A gateway whose key moves from Ed25519 to SM2 is a key change like any
+/// other: refused and recorded, both fingerprints naming their algorithm.
+/// An SM2 key bound by trust on first use verifies an SM2 chain, and an
+/// Ed25519-signed link on it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_algorithm_is_a_recorded_key_change_and_sm2_chains_verify() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let ed = Signer::new(7, GW, 1);
+    let token = IngestProc::register_with_key(&data, GW, Some(&hex::encode(ed.public_key())))?;
+    const SM2_GW: &str = "gw-sm2";
+    let sm2_token = IngestProc::register(&data, SM2_GW)?;
+    let ingest =
+        IngestProc::start_with_args(&data, any(), any(), &["--trust-on-first-use"]).await?;
+
+    let sm2 = Signer::sm2(7, GW, 1);
+    let refused = session_as(
+        ingest.grpc,
+        GW,
+        &token,
+        1,
+        (Algorithm::Sm2, sm2.public_key()),
+        vec![],
+    )
+    .await;
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("key change refused: the gateway presents key sm2:")
+            && message.contains("but ed25519:"),
+        "{message}"
+    );
+
+    // The SM2 gateway: batches 1 and 2 signed with SM2; batch 3 claims SM2
+    // but carries an Ed25519 signature over the SHA-256 link.
+    let mut s = Signer::sm2(5, SM2_GW, 1);
+    let (b1, b2) = (s.link(batch_bytes(1, 1)), s.link(batch_bytes(1, 2)));
+    let ed_key = Signer::new(5, SM2_GW, 1).key;
+    let mut b3 = s.link_with(batch_bytes(1, 3), &ed_key);
+    b3.algorithm = Algorithm::Sm2.wire() as i32;
+    session_as(
+        ingest.grpc,
+        SM2_GW,
+        &sm2_token,
+        1,
+        (Algorithm::Sm2, s.public_key()),
+        vec![
+            Up::Manifest(manifest(SM2_GW)),
+            Up::Batch(b1),
+            Up::Batch(b2),
+            Up::Batch(b3),
+        ],
+    )
+    .await?;
+    let all = chains(&ingest).await?;
+    let key_change: Vec<String> = all
+        .iter()
+        .filter(|c| c["gateway"] == GW)
+        .flat_map(break_reasons)
+        .map(|(_, r)| r)
+        .filter(|r| r.contains("key change refused"))
+        .collect();
+    assert_eq!(key_change.len(), 1, "recorded once: {all:?}");
+    let c = all
+        .iter()
+        .find(|c| c["gateway"] == SM2_GW)
+        .expect("the SM2 gateway's chain");
+    assert_eq!(c["verified_from"], 1, "{c}");
+    assert_eq!(c["verified_through"], 3, "{c}");
+    let b = break_reasons(c);
+    assert!(
+        b.iter().any(|(seq, r)| *seq == 0
+            && r.contains("key sm2:")
+            && r.contains("trust on first use")),
+        "{b:?}"
+    );
+    let bad: Vec<u64> = b
+        .iter()
+        .filter(|(_, r)| r.contains("signature does not verify"))
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(bad, [3], "only the Ed25519-signed link fails: {b:?}");
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use guantong_e2e::evidence::{export, verify, verify_chain};
-use guantong_e2e::procs::{GatewayProc, IngestProc};
+use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_identity};
 use guantong_e2e::raw::{Signer, batch_bytes, manifest, session};
 use guantong_e2e::scenario::{GW as SCENARIO_GW, Options, Scenario, check_counter};
 use guantong_proto::v1::gateway_message::Kind as Up;
@@ -82,34 +82,52 @@ fn edit_query_tables(data: &Path, seq: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Changes one point value inside batch `seq`'s stored signed bytes.
-fn edit_signed_bytes(data: &Path, seq: u64) -> anyhow::Result<()> {
+/// Changes one point value, keeping the encoded length, inside the stored
+/// signed bytes of `gateway`'s first batch with points that `pick` (buffer
+/// id, seq) accepts; returns its (buffer id, seq). Every other byte of the
+/// stored link stays as it was.
+fn edit_signed_bytes(
+    data: &Path,
+    gateway: &str,
+    pick: impl Fn(u64, u64) -> bool,
+) -> anyhow::Result<(u64, u64)> {
     let db = redb::Database::open(data.join("ingest.redb"))?;
     let txn = db.begin_write()?;
+    let edited;
     {
         let mut t = txn.open_table(SIGNED)?;
-        let bytes = t.get((GW, 1, seq))?.expect("stored link").value().to_vec();
-        let link = SignedLink::decode(bytes.as_slice())?;
-        let mut batch = guantong_proto::v1::Batch::decode(link.payload.as_slice())?;
-        match &mut batch.points[0].value {
-            Some(point::Value::Uint(u)) => *u += 1,
-            other => panic!("unexpected value {other:?}"),
+        let mut found = None;
+        for entry in t.range((gateway, 0, 0)..=(gateway, u64::MAX, u64::MAX))? {
+            let (k, v) = entry?;
+            let link = SignedLink::decode(v.value())?;
+            let batch = guantong_proto::v1::Batch::decode(link.payload.as_slice())?;
+            let (_, buffer_id, seq) = k.value();
+            if !batch.points.is_empty() && pick(buffer_id, seq) {
+                found = Some((buffer_id, seq, v.value().to_vec(), link.payload, batch));
+                break;
+            }
         }
-        // Re-encode the stored link with only its payload replaced: field 1
-        // is the payload; keep every other field's bytes as they were.
-        let mut rest = bytes.clone();
-        let old = link.payload;
-        let at = rest
+        let (buffer_id, seq, mut bytes, old, mut batch) =
+            found.expect("a signed batch with points");
+        match &mut batch.points[0].value {
+            Some(point::Value::Uint(u)) => *u ^= 1,
+            Some(point::Value::Int(i)) => *i ^= 1,
+            Some(point::Value::Double(d)) => *d += 1.0,
+            Some(point::Value::Bool(b)) => *b = !*b,
+            other => anyhow::bail!("unexpected value {other:?}"),
+        }
+        let new = batch.encode_to_vec();
+        anyhow::ensure!(new.len() == old.len(), "same length edit");
+        let at = bytes
             .windows(old.len())
             .position(|w| w == old.as_slice())
             .expect("payload inside the stored link");
-        let new = batch.encode_to_vec();
-        anyhow::ensure!(new.len() == old.len(), "same length edit");
-        rest[at..at + old.len()].copy_from_slice(&new);
-        t.insert((GW, 1, seq), rest.as_slice())?;
+        bytes[at..at + old.len()].copy_from_slice(&new);
+        t.insert((gateway, buffer_id, seq), bytes.as_slice())?;
+        edited = (buffer_id, seq);
     }
     txn.commit()?;
-    Ok(())
+    Ok(edited)
 }
 
 fn findings(text: &str, status: &str, needle: &str) -> Vec<String> {
@@ -240,7 +258,7 @@ async fn a_bundle_verifies_offline_and_every_edit_is_named() -> anyhow::Result<(
 
     // One value edited in the signed bytes: the signature, the query tables
     // and the kept digest each contradict it.
-    edit_signed_bytes(&data, 2)?;
+    edit_signed_bytes(&data, GW, |buffer_id, seq| (buffer_id, seq) == (1, 2))?;
     let r = verify_chain(&data)?;
     assert!(
         r.text
@@ -340,6 +358,89 @@ async fn gateway_restarts_and_buffer_replays_keep_the_evidence_valid() -> anyhow
     assert!(
         !findings(&r.text, "FAILS", "is not the one this manifest link signed").is_empty(),
         "{}",
+        r.text
+    );
+    Ok(())
+}
+
+/// A real gateway configured with `key_algorithm = "sm2"`: its identity names
+/// the algorithm, ingest verifies its SM2/SM3 chain on receipt, the exported
+/// bundle verifies offline, and one value edited in a stored signed batch
+/// fails both `verify-chain` and the bundle, naming the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sm2_gateway_chain_verifies_offline_and_an_edited_batch_fails() -> anyhow::Result<()> {
+    let mut s = Scenario::start(Options {
+        key_algorithm: "sm2",
+        ..Options::default()
+    })
+    .await?;
+    let from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64
+        - 60_000;
+    let (algorithm, public_key) = gateway_identity(&s.gateway.config)?;
+    assert_eq!(algorithm, "sm2");
+    assert_eq!(public_key.len(), 130, "SEC1 uncompressed: {public_key}");
+    assert!(public_key.starts_with("04"), "{public_key}");
+    let key_file = std::fs::read_to_string(s.dir.path().join("gateway.key"))?;
+    assert!(
+        key_file.starts_with("guantong-sm2-secret-v1 "),
+        "{key_file}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A restart continues the SM2 chain.
+    s.gateway.proc.terminate(Duration::from_secs(10));
+    s.gateway = GatewayProc::start(&s.gateway.config.clone())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (points, last, lost) = s.settle(Duration::from_secs(60)).await?;
+    if let Err(e) = check_counter(&points, last, lost, true) {
+        panic!("{e}\n{}", s.logs());
+    }
+    s.assert_chain_intact().await?;
+    s.gateway.proc.terminate(Duration::from_secs(10));
+    s.ingest.proc.terminate(Duration::from_secs(10));
+
+    let r = verify_chain(&s.ingest.data)?;
+    assert!(r.ok, "{}", r.text);
+    let bundle = s.dir.path().join("bundle.json");
+    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    let b: Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
+    assert_eq!(b["gateways"][0]["key_algorithm"], "sm2");
+    assert_eq!(b["gateways"][0]["public_key"], public_key.as_str());
+    assert!(
+        b["gateways"][0]["streams"][0]["links"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty() && l.iter().all(|l| l["algorithm"] == "sm2")),
+        "every link names sm2"
+    );
+    let r = verify(&bundle, None)?;
+    assert!(r.ok, "an SM2 bundle verifies offline:\n{}", r.text);
+    assert!(
+        r.text.contains("key sm2:") && r.text.contains("chain verified from batch 1"),
+        "{}",
+        r.text
+    );
+
+    let (buffer_id, seq) = edit_signed_bytes(&s.ingest.data, SCENARIO_GW, |_, _| true)?;
+    let r = verify_chain(&s.ingest.data)?;
+    assert!(!r.ok, "{}", r.text);
+    assert!(
+        r.text
+            .contains(&format!("BREAK at batch {seq}: signature does not verify")),
+        "{}",
+        r.text
+    );
+    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    let r = verify(&bundle, None)?;
+    assert!(!r.ok, "{}", r.text);
+    assert!(
+        !findings(
+            &r.text,
+            "FAILS",
+            &format!("buffer {buffer_id:016x} batch {seq}: signature does not verify")
+        )
+        .is_empty(),
+        "the edited batch is named:\n{}",
         r.text
     );
     Ok(())

@@ -26,8 +26,12 @@ pub struct Bundle {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GatewayEvidence {
     pub id: String,
-    /// The Ed25519 public key bound to the gateway; None: none bound.
+    /// The public key bound to the gateway; None: none bound.
     pub public_key: Option<String>,
+    /// Its algorithm: `ed25519` (32-byte key) or `sm2` (65-byte SEC1
+    /// uncompressed key). Absent in bundles made before SM2: `ed25519`.
+    #[serde(default)]
+    pub key_algorithm: Option<String>,
     /// `registered` or `trust-on-first-use`.
     pub key_source: Option<String>,
     /// Every manifest version the links refer to: encoded `Manifest` bytes.
@@ -64,7 +68,7 @@ pub struct LinkEvidence {
     /// A loss record covers seq..=last_seq.
     pub last_seq: u64,
     pub received_at_ms: i64,
-    /// `ed25519`.
+    /// The chain algorithm of this link: `ed25519` or `sm2`.
     pub algorithm: String,
     pub prev_hash: String,
     pub signature: String,

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use guantong_proto::chain::{self, Hash};
+use guantong_proto::chain::{self, Algorithm, Hash, PublicKey};
 use guantong_proto::merkle;
 use guantong_proto::v1::{Batch, Manifest};
 use prost::Message;
@@ -151,7 +151,7 @@ fn parse_id(s: &str) -> Option<u64> {
 
 struct GatewayCheck<'a> {
     id: &'a str,
-    key: Option<Vec<u8>>,
+    key: Option<PublicKey>,
     manifests: HashMap<u64, Manifest>,
     rejected: HashSet<(u64, u64)>,
     /// Recomputed from the signed batches, for the window.
@@ -165,6 +165,16 @@ struct GatewayCheck<'a> {
     unannounced: HashSet<(u64, u64)>,
 }
 
+/// The bundle's bound key; a bundle without `key_algorithm` predates SM2 and
+/// its keys are Ed25519.
+fn bound_key(hex_key: &str, algorithm: Option<&str>) -> Result<PublicKey, String> {
+    let name = algorithm.unwrap_or("ed25519");
+    let algorithm = Algorithm::from_name(name)
+        .ok_or_else(|| format!("key_algorithm `{name}` is not ed25519 or sm2"))?;
+    let bytes = hex::decode(hex_key).map_err(|e| format!("not hex: {e}"))?;
+    PublicKey::new(algorithm, bytes)
+}
+
 fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
     let subject = format!("gateway {}", g.id);
     let key = match &g.public_key {
@@ -176,14 +186,14 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
             );
             None
         }
-        Some(h) => match hex::decode(h) {
-            Ok(k) if k.len() == 32 => {
+        Some(h) => match bound_key(h, g.key_algorithm.as_deref()) {
+            Ok(k) => {
                 v.push(
                     Status::Note,
                     &subject,
                     format!(
                         "key {} bound {}",
-                        chain::fingerprint(&k),
+                        k.fingerprint(),
                         match g.key_source.as_deref() {
                             Some("registered") => "at registration",
                             Some("trust-on-first-use") =>
@@ -194,8 +204,8 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
                 );
                 Some(k)
             }
-            _ => {
-                v.push(Status::Fails, &subject, "public_key is not 64 hex digits");
+            Err(e) => {
+                v.push(Status::Fails, &subject, format!("public_key: {e}"));
                 None
             }
         },
@@ -296,7 +306,8 @@ impl GatewayCheck<'_> {
                     expected = None;
                 }
                 None if l.seq == 1 => {
-                    expected = Some(chain::genesis(self.id, buffer_id));
+                    expected =
+                        Algorithm::from_name(&l.algorithm).map(|a| a.genesis(self.id, buffer_id));
                 }
                 _ => {}
             }
@@ -369,18 +380,23 @@ impl GatewayCheck<'_> {
                 return None;
             }
         };
-        let hash = chain::link_hash(&prev, &payload);
-        if l.algorithm != "ed25519" {
+        let Some(algorithm) = Algorithm::from_name(&l.algorithm) else {
             reasons.push(format!(
-                "signature algorithm `{}` is not supported by this verifier",
+                "signature algorithm `{}` is not ed25519 or sm2",
                 l.algorithm
             ));
-        } else if let Some(key) = &self.key
-            && !chain::verify(key, &hash, &signature)
-        {
-            reasons.push(
+            return None;
+        };
+        let hash = algorithm.link_hash(&prev, &payload);
+        match &self.key {
+            Some(key) if key.algorithm != algorithm => reasons.push(format!(
+                "signed with {algorithm} but the gateway's bound key is {}",
+                key.algorithm
+            )),
+            Some(key) if !key.verify(&hash, &signature) => reasons.push(
                 "signature does not verify with the gateway's key: the bytes differ from what the gateway signed, or another key signed them".into(),
-            );
+            ),
+            _ => {}
         }
         if let Some(e) = expected
             && e != prev

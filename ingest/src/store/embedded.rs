@@ -47,6 +47,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
+use guantong_proto::chain::{Algorithm, PublicKey};
 use guantong_proto::v1::{Batch, Manifest, Point, Quality, point::Value};
 use prost::Message;
 use rand::RngCore;
@@ -105,15 +106,42 @@ struct GatewayRecord {
     salt: String,
     token_sha256: String,
     registered_at_ms: i64,
-    /// Hex Ed25519 public key the gateway's chain is verified with.
+    /// Hex public key the gateway's chain is verified with.
     #[serde(default)]
     public_key: Option<String>,
+    /// Its algorithm, `ed25519` or `sm2`; absent in records made before SM2
+    /// existed, whose keys are all Ed25519.
+    #[serde(default)]
+    key_algorithm: Option<String>,
     /// `registered` or `trust-on-first-use`.
     #[serde(default)]
     key_source: Option<String>,
     /// The token before the last rotation, valid until `valid_until_ms`.
     #[serde(default)]
     previous_token: Option<PreviousToken>,
+}
+
+impl GatewayRecord {
+    /// The bound key, if any (a record that does not parse is reported).
+    fn bound_key(&self) -> Result<Option<PublicKey>> {
+        let Some(hex_key) = &self.public_key else {
+            return Ok(None);
+        };
+        let name = self.key_algorithm.as_deref().unwrap_or("ed25519");
+        let algorithm = Algorithm::from_name(name)
+            .ok_or_else(|| StoreError::Backend(format!("unknown key algorithm `{name}`")))?;
+        let bytes = hex::decode(hex_key)
+            .map_err(|e| StoreError::Backend(format!("stored public key: {e}")))?;
+        PublicKey::new(algorithm, bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Backend(format!("stored public key: {e}")))
+    }
+
+    fn bind(&mut self, key: PublicKey, source: &str) {
+        self.public_key = Some(hex::encode(&key.bytes));
+        self.key_algorithm = Some(key.algorithm.name().to_string());
+        self.key_source = Some(source.to_string());
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,6 +195,15 @@ struct SignedLink {
     /// When ingest received it: its UTC day places it in a daily digest.
     #[prost(int64, tag = "8")]
     received_at_ms: i64,
+    /// `SignatureAlgorithm` the envelope named; 0 in links stored before
+    /// SM2 existed, which are all Ed25519.
+    #[prost(int32, tag = "9")]
+    algorithm: i32,
+}
+
+/// A stored link's chain algorithm (see `SignedLink::algorithm`).
+fn stored_algorithm(wire: i32) -> Algorithm {
+    Algorithm::from_wire(wire).unwrap_or(Algorithm::Ed25519)
 }
 
 /// A `SignedLink` read without its payload (prost skips the field without
@@ -183,6 +220,8 @@ struct SignedLinkHead {
     last_seq: u64,
     #[prost(bool, tag = "7")]
     signature_checked: bool,
+    #[prost(int32, tag = "9")]
+    algorithm: i32,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -516,6 +555,7 @@ fn append_group<'a>(
                     last_seq: last,
                     signature_checked: link.signature_checked,
                     received_at_ms: a.received_at_ms,
+                    algorithm: link.algorithm.wire() as i32,
                 };
                 signed
                     .insert(
@@ -589,9 +629,9 @@ fn advance_chain(
         drop(v);
         let expected = match &st.head {
             Some(h) => Some(h.clone()),
-            None if next == 1 => Some(hex::encode(guantong_proto::chain::genesis(
-                gateway, buffer_id,
-            ))),
+            None if next == 1 => Some(hex::encode(
+                stored_algorithm(link.algorithm).genesis(gateway, buffer_id),
+            )),
             None => None, // anchored mid-stream: earlier links were acknowledged elsewhere
         };
         if !link.signature_checked {
@@ -876,23 +916,22 @@ impl Store for EmbeddedStore {
         EmbeddedStore::gateway_days(self, gateway, from_day, to_day)
     }
 
-    async fn register_gateway(&self, id: &str, public_key: Option<Vec<u8>>) -> Result<String> {
+    async fn register_gateway(&self, id: &str, public_key: Option<PublicKey>) -> Result<String> {
         let id = id.to_string();
-        if public_key.as_ref().is_some_and(|k| k.len() != 32) {
-            return Err(StoreError::Invalid(
-                "an Ed25519 public key has 32 bytes (64 hex digits)".into(),
-            ));
-        }
         self.blocking(move |db| {
             let (token, salt, token_sha256) = new_token();
-            let record = GatewayRecord {
+            let mut record = GatewayRecord {
                 salt,
                 token_sha256,
                 previous_token: None,
                 registered_at_ms: now_ms(),
-                key_source: public_key.as_ref().map(|_| "registered".to_string()),
-                public_key: public_key.map(hex::encode),
+                key_source: None,
+                public_key: None,
+                key_algorithm: None,
             };
+            if let Some(key) = public_key {
+                record.bind(key, "registered");
+            }
             let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
@@ -959,7 +998,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn gateway_key(&self, id: &str) -> Result<Option<(Vec<u8>, String)>> {
+    async fn gateway_key(&self, id: &str) -> Result<Option<(PublicKey, String)>> {
         let id = id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(db_err)?;
@@ -969,14 +1008,13 @@ impl Store for EmbeddedStore {
             };
             let r: GatewayRecord = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
-            Ok(r.public_key
-                .and_then(|k| hex::decode(k).ok())
+            Ok(r.bound_key()?
                 .map(|k| (k, r.key_source.unwrap_or_default())))
         })
         .await
     }
 
-    async fn bind_key_on_first_use(&self, id: &str, public_key: Vec<u8>) -> Result<()> {
+    async fn bind_key_on_first_use(&self, id: &str, public_key: PublicKey) -> Result<()> {
         let id = id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
@@ -990,8 +1028,7 @@ impl Store for EmbeddedStore {
                 if r.public_key.is_some() {
                     return Err(StoreError::Exists(format!("a key of gateway `{id}`")));
                 }
-                r.public_key = Some(hex::encode(public_key));
-                r.key_source = Some("trust-on-first-use".into());
+                r.bind(public_key, "trust-on-first-use");
                 let value =
                     serde_json::to_vec(&r).map_err(|e| StoreError::Backend(e.to_string()))?;
                 t.insert(id.as_str(), value.as_slice()).map_err(db_err)?;
@@ -1756,7 +1793,7 @@ impl EmbeddedStore {
         let signed = txn.open_table(SIGNED).map_err(db_err)?;
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
         let mut out: Vec<ChainVerification> = Vec::new();
-        let mut key: Option<Vec<u8>> = None;
+        let mut key: Option<PublicKey> = None;
         let mut expected: Option<guantong_proto::chain::Hash> = None;
         for entry in signed.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
@@ -1769,11 +1806,13 @@ impl EmbeddedStore {
                 key = match gateways.get(gateway).map_err(db_err)? {
                     Some(g) => serde_json::from_slice::<GatewayRecord>(g.value())
                         .ok()
-                        .and_then(|r| r.public_key)
-                        .and_then(|h| hex::decode(h).ok()),
+                        .and_then(|r| r.bound_key().ok().flatten()),
                     None => None,
                 };
-                expected = (seq == 1).then(|| guantong_proto::chain::genesis(gateway, buffer_id));
+                // Batch 1's algorithm names its genesis (read again below).
+                let first_algorithm = SignedLinkHead::decode(v.value())
+                    .map_or(Algorithm::Ed25519, |l| stored_algorithm(l.algorithm));
+                expected = (seq == 1).then(|| first_algorithm.genesis(gateway, buffer_id));
                 let mut c = ChainVerification {
                     gateway: gateway.to_string(),
                     buffer_id: buffer_hex,
@@ -1815,14 +1854,16 @@ impl EmbeddedStore {
                     continue;
                 }
             };
+            let algorithm = stored_algorithm(link.algorithm);
             let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
-            let hash = guantong_proto::chain::link_hash(&prev, &link.payload);
-            if !key
-                .as_ref()
-                .is_some_and(|k| guantong_proto::chain::verify(k, &hash, &link.signature))
-                && key.is_some()
-            {
-                breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into());
+            let hash = algorithm.link_hash(&prev, &link.payload);
+            match &key {
+                Some(k) if k.algorithm != algorithm => breaks.push(format!(
+                    "signed with {algorithm} but the gateway's bound key is {}",
+                    k.algorithm
+                )),
+                Some(k) if !k.verify(&hash, &link.signature) => breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into()),
+                _ => {}
             }
             let batch = Batch::decode(link.payload.as_ref());
             match &batch {

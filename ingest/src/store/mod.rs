@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use guantong_proto::chain::PublicKey;
 use guantong_proto::v1::{Batch, Manifest};
 use serde::Serialize;
 
@@ -62,6 +63,9 @@ pub enum AppendOutcome {
 /// One batch as a chain link, with its original signed bytes.
 #[derive(Debug, Clone)]
 pub struct Link {
+    /// The chain algorithm the envelope names (the link hash is computed
+    /// with it).
+    pub algorithm: guantong_proto::chain::Algorithm,
     pub payload: bytes::Bytes,
     pub prev_hash: Vec<u8>,
     pub signature: Vec<u8>,
@@ -280,18 +284,19 @@ pub trait Store: Send + Sync + 'static {
     fn register_gateway(
         &self,
         id: &str,
-        public_key: Option<Vec<u8>>,
+        public_key: Option<PublicKey>,
     ) -> impl Future<Output = Result<String>> + Send;
-    /// The gateway's bound public key and how it was bound.
+    /// The gateway's bound public key (with its algorithm) and how it was
+    /// bound.
     fn gateway_key(
         &self,
         id: &str,
-    ) -> impl Future<Output = Result<Option<(Vec<u8>, String)>>> + Send;
+    ) -> impl Future<Output = Result<Option<(PublicKey, String)>>> + Send;
     /// Binds a key presented by the gateway itself (trust on first use).
     fn bind_key_on_first_use(
         &self,
         id: &str,
-        public_key: Vec<u8>,
+        public_key: PublicKey,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Records a chain break not tied to a stored batch (e.g. a key change).
     fn record_break(

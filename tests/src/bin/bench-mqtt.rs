@@ -243,7 +243,9 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
             config.buffer.when_full,
         )?
         .with_identity(guantong_gateway::buffer::ChainSigner {
-            key: ed25519_dalek::SigningKey::from_bytes(&rand::random()),
+            key: guantong_proto::chain::ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(
+                &rand::random(),
+            )),
             gateway_id: "bench".into(),
         }),
     );

@@ -14,7 +14,14 @@
 //! - buffer write: the gateway buffer committing the same points.
 //! - end to end: a pre-filled gateway buffer drained by the real uplink over
 //!   loopback gRPC into a real ingest until every batch is acknowledged;
-//!   plaintext, signed, and over TLS (the default since issue 9).
+//!   plaintext, signed (Ed25519 and SM2), and over TLS (the default since
+//!   issue 9).
+//!
+//! The evidence chain's cost is also given as process CPU time per point
+//! (`CLOCK_PROCESS_CPUTIME_ID`: gateway buffer and ingest run in this
+//! process), buffer fill (where signing happens) plus drain (where ingest
+//! verifies), signed against unsigned: unlike wall time on a shared machine,
+//! it does not grow when other processes take the cores.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +37,7 @@ use guantong_gateway::quality::Sample;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
-use guantong_proto::chain;
+use guantong_proto::chain::{Algorithm, ChainKey, PublicKey};
 use guantong_proto::v1::{Batch, Manifest, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
@@ -159,8 +166,8 @@ fn fill_buffer(
     dir: &std::path::Path,
     all: &[Sample],
     batch: usize,
-    key: Option<&ed25519_dalek::SigningKey>,
-) -> anyhow::Result<(Arc<Buffer>, Duration, u64)> {
+    key: Option<&ChainKey>,
+) -> anyhow::Result<(Arc<Buffer>, Duration, Duration, u64)> {
     let mut buffer = Buffer::open(dir, 8 << 30, WhenFull::DropOldest)?;
     if let Some(key) = key {
         buffer = buffer.with_identity(ChainSigner {
@@ -173,29 +180,59 @@ fn fill_buffer(
         version: MANIFEST_VERSION,
         ..manifest(all.iter().map(|s| s.tag).max().unwrap_or(0) + 1)
     })?;
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_time());
     // As the writer does: one commit per batch.
     let mut last = 0;
     for chunk in all.chunks(batch) {
         last = buffer.append(MANIFEST_VERSION, chunk, batch)?;
     }
-    Ok((buffer, start.elapsed(), last))
+    Ok((buffer, start.elapsed(), cpu_time() - cpu, last))
+}
+
+/// CPU time of this process, all threads.
+fn cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// One end-to-end run.
+struct EndToEnd {
+    /// Wall time of the drain (buffer -> gRPC -> ingest, acked).
+    drain: Duration,
+    /// Wall time of filling the buffer (one commit per batch).
+    write: Duration,
+    /// Process CPU time of filling and of draining.
+    cpu_write: Duration,
+    cpu_drain: Duration,
+    stored: u64,
+}
+
+/// A key of `algorithm` for the bench gateway.
+fn bench_key(algorithm: Algorithm) -> ChainKey {
+    match algorithm {
+        Algorithm::Ed25519 => ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[3; 32])),
+        Algorithm::Sm2 => ChainKey::sm2_from_secret(&[3; 32]).expect("a valid SM2 scalar"),
+    }
 }
 
 /// Drains a pre-filled buffer into a real ingest; with `signed`, the buffer
-/// signs its chain and ingest verifies it on receipt.
+/// signs its chain with that algorithm and ingest verifies it on receipt.
 async fn end_to_end(
     all: &[Sample],
     args: &Args,
-    signed: bool,
+    signed: Option<Algorithm>,
     tls: bool,
-) -> anyhow::Result<(Duration, Duration, u64)> {
+) -> anyhow::Result<EndToEnd> {
     let dir = tempfile::tempdir()?;
-    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
-    let public = signed.then(|| key.verifying_key().to_bytes().to_vec());
+    let key = signed.map(bench_key);
+    let public = key
+        .as_ref()
+        .map(|k| PublicKey::new(k.algorithm(), k.public_key()))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let ingest = LocalIngest::start_with(public, tls).await?;
-    let (buffer, write_time, last) =
-        fill_buffer(dir.path(), all, args.batch, signed.then_some(&key))?;
+    let (buffer, write_time, cpu_write, last) =
+        fill_buffer(dir.path(), all, args.batch, key.as_ref())?;
     let (_tx, committed) = watch::channel(last);
     let compression = match args.compression.as_str() {
         "gzip" => Compression::Gzip,
@@ -211,45 +248,49 @@ async fn end_to_end(
         committed,
     };
     let cancel = CancellationToken::new();
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_time());
     let task = tokio::spawn(uplink.run(cancel.clone()));
     wait_drained(&buffer, last, Duration::from_secs(600)).await?;
-    let elapsed = start.elapsed();
+    let (elapsed, cpu_drain) = (start.elapsed(), cpu_time() - cpu);
     cancel.cancel();
     let _ = task.await;
-    if signed {
+    if signed.is_some() {
         let chains = ingest.store.chains().await?;
         anyhow::ensure!(
             chains.len() == 1 && chains[0].breaks.is_empty() && chains[0].verified_through == last,
             "the signed chain did not verify: {chains:?}"
         );
     }
-    Ok((elapsed, write_time, ingest.stored_points().await?))
+    Ok(EndToEnd {
+        drain: elapsed,
+        write: write_time,
+        cpu_write,
+        cpu_drain,
+        stored: ingest.stored_points().await?,
+    })
 }
 
-/// (sign, verify) cost per batch: link hash + Ed25519 over the real payloads.
-fn chain_cost(batches: &[Batch]) -> (Duration, Duration) {
-    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
-    let public = key.verifying_key().to_bytes();
+/// (sign, verify) CPU time per batch: link hash + signature over the real
+/// payloads, as the buffer and ingest do them.
+fn chain_cost(batches: &[Batch], algorithm: Algorithm) -> (Duration, Duration) {
+    let key = bench_key(algorithm);
+    let public = PublicKey::new(algorithm, key.public_key()).expect("its own key");
     let payloads: Vec<Vec<u8>> = batches.iter().map(|b| b.encode_to_vec()).collect();
-    let mut head = chain::genesis(GW, 1);
-    let start = Instant::now();
+    let mut head = algorithm.genesis(GW, 1);
+    let start = cpu_time();
     let mut sigs = Vec::with_capacity(payloads.len());
     for p in &payloads {
-        let link = chain::link_hash(&head, p);
-        sigs.push((head, chain::sign(&key, &link)));
+        let link = algorithm.link_hash(&head, p);
+        sigs.push((head, key.sign(&link)));
         head = link;
     }
-    let sign = start.elapsed() / payloads.len() as u32;
-    let start = Instant::now();
+    let sign = (cpu_time() - start) / payloads.len() as u32;
+    let start = cpu_time();
     for (p, (prev, sig)) in payloads.iter().zip(&sigs) {
-        let link = chain::link_hash(prev, p);
-        assert!(
-            chain::verify(&public, &link, sig),
-            "a fresh signature verifies"
-        );
+        let link = algorithm.link_hash(prev, p);
+        assert!(public.verify(&link, sig), "a fresh signature verifies");
     }
-    (sign, start.elapsed() / payloads.len() as u32)
+    (sign, (cpu_time() - start) / payloads.len() as u32)
 }
 
 #[tokio::main]
@@ -260,40 +301,53 @@ async fn main() -> anyhow::Result<()> {
     let n = args.points as f64;
     let (mut raw, mut raw8, mut direct, mut buf, mut e2e) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut signed_e2e, mut tls_e2e) = (Vec::new(), Vec::new());
+    let (mut signed_e2e, mut sm2_e2e, mut tls_e2e) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU ns per point, fill + drain: unsigned, Ed25519, SM2.
+    let (mut cpu_plain, mut cpu_ed, mut cpu_sm2) = (Vec::new(), Vec::new(), Vec::new());
     println!(
         "bench-uplink: {} points, {} tags, {} points per batch, {} runs (median shown)",
         args.points, args.tags, args.batch, args.runs
     );
     let wire: usize = batches.iter().map(|b| b.encoded_len()).sum();
+    let cpu_per_point = |r: &EndToEnd| (r.cpu_write + r.cpu_drain).as_secs_f64() * 1e9 / n;
     for run in 1..=args.runs {
         let r = n / raw_redb(&batches, 1)?.as_secs_f64();
         let r8 = n / raw_redb(&batches, 8)?.as_secs_f64();
         let d = n / store_direct(&batches, args.tags).await?.as_secs_f64();
-        let (e, w, stored) = end_to_end(&all, &args, false, false).await?;
-        let (es, _, stored_signed) = end_to_end(&all, &args, true, false).await?;
-        let (et, _, stored_tls) = end_to_end(&all, &args, false, true).await?;
-        anyhow::ensure!(
-            stored_tls == args.points as u64,
-            "end to end over TLS stored {stored_tls} points"
-        );
-        let et = n / et.as_secs_f64();
-        tls_e2e.push(et);
-        anyhow::ensure!(
-            stored_signed == args.points as u64,
-            "signed end to end stored {stored_signed} points"
-        );
-        let es = n / es.as_secs_f64();
-        signed_e2e.push(es);
-        if stored != args.points as u64 {
-            anyhow::bail!(
-                "end to end stored {stored} points, expected {}",
+        let plain = end_to_end(&all, &args, None, false).await?;
+        let ed = end_to_end(&all, &args, Some(Algorithm::Ed25519), false).await?;
+        let sm2 = end_to_end(&all, &args, Some(Algorithm::Sm2), false).await?;
+        let tls = end_to_end(&all, &args, None, true).await?;
+        for (what, r) in [
+            ("plaintext", &plain),
+            ("signed", &ed),
+            ("SM2-signed", &sm2),
+            ("TLS", &tls),
+        ] {
+            anyhow::ensure!(
+                r.stored == args.points as u64,
+                "end to end {what} stored {} points, expected {}",
+                r.stored,
                 args.points
             );
         }
-        let (e, w) = (n / e.as_secs_f64(), n / w.as_secs_f64());
+        let et = n / tls.drain.as_secs_f64();
+        tls_e2e.push(et);
+        let es = n / ed.drain.as_secs_f64();
+        signed_e2e.push(es);
+        let e2 = n / sm2.drain.as_secs_f64();
+        sm2_e2e.push(e2);
+        let (c0, c1, c2) = (
+            cpu_per_point(&plain),
+            cpu_per_point(&ed),
+            cpu_per_point(&sm2),
+        );
+        cpu_plain.push(c0);
+        cpu_ed.push(c1);
+        cpu_sm2.push(c2);
+        let (e, w) = (n / plain.drain.as_secs_f64(), n / plain.write.as_secs_f64());
         println!(
-            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s  signed {es:>10.0}/s  TLS {et:>10.0}/s"
+            "  run {run}: raw redb {r:>10.0}/s  raw redb x8 {r8:>10.0}/s  store direct {d:>10.0}/s  buffer write {w:>10.0}/s  end to end {e:>10.0}/s  signed {es:>10.0}/s  SM2 {e2:>10.0}/s  TLS {et:>10.0}/s  CPU ns/point unsigned {c0:.0} Ed25519 {c1:.0} SM2 {c2:.0}"
         );
         raw.push(r);
         raw8.push(r8);
@@ -308,8 +362,9 @@ async fn main() -> anyhow::Result<()> {
         median(buf),
         median(e2e),
     );
-    let signed = median(signed_e2e);
+    let (signed, signed_sm2) = (median(signed_e2e), median(sm2_e2e));
     let over_tls = median(tls_e2e);
+    let (cpu_plain, cpu_ed, cpu_sm2) = (median(cpu_plain), median(cpu_ed), median(cpu_sm2));
     println!();
     println!("| transport security (issue 9) | points/s (median) | vs plaintext |");
     println!("|---|---:|---:|");
@@ -318,29 +373,51 @@ async fn main() -> anyhow::Result<()> {
         "| end to end, TLS 1.3 (rustls, ring) | {over_tls:.0} | {:.2} |",
         over_tls / e2e
     );
-    let (sign, verify) = chain_cost(&batches);
     println!();
-    println!("| evidence chain (issue 8) | value | vs end to end unsigned |");
-    println!("|---|---:|---:|");
-    println!("| end to end, unsigned | {e2e:.0} points/s | 1.00 |");
     println!(
-        "| end to end, signed at commit and verified by ingest on receipt | {signed:.0} points/s | {:.2} |",
+        "| evidence chain (issue 8), wall time | points/s (median) | vs end to end unsigned |"
+    );
+    println!("|---|---:|---:|");
+    println!("| end to end, unsigned | {e2e:.0} | 1.00 |");
+    println!(
+        "| end to end, Ed25519, verified by ingest on receipt | {signed:.0} | {:.2} |",
         signed / e2e
     );
+    println!(
+        "| end to end, SM2/SM3, verified by ingest on receipt | {signed_sm2:.0} | {:.2} |",
+        signed_sm2 / e2e
+    );
+    println!();
+    println!(
+        "| evidence chain (issue 8), process CPU per point, buffer fill + drain | ns/point (median) | vs unsigned | chain's share of the signed total (limit 10 %) |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!("| unsigned | {cpu_plain:.0} | 1.00 | |");
+    for (name, c) in [("Ed25519", cpu_ed), ("SM2/SM3", cpu_sm2)] {
+        println!(
+            "| {name} | {c:.0} | {:.3} | {:.1} % |",
+            c / cpu_plain,
+            (c - cpu_plain) / c * 100.0
+        );
+    }
+    println!();
+    println!(
+        "| evidence chain (issue 8), CPU of the chain alone | per {}-point batch | ns/point | vs an unsigned point's CPU ({cpu_plain:.0} ns) |",
+        args.batch
+    );
+    println!("|---|---:|---:|---:|");
     let per_point = |d: Duration| d.as_secs_f64() * 1e9 / args.batch as f64;
-    println!(
-        "| sign one {}-point batch (link hash + Ed25519) | {:.1} µs, {:.1} ns/point | {:.1} % of an unsigned point's end-to-end time |",
-        args.batch,
-        sign.as_secs_f64() * 1e6,
-        per_point(sign),
-        per_point(sign) * e2e / 1e9 * 100.0
-    );
-    println!(
-        "| verify one batch (link hash + Ed25519) | {:.1} µs, {:.1} ns/point | {:.1} % |",
-        verify.as_secs_f64() * 1e6,
-        per_point(verify),
-        per_point(verify) * e2e / 1e9 * 100.0
-    );
+    for algorithm in Algorithm::ALL {
+        let (sign, verify) = chain_cost(&batches, algorithm);
+        for (what, d) in [("sign", sign), ("verify", verify)] {
+            println!(
+                "| {what} ({algorithm}: link hash + signature) | {:.1} µs | {:.2} | {:.2} % |",
+                d.as_secs_f64() * 1e6,
+                per_point(d),
+                per_point(d) / cpu_plain * 100.0
+            );
+        }
+    }
     println!();
     println!("| figure | points/s (median) | vs raw redb |");
     println!("|---|---:|---:|");

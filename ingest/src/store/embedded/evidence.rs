@@ -11,7 +11,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::{
     CHUNKS, Chunk, GATEWAYS, GatewayRecord, LOSSES, LossRecord, MANIFESTS, MINUTE_MS, MINUTES,
-    SERIES, SIGNED, SeriesMeta, SignedLink, db_err,
+    SERIES, SIGNED, SeriesMeta, SignedLink, db_err, stored_algorithm,
 };
 use crate::evidence::bundle::{
     GatewayEvidence, LinkEvidence, LossEvidence, ManifestEvidence, ServedPoints, StreamEvidence,
@@ -119,7 +119,7 @@ pub(crate) fn collect(db: &Database, gateway: &str, from_ms: i64, to_ms: i64) ->
                 seq,
                 last_seq: link.last_seq.max(seq),
                 received_at_ms: link.received_at_ms,
-                algorithm: "ed25519".into(),
+                algorithm: stored_algorithm(link.algorithm).name().into(),
                 prev_hash: hex::encode(&link.prev_hash),
                 signature: hex::encode(&link.signature),
                 payload: hex::encode(&link.payload),
@@ -204,6 +204,12 @@ pub(crate) fn collect(db: &Database, gateway: &str, from_ms: i64, to_ms: i64) ->
     Ok(Collected {
         gateway: GatewayEvidence {
             id: gateway.to_string(),
+            key_algorithm: record.public_key.as_ref().map(|_| {
+                record
+                    .key_algorithm
+                    .clone()
+                    .unwrap_or_else(|| "ed25519".into())
+            }),
             public_key: record.public_key,
             key_source: record.key_source,
             manifests,
@@ -255,7 +261,7 @@ pub(crate) fn day_links(db: &Database, gateway: &str, day_start_ms: i64) -> Resu
         out.push(DayLink {
             buffer_id,
             seq,
-            link_hash: chain::link_hash(&prev, &link.payload),
+            link_hash: stored_algorithm(link.algorithm).link_hash(&prev, &link.payload),
         });
     }
     Ok(out)
