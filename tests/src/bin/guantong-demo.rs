@@ -14,6 +14,7 @@ use guantong_gateway::config::Config;
 use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_proto::chain;
 use tokio_util::sync::CancellationToken;
 
 const DEMO_ENTERPRISE: &str = "91350100M000100Y43";
@@ -61,7 +62,17 @@ async fn main() -> anyhow::Result<()> {
     let (sim_addr, _sim) = sim.serve(or_any(args.modbus)).await?;
 
     let store = Arc::new(EmbeddedStore::open(&data.join("ingest"))?);
-    let token = match store.register_gateway("demo-gateway", None).await {
+    // As an installer would: the gateway's key is made first (what
+    // `guantong-gateway identity` does) and registered with its public key.
+    let key_file = data.join("gateway.key");
+    let (key, _) =
+        guantong_gateway::identity::load_or_create(&key_file, chain::Algorithm::Ed25519)?;
+    let public_key = chain::PublicKey::new(chain::Algorithm::Ed25519, key.public_key())
+        .map_err(|e| anyhow::anyhow!("demo gateway key: {e}"))?;
+    let token = match store
+        .register_gateway("demo-gateway", Some(public_key))
+        .await
+    {
         Ok(t) => t,
         Err(e) => anyhow::bail!(
             "cannot register the demo gateway in {}: {e} (use a fresh --data)",
@@ -69,14 +80,12 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let shutdown = CancellationToken::new();
-    // The demo gateway creates its key at its first start: bind it on first use.
     // TLS as in production: an operator CA in the data directory, created
     // at the first start, which the gateway trusts.
     let ingest_data = data.join("ingest");
     let tls = guantong_ingest::tls::TlsArgs::default().prepare(&ingest_data)?;
     let ca_file = guantong_ingest::ca::dir(&ingest_data).join("ca.pem");
     let options = guantong_ingest::Options {
-        trust_on_first_use: true,
         tls,
         ..guantong_ingest::Options::default()
     };
@@ -117,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
     let config_text = format!(
         r#"[gateway]
 id = "demo-gateway"
+key_file = "{key_file}"
 
 [uplink]
 endpoint = "https://{grpc}"
@@ -131,6 +141,7 @@ commit_interval = "200ms"
 "#,
         grpc = ingest.grpc_addr,
         ca_file = ca_file.display(),
+        key_file = key_file.display(),
         buffer = data.join("gateway-buffer").display(),
     ) + &standard_device_toml("press-01", sim_addr, "1s");
     let config = Config::parse(&config_text, &data)
