@@ -4,7 +4,7 @@
 //! removed, a pair reordered, another key's signature) are each named.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guantong_e2e::evidence::{export, verify, verify_chain};
@@ -290,25 +290,11 @@ async fn gateway_restarts_and_buffer_replays_keep_the_evidence_valid() -> anyhow
         .as_millis() as i64
         - 60_000;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // A legitimate restart: SIGTERM, then start again on the same buffer.
-    s.gateway.proc.terminate(Duration::from_secs(10));
-    s.gateway = GatewayProc::start(&s.gateway.config.clone())?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    restart_gateway(&mut s).await?;
     // Ingest killed: the gateway resends its unacked batches to the new one.
     s.ingest.restart().await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (points, last, lost) = s.settle(Duration::from_secs(60)).await?;
-    if let Err(e) = check_counter(&points, last, lost, true) {
-        panic!("{e}\n{}", s.logs());
-    }
-    s.assert_chain_intact().await?;
-    s.gateway.proc.terminate(Duration::from_secs(10));
-    s.ingest.proc.terminate(Duration::from_secs(10));
-
-    let r = verify_chain(&s.ingest.data)?;
-    assert!(r.ok, "{}", r.text);
-    let bundle = s.dir.path().join("bundle.json");
-    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    let bundle = settle_stop_and_export(&mut s, from).await?;
     let r = verify(&bundle, None)?;
     assert!(
         r.ok,
@@ -389,21 +375,8 @@ async fn an_sm2_gateway_chain_verifies_offline_and_an_edited_batch_fails() -> an
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A restart continues the SM2 chain.
-    s.gateway.proc.terminate(Duration::from_secs(10));
-    s.gateway = GatewayProc::start(&s.gateway.config.clone())?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (points, last, lost) = s.settle(Duration::from_secs(60)).await?;
-    if let Err(e) = check_counter(&points, last, lost, true) {
-        panic!("{e}\n{}", s.logs());
-    }
-    s.assert_chain_intact().await?;
-    s.gateway.proc.terminate(Duration::from_secs(10));
-    s.ingest.proc.terminate(Duration::from_secs(10));
-
-    let r = verify_chain(&s.ingest.data)?;
-    assert!(r.ok, "{}", r.text);
-    let bundle = s.dir.path().join("bundle.json");
-    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    restart_gateway(&mut s).await?;
+    let bundle = settle_stop_and_export(&mut s, from).await?;
     let b: Value = serde_json::from_slice(&std::fs::read(&bundle)?)?;
     assert_eq!(b["gateways"][0]["key_algorithm"], "sm2");
     assert_eq!(b["gateways"][0]["public_key"], public_key.as_str());
@@ -444,4 +417,32 @@ async fn an_sm2_gateway_chain_verifies_offline_and_an_edited_batch_fails() -> an
         r.text
     );
     Ok(())
+}
+
+/// A legitimate gateway restart: SIGTERM, then start again on the same
+/// buffer, and let it run 2 s.
+async fn restart_gateway(s: &mut Scenario) -> anyhow::Result<()> {
+    s.gateway.proc.terminate(Duration::from_secs(10));
+    s.gateway = GatewayProc::start(&s.gateway.config.clone())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+/// Waits until the counter arrived gapless and the chain is intact, stops
+/// both processes, checks `verify-chain` and exports the gateway's bundle
+/// for the hour from `from`.
+async fn settle_stop_and_export(s: &mut Scenario, from: i64) -> anyhow::Result<PathBuf> {
+    let (points, last, lost) = s.settle(Duration::from_secs(60)).await?;
+    if let Err(e) = check_counter(&points, last, lost, true) {
+        panic!("{e}\n{}", s.logs());
+    }
+    s.assert_chain_intact().await?;
+    s.gateway.proc.terminate(Duration::from_secs(10));
+    s.ingest.proc.terminate(Duration::from_secs(10));
+
+    let r = verify_chain(&s.ingest.data)?;
+    assert!(r.ok, "{}", r.text);
+    let bundle = s.dir.path().join("bundle.json");
+    export(&s.ingest.data, SCENARIO_GW, from, from + 3_600_000, &bundle)?;
+    Ok(bundle)
 }

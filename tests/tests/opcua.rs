@@ -85,6 +85,13 @@ impl Setup {
     }
 }
 
+/// The test server with default options, its PKI under `dir`.
+async fn plain_server(dir: &Path) -> TestServer {
+    TestServer::start(ServerOptions::new(&dir.join("server-pki")))
+        .await
+        .expect("server")
+}
+
 fn plant_tags() -> String {
     format!(
         r#"
@@ -126,9 +133,7 @@ type = "uint"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribes_every_identifier_type_and_delivers_every_change() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
-        .await
-        .expect("server");
+    let server = plain_server(dir.path()).await;
     let devices = format!(
         r#"
 [[devices]]
@@ -206,9 +211,7 @@ max_backoff = "1s"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polls_with_read_at_the_interval() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
-        .await
-        .expect("server");
+    let server = plain_server(dir.path()).await;
     let devices = format!(
         r#"
 [[devices]]
@@ -584,9 +587,7 @@ type = "uint"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_the_source_and_the_server_timestamp() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
-        .await
-        .expect("server");
+    let server = plain_server(dir.path()).await;
     let devices = counter_device(
         "press",
         &server.url(),
@@ -816,9 +817,7 @@ async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_queue_overflow_keeps_its_status_bit_and_is_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(ServerOptions::new(&dir.path().join("server-pki")))
-        .await
-        .expect("server");
+    let server = plain_server(dir.path()).await;
     let devices = counter_device("press", &server.url(), "1s", "security_policy = \"none\"")
         + "queue_size = 2\n";
     let s = Setup::start(dir, &devices).await.expect("setup");
