@@ -291,6 +291,62 @@ impl TestServer {
         Ok((cert, key))
     }
 
+    /// Takes every subscription of another session over into a session of
+    /// its own (TransferSubscriptions, anonymous, Basic256Sha256 Sign, with
+    /// `application_uri`, as the server requires of an anonymous transfer),
+    /// so that the other session lives on without them: its publish
+    /// requests get BadNoSubscription. The returned session must be kept
+    /// (closing it deletes what it took); returns how many it took.
+    pub async fn steal_subscriptions(
+        &self,
+        pki_dir: &Path,
+        application_uri: &str,
+    ) -> anyhow::Result<(Arc<async_opcua::client::Session>, usize)> {
+        use async_opcua::client::{ClientBuilder, IdentityToken};
+        use async_opcua::types::UserTokenPolicy;
+        let mut client = ClientBuilder::new()
+            .application_name("Guantong test thief")
+            .application_uri(application_uri)
+            .pki_dir(pki_dir)
+            .create_sample_keypair(true)
+            .trust_server_certs(true)
+            .session_retry_limit(0)
+            .client()
+            .map_err(|e| anyhow::anyhow!("test client: {}", e.join("; ")))?;
+        let (session, event_loop) = client
+            .connect_to_matching_endpoint(
+                (
+                    self.url().as_str(),
+                    SecurityPolicy::Basic256Sha256.to_str(),
+                    MessageSecurityMode::Sign,
+                    UserTokenPolicy::anonymous(),
+                ),
+                IdentityToken::Anonymous,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("test client connect: {e}"))?;
+        event_loop.spawn();
+        anyhow::ensure!(
+            tokio::time::timeout(Duration::from_secs(10), session.wait_for_connection())
+                .await
+                .unwrap_or(false),
+            "test client did not connect"
+        );
+        // Subscription ids are small numbers counted per server.
+        let ids: Vec<u32> = (1..=100).collect();
+        let results = session
+            .transfer_subscriptions(&ids, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("TransferSubscriptions: {e}"))?;
+        let taken = results.iter().filter(|r| r.status_code.is_good()).count();
+        anyhow::ensure!(
+            taken > 0,
+            "no subscription taken: {:?}",
+            results.iter().map(|r| r.status_code).collect::<Vec<_>>()
+        );
+        Ok((session, taken))
+    }
+
     /// Stops the server: its sessions end, its port closes.
     pub async fn stop(self) {
         self.handle.cancel();

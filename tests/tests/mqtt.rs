@@ -696,3 +696,68 @@ async fn username_and_password_are_sent_and_checked() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_publisher_gone_quiet_while_the_broker_session_stays_is_a_stall() -> anyhow::Result<()> {
+    let port = shared_broker()?;
+    let prefix = unique_prefix("stall");
+    let p = prefix.clone();
+    let s = Setup::start(move |_| {
+        mqtt_device(
+            "meter",
+            port,
+            &format!(
+                "payload = \"plain\"\ninterval = \"500ms\"\nstall_intervals = 4\n\
+                 [[devices.tags]]\nname = \"kwh\"\ntopic = \"{p}/kwh\"\n"
+            ),
+        )
+    })
+    .await?;
+    let publisher = Publisher::connect(port, &format!("{prefix}-pub"), false).await?;
+    let topic = format!("{prefix}/kwh");
+    s.warm_up(&publisher, &topic, b"1", "meter", "kwh").await?;
+    publisher.publish(&topic, QoS::AtLeastOnce, "2").await;
+    let quiet_from = wait_for("value 2", Duration::from_secs(20), || async {
+        let p = s.points("meter", "kwh").await?;
+        Ok(p.iter()
+            .find(|p| p["value"] == serde_json::json!(2.0))
+            .and_then(|p| p["time_ms"].as_i64()))
+    })
+    .await?;
+    // The publisher stays connected and says nothing; the gateway's broker
+    // session stays up too.
+    let stall = wait_for("a stalled point", Duration::from_secs(20), || async {
+        let p = s.points("meter", "kwh").await?;
+        Ok(p.into_iter().find(|p| p["quality_code"] == 0x0002_0007))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
+    assert_eq!(stall["quality"], "bad", "{stall}");
+    let after = stall["time_ms"].as_i64().expect("time") - quiet_from;
+    assert!(
+        (2000..=10_000).contains(&after),
+        "stalled after 4 × 500 ms of silence, not {after} ms"
+    );
+    // Data again: Good, after exactly one stall point.
+    publisher.publish(&topic, QoS::AtLeastOnce, "3").await;
+    let back = wait_for("value 3", Duration::from_secs(20), || async {
+        let p = s.points("meter", "kwh").await?;
+        Ok(p.iter()
+            .find(|p| p["value"] == serde_json::json!(3.0))
+            .and_then(|p| p["time_ms"].as_i64()))
+    })
+    .await?;
+    let points = s.points("meter", "kwh").await?;
+    let stalls = points
+        .iter()
+        .filter(|p| p["quality_code"] == 0x0002_0007)
+        .filter(|p| p["time_ms"].as_i64().is_some_and(|t| t < back))
+        .count();
+    assert_eq!(stalls, 1, "one Bad point per stall: {points:?}");
+    assert!(
+        s.gateway.proc.logs().contains("mqtt device stalled"),
+        "{}",
+        s.logs()
+    );
+    Ok(())
+}
