@@ -1179,10 +1179,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bad_samples_far_apart_make_a_device_fault_until_the_next_good_one() {
+    /// Gaps of series 1 (interval 1 s) in `[0, to)` from `runs`, long after.
+    fn gap_causes(
+        runs: Vec<(u64, u8, i64, i64)>,
+        to: i64,
+        losses: &[(i64, i64)],
+    ) -> Vec<(i64, i64, &'static str)> {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store");
+        store
+            .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
+            .expect("write");
+        tag_gaps(&store, &series(1), 0, to, 1_000_000, losses)
+            .expect("gaps")
+            .iter()
+            .map(|g| (g.start_ms, g.end_ms, g.cause))
+            .collect()
+    }
+
+    #[test]
+    fn bad_samples_far_apart_make_a_device_fault_until_the_next_good_one() {
         // Interval 1 s. Bad samples 20-45 s apart (each its own run) between
         // data at 100 s and 200 s; a first Bad sample 59 s into the next gap.
         let runs = vec![
@@ -1194,16 +1210,8 @@ mod tests {
             (1, RUN_BAD, 560_000, 560_000),
             (1, RUN_DATA, 600_000, 700_000),
         ];
-        store
-            .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
-            .expect("write");
-        let gaps = tag_gaps(&store, &series(1), 0, 701_000, 1_000_000, &[]).expect("gaps");
-        let got: Vec<(i64, i64, &str)> = gaps
-            .iter()
-            .map(|g| (g.start_ms, g.end_ms, g.cause))
-            .collect();
         assert_eq!(
-            got,
+            gap_causes(runs, 701_000, &[]),
             vec![
                 (101_000, 200_000, "device_fault"),
                 (501_000, 560_000, "no_data"),

@@ -56,6 +56,28 @@ impl Setup {
         self.ingest.api().points(GW, device, tag).await
     }
 
+    /// Waits (20 s at most) for a point of `device/tag` for which `check` holds.
+    async fn wait_point(
+        &self,
+        device: &str,
+        tag: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        wait_for(
+            &format!("{device}/{tag}"),
+            Duration::from_secs(20),
+            || async {
+                Ok(self
+                    .points(device, tag)
+                    .await?
+                    .into_iter()
+                    .find(|p| check(p)))
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
     /// Publishes `warm_payload` on `topic` until a point of `tag` reaches
     /// ingest: the gateway has then subscribed and the path works.
     async fn warm_up(
@@ -717,21 +739,13 @@ async fn a_publisher_gone_quiet_while_the_broker_session_stays_is_a_stall() -> a
     let topic = format!("{prefix}/kwh");
     s.warm_up(&publisher, &topic, b"1", "meter", "kwh").await?;
     publisher.publish(&topic, QoS::AtLeastOnce, "2").await;
-    let quiet_from = wait_for("value 2", Duration::from_secs(20), || async {
-        let p = s.points("meter", "kwh").await?;
-        Ok(p.iter()
-            .find(|p| p["value"] == serde_json::json!(2.0))
-            .and_then(|p| p["time_ms"].as_i64()))
-    })
-    .await?;
+    let time = |p: Value| p["time_ms"].as_i64().unwrap_or(0);
+    let quiet_from = time(s.wait_point("meter", "kwh", |p| p["value"] == 2.0).await?);
     // The publisher stays connected and says nothing; the gateway's broker
     // session stays up too.
-    let stall = wait_for("a stalled point", Duration::from_secs(20), || async {
-        let p = s.points("meter", "kwh").await?;
-        Ok(p.into_iter().find(|p| p["quality_code"] == 0x0002_0007))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
+    let stall = s
+        .wait_point("meter", "kwh", |p| p["quality_code"] == 0x0002_0007)
+        .await?;
     assert_eq!(stall["quality"], "bad", "{stall}");
     let after = stall["time_ms"].as_i64().expect("time") - quiet_from;
     assert!(
@@ -740,13 +754,7 @@ async fn a_publisher_gone_quiet_while_the_broker_session_stays_is_a_stall() -> a
     );
     // Data again: Good, after exactly one stall point.
     publisher.publish(&topic, QoS::AtLeastOnce, "3").await;
-    let back = wait_for("value 3", Duration::from_secs(20), || async {
-        let p = s.points("meter", "kwh").await?;
-        Ok(p.iter()
-            .find(|p| p["value"] == serde_json::json!(3.0))
-            .and_then(|p| p["time_ms"].as_i64()))
-    })
-    .await?;
+    let back = time(s.wait_point("meter", "kwh", |p| p["value"] == 3.0).await?);
     let points = s.points("meter", "kwh").await?;
     let stalls = points
         .iter()

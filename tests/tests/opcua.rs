@@ -879,7 +879,10 @@ async fn a_subscription_dropped_while_the_session_lives_is_a_stall_then_subscrib
     // Another session takes the subscription: the gateway's session keeps
     // answering its keep-alive Reads, but no publish response comes.
     let (_thief, taken) = server
-        .steal_subscriptions(&s.dir.path().join("thief-pki"), &format!("urn:guantong:gateway:{GW}"))
+        .steal_subscriptions(
+            &s.dir.path().join("thief-pki"),
+            &format!("urn:guantong:gateway:{GW}"),
+        )
         .await
         .expect("steal");
     assert_eq!(taken, 1, "the gateway's one subscription was taken");
