@@ -47,6 +47,9 @@ pub struct ServerOptions {
     pub max_items_per_subscription: usize,
     /// Certificates (DER) of X.509 users the server accepts, on every endpoint.
     pub user_certificates: Vec<PathBuf>,
+    /// Refuse client certificates not in its `trusted/` (by default it
+    /// trusts every client).
+    pub refuse_unknown_clients: bool,
 }
 
 impl ServerOptions {
@@ -59,6 +62,7 @@ impl ServerOptions {
             items: 0,
             max_items_per_subscription: 1000,
             user_certificates: Vec::new(),
+            refuse_unknown_clients: false,
         }
     }
 }
@@ -97,7 +101,7 @@ impl TestServer {
             .port(port)
             .pki_dir(&options.pki_dir)
             .create_sample_keypair(true)
-            .trust_client_certs(true)
+            .trust_client_certs(!options.refuse_unknown_clients)
             .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{port}/")])
             .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD));
         for (id, cert) in cert_users.iter().zip(&options.user_certificates) {

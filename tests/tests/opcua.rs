@@ -920,3 +920,41 @@ async fn a_subscription_dropped_while_the_session_lives_is_a_stall_then_subscrib
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_the_gateway_certificate_is_told_apart_from_an_untrusted_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    options.refuse_unknown_clients = true;
+    let server = TestServer::start(options).await.expect("server");
+    // The gateway trusts the server (first use); the server does not know
+    // the gateway.
+    let devices = counter_device(
+        "press",
+        &server.url(),
+        "100ms",
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    wait_for("the refusal explained", WAIT, || async {
+        Ok(s.gateway
+            .proc
+            .logs()
+            .contains("the server refused the gateway's certificate")
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let logs = s.gateway.proc.logs();
+    assert!(
+        logs.contains("opcua-pki/own/cert.der"),
+        "the file to copy is named\n{logs}"
+    );
+    assert!(
+        !logs.contains("opcua trust THUMBPRINT"),
+        "the gateway already trusts the server: no trust advice\n{logs}"
+    );
+
+    server.stop().await;
+}

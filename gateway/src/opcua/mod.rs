@@ -490,12 +490,26 @@ impl Connection {
                 || status == StatusCode::BadSecurityChecksFailed)
                 && let Some(cert) = &server_cert
             {
-                warn!(
-                    device = %config.id,
-                    thumbprint = %pki::thumbprint(cert),
-                    rejected = %config.pki_dir().join("rejected").display(),
-                    "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
-                );
+                let thumbprint = pki::thumbprint(cert);
+                let trusted_here = pki::list(config.pki_dir(), "trusted")
+                    .iter()
+                    .any(|c| c.thumbprint == thumbprint);
+                // The gateway trusts the server: the refusal is the server's.
+                if trusted_here {
+                    warn!(
+                        device = %config.id,
+                        %status,
+                        copy = %pki::own_cert_path(config.pki_dir()).display(),
+                        "the server refused the gateway's certificate: copy this file into the server's trusted certificates (or accept it in the server's rejected list)"
+                    );
+                } else {
+                    warn!(
+                        device = %config.id,
+                        %thumbprint,
+                        rejected = %config.pki_dir().join("rejected").display(),
+                        "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
+                    );
+                }
             }
             OpcUaError::status("connect", status)
         };
