@@ -39,6 +39,12 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
+    /// Print the status of the gateway running with this config (its
+    /// `[status] listen` page): devices, buffer, uplink.
+    Status {
+        #[arg(long, short, env = "GUANTONG_CONFIG")]
+        config: PathBuf,
+    },
     /// Talk to devices and brokers directly, for installers: read, scan,
     /// dry-run a config, watch live messages with the values a mapping extracts.
     Probe {
@@ -254,6 +260,28 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "opcua")]
         Command::Opcua { action } => opcua_command(action),
+        Command::Status { config } => {
+            let c = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(guantong_gateway::status::fetch(&c.status.listen)) {
+                Ok(snapshot) => {
+                    print!("{snapshot}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             guantong_gateway::malloc::tune();
             init_tracing();

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use guantong_e2e::mqtt::{OwnBroker, Publisher};
+use guantong_gateway::status::{Status, DeviceSpec};
 use guantong_gateway::buffer::Buffer;
 use guantong_gateway::collector::{Collector, PointSink};
 use guantong_gateway::config::{Config, DeviceConfig};
@@ -258,6 +259,8 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         max_age: config.buffer.max_age,
         max_batch_points: config.uplink.max_batch_points.get() as usize,
         committed: committed_tx,
+        // As in the gateway: device health is counted on the way to disk.
+        status: Arc::new(Status::new("bench", 1, DeviceSpec::of(&config), 0)),
     };
     let writer_task = tokio::spawn(writer.run(rx));
     let cancel = CancellationToken::new();

@@ -31,6 +31,7 @@ use clap::Parser;
 use guantong_e2e::bench::{
     GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained,
 };
+use guantong_gateway::status::Status;
 use guantong_gateway::buffer::{Buffer, ChainSigner, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
@@ -246,6 +247,7 @@ async fn end_to_end(
         gateway_id: GW.into(),
         buffer: buffer.clone(),
         committed,
+        status: Arc::new(Status::new(GW, 0, Vec::new(), 0)),
     };
     let cancel = CancellationToken::new();
     let (start, cpu) = (Instant::now(), cpu_time());
