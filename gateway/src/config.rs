@@ -586,7 +586,9 @@ impl Config {
         }
 
         match (gateway, uplink, buffer, status) {
-            (Some(gateway), Some(uplink), Some(mut buffer), Some(status)) if problems.0.is_empty() => {
+            (Some(gateway), Some(uplink), Some(mut buffer), Some(status))
+                if problems.0.is_empty() =>
+            {
                 if buffer.dir.is_relative() {
                     buffer.dir = base_dir.join(&buffer.dir);
                 }

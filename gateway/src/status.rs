@@ -385,8 +385,9 @@ impl Status {
             let mut cached: Option<usize> = None;
             for s in samples {
                 let d = match cached {
-                    Some(d) if self.devices[d].first_tag <= s.tag
-                        && s.tag < self.devices[d].first_tag + self.devices[d].tags =>
+                    Some(d)
+                        if self.devices[d].first_tag <= s.tag
+                            && s.tag < self.devices[d].first_tag + self.devices[d].tags =>
                     {
                         d
                     }
@@ -487,9 +488,7 @@ impl Status {
         if server_time_ms != 0 {
             let offset = server_time_ms - (asked_ms + answered_ms) / 2;
             u.clock_offset_ms = Some(offset);
-            self.metrics
-                .uplink_clock_offset
-                .set(offset as f64 / 1000.0);
+            self.metrics.uplink_clock_offset.set(offset as f64 / 1000.0);
         }
         self.metrics.uplink_connected.set(1);
         self.metrics.uplink_connects.inc();
@@ -830,7 +829,11 @@ impl fmt::Display for Snapshot {
         writeln!(f, "gateway           {}", self.gateway)?;
         writeln!(f, "version           {}", self.version)?;
         writeln!(f, "manifest version  {}", self.manifest_version)?;
-        write!(f, "ready             {}", if self.ready { "yes" } else { "no" })?;
+        write!(
+            f,
+            "ready             {}",
+            if self.ready { "yes" } else { "no" }
+        )?;
         for r in &self.not_ready {
             write!(f, " ({r})")?;
         }
@@ -961,13 +964,12 @@ pub async fn serve(
     if listen.is_empty() {
         return Ok(None);
     }
-    let listener =
-        tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| StatusError::Bind {
-                addr: listen.to_string(),
-                source,
-            })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| StatusError::Bind {
+            addr: listen.to_string(),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| StatusError::Bind {
         addr: listen.to_string(),
         source,
@@ -1082,7 +1084,10 @@ mod tests {
         let status = Status::new("gw", 1, vec![spec("a", 0, 1, None)], 0);
         let dir = tempfile::tempdir().expect("dir");
         let b = buffer(dir.path());
-        assert_eq!(status.snapshot(&b, 1).devices[0].state, DeviceState::Waiting);
+        assert_eq!(
+            status.snapshot(&b, 1).devices[0].state,
+            DeviceState::Waiting
+        );
         status.observe(&[Sample::bad(0, 0, quality::TIMEOUT)]);
         let d = &status.snapshot(&b, 1).devices[0];
         assert_eq!(d.state, DeviceState::Down);
@@ -1101,7 +1106,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         let d = &status.snapshot(&b, 1).devices[0];
         assert_eq!(d.state, DeviceState::Down);
-        assert!(d.reason.as_deref().is_some_and(|r| r.starts_with("nothing received")));
+        assert!(
+            d.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("nothing received"))
+        );
     }
 
     #[test]

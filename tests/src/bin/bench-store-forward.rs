@@ -22,10 +22,10 @@ use guantong_e2e::bench::{
     LocalIngest, MANIFEST_VERSION, manifest, median, percentile, samples, wait_drained,
 };
 use guantong_e2e::proxy::{Mode, Proxy};
-use guantong_gateway::status::Status;
 use guantong_gateway::buffer::{Buffer, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::{Sample, now_ms};
+use guantong_gateway::status::Status;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::Store;
 use guantong_proto::v1::{Manifest, point};

@@ -31,10 +31,10 @@ use clap::Parser;
 use guantong_e2e::bench::{
     GW, LocalIngest, MANIFEST_VERSION, manifest, median, samples, wait_drained,
 };
-use guantong_gateway::status::Status;
 use guantong_gateway::buffer::{Buffer, ChainSigner, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
+use guantong_gateway::status::Status;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
