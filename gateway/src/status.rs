@@ -141,6 +141,8 @@ struct DeviceHealth {
     last_bad: Option<(u32, i64)>,
     /// The latest sample was Bad with a link code.
     link_down: bool,
+    /// The latest Bad code other than "backing off": why it backs off.
+    cause: Option<u32>,
 }
 
 /// Uplink connection state.
@@ -408,6 +410,9 @@ impl Status {
                     h.bad += 1;
                     h.last_bad = Some((s.code, now));
                     h.link_down = quality::is_link_failure(s.code);
+                    if s.code != quality::BACKING_OFF {
+                        h.cause = Some(s.code);
+                    }
                 }
                 match counts.last_mut() {
                     Some((last, g, b)) if *last == d => {
@@ -660,7 +665,16 @@ impl DeviceView {
             .is_some_and(|s| silent_ms > s.as_millis() as i64);
         let (state, reason) = if h.link_down {
             let code = h.last_bad.map(|(c, _)| c).unwrap_or_default();
-            (DeviceState::Down, Some(quality::describe(code)))
+            let reason = match h.cause {
+                Some(cause) if code == quality::BACKING_OFF => {
+                    format!(
+                        "{}; polled less often until it answers",
+                        quality::describe(cause)
+                    )
+                }
+                _ => quality::describe(code),
+            };
+            (DeviceState::Down, Some(reason))
         } else if stale {
             let reason = format!("nothing received for {:.1} s", silent_ms as f64 / 1000.0);
             (DeviceState::Down, Some(reason))
@@ -1092,6 +1106,13 @@ mod tests {
         let d = &status.snapshot(&b, 1).devices[0];
         assert_eq!(d.state, DeviceState::Down);
         assert_eq!(d.reason.as_deref(), Some("no answer within the timeout"));
+        // Backing off, the reason still names why.
+        status.observe(&[Sample::bad(0, 0, quality::BACKING_OFF)]);
+        let d = &status.snapshot(&b, 1).devices[0];
+        assert_eq!(
+            d.reason.as_deref(),
+            Some("no answer within the timeout; polled less often until it answers")
+        );
         status.observe(&[Sample::good(0, 0, Value::Uint(1))]);
         assert_eq!(status.snapshot(&b, 1).devices[0].state, DeviceState::Up);
     }
