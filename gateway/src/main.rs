@@ -261,12 +261,9 @@ fn main() -> ExitCode {
         #[cfg(feature = "opcua")]
         Command::Opcua { action } => opcua_command(action),
         Command::Status { config } => {
-            let c = match Config::load(&config) {
+            let c = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
             };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -285,12 +282,9 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             guantong_gateway::malloc::tune();
             init_tracing();
-            let config = match Config::load(&config) {
+            let config = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
             };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -388,6 +382,14 @@ fn opcua_command(action: OpcuaAction) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config at `path`, or its problems printed and the exit code to end with.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
