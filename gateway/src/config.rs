@@ -38,6 +38,7 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub uplink: UplinkConfig,
     pub buffer: BufferConfig,
+    pub status: StatusConfig,
     pub devices: Vec<DeviceConfig>,
 }
 
@@ -158,6 +159,28 @@ pub struct BufferConfig {
     /// Unsent data older than this is dropped and reported as a loss.
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+}
+
+/// `[status]`: the status page, `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address of the status listener; `""` turns it off. Anything but a
+    /// loopback address is warned about: the page has no login.
+    #[serde(default = "default_status_listen")]
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: default_status_listen(),
+        }
+    }
+}
+
+fn default_status_listen() -> String {
+    "127.0.0.1:7700".into()
 }
 
 /// One device, with its protocol's settings.
@@ -431,6 +454,22 @@ impl Config {
             .and_then(|v| problems.parse::<UplinkConfig>("uplink", v));
         let buffer = section("buffer", &mut problems)
             .and_then(|v| problems.parse::<BufferConfig>("buffer", v));
+        let status = match root.remove("status") {
+            Some(v) => problems.parse::<StatusConfig>("status", v),
+            None => Some(StatusConfig::default()),
+        };
+        if let Some(s) = &status
+            && !s.listen.is_empty()
+            && s.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(
+                "status.listen",
+                format!(
+                    "`{}` is not an address, expected e.g. `127.0.0.1:7700` (or `\"\"` for none)",
+                    s.listen
+                ),
+            );
+        }
         let devices = match devices {
             DeviceTexts::Pieces(pieces) => {
                 let mut devices = Vec::new();
@@ -469,7 +508,7 @@ impl Config {
         for key in root.keys() {
             problems.push(
                 key.clone(),
-                format!("unknown section `{key}`, expected one of `gateway`, `uplink`, `buffer`, `devices`"),
+                format!("unknown section `{key}`, expected one of `gateway`, `uplink`, `buffer`, `status`, `devices`"),
             );
         }
 
@@ -546,8 +585,10 @@ impl Config {
             }
         }
 
-        match (gateway, uplink, buffer) {
-            (Some(gateway), Some(uplink), Some(mut buffer)) if problems.0.is_empty() => {
+        match (gateway, uplink, buffer, status) {
+            (Some(gateway), Some(uplink), Some(mut buffer), Some(status))
+                if problems.0.is_empty() =>
+            {
                 if buffer.dir.is_relative() {
                     buffer.dir = base_dir.join(&buffer.dir);
                 }
@@ -586,6 +627,7 @@ impl Config {
                     gateway,
                     uplink,
                     buffer,
+                    status,
                     devices,
                 })
             }

@@ -92,6 +92,22 @@ pub const OPCUA_CONNECTION_LOST: u32 = 0x0005_0001;
 pub const OPCUA_TYPE_MISMATCH: u32 = 0x0005_0002;
 pub const OPCUA_NAMESPACE_UNKNOWN: u32 = 0x0005_0003;
 
+/// Whether `code` says the device cannot be reached (no answer, no
+/// connection, session lost), rather than something about one value.
+pub fn is_link_failure(code: u32) -> bool {
+    matches!(
+        code,
+        TIMEOUT
+            | CONNECT_FAILED
+            | TRANSPORT_ERROR
+            | FRAME_ERROR
+            | BACKING_OFF
+            | MQTT_CONNECTION_LOST
+            | SPARKPLUG_DEATH
+            | OPCUA_CONNECTION_LOST
+    )
+}
+
 /// An OPC UA status code by name, where this build knows the names.
 fn opcua_status(code: u32) -> String {
     #[cfg(feature = "opcua")]

@@ -40,6 +40,10 @@ enum Command {
         /// (useful with port 0).
         #[arg(long)]
         ports_file: Option<PathBuf>,
+        /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+        /// address, without a token; off by default. Keep it off the internet.
+        #[arg(long, env = "GUANTONG_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         /// Bind the signing key a gateway presents when none was registered
         /// for it (recorded in its chain report). Off by default.
         #[arg(long)]
@@ -635,6 +639,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             grpc_listen,
             http_listen,
             ports_file,
+            metrics_listen,
             trust_on_first_use,
             criteria,
             security,
@@ -662,11 +667,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 options,
             )
             .await?;
+            let metrics_addr = match metrics_listen {
+                Some(addr) => Some(guantong_ingest::metrics::serve(addr, shutdown.clone()).await?),
+                None => None,
+            };
             if let Some(path) = ports_file {
-                let json = serde_json::json!({
+                let mut json = serde_json::json!({
                     "grpc": running.grpc_addr.to_string(),
                     "http": running.http_addr.to_string(),
                 });
+                if let Some(addr) = metrics_addr {
+                    json["metrics"] = addr.to_string().into();
+                }
                 std::fs::write(&path, json.to_string())
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
