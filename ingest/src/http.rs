@@ -468,6 +468,37 @@ th{background:#f3f3f3}.bad{color:#b00}.good{color:#070}.muted{color:#777}
 <div id="out">loading…</div>
 <script src="/overview.js"></script></body></html>"#;
 
+async fn overview_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        OVERVIEW_JS,
+    )
+}
+
+/// The overview's script, a file of its own so the pages' CSP allows no
+/// inline script.
+const OVERVIEW_JS: &str = r#"function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+async function refresh(){
+  try{
+    const r=await fetch('/api/v1/summary');const s=await r.json();let h='';
+    for(const g of s.gateways){
+      const c=g.connection;
+      h+=`<h2>Gateway ${esc(g.id)} <span class="${c&&c.connected?'good':'bad'}">${c&&c.connected?'connected':'not connected'}</span></h2>`;
+      for(const d of g.devices){
+        h+=`<h3>${esc(d.id)} <span class="muted">${esc(d.protocol)} ${esc(d.endpoint)}</span></h3><table><tr><th>tag</th><th>address</th><th>last value</th><th>quality</th><th>samples</th><th>last seen</th><th>completeness (window)</th></tr>`;
+        for(const t of d.tags){
+          const comp=t.window.completeness==null?'–':(100*t.window.completeness).toFixed(1)+'%';
+          h+=`<tr><td>${esc(t.name)}</td><td>${esc(t.address)}</td><td>${t.last_value==null?'–':esc(t.last_value)} ${esc(t.unit)}</td><td class="${t.last_quality==='good'?'good':'bad'}">${esc(t.last_quality||'–')}</td><td>${t.samples}</td><td>${esc(t.last_seen||'–')}</td><td>${comp}</td></tr>`;
+        }
+        h+='</table>';
+      }
+    }
+    document.getElementById('out').innerHTML=h||'No gateway registered yet.';
+  }catch(e){document.getElementById('out').textContent='API unreachable: '+e}
+}
+refresh();setInterval(refresh,2000);
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,34 +538,3 @@ mod tests {
         );
     }
 }
-
-async fn overview_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        OVERVIEW_JS,
-    )
-}
-
-/// The overview's script, a file of its own so the pages' CSP allows no
-/// inline script.
-const OVERVIEW_JS: &str = r#"function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
-async function refresh(){
-  try{
-    const r=await fetch('/api/v1/summary');const s=await r.json();let h='';
-    for(const g of s.gateways){
-      const c=g.connection;
-      h+=`<h2>Gateway ${esc(g.id)} <span class="${c&&c.connected?'good':'bad'}">${c&&c.connected?'connected':'not connected'}</span></h2>`;
-      for(const d of g.devices){
-        h+=`<h3>${esc(d.id)} <span class="muted">${esc(d.protocol)} ${esc(d.endpoint)}</span></h3><table><tr><th>tag</th><th>address</th><th>last value</th><th>quality</th><th>samples</th><th>last seen</th><th>completeness (window)</th></tr>`;
-        for(const t of d.tags){
-          const comp=t.window.completeness==null?'–':(100*t.window.completeness).toFixed(1)+'%';
-          h+=`<tr><td>${esc(t.name)}</td><td>${esc(t.address)}</td><td>${t.last_value==null?'–':esc(t.last_value)} ${esc(t.unit)}</td><td class="${t.last_quality==='good'?'good':'bad'}">${esc(t.last_quality||'–')}</td><td>${t.samples}</td><td>${esc(t.last_seen||'–')}</td><td>${comp}</td></tr>`;
-        }
-        h+='</table>';
-      }
-    }
-    document.getElementById('out').innerHTML=h||'No gateway registered yet.';
-  }catch(e){document.getElementById('out').textContent='API unreachable: '+e}
-}
-refresh();setInterval(refresh,2000);
-"#;

@@ -623,16 +623,16 @@ pub async fn assign_gateway<S: Store>(
             return Err(forbidden("change this enterprise"));
         }
         match store.gateway_owners()?.get(&gateway) {
-            Some(current) => {
+            Some(current)
                 if !store
                     .enterprise(current)?
-                    .is_some_and(|cur| viewer.account.can_write(&cur))
-                {
-                    return Err(forbidden(
-                        "take a gateway from another provider's enterprise",
-                    ));
-                }
+                    .is_some_and(|cur| viewer.account.can_write(&cur)) =>
+            {
+                return Err(forbidden(
+                    "take a gateway from another provider's enterprise",
+                ));
             }
+            Some(_) => {}
             None if viewer.account.role != Role::Admin => {
                 return Err(forbidden(
                     "assign a gateway that belongs to no enterprise yet (an admin assigns it first)",
