@@ -24,7 +24,7 @@ fn any_port() -> SocketAddr {
 /// (prov-b, gw-b), a registered gateway of nobody (gw-loose), and accounts
 /// of every role; `tokens` by account name.
 struct World {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ingest: IngestProc,
     client: reqwest::Client,
     tokens: BTreeMap<&'static str, String>,
@@ -42,7 +42,7 @@ impl World {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let mut w = World {
-            _dir: dir,
+            dir,
             ingest,
             client,
             tokens: BTreeMap::new(),
@@ -454,6 +454,30 @@ async fn times_are_bounded_and_take_offsets() -> anyhow::Result<()> {
         "the time parses; the tag is unknown: {body}"
     );
     assert!(w.ingest.proc.is_running(), "ingest still runs");
+    // The CLI takes the same times: offsets, no fractional seconds.
+    let data = w.dir.path().join("cli");
+    IngestProc::register(&data, "gw-cli")?;
+    let cli = |from: &str, to: &str| {
+        std::process::Command::new(guantong_e2e::procs::binary("guantong-ingest")?)
+            .args(["export-evidence", "--data"])
+            .arg(&data)
+            .args(["--gateway", "gw-cli", "--from", from, "--to", to, "--out"])
+            .arg(data.with_extension("bundle.json"))
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let out = cli("2026-12-02T10:00:00+08:00", "2026-12-02T11:00:00+08:00")?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli("2026-12-02T10:00:00+08:00", "253402300800000")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("`--to`"),
+        "{stderr}"
+    );
     assert!(
         !w.ingest.proc.logs().contains("panicked"),
         "{}",
