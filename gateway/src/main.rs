@@ -130,19 +130,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity { config } => {
-            let c = match Config::load(&config) {
-                Ok(c) => c,
+            // Only the key matters here: the uplink token does not exist
+            // before this identity is registered.
+            let gateway = match guantong_gateway::config::GatewaySection::load_for_identity(&config)
+            {
+                Ok(g) => g,
                 Err(e) => {
                     eprint!("{e}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            let path = c.gateway.key_file.clone().unwrap_or_default();
-            match guantong_gateway::identity::load_or_create(&path, c.gateway.key_algorithm.into())
-            {
+            let path = gateway.key_file.clone().unwrap_or_default();
+            match guantong_gateway::identity::load_or_create(&path, gateway.key_algorithm.into()) {
                 Ok((key, created)) => {
                     let (algorithm, public) = (key.algorithm(), key.public_key());
-                    println!("gateway      {}", c.gateway.id);
+                    println!("gateway      {}", gateway.id);
                     println!(
                         "key file     {}{}",
                         path.display(),
@@ -154,7 +156,7 @@ fn main() -> ExitCode {
                     println!();
                     println!(
                         "register with: guantong-ingest register-gateway {} --key-algorithm {algorithm} --public-key {}",
-                        c.gateway.id,
+                        gateway.id,
                         hex::encode(&public)
                     );
                     ExitCode::SUCCESS

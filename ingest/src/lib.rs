@@ -138,6 +138,7 @@ pub async fn start_with<S: Store>(
         store,
         connections,
         criteria: Arc::new(options.criteria.clone()),
+        sessions: web::Sessions::default(),
     }));
     let http_tls = options.tls.is_some() && options.http_tls;
     let router = forwarded::layer(router, options.trusted_proxies.clone(), http_tls)

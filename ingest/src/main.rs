@@ -104,9 +104,12 @@ enum Command {
         /// For a provider account: the provider name its enterprises carry.
         #[arg(long, default_value = "")]
         provider: String,
-        /// For a reviewer: an enterprise it may read (repeat; none: all).
+        /// For a reviewer: an enterprise it may read (repeat).
         #[arg(long = "enterprise")]
         enterprises: Vec<String>,
+        /// For a reviewer: read every enterprise (a city-level reviewer).
+        #[arg(long, conflicts_with = "enterprises")]
+        all_enterprises: bool,
     },
     /// Write an acceptance report for one enterprise, or the city overview
     /// (run while the server is stopped; a running server serves the same at
@@ -276,6 +279,7 @@ fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Res
         role: Role::Admin,
         provider: String::new(),
         enterprises: Vec::new(),
+        all_enterprises: false,
     })?;
     let path = data.join("admin.token");
     use std::io::Write;
@@ -438,12 +442,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             role,
             provider,
             enterprises,
+            all_enterprises,
         } => {
             let account = Account {
                 name,
                 role: role.parse().map_err(anyhow::Error::msg)?,
                 provider,
                 enterprises,
+                all_enterprises,
             };
             guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
             let store = EmbeddedStore::open(&data)?;
@@ -504,9 +510,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             out,
         } => {
             let time = |name: &str, s: &str| {
-                guantong_ingest::http::parse_time(name, s).map_err(|_| {
-                    anyhow::anyhow!("--{name} `{s}`: expected RFC 3339 (2026-11-25T00:00:00Z) or epoch milliseconds")
-                })
+                guantong_ingest::http::parse_time(&format!("--{name}"), s)
+                    .map_err(|e| anyhow::anyhow!("{}", e.1))
             };
             let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
             let store = EmbeddedStore::open(&data)?;

@@ -174,7 +174,10 @@ async fn acceptance_evidence_gaps_flags_networking_rate_roles_and_reports() -> a
     assert_eq!(status, StatusCode::OK, "{body}");
     let mut tokens = std::collections::HashMap::new();
     for (name, account) in [
-        ("reviewer", r#"{"name":"reviewer","role":"reviewer"}"#),
+        (
+            "reviewer",
+            r#"{"name":"reviewer","role":"reviewer","all_enterprises":true}"#,
+        ),
         (
             "own",
             r#"{"name":"own","role":"provider","provider":"prov-a"}"#,
