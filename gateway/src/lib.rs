@@ -18,6 +18,7 @@ pub mod opcua;
 pub mod quality;
 pub mod secret;
 pub mod uplink;
+pub mod value;
 pub mod writer;
 
 use std::sync::Arc;
