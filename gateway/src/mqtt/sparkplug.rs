@@ -16,8 +16,9 @@
 //! the tag's type:
 //! - Int8..Int64 signed, UInt8..UInt64 and DateTime (ms) unsigned, Float as
 //!   its shortest decimal (`value::f32_to_f64`), Double, Boolean;
-//! - String, Text, UUID as text; Bytes and File as base64 text; DataSet and
-//!   Template as JSON text;
+//! - String, Text, UUID as text; Bytes, File and the arrays (packed bytes)
+//!   as base64 text; DataSet and Template as JSON text; PropertySet values
+//!   are not read (Bad `MQTT_TYPE_MISMATCH`, "no value");
 //! - `is_null` is a Bad point `SPARKPLUG_NULL`; a value of the wrong kind
 //!   for its datatype or for the tag is a Bad point `MQTT_TYPE_MISMATCH`
 //!   for that tag only, the message's other metrics are stored.
@@ -234,6 +235,10 @@ pub mod datatype {
     pub const BYTES: u32 = 17;
     pub const FILE: u32 = 18;
     pub const TEMPLATE: u32 = 19;
+    /// Int8Array..DateTimeArray: packed little-endian in `bytes_value`,
+    /// stored as base64 like Bytes.
+    pub const ARRAYS_FIRST: u32 = 22;
+    pub const ARRAYS_LAST: u32 = 34;
 
     /// The name the specification gives `datatype`.
     pub fn name(datatype: u32) -> &'static str {
@@ -298,7 +303,7 @@ pub fn metric_json(m: &Metric, datatype: u32) -> Result<Option<Json>, String> {
         (DOUBLE | UNKNOWN, MetricValue::Double(v)) => float(*v),
         (BOOLEAN | UNKNOWN, MetricValue::Boolean(b)) => Json::Bool(*b),
         (STRING | TEXT | UUID | UNKNOWN, MetricValue::String(s)) => Json::String(s.clone()),
-        (BYTES | FILE | UNKNOWN, MetricValue::Bytes(b)) => {
+        (BYTES | FILE | UNKNOWN | ARRAYS_FIRST..=ARRAYS_LAST, MetricValue::Bytes(b)) => {
             Json::String(base64::engine::general_purpose::STANDARD.encode(b))
         }
         (DATASET | UNKNOWN, MetricValue::DataSet(d)) => Json::String(dataset_json(d).to_string()),
@@ -1252,6 +1257,21 @@ mod tests {
         let text = ndata_of(14, &[0x7a, 0x02, b'o', b'k']);
         assert_eq!(typed(&text), [Ok(Value::String("ok".into()))]);
         let uuid = ndata_of(15, &[0x7a, 0x01, b'u']);
+        let mut n = typed_node();
+        let int16_array = Payload {
+            metrics: vec![Metric {
+                name: Some("m17".into()),
+                datatype: Some(23),
+                value: Some(MetricValue::Bytes(vec![0xfe, 0xff])),
+                ..Metric::default()
+            }],
+            seq: Some(1),
+            ..Payload::default()
+        };
+        let h = n
+            .handle("spBv1.0/plant/NDATA/typed", &int16_array.encode_to_vec(), 0)
+            .expect("ok");
+        assert_eq!(h.items[0].value, Ok(Value::String("/v8=".into())));
         assert_eq!(typed(&uuid), [Ok(Value::String("u".into()))]);
     }
 
