@@ -396,4 +396,62 @@ mod tests {
         assert_eq!(guess("a", b"42", &mut births), ["plain value: 42"]);
         assert_eq!(guess("a", b"on", &mut births), ["plain text: \"on\""]);
     }
+
+    #[test]
+    fn resolves_sparkplug_aliases_from_the_births_it_saw() {
+        use super::super::sparkplug::{Metric, MetricValue};
+        let mut births = HashMap::new();
+        let birth = Payload {
+            timestamp: Some(1_764_057_600_000),
+            metrics: vec![Metric {
+                name: Some("count".into()),
+                alias: Some(3),
+                datatype: Some(datatype::INT32),
+                value: Some(MetricValue::Int(0)),
+                ..Metric::default()
+            }],
+            seq: Some(1),
+            uuid: None,
+        };
+        let data = Payload {
+            metrics: vec![
+                Metric {
+                    alias: Some(3),
+                    value: Some(MetricValue::Int(u32::MAX)),
+                    ..Metric::default()
+                },
+                Metric {
+                    alias: Some(9),
+                    value: Some(MetricValue::Int(1)),
+                    ..Metric::default()
+                },
+            ],
+            seq: Some(2),
+            ..Payload::default()
+        };
+        assert_eq!(
+            guess("spBv1.0/g/DBIRTH/n/d", &birth.encode_to_vec(), &mut births),
+            [
+                "seq 1, timestamp 2025-11-25T08:00:00.000Z",
+                "metric count, alias 3, Int32 = 0"
+            ]
+        );
+        assert_eq!(
+            guess("spBv1.0/g/DDATA/n/d", &data.encode_to_vec(), &mut births),
+            [
+                "seq 2, timestamp none",
+                "metric count, alias 3, Int32 = -1",
+                "metric alias 9: not in any birth seen so far",
+            ]
+        );
+        // Another node: its own births.
+        assert_eq!(
+            guess(
+                "spBv1.0/g/DDATA/other/d",
+                &data.encode_to_vec(),
+                &mut births
+            )[1],
+            "metric alias 3: not in any birth seen so far"
+        );
+    }
 }
