@@ -19,6 +19,7 @@ pub mod quality;
 pub mod secret;
 pub mod status;
 pub mod uplink;
+pub mod value;
 pub mod writer;
 
 use std::sync::Arc;
