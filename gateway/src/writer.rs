@@ -20,6 +20,7 @@ use tracing::error;
 use crate::buffer::Buffer;
 use crate::collector::Handoff;
 use crate::quality::Sample;
+use crate::status::Status;
 
 /// How often unsent data is checked against `max_age`.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
@@ -33,6 +34,8 @@ pub struct Writer {
     pub max_batch_points: usize,
     /// Last committed sequence number, for the uplink.
     pub committed: watch::Sender<u64>,
+    /// Sees every hand-off and commit (device health, backlog age).
+    pub status: Arc<Status>,
 }
 
 impl Writer {
@@ -50,6 +53,7 @@ impl Writer {
             tokio::select! {
                 received = rx.recv() => match received {
                     Some(mut h) => {
+                        self.status.observe(&h.samples);
                         pending.append(&mut h.samples);
                         waiters.extend(h.committed);
                         permits.push(h.permit);
@@ -57,6 +61,7 @@ impl Writer {
                         while !waiters.is_empty() && pending.len() < self.max_batch_points {
                             match rx.try_recv() {
                                 Ok(mut h) => {
+                                    self.status.observe(&h.samples);
                                     pending.append(&mut h.samples);
                                     waiters.extend(h.committed);
                                     permits.push(h.permit);
@@ -105,6 +110,11 @@ impl Writer {
         let n = samples.len();
         let result =
             tokio::task::spawn_blocking(move || buffer.append(version, &samples, max)).await;
+        self.status.committed(match &result {
+            Ok(Ok(last)) => Ok(*last),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        });
         match result {
             Ok(Ok(last)) => {
                 self.committed.send_replace(last);
