@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod collector;
 pub mod config;
 pub mod identity;
+pub mod liveness;
 pub mod malloc;
 pub mod manifest;
 pub mod modbus;

@@ -14,6 +14,9 @@
 //! | `0x0002_0005` | CRC error or garbled RTU frame                     |
 //! | `0x0002_0006` | not polled: the unit stopped answering and is      |
 //! |               | polled less often until it answers again (backoff) |
+//! | `0x0002_0007` | stalled: the connection looks alive but the        |
+//! |               | device's data stopped for `stall_intervals`        |
+//! |               | expected intervals (see `liveness`)                |
 //! | `0x0003_0001` | value outside the tag's declared valid range       |
 //! | `0x0004_0001` | MQTT payload not decodable in the configured format |
 //! | `0x0004_0002` | MQTT value present but not of the tag's type        |
@@ -44,6 +47,7 @@ pub const TRANSPORT_ERROR: u32 = 0x0002_0003;
 pub const MALFORMED: u32 = 0x0002_0004;
 pub const FRAME_ERROR: u32 = 0x0002_0005;
 pub const BACKING_OFF: u32 = 0x0002_0006;
+pub const STALLED: u32 = 0x0002_0007;
 pub const OUT_OF_RANGE: u32 = 0x0003_0001;
 
 /// What a quality code means, for people (the table above).
@@ -71,6 +75,7 @@ pub fn describe(code: u32) -> String {
         MALFORMED => "malformed or mismatched answer".into(),
         FRAME_ERROR => "CRC error or garbled frame".into(),
         BACKING_OFF => "not polled: unit stopped answering (backing off)".into(),
+        STALLED => "stalled: connected, but the device's data stopped".into(),
         OUT_OF_RANGE => "value outside the declared valid range".into(),
         MQTT_MALFORMED_PAYLOAD => "MQTT payload not decodable in the configured format".into(),
         MQTT_TYPE_MISMATCH => "MQTT value not of the tag's type".into(),

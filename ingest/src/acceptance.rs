@@ -8,9 +8,13 @@
 //!   window end (or now, less a grace of two intervals). *Received* samples are
 //!   Good or Uncertain; Bad samples mean the device did not give a value.
 //! - A *gap* is a stretch longer than twice the interval without a received
-//!   sample. Its cause is `device_fault` when Bad samples cover most of it,
-//!   `dropped_by_gateway` when the gateway's loss records cover most of it,
-//!   else `no_data`. Stretches delivered late from the gateway's backlog are
+//!   sample. Its cause is `device_fault` when the device reported Bad (any
+//!   code) in it: from its first Bad sample to the next received one, however
+//!   far apart the Bad samples are (on a shared serial line each poll of a
+//!   dead unit waits out the timeouts of the others), and from the gap's
+//!   start too when that first Bad sample came within `FAULT_LEAD_IN`.
+//!   Otherwise `dropped_by_gateway` when the gateway's loss records cover
+//!   most of it, else `no_data`. Stretches delivered late from the gateway's backlog are
 //!   listed as `gateway_offline_backfilled` (data complete, arrived late).
 //! - A device is *data-through* when, on every day of the verdict period
 //!   (the last `verdict_days` days of the window that expected data), its
@@ -268,6 +272,14 @@ fn expected_in(s: &SeriesInfo, from: i64, to: i64, now_ms: i64) -> u64 {
     ((end - start) / s.interval_ms as i64) as u64
 }
 
+/// A gap whose first Bad sample came at most this long after its start is a
+/// device fault from its start: the time a gateway takes to call a device
+/// Bad (its timeout, a shared line's other units' timeouts, a watchdog), at
+/// least 10 intervals or 30 s.
+fn fault_lead_in(interval_ms: i64) -> i64 {
+    interval_ms.saturating_mul(10).max(30_000)
+}
+
 /// Gaps of one tag in `[from, to)` from its runs, with causes.
 fn tag_gaps(
     store: &impl Store,
@@ -307,26 +319,39 @@ fn tag_gaps(
             .map(|&(x, y)| (y.max(x + 1).min(b) - x.max(a)).max(0))
             .sum()
     };
-    let mut out: Vec<Gap> = holes
-        .into_iter()
-        .map(|(a, b)| {
-            let len = b - a;
-            let cause = if overlap(&bad, a, b) * 2 >= len {
-                "device_fault"
-            } else if overlap(losses, a, b) * 2 >= len {
+    let gap = |a: i64, b: i64, cause: &'static str| Gap {
+        start_ms: a,
+        end_ms: b,
+        duration_ms: b - a,
+        cause,
+        tags: 1,
+    };
+    let mut out: Vec<Gap> = Vec::new();
+    for (a, b) in holes {
+        // The first Bad sample in the hole.
+        let first_bad = bad
+            .iter()
+            .filter(|&&(x, y)| y >= a && x < b)
+            .map(|&(x, _)| x.max(a))
+            .min();
+        let fault_from = match first_bad {
+            Some(x) if x - a <= fault_lead_in(iv) => a,
+            Some(x) => x,
+            None => b,
+        };
+        if fault_from > a {
+            let len = fault_from - a;
+            let cause = if overlap(losses, a, fault_from) * 2 >= len {
                 "dropped_by_gateway"
             } else {
                 "no_data"
             };
-            Gap {
-                start_ms: a,
-                end_ms: b,
-                duration_ms: len,
-                cause,
-                tags: 1,
-            }
-        })
-        .collect();
+            out.push(gap(a, fault_from, cause));
+        }
+        if fault_from < b {
+            out.push(gap(fault_from, b, "device_fault"));
+        }
+    }
     for (a, b) in store.series_runs(s.id, RUN_BACKFILL, tol, start, to)? {
         out.push(Gap {
             start_ms: a,
@@ -1151,6 +1176,47 @@ mod tests {
                 .map(|g| g.end_ms)
                 .max(),
             Some(448_000)
+        );
+    }
+
+    /// Gaps of series 1 (interval 1 s) in `[0, to)` from `runs`, long after.
+    fn gap_causes(
+        runs: Vec<(u64, u8, i64, i64)>,
+        to: i64,
+        losses: &[(i64, i64)],
+    ) -> Vec<(i64, i64, &'static str)> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store");
+        store
+            .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
+            .expect("write");
+        tag_gaps(&store, &series(1), 0, to, 1_000_000, losses)
+            .expect("gaps")
+            .iter()
+            .map(|g| (g.start_ms, g.end_ms, g.cause))
+            .collect()
+    }
+
+    #[test]
+    fn bad_samples_far_apart_make_a_device_fault_until_the_next_good_one() {
+        // Interval 1 s. Bad samples 20-45 s apart (each its own run) between
+        // data at 100 s and 200 s; a first Bad sample 59 s into the next gap.
+        let runs = vec![
+            (1, RUN_DATA, 0, 100_000),
+            (1, RUN_BAD, 110_000, 110_000),
+            (1, RUN_BAD, 150_000, 150_000),
+            (1, RUN_BAD, 195_000, 195_000),
+            (1, RUN_DATA, 200_000, 500_000),
+            (1, RUN_BAD, 560_000, 560_000),
+            (1, RUN_DATA, 600_000, 700_000),
+        ];
+        assert_eq!(
+            gap_causes(runs, 701_000, &[]),
+            vec![
+                (101_000, 200_000, "device_fault"),
+                (501_000, 560_000, "no_data"),
+                (560_000, 600_000, "device_fault"),
+            ]
         );
     }
 

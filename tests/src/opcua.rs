@@ -47,6 +47,9 @@ pub struct ServerOptions {
     pub max_items_per_subscription: usize,
     /// Certificates (DER) of X.509 users the server accepts, on every endpoint.
     pub user_certificates: Vec<PathBuf>,
+    /// Refuse client certificates not in its `trusted/` (by default it
+    /// trusts every client).
+    pub refuse_unknown_clients: bool,
 }
 
 impl ServerOptions {
@@ -59,6 +62,7 @@ impl ServerOptions {
             items: 0,
             max_items_per_subscription: 1000,
             user_certificates: Vec::new(),
+            refuse_unknown_clients: false,
         }
     }
 }
@@ -97,7 +101,7 @@ impl TestServer {
             .port(port)
             .pki_dir(&options.pki_dir)
             .create_sample_keypair(true)
-            .trust_client_certs(true)
+            .trust_client_certs(!options.refuse_unknown_clients)
             .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{port}/")])
             .add_user_token(USER, ServerUserToken::user_pass(USER, PASSWORD));
         for (id, cert) in cert_users.iter().zip(&options.user_certificates) {
@@ -289,6 +293,62 @@ impl TestServer {
         CertificateStore::create_certificate_and_key(&data, true, &cert, &key)
             .map_err(|e| anyhow::anyhow!("user certificate {name}: {e}"))?;
         Ok((cert, key))
+    }
+
+    /// Takes every subscription of another session over into a session of
+    /// its own (TransferSubscriptions, anonymous, Basic256Sha256 Sign, with
+    /// `application_uri`, as the server requires of an anonymous transfer),
+    /// so that the other session lives on without them: its publish
+    /// requests get BadNoSubscription. The returned session must be kept
+    /// (closing it deletes what it took); returns how many it took.
+    pub async fn steal_subscriptions(
+        &self,
+        pki_dir: &Path,
+        application_uri: &str,
+    ) -> anyhow::Result<(Arc<async_opcua::client::Session>, usize)> {
+        use async_opcua::client::{ClientBuilder, IdentityToken};
+        use async_opcua::types::UserTokenPolicy;
+        let mut client = ClientBuilder::new()
+            .application_name("Guantong test thief")
+            .application_uri(application_uri)
+            .pki_dir(pki_dir)
+            .create_sample_keypair(true)
+            .trust_server_certs(true)
+            .session_retry_limit(0)
+            .client()
+            .map_err(|e| anyhow::anyhow!("test client: {}", e.join("; ")))?;
+        let (session, event_loop) = client
+            .connect_to_matching_endpoint(
+                (
+                    self.url().as_str(),
+                    SecurityPolicy::Basic256Sha256.to_str(),
+                    MessageSecurityMode::Sign,
+                    UserTokenPolicy::anonymous(),
+                ),
+                IdentityToken::Anonymous,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("test client connect: {e}"))?;
+        event_loop.spawn();
+        anyhow::ensure!(
+            tokio::time::timeout(Duration::from_secs(10), session.wait_for_connection())
+                .await
+                .unwrap_or(false),
+            "test client did not connect"
+        );
+        // Subscription ids are small numbers counted per server.
+        let ids: Vec<u32> = (1..=100).collect();
+        let results = session
+            .transfer_subscriptions(&ids, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("TransferSubscriptions: {e}"))?;
+        let taken = results.iter().filter(|r| r.status_code.is_good()).count();
+        anyhow::ensure!(
+            taken > 0,
+            "no subscription taken: {:?}",
+            results.iter().map(|r| r.status_code).collect::<Vec<_>>()
+        );
+        Ok((session, taken))
     }
 
     /// Stops the server: its sessions end, its port closes.

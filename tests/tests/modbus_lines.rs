@@ -362,3 +362,47 @@ async fn rtu_inter_frame_delay_is_kept_on_the_wire() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The Modbus side of liveness from data: a device (behind a proxy) that
+/// keeps its TCP connection open, accepts new ones, but stops answering.
+/// Every poll waits for its own answer, so no separate stall watch is
+/// needed: the points go Bad with `0x0002_0001` (timeout, then backing off)
+/// within a timeout or two, and come back Good by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_keeps_the_connection_but_stops_answering_is_bad_within_its_timeout()
+-> anyhow::Result<()> {
+    use guantong_e2e::proxy::{Mode, Proxy};
+    let sim = SimDevice::new();
+    let (addr, _task) = sim.serve(any_port()).await?;
+    let proxy = Proxy::start(addr).await?;
+    let s = Setup::start(&standard_device_toml("quiet", proxy.addr, "200ms")).await?;
+    s.expect_standard_values("quiet").await;
+    proxy.set(Mode::Blackhole);
+    let quiet_ms = guantong_gateway::quality::now_ms();
+    let bad = wait_for("a Bad point", Duration::from_secs(20), || async {
+        Ok(s.points("quiet", "counter").await.into_iter().find(|p| {
+            p["quality"] == "bad" && p["time_ms"].as_i64().is_some_and(|t| t >= quiet_ms)
+        }))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
+    assert!(
+        [0x0002_0001, 0x0002_0006].contains(&bad["quality_code"].as_u64().unwrap_or(0)),
+        "timeout or backing off: {bad}"
+    );
+    let after = bad["time_ms"].as_i64().unwrap_or(0) - quiet_ms;
+    assert!(
+        after <= 3000,
+        "seen within a poll and a 500 ms timeout (with slack for a loaded machine), not {after} ms"
+    );
+    proxy.set(Mode::Pass);
+    let back_from = guantong_gateway::quality::now_ms();
+    wait_for("Good again", Duration::from_secs(30), || async {
+        Ok(s.points("quiet", "counter").await.into_iter().find(|p| {
+            p["quality"] == "good" && p["time_ms"].as_i64().is_some_and(|t| t >= back_from)
+        }))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
+    Ok(())
+}

@@ -56,6 +56,28 @@ impl Setup {
         self.ingest.api().points(GW, device, tag).await
     }
 
+    /// Waits (20 s at most) for a point of `device/tag` for which `check` holds.
+    async fn wait_point(
+        &self,
+        device: &str,
+        tag: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        wait_for(
+            &format!("{device}/{tag}"),
+            Duration::from_secs(20),
+            || async {
+                Ok(self
+                    .points(device, tag)
+                    .await?
+                    .into_iter()
+                    .find(|p| check(p)))
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
     /// Publishes `warm_payload` on `topic` until a point of `tag` reaches
     /// ingest: the gateway has then subscribed and the path works.
     async fn warm_up(
@@ -690,6 +712,57 @@ async fn username_and_password_are_sent_and_checked() -> anyhow::Result<()> {
     assert!(
         bad.iter().all(|p| p["quality"] != "good"),
         "a wrong password must not receive anything: {bad:?}\n{}",
+        s.logs()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_publisher_gone_quiet_while_the_broker_session_stays_is_a_stall() -> anyhow::Result<()> {
+    let port = shared_broker()?;
+    let prefix = unique_prefix("stall");
+    let p = prefix.clone();
+    let s = Setup::start(move |_| {
+        mqtt_device(
+            "meter",
+            port,
+            &format!(
+                "payload = \"plain\"\ninterval = \"500ms\"\nstall_intervals = 4\n\
+                 [[devices.tags]]\nname = \"kwh\"\ntopic = \"{p}/kwh\"\n"
+            ),
+        )
+    })
+    .await?;
+    let publisher = Publisher::connect(port, &format!("{prefix}-pub"), false).await?;
+    let topic = format!("{prefix}/kwh");
+    s.warm_up(&publisher, &topic, b"1", "meter", "kwh").await?;
+    publisher.publish(&topic, QoS::AtLeastOnce, "2").await;
+    let time = |p: Value| p["time_ms"].as_i64().unwrap_or(0);
+    let quiet_from = time(s.wait_point("meter", "kwh", |p| p["value"] == 2.0).await?);
+    // The publisher stays connected and says nothing; the gateway's broker
+    // session stays up too.
+    let stall = s
+        .wait_point("meter", "kwh", |p| p["quality_code"] == 0x0002_0007)
+        .await?;
+    assert_eq!(stall["quality"], "bad", "{stall}");
+    let after = stall["time_ms"].as_i64().expect("time") - quiet_from;
+    assert!(
+        (2000..=10_000).contains(&after),
+        "stalled after 4 × 500 ms of silence, not {after} ms"
+    );
+    // Data again: Good, after exactly one stall point.
+    publisher.publish(&topic, QoS::AtLeastOnce, "3").await;
+    let back = time(s.wait_point("meter", "kwh", |p| p["value"] == 3.0).await?);
+    let points = s.points("meter", "kwh").await?;
+    let stalls = points
+        .iter()
+        .filter(|p| p["quality_code"] == 0x0002_0007)
+        .filter(|p| p["time_ms"].as_i64().is_some_and(|t| t < back))
+        .count();
+    assert_eq!(stalls, 1, "one Bad point per stall: {points:?}");
+    assert!(
+        s.gateway.proc.logs().contains("mqtt device stalled"),
+        "{}",
         s.logs()
     );
     Ok(())

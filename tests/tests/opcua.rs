@@ -857,3 +857,104 @@ async fn a_server_queue_overflow_keeps_its_status_bit_and_is_counted() {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_dropped_while_the_session_lives_is_a_stall_then_subscribed_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    // Signed: the server lets only a signed anonymous session take the
+    // gateway's subscription over.
+    let devices = counter_device(
+        "press",
+        &server.url(),
+        "100ms",
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true\nkeep_alive_interval = \"500ms\"\nrequest_timeout = \"1s\"",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    server.set(vec![(server.node("Counter"), Variant::UInt32(1))]);
+    s.wait_point("press", "counter", |p| p["value"] == 1).await;
+
+    // Another session takes the subscription: the gateway's session keeps
+    // answering its keep-alive Reads, but no publish response comes.
+    let (_thief, taken) = server
+        .steal_subscriptions(
+            &s.dir.path().join("thief-pki"),
+            &format!("urn:guantong:gateway:{GW}"),
+        )
+        .await
+        .expect("steal");
+    assert_eq!(taken, 1, "the gateway's one subscription was taken");
+    let stolen_ms = DateTime::now().as_chrono().timestamp_millis();
+    let stall = s
+        .wait_point("press", "counter", |p| p["quality_code"] == 0x0002_0007)
+        .await;
+    assert_eq!(stall["quality"], "bad", "{stall}");
+    let detected_after = stall["time_ms"].as_i64().expect("time") - stolen_ms;
+    assert!(
+        (2000..=10_000).contains(&detected_after),
+        "the stall is seen after 3 keep-alive periods (3 s here), not {detected_after} ms\n{}",
+        s.logs()
+    );
+
+    // A new subscription delivers the current value and every change.
+    server.set(vec![(server.node("Counter"), Variant::UInt32(2))]);
+    s.wait_point("press", "counter", |p| p["value"] == 2).await;
+    server.set(vec![(server.node("Counter"), Variant::UInt32(3))]);
+    s.wait_point("press", "counter", |p| p["value"] == 3).await;
+    let logs = s.gateway.proc.logs();
+    assert_eq!(
+        logs.matches("opc ua subscription stalled").count(),
+        1,
+        "the stall is logged once\n{logs}"
+    );
+    let points = s.points("press", "counter").await;
+    assert_eq!(
+        points
+            .iter()
+            .filter(|p| p["quality_code"] == 0x0002_0007)
+            .count(),
+        1,
+        "one Bad point per tag per stall: {points:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_the_gateway_certificate_is_told_apart_from_an_untrusted_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    options.refuse_unknown_clients = true;
+    let server = TestServer::start(options).await.expect("server");
+    // The gateway trusts the server (first use); the server does not know
+    // the gateway.
+    let devices = counter_device(
+        "press",
+        &server.url(),
+        "100ms",
+        "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true",
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    wait_for("the refusal explained", WAIT, || async {
+        Ok(s.gateway
+            .proc
+            .logs()
+            .contains("the server refused the gateway's certificate")
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let logs = s.gateway.proc.logs();
+    assert!(
+        logs.contains("opcua-pki/own/cert.der"),
+        "the file to copy is named\n{logs}"
+    );
+    assert!(
+        !logs.contains("opcua trust THUMBPRINT"),
+        "the gateway already trusts the server: no trust advice\n{logs}"
+    );
+
+    server.stop().await;
+}

@@ -90,6 +90,11 @@ pub struct MqttConfig {
     /// 0s: event-driven.
     #[serde(default, with = "humantime_serde")]
     pub interval: Duration,
+    /// With `interval` declared: no message for this many intervals while
+    /// the broker connection is up is a stall (tags Bad, filters
+    /// subscribed again).
+    #[serde(default = "crate::liveness::default_stall_intervals")]
+    pub stall_intervals: std::num::NonZeroU32,
     /// Sparkplug B group id.
     #[serde(default)]
     pub group: Option<String>,

@@ -21,6 +21,11 @@
 //! - A payload that does not decode is counted (`malformed`), logged at most
 //!   once per `WARN_EVERY` with topic and reason, and its matching tags get a
 //!   Bad point; the loop never stops for it.
+//! - Liveness from data (`liveness`), where `interval` is declared: every
+//!   message beats the device's heartbeat; a task of its own watches it
+//!   while the broker connection is up (so the poll loop is never
+//!   interrupted) and on a stall marks every tag Bad `STALLED` once, logs
+//!   once and subscribes the filters again.
 
 pub mod config;
 pub mod decode;
@@ -28,6 +33,7 @@ pub mod probe;
 pub mod sparkplug;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::collector::{Collector, PointSink};
+use crate::liveness::{Heartbeat, StallWatch};
 use crate::quality::{self, Sample, now_ms};
 use config::{MqttConfig, MqttVersion, PayloadFormat};
 use decode::Mapping;
@@ -558,6 +565,24 @@ impl Collector for MqttCollector {
         };
         let acker = session.acker();
         let acks_out = spawn_acker(acker.clone());
+        let heartbeat = Heartbeat::new();
+        let broker_up = Arc::new(AtomicBool::new(false));
+        if !config.interval.is_zero() {
+            let watch = StallWatch::new(heartbeat.clone(), config.interval, config.stall_intervals);
+            tokio::spawn(watch_for_stall(
+                Stalling {
+                    device: config.id.clone(),
+                    ids: ids.clone(),
+                    filters: filters.clone(),
+                    qos: config.qos,
+                    broker_up: broker_up.clone(),
+                },
+                watch,
+                sink.clone(),
+                acker.clone(),
+                cancel.clone(),
+            ));
+        }
         let mut decoder = Decoder::new(&config);
         let mut backoff = Backoff::new(config.max_backoff);
         let mut malformed = Malformed {
@@ -583,6 +608,8 @@ impl Collector for MqttCollector {
             match polled {
                 Ok(Polled::Connected { session_present }) => {
                     connected = true;
+                    heartbeat.beat();
+                    broker_up.store(true, Ordering::Relaxed);
                     last_error = None;
                     backoff.reset();
                     info!(device = %config.id, session_present, "mqtt connected");
@@ -625,6 +652,7 @@ impl Collector for MqttCollector {
                 }
                 Ok(Polled::Message(m)) => {
                     received += 1;
+                    heartbeat.beat();
                     let applied = decoder.apply(&m.topic, &m.payload, now_ms(), &ids, &mut samples);
                     if let Some(r) = &applied.rejected {
                         malformed.record(&m.topic, r);
@@ -645,6 +673,7 @@ impl Collector for MqttCollector {
                 }
                 Ok(Polled::Other) => {}
                 Err(e) => {
+                    broker_up.store(false, Ordering::Relaxed);
                     if connected {
                         connected = false;
                         samples.extend(
@@ -697,6 +726,53 @@ fn request_rebirth(decoder: &Decoder, acker: &Acker, reason: &str) {
             warn!(node, error = %e, "sparkplug rebirth request not sent");
         }
     });
+}
+
+/// What the stall watch of one device needs to know.
+struct Stalling {
+    device: String,
+    ids: Vec<u32>,
+    filters: Vec<String>,
+    qos: u8,
+    broker_up: Arc<AtomicBool>,
+}
+
+/// Checks the device's heartbeat while the broker connection is up; on a
+/// stall, one Bad point per tag, one log line, and the filters subscribed
+/// again (in case the broker lost them).
+async fn watch_for_stall(
+    s: Stalling,
+    mut watch: StallWatch,
+    sink: PointSink,
+    acker: Acker,
+    cancel: CancellationToken,
+) {
+    let every = (watch.limit() / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !s.broker_up.load(Ordering::Relaxed) {
+            continue;
+        }
+        let Some(silent) = watch.check() else {
+            continue;
+        };
+        warn!(device = %s.device, ?silent, "mqtt device stalled: connected to the broker but no message for stall_intervals × interval; tags marked Bad, subscribing again");
+        let now = now_ms();
+        let bad = s
+            .ids
+            .iter()
+            .map(|&id| Sample::bad(id, now, quality::STALLED));
+        if !sink.send(bad.collect()).await {
+            return;
+        }
+        if let Err(error) = acker.subscribe(&s.filters, s.qos).await {
+            warn!(device = %s.device, %error, "mqtt subscribe failed");
+        }
+    }
 }
 
 /// Groups of messages waiting for their commit, in commit order.

@@ -79,12 +79,17 @@ pub struct OpcUaConfig {
     #[serde(default)]
     pub timestamp: TimestampChoice,
     /// A Read of the server state this often; `keep_alive_failures` failed
-    /// in a row, or no publish response for 3 keep-alive periods of the
-    /// subscription, and the session is declared dead.
+    /// in a row and the session is declared dead.
     #[serde(default = "default_keep_alive", with = "humantime_serde")]
     pub keep_alive_interval: Duration,
     #[serde(default = "default_keep_alive_failures")]
     pub keep_alive_failures: u32,
+    /// A subscription without a publish response (data or keep-alive
+    /// notification) for this many of its keep-alive periods, while the
+    /// session answers, is stalled: its tags are marked Bad and the session
+    /// is opened again with new subscriptions.
+    #[serde(default = "crate::liveness::default_stall_intervals")]
+    pub stall_intervals: std::num::NonZeroU32,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     #[serde(default = "default_session_timeout", with = "humantime_serde")]

@@ -25,10 +25,16 @@
 //!   when the subscription was transferred). A connect that fails before
 //!   any session marks the tags Bad once with the failure's status code.
 //! - Watchdog: the stack reads the server state every `keep_alive_interval`
-//!   and closes the session after `keep_alive_failures` failures; besides,
-//!   a subscription that has had no publish response (data or keep-alive)
-//!   for 3 of its keep-alive periods (or a poll that cannot read) ends the
-//!   session here.
+//!   and closes the session after `keep_alive_failures` failures. That Read
+//!   proves the session, never a subscription: each subscription has its own
+//!   `liveness::Heartbeat`, beaten by its publish responses (data or
+//!   keep-alive notification). One silent for `stall_intervals` of its
+//!   keep-alive periods ends the session here: as `STALLED` while the
+//!   session's keep-alive still succeeds (a server that dropped or moved the
+//!   subscription), as lost when that went silent too. A stalled session's
+//!   subscriptions are deleted, not carried, and the next session creates
+//!   new ones. In poll mode each Read is its own proof: one that fails ends
+//!   the session.
 //! - Subscriptions: monitored items are created `max_items_per_call` at a
 //!   time (the server's OperationLimits, else 1000); when the server says a
 //!   subscription is full (BadTooManyMonitoredItems) the rest go into a new
@@ -57,7 +63,7 @@ use std::time::{Duration, Instant};
 use async_opcua::client::services::CreateMonitoredItems;
 use async_opcua::client::{
     Client, ClientBuilder, IdentityToken, MonitoredItemMap, OnSubscriptionNotificationCore,
-    Session, SessionPollResult, Subscription, SubscriptionActivity, UARequest,
+    Session, SessionPollResult, Subscription, UARequest,
 };
 use async_opcua::crypto::{SecurityPolicy, X509};
 use async_opcua::types::{
@@ -72,6 +78,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::collector::{Collector, PointSink};
+use crate::liveness::{Heartbeat, StallWatch};
 use crate::quality::{self, Sample, now_ms};
 use config::{
     Deadband, Mode, Namespace, NodeAddress, OpcUaConfig, SecurityModeChoice, SecurityPolicyChoice,
@@ -174,6 +181,10 @@ impl Collector for OpcUaCollector {
                     warn!(device = %id, %status, "opc ua session lost; tags marked Bad until it is back");
                     (quality::OPCUA_CONNECTION_LOST, true)
                 }
+                Ok(SessionEnd::Stalled { silent }) => {
+                    warn!(device = %id, ?silent, "opc ua subscription stalled: the session answers but no publish response came; tags marked Bad, subscribing again in a new session");
+                    (quality::STALLED, true)
+                }
                 Ok(SessionEnd::Stopped) => return,
                 Err(error) => {
                     warn!(%error, device = %id, retry_in = ?backoff, "opc ua connect failed");
@@ -213,13 +224,18 @@ impl Collector for OpcUaCollector {
 /// How a session that was established ended.
 enum SessionEnd {
     Lost(StatusCode),
+    /// A subscription went silent while the session answered.
+    Stalled {
+        silent: Duration,
+    },
     Stopped,
 }
 
 /// Events of the stack's session event loop that matter here.
 enum LoopEvent {
     Connected,
-    Alive,
+    /// The session keep-alive (a Read of the server state) succeeded.
+    SessionAlive,
     Lost(StatusCode),
     Ended(StatusCode),
 }
@@ -453,12 +469,9 @@ impl Connection {
                 let event = match r {
                     Ok(SessionPollResult::Reconnected(_)) => LoopEvent::Connected,
                     Ok(SessionPollResult::ConnectionLost(s)) => LoopEvent::Lost(s),
-                    Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish)) => {
-                        LoopEvent::Alive
-                    }
                     Ok(SessionPollResult::SessionActivity(
                         async_opcua::client::SessionActivity::KeepAliveSucceeded,
-                    )) => LoopEvent::Alive,
+                    )) => LoopEvent::SessionAlive,
                     Ok(_) => continue,
                     Err(s) => {
                         let _ = tx.send(LoopEvent::Ended(s));
@@ -477,12 +490,26 @@ impl Connection {
                 || status == StatusCode::BadSecurityChecksFailed)
                 && let Some(cert) = &server_cert
             {
-                warn!(
-                    device = %config.id,
-                    thumbprint = %pki::thumbprint(cert),
-                    rejected = %config.pki_dir().join("rejected").display(),
-                    "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
-                );
+                let thumbprint = pki::thumbprint(cert);
+                let trusted_here = pki::list(config.pki_dir(), "trusted")
+                    .iter()
+                    .any(|c| c.thumbprint == thumbprint);
+                // The gateway trusts the server: the refusal is the server's.
+                if trusted_here {
+                    warn!(
+                        device = %config.id,
+                        %status,
+                        copy = %pki::own_cert_path(config.pki_dir()).display(),
+                        "the server refused the gateway's certificate: copy this file into the server's trusted certificates (or accept it in the server's rejected list)"
+                    );
+                } else {
+                    warn!(
+                        device = %config.id,
+                        %thumbprint,
+                        rejected = %config.pki_dir().join("rejected").display(),
+                        "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
+                    );
+                }
             }
             OpcUaError::status("connect", status)
         };
@@ -497,7 +524,7 @@ impl Connection {
                 event_task.abort();
                 Err(fail(s))
             }
-            Ok(Some(LoopEvent::Alive)) | Ok(None) => {
+            Ok(Some(LoopEvent::SessionAlive)) | Ok(None) => {
                 event_task.abort();
                 Err(fail(StatusCode::BadConnectionClosed))
             }
@@ -658,6 +685,8 @@ struct Notifications {
     /// The subscription's highest sequence number received (0: none yet),
     /// so that a transfer republishes only what never arrived.
     received: Arc<AtomicU32>,
+    /// Beaten by every publish response of the subscription.
+    heard: Heartbeat,
 }
 
 impl OnSubscriptionNotificationCore for Notifications {
@@ -672,6 +701,7 @@ impl OnSubscriptionNotificationCore for Notifications {
 
 impl Notifications {
     fn forward(&self, notification: NotificationMessage) {
+        self.heard.beat();
         let Some(data) = notification.notification_data else {
             return;
         };
@@ -741,7 +771,18 @@ pub(crate) struct Carried {
     /// Hash of the resolved NodeIds: a transfer is only tried when they are
     /// the same (a server restart can move namespace indexes).
     nodes_key: u64,
-    subscriptions: Vec<(u32, Arc<AtomicU32>)>,
+    subscriptions: Vec<Tracked>,
+}
+
+/// A subscription of this collector on the server, and what its callback
+/// records.
+pub(crate) struct Tracked {
+    id: u32,
+    received: Arc<AtomicU32>,
+    heard: Heartbeat,
+    /// Publishing interval × keep-alive count, as the server revised them:
+    /// the longest a live subscription stays silent.
+    keep_alive_period: Duration,
 }
 
 fn nodes_key(nodes: &[Result<NodeId, u32>]) -> u64 {
@@ -780,6 +821,7 @@ async fn subscribe_and_forward(
         tx,
         overflows: overflows.clone(),
         received: Arc::new(AtomicU32::new(0)),
+        heard: Heartbeat::new(),
     };
     let key = nodes_key(nodes);
     let transferred = match carried.take() {
@@ -795,14 +837,21 @@ async fn subscribe_and_forward(
         subscriptions,
     });
     drop(callback);
-    let keep_alive_count = KEEP_ALIVE_COUNT;
-
-    // Silence longer than this (no data, no keep-alive) means the server or
-    // the path to it is dead.
-    let watchdog = (config.publishing_interval * keep_alive_count * 3)
-        .max(config.keep_alive_interval * (config.keep_alive_failures + 1));
-    let mut last_alive = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let subscriptions = &carried.as_ref().expect("set above").subscriptions;
+    // Each subscription's silence counts from now (a transferred one was
+    // silent during the cut).
+    let mut watches: Vec<StallWatch> = subscriptions
+        .iter()
+        .map(|t| {
+            t.heard.beat();
+            StallWatch::new(t.heard.clone(), t.keep_alive_period, config.stall_intervals)
+        })
+        .collect();
+    // The session counts as answering while its keep-alive Read succeeded
+    // within this.
+    let session_alive = Heartbeat::new();
+    let session_limit = config.keep_alive_interval * (config.keep_alive_failures + 1);
+    let mut tick = tokio::time::interval(config.publishing_interval.min(Duration::from_secs(1)));
     let mut overflows_logged = 0;
     loop {
         tokio::select! {
@@ -811,19 +860,21 @@ async fn subscribe_and_forward(
                 let Some(batch) = batch else {
                     return Ok(SessionEnd::Lost(StatusCode::BadSubscriptionIdInvalid));
                 };
-                last_alive = Instant::now();
                 if !sink.send(batch).await {
                     return Ok(SessionEnd::Stopped);
                 }
             }
             event = conn.events.recv() => match event {
-                Some(LoopEvent::Alive | LoopEvent::Connected) => last_alive = Instant::now(),
+                Some(LoopEvent::SessionAlive | LoopEvent::Connected) => session_alive.beat(),
                 Some(LoopEvent::Lost(s) | LoopEvent::Ended(s)) => return Ok(SessionEnd::Lost(s)),
                 None => return Ok(SessionEnd::Lost(StatusCode::BadConnectionClosed)),
             },
             _ = tick.tick() => {
-                if last_alive.elapsed() > watchdog {
-                    warn!(device = %config.id, silent = ?last_alive.elapsed(), "opc ua watchdog: no publish response or keep-alive");
+                if let Some(silent) = watches.iter_mut().find_map(StallWatch::check) {
+                    if session_alive.silent_for() <= session_limit {
+                        return Ok(SessionEnd::Stalled { silent });
+                    }
+                    warn!(device = %config.id, ?silent, "opc ua watchdog: no publish response and no session keep-alive");
                     return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
                 }
                 let o = overflows.load(Ordering::Relaxed);
@@ -848,20 +899,21 @@ async fn transfer(
     session: &Arc<Session>,
     carried: Carried,
     callback: &Notifications,
-) -> Result<Option<Vec<(u32, Arc<AtomicU32>)>>, OpcUaError> {
-    let ids: Vec<u32> = carried.subscriptions.iter().map(|(id, _)| *id).collect();
+) -> Result<Option<Vec<Tracked>>, OpcUaError> {
+    let ids: Vec<u32> = carried.subscriptions.iter().map(|t| t.id).collect();
     // Known to the stack before the server moves them, so that no publish
     // response of theirs is dropped as unknown.
-    for (id, received) in &carried.subscriptions {
+    for t in &carried.subscriptions {
         let callback = Notifications {
-            received: received.clone(),
+            received: t.received.clone(),
+            heard: t.heard.clone(),
             ..callback.clone()
         };
         session
             .subscription_state()
             .lock()
             .add_subscription(Subscription::new(
-                *id,
+                t.id,
                 config.publishing_interval,
                 lifetime_count(config),
                 KEEP_ALIVE_COUNT,
@@ -897,13 +949,13 @@ async fn transfer(
     }
     session.trigger_publish_now();
     let mut republished = 0usize;
-    for ((id, received), result) in carried.subscriptions.iter().zip(&results) {
-        let seen = received.load(Ordering::Relaxed);
+    for (t, result) in carried.subscriptions.iter().zip(&results) {
+        let (id, seen) = (t.id, t.received.load(Ordering::Relaxed));
         for seq in result.available_sequence_numbers.iter().flatten() {
             if *seq <= seen {
                 continue;
             }
-            match session.republish(*id, *seq).await {
+            match session.republish(id, *seq).await {
                 Ok(message) => {
                     callback.forward(message);
                     republished += 1;
@@ -925,7 +977,7 @@ async fn create_subscriptions(
     nodes: &[Result<NodeId, u32>],
     callback: &Notifications,
     sink: &PointSink,
-) -> Result<Vec<(u32, Arc<AtomicU32>)>, OpcUaError> {
+) -> Result<Vec<Tracked>, OpcUaError> {
     let per_call = match config.max_items_per_call {
         Some(n) => n as usize,
         None => server_limit(
@@ -937,7 +989,7 @@ async fn create_subscriptions(
     };
     let conversions = callback.conversions.clone();
     let mut ids = vec![new_subscription(config, session, callback).await?];
-    let mut subscription = ids[0].0;
+    let mut subscription = ids[0].id;
     // Tags still to create, by index: requests are built one batch at a time.
     let mut pending: std::collections::VecDeque<usize> = nodes
         .iter()
@@ -977,7 +1029,7 @@ async fn create_subscriptions(
                     batch_size = (batch_size / 2).max(1);
                 } else {
                     ids.push(new_subscription(config, session, callback).await?);
-                    subscription = ids[ids.len() - 1].0;
+                    subscription = ids[ids.len() - 1].id;
                     in_subscription = 0;
                 }
                 continue;
@@ -1007,7 +1059,7 @@ async fn create_subscriptions(
                 pending.push_front(r);
             }
             ids.push(new_subscription(config, session, callback).await?);
-            subscription = ids[ids.len() - 1].0;
+            subscription = ids[ids.len() - 1].id;
             in_subscription = 0;
         }
     }
@@ -1026,10 +1078,12 @@ async fn new_subscription(
     config: &OpcUaConfig,
     session: &Session,
     callback: &Notifications,
-) -> Result<(u32, Arc<AtomicU32>), OpcUaError> {
+) -> Result<Tracked, OpcUaError> {
     let received = Arc::new(AtomicU32::new(0));
+    let heard = Heartbeat::new();
     let callback = Notifications {
         received: received.clone(),
+        heard: heard.clone(),
         ..callback.clone()
     };
     let id = session
@@ -1044,7 +1098,19 @@ async fn new_subscription(
         )
         .await
         .map_err(|e| OpcUaError::status("CreateSubscription", err_status(e)))?;
-    Ok((id, received))
+    // The server may revise the interval and count up.
+    let keep_alive_period = session
+        .subscription_state()
+        .lock()
+        .get(id)
+        .map(|s| s.publishing_interval() * s.max_keep_alive_count())
+        .unwrap_or(config.publishing_interval * KEEP_ALIVE_COUNT);
+    Ok(Tracked {
+        id,
+        received,
+        heard,
+        keep_alive_period,
+    })
 }
 
 async fn poll(
