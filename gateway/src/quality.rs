@@ -113,6 +113,7 @@ pub fn is_link_failure(code: u32) -> bool {
             | MQTT_CONNECTION_LOST
             | SPARKPLUG_DEATH
             | OPCUA_CONNECTION_LOST
+            | STALLED
     )
 }
 
