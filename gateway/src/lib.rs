@@ -104,6 +104,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         commit_interval: config.buffer.commit_interval,
         max_age: config.buffer.max_age,
         max_batch_points: config.uplink.max_batch_points.get() as usize,
+        // While the disk refuses writes, hold what the quota would hold, in
+        // memory no more than the sink's budget.
+        max_held_points: (config.buffer.max_bytes.as_u64() / writer::HELD_SAMPLE_BYTES)
+            .min(SINK_MAX_POINTS as u64) as usize,
         committed: committed_tx,
     };
     let writer_task = tokio::spawn(writer.run(rx));

@@ -9,9 +9,11 @@
 //!   Good or Uncertain; Bad samples mean the device did not give a value.
 //! - A *gap* is a stretch longer than twice the interval without a received
 //!   sample. Its cause is `device_fault` when Bad samples cover most of it,
-//!   `dropped_by_gateway` when the gateway's loss records cover most of it,
-//!   else `no_data`. Stretches delivered late from the gateway's backlog are
-//!   listed as `gateway_offline_backfilled` (data complete, arrived late).
+//!   `dropped_by_gateway` when the gateway's loss records cover most of it
+//!   (`storage_error` or `storage_corrupted` when those records say the
+//!   gateway's disk failed or its buffer file was damaged), else `no_data`.
+//!   Stretches delivered late from the gateway's backlog are listed as
+//!   `gateway_offline_backfilled` (data complete, arrived late).
 //! - A device is *data-through* when, on every day of the verdict period
 //!   (the last `verdict_days` days of the window that expected data), its
 //!   completeness is at least `completeness_min`, and no tag carries a
@@ -268,6 +270,33 @@ fn expected_in(s: &SeriesInfo, from: i64, to: i64, now_ms: i64) -> u64 {
     ((end - start) / s.interval_ms as i64) as u64
 }
 
+/// A time range a gateway loss record covers, with the gap cause it gives.
+type LossRange = (i64, i64, &'static str);
+
+/// The gap cause of a loss record's reason: the gateway's storage failing
+/// (`storage_error`), its buffer file damaged (`storage_corrupted`), or a
+/// drop by policy (`dropped_by_gateway`: buffer full, expired).
+fn loss_cause_of(reason: &str) -> &'static str {
+    match reason.rsplit(": ").next() {
+        Some("storage_error") => "storage_error",
+        Some("storage_corrupted" | "corrupted") => "storage_corrupted",
+        _ => "dropped_by_gateway",
+    }
+}
+
+/// The cause of `[a, b)` when loss records cover most of it: the one
+/// covering most.
+fn loss_cause(losses: &[LossRange], a: i64, b: i64) -> Option<&'static str> {
+    let mut by_cause: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for &(x, y, cause) in losses {
+        *by_cause.entry(cause).or_default() += (y.max(x + 1).min(b) - x.max(a)).max(0);
+    }
+    let total: i64 = by_cause.values().sum();
+    (total * 2 >= b - a && total > 0)
+        .then(|| by_cause.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c))
+        .flatten()
+}
+
 /// Gaps of one tag in `[from, to)` from its runs, with causes.
 fn tag_gaps(
     store: &impl Store,
@@ -275,7 +304,7 @@ fn tag_gaps(
     from: i64,
     to: i64,
     now_ms: i64,
-    losses: &[(i64, i64)],
+    losses: &[LossRange],
 ) -> Result<Vec<Gap>> {
     if s.interval_ms == 0 {
         return Ok(Vec::new());
@@ -313,8 +342,8 @@ fn tag_gaps(
             let len = b - a;
             let cause = if overlap(&bad, a, b) * 2 >= len {
                 "device_fault"
-            } else if overlap(losses, a, b) * 2 >= len {
-                "dropped_by_gateway"
+            } else if let Some(cause) = loss_cause(losses, a, b) {
+                cause
             } else {
                 "no_data"
             };
@@ -582,13 +611,14 @@ fn report_with(
 
     // Per-tag loss time ranges: (gateway, device, tag) -> ranges.
     type TagKey<'a> = (&'a str, &'a str, &'a str);
-    let mut loss_ranges: HashMap<TagKey, Vec<(i64, i64)>> = HashMap::new();
+    let mut loss_ranges: HashMap<TagKey, Vec<LossRange>> = HashMap::new();
     for l in &snap.losses {
+        let cause = loss_cause_of(&l.reason);
         for t in &l.tags {
             loss_ranges
                 .entry((l.gateway.as_str(), t.device.as_str(), t.tag.as_str()))
                 .or_default()
-                .push((t.first_time_ms, t.last_time_ms));
+                .push((t.first_time_ms, t.last_time_ms, cause));
         }
     }
 
@@ -1045,6 +1075,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_gap_takes_the_cause_of_the_loss_records_covering_most_of_it() {
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: storage_error"),
+            "storage_error"
+        );
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: corrupted"),
+            "storage_corrupted"
+        );
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: buffer_full"),
+            "dropped_by_gateway"
+        );
+        let losses = [(0, 30, "dropped_by_gateway"), (30, 100, "storage_error")];
+        assert_eq!(loss_cause(&losses, 0, 100), Some("storage_error"));
+        assert_eq!(loss_cause(&losses, 0, 40), Some("dropped_by_gateway"));
+        assert_eq!(
+            loss_cause(&losses[..1], 0, 100),
+            None,
+            "covers less than half"
+        );
+        assert_eq!(loss_cause(&[], 0, 100), None);
+    }
+
+    #[test]
     fn dates_round_trip_in_china_standard_time() {
         let d = parse_date("2025-11-25").expect("valid");
         assert_eq!(date_of(d), "2025-11-25");
@@ -1127,7 +1182,7 @@ mod tests {
             0,
             401_000,
             1_000_000,
-            &[(201_000, 229_000)],
+            &[(201_000, 229_000, "dropped_by_gateway")],
         )
         .expect("gaps");
         let got: Vec<(i64, i64, &str)> = gaps
