@@ -110,6 +110,11 @@ pub enum BufferError {
 }
 
 impl BufferError {
+    /// Whether the configuration must change (a restart cannot help).
+    pub fn is_config_problem(&self) -> bool {
+        matches!(self, BufferError::NoRoom { .. })
+    }
+
     /// Whether redb must be closed and opened again before it can write
     /// (after an I/O error it refuses every transaction until then).
     fn needs_reopen(&self) -> bool {

@@ -23,6 +23,7 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -68,12 +69,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             config.buffer.max_bytes.as_u64(),
             config.buffer.when_full,
         )
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the buffer in {}: {e}",
-                config.buffer.dir.display()
-            )
-        })?
+        .with_context(|| format!("cannot open the buffer in {}", config.buffer.dir.display()))?
         .with_identity(buffer::ChainSigner {
             key,
             gateway_id: config.gateway.id.clone(),

@@ -98,3 +98,37 @@ async fn a_full_disk_is_held_in_memory_declared_when_it_overflows_and_recovered_
     );
     Ok(())
 }
+
+#[test]
+fn a_disk_too_small_for_max_bytes_exits_with_the_bad_config_code() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let buffer = dir.path().join("buffer");
+    let _fs = guantong_e2e::mount::Tmpfs::mount(&buffer, "4m")?;
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"gw-small-disk\"\n\n[uplink]\n{}token = \"t\"\n\n[buffer]\ndir = \"{}\"\nmax_bytes = \"64 MiB\"\n{}",
+            guantong_e2e::procs::uplink_toml("127.0.0.1:1".parse()?),
+            buffer.display(),
+            guantong_e2e::sim::standard_device_toml("dev", "127.0.0.1:1".parse()?, "1s"),
+        ),
+    )?;
+    let out = std::process::Command::new(guantong_e2e::procs::binary("guantong-gateway")?)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    let log =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a quota the disk cannot hold is a configuration problem: restarting cannot help\n{log}"
+    );
+    assert!(
+        log.contains("lower buffer.max_bytes"),
+        "the error says what to change\n{log}"
+    );
+    Ok(())
+}
