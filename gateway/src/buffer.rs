@@ -49,6 +49,14 @@
 //! - A record whose checksum fails is sent as a loss record (reason
 //!   `corrupted`) in its place; a file redb cannot open is moved aside and a
 //!   fresh buffer started, whose first record says so.
+//! - After an I/O error (disk full, EIO) redb refuses every transaction
+//!   until it is reopened: the operation that saw it schedules a reopen
+//!   (`watch`), and the next operation closes and reopens the file first
+//!   (`db`), backing off from 0.2 to 5 s while writes keep failing. Nothing
+//!   committed is lost by a reopen; the writer holds what it could not
+//!   commit (see `writer`).
+//! - The record layout is pinned by golden bytes (a test): a backlog written
+//!   by an older version must still read.
 //! - Acknowledged deletes commit without fsync: if they are lost in a crash the
 //!   batches are sent again and ingest recognises them by their numbers.
 //!
@@ -1259,6 +1267,50 @@ mod tests {
         (0..n)
             .map(|i| Sample::good((i % 4) as u32, t0 + i as i64, Value::Uint(i as u64)))
             .collect()
+    }
+
+    /// A record as version 2 writes it. Changing these bytes means old
+    /// backlogs no longer read: add a format instead.
+    const GOLDEN_RECORD: &str = concat!(
+        "0203d5580a",                                                       // format 2, crc32
+        "0000000000000007",                                                 // last_seq
+        "0000000000000009",                                                 // manifest_version
+        "00000002",                                                         // points
+        "1111111111111111111111111111111111111111111111111111111111111111", // prev_hash
+        "22222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222", // signature
+        "09887766554433221110071909000000000000002080d095ffbc312a040801282a2a0c080210c8014002488486880838c8d195ffbc31", // payload: the encoded Batch
+    );
+
+    fn golden_record() -> Vec<u8> {
+        let samples = vec![
+            Sample::good(1, 1_700_000_000_000, Value::Uint(42)),
+            Sample::bad(2, 1_700_000_000_100, 0x0102_0304),
+        ];
+        let payload = encode_batch(0x1122_3344_5566_7788, 7, 9, &samples, 1_700_000_000_200);
+        frame_record(
+            Algorithm::Ed25519,
+            7,
+            9,
+            2,
+            &[0x11; 32],
+            &[0x22; 64],
+            &payload,
+        )
+    }
+
+    #[test]
+    fn the_record_format_is_pinned_by_golden_bytes() {
+        let record = golden_record();
+        assert_eq!(hex::encode(&record), GOLDEN_RECORD);
+        let golden = hex::decode(GOLDEN_RECORD).expect("hex");
+        let (h, batch) = decode_record(&golden).expect("a stored record still decodes");
+        assert_eq!((h.last_seq, h.manifest_version, h.points), (7, 9, 2));
+        assert_eq!((h.prev_hash, h.signature), ([0x11; 32], [0x22; 64]));
+        assert_eq!(batch.seq, 7);
+        let back = samples_of(&golden[HEADER..]).expect("samples");
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].tag, back[0].time_ms), (1, 1_700_000_000_000));
+        assert_eq!((back[1].tag, back[1].code), (2, 0x0102_0304));
     }
 
     fn open(dir: &Path, max: u64) -> Buffer {
