@@ -342,10 +342,8 @@ fn tag_gaps(
             let len = b - a;
             let cause = if overlap(&bad, a, b) * 2 >= len {
                 "device_fault"
-            } else if let Some(cause) = loss_cause(losses, a, b) {
-                cause
             } else {
-                "no_data"
+                loss_cause(losses, a, b).unwrap_or("no_data")
             };
             Gap {
                 start_ms: a,
