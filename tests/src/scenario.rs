@@ -302,9 +302,15 @@ pub fn check_counter(
 
 /// `pending_batches=N` of every "gateway starting" line in a gateway log.
 pub fn pending_batches_at_start(log: &Path) -> Vec<u64> {
+    pending_batches_at(log, "gateway starting")
+}
+
+/// `pending_batches=N` of every line of `event` ("gateway starting",
+/// "gateway stopped") in a gateway log.
+pub fn pending_batches_at(log: &Path, event: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .filter(|l| l.contains("gateway starting"))
+        .filter(|l| l.contains(event))
         .filter_map(|l| {
             l.split("pending_batches=")
                 .nth(1)?

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use guantong_e2e::proxy::Mode;
-use guantong_e2e::scenario::{DEV, GW, Options, Scenario, check_counter};
+use guantong_e2e::scenario::{DEV, GW, Options, Scenario, check_counter, pending_batches_at};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -315,19 +315,7 @@ async fn sigterm_delivers_the_final_flush_within_the_grace() -> anyhow::Result<(
         );
         s.gateway.restart()?;
     }
-    let left: Vec<u64> = s
-        .gateway_log()
-        .lines()
-        .filter(|l| l.contains("gateway stopped"))
-        .filter_map(|l| {
-            l.split("pending_batches=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let left = pending_batches_at(&s.gateway.config.with_extension("log"), "gateway stopped");
     assert_eq!(left.len(), STOPS, "one stop line per SIGTERM\n{}", s.logs());
     assert!(
         left.iter().all(|&n| n == 0),
