@@ -394,7 +394,7 @@ async fn slow_answer_relay(
                 let mut answers = 0usize;
                 while let Ok(n @ 1..) = d_read.read(&mut buf).await {
                     answers += 1;
-                    if answers % every == 0 {
+                    if answers.is_multiple_of(every) {
                         tokio::time::sleep(delay).await;
                     }
                     if g_write.write_all(&buf[..n]).await.is_err() {
