@@ -845,8 +845,10 @@ impl Buffer {
     }
 
     fn expire_once(&self, cutoff_ms: i64) -> Result<u64> {
-        let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The database first, then `drop_lock`, as in `append`: a reopen
+        // waiting for the database must not wait on a holder of `drop_lock`.
         let db = self.db()?;
+        let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let dropped = self.drop_unsent(&txn, LossReason::Expired, |b, _| {
@@ -862,8 +864,10 @@ impl Buffer {
     }
 
     fn read_from_once(&self, from: u64, max: usize) -> Result<Vec<StoredBatch>> {
-        let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The database first, then `drop_lock`, as in `append`: a reopen
+        // waiting for the database must not wait on a holder of `drop_lock`.
         let db = self.db()?;
+        let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
         let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(BATCHES).map_err(storage)?;
         let mut out = Vec::with_capacity(max.min(1024));
