@@ -19,6 +19,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl ca-certificates)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto mosquitto-clients)
 # The MQTT TLS test makes its CA and certificates with the openssl command.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The third-party peers (pysparkplug) go into a virtualenv.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # The acceptance test opens the report pages in headless Chromium.
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -46,6 +48,16 @@ if ! port_open 1883; then
   fi
   for _ in $(seq 50); do port_open 1883 && break; sleep 0.1; done
   port_open 1883 || { echo "Mosquitto did not start on 127.0.0.1:1883: start it with 'mosquitto -d' and run again" >&2; exit 1; }
+fi
+
+# Third-party peers the e2e tests run against, in .venv-peers/ (the tests
+# find it there, or through GUANTONG_PEERS_PYTHON). Versions pinned; pip
+# only runs when one is missing.
+PEERS=(pysparkplug==0.6.1)
+if ! .venv-peers/bin/python -c 'import pysparkplug, sys; sys.exit(pysparkplug.__version__ != "0.6.1")' >/dev/null 2>&1; then
+  log "installing ${PEERS[*]} into .venv-peers/"
+  python3 -m venv .venv-peers
+  .venv-peers/bin/pip install -q "${PEERS[@]}"
 fi
 
 if cargo fmt --version >/dev/null 2>&1; then

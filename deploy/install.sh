@@ -4,10 +4,13 @@
 #   sudo deploy/install.sh            # gateway: binary, /etc/guantong/gateway.toml, unit
 #   sudo deploy/install.sh --ingest   # ingest: binary, data directory, unit
 #
-# Builds the release binaries with cargo if they are not built yet. The
-# gateway's config is copied from configs/gateway.example.toml only when none
-# exists; edit it, then `guantong-gateway check --config /etc/guantong/gateway.toml`
-# and `systemctl enable --now guantong-gateway`.
+# Build the release binaries first, as a normal user (cargo never runs as
+# root here): `cargo build --release --locked`. Under sudo, a missing binary is
+# built as the invoking user. The gateway's config is copied from
+# configs/gateway.example.toml only when none exists; print its identity,
+# register it with ingest, put the token in, then
+# `guantong-gateway check --config /etc/guantong/gateway.toml` and
+# `systemctl enable --now guantong-gateway`. Ingest serves its API over TLS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 role=gateway
@@ -16,8 +19,13 @@ role=gateway
 
 bin="target/release/guantong-$role"
 if [ ! -x "$bin" ]; then
-  echo "building $bin"
-  cargo build --release --locked -p "guantong-$role"
+  if [ -n "${SUDO_USER:-}" ] && [ "$SUDO_USER" != root ]; then
+    echo "building $bin as $SUDO_USER"
+    sudo -u "$SUDO_USER" -H cargo build --release --locked -p "guantong-$role"
+  else
+    echo "$bin is missing: build it as a normal user first: cargo build --release --locked -p guantong-$role" >&2
+    exit 1
+  fi
 fi
 id guantong >/dev/null 2>&1 || useradd --system --home /var/lib/guantong --shell /usr/sbin/nologin guantong
 install -m 0755 "$bin" "/usr/local/bin/guantong-$role"
@@ -31,11 +39,15 @@ if [ "$role" = gateway ]; then
     chmod 0640 /etc/guantong/gateway.toml   # holds the uplink token
     echo "wrote /etc/guantong/gateway.toml: set [gateway] id, [uplink] endpoint and token, and the devices"
   fi
-  echo "then: guantong-gateway check --config /etc/guantong/gateway.toml && systemctl enable --now guantong-gateway"
+  echo "print its signing key (needs only [gateway] and [buffer], not the token yet):"
+  echo "  sudo -u guantong guantong-gateway identity --config /etc/guantong/gateway.toml"
+  echo "register it on ingest with the printed register-gateway line, put the token in [uplink], then:"
+  echo "  guantong-gateway check --config /etc/guantong/gateway.toml && systemctl enable --now guantong-gateway"
 else
-  install -d -m 0750 -o guantong -g guantong /var/lib/guantong-ingest
-  echo "register a gateway (while ingest is stopped):"
-  echo "  sudo -u guantong guantong-ingest register-gateway --data /var/lib/guantong-ingest <gateway-id>"
+  install -d -m 0700 -o guantong -g guantong /var/lib/guantong-ingest
+  echo "register each gateway (while ingest is stopped) with the key its 'guantong-gateway identity' prints:"
+  echo "  sudo -u guantong guantong-ingest register-gateway --data /var/lib/guantong-ingest <gateway-id> --key-algorithm <ed25519|sm2> --public-key <hex>"
   echo "then: systemctl enable --now guantong-ingest"
+  echo "the API and pages are served over HTTPS on :7601 with the operator CA in /var/lib/guantong-ingest/tls/ca.pem"
 fi
 systemctl daemon-reload 2>/dev/null || true

@@ -38,6 +38,7 @@ pub struct Config {
     pub gateway: GatewaySection,
     pub uplink: UplinkConfig,
     pub buffer: BufferConfig,
+    pub status: StatusConfig,
     pub devices: Vec<DeviceConfig>,
 }
 
@@ -54,6 +55,78 @@ pub struct GatewaySection {
     /// `sm2` (SM2 with SM3, the national algorithms).
     #[serde(default)]
     pub key_algorithm: KeyAlgorithm,
+}
+
+impl GatewaySection {
+    /// Makes `key_file` absolute: relative to the config's directory, by
+    /// default `gateway.key` beside the buffer directory (`buffer_dir`,
+    /// already absolute).
+    fn resolve_key_file(&mut self, base_dir: &Path, buffer_dir: &Path) {
+        let key_file = match self.key_file.take() {
+            Some(k) if k.is_relative() => base_dir.join(k),
+            Some(k) => k,
+            None => buffer_dir
+                .parent()
+                .unwrap_or(buffer_dir)
+                .join("gateway.key"),
+        };
+        self.key_file = Some(key_file);
+    }
+
+    /// Reads only what `identity` needs from a config file: `[gateway]` and
+    /// `[buffer] dir` (for the default key file). The rest may be unfinished,
+    /// above all the uplink token, which registering this identity yields.
+    pub fn load_for_identity(path: &Path) -> Result<GatewaySection, ConfigError> {
+        let fail = |problems: Vec<Problem>| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![Problem {
+                path: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }])
+        })?;
+        let mut root: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            fail(vec![Problem {
+                path: String::new(),
+                message: format!("not valid TOML: {}", e.to_string().trim_end()),
+            }])
+        })?;
+        #[derive(Deserialize)]
+        struct BufferDir {
+            dir: PathBuf,
+        }
+        let mut problems = Problems::default();
+        let mut section = |name: &str, problems: &mut Problems| {
+            let v = root.remove(name);
+            if v.is_none() {
+                problems.push("", format!("missing section `[{name}]`"));
+            }
+            v
+        };
+        let gateway = section("gateway", &mut problems)
+            .and_then(|v| problems.parse::<GatewaySection>("gateway", v));
+        let buffer = section("buffer", &mut problems).and_then(|v| {
+            let dir = v.get("dir").cloned();
+            let mut t = toml::Table::new();
+            if let Some(dir) = dir {
+                t.insert("dir".into(), dir);
+            }
+            problems.parse::<BufferDir>("buffer", toml::Value::Table(t))
+        });
+        if let Some(g) = &gateway {
+            check_id(&mut problems, "gateway.id", &g.id);
+        }
+        match (gateway, buffer) {
+            (Some(mut gateway), Some(buffer)) if problems.0.is_empty() => {
+                let base_dir = path.parent().unwrap_or(Path::new("."));
+                gateway.resolve_key_file(base_dir, &base_dir.join(buffer.dir));
+                Ok(gateway)
+            }
+            _ => Err(fail(problems.0)),
+        }
+    }
 }
 
 /// `[gateway] key_algorithm`: see `guantong_proto::chain::Algorithm`.
@@ -158,6 +231,28 @@ pub struct BufferConfig {
     /// Unsent data older than this is dropped and reported as a loss.
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+}
+
+/// `[status]`: the status page, `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address of the status listener; `""` turns it off. Anything but a
+    /// loopback address is warned about: the page has no login.
+    #[serde(default = "default_status_listen")]
+    pub listen: String,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: default_status_listen(),
+        }
+    }
+}
+
+fn default_status_listen() -> String {
+    "127.0.0.1:7700".into()
 }
 
 /// One device, with its protocol's settings.
@@ -431,6 +526,22 @@ impl Config {
             .and_then(|v| problems.parse::<UplinkConfig>("uplink", v));
         let buffer = section("buffer", &mut problems)
             .and_then(|v| problems.parse::<BufferConfig>("buffer", v));
+        let status = match root.remove("status") {
+            Some(v) => problems.parse::<StatusConfig>("status", v),
+            None => Some(StatusConfig::default()),
+        };
+        if let Some(s) = &status
+            && !s.listen.is_empty()
+            && s.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(
+                "status.listen",
+                format!(
+                    "`{}` is not an address, expected e.g. `127.0.0.1:7700` (or `\"\"` for none)",
+                    s.listen
+                ),
+            );
+        }
         let devices = match devices {
             DeviceTexts::Pieces(pieces) => {
                 let mut devices = Vec::new();
@@ -469,7 +580,7 @@ impl Config {
         for key in root.keys() {
             problems.push(
                 key.clone(),
-                format!("unknown section `{key}`, expected one of `gateway`, `uplink`, `buffer`, `devices`"),
+                format!("unknown section `{key}`, expected one of `gateway`, `uplink`, `buffer`, `status`, `devices`"),
             );
         }
 
@@ -546,22 +657,15 @@ impl Config {
             }
         }
 
-        match (gateway, uplink, buffer) {
-            (Some(gateway), Some(uplink), Some(mut buffer)) if problems.0.is_empty() => {
+        match (gateway, uplink, buffer, status) {
+            (Some(gateway), Some(uplink), Some(mut buffer), Some(status))
+                if problems.0.is_empty() =>
+            {
                 if buffer.dir.is_relative() {
                     buffer.dir = base_dir.join(&buffer.dir);
                 }
                 let mut gateway = gateway;
-                let key_file = match gateway.key_file.take() {
-                    Some(k) if k.is_relative() => base_dir.join(k),
-                    Some(k) => k,
-                    None => buffer
-                        .dir
-                        .parent()
-                        .unwrap_or(&buffer.dir)
-                        .join("gateway.key"),
-                };
-                gateway.key_file = Some(key_file);
+                gateway.resolve_key_file(base_dir, &buffer.dir);
                 let mut devices = devices;
                 for d in &mut devices {
                     match d {
@@ -586,6 +690,7 @@ impl Config {
                     gateway,
                     uplink,
                     buffer,
+                    status,
                     devices,
                 })
             }
@@ -898,6 +1003,41 @@ type = "f32"
                 "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`"
             ]
         );
+    }
+
+    #[test]
+    fn a_duplicate_tag_is_reported_with_its_index_beside_other_errors_of_its_device() {
+        let text = format!(
+            "{}\n[[devices.tags]]\nname = \"voltage\"\ntable = \"holding\"\naddress = 2\ntype = \"f32\"\n",
+            GOOD.replace("host = \"127.0.0.1\"\n", "")
+        );
+        let p = problems(&text);
+        assert!(
+            p.contains(&"devices[0].tags[1].name: duplicate tag name `voltage`".to_string()),
+            "{p:?}"
+        );
+        assert!(p.len() >= 2, "the missing host is reported too: {p:?}");
+    }
+
+    #[test]
+    fn identity_needs_only_the_gateway_section_not_the_token_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            GOOD.replace(
+                "token = \"secret\"",
+                "token_file = \"not-yet-registered.token\"",
+            ),
+        )?;
+        assert!(
+            Config::load(&path).is_err(),
+            "the full config needs the token file"
+        );
+        let g = GatewaySection::load_for_identity(&path)?;
+        assert_eq!(g.id, "gw-1");
+        assert_eq!(g.key_file, Some(dir.path().join("gateway.key")));
+        Ok(())
     }
 
     /// Parsing device by device gives what one tree gives, and falls back

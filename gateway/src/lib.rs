@@ -17,7 +17,9 @@ pub mod mqtt;
 pub mod opcua;
 pub mod quality;
 pub mod secret;
+pub mod status;
 pub mod uplink;
+pub mod value;
 pub mod writer;
 
 use std::sync::Arc;
@@ -92,6 +94,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         "gateway starting"
     );
 
+    let status = Arc::new(status::Status::new(
+        &config.gateway.id,
+        manifest.version,
+        status::DeviceSpec::of(&config),
+        stats.next_seq.saturating_sub(1),
+    ));
+    let status_cancel = CancellationToken::new();
+    // The page is for people: collecting goes on without it.
+    if let Err(e) = status::serve(
+        &config.status.listen,
+        status.clone(),
+        buffer.clone(),
+        config.buffer.max_bytes.as_u64(),
+        status_cancel.clone(),
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "no status page; collecting without it");
+    }
     let (sink, rx) = PointSink::new(SINK_MAX_POINTS);
     let (committed_tx, committed_rx) = watch::channel(stats.next_seq.saturating_sub(1));
     let writer = writer::Writer {
@@ -105,6 +126,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         max_held_points: (config.buffer.max_bytes.as_u64() / writer::HELD_SAMPLE_BYTES)
             .min(SINK_MAX_POINTS as u64) as usize,
         committed: committed_tx,
+        status: status.clone(),
     };
     let writer_task = tokio::spawn(writer.run(rx));
     // The buffer holds the manifest now; at 100k tags this copy is ~14 MB.
@@ -116,6 +138,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         gateway_id: config.gateway.id.clone(),
         buffer: buffer.clone(),
         committed: committed_rx,
+        status,
     };
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 
@@ -162,6 +185,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     .await;
     uplink_cancel.cancel();
     uplink_task.await?;
+    status_cancel.cancel();
     let stats = buffer.stats()?;
     info!(
         pending_batches = stats.next_seq - stats.first_seq,

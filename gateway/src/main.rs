@@ -39,6 +39,12 @@ enum Command {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
     },
+    /// Print the status of the gateway running with this config (its
+    /// `[status] listen` page): devices, buffer, uplink.
+    Status {
+        #[arg(long, short, env = "GUANTONG_CONFIG")]
+        config: PathBuf,
+    },
     /// Talk to devices and brokers directly, for installers: read, scan,
     /// dry-run a config, watch live messages with the values a mapping extracts.
     Probe {
@@ -124,19 +130,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Identity { config } => {
-            let c = match Config::load(&config) {
-                Ok(c) => c,
+            // Only the key matters here: the uplink token does not exist
+            // before this identity is registered.
+            let gateway = match guantong_gateway::config::GatewaySection::load_for_identity(&config)
+            {
+                Ok(g) => g,
                 Err(e) => {
                     eprint!("{e}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            let path = c.gateway.key_file.clone().unwrap_or_default();
-            match guantong_gateway::identity::load_or_create(&path, c.gateway.key_algorithm.into())
-            {
+            let path = gateway.key_file.clone().unwrap_or_default();
+            match guantong_gateway::identity::load_or_create(&path, gateway.key_algorithm.into()) {
                 Ok((key, created)) => {
                     let (algorithm, public) = (key.algorithm(), key.public_key());
-                    println!("gateway      {}", c.gateway.id);
+                    println!("gateway      {}", gateway.id);
                     println!(
                         "key file     {}{}",
                         path.display(),
@@ -148,7 +156,7 @@ fn main() -> ExitCode {
                     println!();
                     println!(
                         "register with: guantong-ingest register-gateway {} --key-algorithm {algorithm} --public-key {}",
-                        c.gateway.id,
+                        gateway.id,
                         hex::encode(&public)
                     );
                     ExitCode::SUCCESS
@@ -254,15 +262,31 @@ fn main() -> ExitCode {
         }
         #[cfg(feature = "opcua")]
         Command::Opcua { action } => opcua_command(action),
+        Command::Status { config } => {
+            let c = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(guantong_gateway::status::fetch(&c.status.listen)) {
+                Ok(snapshot) => {
+                    print!("{snapshot}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             guantong_gateway::malloc::tune();
             init_tracing();
-            let config = match Config::load(&config) {
+            let config = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
             };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -369,6 +393,14 @@ fn opcua_command(action: OpcuaAction) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config at `path`, or its problems printed and the exit code to end with.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {

@@ -20,6 +20,7 @@
 //! | `0x0004_0003` | Sparkplug death certificate (NDEATH or DDEATH)      |
 //! | `0x0004_0004` | Sparkplug `seq` gap: messages between were lost     |
 //! | `0x0004_0005` | MQTT broker connection lost                         |
+//! | `0x0004_0006` | Sparkplug metric sent with `is_null`: no value      |
 //! | `0x0005_0001` | OPC UA session lost (connection cut, server gone or |
 //! |               | keep-alive watchdog): no value until it is back     |
 //! | `0x0005_0002` | OPC UA value missing or not of the tag's type       |
@@ -76,6 +77,7 @@ pub fn describe(code: u32) -> String {
         SPARKPLUG_DEATH => "Sparkplug death certificate".into(),
         SPARKPLUG_SEQ_GAP => "Sparkplug seq gap: messages were lost".into(),
         MQTT_CONNECTION_LOST => "MQTT broker connection lost".into(),
+        SPARKPLUG_NULL => "Sparkplug metric is null".into(),
         OPCUA_CONNECTION_LOST => "OPC UA session lost".into(),
         OPCUA_TYPE_MISMATCH => "OPC UA value missing or not of the tag's type".into(),
         OPCUA_NAMESPACE_UNKNOWN => "OPC UA namespace URI not on the server".into(),
@@ -88,9 +90,26 @@ pub const MQTT_TYPE_MISMATCH: u32 = 0x0004_0002;
 pub const SPARKPLUG_DEATH: u32 = 0x0004_0003;
 pub const SPARKPLUG_SEQ_GAP: u32 = 0x0004_0004;
 pub const MQTT_CONNECTION_LOST: u32 = 0x0004_0005;
+pub const SPARKPLUG_NULL: u32 = 0x0004_0006;
 pub const OPCUA_CONNECTION_LOST: u32 = 0x0005_0001;
 pub const OPCUA_TYPE_MISMATCH: u32 = 0x0005_0002;
 pub const OPCUA_NAMESPACE_UNKNOWN: u32 = 0x0005_0003;
+
+/// Whether `code` says the device cannot be reached (no answer, no
+/// connection, session lost), rather than something about one value.
+pub fn is_link_failure(code: u32) -> bool {
+    matches!(
+        code,
+        TIMEOUT
+            | CONNECT_FAILED
+            | TRANSPORT_ERROR
+            | FRAME_ERROR
+            | BACKING_OFF
+            | MQTT_CONNECTION_LOST
+            | SPARKPLUG_DEATH
+            | OPCUA_CONNECTION_LOST
+    )
+}
 
 /// An OPC UA status code by name, where this build knows the names.
 fn opcua_status(code: u32) -> String {

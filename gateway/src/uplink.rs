@@ -54,6 +54,7 @@ use tracing::{debug, info, warn};
 
 use crate::buffer::{Buffer, StoredBatch};
 use crate::config::{Compression, UplinkConfig};
+use crate::status::Status;
 
 /// Largest message either side accepts.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -131,6 +132,8 @@ pub struct Uplink {
     pub gateway_id: String,
     pub buffer: Arc<Buffer>,
     pub committed: watch::Receiver<u64>,
+    /// Told of connection state, sends and acks.
+    pub status: Arc<Status>,
 }
 
 /// Batches sent and not yet acknowledged: first seq -> (last seq, backlog?).
@@ -161,6 +164,7 @@ impl Uplink {
                     continue;
                 }
                 Err(e) => {
+                    self.status.uplink_backoff(e.to_string());
                     if e.is_retryable() {
                         warn!(error = %e, "uplink disconnected; will retry");
                     } else {
@@ -221,6 +225,7 @@ impl Uplink {
         cancel: &CancellationToken,
         compression: Compression,
     ) -> Result<bool, UplinkError> {
+        self.status.uplink_connecting();
         let mut client = tokio::select! {
             _ = cancel.cancelled() => return Ok(false),
             c = self.connect(compression) => c?,
@@ -263,6 +268,7 @@ impl Uplink {
                 .parse()
                 .map_err(|_| UplinkError::Protocol("gateway id is not valid in a header".into()))?,
         );
+        let asked_ms = crate::quality::now_ms();
         let mut inbound = client.stream(request).await?.into_inner();
         let welcome = match inbound.message().await?.and_then(|m| m.kind) {
             Some(Down::Welcome(w)) => w,
@@ -272,6 +278,8 @@ impl Uplink {
                 )));
             }
         };
+        self.status
+            .uplink_connected(welcome.server_time_ms, asked_ms, crate::quality::now_ms());
         if welcome.stored_seq >= stats.first_seq {
             self.delete(1, welcome.stored_seq).await?;
         }
@@ -344,6 +352,7 @@ impl Uplink {
                 Event::Committed => {}
                 Event::Inbound(Some(Down::Ack(ack))) => {
                     acked_any = true;
+                    self.status.batch_acked(ack.batch_seq);
                     let (first, last) = (ack.batch_seq, ack.batch_last_seq.max(ack.batch_seq));
                     self.delete_acked(ack.seq, first, last, &mut in_flight)
                         .await?;
@@ -393,6 +402,7 @@ impl Uplink {
             .map_err(|_| UplinkError::Closed)?;
         }
         in_flight.insert(b.seq, (b.last_seq, backfill));
+        self.status.batch_sent(b.seq);
         let msg = GatewayMessage {
             kind: Some(Up::Batch(BatchEnvelope {
                 payload: b.payload,

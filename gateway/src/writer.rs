@@ -32,6 +32,7 @@ use tracing::{error, warn};
 use crate::buffer::{Buffer, BufferError, LossTally};
 use crate::collector::Handoff;
 use crate::quality::Sample;
+use crate::status::Status;
 
 /// How often unsent data is checked against `max_age`.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
@@ -62,6 +63,8 @@ pub struct Writer {
     pub max_held_points: usize,
     /// Last committed sequence number, for the uplink.
     pub committed: watch::Sender<u64>,
+    /// Sees every hand-off and commit (device health, backlog age).
+    pub status: Arc<Status>,
 }
 
 impl Writer {
@@ -80,6 +83,7 @@ impl Writer {
             tokio::select! {
                 received = rx.recv() => match received {
                     Some(mut h) => {
+                        self.status.observe(&h.samples);
                         pending.append(&mut h.samples);
                         waiters.extend(h.committed);
                         permits.push(h.permit);
@@ -87,6 +91,7 @@ impl Writer {
                         while !waiters.is_empty() && pending.len() < self.max_batch_points {
                             match rx.try_recv() {
                                 Ok(mut h) => {
+                                    self.status.observe(&h.samples);
                                     pending.append(&mut h.samples);
                                     waiters.extend(h.committed);
                                     permits.push(h.permit);
@@ -149,7 +154,10 @@ impl Writer {
                     held.lost = LossTally::default();
                     self.committed.send_replace(last);
                 }
-                Err(e) => result = Err(e),
+                Err(e) => {
+                    self.status.committed(Err(e.to_string()));
+                    result = Err(e);
+                }
             }
         }
         if result.is_ok() && !pending.is_empty() {
@@ -162,6 +170,10 @@ impl Writer {
             })
             .await
             .unwrap_or_else(|e| (Err(e), Vec::new()));
+            self.status.committed(match &appended {
+                Ok(last) => Ok(*last),
+                Err(e) => Err(e.to_string()),
+            });
             match appended {
                 Ok(last) => {
                     self.committed.send_replace(last);

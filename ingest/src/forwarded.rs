@@ -9,19 +9,19 @@
 //!
 //! Each request gets a [`Client`] extension: the client address (the
 //! right-most `X-Forwarded-For` entry that is not itself a trusted proxy) and
-//! the scheme. `GET /api/v1/client` answers it, for checking a proxy setup.
+//! the scheme. `GET /api/v1/client` (with a token) answers it, for checking
+//! a proxy setup.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::get;
 use axum::serve::IncomingStream;
-use axum::{Extension, Json, Router};
 
 const FORWARDED_HEADERS: [&str; 4] = [
     "x-forwarded-for",
@@ -57,21 +57,17 @@ pub struct Client {
     pub host: Option<String>,
 }
 
-/// Adds the [`Client`] extension and `GET /api/v1/client` to `router`;
-/// `tls`: whether the listener itself speaks TLS.
+/// Adds the [`Client`] extension to every request of `router` (which serves
+/// it, behind a token, at `GET /api/v1/client`); `tls`: whether the listener
+/// itself speaks TLS.
 pub fn layer(router: Router, trusted: Vec<IpAddr>, tls: bool) -> Router {
     let trusted = Arc::new(trusted);
-    router
-        .route(
-            "/api/v1/client",
-            get(|Extension(client): Extension<Client>| async move { Json(client) }),
-        )
-        .layer(axum::middleware::from_fn(
-            move |req: Request, next: Next| {
-                let trusted = trusted.clone();
-                async move { resolve(req, next, &trusted, tls).await }
-            },
-        ))
+    router.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let trusted = trusted.clone();
+            async move { resolve(req, next, &trusted, tls).await }
+        },
+    ))
 }
 
 async fn resolve(mut req: Request, next: Next, trusted: &[IpAddr], tls: bool) -> Response {

@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::limits::{Limits, Quotas, StreamSlot};
+use crate::metrics;
 use crate::store::{AppendBatch, AppendOutcome, Appended, Link, ManifestMap, Store};
 use crate::tls::ClientAuth;
 use crate::validate::{self, ValidationLimits};
@@ -292,6 +293,7 @@ impl<S: Store> Uplink for UplinkService<S> {
             key,
             guards: self.guards.clone(),
             _slot: slot,
+            _open: metrics::StreamOpen::new(),
         };
         tokio::spawn(session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -312,6 +314,7 @@ struct Session<S> {
     guards: Arc<Guards>,
     /// This stream's place in its gateway's stream quota.
     _slot: StreamSlot,
+    _open: metrics::StreamOpen,
 }
 
 /// What to answer for one batch once the store has it.
@@ -447,8 +450,10 @@ impl<S: Store> Session<S> {
                     if let Some(reason) = &reply.rejected {
                         warn!(gateway = %self.gateway, seq = reply.first, %reason, "batch rejected");
                         self.connections.update(&self.gateway, |c| c.rejected += 1);
+                        metrics::batch_rejected();
                     }
-                    let queued: PendingAppend = Box::pin(self.store.append(append));
+                    let queued: PendingAppend =
+                        Box::pin(metrics::timed_append(&*self.store, append));
                     if pending.send((reply, queued)).await.is_err() {
                         return Ok(());
                     }

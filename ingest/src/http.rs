@@ -13,8 +13,10 @@
 //! Every route but `/healthz` and `/login` needs an account token (`web`).
 //! | `GET /api/v1/digests` | ingest's signed daily digests, `?day=YYYY-MM-DD&gateway=` (repeatable) |
 //!
-//! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`) or milliseconds
-//! since the Unix epoch, and returned as RFC 3339 with milliseconds.
+//! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`,
+//! `2026-11-25T16:00:00+08:00`, fractional seconds optional) or milliseconds
+//! since the Unix epoch, years 0000 to 9999, and returned as RFC 3339 UTC
+//! with milliseconds. `parse_time` is the one parser, for the CLI too.
 //!
 //! Completeness of a tag over a window = (Good + Uncertain samples with a
 //! source time in the window) / floor(window / declared interval), capped at
@@ -23,25 +25,27 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::acceptance::Criteria;
+use crate::forwarded::Client;
 use crate::grpc::{ConnectionInfo, Connections, now_ms};
 use crate::store::{Store, StoreError, StoredPoint};
-use crate::web::{self, Viewer};
+use crate::web::{self, Sessions, Viewer};
 
 pub struct ApiState<S> {
     pub store: Arc<S>,
     pub connections: Arc<Connections>,
     pub criteria: Arc<Criteria>,
+    pub sessions: Sessions,
 }
 
 pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
@@ -62,7 +66,11 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/api/v1/enterprises/{code}/report", get(web::report::<S>))
         .route(
             "/api/v1/gateways/{id}/enterprise",
-            put(web::assign_gateway::<S>),
+            put(web::assign_gateway::<S>).delete(web::unassign_gateway::<S>),
+        )
+        .route(
+            "/api/v1/client",
+            get(|Extension(client): Extension<Client>| async move { Json(client) }),
         )
         .route(
             "/api/v1/accounts",
@@ -80,10 +88,15 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/login", get(web::login_page).post(web::login::<S>))
+        .route("/logout", post(web::logout::<S>))
+        .route("/overview.js", get(overview_js))
         .merge(protected)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn(web::harden))
         .with_state(state)
 }
 
+#[derive(Debug)]
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
@@ -104,26 +117,57 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The earliest and latest times the API accepts and prints: RFC 3339 has
+/// four-digit years, 0000-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+pub const MIN_TIME_MS: i64 = -62_167_219_200_000;
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+const RFC3339_MILLIS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
+/// `ms` as RFC 3339 UTC with milliseconds; times outside years 0000-9999
+/// print as the nearest end of that range (a stored time never is).
 pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    let ms = ms.clamp(MIN_TIME_MS, MAX_TIME_MS);
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(RFC3339_MILLIS).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
-/// Parses RFC 3339 or epoch milliseconds.
+/// Parses a time as the API and the CLI take it: RFC 3339 with `Z` or an
+/// offset (`2026-12-02T10:00:00+08:00`), with or without fractional seconds
+/// (also with a space for `T` and no zone, meaning UTC), or epoch
+/// milliseconds; years 0000-9999. The error names the parameter `name`.
 pub fn parse_time(name: &str, s: &str) -> Result<i64, ApiError> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    humantime::parse_rfc3339_weak(s)
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
+    parse_time_ms(s.trim())
+        .filter(|ms| (MIN_TIME_MS..=MAX_TIME_MS).contains(ms))
         .ok_or_else(|| {
+            let shown: String = s.chars().take(64).collect();
             ApiError(
                 StatusCode::BAD_REQUEST,
-                format!("`{name}`: `{s}` is not a time; expected RFC 3339 (2026-11-25T08:00:00Z) or epoch milliseconds"),
+                format!(
+                    "`{name}`: `{shown}` is not a time from year 0000 to 9999; expected RFC 3339 (2026-11-25T08:00:00Z, 2026-11-25T16:00:00+08:00) or epoch milliseconds"
+                ),
             )
         })
+}
+
+fn parse_time_ms(s: &str) -> Option<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    let nanos = match time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+    {
+        Ok(t) => t.unix_timestamp_nanos(),
+        Err(_) => {
+            let t = humantime::parse_rfc3339_weak(s).ok()?;
+            let d = t.duration_since(UNIX_EPOCH).ok()?;
+            i128::try_from(d.as_nanos()).ok()?
+        }
+    };
+    i64::try_from(nanos.div_euclid(1_000_000)).ok()
 }
 
 #[derive(Deserialize)]
@@ -359,9 +403,11 @@ async fn chains<S: Store>(
     Ok(Json(serde_json::json!({ "chains": chains })))
 }
 
-/// `?day=YYYY-MM-DD` (default yesterday, UTC) and any number of `gateway=`.
+/// `?day=YYYY-MM-DD` (default yesterday, UTC) and any number of `gateway=`;
+/// only gateways the account may see (none asked: all of those).
 async fn digests<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> Result<impl IntoResponse, ApiError> {
     let mut day = None;
@@ -379,6 +425,17 @@ async fn digests<S: Store>(
         }
     }
     let day = day.unwrap_or_else(crate::evidence::digest::yesterday);
+    if let Some(visible) = &viewer.gateways {
+        // The store reads "no gateway named" as all of them.
+        if gateways.is_empty() {
+            gateways = visible.iter().cloned().collect();
+        } else {
+            gateways.retain(|g| visible.contains(g));
+        }
+        if gateways.is_empty() {
+            return Ok(Json(serde_json::json!({ "digests": [] })));
+        }
+    }
     let digests: Vec<_> = state
         .store
         .day_digests(gateways, day)
@@ -409,8 +466,18 @@ th{background:#f3f3f3}.bad{color:#b00}.good{color:#070}.muted{color:#777}
 <h1>Guantong ingest — live connectivity</h1>
 <p class="muted">Refreshes every 2 s. JSON: <a href="/api/v1/summary">/api/v1/summary</a>, <a href="/api/v1/losses">/api/v1/losses</a></p>
 <div id="out">loading…</div>
-<script>
-function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
+<script src="/overview.js"></script></body></html>"#;
+
+async fn overview_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        OVERVIEW_JS,
+    )
+}
+
+/// The overview's script, a file of its own so the pages' CSP allows no
+/// inline script.
+const OVERVIEW_JS: &str = r#"function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
 async function refresh(){
   try{
     const r=await fetch('/api/v1/summary');const s=await r.json();let h='';
@@ -430,4 +497,44 @@ async function refresh(){
   }catch(e){document.getElementById('out').textContent='API unreachable: '+e}
 }
 refresh();setInterval(refresh,2000);
-</script></body></html>"#;
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_with_offsets_and_without_fractions_parse_to_the_same_instant() {
+        let utc = parse_time("to", "2026-12-02T02:00:00Z").expect("utc");
+        assert_eq!(
+            parse_time("to", "2026-12-02T10:00:00+08:00").ok(),
+            Some(utc)
+        );
+        assert_eq!(parse_time("to", "2026-12-02T02:00:00.000Z").ok(), Some(utc));
+        assert_eq!(parse_time("to", "2026-12-02 02:00:00").ok(), Some(utc));
+        assert_eq!(parse_time("to", &utc.to_string()).ok(), Some(utc));
+        assert_eq!(rfc3339(utc), "2026-12-02T02:00:00.000Z");
+    }
+
+    #[test]
+    fn times_beyond_year_9999_are_refused_naming_the_parameter_and_never_panic() {
+        for bad in [
+            "253402300800000",
+            "-62167219200001",
+            "10000-01-01T00:00:00Z",
+            "9223372036854775807",
+            "x",
+        ] {
+            let e = parse_time("to", bad).expect_err(bad);
+            assert_eq!(e.0, StatusCode::BAD_REQUEST);
+            assert!(e.1.starts_with("`to`:"), "{}", e.1);
+        }
+        assert_eq!(rfc3339(MAX_TIME_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(i64::MIN), "0000-01-01T00:00:00.000Z");
+        assert_eq!(
+            parse_time("from", "0000-01-01T00:00:00Z").ok(),
+            Some(MIN_TIME_MS)
+        );
+    }
+}

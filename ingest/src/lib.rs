@@ -14,6 +14,7 @@ pub mod forwarded;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod registry;
 pub mod store;
 pub mod tls;
@@ -137,6 +138,7 @@ pub async fn start_with<S: Store>(
         store,
         connections,
         criteria: Arc::new(options.criteria.clone()),
+        sessions: web::Sessions::default(),
     }));
     let http_tls = options.tls.is_some() && options.http_tls;
     let router = forwarded::layer(router, options.trusted_proxies.clone(), http_tls)

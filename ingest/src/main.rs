@@ -40,6 +40,10 @@ enum Command {
         /// (useful with port 0).
         #[arg(long)]
         ports_file: Option<PathBuf>,
+        /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` on this
+        /// address, without a token; off by default. Keep it off the internet.
+        #[arg(long, env = "GUANTONG_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
         /// Bind the signing key a gateway presents when none was registered
         /// for it (recorded in its chain report). Off by default.
         #[arg(long)]
@@ -100,9 +104,12 @@ enum Command {
         /// For a provider account: the provider name its enterprises carry.
         #[arg(long, default_value = "")]
         provider: String,
-        /// For a reviewer: an enterprise it may read (repeat; none: all).
+        /// For a reviewer: an enterprise it may read (repeat).
         #[arg(long = "enterprise")]
         enterprises: Vec<String>,
+        /// For a reviewer: read every enterprise (a city-level reviewer).
+        #[arg(long, conflicts_with = "enterprises")]
+        all_enterprises: bool,
     },
     /// Write an acceptance report for one enterprise, or the city overview
     /// (run while the server is stopped; a running server serves the same at
@@ -272,6 +279,7 @@ fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Res
         role: Role::Admin,
         provider: String::new(),
         enterprises: Vec::new(),
+        all_enterprises: false,
     })?;
     let path = data.join("admin.token");
     use std::io::Write;
@@ -434,12 +442,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             role,
             provider,
             enterprises,
+            all_enterprises,
         } => {
             let account = Account {
                 name,
                 role: role.parse().map_err(anyhow::Error::msg)?,
                 provider,
                 enterprises,
+                all_enterprises,
             };
             guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
             let store = EmbeddedStore::open(&data)?;
@@ -500,9 +510,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             out,
         } => {
             let time = |name: &str, s: &str| {
-                guantong_ingest::http::parse_time(name, s).map_err(|_| {
-                    anyhow::anyhow!("--{name} `{s}`: expected RFC 3339 (2026-11-25T00:00:00Z) or epoch milliseconds")
-                })
+                guantong_ingest::http::parse_time(&format!("--{name}"), s)
+                    .map_err(|e| anyhow::anyhow!("{}", e.1))
             };
             let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
             let store = EmbeddedStore::open(&data)?;
@@ -635,6 +644,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             grpc_listen,
             http_listen,
             ports_file,
+            metrics_listen,
             trust_on_first_use,
             criteria,
             security,
@@ -662,11 +672,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 options,
             )
             .await?;
+            let metrics_addr = match metrics_listen {
+                Some(addr) => Some(guantong_ingest::metrics::serve(addr, shutdown.clone()).await?),
+                None => None,
+            };
             if let Some(path) = ports_file {
-                let json = serde_json::json!({
+                let mut json = serde_json::json!({
                     "grpc": running.grpc_addr.to_string(),
                     "http": running.http_addr.to_string(),
                 });
+                if let Some(addr) = metrics_addr {
+                    json["metrics"] = addr.to_string().into();
+                }
                 std::fs::write(&path, json.to_string())
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }

@@ -103,15 +103,34 @@ pub struct Enterprise {
     pub provider: String,
 }
 
+/// Longest name (enterprise, equipment, county, provider) accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// A name or id of the registry: at most `max` characters, no control
+/// characters, and (when `required`) not blank. `what` names the field.
+pub fn check_text(what: &str, value: &str, max: usize, required: bool) -> Result<(), String> {
+    if required && value.trim().is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    let chars = value.chars().count();
+    if chars > max {
+        return Err(format!(
+            "{what} has {chars} characters, at most {max} allowed"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{what} contains a control character"));
+    }
+    Ok(())
+}
+
 impl Enterprise {
     pub fn validate(&self, industries: &[Industry]) -> Result<(), String> {
         check_credit_code(&self.code)?;
-        if self.name.trim().is_empty() {
-            return Err(format!("enterprise {}: name is empty", self.code));
-        }
-        if self.county.trim().is_empty() {
-            return Err(format!("enterprise {}: county is empty", self.code));
-        }
+        let field = |name: &str| format!("enterprise {}: {name}", self.code);
+        check_text(&field("name"), &self.name, MAX_NAME_CHARS, true)?;
+        check_text(&field("county"), &self.county, MAX_NAME_CHARS, true)?;
+        check_text(&field("provider"), &self.provider, MAX_NAME_CHARS, false)?;
         if !industries.iter().any(|i| i.key == self.industry) {
             return Err(format!(
                 "enterprise {}: industry `{}` is not one of: {}",
@@ -152,6 +171,28 @@ pub struct Equipment {
 
 fn yes() -> bool {
     true
+}
+
+impl Equipment {
+    /// Every field within its length, id and name present, gateway and
+    /// device both given or neither.
+    pub fn validate(&self) -> Result<(), String> {
+        check_text("equipment id", &self.id, MAX_NAME_CHARS, true)?;
+        let field = |name: &str| format!("equipment {}: {name}", self.id);
+        check_text(&field("name"), &self.name, MAX_NAME_CHARS, true)?;
+        for (name, value) in [
+            ("kind", &self.kind),
+            ("workshop", &self.workshop),
+            ("gateway", &self.gateway),
+            ("device", &self.device),
+        ] {
+            check_text(&field(name), value, MAX_NAME_CHARS, false)?;
+        }
+        if self.gateway.is_empty() != self.device.is_empty() {
+            return Err(field("give both gateway and device, or neither"));
+        }
+        Ok(())
+    }
 }
 
 /// CSV columns of an equipment register, English and Chinese headers.
@@ -239,19 +280,8 @@ pub fn parse_equipment_csv(text: &str) -> Result<Vec<Equipment>, Vec<String>> {
             gateway: get("gateway"),
             device: get("device"),
         };
-        if e.id.is_empty() {
-            problems.push(format!("line {line}: equipment id is empty"));
-            continue;
-        }
-        if e.name.is_empty() {
-            problems.push(format!("line {line}: equipment {}: name is empty", e.id));
-            continue;
-        }
-        if e.gateway.is_empty() != e.device.is_empty() {
-            problems.push(format!(
-                "line {line}: equipment {}: give both gateway and device, or neither",
-                e.id
-            ));
+        if let Err(m) = e.validate() {
+            problems.push(format!("line {line}: {m}"));
             continue;
         }
         if let Some(first) = seen.insert(e.id.clone(), line) {
@@ -277,7 +307,7 @@ pub enum Role {
     Admin,
     /// Manages and reads only the enterprises whose `provider` it is.
     Provider,
-    /// Reads only: all enterprises, or those assigned.
+    /// Reads only: the enterprises assigned, or all with `all_enterprises`.
     Reviewer,
 }
 
@@ -302,9 +332,13 @@ pub struct Account {
     /// For a provider: the provider name enterprises carry.
     #[serde(default)]
     pub provider: String,
-    /// For a reviewer: the enterprises assigned (empty: all).
+    /// For a reviewer: the enterprises assigned (empty: none, unless
+    /// `all_enterprises`).
     #[serde(default)]
     pub enterprises: Vec<String>,
+    /// For a reviewer: reads every enterprise (a city-level reviewer).
+    #[serde(default)]
+    pub all_enterprises: bool,
 }
 
 impl Account {
@@ -312,7 +346,7 @@ impl Account {
         match self.role {
             Role::Admin => true,
             Role::Provider => !self.provider.is_empty() && e.provider == self.provider,
-            Role::Reviewer => self.enterprises.is_empty() || self.enterprises.contains(&e.code),
+            Role::Reviewer => self.all_enterprises || self.enterprises.contains(&e.code),
         }
     }
 
@@ -401,6 +435,9 @@ mod tests {
             "{problems:?}"
         );
         assert!(problems[1].starts_with("line 3:"), "{problems:?}");
+        let long = format!("id,name\nE1,{}\n", "x".repeat(MAX_NAME_CHARS + 1));
+        let e = parse_equipment_csv(&long).expect_err("too long");
+        assert!(e[0].contains("at most 200"), "{e:?}");
         assert!(
             problems[2].contains("both gateway and device"),
             "{problems:?}"
@@ -427,6 +464,7 @@ mod tests {
             role: Role::Provider,
             provider: p.into(),
             enterprises: vec![],
+            all_enterprises: false,
         };
         assert!(provider("p1").can_write(&e));
         assert!(!provider("p2").can_read(&e));
@@ -435,8 +473,17 @@ mod tests {
             role: Role::Reviewer,
             provider: String::new(),
             enterprises: vec![],
+            all_enterprises: false,
         };
-        assert!(reviewer.can_read(&e) && !reviewer.can_write(&e));
+        assert!(
+            !reviewer.can_read(&e),
+            "a reviewer with no enterprises listed reads none"
+        );
+        let city = Account {
+            all_enterprises: true,
+            ..reviewer.clone()
+        };
+        assert!(city.can_read(&e) && !city.can_write(&e));
         let assigned = Account {
             enterprises: vec!["other".into()],
             ..reviewer

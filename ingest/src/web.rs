@@ -1,29 +1,41 @@
 //! Accounts, the acceptance registry and reports over HTTP.
 //!
-//! Every route but `/healthz` and `/login` needs an account token: an
-//! `Authorization: Bearer` header, the `gt_token` cookie, or `?token=` once
-//! (which sets the cookie, so a link opens a report in a browser). API routes
-//! answer a missing or wrong token with 401; pages redirect to `/login`.
+//! Every route but `/healthz`, `/login`, `/logout` and `/overview.js` needs
+//! an account token: an `Authorization: Bearer` header (scheme in any case),
+//! or a browser session. `?token=` in an address (a link that opens a
+//! report) or the login form opens a session: a random id in an `HttpOnly;
+//! SameSite=Strict` cookie (`Secure` over HTTPS) that stands for the token
+//! for 8 hours or until `POST /logout`; `?token=` is then removed from the
+//! address by a redirect. API routes answer a missing or wrong token with
+//! 401; pages redirect to `/login`, which returns only to paths on this site.
 //!
 //! Roles: `admin` manages everything; `provider` reads and writes only the
-//! enterprises whose provider it is; `reviewer` only reads (all enterprises,
-//! or those assigned). Every report, city view and access-log read is
-//! recorded in the access log with who and when.
+//! enterprises whose provider it is, and moves gateways only between them
+//! (an admin assigns a gateway first); `reviewer` only reads: the
+//! enterprises listed, or all with `all_enterprises`, none otherwise. Every
+//! report, city view and access-log read is recorded in the access log with
+//! who and when.
+//!
+//! `harden` wraps every route: cross-site form posts are refused, errors
+//! are `{"error": "..."}`, and responses carry CSP, `X-Frame-Options`,
+//! `Referrer-Policy` and `nosniff`.
 
 mod html;
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::{Extension, Form, Json};
 use serde::Deserialize;
 
 use crate::acceptance::{self, Criteria, EnterpriseReport, Snapshot};
+use crate::forwarded::Client;
 use crate::grpc::now_ms;
 use crate::http::{ApiError, ApiState};
 use crate::registry::{Access, Account, Enterprise, Role, parse_equipment_csv};
@@ -66,37 +78,48 @@ async fn blocking<T: Send + 'static>(
     })?
 }
 
-fn token_from(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, bool) {
-    if let Some(v) = headers
+/// How a request presented its credentials.
+enum Credential {
+    /// `Authorization: Bearer <token>` (scheme case-insensitive).
+    Header(String),
+    /// `?token=` in the address: signs a browser in once, then redirects
+    /// to the same address without it.
+    Query(String),
+    /// The `gt_session` cookie of a browser session.
+    Session(String),
+}
+
+fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<Credential> {
+    if let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim().to_string())
     {
-        return (Some(v.trim().to_string()), false);
+        return Some(Credential::Header(token));
     }
-    if let Some(t) = query.and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("token="))
-            .map(str::to_string)
-    }) {
-        return (Some(t), true);
+    if let Some(token) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))) {
+        return Some(Credential::Query(token.to_string()));
     }
-    let cookie = headers
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix("gt_token=").map(str::to_string));
-    (cookie, false)
+        .find_map(|c| {
+            c.trim()
+                .strip_prefix(SESSION_COOKIE)
+                .and_then(|c| c.strip_prefix('='))
+        })
+        .map(|id| Credential::Session(id.to_string()))
 }
 
 fn visible_gateways<S: Store>(
     store: &S,
     account: &Account,
 ) -> Result<Option<BTreeSet<String>>, ApiError> {
-    if account.role == Role::Admin
-        || (account.role == Role::Reviewer && account.enterprises.is_empty())
-    {
+    if account.role == Role::Admin || (account.role == Role::Reviewer && account.all_enterprises) {
         return Ok(None);
     }
     let readable: BTreeSet<String> = store
@@ -115,13 +138,27 @@ fn visible_gateways<S: Store>(
     ))
 }
 
+/// Whether the client reached ingest over HTTPS (directly or through a
+/// trusted proxy): session cookies are then `Secure`.
+fn over_tls(extensions: &axum::http::Extensions) -> bool {
+    extensions
+        .get::<Client>()
+        .is_some_and(|c| c.scheme == "https")
+}
+
 /// Middleware: resolves the account or refuses the request.
 pub async fn authenticate<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let (token, from_query) = token_from(req.headers(), req.uri().query());
+    let credential = credential(req.headers(), req.uri().query());
+    let (token, from_query) = match credential {
+        Some(Credential::Header(t)) => (Some(t), false),
+        Some(Credential::Query(t)) => (Some(t), true),
+        Some(Credential::Session(id)) => (state.sessions.token(&id), false),
+        None => (None, false),
+    };
     let store = state.store.clone();
     let viewer = match token {
         Some(token) => {
@@ -140,17 +177,35 @@ pub async fn authenticate<S: Store>(
     };
     let path = req.uri().path().to_string();
     match viewer {
-        Ok(Some((viewer, token))) => {
+        Ok(Some((_, token)))
+            if from_query && matches!(*req.method(), Method::GET | Method::HEAD) =>
+        {
+            // Keep the token out of the address bar, history and Referer.
+            let rest: Vec<&str> = req
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .filter(|kv| !kv.starts_with("token=") && !kv.is_empty())
+                .collect();
+            let target = if rest.is_empty() {
+                path
+            } else {
+                format!("{path}?{}", rest.join("&"))
+            };
+            let id = state.sessions.open(&token);
+            with_cookie(
+                Redirect::to(&target).into_response(),
+                &session_cookie(&id, over_tls(req.extensions())),
+            )
+        }
+        Ok(Some((viewer, _))) => {
             req.extensions_mut().insert(Arc::new(viewer));
-            let mut resp = next.run(req).await;
-            if from_query && let Ok(v) = HeaderValue::from_str(&session_cookie(&token)) {
-                resp.headers_mut().append(header::SET_COOKIE, v);
-            }
-            resp
+            next.run(req).await
         }
         Ok(None) if path.starts_with("/api/") => err(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong token: send `Authorization: Bearer <token>` (tokens come from `guantong-ingest account add` or POST /api/v1/accounts)",
+            "missing or wrong token: send `Authorization: Bearer <token>` (tokens come from `guantong-ingest add-account` or POST /api/v1/accounts)",
         )
         .into_response(),
         Ok(None) => Redirect::to(&format!("/login?next={}", url_escape(&path))).into_response(),
@@ -158,8 +213,74 @@ pub async fn authenticate<S: Store>(
     }
 }
 
-fn session_cookie(token: &str) -> String {
-    format!("gt_token={token}; HttpOnly; SameSite=Strict; Path=/")
+const SESSION_COOKIE: &str = "gt_session";
+
+/// How long a browser session lasts after sign-in.
+pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+
+/// Browser sessions: a random id in the `gt_session` cookie stands for an
+/// account token for `SESSION_TTL`, and `/logout` ends it. The account
+/// token itself never goes into a cookie. Kept in memory, at most
+/// `MAX_SESSIONS`: a restart signs browsers out.
+#[derive(Default)]
+pub struct Sessions(Mutex<HashMap<String, (String, Instant)>>);
+
+const MAX_SESSIONS: usize = 10_000;
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new session for `token`; returns its id.
+    fn open(&self, token: &str) -> String {
+        let id = crate::registry::new_token();
+        let now = Instant::now();
+        let mut sessions = self.lock();
+        sessions.retain(|_, (_, expires)| *expires > now);
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, (_, expires))| *expires)
+                .map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(id.clone(), (token.to_string(), now + SESSION_TTL));
+        id
+    }
+
+    /// The account token of a live session.
+    fn token(&self, id: &str) -> Option<String> {
+        let now = Instant::now();
+        self.lock()
+            .get(id)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(token, _)| token.clone())
+    }
+
+    fn close(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+/// The session cookie: script cannot read it, other sites do not send it,
+/// and over HTTPS it never travels in clear.
+fn session_cookie(id: &str, secure: bool) -> String {
+    format!(
+        "{SESSION_COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+fn with_cookie(mut resp: Response, cookie: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 fn url_escape(s: &str) -> String {
@@ -173,13 +294,36 @@ fn url_escape(s: &str) -> String {
         .collect()
 }
 
+/// `next` when it is a path on this site, to redirect to after sign-in:
+/// one leading `/`, then only unreserved URL characters, `/?=&+,:;@~` and
+/// `%` escapes other than of `/` and `\`. Refuses `//host`, `/\host`,
+/// tabs and other whitespace (browsers drop them, making `/\t/host`
+/// `//host`), and encoded variants of those.
+pub fn same_origin_path(next: &str) -> Option<&str> {
+    let b = next.as_bytes();
+    let plain = |c: u8| c.is_ascii_alphanumeric() || b"-._~/?=&+,:;@%".contains(&c);
+    let lower = next.to_ascii_lowercase();
+    let ok = b.first() == Some(&b'/')
+        && b.get(1) != Some(&b'/')
+        && b.len() <= 2048
+        && b.iter().all(|&c| plain(c))
+        && !lower.contains("%2f")
+        && !lower.contains("%5c")
+        && !lower.contains("%09")
+        && !lower.contains("%0a")
+        && !lower.contains("%0d");
+    ok.then_some(next)
+}
+
 #[derive(Deserialize)]
 pub struct LoginQuery {
     next: Option<String>,
 }
 
 pub async fn login_page(Query(q): Query<LoginQuery>) -> Html<String> {
-    Html(html::login(q.next.as_deref().unwrap_or("/")))
+    Html(html::login(
+        q.next.as_deref().and_then(same_origin_path).unwrap_or("/"),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -190,6 +334,7 @@ pub struct LoginForm {
 
 pub async fn login<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
+    client: Option<Extension<Client>>,
     Form(f): Form<LoginForm>,
 ) -> Response {
     let store = state.store.clone();
@@ -197,20 +342,120 @@ pub async fn login<S: Store>(
     let t = token.clone();
     match blocking(move || Ok(store.account_by_token(&t)?)).await {
         Ok(Some(_)) => {
-            // Only local paths, never another site.
-            let next = f
-                .next
-                .filter(|n| n.starts_with('/') && !n.starts_with("//"))
-                .unwrap_or_else(|| "/".into());
-            let mut resp = Redirect::to(&next).into_response();
-            if let Ok(v) = HeaderValue::from_str(&session_cookie(&token)) {
-                resp.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            resp
+            let next = f.next.as_deref().and_then(same_origin_path).unwrap_or("/");
+            let id = state.sessions.open(&token);
+            let secure = client.is_some_and(|Extension(c)| c.scheme == "https");
+            with_cookie(
+                Redirect::to(next).into_response(),
+                &session_cookie(&id, secure),
+            )
         }
         Ok(None) => (StatusCode::UNAUTHORIZED, Html(html::login_failed())).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Ends the browser session of the request and clears its cookie.
+pub async fn logout<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(Credential::Session(id)) = credential(&headers, None) {
+        state.sessions.close(&id);
+    }
+    with_cookie(
+        Redirect::to("/login").into_response(),
+        &format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    )
+}
+
+/// The Content-Security-Policy of every response: scripts only from ingest
+/// itself (pages carry no inline script), no framing, forms post only here.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+                   img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; \
+                   frame-ancestors 'none'";
+
+/// Middleware over every route: refuses cross-site state changes (CSRF, by
+/// `Sec-Fetch-Site` and `Origin` as OWASP recommends; API clients send
+/// neither), gives every error the one shape `{"error": "..."}` (axum's own
+/// rejections are plain text) and adds the browser security headers.
+pub async fn harden(req: Request, next: Next) -> Response {
+    let unsafe_method = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let mut resp = if unsafe_method && cross_site(&req) {
+        err(
+            StatusCode::FORBIDDEN,
+            "cross-site request refused: changes are accepted only from ingest's own pages or API clients",
+        )
+        .into_response()
+    } else {
+        json_error(next.run(req).await).await
+    };
+    let headers = resp.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    resp
+}
+
+/// Whether a browser sent this request from another site.
+fn cross_site(req: &Request) -> bool {
+    let headers = req.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if text("sec-fetch-site").is_some_and(|s| s == "cross-site" || s == "same-site") {
+        return true;
+    }
+    let Some(origin) = text(header::ORIGIN.as_str()) else {
+        return false;
+    };
+    let host = req
+        .extensions()
+        .get::<Client>()
+        .and_then(|c| c.host.clone())
+        .or_else(|| text(header::HOST.as_str()).map(str::to_string));
+    origin.split_once("://").map(|(_, h)| h) != host.as_deref()
+}
+
+/// An error response that is not JSON (nor a page) rewritten as
+/// `{"error": "..."}`, its status and other headers kept.
+async fn json_error(resp: Response) -> Response {
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !(status.is_client_error() || status.is_server_error())
+        || content_type.starts_with("application/json")
+        || content_type.starts_with("text/html")
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = err(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 fn record<S: Store>(store: &S, viewer: &Viewer, method: &str, path: &str, enterprise: &str) {
@@ -347,29 +592,89 @@ pub struct Owner {
     enterprise: String,
 }
 
+/// A gateway id as registration accepts it; refused before any lookup.
+fn check_gateway_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
+        let shown: String = id.chars().take(64).collect();
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "gateway id `{shown}`: expected 1 to 128 characters without `/` or control characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Assigns a registered gateway to an enterprise. An admin assigns any
+/// gateway; a provider only moves a gateway between its own enterprises,
+/// so it can never take one registered for someone else.
 pub async fn assign_gateway<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
     Path(gateway): Path<String>,
     Json(o): Json<Owner>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    check_gateway_id(&gateway)?;
     let store = state.store.clone();
     blocking(move || {
         let e = readable(&*store, &viewer, &o.enterprise)?;
         if !viewer.account.can_write(&e) {
             return Err(forbidden("change this enterprise"));
         }
-        if let Some(current) = store.gateway_owners()?.get(&gateway)
-            && let Some(cur) = store.enterprise(current)?
-            && !viewer.account.can_write(&cur)
-        {
-            return Err(forbidden(
-                "take a gateway from another provider's enterprise",
-            ));
+        match store.gateway_owners()?.get(&gateway) {
+            Some(current)
+                if !store
+                    .enterprise(current)?
+                    .is_some_and(|cur| viewer.account.can_write(&cur)) =>
+            {
+                return Err(forbidden(
+                    "take a gateway from another provider's enterprise",
+                ));
+            }
+            Some(_) => {}
+            None if viewer.account.role != Role::Admin => {
+                return Err(forbidden(
+                    "assign a gateway that belongs to no enterprise yet (an admin assigns it first)",
+                ));
+            }
+            None => {}
         }
         store.assign_gateway(&gateway, &o.enterprise)?;
         Ok(Json(
             serde_json::json!({ "gateway": gateway, "enterprise": o.enterprise }),
+        ))
+    })
+    .await
+}
+
+/// `DELETE /api/v1/gateways/ID/enterprise`: the gateway belongs to no
+/// enterprise any more (admin, or the provider of its enterprise).
+pub async fn unassign_gateway<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+    Path(gateway): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_gateway_id(&gateway)?;
+    let store = state.store.clone();
+    blocking(move || {
+        let not_assigned = || {
+            err(
+                StatusCode::NOT_FOUND,
+                format!("gateway {gateway} belongs to no enterprise this account may change"),
+            )
+        };
+        let owners = store.gateway_owners()?;
+        let current = owners.get(&gateway).ok_or_else(not_assigned)?;
+        if !store
+            .enterprise(current)?
+            .is_some_and(|cur| viewer.account.can_write(&cur))
+        {
+            return Err(not_assigned());
+        }
+        store.unassign_gateway(&gateway)?;
+        Ok(Json(
+            serde_json::json!({ "gateway": gateway, "enterprise": null }),
         ))
     })
     .await

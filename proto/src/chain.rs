@@ -197,6 +197,13 @@ impl PublicKey {
         if algorithm.valid_public_key(&bytes) {
             return Ok(PublicKey { algorithm, bytes });
         }
+        let expected_len = algorithm.public_key_len();
+        if bytes.len() == expected_len {
+            return Err(format!(
+                "these {expected_len} bytes are not a valid {algorithm} public key (not a point \
+                 of the curve): the key was corrupted or mistyped"
+            ));
+        }
         Err(match algorithm {
             Algorithm::Ed25519 => format!(
                 "an ed25519 public key has 32 bytes (64 hex digits), not {} bytes",
@@ -358,6 +365,19 @@ mod tests {
     /// Golden vectors: if any of these change, evidence signed earlier no
     /// longer verifies. Never update them to make a test pass. They were
     /// computed independently (Python's hashlib and `cryptography` Ed25519).
+    #[test]
+    fn a_corrupted_key_of_the_right_length_is_called_corrupted_not_the_wrong_length() {
+        let bad = (0u8..=255)
+            .map(|b| [b; 32])
+            .find(|k| !Algorithm::Ed25519.valid_public_key(k))
+            .expect("some 32-byte string is no curve point");
+        let e = PublicKey::new(Algorithm::Ed25519, bad.to_vec()).expect_err("invalid");
+        assert!(e.contains("not a valid ed25519 public key"), "{e}");
+        assert!(!e.contains("not 32 bytes"), "{e}");
+        let e = PublicKey::new(Algorithm::Ed25519, vec![1; 31]).expect_err("short");
+        assert!(e.contains("not 31 bytes"), "{e}");
+    }
+
     #[test]
     fn golden_vectors_of_format_v1() {
         let key = SigningKey::from_bytes(&[7u8; 32]);

@@ -4,6 +4,7 @@
 //! (`guantong-demo`) and the benchmarks.
 
 pub mod bench;
+pub mod browser;
 pub mod evidence;
 pub mod mount;
 pub mod mqtt;

@@ -324,3 +324,88 @@ impl TestPki {
         })
     }
 }
+
+/// The Python of the third-party peers: `GUANTONG_PEERS_PYTHON`, else the
+/// virtualenv `./test.sh` makes at the repository root (`.venv-peers/`).
+/// Missing is an error saying how to get it, never a skipped test.
+pub fn peers_python() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("GUANTONG_PEERS_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv-peers/bin/python"),
+    };
+    if !path.exists() {
+        bail!(
+            "{} is missing: the third-party peers (pysparkplug) live in a virtualenv that ./test.sh \
+             creates; run it, or set GUANTONG_PEERS_PYTHON to a python that has them",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A Sparkplug B edge node of pysparkplug (`tests/peers/sparkplug_edge_node.py`)
+/// on a broker, driven by commands on its stdin; what it did is in its log
+/// (`sent ...`, `rebirth requested`). Killed when dropped.
+pub struct SparkplugEdgeNode {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    log: PathBuf,
+}
+
+impl SparkplugEdgeNode {
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        group: &str,
+        node: &str,
+        device: &str,
+    ) -> anyhow::Result<SparkplugEdgeNode> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/sparkplug_edge_node.py");
+        let log = dir.join(format!("edge-node-{node}.log"));
+        let out = std::fs::File::create(&log)?;
+        let mut child = Command::new(peers_python()?)
+            .arg(script)
+            .args(["--port", &port.to_string(), "--group", group])
+            .args(["--node", node, "--device", device])
+            .stdin(std::process::Stdio::piped())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("cannot start the pysparkplug edge node")?;
+        let stdin = child.stdin.take().context("edge node stdin")?;
+        let node = SparkplugEdgeNode { child, stdin, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !node.log().contains("connected") {
+            if Instant::now() > deadline {
+                bail!("the edge node did not connect in 30 s:\n{}", node.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(node)
+    }
+
+    /// Sends one command line (`birth`, `data {json}`, `gap`, ...).
+    pub fn send(&mut self, command: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}")
+            .and_then(|()| self.stdin.flush())
+            .with_context(|| format!("edge node gone:\n{}", self.log()))
+    }
+
+    /// What the edge node printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many rebirth requests (NCMD) it received.
+    pub fn rebirths_requested(&self) -> usize {
+        self.log().matches("rebirth requested").count()
+    }
+}
+
+impl Drop for SparkplugEdgeNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

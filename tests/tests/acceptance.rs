@@ -8,10 +8,10 @@
 //! real browser.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use guantong_e2e::browser::chromium_dom;
 use guantong_e2e::procs::{
     GatewayProc, IngestProc, binary, gateway_public_key, gateway_toml, wait_for,
 };
@@ -103,42 +103,6 @@ fn run_cli(args: &[&str]) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Opens `url` in headless Chromium; returns the DOM and the console errors.
-fn chromium_dom(url: &str, profile: &Path) -> anyhow::Result<(String, Vec<String>)> {
-    let exe = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no Chromium found: install it (Debian/Ubuntu: `sudo apt-get install chromium`); ./test.sh does this"
-            )
-        })?;
-    let out = Command::new(exe)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=3000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("--dump-dom")
-        .arg(url)
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let console: Vec<String> = stderr
-        .lines()
-        .filter(|l| l.contains("CONSOLE") || l.contains("Uncaught"))
-        .map(str::to_string)
-        .collect();
-    if !out.status.success() {
-        anyhow::bail!("chromium failed: {stderr}");
-    }
-    Ok((String::from_utf8(out.stdout)?, console))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acceptance_evidence_gaps_flags_networking_rate_roles_and_reports() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -210,7 +174,10 @@ async fn acceptance_evidence_gaps_flags_networking_rate_roles_and_reports() -> a
     assert_eq!(status, StatusCode::OK, "{body}");
     let mut tokens = std::collections::HashMap::new();
     for (name, account) in [
-        ("reviewer", r#"{"name":"reviewer","role":"reviewer"}"#),
+        (
+            "reviewer",
+            r#"{"name":"reviewer","role":"reviewer","all_enterprises":true}"#,
+        ),
         (
             "own",
             r#"{"name":"own","role":"provider","provider":"prov-a"}"#,

@@ -305,3 +305,31 @@ fn transport_keys_of_another_protocol_are_rejected() {
         "{stderr}"
     );
 }
+
+/// `identity` runs before the token exists (it comes from registering the
+/// key `identity` prints), so a config naming a missing `token_file` works.
+#[test]
+fn identity_needs_only_the_key_not_the_token_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        VALID.replace("token = \"gt_x\"", "token_file = \"gw-1.token\""),
+    )?;
+    let out = Command::new(binary("guantong-gateway")?)
+        .args(["identity", "--config"])
+        .arg(&path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("register with: guantong-ingest register-gateway gw-1 --key-algorithm ed25519 --public-key "),
+        "{stdout}"
+    );
+    assert!(dir.path().join("gateway.key").exists());
+    Ok(())
+}

@@ -258,10 +258,8 @@ fn metric(name: Option<&str>, alias: u64, value: MetricValue) -> Metric {
     Metric {
         name: name.map(str::to_string),
         alias: Some(alias),
-        timestamp: None,
-        datatype: None,
-        is_null: None,
         value: Some(value),
+        ..Metric::default()
     }
 }
 

@@ -619,8 +619,13 @@ async fn the_api_serves_tls_and_believes_forwarded_headers_only_from_trusted_pro
     IngestProc::register(&data, "gw")?;
     let ingest =
         IngestProc::start_with_args(&data, any_port(), any_port(), &["--http-tls"]).await?;
-    let spoofed = "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: http\r\n";
-    let out = https_get(ingest.http, &ingest.ca_file(), "/api/v1/client", spoofed).await?;
+    let out = https_get(ingest.http, &ingest.ca_file(), "/api/v1/client", "").await?;
+    assert!(out.starts_with("HTTP/1.1 401"), "behind a token: {out}");
+    let spoofed = format!(
+        "Authorization: Bearer {}\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: http\r\n",
+        ingest.admin_token()?
+    );
+    let out = https_get(ingest.http, &ingest.ca_file(), "/api/v1/client", &spoofed).await?;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.contains(r#""addr":"127.0.0.1","scheme":"https","via_proxy":false"#),
@@ -644,6 +649,7 @@ async fn the_api_serves_tls_and_believes_forwarded_headers_only_from_trusted_pro
     .await?;
     let client: serde_json::Value = reqwest::Client::new()
         .get(format!("http://{}/api/v1/client", proxied.http))
+        .bearer_auth(proxied.admin_token()?)
         .header("X-Forwarded-For", "198.51.100.7, 127.0.0.1")
         .header("X-Forwarded-Proto", "https")
         .header("X-Forwarded-Host", "guantong.example.com")

@@ -60,8 +60,8 @@ fuzz_target!(|data: &[u8]| {
         rest = next;
         arrival += 1;
         let topic = TOPICS[usize::from(selector) % TOPICS.len()];
-        if let Ok(items) = node.handle(topic, payload, arrival) {
-            for item in items {
+        if let Ok(handled) = node.handle(topic, payload, arrival) {
+            for item in handled.items {
                 assert!(item.tag < DEVICE.tags.len(), "item for an unknown tag");
             }
         }

@@ -504,13 +504,18 @@ pub(crate) fn parse(
 ) -> Option<ModbusConfig> {
     let raw_tags = table.remove("tags");
     let raw = problems.parse::<RawDevice>(path, toml::Value::Table(table));
+    // (key path, tag): template tags are named by the `template` key.
     let mut tags = Vec::new();
     let template = raw.as_ref().and_then(|r| r.template.clone());
     let mut template_max_registers = None;
     if let Some(t) = &template {
         let (info, template_tags) = load_template(path, t, base_dir, problems);
         template_max_registers = info.and_then(|i| i.max_registers);
-        tags.extend(template_tags);
+        tags.extend(
+            template_tags
+                .into_iter()
+                .map(|tag| (format!("{path}.template"), tag)),
+        );
     }
     match raw_tags {
         None if template.is_some() => {}
@@ -518,8 +523,22 @@ pub(crate) fn parse(
             path,
             "missing field `tags`, expected at least one `[[devices.tags]]` or a `template`",
         ),
-        Some(value) => tags.extend(problems.parse_tags::<RawTag, _>(path, value, check_tag)),
+        Some(value) => tags.extend(problems.parse_tags::<RawTag, _>(path, value, |p, raw, pr| {
+            check_tag(p, raw, pr).map(|tag| (p.to_string(), tag))
+        })),
     }
+    // Before anything that may end the parse early, so a duplicate is
+    // reported whatever else is wrong with the device.
+    let mut names = HashSet::new();
+    for (tag_path, tag) in &tags {
+        if !names.insert(tag.name.clone()) {
+            problems.push(
+                format!("{tag_path}.name"),
+                format!("duplicate tag name `{}`", tag.name),
+            );
+        }
+    }
+    let tags: Vec<_> = tags.into_iter().map(|(_, tag)| tag).collect();
     let raw = raw?;
     check_id(problems, &format!("{path}.id"), &raw.id);
     let transport = transport(path, protocol, &raw, problems)?;
@@ -544,15 +563,6 @@ pub(crate) fn parse(
     let max_registers = raw.max_registers.or(template_max_registers).unwrap_or(125);
     if !(1..=125).contains(&max_registers) {
         problems.push(format!("{path}.max_registers"), "expected 1-125");
-    }
-    let mut names = HashSet::new();
-    for tag in &tags {
-        if !names.insert(tag.name.clone()) {
-            problems.push(
-                format!("{path}.tags"),
-                format!("duplicate tag name `{}`", tag.name),
-            );
-        }
     }
     Some(ModbusConfig {
         id: raw.id,

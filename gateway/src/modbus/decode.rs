@@ -55,7 +55,9 @@ pub fn decode_registers(words: &[u16], data_type: ModbusType, order: WordOrder) 
         ModbusType::I32 => Value::Int(i64::from(i32::from_be_bytes(b[..4].try_into().ok()?))),
         ModbusType::U64 => Value::Uint(u64::from_be_bytes(b[..8].try_into().ok()?)),
         ModbusType::I64 => Value::Int(i64::from_be_bytes(b[..8].try_into().ok()?)),
-        ModbusType::F32 => Value::Double(f64::from(f32::from_be_bytes(b[..4].try_into().ok()?))),
+        ModbusType::F32 => Value::Double(crate::value::f32_to_f64(f32::from_be_bytes(
+            b[..4].try_into().ok()?,
+        ))),
         ModbusType::F64 => Value::Double(f64::from_be_bytes(b[..8].try_into().ok()?)),
     };
     Some(v)
@@ -354,7 +356,9 @@ mod tests {
             );
             assert_eq!(
                 d(&w32(order), ModbusType::F32),
-                Some(Value::Double(f64::from(f32::from_bits(0x0102_0304)))),
+                Some(Value::Double(crate::value::f32_to_f64(f32::from_bits(
+                    0x0102_0304
+                )))),
                 "{order:?}"
             );
             assert_eq!(

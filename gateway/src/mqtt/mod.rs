@@ -39,7 +39,7 @@ use crate::collector::{Collector, PointSink};
 use crate::quality::{self, Sample, now_ms};
 use config::{MqttConfig, MqttVersion, PayloadFormat};
 use decode::Mapping;
-use sparkplug::SparkplugNode;
+use sparkplug::{NodeRegistry, SparkplugNode};
 
 /// Most one malformed-payload warning per device per this interval.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -103,6 +103,25 @@ impl Acker {
         };
         if let Err(e) = r {
             debug!(error = %e, "mqtt ack not sent (the message will be delivered again)");
+        }
+    }
+
+    /// Publishes at QoS 0, not retained (Sparkplug NCMD).
+    pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Acker::V4(c) => c
+                .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Acker::V5(c) => c
+                .publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -335,6 +354,17 @@ pub enum Decoder {
 /// Why a message yielded Bad points or nothing, for counting and logging.
 pub struct Rejected {
     pub reason: String,
+    /// The whole message was unreadable (else one value of it was bad and
+    /// the others were stored).
+    pub whole_message: bool,
+}
+
+/// What applying one message gave besides its samples.
+#[derive(Default)]
+pub struct Applied {
+    pub rejected: Option<Rejected>,
+    /// Sparkplug: why the edge node should be asked for its births.
+    pub rebirth: Option<String>,
 }
 
 impl Decoder {
@@ -355,13 +385,13 @@ impl Decoder {
         arrival_ms: i64,
         ids: &[u32],
         out: &mut Vec<Sample>,
-    ) -> Option<Rejected> {
-        let mut rejected = None;
+    ) -> Applied {
+        let mut applied = Applied::default();
         match self {
             Decoder::Mapped(m) => {
                 let matching = m.matching(topic);
                 if matching.is_empty() {
-                    return None;
+                    return applied;
                 }
                 match m.decode(&matching, payload, arrival_ms) {
                     Ok((time, values)) => {
@@ -369,7 +399,10 @@ impl Decoder {
                             out.push(match v.value {
                                 Ok(x) => Sample::good(ids[v.tag], time, x),
                                 Err(reason) => {
-                                    rejected = Some(Rejected { reason });
+                                    applied.rejected = Some(Rejected {
+                                        reason,
+                                        whole_message: false,
+                                    });
                                     Sample::bad(ids[v.tag], time, quality::MQTT_TYPE_MISMATCH)
                                 }
                             });
@@ -379,41 +412,82 @@ impl Decoder {
                         out.extend(matching.iter().map(|&i| {
                             Sample::bad(ids[i], arrival_ms, quality::MQTT_MALFORMED_PAYLOAD)
                         }));
-                        rejected = Some(Rejected {
+                        applied.rejected = Some(Rejected {
                             reason: e.to_string(),
+                            whole_message: true,
                         });
                     }
                 }
             }
-            Decoder::Sparkplug(node) => match node.handle(topic, payload, arrival_ms) {
-                Ok(items) => {
-                    // A gap or a death marks every tag: say so once.
-                    let mut state: Option<String> = None;
-                    for i in items {
-                        out.push(match i.value {
-                            Ok(x) => Sample::good(ids[i.tag], i.time_ms, x),
-                            Err((code, reason)) => {
-                                if code == quality::MQTT_TYPE_MISMATCH {
-                                    rejected = Some(Rejected { reason });
-                                } else if state.as_deref() != Some(reason.as_str()) {
-                                    state = Some(reason);
-                                }
-                                Sample::bad(ids[i.tag], i.time_ms, code)
-                            }
+            Decoder::Sparkplug(node) => {
+                let handled = match node.handle(topic, payload, arrival_ms) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let reason = e.to_string();
+                        // Bad points only for a message that was ours to read.
+                        if node.is_our_data(topic) {
+                            out.extend(node.mark_malformed(arrival_ms, &reason).iter().map(|i| {
+                                Sample::bad(ids[i.tag], i.time_ms, quality::MQTT_MALFORMED_PAYLOAD)
+                            }));
+                        }
+                        applied.rejected = Some(Rejected {
+                            reason,
+                            whole_message: true,
                         });
+                        return applied;
                     }
-                    if let Some(reason) = state {
+                };
+                // A gap, a death or an unknown alias marks many tags: say so
+                // once, and once per node for all its configured devices.
+                let mut state: Option<String> = None;
+                for i in handled.items {
+                    out.push(match i.value {
+                        Ok(x) => Sample::good(ids[i.tag], i.time_ms, x),
+                        Err((code, reason)) => {
+                            if code == quality::MQTT_TYPE_MISMATCH
+                                || code == quality::SPARKPLUG_NULL
+                            {
+                                applied.rejected = Some(Rejected {
+                                    reason,
+                                    whole_message: false,
+                                });
+                            } else if state.as_deref() != Some(reason.as_str()) {
+                                state = Some(reason);
+                            }
+                            Sample::bad(ids[i.tag], i.time_ms, code)
+                        }
+                    });
+                }
+                if let Some(reason) = state {
+                    let event = format!("{topic}: {reason}");
+                    if NodeRegistry::global().first_to_warn(&node.key(), &event, Instant::now()) {
                         warn!(topic, reason, "sparkplug node: tags marked Bad");
                     }
                 }
-                Err(e) => {
-                    rejected = Some(Rejected {
-                        reason: e.to_string(),
-                    })
-                }
-            },
+                applied.rebirth = handled.rebirth;
+            }
         }
-        rejected
+        applied
+    }
+
+    /// The rebirth request of a Sparkplug node (`key`, NCMD topic, payload),
+    /// if it may be sent now (rate limit shared by the whole process).
+    pub fn claim_rebirth(&self) -> Option<(String, String, Vec<u8>)> {
+        let Decoder::Sparkplug(node) = self else {
+            return None;
+        };
+        let key = node.key();
+        if !NodeRegistry::global().claim_rebirth(&key, Instant::now()) {
+            return None;
+        }
+        let (topic, payload) = node.rebirth_request(now_ms());
+        Some((key, topic, payload))
+    }
+
+    /// Whether this is a Sparkplug node without a known session (no NBIRTH
+    /// seen since start or since its death).
+    pub fn needs_birth(&self) -> bool {
+        matches!(self, Decoder::Sparkplug(node) if !node.is_born())
     }
 }
 
@@ -438,17 +512,23 @@ struct Malformed {
 }
 
 impl Malformed {
-    fn record(&mut self, topic: &str, reason: &str) {
+    fn record(&mut self, topic: &str, rejected: &Rejected) {
         self.total += 1;
         self.since_warn += 1;
         if self.last_warn.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            let reason = rejected.reason.as_str();
+            let what = if rejected.whole_message {
+                "mqtt payload rejected"
+            } else {
+                "mqtt value stored Bad (the message's other values were stored)"
+            };
             warn!(
                 device = %self.device,
                 topic,
                 reason,
                 malformed_since_last_warning = self.since_warn,
                 guantong_mqtt_malformed_payloads_total = self.total,
-                "mqtt payload rejected"
+                "{what}"
             );
             self.last_warn = Some(Instant::now());
             self.since_warn = 0;
@@ -511,6 +591,13 @@ impl Collector for MqttCollector {
                     // made with, which may have changed since.
                     if !session_present || first_connect {
                         first_connect = false;
+                        // Asked after the subscription (same connection, so
+                        // the broker has it first): the births that answer
+                        // reach us.
+                        let rebirth = decoder
+                            .needs_birth()
+                            .then(|| decoder.claim_rebirth())
+                            .flatten();
                         let (acker, filters, qos, id) = (
                             acker.clone(),
                             filters.clone(),
@@ -523,15 +610,27 @@ impl Collector for MqttCollector {
                             if let Err(e) = acker.subscribe(&filters, qos).await {
                                 warn!(device = %id, error = %e, "mqtt subscribe failed");
                             }
+                            if let Some((node, topic, payload)) = rebirth {
+                                info!(
+                                    node,
+                                    reason = "no birth certificate since start",
+                                    "sparkplug rebirth requested"
+                                );
+                                if let Err(e) = acker.publish(&topic, payload).await {
+                                    warn!(node, error = %e, "sparkplug rebirth request not sent");
+                                }
+                            }
                         });
                     }
                 }
                 Ok(Polled::Message(m)) => {
                     received += 1;
-                    if let Some(r) =
-                        decoder.apply(&m.topic, &m.payload, now_ms(), &ids, &mut samples)
-                    {
-                        malformed.record(&m.topic, &r.reason);
+                    let applied = decoder.apply(&m.topic, &m.payload, now_ms(), &ids, &mut samples);
+                    if let Some(r) = &applied.rejected {
+                        malformed.record(&m.topic, r);
+                    }
+                    if let Some(reason) = applied.rebirth {
+                        request_rebirth(&decoder, &acker, &reason);
                     }
                     if let Some(a) = m.ack {
                         acks.push(*a);
@@ -582,6 +681,22 @@ impl Collector for MqttCollector {
         let _ = hand_over(&sink, &acks_out, &mut samples, &mut acks).await;
         info!(device = %config.id, received, malformed = malformed.total, "mqtt collector stopped");
     }
+}
+
+/// Publishes the Sparkplug rebirth request of `decoder`'s node, unless one
+/// went to the node less than `REBIRTH_EVERY` ago.
+fn request_rebirth(decoder: &Decoder, acker: &Acker, reason: &str) {
+    let Some((node, topic, payload)) = decoder.claim_rebirth() else {
+        return;
+    };
+    info!(node, reason, "sparkplug rebirth requested");
+    let acker = acker.clone();
+    // In its own task: the request channel is drained by the poll loop.
+    tokio::spawn(async move {
+        if let Err(e) = acker.publish(&topic, payload).await {
+            warn!(node, error = %e, "sparkplug rebirth request not sent");
+        }
+    });
 }
 
 /// Groups of messages waiting for their commit, in commit order.

@@ -7,8 +7,11 @@
 //!   the topic, each tag's value (or the Bad code and reason), exactly as the
 //!   collector would store it;
 //! - without: the JSON pointers of the payload's scalar values (to copy into
-//!   `pointer = ...`), the plain value, or the Sparkplug B metrics.
+//!   `pointer = ...`), the plain value, or the Sparkplug B metrics: names,
+//!   aliases and datatypes from the births it sees (per edge node), so the
+//!   alias-only data that follows is shown by name and with its sign.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +22,7 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{BrokerAddr, MqttConfig, MqttVersion, PayloadFormat};
-use super::sparkplug::{Payload, metric_json};
+use super::sparkplug::{BirthTable, Payload, datatype, metric_json};
 use super::{Backoff, Decoder, Polled, Session};
 use crate::config::{Config, DeviceConfig};
 use crate::quality::{Sample, now_ms};
@@ -85,6 +88,7 @@ pub async fn run(
     let acker = session.acker();
     let mut backoff = Backoff::new(Duration::from_secs(5));
     let mut seen = 0u64;
+    let mut births: HashMap<String, BirthTable> = HashMap::new();
     writeln!(
         out,
         "probing {} as {client_id}, topics {}{}",
@@ -120,7 +124,7 @@ pub async fn run(
             }
             Ok(Polled::Message(m)) => {
                 seen += 1;
-                describe(&m.topic, &m.payload, &mut devices, out)?;
+                describe(&m.topic, &m.payload, &mut devices, &mut births, out)?;
                 out.flush()?;
                 if args.count > 0 && seen >= args.count {
                     return Ok(());
@@ -147,12 +151,13 @@ fn describe(
     topic: &str,
     payload: &[u8],
     devices: &mut [Probed],
+    births: &mut HashMap<String, BirthTable>,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let arrival = now_ms();
     writeln!(out, "{topic}  {}", show_payload(topic, payload))?;
     if devices.is_empty() {
-        for line in guess(topic, payload) {
+        for line in guess(topic, payload, births) {
             writeln!(out, "    {line}")?;
         }
         return Ok(());
@@ -169,7 +174,10 @@ fn describe(
         any = true;
         let ids: Vec<u32> = (0..d.tags.len() as u32).collect();
         let mut samples: Vec<Sample> = Vec::new();
-        let rejected = d.decoder.apply(topic, payload, arrival, &ids, &mut samples);
+        let rejected = d
+            .decoder
+            .apply(topic, payload, arrival, &ids, &mut samples)
+            .rejected;
         for s in &samples {
             let tag = &d.tags[s.tag as usize];
             match &s.value {
@@ -241,24 +249,12 @@ fn show_time(ms: i64) -> String {
     }
 }
 
-/// Without a config: what a mapping could use.
-fn guess(topic: &str, payload: &[u8]) -> Vec<String> {
+/// Without a config: what a mapping could use. `births`: the Sparkplug
+/// birth tables seen so far, per `group/node`.
+fn guess(topic: &str, payload: &[u8], births: &mut HashMap<String, BirthTable>) -> Vec<String> {
     if topic.starts_with("spBv1.0/") {
         return match Payload::decode(payload) {
-            Ok(p) => {
-                let mut lines = vec![format!("seq {:?}, timestamp {:?}", p.seq, p.timestamp)];
-                lines.extend(p.metrics.iter().map(|m| {
-                    format!(
-                        "metric {:?} alias {:?} = {}",
-                        m.name.as_deref().unwrap_or("-"),
-                        m.alias,
-                        metric_json(m)
-                            .map(|j| j.to_string())
-                            .unwrap_or_else(|| "(no scalar value)".into())
-                    )
-                }));
-                lines
-            }
+            Ok(p) => sparkplug_lines(topic, &p, births),
             Err(e) => vec![format!("not a Sparkplug B payload: {e}")],
         };
     }
@@ -274,6 +270,61 @@ fn guess(topic: &str, payload: &[u8]) -> Vec<String> {
             Err(_) => vec!["binary payload: neither JSON nor text".into()],
         },
     }
+}
+
+/// One line for the message, one per metric: name (resolved from the birth
+/// when only the alias came), alias, datatype and value, in plain words.
+fn sparkplug_lines(
+    topic: &str,
+    p: &Payload,
+    births: &mut HashMap<String, BirthTable>,
+) -> Vec<String> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let (kind, node, device) = match levels.as_slice() {
+        [_, g, k, n] => (*k, format!("{g}/{n}"), None),
+        [_, g, k, n, d] => (*k, format!("{g}/{n}"), Some(*d)),
+        _ => ("", String::new(), None),
+    };
+    let table = births.entry(node).or_default();
+    match kind {
+        "NBIRTH" => {
+            table.clear();
+            table.learn(None, &p.metrics);
+        }
+        "DBIRTH" => table.learn(device, &p.metrics),
+        _ => {}
+    }
+    let mut lines = vec![format!(
+        "seq {}, timestamp {}",
+        p.seq.map_or("none".into(), |s| s.to_string()),
+        p.timestamp
+            .and_then(|t| i64::try_from(t).ok())
+            .map_or("none".into(), show_time)
+    )];
+    for m in &p.metrics {
+        let alias = m.alias.map(|a| format!(", alias {a}")).unwrap_or_default();
+        let line = match table.resolve(device, m) {
+            Ok((name, dt)) => {
+                let value = if m.is_null == Some(true) {
+                    "null".to_string()
+                } else {
+                    match metric_json(m, dt) {
+                        Ok(Some(j)) => j.to_string(),
+                        Ok(None) => "no value".into(),
+                        Err(e) => format!("unreadable: {e}"),
+                    }
+                };
+                let name = if name.is_empty() { "(no name)" } else { &name };
+                format!("metric {name}{alias}, {} = {value}", datatype::name(dt))
+            }
+            Err(a) => format!("metric alias {a}: not in any birth seen so far"),
+        };
+        lines.push(line);
+    }
+    if kind == "NDEATH" {
+        table.clear();
+    }
+    lines
 }
 
 /// `pointer = value` for every scalar in `doc`.
@@ -328,7 +379,12 @@ mod tests {
 
     #[test]
     fn lists_json_pointers_of_scalars() {
-        let lines = guess("a/b", br#"{"t": 21.5, "s": [{"on": true}], "a/b": "x"}"#);
+        let mut births = HashMap::new();
+        let lines = guess(
+            "a/b",
+            br#"{"t": 21.5, "s": [{"on": true}], "a/b": "x"}"#,
+            &mut births,
+        );
         assert_eq!(
             lines,
             [
@@ -337,7 +393,65 @@ mod tests {
                 "pointer = \"/t\"  ->  21.5",
             ]
         );
-        assert_eq!(guess("a", b"42"), ["plain value: 42"]);
-        assert_eq!(guess("a", b"on"), ["plain text: \"on\""]);
+        assert_eq!(guess("a", b"42", &mut births), ["plain value: 42"]);
+        assert_eq!(guess("a", b"on", &mut births), ["plain text: \"on\""]);
+    }
+
+    #[test]
+    fn resolves_sparkplug_aliases_from_the_births_it_saw() {
+        use super::super::sparkplug::{Metric, MetricValue};
+        let mut births = HashMap::new();
+        let birth = Payload {
+            timestamp: Some(1_764_057_600_000),
+            metrics: vec![Metric {
+                name: Some("count".into()),
+                alias: Some(3),
+                datatype: Some(datatype::INT32),
+                value: Some(MetricValue::Int(0)),
+                ..Metric::default()
+            }],
+            seq: Some(1),
+            uuid: None,
+        };
+        let data = Payload {
+            metrics: vec![
+                Metric {
+                    alias: Some(3),
+                    value: Some(MetricValue::Int(u32::MAX)),
+                    ..Metric::default()
+                },
+                Metric {
+                    alias: Some(9),
+                    value: Some(MetricValue::Int(1)),
+                    ..Metric::default()
+                },
+            ],
+            seq: Some(2),
+            ..Payload::default()
+        };
+        assert_eq!(
+            guess("spBv1.0/g/DBIRTH/n/d", &birth.encode_to_vec(), &mut births),
+            [
+                "seq 1, timestamp 2025-11-25T08:00:00.000Z",
+                "metric count, alias 3, Int32 = 0"
+            ]
+        );
+        assert_eq!(
+            guess("spBv1.0/g/DDATA/n/d", &data.encode_to_vec(), &mut births),
+            [
+                "seq 2, timestamp none",
+                "metric count, alias 3, Int32 = -1",
+                "metric alias 9: not in any birth seen so far",
+            ]
+        );
+        // Another node: its own births.
+        assert_eq!(
+            guess(
+                "spBv1.0/g/DDATA/other/d",
+                &data.encode_to_vec(),
+                &mut births
+            )[1],
+            "metric alias 3: not in any birth seen so far"
+        );
     }
 }

@@ -100,7 +100,7 @@ pub fn convert(v: &Variant, t: ValueType) -> Option<Value> {
         ValueType::Int => i64::try_from(as_i128(v)?).ok().map(Value::Int),
         ValueType::Uint => u64::try_from(as_i128(v)?).ok().map(Value::Uint),
         ValueType::Double => match v {
-            Variant::Float(f) => Some(Value::Double(f64::from(*f))),
+            Variant::Float(f) => Some(Value::Double(crate::value::f32_to_f64(*f))),
             Variant::Double(d) => Some(Value::Double(*d)),
             _ => as_i128(v).map(|i| Value::Double(i as f64)),
         },
@@ -146,7 +146,7 @@ fn json(v: &Variant) -> serde_json::Value {
     match v {
         Variant::Empty => J::Null,
         Variant::Boolean(b) => J::Bool(*b),
-        Variant::Float(f) => serde_json::Number::from_f64(f64::from(*f))
+        Variant::Float(f) => serde_json::Number::from_f64(crate::value::f32_to_f64(*f))
             .map(J::Number)
             .unwrap_or(J::Null),
         Variant::Double(d) => serde_json::Number::from_f64(*d)

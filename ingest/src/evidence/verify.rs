@@ -66,6 +66,11 @@ impl Verdict {
     }
 }
 
+/// What a bundle states that no signature covers, said in every verdict so
+/// nobody takes it as proven.
+pub const UNSIGNED_FIELDS: &str = "not signed, so ingest's word only: `created_at_ms`, each gateway's `key_source`, \
+     and each batch's `received_at_ms` within its day (ingest's signed day digest fixes only the day)";
+
 /// Verifies a bundle, and that it agrees with `kept` digests (of any
 /// gateways and days; those the bundle does not cover are noted).
 pub fn verify(bundle: &Bundle, kept: &[SignedDigest]) -> Verdict {
@@ -81,6 +86,7 @@ pub fn verify(bundle: &Bundle, kept: &[SignedDigest]) -> Verdict {
         );
         return v;
     }
+    v.push(Status::Note, "bundle", UNSIGNED_FIELDS);
     let mut covered = HashSet::new();
     for g in &bundle.gateways {
         verify_gateway(bundle, g, &mut v);
@@ -192,7 +198,7 @@ fn verify_gateway(bundle: &Bundle, g: &GatewayEvidence, v: &mut Verdict) {
                     Status::Note,
                     &subject,
                     format!(
-                        "key {} bound {}",
+                        "key {} bound {} (`key_source`, not signed)",
                         k.fingerprint(),
                         match g.key_source.as_deref() {
                             Some("registered") => "at registration",
@@ -663,5 +669,32 @@ impl GatewayCheck<'_> {
                 Some(_) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verdict_says_which_fields_no_signature_covers() {
+        let bundle = Bundle {
+            format: FORMAT.into(),
+            version: VERSION,
+            created_at_ms: 0,
+            from_ms: 0,
+            to_ms: 1,
+            ingest_public_key: String::new(),
+            gateways: Vec::new(),
+        };
+        let v = verify(&bundle, &[]);
+        let said: Vec<String> = v.findings.iter().map(ToString::to_string).collect();
+        assert!(
+            said.iter()
+                .any(|f| f.starts_with("NOTE  bundle: not signed")
+                    && f.contains("key_source")
+                    && f.contains("received_at_ms")),
+            "{said:?}"
+        );
     }
 }

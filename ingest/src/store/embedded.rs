@@ -322,6 +322,18 @@ pub struct EmbeddedStore {
     path: PathBuf,
 }
 
+/// Data of every enterprise and the digest key: the data directory is the
+/// owner's only (0700, database 0600), however ingest was started.
+fn owner_only(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+        StoreError::Backend(format!(
+            "cannot restrict {} to its owner: {e}",
+            path.display()
+        ))
+    })
+}
+
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
@@ -335,6 +347,7 @@ impl EmbeddedStore {
             guantong_proto::keyfile::load_or_create(&dir.join(crate::evidence::KEY_FILE))
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
         let path = dir.join("ingest.redb");
+        owner_only(dir, 0o700)?;
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
                 "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
@@ -342,6 +355,7 @@ impl EmbeddedStore {
             )),
             other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
         })?;
+        owner_only(&path, 0o600)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(GATEWAYS).map_err(db_err)?;
@@ -867,6 +881,9 @@ impl Store for EmbeddedStore {
     }
     fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
         EmbeddedStore::assign_gateway(self, gateway, code)
+    }
+    fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
+        EmbeddedStore::unassign_gateway(self, gateway)
     }
     fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
         EmbeddedStore::gateway_owners(self)

@@ -371,7 +371,10 @@ pub trait Store: Send + Sync + 'static {
     /// Replaces an enterprise's equipment register.
     fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()>;
     fn equipment(&self, code: &str) -> Result<Vec<Equipment>>;
+    /// Makes a registered gateway belong to an existing enterprise.
     fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()>;
+    /// Makes a gateway belong to no enterprise; false if it belonged to none.
+    fn unassign_gateway(&self, gateway: &str) -> Result<bool>;
     /// gateway id -> enterprise credit code.
     fn gateway_owners(&self) -> Result<BTreeMap<String, String>>;
     /// Creates or replaces an account; returns its new token.

@@ -185,6 +185,7 @@ const TEXT: &[(&str, &str, &str)] = &[
         "Print from the browser to save a PDF",
     ),
     ("login", "登录", "Sign in"),
+    ("logout", "退出登录", "Sign out"),
     ("token", "访问令牌", "Access token"),
 ];
 
@@ -250,18 +251,21 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}\
 th{background:#f3f4f6}.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}.muted{color:#666;font-size:12px}\
 .big{font-size:30px;font-weight:700}.box{display:inline-block;border:1px solid #ccc;border-radius:6px;padding:10px 16px;margin:4px 8px 4px 0}\
-.num{text-align:right;font-variant-numeric:tabular-nums}@media print{a.nav{display:none}body{margin:8mm}}";
+.num{text-align:right;font-variant-numeric:tabular-nums}@media print{a.nav,form.nav{display:none}body{margin:8mm}}";
 
 fn page(lang: Lang, title: &str, switch_href: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\">\
          <title>{}</title><style>{STYLE}</style></head><body>\
-         <p class=\"muted\"><a class=\"nav\" href=\"{}\">{}</a> · {}</p>{body}</body></html>",
+         <p class=\"muted\"><a class=\"nav\" href=\"{}\">{}</a> · {} \
+         <form class=\"nav\" method=\"post\" action=\"/logout\" style=\"display:inline\"><button>{}</button></form></p>\
+         {body}</body></html>",
         if lang == Lang::Zh { "zh-CN" } else { "en" },
         esc(title),
         esc(switch_href),
         t(lang, "switch"),
         t(lang, "print"),
+        t(lang, "logout"),
     )
 }
 
@@ -777,13 +781,26 @@ pub fn city(v: &CityView, c: &Criteria, lang: Lang) -> String {
     page(lang, t(lang, "city_title"), &switch, &b)
 }
 
+/// CSV for Excel: UTF-8 with a BOM, every cell through `spreadsheet_safe`.
 fn csv_bytes(header: &[&str], rows: Vec<Vec<String>>) -> Vec<u8> {
     let mut w = csv::Writer::from_writer(vec![0xEF, 0xBB, 0xBF]);
     let _ = w.write_record(header);
     for r in rows {
-        let _ = w.write_record(&r);
+        let _ = w.write_record(r.iter().map(|c| spreadsheet_safe(c).into_owned()));
     }
     w.into_inner().unwrap_or_default()
+}
+
+/// A cell a spreadsheet shows as text, never runs as a formula (OWASP CSV
+/// injection): one starting with `=`, `+`, `-`, `@`, tab or CR gets a `'`
+/// in front, unless it is a plain number such as `-12` or `+0.5`.
+fn spreadsheet_safe(cell: &str) -> std::borrow::Cow<'_, str> {
+    let risky = cell.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && cell.parse::<f64>().map_or(true, |v| !v.is_finite()) {
+        format!("'{cell}").into()
+    } else {
+        cell.into()
+    }
 }
 
 pub fn report_csv(r: &EnterpriseReport, part: &str, lang: Lang) -> Result<Vec<u8>, String> {
@@ -963,11 +980,38 @@ mod tests {
 
     #[test]
     fn every_text_key_used_exists_in_both_languages() {
-        for key in ["title", "cause_no_data", "flag_frozen", "switch"] {
+        for key in ["title", "cause_no_data", "flag_frozen", "switch", "logout"] {
             assert_ne!(t(Lang::Zh, key), "?");
             assert_ne!(t(Lang::En, key), "?");
         }
         assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
+    }
+
+    #[test]
+    fn csv_cells_that_spreadsheets_would_run_as_formulas_are_neutralised() {
+        let cells = [
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+1+cmd", "'+1+cmd"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\rx", "'\rx"),
+            ("-12", "-12"),
+            ("+0.5", "+0.5"),
+            ("-inf", "'-inf"),
+            ("反应釜", "反应釜"),
+        ];
+        let b = csv_bytes(
+            &["a"],
+            vec![cells.iter().map(|(c, _)| c.to_string()).collect()],
+        );
+        let mut r = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(&b[3..]);
+        let row = r.records().next().expect("a row").expect("csv");
+        let got: Vec<&str> = row.iter().collect();
+        let want: Vec<&str> = cells.iter().map(|(_, w)| *w).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

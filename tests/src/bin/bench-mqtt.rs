@@ -33,6 +33,7 @@ use guantong_gateway::buffer::Buffer;
 use guantong_gateway::collector::{Collector, PointSink};
 use guantong_gateway::config::{Config, DeviceConfig};
 use guantong_gateway::mqtt::MqttCollector;
+use guantong_gateway::status::{DeviceSpec, Status};
 use guantong_gateway::writer::Writer;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
@@ -259,6 +260,8 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         max_batch_points: config.uplink.max_batch_points.get() as usize,
         max_held_points: guantong_gateway::SINK_MAX_POINTS,
         committed: committed_tx,
+        // As in the gateway: device health is counted on the way to disk.
+        status: Arc::new(Status::new("bench", 1, DeviceSpec::of(&config), 0)),
     };
     let writer_task = tokio::spawn(writer.run(rx));
     let cancel = CancellationToken::new();

@@ -25,6 +25,7 @@ use guantong_e2e::proxy::{Mode, Proxy};
 use guantong_gateway::buffer::{Buffer, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::{Sample, now_ms};
+use guantong_gateway::status::Status;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::Store;
 use guantong_proto::v1::{Manifest, point};
@@ -115,6 +116,7 @@ async fn drain(
         gateway_id: guantong_e2e::bench::GW.into(),
         buffer: buffer.clone(),
         committed,
+        status: Arc::new(Status::new(guantong_e2e::bench::GW, 0, Vec::new(), 0)),
     };
     let cancel = CancellationToken::new();
     let live_tag = args.tags;

@@ -34,6 +34,7 @@ use guantong_e2e::bench::{
 use guantong_gateway::buffer::{Buffer, ChainSigner, WhenFull};
 use guantong_gateway::config::Compression;
 use guantong_gateway::quality::Sample;
+use guantong_gateway::status::Status;
 use guantong_gateway::uplink::Uplink;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::{AppendBatch, Store};
@@ -246,6 +247,7 @@ async fn end_to_end(
         gateway_id: GW.into(),
         buffer: buffer.clone(),
         committed,
+        status: Arc::new(Status::new(GW, 0, Vec::new(), 0)),
     };
     let cancel = CancellationToken::new();
     let (start, cpu) = (Instant::now(), cpu_time());

@@ -113,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         role: Role::Admin,
         provider: String::new(),
         enterprises: Vec::new(),
+        all_enterprises: false,
     })?;
     let ingest = guantong_ingest::start_with(
         store.clone(),

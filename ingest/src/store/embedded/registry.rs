@@ -5,7 +5,7 @@
 //! |---------------|----------------------------|-----------------------------|
 //! | `enterprises` | credit code                | JSON `Enterprise`           |
 //! | `equipment`   | (credit code, equipment id)| JSON `Equipment`            |
-//! | `owners`      | gateway id                 | credit code                 |
+//! | `owners`      | gateway id (registered)    | credit code                 |
 //! | `accounts`    | account name               | JSON `Account`              |
 //! | `tokens`      | SHA-256 of a token         | account name                |
 //! | `access_log`  | (time ms, sequence)        | JSON `Access`               |
@@ -126,11 +126,17 @@ impl EmbeddedStore {
         Ok(out)
     }
 
-    /// Makes `gateway` belong to enterprise `code`.
+    /// Makes `gateway` belong to enterprise `code`; both must exist.
     pub fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             require_enterprise(&txn, code)?;
+            let registered = txn.open_table(super::GATEWAYS).map_err(db_err)?;
+            if registered.get(gateway).map_err(db_err)?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "gateway {gateway} (register it first: `guantong-ingest register-gateway`)"
+                )));
+            }
             txn.open_table(OWNERS)
                 .map_err(db_err)?
                 .insert(gateway, code)
@@ -138,6 +144,19 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(db_err)?;
         Ok(())
+    }
+
+    /// Makes `gateway` belong to no enterprise; false if it belonged to none.
+    pub fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let removed = txn
+            .open_table(OWNERS)
+            .map_err(db_err)?
+            .remove(gateway)
+            .map_err(db_err)?
+            .is_some();
+        txn.commit().map_err(db_err)?;
+        Ok(removed)
     }
 
     /// gateway id -> enterprise credit code.
