@@ -49,6 +49,14 @@
 //! - A record whose checksum fails is sent as a loss record (reason
 //!   `corrupted`) in its place; a file redb cannot open is moved aside and a
 //!   fresh buffer started, whose first record says so.
+//! - After an I/O error (disk full, EIO) redb refuses every transaction
+//!   until it is reopened: the operation that saw it schedules a reopen
+//!   (`watch`), and the next operation closes and reopens the file first
+//!   (`db`), backing off from 0.2 to 5 s while writes keep failing. Nothing
+//!   committed is lost by a reopen; the writer holds what it could not
+//!   commit (see `writer`).
+//! - The record layout is pinned by golden bytes (a test): a backlog written
+//!   by an older version must still read.
 //! - Acknowledged deletes commit without fsync: if they are lost in a crash the
 //!   batches are sent again and ingest recognises them by their numbers.
 //!
@@ -59,7 +67,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use guantong_proto::chain::{self, Algorithm, ChainKey, Hash};
@@ -102,6 +111,26 @@ pub enum BufferError {
     },
     #[error("buffer storage: {0}")]
     Storage(#[from] redb::Error),
+    #[error("buffer task failed: {0}")]
+    Task(String),
+    #[error("buffer storage failed ({cause}); reopening it again in {retry_in:?}")]
+    Reopening { cause: String, retry_in: Duration },
+}
+
+impl BufferError {
+    /// Whether the configuration must change (a restart cannot help).
+    pub fn is_config_problem(&self) -> bool {
+        matches!(self, BufferError::NoRoom { .. })
+    }
+
+    /// Whether redb must be closed and opened again before it can write
+    /// (after an I/O error it refuses every transaction until then).
+    fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            BufferError::Storage(redb::Error::Io(_) | redb::Error::PreviousIo)
+        )
+    }
 }
 
 type Result<T> = std::result::Result<T, BufferError>;
@@ -149,7 +178,9 @@ pub struct BufferStats {
 }
 
 pub struct Buffer {
-    db: Database,
+    /// `None` only while a reopen after an I/O error has not succeeded yet.
+    db: RwLock<Option<Database>>,
+    reopen: Mutex<Reopen>,
     path: PathBuf,
     buffer_id: u64,
     max_bytes: u64,
@@ -204,7 +235,7 @@ impl Buffer {
                 current: bytesize::ByteSize(current),
             });
         }
-        let create = |path: &Path| Database::builder().set_cache_size(CACHE_BYTES).create(path);
+        let create = open_database;
         let (db, moved_aside) = match create(&path) {
             Ok(db) => (db, None),
             Err(e) => {
@@ -243,7 +274,8 @@ impl Buffer {
         }
         txn.commit().map_err(storage)?;
         let buffer = Buffer {
-            db,
+            db: RwLock::new(Some(db)),
+            reopen: Mutex::new(Reopen::default()),
             path,
             buffer_id,
             max_bytes,
@@ -359,8 +391,13 @@ impl Buffer {
     /// without points carrying `chain::manifest_hash`), so configuration
     /// changes are part of the evidence.
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        self.watch(self.put_manifest_once(manifest), true)
+    }
+
+    fn put_manifest_once(&self, manifest: &Manifest) -> Result<()> {
         let version = manifest.version;
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         txn.open_table(MANIFESTS)
             .map_err(storage)?
@@ -409,12 +446,95 @@ impl Buffer {
     }
 
     pub fn manifest(&self, version: u64) -> Result<Option<Vec<u8>>> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        self.watch(self.manifest_once(version), false)
+    }
+
+    fn manifest_once(&self, version: u64) -> Result<Option<Vec<u8>>> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(MANIFESTS).map_err(storage)?;
         Ok(table
             .get(version)
             .map_err(storage)?
             .map(|v| v.value().to_vec()))
+    }
+
+    /// The open database. After an I/O error (`watch`) it is first closed
+    /// and opened again, at most once per backoff step; until that succeeds
+    /// every operation fails with `Reopening`.
+    fn db(&self) -> Result<Db<'_>> {
+        let mut reopen = self.reopen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cause) = reopen.cause.clone() {
+            let now = Instant::now();
+            if now < reopen.next_try {
+                return Err(BufferError::Reopening {
+                    cause,
+                    retry_in: reopen.next_try - now,
+                });
+            }
+            let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+            // redb keeps the file locked while open: close before opening.
+            drop(slot.take());
+            match open_database(&self.path) {
+                Ok(db) => {
+                    *slot = Some(db);
+                    tracing::debug!(file = %self.path.display(), after = %cause, "buffer database reopened");
+                    reopen.cause = None;
+                }
+                Err(e) => {
+                    reopen.backoff = (reopen.backoff * 2).min(REOPEN_BACKOFF_MAX);
+                    reopen.next_try = now + reopen.backoff;
+                    tracing::error!(error = %e, retry_in = ?reopen.backoff, "buffer database cannot be reopened yet");
+                    return Err(storage(e));
+                }
+            }
+        }
+        drop(reopen);
+        let guard = self.db.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(_) => Ok(Db(guard)),
+            None => Err(BufferError::Reopening {
+                cause: "a reopen is under way".into(),
+                retry_in: Duration::ZERO,
+            }),
+        }
+    }
+
+    /// Passes `result` on; an I/O error schedules a reopen of the database
+    /// (redb refuses every later transaction until it is reopened). A write
+    /// that succeeds (`wrote`) ends the failure and its backoff.
+    fn watch<T>(&self, result: Result<T>, wrote: bool) -> Result<T> {
+        let mut reopen = self.reopen.lock().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Err(e) if e.needs_reopen() && reopen.cause.is_none() => {
+                let now = Instant::now();
+                // Backoff grows while reopened databases keep failing.
+                reopen.backoff = match reopen.failing_since {
+                    Some(_) => (reopen.backoff * 2).min(REOPEN_BACKOFF_MAX),
+                    None => REOPEN_BACKOFF_MIN,
+                };
+                reopen.next_try = now + reopen.backoff;
+                reopen.failing_since.get_or_insert(now);
+                reopen.cause = Some(e.to_string());
+            }
+            Ok(_) if wrote && reopen.cause.is_none() => {
+                if let Some(since) = reopen.failing_since.take() {
+                    tracing::warn!(failing_for = ?since.elapsed(), "buffer storage works again");
+                    *reopen = Reopen::default();
+                }
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Commits a loss record for points that never reached the buffer
+    /// (e.g. held in memory while the disk refused writes): signed and
+    /// chained like every record.
+    /// Returns the last sequence number written.
+    pub fn record_loss(&self, tally: &LossTally, reason: LossReason) -> Result<u64> {
+        self.append_loss(tally.to_loss(reason))?;
+        Ok(self.stats()?.next_seq - 1)
     }
 
     fn handed_out(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
@@ -430,8 +550,21 @@ impl Buffer {
         max_points: usize,
     ) -> Result<u64> {
         self.note_lost_file()?;
+        self.watch(
+            self.append_once(manifest_version, samples, max_points),
+            true,
+        )
+    }
+
+    fn append_once(
+        &self,
+        manifest_version: u64,
+        samples: &[Sample],
+        max_points: usize,
+    ) -> Result<u64> {
         let committed_at = now_ms();
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let (last, over) = {
             let mut meta = txn.open_table(META).map_err(storage)?;
@@ -461,26 +594,15 @@ impl Buffer {
             meta.insert("bytes", bytes).map_err(storage)?;
             drop((meta, batches));
             if !rejected.is_empty() {
-                let mut per_tag = BTreeMap::new();
+                let mut tally = LossTally::default();
                 for s in &rejected {
-                    let bad = u64::from(s.quality == Quality::Bad);
-                    merge_tag_loss(
-                        &mut per_tag,
-                        (manifest_version, s.tag),
-                        1,
-                        s.time_ms,
-                        s.time_ms,
-                        bad,
-                    );
+                    tally.add(manifest_version, s);
                 }
-                let loss = Loss {
-                    last_seq: 0,
-                    points: rejected.len() as u64,
-                    tags: tag_losses(per_tag),
-                    reason: LossReason::BufferFull as i32,
-                    bridge_hash: Vec::new(),
-                };
-                self.write_loss(&txn, loss, rejected.len() as u64)?;
+                self.write_loss(
+                    &txn,
+                    tally.to_loss(LossReason::BufferFull),
+                    rejected.len() as u64,
+                )?;
                 tracing::warn!(
                     points = rejected.len(),
                     "buffer full: new points rejected and counted as lost"
@@ -506,7 +628,12 @@ impl Buffer {
 
     /// Appends a standalone loss record (e.g. a buffer file lost).
     fn append_loss(&self, loss: Loss) -> Result<u64> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        self.watch(self.append_loss_once(loss), true)
+    }
+
+    fn append_loss_once(&self, loss: Loss) -> Result<u64> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let points = loss.points;
         let seq = self.write_loss(&txn, loss, points)?;
@@ -714,8 +841,15 @@ impl Buffer {
     /// Replaces unsent batches committed before `cutoff_ms` by loss records
     /// (reason `expired`). Returns the points dropped.
     pub fn expire(&self, cutoff_ms: i64) -> Result<u64> {
+        self.watch(self.expire_once(cutoff_ms), true)
+    }
+
+    fn expire_once(&self, cutoff_ms: i64) -> Result<u64> {
+        // The database first, then `drop_lock`, as in `append`: a reopen
+        // waiting for the database must not wait on a holder of `drop_lock`.
+        let db = self.db()?;
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let dropped = self.drop_unsent(&txn, LossReason::Expired, |b, _| {
             b.loss.is_none() && b.committed_at_ms < cutoff_ms
@@ -726,8 +860,15 @@ impl Buffer {
 
     /// Up to `max` batches from `from` on, in order. Marks them as handed out.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<StoredBatch>> {
+        self.watch(self.read_from_once(from, max), false)
+    }
+
+    fn read_from_once(&self, from: u64, max: usize) -> Result<Vec<StoredBatch>> {
+        // The database first, then `drop_lock`, as in `append`: a reopen
+        // waiting for the database must not wait on a holder of `drop_lock`.
+        let db = self.db()?;
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let txn = self.db.begin_read().map_err(storage)?;
+        let txn = db.begin_read().map_err(storage)?;
         let table = txn.open_table(BATCHES).map_err(storage)?;
         let mut out = Vec::with_capacity(max.min(1024));
         for entry in table.range(from..).map_err(storage)?.take(max) {
@@ -792,11 +933,16 @@ impl Buffer {
 
     /// Deletes every record in each of `ranges`, in one transaction.
     pub fn ack_ranges(&self, ranges: &[(u64, u64)]) -> Result<u64> {
+        self.watch(self.ack_ranges_once(ranges), true)
+    }
+
+    fn ack_ranges_once(&self, ranges: &[(u64, u64)]) -> Result<u64> {
         let ranges: Vec<(u64, u64)> = ranges.iter().copied().filter(|(a, b)| a <= b).collect();
         if ranges.is_empty() {
             return Ok(0);
         }
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::None).map_err(storage)?;
         let mut removed = 0;
         {
@@ -834,7 +980,12 @@ impl Buffer {
     }
 
     pub fn stats(&self) -> Result<BufferStats> {
-        let txn = self.db.begin_read().map_err(storage)?;
+        self.watch(self.stats_once(), false)
+    }
+
+    fn stats_once(&self) -> Result<BufferStats> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(storage)?;
         let meta = txn.open_table(META).map_err(storage)?;
         let batches = txn.open_table(BATCHES).map_err(storage)?;
         let next_seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
@@ -850,6 +1001,87 @@ impl Buffer {
             bytes: meta_get(&meta, "bytes")?.unwrap_or(0),
             dropped_points: meta_get(&meta, "dropped_points")?.unwrap_or(0),
         })
+    }
+}
+
+/// The database behind the read lock; dereferences to an open `Database`.
+struct Db<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0
+            .as_ref()
+            .expect("Buffer::db hands out open databases only")
+    }
+}
+
+/// The reopen schedule after an I/O error.
+struct Reopen {
+    /// The error that made a reopen necessary; `None` once reopened.
+    cause: Option<String>,
+    next_try: Instant,
+    backoff: Duration,
+    /// Since when storage fails; cleared by the first success after.
+    failing_since: Option<Instant>,
+}
+
+impl Default for Reopen {
+    fn default() -> Self {
+        Reopen {
+            cause: None,
+            next_try: Instant::now(),
+            backoff: REOPEN_BACKOFF_MIN,
+            failing_since: None,
+        }
+    }
+}
+
+const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+fn open_database(path: &Path) -> std::result::Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
+/// Points that were collected but never stored, per tag with time ranges:
+/// what a loss record declares.
+#[derive(Debug, Default, Clone)]
+pub struct LossTally {
+    points: u64,
+    per_tag: TagLossMap,
+}
+
+impl LossTally {
+    pub fn add(&mut self, manifest_version: u64, sample: &Sample) {
+        let bad = u64::from(sample.quality == Quality::Bad);
+        merge_tag_loss(
+            &mut self.per_tag,
+            (manifest_version, sample.tag),
+            1,
+            sample.time_ms,
+            sample.time_ms,
+            bad,
+        );
+        self.points += 1;
+    }
+
+    pub fn points(&self) -> u64 {
+        self.points
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points == 0
+    }
+
+    fn to_loss(&self, reason: LossReason) -> Loss {
+        Loss {
+            last_seq: 0,
+            points: self.points,
+            tags: tag_losses(self.per_tag.clone()),
+            reason: reason as i32,
+            bridge_hash: Vec::new(),
+        }
     }
 }
 
@@ -1039,6 +1271,50 @@ mod tests {
         (0..n)
             .map(|i| Sample::good((i % 4) as u32, t0 + i as i64, Value::Uint(i as u64)))
             .collect()
+    }
+
+    /// A record as version 2 writes it. Changing these bytes means old
+    /// backlogs no longer read: add a format instead.
+    const GOLDEN_RECORD: &str = concat!(
+        "0203d5580a",                                                       // format 2, crc32
+        "0000000000000007",                                                 // last_seq
+        "0000000000000009",                                                 // manifest_version
+        "00000002",                                                         // points
+        "1111111111111111111111111111111111111111111111111111111111111111", // prev_hash
+        "22222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222222", // signature
+        "09887766554433221110071909000000000000002080d095ffbc312a040801282a2a0c080210c8014002488486880838c8d195ffbc31", // payload: the encoded Batch
+    );
+
+    fn golden_record() -> Vec<u8> {
+        let samples = vec![
+            Sample::good(1, 1_700_000_000_000, Value::Uint(42)),
+            Sample::bad(2, 1_700_000_000_100, 0x0102_0304),
+        ];
+        let payload = encode_batch(0x1122_3344_5566_7788, 7, 9, &samples, 1_700_000_000_200);
+        frame_record(
+            Algorithm::Ed25519,
+            7,
+            9,
+            2,
+            &[0x11; 32],
+            &[0x22; 64],
+            &payload,
+        )
+    }
+
+    #[test]
+    fn the_record_format_is_pinned_by_golden_bytes() {
+        let record = golden_record();
+        assert_eq!(hex::encode(&record), GOLDEN_RECORD);
+        let golden = hex::decode(GOLDEN_RECORD).expect("hex");
+        let (h, batch) = decode_record(&golden).expect("a stored record still decodes");
+        assert_eq!((h.last_seq, h.manifest_version, h.points), (7, 9, 2));
+        assert_eq!((h.prev_hash, h.signature), ([0x11; 32], [0x22; 64]));
+        assert_eq!(batch.seq, 7);
+        let back = samples_of(&golden[HEADER..]).expect("samples");
+        assert_eq!(back.len(), 2);
+        assert_eq!((back[0].tag, back[0].time_ms), (1, 1_700_000_000_000));
+        assert_eq!((back[1].tag, back[1].code), (2, 0x0102_0304));
     }
 
     fn open(dir: &Path, max: u64) -> Buffer {
@@ -1317,7 +1593,7 @@ mod tests {
         let b = open(dir.path(), 64 << 20);
         b.append(1, &samples(10, 0), 10).expect("append");
         // Flip a payload byte behind redb's back.
-        let txn = b.db.begin_write().expect("txn");
+        let txn = b.db().expect("db").begin_write().expect("txn");
         {
             let mut t = txn.open_table(BATCHES).expect("table");
             let mut record = t.get(1).expect("get").expect("record").value().to_vec();

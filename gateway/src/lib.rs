@@ -26,6 +26,7 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -71,12 +72,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             config.buffer.max_bytes.as_u64(),
             config.buffer.when_full,
         )
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot open the buffer in {}: {e}",
-                config.buffer.dir.display()
-            )
-        })?
+        .with_context(|| format!("cannot open the buffer in {}", config.buffer.dir.display()))?
         .with_identity(buffer::ChainSigner {
             key,
             gateway_id: config.gateway.id.clone(),
@@ -126,6 +122,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         commit_interval: config.buffer.commit_interval,
         max_age: config.buffer.max_age,
         max_batch_points: config.uplink.max_batch_points.get() as usize,
+        // While the disk refuses writes, hold what the quota would hold, in
+        // memory no more than the sink's budget.
+        max_held_points: (config.buffer.max_bytes.as_u64() / writer::HELD_SAMPLE_BYTES)
+            .min(SINK_MAX_POINTS as u64) as usize,
         committed: committed_tx,
         status: status.clone(),
     };

@@ -297,8 +297,17 @@ fn main() -> ExitCode {
                 match guantong_gateway::run(config, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
-                        tracing::error!(error = %e, "gateway failed");
-                        ExitCode::FAILURE
+                        tracing::error!(error = format!("{e:#}"), "gateway failed");
+                        // A quota the disk cannot hold: restarting will not fix it.
+                        let config_problem = e.chain().any(|c| {
+                            c.downcast_ref::<guantong_gateway::buffer::BufferError>()
+                                .is_some_and(|b| b.is_config_problem())
+                        });
+                        if config_problem {
+                            ExitCode::from(EXIT_BAD_CONFIG)
+                        } else {
+                            ExitCode::FAILURE
+                        }
                     }
                 }
             })

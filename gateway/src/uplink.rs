@@ -24,6 +24,8 @@
 //!   so ingest stores them once.
 //! - Reconnects back off exponentially (0.5 s doubling to `max_backoff`) with
 //!   full jitter, and reset after a connection that got an ack.
+//! - A session outlives the writer: at shutdown the final flush is still
+//!   sent and acknowledged, until `lib::run`'s grace cancels the uplink.
 //! - A dead link is noticed by HTTP/2 keepalive within `keepalive_interval` +
 //!   `keepalive_timeout` even when no RST arrives.
 //!
@@ -296,6 +298,9 @@ impl Uplink {
         let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
         let mut acked_any = false;
+        // The writer stops last at shutdown: its final flush must still be
+        // delivered and acknowledged within the grace, so the session goes on.
+        let mut writer_gone = false;
         loop {
             // Fill the window: live first, then backlog.
             let last_committed = *committed.borrow_and_update();
@@ -338,10 +343,10 @@ impl Uplink {
                 // Cancel-safe: `message()` keeps partial frames inside `inbound`.
                 msg = inbound.message() => Event::Inbound(msg?.and_then(|m| m.kind)),
                 // Cancel-safe: waiting on a watch channel consumes nothing.
-                changed = committed.changed() => match changed {
-                    Ok(()) => Event::Committed,
-                    Err(_) => return Ok(acked_any), // writer gone: shutting down
-                },
+                changed = committed.changed(), if !writer_gone => {
+                    writer_gone = changed.is_err();
+                    Event::Committed
+                }
             };
             match event {
                 Event::Committed => {}

@@ -10,20 +10,47 @@
 //! A handoff that waits for its commit (`PointSink::send_committed`) is
 //! committed at once, together with everything already queued behind it
 //! (group commit), and its waiter is told after the commit succeeded.
+//!
+//! # Storage faults
+//! When a commit fails (disk full, I/O error), the samples stay held in
+//! memory and the commit is retried at every tick; the buffer reopens its
+//! database by itself (`Buffer::db`). At most `max_held_points` are held:
+//! beyond that the oldest are dropped and counted per tag with their time
+//! ranges. Once a commit succeeds again, that count is committed first as a
+//! signed, chained loss record (reason `storage_error`), then what was held.
+//! So collected = stored + declared lost holds through a full disk, except
+//! for what is held when the process stops before the disk recovers (logged
+//! with its count).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use guantong_proto::v1::LossReason;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::error;
+use tracing::{error, warn};
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, BufferError, LossTally};
 use crate::collector::Handoff;
 use crate::quality::Sample;
 use crate::status::Status;
 
 /// How often unsent data is checked against `max_age`.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+
+/// How often a commit failure that goes on is logged again.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Memory a held sample may take, for sizing `max_held_points` from a quota.
+pub const HELD_SAMPLE_BYTES: u64 = 64;
+
+/// What the writer holds while the buffer cannot commit.
+#[derive(Default)]
+struct Held {
+    /// Dropped from memory, not yet declared in a loss record.
+    lost: LossTally,
+    /// Since when commits fail, and when that was last logged.
+    failing: Option<(Instant, Instant)>,
+}
 
 pub struct Writer {
     pub buffer: Arc<Buffer>,
@@ -32,6 +59,8 @@ pub struct Writer {
     /// Unsent batches older than this become loss records.
     pub max_age: Duration,
     pub max_batch_points: usize,
+    /// Most samples held in memory while the buffer cannot commit.
+    pub max_held_points: usize,
     /// Last committed sequence number, for the uplink.
     pub committed: watch::Sender<u64>,
     /// Sees every hand-off and commit (device health, backlog age).
@@ -49,6 +78,7 @@ impl Writer {
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
+        let mut held = Held::default();
         while open {
             tokio::select! {
                 received = rx.recv() => match received {
@@ -69,7 +99,10 @@ impl Writer {
                                 Err(_) => break,
                             }
                         }
-                        if waiters.is_empty() && pending.len() < self.max_batch_points {
+                        // While commits fail, only the tick retries them.
+                        if held.failing.is_some()
+                            || (waiters.is_empty() && pending.len() < self.max_batch_points)
+                        {
                             continue;
                         }
                     }
@@ -78,14 +111,20 @@ impl Writer {
                 _ = tick.tick() => {}
                 _ = expiry.tick() => self.expire().await,
             }
-            if !pending.is_empty() {
-                let ok = self.commit(std::mem::take(&mut pending)).await;
-                for w in waiters.drain(..) {
-                    if ok {
+            if !pending.is_empty() || !held.lost.is_empty() {
+                if self.commit(&mut pending, &mut held).await {
+                    for w in waiters.drain(..) {
                         let _ = w.send(());
                     }
+                } else if !open {
+                    error!(
+                        points = pending.len(),
+                        undeclared_lost = held.lost.points(),
+                        "stopping while the buffer cannot commit: these points are lost"
+                    );
                 }
             }
+            // Held samples are bounded by `max_held_points`, not the sink's budget.
             permits.clear();
         }
     }
@@ -103,31 +142,88 @@ impl Writer {
         }
     }
 
-    /// Commits `samples`; true when they are on disk.
-    async fn commit(&self, samples: Vec<Sample>) -> bool {
-        let buffer = self.buffer.clone();
-        let (version, max) = (self.manifest_version, self.max_batch_points);
-        let n = samples.len();
-        let result =
-            tokio::task::spawn_blocking(move || buffer.append(version, &samples, max)).await;
-        self.status.committed(match &result {
-            Ok(Ok(last)) => Ok(*last),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        });
+    /// Commits the loss not yet declared, then `pending`; true when both are
+    /// on disk. On failure `pending` is kept, less its oldest samples beyond
+    /// `max_held_points`, which join the loss.
+    async fn commit(&self, pending: &mut Vec<Sample>, held: &mut Held) -> bool {
+        let mut result = Ok(());
+        if !held.lost.is_empty() {
+            let (buffer, lost) = (self.buffer.clone(), held.lost.clone());
+            match blocking(move || buffer.record_loss(&lost, LossReason::StorageError)).await {
+                Ok(last) => {
+                    held.lost = LossTally::default();
+                    self.committed.send_replace(last);
+                }
+                Err(e) => {
+                    self.status.committed(Err(e.to_string()));
+                    result = Err(e);
+                }
+            }
+        }
+        if result.is_ok() && !pending.is_empty() {
+            let buffer = self.buffer.clone();
+            let samples = std::mem::take(pending);
+            let (version, max) = (self.manifest_version, self.max_batch_points);
+            let (appended, samples) = blocking(move || {
+                let r = buffer.append(version, &samples, max);
+                Ok((r, samples))
+            })
+            .await
+            .unwrap_or_else(|e| (Err(e), Vec::new()));
+            self.status.committed(match &appended {
+                Ok(last) => Ok(*last),
+                Err(e) => Err(e.to_string()),
+            });
+            match appended {
+                Ok(last) => {
+                    self.committed.send_replace(last);
+                }
+                Err(e) => {
+                    *pending = samples;
+                    result = Err(e);
+                }
+            }
+        }
         match result {
-            Ok(Ok(last)) => {
-                self.committed.send_replace(last);
+            Ok(()) => {
+                if let Some((since, _)) = held.failing.take() {
+                    warn!(
+                        failing_for = ?since.elapsed(),
+                        "buffer commits again; what was held is stored"
+                    );
+                }
                 true
             }
-            Ok(Err(e)) => {
-                error!(error = %e, points = n, "buffer commit failed; points lost");
-                false
-            }
             Err(e) => {
-                error!(error = %e, points = n, "buffer commit task failed; points lost");
+                let excess = pending.len().saturating_sub(self.max_held_points);
+                for s in pending.drain(..excess) {
+                    held.lost.add(self.manifest_version, &s);
+                }
+                let now = Instant::now();
+                let log = held
+                    .failing
+                    .is_none_or(|(_, at)| now.duration_since(at) >= FAILURE_LOG_EVERY);
+                if log {
+                    error!(
+                        error = %e,
+                        held_points = pending.len(),
+                        lost_points = held.lost.points(),
+                        max_held_points = self.max_held_points,
+                        "buffer commit failed; holding points in memory and retrying"
+                    );
+                    held.failing = Some((held.failing.map_or(now, |(since, _)| since), now));
+                }
                 false
             }
         }
     }
+}
+
+/// Runs a buffer operation off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BufferError> + Send + 'static,
+) -> Result<T, BufferError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(BufferError::Task(e.to_string())))
 }

@@ -14,7 +14,9 @@
 //!   dead unit waits out the timeouts of the others), and from the gap's
 //!   start too when that first Bad sample came within `FAULT_LEAD_IN`.
 //!   Otherwise `dropped_by_gateway` when the gateway's loss records cover
-//!   most of it, else `no_data`. Stretches delivered late from the gateway's backlog are
+//!   most of it (`storage_error` or `storage_corrupted` when those records
+//!   say the gateway's disk failed or its buffer file was damaged), else
+//!   `no_data`. Stretches delivered late from the gateway's backlog are
 //!   listed as `gateway_offline_backfilled` (data complete, arrived late).
 //! - A device is *data-through* when, on every day of the verdict period
 //!   (the last `verdict_days` days of the window that expected data), its
@@ -272,6 +274,33 @@ fn expected_in(s: &SeriesInfo, from: i64, to: i64, now_ms: i64) -> u64 {
     ((end - start) / s.interval_ms as i64) as u64
 }
 
+/// A time range a gateway loss record covers, with the gap cause it gives.
+type LossRange = (i64, i64, &'static str);
+
+/// The gap cause of a loss record's reason: the gateway's storage failing
+/// (`storage_error`), its buffer file damaged (`storage_corrupted`), or a
+/// drop by policy (`dropped_by_gateway`: buffer full, expired).
+fn loss_cause_of(reason: &str) -> &'static str {
+    match reason.rsplit(": ").next() {
+        Some("storage_error") => "storage_error",
+        Some("storage_corrupted" | "corrupted") => "storage_corrupted",
+        _ => "dropped_by_gateway",
+    }
+}
+
+/// The cause of `[a, b)` when loss records cover most of it: the one
+/// covering most.
+fn loss_cause(losses: &[LossRange], a: i64, b: i64) -> Option<&'static str> {
+    let mut by_cause: BTreeMap<&'static str, i64> = BTreeMap::new();
+    for &(x, y, cause) in losses {
+        *by_cause.entry(cause).or_default() += (y.max(x + 1).min(b) - x.max(a)).max(0);
+    }
+    let total: i64 = by_cause.values().sum();
+    (total * 2 >= b - a && total > 0)
+        .then(|| by_cause.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c))
+        .flatten()
+}
+
 /// A gap whose first Bad sample came at most this long after its start is a
 /// device fault from its start: the time a gateway takes to call a device
 /// Bad (its timeout, a shared line's other units' timeouts, a watchdog), at
@@ -287,7 +316,7 @@ fn tag_gaps(
     from: i64,
     to: i64,
     now_ms: i64,
-    losses: &[(i64, i64)],
+    losses: &[LossRange],
 ) -> Result<Vec<Gap>> {
     if s.interval_ms == 0 {
         return Ok(Vec::new());
@@ -313,12 +342,6 @@ fn tag_gaps(
     if to - cursor > tol {
         holes.push((cursor, to));
     }
-    let overlap = |ranges: &[(i64, i64)], a: i64, b: i64| -> i64 {
-        ranges
-            .iter()
-            .map(|&(x, y)| (y.max(x + 1).min(b) - x.max(a)).max(0))
-            .sum()
-    };
     let gap = |a: i64, b: i64, cause: &'static str| Gap {
         start_ms: a,
         end_ms: b,
@@ -340,12 +363,7 @@ fn tag_gaps(
             None => b,
         };
         if fault_from > a {
-            let len = fault_from - a;
-            let cause = if overlap(losses, a, fault_from) * 2 >= len {
-                "dropped_by_gateway"
-            } else {
-                "no_data"
-            };
+            let cause = loss_cause(losses, a, fault_from).unwrap_or("no_data");
             out.push(gap(a, fault_from, cause));
         }
         if fault_from < b {
@@ -607,13 +625,14 @@ fn report_with(
 
     // Per-tag loss time ranges: (gateway, device, tag) -> ranges.
     type TagKey<'a> = (&'a str, &'a str, &'a str);
-    let mut loss_ranges: HashMap<TagKey, Vec<(i64, i64)>> = HashMap::new();
+    let mut loss_ranges: HashMap<TagKey, Vec<LossRange>> = HashMap::new();
     for l in &snap.losses {
+        let cause = loss_cause_of(&l.reason);
         for t in &l.tags {
             loss_ranges
                 .entry((l.gateway.as_str(), t.device.as_str(), t.tag.as_str()))
                 .or_default()
-                .push((t.first_time_ms, t.last_time_ms));
+                .push((t.first_time_ms, t.last_time_ms, cause));
         }
     }
 
@@ -1070,6 +1089,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_gap_takes_the_cause_of_the_loss_records_covering_most_of_it() {
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: storage_error"),
+            "storage_error"
+        );
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: corrupted"),
+            "storage_corrupted"
+        );
+        assert_eq!(
+            loss_cause_of("dropped by the gateway: buffer_full"),
+            "dropped_by_gateway"
+        );
+        let losses = [(0, 30, "dropped_by_gateway"), (30, 100, "storage_error")];
+        assert_eq!(loss_cause(&losses, 0, 100), Some("storage_error"));
+        assert_eq!(loss_cause(&losses, 0, 40), Some("dropped_by_gateway"));
+        assert_eq!(
+            loss_cause(&losses[..1], 0, 100),
+            None,
+            "covers less than half"
+        );
+        assert_eq!(loss_cause(&[], 0, 100), None);
+    }
+
+    #[test]
     fn dates_round_trip_in_china_standard_time() {
         let d = parse_date("2025-11-25").expect("valid");
         assert_eq!(date_of(d), "2025-11-25");
@@ -1152,7 +1196,7 @@ mod tests {
             0,
             401_000,
             1_000_000,
-            &[(201_000, 229_000)],
+            &[(201_000, 229_000, "dropped_by_gateway")],
         )
         .expect("gaps");
         let got: Vec<(i64, i64, &str)> = gaps
@@ -1183,7 +1227,7 @@ mod tests {
     fn gap_causes(
         runs: Vec<(u64, u8, i64, i64)>,
         to: i64,
-        losses: &[(i64, i64)],
+        losses: &[LossRange],
     ) -> Vec<(i64, i64, &'static str)> {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store");

@@ -25,6 +25,8 @@ pub struct Options {
     pub extra_tags: usize,
     /// `[gateway] key_algorithm`: `ed25519` or `sm2`.
     pub key_algorithm: &'static str,
+    /// Mount a tmpfs of this size (`24m`) as the buffer directory.
+    pub buffer_tmpfs: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -36,11 +38,14 @@ impl Default for Options {
             keepalive: "10s",
             extra_tags: 0,
             key_algorithm: "ed25519",
+            buffer_tmpfs: None,
         }
     }
 }
 
 pub struct Scenario {
+    /// Declared first: unmounted before `dir` is removed.
+    pub buffer_fs: Option<crate::mount::Tmpfs>,
     pub dir: tempfile::TempDir,
     pub sim: SimDevice,
     pub ingest: IngestProc,
@@ -56,6 +61,13 @@ fn any_port() -> SocketAddr {
 impl Scenario {
     pub async fn start(o: Options) -> anyhow::Result<Scenario> {
         let dir = tempfile::tempdir()?;
+        let buffer_fs = match o.buffer_tmpfs {
+            Some(size) => Some(crate::mount::Tmpfs::mount(
+                &dir.path().join("buffer"),
+                size,
+            )?),
+            None => None,
+        };
         let sim = SimDevice::new();
         let (sim_addr, _task) = sim.serve(any_port()).await?;
         let data = dir.path().join("ingest");
@@ -76,6 +88,7 @@ impl Scenario {
         )?;
         let gateway = GatewayProc::start(&config)?;
         Ok(Scenario {
+            buffer_fs,
             dir,
             sim,
             ingest,
@@ -289,9 +302,15 @@ pub fn check_counter(
 
 /// `pending_batches=N` of every "gateway starting" line in a gateway log.
 pub fn pending_batches_at_start(log: &Path) -> Vec<u64> {
+    pending_batches_at(log, "gateway starting")
+}
+
+/// `pending_batches=N` of every line of `event` ("gateway starting",
+/// "gateway stopped") in a gateway log.
+pub fn pending_batches_at(log: &Path, event: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
-        .filter(|l| l.contains("gateway starting"))
+        .filter(|l| l.contains(event))
         .filter_map(|l| {
             l.split("pending_batches=")
                 .nth(1)?

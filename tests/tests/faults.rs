@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use guantong_e2e::proxy::Mode;
-use guantong_e2e::scenario::{DEV, GW, Options, Scenario, check_counter};
+use guantong_e2e::scenario::{DEV, GW, Options, Scenario, check_counter, pending_batches_at};
 
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -296,5 +296,32 @@ async fn sigterm_flushes_the_buffer_so_a_restart_loses_nothing() -> anyhow::Resu
         s.gateway_log().contains("buffer flushed"),
         "the shutdown flush is logged"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_delivers_the_final_flush_within_the_grace() -> anyhow::Result<()> {
+    // The link is up: what the shutdown flush commits must be sent and
+    // acknowledged before the gateway exits, not left for the next start.
+    let mut s = Scenario::start(Options::default()).await?;
+    const STOPS: usize = 6;
+    for _ in 0..STOPS {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let status = s.gateway.proc.terminate(Duration::from_secs(15));
+        assert!(
+            status.is_some_and(|st| st.success()),
+            "clean exit on SIGTERM: {status:?}\n{}",
+            s.logs()
+        );
+        s.gateway.restart()?;
+    }
+    let left = pending_batches_at(&s.gateway.config.with_extension("log"), "gateway stopped");
+    assert_eq!(left.len(), STOPS, "one stop line per SIGTERM\n{}", s.logs());
+    assert!(
+        left.iter().all(|&n| n == 0),
+        "batches left unsent at each stop: {left:?}\n{}",
+        s.logs()
+    );
+    assert_exactly_once(&s).await;
     Ok(())
 }

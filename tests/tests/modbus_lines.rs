@@ -406,3 +406,88 @@ async fn a_device_that_keeps_the_connection_but_stops_answering_is_bad_within_it
     .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
     Ok(())
 }
+
+/// Forwards connections on a new port to `device`, holding every `every`th
+/// answer back by `delay`: a device that is sometimes slow to answer.
+async fn slow_answer_relay(
+    device: SocketAddr,
+    every: usize,
+    delay: Duration,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(any_port()).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((gateway, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(device).await else {
+                continue;
+            };
+            let _ = (gateway.set_nodelay(true), upstream.set_nodelay(true));
+            let (mut g_read, mut g_write) = gateway.into_split();
+            let (mut d_read, mut d_write) = upstream.into_split();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                while let Ok(n @ 1..) = g_read.read(&mut buf).await {
+                    if d_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = [0u8; 512];
+                let mut answers = 0usize;
+                while let Ok(n @ 1..) = d_read.read(&mut buf).await {
+                    answers += 1;
+                    if answers.is_multiple_of(every) {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if g_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// A poll that overran its interval (a slow answer) must not be followed at
+/// once by the next: that second poll would read the same device sample
+/// within the same millisecond and store it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_answer_does_not_trigger_an_immediate_catch_up_poll() -> anyhow::Result<()> {
+    const POLL_MS: i64 = 100;
+    let sim = SimDevice::new();
+    let (device, _task) = sim.serve(any_port()).await?;
+    // One read per poll (the counter alone); every 4th answer 130 ms late.
+    let (relay, _relay_task) = slow_answer_relay(device, 4, Duration::from_millis(130)).await?;
+    let devices = format!(
+        "[[devices]]\nid = \"slow\"\nprotocol = \"modbus-tcp\"\nhost = \"{}\"\nport = {}\nunit = 1\npoll_interval = \"{POLL_MS}ms\"\ntimeout = \"1s\"\nidentify = false\n\n[[devices.tags]]\nname = \"counter\"\ntable = \"holding\"\naddress = 0\ntype = \"u32\"\n",
+        relay.ip(),
+        relay.port()
+    );
+    let s = Setup::start(&devices).await?;
+    let points = wait_for("40 counter points", Duration::from_secs(30), || async {
+        let p = s.points("slow", "counter").await;
+        Ok((p.len() >= 40).then_some(p))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    let mut times: Vec<i64> = points
+        .iter()
+        .filter_map(|p| p["time_ms"].as_i64())
+        .collect();
+    times.sort_unstable();
+    let closest = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .min()
+        .unwrap_or(i64::MAX);
+    // The burst is within a millisecond or two; 10 ms leaves room for a
+    // loaded machine delaying one answer.
+    assert!(
+        closest >= 10,
+        "two polls {closest} ms apart with a {POLL_MS} ms interval: a catch-up burst\n{times:?}"
+    );
+    Ok(())
+}

@@ -7,7 +7,9 @@
 //!
 //! Scheduling: every unit has poll groups (tags of the same interval), each
 //! with its own plan and due time. The line polls the group that is due
-//! first; a group that fell behind skips the missed ticks instead of bursting.
+//! first; a group that fell behind skips the missed ticks instead of bursting,
+//! and a poll starts at least half an interval after the previous one of its
+//! group ended (else a poll after a slow answer reads the same sample twice).
 //!
 //! Dead units: a unit that does not answer costs its timeout once; it is then
 //! not polled for `poll_interval × 2^(failures-1)` (at most `max_backoff`) and
@@ -494,6 +496,10 @@ impl Collector for Line {
             // Not cancel-safe on purpose: a poll runs to its end (each read
             // is bounded by the unit's timeout) so no frame is cut in half.
             let _ = self.poll_group(u, g, &mut samples).await;
+            // A poll that overran (a slow answer) is not followed at once by
+            // one reading the same device sample: half an interval at least.
+            let group = &mut self.units[u].groups[g];
+            group.next = group.next.max(Instant::now() + group.interval / 2);
             if !sink.send(samples).await {
                 return;
             }

@@ -134,6 +134,16 @@ const TEXT: &[(&str, &str, &str)] = &[
         "网关丢弃（有丢失记录）",
         "dropped by the gateway (loss record)",
     ),
+    (
+        "cause_storage_error",
+        "网关存储故障（有丢失记录）",
+        "gateway storage failed (loss record)",
+    ),
+    (
+        "cause_storage_corrupted",
+        "网关缓存文件损坏（有丢失记录）",
+        "gateway buffer file damaged (loss record)",
+    ),
     ("cause_no_data", "无数据", "no data at all"),
     (
         "cause_gateway_offline_backfilled",

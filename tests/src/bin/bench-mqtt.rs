@@ -258,6 +258,7 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         commit_interval: config.buffer.commit_interval,
         max_age: config.buffer.max_age,
         max_batch_points: config.uplink.max_batch_points.get() as usize,
+        max_held_points: guantong_gateway::SINK_MAX_POINTS,
         committed: committed_tx,
         // As in the gateway: device health is counted on the way to disk.
         status: Arc::new(Status::new("bench", 1, DeviceSpec::of(&config), 0)),
