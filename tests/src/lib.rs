@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod evidence;
+pub mod load;
 pub mod mqtt;
 pub mod opcua;
 pub mod procs;
