@@ -124,7 +124,8 @@ pub async fn register(data: &Path, prefix: &str, shape: Shape) -> anyhow::Result
     let mut tokens = Vec::with_capacity(shape.gateways);
     for i in 0..shape.gateways {
         let key = signing_key(i);
-        let public = PublicKey::new(key.algorithm(), key.public_key()).map_err(anyhow::Error::msg)?;
+        let public =
+            PublicKey::new(key.algorithm(), key.public_key()).map_err(anyhow::Error::msg)?;
         tokens.push(
             store
                 .register_gateway(&gateway_id(prefix, i), Some(public))

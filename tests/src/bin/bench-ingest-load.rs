@@ -105,7 +105,8 @@ fn thread_cpu() -> Duration {
 
 /// `GATEWAYSxTAGS@INTERVAL`, e.g. `100x1000@1s`.
 fn parse_shape(text: &str) -> anyhow::Result<Shape> {
-    let bad = || format!("scenario `{text}`: expected all or GATEWAYSxTAGS@INTERVAL, e.g. 100x1000@1s");
+    let bad =
+        || format!("scenario `{text}`: expected all or GATEWAYSxTAGS@INTERVAL, e.g. 100x1000@1s");
     let (counts, interval) = text.split_once('@').with_context(bad)?;
     let (gateways, tags) = counts.split_once('x').with_context(bad)?;
     let interval = humantime::parse_duration(interval).with_context(bad)?;
@@ -228,7 +229,11 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
             shape.gateways,
             ingest.proc.logs()
         );
-        anyhow::ensure!(ingest.proc.is_running(), "ingest died\n{}", ingest.proc.logs());
+        anyhow::ensure!(
+            ingest.proc.is_running(),
+            "ingest died\n{}",
+            ingest.proc.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (cpu0, before) = (cpu_seconds(pid)?, load.totals());
