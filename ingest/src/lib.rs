@@ -14,6 +14,7 @@ pub mod forwarded;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod ops;
 pub mod registry;
 pub mod store;
 pub mod tls;

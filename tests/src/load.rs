@@ -74,6 +74,13 @@ fn signing_key(index: usize) -> ChainKey {
     ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
+/// Gateway `index`'s public key, as `guantong-gateway identity` prints it:
+/// (algorithm, hex).
+pub fn public_key(index: usize) -> (String, String) {
+    let key = signing_key(index);
+    (key.algorithm().to_string(), hex::encode(key.public_key()))
+}
+
 /// One device with `shape.tags` u16 registers at `shape.interval_ms`.
 fn manifest(gateway: &str, shape: Shape) -> Manifest {
     Manifest {

@@ -48,6 +48,81 @@ fn verify_chain(data: &std::path::Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// Runs `guantong-ingest ARGS`; its standard output, trimmed.
+fn ingest_cli(args: &[&str], data: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new(binary("guantong-ingest")?)
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "guantong-ingest {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() -> anyhow::Result<()>
+{
+    let work = tempfile::tempdir()?;
+    let data = work.path().join("data");
+    let any = "127.0.0.1:0".parse()?;
+    let mut ingest = IngestProc::start(&data, any, any).await?;
+    let prefix = format!("ops{}", std::process::id());
+    let id = load::gateway_id(&prefix, 0);
+    let (algorithm, key) = load::public_key(0);
+    let token = ingest_cli(
+        &[
+            "register-gateway",
+            &id,
+            "--key-algorithm",
+            &algorithm,
+            "--public-key",
+            &key,
+        ],
+        &data,
+    )?;
+    anyhow::ensure!(ingest.proc.is_running(), "{}", ingest.proc.logs());
+    // Registered again: refused by the server, and said so.
+    let again = Command::new(binary("guantong-ingest")?)
+        .args(["register-gateway", &id, "--data"])
+        .arg(&data)
+        .output()?;
+    assert!(
+        !again.status.success(),
+        "a second registration of {id} was accepted"
+    );
+
+    let shape = Shape {
+        gateways: 1,
+        tags: 20,
+        interval_ms: 1000,
+    };
+    let load = Load::start(
+        work.path(),
+        &prefix,
+        shape,
+        ingest.grpc,
+        ingest.ca_file(),
+        std::slice::from_ref(&token),
+    )?;
+    wait_acked(&load, &mut ingest, 1).await?;
+
+    // A new token while serving; the old one stays valid for its grace.
+    let rotated = ingest_cli(&["rotate-gateway-token", &id, "--grace", "1h"], &data)?;
+    assert_ne!(rotated, token);
+    // An account added while serving can read at once.
+    let reviewer = ingest_cli(&["add-account", "auditor", "--role", "reviewer"], &data)?;
+    let chains = ingest.api_as(Some(reviewer)).get("/api/v1/chain").await?;
+    assert!(chains.to_string().contains(&id), "{chains}");
+    let committed = load.totals().committed;
+    wait_acked(&load, &mut ingest, committed).await?;
+    load.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -> anyhow::Result<()>
 {

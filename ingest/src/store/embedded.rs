@@ -327,6 +327,17 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+        EmbeddedStore::open_unless_serving(dir)?.ok_or_else(|| {
+            StoreError::Backend(format!(
+                "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
+                dir.join("ingest.redb").display()
+            ))
+        })
+    }
+
+    /// Opens (or creates) the store in `dir`; None when another process
+    /// (a running `serve`) has it open.
+    pub fn open_unless_serving(dir: &Path) -> Result<Option<EmbeddedStore>> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!(
                 "cannot create data directory {}: {e}",
@@ -337,13 +348,16 @@ impl EmbeddedStore {
             guantong_proto::keyfile::load_or_create(&dir.join(crate::evidence::KEY_FILE))
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
         let path = dir.join("ingest.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
-                path.display()
-            )),
-            other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
-        })?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
+            Err(other) => {
+                return Err(StoreError::Backend(format!(
+                    "cannot open {}: {other}",
+                    path.display()
+                )));
+            }
+        };
         let txn = db.begin_write().map_err(db_err)?;
         {
             txn.open_table(GATEWAYS).map_err(db_err)?;
@@ -373,13 +387,13 @@ impl EmbeddedStore {
             .name("ingest-writer".into())
             .spawn(move || group_commit_loop(&writer_db, rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(EmbeddedStore {
+        Ok(Some(EmbeddedStore {
             db,
             digest_key: Arc::new(digest_key),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             path,
-        })
+        }))
     }
 
     pub fn path(&self) -> &Path {
