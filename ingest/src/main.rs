@@ -56,7 +56,7 @@ enum Command {
     /// The operator CA for gateway client certificates (mutual TLS).
     #[command(subcommand)]
     Ca(guantong_ingest::ca::CaCommand),
-    /// Issue a gateway a new token (run while the server is stopped); the
+    /// Issue a gateway a new token (while `serve` runs, through it); the
     /// old one keeps working for `--grace`, so buffered data keeps flowing
     /// until the gateway's config has the new one.
     RotateGatewayToken {
@@ -67,11 +67,11 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
     },
-    /// Manage enterprises (run while the server is stopped, or use the API).
+    /// Manage enterprises (`add` works while `serve` runs, through it).
     #[command(subcommand)]
     Enterprise(EnterpriseCommand),
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
-    /// (run while the server is stopped, or PUT it to the API).
+    /// (while `serve` runs, through it).
     ImportEquipment {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -82,7 +82,7 @@ enum Command {
         /// (or the Chinese headers 设备编号,设备名称,…).
         file: PathBuf,
     },
-    /// Make a gateway belong to an enterprise (run while the server is stopped).
+    /// Make a gateway belong to an enterprise (while `serve` runs, through it).
     AssignGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -90,8 +90,8 @@ enum Command {
         #[arg(long)]
         enterprise: String,
     },
-    /// Create or replace an account and print its new token (run while the
-    /// server is stopped, or POST /api/v1/accounts).
+    /// Create or replace an account and print its new token (while `serve`
+    /// runs, through it: POST /api/v1/accounts).
     AddAccount {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -187,7 +187,7 @@ enum Command {
         #[arg(long = "gateway")]
         gateways: Vec<String>,
     },
-    /// Register a gateway and print its token (run while the server is stopped).
+    /// Register a gateway and print its token (while `serve` runs, through it).
     RegisterGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
