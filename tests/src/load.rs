@@ -142,6 +142,21 @@ pub async fn register(data: &Path, prefix: &str, shape: Shape) -> anyhow::Result
     Ok(tokens)
 }
 
+/// Registers `shape`'s gateways in `work/data`, starts the real ingest on
+/// it (ports chosen by the OS) and the gateways streaming to it.
+pub async fn start_with_ingest(
+    work: &Path,
+    prefix: &str,
+    shape: Shape,
+) -> anyhow::Result<(crate::procs::IngestProc, Load)> {
+    let data = work.join("data");
+    let tokens = register(&data, prefix, shape).await?;
+    let any = "127.0.0.1:0".parse()?;
+    let ingest = crate::procs::IngestProc::start(&data, any, any).await?;
+    let load = Load::start(work, prefix, shape, ingest.grpc, ingest.ca_file(), &tokens)?;
+    Ok((ingest, load))
+}
+
 /// What one gateway's driver counted.
 #[derive(Debug, Default)]
 struct Counts {

@@ -127,7 +127,6 @@ async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() ->
 async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -> anyhow::Result<()>
 {
     let work = tempfile::tempdir()?;
-    let data = work.path().join("data");
     let prefix = format!("kill{}", std::process::id());
     // 200 points/s in 20 batches/s: light enough for a debug build on a
     // busy machine (about 0.5 ms of CPU per point), so the test measures
@@ -137,17 +136,8 @@ async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -
         tags: 50,
         interval_ms: 1000,
     };
-    let tokens = load::register(&data, &prefix, shape).await?;
-    let any = "127.0.0.1:0".parse()?;
-    let mut ingest = IngestProc::start(&data, any, any).await?;
-    let load = Load::start(
-        work.path(),
-        &prefix,
-        shape,
-        ingest.grpc,
-        ingest.ca_file(),
-        &tokens,
-    )?;
+    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
+    let data = ingest.data.clone();
     wait_acked(&load, &mut ingest, 1).await?;
     for kill in 0..4u64 {
         // At a different moment of the write path each time.

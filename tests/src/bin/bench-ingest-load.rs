@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use guantong_e2e::bench::{cpu_seconds, percentile, rss_mib};
-use guantong_e2e::load::{self, COMMIT_INTERVAL, Load, MAX_BATCH_POINTS, Shape};
-use guantong_e2e::procs::IngestProc;
+use guantong_e2e::load::{self, COMMIT_INTERVAL, MAX_BATCH_POINTS, Shape};
 use guantong_proto::v1::{Batch, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
@@ -198,7 +197,6 @@ fn raw_redb(shape: Shape, seconds: u64) -> anyhow::Result<(f64, f64)> {
 
 async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Result<Figures> {
     let work = tempfile::tempdir()?;
-    let data = work.path().join("data");
     let prefix = format!("load{}", std::process::id());
     println!(
         "{name}: {} gateways × {} tags every {} ms = {:.0} points/s offered; registering…",
@@ -207,18 +205,8 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
         shape.interval_ms,
         shape.rate()
     );
-    let tokens = load::register(&data, &prefix, shape).await?;
-    let any = "127.0.0.1:0".parse()?;
-    let mut ingest = IngestProc::start(&data, any, any).await?;
+    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
     let pid = ingest.proc.pid().context("ingest pid")?;
-    let load = Load::start(
-        work.path(),
-        &prefix,
-        shape,
-        ingest.grpc,
-        ingest.ca_file(),
-        &tokens,
-    )?;
     // Warm up: every stream connected, its manifest stored and a batch acked.
     let deadline = Instant::now() + Duration::from_secs(300);
     while load.gateways_acked() < shape.gateways {
