@@ -389,7 +389,7 @@ impl Driver {
                 _ = tick.tick() => {}
             }
             ticks += 1;
-            if ticks % per_commit == 0 && !producing.is_cancelled() {
+            if ticks.is_multiple_of(per_commit) && !producing.is_cancelled() {
                 self.commit().await?;
             }
             self.poll().await?;
