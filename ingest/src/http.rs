@@ -8,6 +8,7 @@
 //! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
 //! | `GET /api/v1/losses`  | data dropped by gateways and sequence gaps                |
 //! | `GET /api/v1/chain`   | evidence chain per gateway buffer: verified range, head, breaks |
+//! | gateways (admin)      | see the `ops` module: register, rotate a token            |
 //! | registry, reports     | see the `web` module: enterprises, equipment, accounts, access log, reports, city view |
 //!
 //! Every route but `/healthz` and `/login` needs an account token (`web`).
@@ -81,6 +82,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/report/{code}", get(web::report_page::<S>))
         .route("/city", get(web::city_page::<S>))
         .route("/api/v1/digests", get(digests::<S>))
+        .merge(crate::ops::routes::<S>())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             web::authenticate::<S>,

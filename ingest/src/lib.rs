@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod ops;
 pub mod registry;
 pub mod store;
 pub mod tls;

@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use guantong_ingest::acceptance::Criteria;
+use guantong_ingest::ops::Target;
 use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;
+use reqwest::Method;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -58,7 +60,7 @@ enum Command {
     /// The operator CA for gateway client certificates (mutual TLS).
     #[command(subcommand)]
     Ca(guantong_ingest::ca::CaCommand),
-    /// Issue a gateway a new token (run while the server is stopped); the
+    /// Issue a gateway a new token (while `serve` runs, through it); the
     /// old one keeps working for `--grace`, so buffered data keeps flowing
     /// until the gateway's config has the new one.
     RotateGatewayToken {
@@ -69,11 +71,11 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
     },
-    /// Manage enterprises (run while the server is stopped, or use the API).
+    /// Manage enterprises (`add` works while `serve` runs, through it).
     #[command(subcommand)]
     Enterprise(EnterpriseCommand),
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
-    /// (run while the server is stopped, or PUT it to the API).
+    /// (while `serve` runs, through it).
     ImportEquipment {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -84,7 +86,7 @@ enum Command {
         /// (or the Chinese headers 设备编号,设备名称,…).
         file: PathBuf,
     },
-    /// Make a gateway belong to an enterprise (run while the server is stopped).
+    /// Make a gateway belong to an enterprise (while `serve` runs, through it).
     AssignGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -92,8 +94,8 @@ enum Command {
         #[arg(long)]
         enterprise: String,
     },
-    /// Create or replace an account and print its new token (run while the
-    /// server is stopped, or POST /api/v1/accounts).
+    /// Create or replace an account and print its new token (while `serve`
+    /// runs, through it: POST /api/v1/accounts).
     AddAccount {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -192,7 +194,7 @@ enum Command {
         #[arg(long = "gateway")]
         gateways: Vec<String>,
     },
-    /// Register a gateway and print its token (run while the server is stopped).
+    /// Register a gateway and print its token (while `serve` runs, through it).
     RegisterGateway {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -296,6 +298,14 @@ fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Res
     Ok(())
 }
 
+/// The `token` of a server's answer.
+fn token_of(answer: &serde_json::Value) -> anyhow::Result<String> {
+    answer["token"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("the server's answer has no token: {answer}"))
+}
+
 /// `serve` options of the security work: TLS, quotas, validation, proxies.
 #[derive(clap::Args)]
 struct ServeSecurity {
@@ -397,8 +407,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             e.validate(&criteria.industries)
                 .map_err(anyhow::Error::msg)?;
-            let store = EmbeddedStore::open(&data)?;
-            store.put_enterprise(&e)?;
+            match Target::open(&data)? {
+                Target::Local(store) => store.put_enterprise(&e)?,
+                Target::Remote(server) => {
+                    server.send(Method::POST, "/api/v1/enterprises", &e).await?;
+                }
+            }
             eprintln!("registered enterprise {} ({})", e.code, e.name);
             Ok(())
         }
@@ -417,8 +431,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let list = parse_equipment_csv(&text).map_err(|problems| {
                 anyhow::anyhow!("{}:\n  {}", file.display(), problems.join("\n  "))
             })?;
-            let store = EmbeddedStore::open(&data)?;
-            store.put_equipment(&enterprise, &list)?;
+            match Target::open(&data)? {
+                Target::Local(store) => store.put_equipment(&enterprise, &list)?,
+                Target::Remote(server) => {
+                    let path = format!("/api/v1/enterprises/{enterprise}/equipment");
+                    server.send(Method::PUT, &path, &list).await?;
+                }
+            }
             eprintln!(
                 "imported {} entries ({} production equipment) for {enterprise}",
                 list.len(),
@@ -431,8 +450,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateway,
             enterprise,
         } => {
-            let store = EmbeddedStore::open(&data)?;
-            store.assign_gateway(&gateway, &enterprise)?;
+            match Target::open(&data)? {
+                Target::Local(store) => store.assign_gateway(&gateway, &enterprise)?,
+                Target::Remote(server) => {
+                    let path = format!("/api/v1/gateways/{gateway}/enterprise");
+                    let body = serde_json::json!({ "enterprise": enterprise });
+                    server.send(Method::PUT, &path, &body).await?;
+                }
+            }
             eprintln!("gateway {gateway} belongs to {enterprise}");
             Ok(())
         }
@@ -452,8 +477,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 all_enterprises,
             };
             guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
-            let store = EmbeddedStore::open(&data)?;
-            let token = store.put_account(&account)?;
+            let token = match Target::open(&data)? {
+                Target::Local(store) => store.put_account(&account)?,
+                Target::Remote(server) => {
+                    let answer = server
+                        .send(Method::POST, "/api/v1/accounts", &account)
+                        .await?;
+                    token_of(&answer)?
+                }
+            };
             eprintln!("account {} ({:?}); its token:", account.name, account.role);
             println!("{token}");
             Ok(())
@@ -583,8 +615,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Ca(command) => command.run(),
         Command::RotateGatewayToken { data, id, grace } => {
-            let store = EmbeddedStore::open(&data)?;
-            let token = store.rotate_token(&id, grace).await?;
+            let token = match Target::open(&data)? {
+                Target::Local(store) => store.rotate_token(&id, grace).await?,
+                Target::Remote(server) => {
+                    let path = format!("/api/v1/gateways/{id}/token");
+                    let body = guantong_ingest::ops::RotateToken { grace };
+                    token_of(&server.send(Method::POST, &path, &body).await?)?
+                }
+            };
             eprintln!(
                 "new token for gateway `{id}`; the old one stays valid for {}. Put this in its config under [uplink] token (or token_file):",
                 humantime::format_duration(grace)
@@ -598,34 +636,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             public_key,
             key_algorithm,
         } => {
-            let public_key = match public_key {
-                Some(h) => {
-                    let algorithm = guantong_proto::chain::Algorithm::from_name(&key_algorithm)
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "--key-algorithm: `{key_algorithm}` is not ed25519 or sm2"
-                            )
-                        })?;
-                    let bytes = hex::decode(h.trim()).map_err(|e| {
-                        anyhow::anyhow!(
-                            "--public-key: not hex ({e}); copy it from `guantong-gateway identity`"
-                        )
-                    })?;
-                    Some(
-                        guantong_proto::chain::PublicKey::new(algorithm, bytes).map_err(|e| {
-                            anyhow::anyhow!("--public-key with --key-algorithm {algorithm}: {e} (copy both from `guantong-gateway identity`)")
-                        })?,
-                    )
+            let key = public_key
+                .as_deref()
+                .map(|h| guantong_ingest::ops::parse_public_key(&key_algorithm, h))
+                .transpose()
+                .map_err(|m| anyhow::anyhow!("--public-key, --key-algorithm: {m}"))?;
+            guantong_ingest::ops::check_gateway_id(&id).map_err(anyhow::Error::msg)?;
+            let token = match Target::open(&data)? {
+                Target::Local(store) => store.register_gateway(&id, key.clone()).await?,
+                Target::Remote(server) => {
+                    let body = guantong_ingest::ops::RegisterGateway {
+                        id: id.clone(),
+                        public_key,
+                        key_algorithm: Some(key_algorithm),
+                    };
+                    token_of(&server.send(Method::POST, "/api/v1/gateways", &body).await?)?
                 }
-                None => None,
             };
-            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == '/') {
-                anyhow::bail!(
-                    "gateway id `{id}`: expected 1 to 128 characters without `/` or control characters"
-                );
-            }
-            let store = EmbeddedStore::open(&data)?;
-            let token = store.register_gateway(&id, public_key.clone()).await?;
+            let public_key = key;
             match &public_key {
                 Some(k) => eprintln!("bound signing key {}", k.fingerprint()),
                 None => eprintln!(
@@ -676,6 +704,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 Some(addr) => Some(guantong_ingest::metrics::serve(addr, shutdown.clone()).await?),
                 None => None,
             };
+            // Commands run beside this server reach it here (`ops`).
+            let serving = serde_json::json!({
+                "http": running.http_addr.to_string(),
+                "tls": security.tls.http_tls,
+            });
+            let serving_file = data.join(guantong_ingest::ops::SERVING_FILE);
+            std::fs::write(&serving_file, serving.to_string())
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", serving_file.display()))?;
             if let Some(path) = ports_file {
                 let mut json = serde_json::json!({
                     "grpc": running.grpc_addr.to_string(),

@@ -131,31 +131,49 @@ impl LocalIngest {
         compression: Compression,
         window: u32,
     ) -> UplinkConfig {
-        UplinkConfig {
-            endpoint: match self.ca_file {
-                Some(_) => format!("https://{endpoint}"),
-                None => format!("http://{endpoint}"),
-            },
-            token: self.token.clone(),
-            token_file: None,
-            token_env: None,
-            plaintext: self.ca_file.is_none(),
-            ca_file: self.ca_file.clone(),
-            cert_file: None,
-            key_file: None,
-            server_name: None,
-            max_in_flight: std::num::NonZeroU32::new(window.max(1)).expect("nonzero"),
-            max_batch_points: std::num::NonZeroU32::new(10_000).expect("nonzero"),
-            connect_timeout: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(1),
+        uplink_config(
+            endpoint,
+            &self.token,
+            self.ca_file.clone(),
             compression,
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(10),
-        }
+            window,
+        )
     }
 
     pub async fn stored_points(&self) -> anyhow::Result<u64> {
         Ok(self.store.series().await?.iter().map(|s| s.samples).sum())
+    }
+}
+
+/// A gateway's uplink to the ingest at `endpoint`: TLS trusting `ca_file`,
+/// or plaintext without one; `window` batches in flight.
+pub fn uplink_config(
+    endpoint: std::net::SocketAddr,
+    token: &str,
+    ca_file: Option<std::path::PathBuf>,
+    compression: Compression,
+    window: u32,
+) -> UplinkConfig {
+    UplinkConfig {
+        endpoint: match ca_file {
+            Some(_) => format!("https://{endpoint}"),
+            None => format!("http://{endpoint}"),
+        },
+        token: token.to_string(),
+        token_file: None,
+        token_env: None,
+        plaintext: ca_file.is_none(),
+        ca_file,
+        cert_file: None,
+        key_file: None,
+        server_name: None,
+        max_in_flight: std::num::NonZeroU32::new(window.max(1)).expect("nonzero"),
+        max_batch_points: std::num::NonZeroU32::new(10_000).expect("nonzero"),
+        connect_timeout: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(1),
+        compression,
+        keepalive_interval: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(10),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod browser;
 pub mod evidence;
+pub mod load;
 pub mod mount;
 pub mod mqtt;
 pub mod opcua;

@@ -319,6 +319,8 @@ pub struct EmbeddedStore {
     /// Signs daily digests (`evidence::digest`).
     digest_key: Arc<ed25519_dalek::SigningKey>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The group-commit thread, joined on drop so the file is released.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
 }
 
@@ -337,6 +339,17 @@ fn owner_only(path: &Path, mode: u32) -> Result<()> {
 impl EmbeddedStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
+        EmbeddedStore::open_unless_serving(dir)?.ok_or_else(|| {
+            StoreError::Backend(format!(
+                "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
+                dir.join("ingest.redb").display()
+            ))
+        })
+    }
+
+    /// Opens (or creates) the store in `dir`; None when another process
+    /// (a running `serve`) has it open.
+    pub fn open_unless_serving(dir: &Path) -> Result<Option<EmbeddedStore>> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!(
                 "cannot create data directory {}: {e}",
@@ -348,13 +361,16 @@ impl EmbeddedStore {
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
         let path = dir.join("ingest.redb");
         owner_only(dir, 0o700)?;
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                "{} is in use by another process (is guantong-ingest serve running on this data directory?)",
-                path.display()
-            )),
-            other => StoreError::Backend(format!("cannot open {}: {other}", path.display())),
-        })?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
+            Err(other) => {
+                return Err(StoreError::Backend(format!(
+                    "cannot open {}: {other}",
+                    path.display()
+                )));
+            }
+        };
         owner_only(&path, 0o600)?;
         let txn = db.begin_write().map_err(db_err)?;
         {
@@ -381,16 +397,17 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || group_commit_loop(&writer_db, rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(EmbeddedStore {
+        Ok(Some(EmbeddedStore {
             db,
             digest_key: Arc::new(digest_key),
             jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
             path,
-        })
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -410,9 +427,14 @@ impl EmbeddedStore {
 
 impl Drop for EmbeddedStore {
     fn drop(&mut self) {
-        // Closing the channel ends the writer thread after the jobs queued.
+        // Closing the channel ends the writer thread after the jobs queued;
+        // waiting for it releases the file before the store is gone (a
+        // command that opens the store next, or `serve`, finds it free).
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.take();
+        }
+        if let Some(writer) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = writer.join();
         }
     }
 }
@@ -1698,16 +1720,15 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn window_counts_match_a_brute_force_count_for_any_window() {
+    /// A store holding `times()` in batches of 37 (seq 1, 2, ...).
+    async fn filled() -> (tempfile::TempDir, EmbeddedStore, Arc<ManifestMap>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path()).expect("open");
         let map = store
             .put_manifest("gw", manifest())
             .await
             .expect("manifest");
-        let all = times();
-        for (seq, chunk) in all.chunks(37).enumerate() {
+        for (seq, chunk) in times().chunks(37).enumerate() {
             let base = chunk.iter().map(|(t, _)| *t).min().unwrap_or(0);
             let batch = Batch {
                 buffer_id: 9,
@@ -1742,6 +1763,71 @@ mod tests {
                 AppendOutcome::Stored
             );
         }
+        (dir, store, map)
+    }
+
+    #[tokio::test]
+    async fn verify_finds_every_rollup_that_disagrees_with_the_stored_points() {
+        let (_dir, store, map) = filled().await;
+        let clean = store.verify_chains().expect("verify");
+        assert_eq!(clean.query_tables, Vec::<String>::new());
+        let series = map.series[0];
+        let (t0, _) = *times().last().expect("points");
+        let txn = store.db.begin_write().expect("write");
+        {
+            let mut days = txn.open_table(DAYS).expect("days");
+            let key = (series, rollup::day_of(t0));
+            let mut d =
+                rollup::SeriesDay::decode(days.get(key).expect("get").expect("row").value())
+                    .expect("decode");
+            d.good += 1;
+            days.insert(key, d.encode_to_vec().as_slice()).expect("put");
+            let mut hours = txn.open_table(HOURS).expect("hours");
+            let key = (series, rollup::hour_of(t0 + 7_000));
+            let (n, sum, min, max) = hours.get(key).expect("get").expect("row").value();
+            hours.insert(key, (n, sum, min, max + 1.0)).expect("put");
+            let mut state = txn.open_table(STATE).expect("state");
+            let mut s = SeriesState::decode(state.get(series).expect("get").expect("row").value())
+                .expect("decode");
+            s.bad += 1;
+            state
+                .insert(series, s.encode_to_vec().as_slice())
+                .expect("put");
+            let mut gateway_days = txn.open_table(GATEWAY_DAYS).expect("gateway days");
+            gateway_days
+                .remove(("gw", rollup::day_of(0)))
+                .expect("remove");
+            let mut runs = txn.open_table(RUNS).expect("runs");
+            let first_run = runs
+                .range((series, rollup::RUN_DATA, i64::MIN)..)
+                .expect("range")
+                .next()
+                .expect("a run")
+                .expect("read")
+                .0
+                .value();
+            runs.remove(first_run).expect("remove");
+        }
+        txn.commit().expect("commit");
+        let found = store.verify_chains().expect("verify").query_tables;
+        for what in [
+            "the day rollup says",
+            "the hour rollup says",
+            "the series totals say",
+            "the gateway day rollup counts 0 points but 200 are stored",
+            "stored points lie outside every data run",
+        ] {
+            assert!(
+                found.iter().any(|p| p.contains(what)),
+                "no problem says `{what}`: {found:#?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn window_counts_match_a_brute_force_count_for_any_window() {
+        let (_dir, store, map) = filled().await;
+        let all = times();
         let series = map.series[0];
         let first = all.iter().map(|(t, _)| *t).min().unwrap_or(0);
         let windows = [
@@ -1793,7 +1879,8 @@ pub struct ChainVerification {
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreVerification {
     pub chains: Vec<ChainVerification>,
-    /// The query tables disagree with themselves (minute counters vs points).
+    /// The query tables disagree with themselves: minute counters or rollups
+    /// (days, hours, runs, series totals, gateway days) vs the stored points.
     pub query_tables: Vec<String>,
 }
 
@@ -1801,12 +1888,13 @@ impl EmbeddedStore {
     /// Re-verifies every stored chain from the original signed bytes, as an
     /// auditor would: recomputes each link hash, checks each signature with
     /// the gateway's bound key, each batch's own numbers, and each link's
-    /// predecessor; and compares each signed batch with the points the query
-    /// tables serve for it. Reads only; works while nothing else has the file
+    /// predecessor; compares each signed batch with the points the query
+    /// tables serve for it, and every rollup with the stored points. Reads only; works while nothing else has the file
     /// open.
     pub fn verify_chains(&self) -> Result<StoreVerification> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let mut query = evidence::QueryTables::read(&txn)?;
+        query.problems.extend(rollups::cross_check(&txn)?);
         let signed = txn.open_table(SIGNED).map_err(db_err)?;
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
         let mut out: Vec<ChainVerification> = Vec::new();

@@ -1,6 +1,8 @@
 //! Writing and reading the rollup tables of the embedded store (the rows are
 //! described in `store::rollup`).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
@@ -247,4 +249,243 @@ impl EmbeddedStore {
         txn.commit().map_err(db_err)?;
         Ok(())
     }
+}
+
+/// Totals recomputed from the stored points, to compare with the rollups.
+#[derive(Default, PartialEq, Debug, Clone, Copy)]
+struct Recount {
+    good: u64,
+    uncertain: u64,
+    bad: u64,
+    backfilled: u64,
+}
+
+impl Recount {
+    fn add(&mut self, p: &guantong_proto::v1::Point, backfill: bool) {
+        match crate::evidence::points::quality_byte(p) {
+            0 => self.good += 1,
+            1 => self.uncertain += 1,
+            _ => self.bad += 1,
+        }
+        if backfill {
+            self.backfilled += 1;
+        }
+    }
+}
+
+/// Compares every rollup with the stored points (`verify-chain`): per
+/// series and day the counts by quality and backfilled, per series and hour
+/// the count, min and max of Good numbers, per series its totals, per
+/// gateway and day of receipt the points, and that every stored point that
+/// is not Bad lies in one of its series' data runs. Returns one line per
+/// disagreement.
+pub(super) fn cross_check(txn: &redb::ReadTransaction) -> Result<Vec<String>> {
+    use super::{CHUNKS, Chunk, STATE, SeriesState};
+    let mut names: HashMap<u64, SeriesMeta> = HashMap::new();
+    for entry in txn
+        .open_table(SERIES)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let meta = serde_json::from_slice(v.value())
+            .map_err(|e| StoreError::Backend(format!("series: {e}")))?;
+        names.insert(k.value(), meta);
+    }
+    let mut days: BTreeMap<(u64, i64), Recount> = BTreeMap::new();
+    let mut totals: BTreeMap<u64, Recount> = BTreeMap::new();
+    let mut hours: BTreeMap<(u64, i64), (u64, f64, f64)> = BTreeMap::new();
+    let mut gateway_days: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    // Series -> times of its points that are not Bad.
+    let mut data_times: HashMap<u64, Vec<i64>> = HashMap::new();
+    for entry in txn
+        .open_table(CHUNKS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let series = k.value().0;
+        let chunk = decode::<Chunk>(v.value(), "chunk")?;
+        let gateway = names.get(&series).map_or("?", |m| m.gateway.as_str());
+        *gateway_days
+            .entry((gateway.to_string(), rollup::day_of(chunk.received_at_ms)))
+            .or_default() += chunk.points.len() as u64;
+        for p in &chunk.points {
+            let t = chunk.base_ms + p.time_offset_ms;
+            days.entry((series, rollup::day_of(t)))
+                .or_default()
+                .add(p, chunk.backfill);
+            totals.entry(series).or_default().add(p, chunk.backfill);
+            let quality = crate::evidence::points::quality_byte(p);
+            if quality != 2 {
+                data_times.entry(series).or_default().push(t);
+            }
+            if quality == 0
+                && let Some(x) = rollup::value_f64(&p.value)
+            {
+                let h = hours
+                    .entry((series, rollup::hour_of(t)))
+                    .or_insert((0, x, x));
+                h.0 += 1;
+                h.1 = h.1.min(x);
+                h.2 = h.2.max(x);
+            }
+        }
+    }
+    let name = |series: u64| {
+        names.get(&series).map_or_else(
+            || format!("series {series}"),
+            |m| format!("gateway {} series {}/{}", m.gateway, m.device, m.tag),
+        )
+    };
+    let mut problems = Vec::new();
+
+    let mut rolled: BTreeMap<(u64, i64), Recount> = BTreeMap::new();
+    for entry in txn
+        .open_table(DAYS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let d = decode::<SeriesDay>(v.value(), "day rollup")?;
+        let recount = Recount {
+            good: d.good,
+            uncertain: d.uncertain,
+            bad: d.bad,
+            backfilled: d.backfilled,
+        };
+        rolled.insert(k.value(), recount);
+    }
+    for key in rolled
+        .keys()
+        .chain(days.keys())
+        .copied()
+        .collect::<BTreeSet<_>>()
+    {
+        let (r, s) = (rolled.get(&key).copied(), days.get(&key).copied());
+        if r.unwrap_or_default() != s.unwrap_or_default() {
+            problems.push(format!(
+                "{} day {}: the day rollup says {:?} but the stored points are {:?}",
+                name(key.0),
+                crate::http::rfc3339(key.1),
+                r.unwrap_or_default(),
+                s.unwrap_or_default()
+            ));
+        }
+    }
+
+    let mut rolled_hours: BTreeMap<(u64, i64), (u64, f64, f64)> = BTreeMap::new();
+    for entry in txn
+        .open_table(HOURS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let (n, _sum, min, max) = v.value();
+        rolled_hours.insert(k.value(), (n, min, max));
+    }
+    let hour_keys: BTreeSet<_> = rolled_hours.keys().chain(hours.keys()).copied().collect();
+    for key in hour_keys {
+        let (r, s) = (rolled_hours.get(&key), hours.get(&key));
+        if r != s {
+            problems.push(format!(
+                "{} hour {}: the hour rollup says (count, min, max) {r:?} but the stored points give {s:?}",
+                name(key.0),
+                crate::http::rfc3339(key.1),
+            ));
+        }
+    }
+
+    for entry in txn
+        .open_table(STATE)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let s = decode::<SeriesState>(v.value(), "series state")?;
+        let stated = Recount {
+            good: s.good,
+            uncertain: s.uncertain,
+            bad: s.bad,
+            backfilled: s.backfilled,
+        };
+        let stored = totals.remove(&k.value()).unwrap_or_default();
+        if stated != stored {
+            problems.push(format!(
+                "{}: the series totals say {stated:?} but the stored points are {stored:?}",
+                name(k.value())
+            ));
+        }
+    }
+    for (series, stored) in totals {
+        problems.push(format!(
+            "{}: {stored:?} stored points but no series totals",
+            name(series)
+        ));
+    }
+
+    let mut rolled_gateways: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for entry in txn
+        .open_table(GATEWAY_DAYS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let (gateway, day) = k.value();
+        let d = decode::<GatewayDay>(v.value(), "gateway day rollup")?;
+        rolled_gateways.insert((gateway.to_string(), day), d.points);
+    }
+    let gateway_keys: BTreeSet<_> = rolled_gateways
+        .keys()
+        .chain(gateway_days.keys())
+        .cloned()
+        .collect();
+    for key in gateway_keys {
+        let (r, s) = (rolled_gateways.get(&key), gateway_days.get(&key));
+        if r != s {
+            problems.push(format!(
+                "gateway {} day of receipt {}: the gateway day rollup counts {} points but {} are stored",
+                key.0,
+                crate::http::rfc3339(key.1),
+                r.copied().unwrap_or_default(),
+                s.copied().unwrap_or_default()
+            ));
+        }
+    }
+
+    let runs = txn.open_table(RUNS).map_err(db_err)?;
+    for (series, times) in data_times {
+        let mut outside = 0u64;
+        for t in &times {
+            // Usually the latest run starting before t; a backfill may have
+            // left a longer run further back, so look at all on a miss.
+            let mut before = runs
+                .range((series, rollup::RUN_DATA, i64::MIN)..=(series, rollup::RUN_DATA, *t))
+                .map_err(db_err)?
+                .rev();
+            let mut covered = false;
+            for run in before.by_ref() {
+                if run.map_err(db_err)?.1.value() >= *t {
+                    covered = true;
+                    break;
+                }
+            }
+            if !covered {
+                outside += 1;
+            }
+        }
+        if outside > 0 {
+            problems.push(format!(
+                "{}: {outside} stored points lie outside every data run",
+                name(series)
+            ));
+        }
+    }
+    Ok(problems)
 }
