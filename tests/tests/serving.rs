@@ -113,8 +113,18 @@ async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() ->
     // A new token while serving; the old one stays valid for its grace.
     let rotated = ingest_cli(&["rotate-gateway-token", &id, "--grace", "1h"], &data)?;
     assert_ne!(rotated, token);
-    // An account added while serving can read at once.
-    let reviewer = ingest_cli(&["add-account", "auditor", "--role", "reviewer"], &data)?;
+    // An account added while serving can read at once (a reviewer of every
+    // enterprise: one with none listed sees nothing).
+    let reviewer = ingest_cli(
+        &[
+            "add-account",
+            "auditor",
+            "--role",
+            "reviewer",
+            "--all-enterprises",
+        ],
+        &data,
+    )?;
     let chains = ingest.api_as(Some(reviewer)).get("/api/v1/chain").await?;
     assert!(chains.to_string().contains(&id), "{chains}");
     let committed = load.totals().committed;
