@@ -144,10 +144,13 @@ async fn a_dead_unit_does_not_stall_the_line() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (d1, d2) = (one.counter() - c1, two.counter() - c2);
     // 6 s at 200 ms is 30 polls; the dead unit may take one 400 ms timeout
-    // every 3 s (max_backoff) at most, costing two or three polls.
+    // every 3 s (max_backoff) at most, costing two or three polls, and after
+    // each the live units' next poll waits half an interval rather than
+    // catching up at once (no sample read twice). A stalled line, waiting
+    // out the dead unit's timeout every cycle, manages about 10.
     for (unit, polls) in [(1, d1), (2, d2)] {
         assert!(
-            polls >= 24,
+            polls >= 20,
             "unit {unit} was polled {polls} times in 6 s at 200 ms\n{}",
             s.logs()
         );
