@@ -8,7 +8,8 @@
 //! every value arrived exactly once. `set_fault(true)` makes the device answer
 //! every request with exception 4 (server device failure) without counting.
 //! `set_hole(a)` makes holding register `a` absent: any read covering it is
-//! answered with exception 2 (illegal data address), as real devices do.
+//! answered with exception 2 (illegal data address), as real devices do;
+//! `clear_hole(a)` gives it back (a device fixed on site).
 //! Function 43/14 answers vendor `Guantong`, product `SIM-1`, revision `1.0`.
 //!
 //! `SimBus` puts several `SimDevice`s on one RTU line, by unit id, served
@@ -140,6 +141,10 @@ impl SimDevice {
 
     pub fn set_hole(&self, address: u16) {
         self.with(|s| s.holes.push(address));
+    }
+
+    pub fn clear_hole(&self, address: u16) {
+        self.with(|s| s.holes.retain(|&h| h != address));
     }
 
     pub fn requests(&self) -> u64 {

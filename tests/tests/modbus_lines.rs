@@ -1,6 +1,7 @@
 //! Modbus transports and lines end to end, with the real binaries: RTU over
 //! TCP (a serial device server) and RTU over a pseudo-terminal pair, several
-//! units on one line with one dead, a device with holes in its map, and the
+//! units on one line with one dead, a device with holes in its map (bisected
+//! out, retried until fixed), and the
 //! inter-frame delay measured on the wire by a relay.
 
 use std::net::SocketAddr;
@@ -49,20 +50,8 @@ impl Setup {
 
     /// Waits until every standard tag of `device` has its expected Good value.
     async fn expect_standard_values(&self, device: &str) {
-        let api = self.ingest.api();
         for (tag, expected) in standard_expected() {
-            let got = wait_for(
-                &format!("{device}/{tag}"),
-                Duration::from_secs(30),
-                || async {
-                    Ok(api
-                        .tag(GW, device, tag)
-                        .await?
-                        .filter(|t| t["last_quality"] == "good"))
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+            let got = self.wait_quality(device, tag, "good").await;
             assert!(
                 close(&got["last_value"], &expected),
                 "{device}/{tag}: got {} expected {expected}\n{}",
@@ -70,6 +59,23 @@ impl Setup {
                 self.logs()
             );
         }
+    }
+
+    /// Waits (30 s at most) until `device/tag`'s last quality is `quality`.
+    async fn wait_quality(&self, device: &str, tag: &str, quality: &str) -> Value {
+        let api = self.ingest.api();
+        wait_for(
+            &format!("{device}/{tag} {quality}"),
+            Duration::from_secs(30),
+            || async {
+                Ok(api
+                    .tag(GW, device, tag)
+                    .await?
+                    .filter(|t| t["last_quality"] == quality))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     async fn points(&self, device: &str, tag: &str) -> Vec<Value> {
@@ -216,6 +222,71 @@ async fn an_exception_in_a_merged_read_costs_only_the_bad_tag() -> anyhow::Resul
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let e2 = sim.with(|st| st.exceptions);
     assert_eq!(e1, e2, "refused reads are repeated\n{}", s.logs());
+    Ok(())
+}
+
+/// One refused register inside a block of 8 tags: the merged read is
+/// bisected, so a poll costs at most 3 requests (not one per tag), the
+/// refused tag is Bad with exception 2 and the others Good; once the device
+/// has the register again, the slow retry (`max_backoff`) finds it and the
+/// block is one merged read again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_address_is_bisected_out_and_retried_until_it_returns() -> anyhow::Result<()> {
+    const HOLE: u16 = 5;
+    let sim = SimDevice::new();
+    sim.set_hole(HOLE);
+    let (addr, _task) = sim.serve(any_port()).await?;
+    // Holding 0-1 is the counter: one increment per read covering it, so
+    // one per poll whatever the plan.
+    let mut device = format!(
+        "\n[[devices]]\nid = \"bisect\"\nprotocol = \"modbus-tcp\"\nhost = \"{}\"\nport = {}\nunit = 1\npoll_interval = \"100ms\"\ntimeout = \"2s\"\nmax_backoff = \"2s\"\n\n[[devices.tags]]\nname = \"counter\"\ntable = \"holding\"\naddress = 0\ntype = \"u32\"\n",
+        addr.ip(),
+        addr.port()
+    );
+    for a in 2..=8 {
+        device += &format!(
+            "\n[[devices.tags]]\nname = \"r{a}\"\ntable = \"holding\"\naddress = {a}\ntype = \"u16\"\n"
+        );
+    }
+    let s = Setup::start(&device).await?;
+    let refused = format!("r{HOLE}");
+    let bad = s.wait_quality("bisect", &refused, "bad").await;
+    assert_eq!(bad["last_quality_code"], 0x0001_0002, "{bad}");
+    for a in (2..=8).filter(|&a| a != HOLE) {
+        s.wait_quality("bisect", &format!("r{a}"), "good").await;
+    }
+    // Requests per poll after the split, over at least 5 polls; the window
+    // may cut a poll at each end, and may hold one retry.
+    let per_poll = |limit: u64| {
+        let sim = sim.clone();
+        async move {
+            let (c0, r0) = (sim.counter(), sim.requests());
+            let start = Instant::now();
+            while sim.counter() < c0 + 5 && start.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let (polls, requests) = (u64::from(sim.counter() - c0), sim.requests() - r0);
+            assert!(polls >= 5, "only {polls} polls in 30 s");
+            (requests, polls, requests <= limit * polls + limit + 1)
+        }
+    };
+    let (requests, polls, ok) = per_poll(3).await;
+    assert!(
+        ok,
+        "{requests} requests in {polls} polls (at most 3 each)\n{}",
+        s.logs()
+    );
+    // Fixed on site: within the retry period (2 s) the tag is Good again.
+    sim.clear_hole(HOLE);
+    // (generous timeout: a loaded machine)
+    s.wait_quality("bisect", &refused, "good").await;
+    // ... and the block is one merged read again.
+    let (requests, polls, ok) = per_poll(1).await;
+    assert!(
+        ok,
+        "{requests} requests in {polls} polls after the fix (1 each)\n{}",
+        s.logs()
+    );
     Ok(())
 }
 

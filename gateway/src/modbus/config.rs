@@ -53,7 +53,8 @@ pub struct ModbusConfig {
     pub max_gap: u16,
     /// Registers one read may carry (1-125); some devices accept fewer.
     pub max_registers: u16,
-    /// Longest wait between polls of a unit that stopped answering.
+    /// Longest wait between polls of a unit that stopped answering, and
+    /// between reads of an address it refused.
     pub max_backoff: Duration,
     /// Read device identification (function 43/14) at start-up.
     pub identify: bool,

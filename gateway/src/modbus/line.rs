@@ -18,9 +18,12 @@
 //! that answered their previous poll. One answer (even an exception) ends the
 //! backoff.
 //!
-//! Exceptions: see `plan` — a merged request that draws exception 2 or 3 is
-//! split into single-tag requests; tags that fail alone are remembered and
-//! reported Bad with their exception without being read again.
+//! Exceptions: a request that draws exception 2 or 3 is bisected (`plan::halve`)
+//! until the refused tags stand alone; the answered halves stay merged in the
+//! group's plan. A refused tag is reported Bad with its exception every poll
+//! without being read, and read again every `max_backoff`: when the device
+//! answers it (fixed on site), the group is planned afresh, so the tag rejoins
+//! merged reads without a restart.
 //!
 //! Poll path: a unit keeps each tag as a 24-byte `TagReader` (names and
 //! units are in the manifest) and numbers its samples `first_tag + index`;
@@ -66,8 +69,17 @@ pub struct Unit {
     /// Consecutive polls without an answer.
     failures: u32,
     resume_at: Option<Instant>,
-    /// Tags the device refuses on their own, with the quality code.
-    refused: HashMap<usize, u32>,
+    /// Tags the device refuses on their own.
+    refused: HashMap<usize, Refusal>,
+}
+
+/// A tag the device refused on its own.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    /// Quality code of the exception.
+    code: u32,
+    /// When to read it again.
+    retry_at: Instant,
 }
 
 impl Unit {
@@ -308,19 +320,14 @@ impl Line {
         let requests = Arc::clone(&self.units[u].groups[g].plan);
         out.reserve(requests.iter().map(|r| r.tags.len()).sum());
         let mut replanned: Option<Vec<ReadRequest>> = None;
+        let mut rejoined = false;
         for (n, r) in requests.iter().enumerate() {
-            // Tags refused earlier are reported without asking again.
-            let unit = &self.units[u];
-            let mut asked = r.tags.len();
-            if !unit.refused.is_empty() {
-                for &(i, _) in &r.tags {
-                    if let Some(&code) = unit.refused.get(&i) {
-                        out.push(Sample::bad(unit.tag_id(i), now_ms(), code));
-                        asked -= 1;
-                    }
-                }
-            }
-            if asked == 0 {
+            // A refused tag is reported without asking, until its retry.
+            if let [(i, _)] = r.tags[..]
+                && let Some(refusal) = self.units[u].refused.get(&i)
+                && now < refusal.retry_at
+            {
+                out.push(Sample::bad(self.units[u].tag_id(i), now_ms(), refusal.code));
                 if let Some(p) = &mut replanned {
                     p.push(r.clone());
                 }
@@ -341,36 +348,18 @@ impl Line {
             match outcome {
                 Outcome::Words(_) | Outcome::Bits(_) => {
                     self.answered(u);
+                    if let [(i, _)] = r.tags[..]
+                        && self.units[u].refused.remove(&i).is_some()
+                    {
+                        let unit = &self.units[u];
+                        info!(device = %unit.config.id, address = %unit.readers[i].address_text(), tag_index = unit.tag_id(i), "device answers a refused address again; planning it back in");
+                        rejoined = true;
+                    }
                     self.units[u].decode(r, &outcome, out);
                 }
-                Outcome::Exception(code @ (2 | 3)) if r.tags.len() > 1 => {
+                Outcome::Exception(code @ (2 | 3)) => {
                     self.answered(u);
-                    warn!(device = %self.units[u].config.id, start = r.start, count = r.count, exception = code, "merged read refused; reading its tags one by one");
-                    let singles = plan::split(&self.units[u].readers, r);
-                    let mut kept = Vec::new();
-                    for s in singles {
-                        let o = self.read(u, &s).await;
-                        match o {
-                            Outcome::Exception(c @ (2 | 3)) => {
-                                let (i, _) = s.tags[0];
-                                let unit = &mut self.units[u];
-                                warn!(device = %unit.config.id, address = %unit.readers[i].address_text(), tag_index = unit.tag_id(i), exception = c, "device refuses this address; no longer reading its tag");
-                                unit.refused
-                                    .insert(i, quality::MODBUS_EXCEPTION | u32::from(c));
-                                unit.bad(std::slice::from_ref(&s), o.code(), out);
-                                kept.push(s);
-                            }
-                            Outcome::Broken(_) => {
-                                self.units[u].bad(std::slice::from_ref(&s), o.code(), out);
-                                self.drop_connection(&o);
-                                return Err(Stop::Reconnect);
-                            }
-                            _ => {
-                                self.units[u].decode(&s, &o, out);
-                                kept.push(s);
-                            }
-                        }
-                    }
+                    let kept = self.isolate_refused(u, r, code, out).await?;
                     let plan = replanned.get_or_insert_with(|| requests[..n].to_vec());
                     plan.extend(kept);
                     continue;
@@ -412,10 +401,105 @@ impl Line {
                 p.push(r.clone());
             }
         }
-        if let Some(p) = replanned {
+        if rejoined {
+            self.replan(u, g);
+        } else if let Some(p) = replanned {
             self.units[u].groups[g].plan = Arc::new(p);
         }
         Ok(())
+    }
+
+    /// Bisects `r`, which drew exception `code`, until the refused tags
+    /// stand alone; decodes what the device answers on the way and returns
+    /// the requests that replace `r` in the plan.
+    async fn isolate_refused(
+        &mut self,
+        u: usize,
+        r: &ReadRequest,
+        code: u8,
+        out: &mut Vec<Sample>,
+    ) -> Result<Vec<ReadRequest>, Stop> {
+        if r.tags.len() > 1 {
+            let unit = &self.units[u];
+            warn!(device = %unit.config.id, start = r.start, count = r.count, exception = code, "merged read refused; bisecting it to find the refused addresses");
+        }
+        let mut kept = Vec::new();
+        let mut todo = Vec::new();
+        self.refuse_or_halve(u, r.clone(), code, &mut todo, &mut kept, out);
+        while let Some(s) = todo.pop() {
+            let o = self.read(u, &s).await;
+            match o {
+                Outcome::Exception(c @ (2 | 3)) => {
+                    self.refuse_or_halve(u, s, c, &mut todo, &mut kept, out)
+                }
+                Outcome::Broken(_) => {
+                    let unit = &self.units[u];
+                    unit.bad(std::slice::from_ref(&s), o.code(), out);
+                    unit.bad(&todo, o.code(), out);
+                    self.drop_connection(&o);
+                    return Err(Stop::Reconnect);
+                }
+                _ => {
+                    self.units[u].decode(&s, &o, out);
+                    kept.push(s);
+                }
+            }
+        }
+        kept.sort_by_key(|k| k.start);
+        Ok(kept)
+    }
+
+    /// Queues the halves of `r` (refused with exception `code`) on `todo`,
+    /// first half on top; a single tag is marked refused until its retry.
+    fn refuse_or_halve(
+        &mut self,
+        u: usize,
+        r: ReadRequest,
+        code: u8,
+        todo: &mut Vec<ReadRequest>,
+        kept: &mut Vec<ReadRequest>,
+        out: &mut Vec<Sample>,
+    ) {
+        let unit = &mut self.units[u];
+        if let Some((a, b)) = plan::halve(&unit.readers, &r) {
+            todo.push(b);
+            todo.push(a);
+            return;
+        }
+        let quality = quality::MODBUS_EXCEPTION | u32::from(code);
+        for &(i, _) in &r.tags {
+            let refusal = Refusal {
+                code: quality,
+                retry_at: Instant::now() + unit.config.max_backoff,
+            };
+            if unit.refused.insert(i, refusal).is_none() {
+                warn!(device = %unit.config.id, address = %unit.readers[i].address_text(), tag_index = unit.tag_id(i), exception = code, retry_in = ?unit.config.max_backoff, "device refuses this address; reporting its tag Bad and asking again later");
+            }
+        }
+        unit.bad(std::slice::from_ref(&r), quality, out);
+        kept.push(r);
+    }
+
+    /// Plans group `g` of unit `u` afresh from all its tags, forgetting its
+    /// refusals: addresses still refused are isolated again by the next poll.
+    fn replan(&mut self, u: usize, g: usize) {
+        let unit = &mut self.units[u];
+        let mut select: Vec<usize> = unit.groups[g]
+            .plan
+            .iter()
+            .flat_map(|r| r.tags.iter().map(|&(i, _)| i))
+            .collect();
+        select.sort_unstable();
+        select.dedup();
+        for i in &select {
+            unit.refused.remove(i);
+        }
+        unit.groups[g].plan = Arc::new(plan::plan(
+            &unit.readers,
+            &select,
+            unit.config.max_gap,
+            unit.config.max_registers,
+        ));
     }
 
     fn answered(&mut self, u: usize) {

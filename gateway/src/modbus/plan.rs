@@ -5,10 +5,11 @@
 //! the unused span between neighbours is at most `max_gap`.
 //!
 //! When a device answers a merged request with an exception (it lacks an
-//! address inside the range), the collector reads the request's tags one by
-//! one (`split`), remembers the tags that fail on their own and replaces the
-//! merged request by single-tag requests for the rest: a hole in the map
-//! costs requests, never data.
+//! address inside the range), the collector bisects it (`halve`, recursively)
+//! until the refused tags stand alone: the parts the device answers stay
+//! merged reads, so a hole in the map costs a few requests, never data.
+//! `halve` keeps each half as tight as its tags, so a register that no tag
+//! uses drops out of the reads once its neighbours are in different halves.
 
 use super::config::Table;
 use super::decode::TagReader;
@@ -73,19 +74,38 @@ pub fn plan(
     requests
 }
 
-/// One request per tag of `r`: what a merged request that drew an
-/// exception is split into.
-pub fn split(tags: &[TagReader], r: &ReadRequest) -> Vec<ReadRequest> {
-    r.tags
+/// The two halves (by tag count, in address order) of a request of at least
+/// two tags, each covering only its own tags; `None` for a single tag.
+pub fn halve(tags: &[TagReader], r: &ReadRequest) -> Option<(ReadRequest, ReadRequest)> {
+    if r.tags.len() < 2 {
+        return None;
+    }
+    let (a, b) = r.tags.split_at(r.tags.len() / 2);
+    Some((cover(tags, r.table, a), cover(tags, r.table, b)))
+}
+
+/// The tightest request of `table` that reads the tags `part` (not empty).
+fn cover(tags: &[TagReader], table: Table, part: &[(usize, u16)]) -> ReadRequest {
+    let start = part
         .iter()
-        .map(|&(i, _)| ReadRequest {
-            table: r.table,
-            start: tags[i].address,
-            count: tags[i].words,
-            tags: vec![(i, 0)],
-            plain_u16: tags[i].is_plain_u16(),
-        })
-        .collect()
+        .map(|&(i, _)| tags[i].address)
+        .min()
+        .unwrap_or(0);
+    let end = part
+        .iter()
+        .map(|&(i, _)| u32::from(tags[i].address) + u32::from(tags[i].words))
+        .max()
+        .unwrap_or(u32::from(start));
+    ReadRequest {
+        table,
+        start,
+        count: (end - u32::from(start)) as u16,
+        tags: part
+            .iter()
+            .map(|&(i, _)| (i, tags[i].address - start))
+            .collect(),
+        plain_u16: part.iter().all(|&(i, _)| tags[i].is_plain_u16()),
+    }
 }
 
 #[cfg(test)]
@@ -139,27 +159,23 @@ mod tests {
     }
 
     #[test]
-    fn exception_split_reads_every_tag_alone() {
+    fn halving_keeps_each_half_tight_and_stops_at_one_tag() {
         let tags = vec![
             tag(Table::Holding, 0, ModbusType::U16),
             tag(Table::Holding, 1, ModbusType::F32),
             tag(Table::Holding, 5, ModbusType::U16),
+            tag(Table::Holding, 9, ModbusType::U32),
         ];
         let p = plan(&tags, &all(&tags), 16, 125);
         assert_eq!(p.len(), 1);
-        let s = split(&tags, &p[0]);
-        let summary: Vec<_> = s
-            .iter()
-            .map(|r| (r.start, r.count, r.tags.clone()))
-            .collect();
-        assert_eq!(
-            summary,
-            vec![
-                (0, 1, vec![(0, 0)]),
-                (1, 2, vec![(1, 0)]),
-                (5, 1, vec![(2, 0)])
-            ]
-        );
+        let (a, b) = halve(&tags, &p[0]).expect("four tags halve");
+        let summary = |r: &ReadRequest| (r.start, r.count, r.tags.clone(), r.plain_u16);
+        assert_eq!(summary(&a), (0, 3, vec![(0, 0), (1, 1)], false));
+        assert_eq!(summary(&b), (5, 6, vec![(2, 0), (3, 4)], false));
+        let (c, d) = halve(&tags, &a).expect("two tags halve");
+        assert_eq!(summary(&c), (0, 1, vec![(0, 0)], true));
+        assert_eq!(summary(&d), (1, 2, vec![(1, 0)], false));
+        assert_eq!(halve(&tags, &c), None);
         // Planning only a selection leaves the others out.
         let p = plan(&tags, &[0, 2], 16, 125);
         assert_eq!(p[0].tags, vec![(0, 0), (2, 5)]);
