@@ -57,8 +57,10 @@
 //!   commit (see `writer`).
 //! - The record layout is pinned by golden bytes (a test): a backlog written
 //!   by an older version must still read.
-//! - Acknowledged deletes commit without fsync: if they are lost in a crash the
-//!   batches are sent again and ingest recognises them by their numbers.
+//! - Acknowledged deletes commit with fsync, like appends: a delete lost in a
+//!   crash would bring back batches ingest already holds, and a drop under
+//!   quota pressure could then declare them lost as well (found by the model
+//!   test).
 //!
 //! # Memory
 //! redb's page cache is capped at `CACHE_BYTES` (redb's default is 1 GiB).
@@ -943,7 +945,7 @@ impl Buffer {
         }
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(storage)?;
-        txn.set_durability(Durability::None).map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut removed = 0;
         {
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
@@ -1644,5 +1646,338 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("lower buffer.max_bytes"), "{err}");
+    }
+}
+
+/// A model-based test (issue 21): random sequences of append, read, ack,
+/// reopen and crash under a tiny quota, checked after every step against a
+/// simple in-memory model of what the buffer must hold.
+///
+/// The model: every sequence number below `next_seq` is either stored (a
+/// batch or covered by a loss record) or acknowledged, never both and never
+/// neither; records handed to the uplink and not acknowledged keep their
+/// exact bytes; per tag, points appended = points delivered + stored +
+/// declared lost; `bytes` is the sum of record sizes and `dropped_points` the
+/// points loss records declare. A clean reopen and a crash (the file copied
+/// while open, as a SIGKILL leaves it) both keep exactly what was committed:
+/// acknowledged records never come back.
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+    use guantong_proto::v1::point::Value;
+    use proptest::prelude::*;
+
+    /// The test writes a few hundred fsynced commits per case; tmpfs keeps
+    /// them cheap. Falls back to the default temp directory.
+    fn scratch_dir() -> tempfile::TempDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir()
+            && let Ok(dir) = tempfile::tempdir_in(shm)
+        {
+            return dir;
+        }
+        tempfile::tempdir().expect("tempdir")
+    }
+
+    const MANIFEST: u64 = 1;
+    const MAX_POINTS: usize = 8;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// `points` samples over the first `tags` tags.
+        Append {
+            points: usize,
+            tags: u32,
+        },
+        /// The uplink reads up to `max` records after those it holds.
+        Read {
+            max: usize,
+        },
+        /// The uplink acknowledges its oldest `count` records.
+        Ack {
+            count: usize,
+        },
+        Reopen,
+        Crash,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (1usize..40, 1u32..4).prop_map(|(points, tags)| Op::Append { points, tags }),
+            3 => (1usize..6).prop_map(|max| Op::Read { max }),
+            3 => (1usize..4).prop_map(|count| Op::Ack { count }),
+            1 => Just(Op::Reopen),
+            1 => Just(Op::Crash),
+        ]
+    }
+
+    /// What a record stands for: its range and points per tag.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Content {
+        last_seq: u64,
+        payload: Bytes,
+        is_loss: bool,
+        per_tag: BTreeMap<u32, u64>,
+        lost: u64,
+    }
+
+    fn content(b: &StoredBatch) -> Content {
+        let batch = Batch::decode(b.payload.as_ref()).expect("stored payload decodes");
+        let mut per_tag = BTreeMap::new();
+        let (is_loss, lost) = match &batch.loss {
+            Some(loss) => {
+                for t in &loss.tags {
+                    *per_tag.entry(t.tag).or_default() += t.points;
+                }
+                assert_eq!(
+                    loss.points,
+                    loss.tags.iter().map(|t| t.points).sum::<u64>(),
+                    "loss record {} counts its points per tag",
+                    b.seq
+                );
+                (true, loss.points)
+            }
+            None => {
+                for p in &batch.points {
+                    *per_tag.entry(p.tag).or_default() += 1;
+                }
+                (false, 0)
+            }
+        };
+        assert_eq!(batch.seq, b.seq, "payload carries its own number");
+        Content {
+            last_seq: b.last_seq,
+            payload: b.payload.clone(),
+            is_loss,
+            per_tag,
+            lost,
+        }
+    }
+
+    struct Model {
+        dir: tempfile::TempDir,
+        /// `None` only while reopening.
+        buffer: Option<Buffer>,
+        max_bytes: u64,
+        when_full: WhenFull,
+        clock: i64,
+        appended: BTreeMap<u32, u64>,
+        /// Read by the uplink, not acknowledged, by first sequence number.
+        handed: BTreeMap<u64, Content>,
+        /// Acknowledged: what ingest holds, by first sequence number.
+        delivered: BTreeMap<u64, Content>,
+        next_seq: u64,
+    }
+
+    impl Model {
+        fn new(max_bytes: u64, when_full: WhenFull) -> Model {
+            let dir = scratch_dir();
+            let buffer = Buffer::open(dir.path(), max_bytes, when_full).expect("open");
+            Model {
+                dir,
+                buffer: Some(buffer),
+                max_bytes,
+                when_full,
+                clock: 1_700_000_000_000,
+                appended: BTreeMap::new(),
+                handed: BTreeMap::new(),
+                delivered: BTreeMap::new(),
+                next_seq: 1,
+            }
+        }
+
+        fn b(&self) -> &Buffer {
+            self.buffer.as_ref().expect("open")
+        }
+
+        /// Every stored record, without handing anything out.
+        fn peek(&self) -> Vec<StoredBatch> {
+            let saved = self.b().handed_out().clone();
+            let all = self.b().read_from(1, usize::MAX).expect("read");
+            *self.b().handed_out() = saved;
+            all
+        }
+
+        fn apply(&mut self, op: &Op) {
+            match *op {
+                Op::Append { points, tags } => {
+                    let samples: Vec<Sample> = (0..points)
+                        .map(|i| {
+                            self.clock += 10;
+                            let tag = i as u32 % tags;
+                            *self.appended.entry(tag).or_default() += 1;
+                            Sample::good(tag, self.clock, Value::Uint(i as u64))
+                        })
+                        .collect();
+                    let last = self
+                        .b()
+                        .append(MANIFEST, &samples, MAX_POINTS)
+                        .expect("append");
+                    if self.when_full == WhenFull::DropOldest {
+                        let chunks = points.div_ceil(MAX_POINTS) as u64;
+                        assert_eq!(last, self.next_seq + chunks - 1, "one number per batch");
+                    }
+                    assert!(last >= self.next_seq - 1, "numbers never go back");
+                    self.next_seq = last + 1;
+                }
+                Op::Read { max } => {
+                    let from = self
+                        .handed
+                        .values()
+                        .map(|c| c.last_seq + 1)
+                        .max()
+                        .unwrap_or(1);
+                    for b in self.b().read_from(from, max).expect("read") {
+                        assert!(b.seq >= from);
+                        self.handed.insert(b.seq, content(&b));
+                    }
+                }
+                Op::Ack { count } => {
+                    let acked: Vec<u64> = self.handed.keys().copied().take(count).collect();
+                    let ranges: Vec<(u64, u64)> = acked
+                        .iter()
+                        .map(|s| (*s, self.handed[s].last_seq))
+                        .collect();
+                    self.b().ack_ranges(&ranges).expect("ack");
+                    for seq in acked {
+                        let c = self.handed.remove(&seq).expect("handed");
+                        assert!(
+                            self.delivered.insert(seq, c).is_none(),
+                            "record {seq} acknowledged twice"
+                        );
+                    }
+                }
+                Op::Reopen => {
+                    let before = self.b().stats().expect("stats");
+                    let records = self.peek().len();
+                    self.reopen(self.dir.path().to_path_buf());
+                    let after = self.b().stats().expect("stats");
+                    assert_eq!(before, after, "a clean reopen keeps everything");
+                    assert_eq!(records, self.peek().len());
+                }
+                Op::Crash => {
+                    let before = self.b().stats().expect("stats");
+                    let records: Vec<Bytes> = self.peek().into_iter().map(|b| b.payload).collect();
+                    let crashed = scratch_dir();
+                    std::fs::copy(self.b().path(), crashed.path().join("buffer.redb"))
+                        .expect("copy the file as a crash leaves it");
+                    self.reopen(crashed.path().to_path_buf());
+                    self.dir = crashed;
+                    let after: Vec<Bytes> = self.peek().into_iter().map(|b| b.payload).collect();
+                    assert_eq!(
+                        before,
+                        self.b().stats().expect("stats"),
+                        "a crash keeps what was committed"
+                    );
+                    assert_eq!(
+                        records, after,
+                        "a crash keeps exactly the committed records"
+                    );
+                }
+            }
+        }
+
+        fn reopen(&mut self, dir: PathBuf) {
+            let id = self.b().buffer_id();
+            // The old handle closes before the new one opens, as in a restart.
+            self.buffer = None;
+            self.buffer = Some(Buffer::open(&dir, self.max_bytes, self.when_full).expect("reopen"));
+            assert_eq!(self.b().buffer_id(), id, "the same buffer after reopening");
+            self.handed.clear();
+        }
+
+        fn check(&self, after_append: bool) {
+            let stats = self.b().stats().expect("stats");
+            assert_eq!(stats.next_seq, self.next_seq, "next_seq survives");
+            let stored = self.peek();
+            let mut covered = BTreeSet::new();
+            let mut per_tag: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut lost = 0u64;
+            let mut bytes = 0u64;
+            for b in &stored {
+                let c = content(b);
+                bytes += (HEADER + b.payload.len()) as u64;
+                assert!(c.last_seq >= b.seq && c.last_seq < self.next_seq);
+                for s in b.seq..=c.last_seq {
+                    assert!(covered.insert(s), "sequence number {s} stored twice");
+                }
+                if let Some(h) = self.handed.get(&b.seq) {
+                    assert_eq!(h, &c, "record {} changed after it was handed out", b.seq);
+                }
+                match self.delivered.get(&b.seq) {
+                    Some(_) => panic!("record {} acknowledged and still stored", b.seq),
+                    None => {
+                        for (tag, n) in &c.per_tag {
+                            *per_tag.entry(*tag).or_default() += n;
+                        }
+                        lost += c.lost;
+                    }
+                }
+            }
+            for h in self.handed.keys() {
+                assert!(
+                    stored.iter().any(|b| b.seq == *h),
+                    "record {h} handed out is gone before its ack"
+                );
+            }
+            for (seq, d) in &self.delivered {
+                for s in *seq..=d.last_seq {
+                    assert!(
+                        covered.insert(s),
+                        "sequence number {s} acknowledged and stored"
+                    );
+                }
+                for (tag, n) in &d.per_tag {
+                    *per_tag.entry(*tag).or_default() += n;
+                }
+                lost += d.lost;
+            }
+            assert_eq!(
+                covered,
+                (1..self.next_seq).collect::<BTreeSet<u64>>(),
+                "every number is stored or acknowledged, none skipped"
+            );
+            assert_eq!(
+                per_tag, self.appended,
+                "per tag: appended = delivered + stored + declared lost"
+            );
+            assert_eq!(stats.bytes, bytes, "bytes is the sum of record sizes");
+            assert_eq!(
+                stats.dropped_points, lost,
+                "dropped_points = points declared lost"
+            );
+            if after_append
+                && self.when_full == WhenFull::DropOldest
+                && stats.bytes > self.max_bytes
+            {
+                for b in &stored {
+                    assert!(
+                        self.handed.contains_key(&b.seq) || content(b).is_loss,
+                        "over quota ({} > {}) with batch {} still droppable",
+                        stats.bytes,
+                        self.max_bytes,
+                        b.seq
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_buffer_behaves_like_its_model(
+            max_bytes in 5_000u64..9_000,
+            reject_newest in any::<bool>(),
+            ops in proptest::collection::vec(op(), 1..24),
+        ) {
+            let when_full = if reject_newest { WhenFull::RejectNewest } else { WhenFull::DropOldest };
+            let mut model = Model::new(max_bytes, when_full);
+            for op in &ops {
+                model.apply(op);
+                model.check(matches!(op, Op::Append { .. }));
+            }
+        }
     }
 }
