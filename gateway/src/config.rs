@@ -18,7 +18,7 @@
 //! one-tree path, whose problems (with line numbers) are the ones reported;
 //! a clean cut gives the same config as the one-tree path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -656,6 +656,7 @@ impl Config {
                 );
             }
         }
+        check_primary_hosts(&devices, &mut problems);
 
         match (gateway, uplink, buffer, status) {
             (Some(gateway), Some(uplink), Some(mut buffer), Some(status))
@@ -838,6 +839,36 @@ fn parse_device(
                 ),
             );
             None
+        }
+    }
+}
+
+/// A primary host's STATE lives in one MQTT session: two devices announcing
+/// the same host on one broker would publish each other's will.
+fn check_primary_hosts(devices: &[DeviceConfig], problems: &mut Problems) {
+    let mut hosts: HashMap<(String, &str), &str> = HashMap::new();
+    for (i, d) in devices.iter().enumerate() {
+        let DeviceConfig::Mqtt(m) = d else { continue };
+        let Some(host) = m.primary_host_id.as_deref() else {
+            continue;
+        };
+        // Elsewhere the key itself is refused.
+        if m.payload != crate::mqtt::config::PayloadFormat::Sparkplug {
+            continue;
+        }
+        // An unparsable broker is reported on its own key.
+        let Ok(broker) = crate::mqtt::config::BrokerAddr::parse(&m.broker) else {
+            continue;
+        };
+        let key = (format!("{}:{}", broker.host, broker.port), host);
+        let first = *hosts.entry(key).or_insert(&m.id);
+        if first != m.id {
+            problems.push(
+                format!("devices[{i}].primary_host_id"),
+                format!(
+                    "`{host}` is already announced by device `{first}` on this broker; set `primary_host_id` on one device per broker"
+                ),
+            );
         }
     }
 }

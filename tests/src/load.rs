@@ -449,3 +449,31 @@ impl Driver {
         Ok(())
     }
 }
+
+/// Waits until `done(load)` holds; fails after `within`, or at once when
+/// ingest dies, with `progress(load)` and ingest's log.
+pub async fn wait_for_load(
+    load: &Load,
+    ingest: &mut crate::procs::IngestProc,
+    within: Duration,
+    done: impl Fn(&Load) -> bool,
+    progress: impl Fn(&Load) -> String,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !done(load) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} within {} s\n{}",
+            progress(load),
+            within.as_secs(),
+            ingest.proc.logs()
+        );
+        anyhow::ensure!(
+            ingest.proc.is_running(),
+            "ingest died\n{}",
+            ingest.proc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -234,6 +234,28 @@ pub async fn forget_session(port: u16, client_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The message the broker retains on `topic`, as a client subscribing now
+/// receives it (`None` if none arrives within 2 s).
+pub async fn retained_message(port: u16, topic: &str) -> anyhow::Result<Option<rumqttc::Publish>> {
+    let id = format!("guantong-test-retained-{:08x}", rand::random::<u32>());
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 10);
+    client.subscribe(topic, QoS::AtLeastOnce).await?;
+    let received = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = eventloop.poll().await? {
+                return anyhow::Ok(p);
+            }
+        }
+    })
+    .await;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    match received {
+        Ok(p) => Ok(Some(p?)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// A test CA with a server certificate for 127.0.0.1 and a client
 /// certificate, made with the `openssl` command in `dir`.
 pub struct TestPki {

@@ -48,6 +48,20 @@ impl Setup {
         })
     }
 
+    /// One MQTT device `id` on the shared broker, its mapping `body(prefix)`
+    /// under a topic prefix unique to `test`; also the port and the prefix.
+    async fn on_shared_broker(
+        test: &str,
+        id: &str,
+        body: impl FnOnce(&str) -> String,
+    ) -> anyhow::Result<(Setup, u16, String)> {
+        let port = shared_broker()?;
+        let prefix = unique_prefix(test);
+        let device = mqtt_device(id, port, &body(&prefix));
+        let s = Setup::start(move |_| device.clone()).await?;
+        Ok((s, port, prefix))
+    }
+
     fn logs(&self) -> String {
         format!("{}{}", self.gateway.proc.logs(), self.ingest.proc.logs())
     }
@@ -153,19 +167,12 @@ async fn wait_all(s: &Setup, device: &str, tag: &str, last: u64) -> anyhow::Resu
 
 #[tokio::test]
 async fn json_tags_by_pointer_with_payload_time_and_device_level() -> anyhow::Result<()> {
-    let port = shared_broker()?;
-    let prefix = unique_prefix("json");
-    let p = prefix.clone();
-    let s = Setup::start(move |_| {
-        mqtt_device(
-            "press-7",
-            port,
-            &format!(
-                "topic = \"{p}/+/data\"\ndevice_level = 2\ntimestamp = \"/ts\"\n\
+    let (s, port, prefix) = Setup::on_shared_broker("json", "press-7", |p| {
+        format!(
+            "topic = \"{p}/+/data\"\ndevice_level = 2\ntimestamp = \"/ts\"\n\
                  [[devices.tags]]\nname = \"temp\"\npointer = \"/sensors/0/t\"\nunit = \"°C\"\n\
                  [[devices.tags]]\nname = \"count\"\npointer = \"/n\"\ntype = \"uint\"\n\
                  [[devices.tags]]\nname = \"running\"\npointer = \"/run\"\ntype = \"bool\"\n"
-            ),
         )
     })
     .await?;
@@ -226,19 +233,12 @@ async fn json_tags_by_pointer_with_payload_time_and_device_level() -> anyhow::Re
 
 #[tokio::test]
 async fn plain_payloads_number_bool_and_text() -> anyhow::Result<()> {
-    let port = shared_broker()?;
-    let prefix = unique_prefix("plain");
-    let p = prefix.clone();
-    let s = Setup::start(move |_| {
-        mqtt_device(
-            "meter",
-            port,
-            &format!(
-                "payload = \"plain\"\nqos = 0\nmqtt_version = \"5\"\n\
+    let (s, port, prefix) = Setup::on_shared_broker("plain", "meter", |p| {
+        format!(
+            "payload = \"plain\"\nqos = 0\nmqtt_version = \"5\"\n\
                  [[devices.tags]]\nname = \"kwh\"\ntopic = \"{p}/kwh\"\n\
                  [[devices.tags]]\nname = \"on\"\ntopic = \"{p}/on\"\ntype = \"bool\"\n\
                  [[devices.tags]]\nname = \"state\"\ntopic = \"{p}/state\"\ntype = \"string\"\n"
-            ),
         )
     })
     .await?;
@@ -385,16 +385,9 @@ async fn sparkplug_birth_data_gap_and_death() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn malformed_payloads_are_counted_and_the_stream_continues() -> anyhow::Result<()> {
-    let port = shared_broker()?;
-    let prefix = unique_prefix("malformed");
-    let p = prefix.clone();
-    let s = Setup::start(move |_| {
-        mqtt_device(
-            "dev-malformed",
-            port,
-            &format!(
+    let (s, port, prefix) = Setup::on_shared_broker("malformed", "dev-malformed", |p| {
+        format!(
                 "topic = \"{p}/data\"\n[[devices.tags]]\nname = \"n\"\npointer = \"/n\"\ntype = \"uint\"\n"
-            ),
         )
     })
     .await?;
@@ -719,17 +712,10 @@ async fn username_and_password_are_sent_and_checked() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_publisher_gone_quiet_while_the_broker_session_stays_is_a_stall() -> anyhow::Result<()> {
-    let port = shared_broker()?;
-    let prefix = unique_prefix("stall");
-    let p = prefix.clone();
-    let s = Setup::start(move |_| {
-        mqtt_device(
-            "meter",
-            port,
-            &format!(
-                "payload = \"plain\"\ninterval = \"500ms\"\nstall_intervals = 4\n\
+    let (s, port, prefix) = Setup::on_shared_broker("stall", "meter", |p| {
+        format!(
+            "payload = \"plain\"\ninterval = \"500ms\"\nstall_intervals = 4\n\
                  [[devices.tags]]\nname = \"kwh\"\ntopic = \"{p}/kwh\"\n"
-            ),
         )
     })
     .await?;

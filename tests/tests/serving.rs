@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use guantong_e2e::load::{self, Load, Shape};
@@ -15,22 +15,19 @@ use guantong_ingest::store::embedded::EmbeddedStore;
 
 /// Waits until the gateways' acknowledged points pass `at_least`.
 async fn wait_acked(load: &Load, ingest: &mut IngestProc, at_least: u64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while load.totals().acked < at_least {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "acknowledged {} of at least {at_least} points within 120 s\n{}",
-            load.totals().acked,
-            ingest.proc.logs()
-        );
-        anyhow::ensure!(
-            ingest.proc.is_running(),
-            "ingest died\n{}",
-            ingest.proc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    load::wait_for_load(
+        load,
+        ingest,
+        Duration::from_secs(120),
+        |l| l.totals().acked >= at_least,
+        |l| {
+            format!(
+                "acknowledged {} of at least {at_least} points",
+                l.totals().acked
+            )
+        },
+    )
+    .await
 }
 
 /// `guantong-ingest verify-chain` on `data` (ingest stopped); its output.

@@ -388,3 +388,121 @@ async fn seq_gap_bad_metric_deaths_and_rebirths() -> anyhow::Result<()> {
     );
     s.forget_session().await
 }
+
+/// The STATE the broker retains for `host`: (online, timestamp), checked to
+/// be the specification's JSON at QoS 1.
+async fn retained_state(host: &str) -> anyhow::Result<Option<(bool, i64)>> {
+    let topic = format!("spBv1.0/STATE/{host}");
+    let Some(p) = guantong_e2e::mqtt::retained_message(shared_broker()?, &topic).await? else {
+        return Ok(None);
+    };
+    let v: Value = serde_json::from_slice(&p.payload)?;
+    let keys: Vec<&String> = v
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        keys.len() == 2 && p.retain && p.qos == rumqttc::QoS::AtLeastOnce,
+        "STATE {v} retain {} qos {:?}: expected retained QoS 1 {{online, timestamp}}",
+        p.retain,
+        p.qos
+    );
+    Ok(Some((
+        v["online"].as_bool().unwrap_or_default(),
+        v["timestamp"].as_i64().unwrap_or_default(),
+    )))
+}
+
+async fn wait_state(
+    what: &str,
+    host: &str,
+    want: impl Fn(bool, i64) -> bool,
+) -> anyhow::Result<i64> {
+    wait_for(what, Duration::from_secs(20), || async {
+        Ok(retained_state(host)
+            .await?
+            .filter(|(online, ts)| want(*online, *ts))
+            .map(|(_, ts)| ts))
+    })
+    .await
+}
+
+/// Sparkplug 3.0 primary host: online STATE with the will's timestamp, the
+/// will on a crash, a later timestamp after a restart, an offline STATE
+/// answered at once, offline at a deliberate stop; data flows meanwhile.
+#[tokio::test]
+async fn announces_itself_as_the_primary_host() -> anyhow::Result<()> {
+    let mut s = Setup::new().await?;
+    let host = format!("scada-{}", s.device);
+    let config = s.dir.path().join("gateway.toml");
+    let text = std::fs::read_to_string(&config)?.replace(
+        "sparkplug_device = \"dev1\"\n",
+        &format!("sparkplug_device = \"dev1\"\nprimary_host_id = \"{host}\"\n"),
+    );
+    std::fs::write(&config, text)?;
+    let started = guantong_gateway::quality::now_ms();
+    s.start_gateway()?;
+    let t1 = wait_state("online STATE", &host, |online, ts| online && ts >= started).await?;
+
+    // Data arrives with a clean session too.
+    let mut node = s.edge_node()?;
+    node.send("birth")?;
+    let stored = wait_for("a value at ingest", Duration::from_secs(60), || {
+        let sent = node.send("data {\"int32\": -7}");
+        let s = &s;
+        async move {
+            sent?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(good_values(&s.points("int32").await?)
+                .contains(&json!(-7))
+                .then_some(()))
+        }
+    })
+    .await;
+    if let Err(e) = stored {
+        panic!("{e}\n{}", s.logs(&node));
+    }
+
+    // A crash: the broker publishes the will, with the birth's timestamp.
+    s.gateway.as_mut().expect("started").proc.kill9();
+    wait_state("the will", &host, |online, ts| !online && ts == t1).await?;
+
+    s.gateway.as_mut().expect("started").restart()?;
+    let t2 = wait_state("online again", &host, |online, ts| online && ts > t1).await?;
+
+    // Someone (a late will) says the host is offline: it answers at once.
+    let p = guantong_e2e::mqtt::Publisher::connect(shared_broker()?, &format!("{host}-x"), false)
+        .await?;
+    p.client
+        .publish(
+            format!("spBv1.0/STATE/{host}"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            format!(r#"{{"online":false,"timestamp":{t2}}}"#),
+        )
+        .await?;
+    p.wait_acked(1, Duration::from_secs(5)).await?;
+    wait_state("online republished", &host, |online, ts| online && ts == t2).await?;
+
+    // A deliberate stop: offline before the disconnect.
+    let mut g = s.gateway.take().expect("started");
+    g.proc.terminate(Duration::from_secs(10));
+    wait_state("offline at stop", &host, |online, ts| !online && ts == t2).await?;
+    assert!(
+        g.proc.logs().contains("sparkplug primary host offline")
+            && !g.proc.logs().contains("not confirmed"),
+        "the gateway sent the offline STATE itself: {}",
+        g.proc.logs()
+    );
+    // Leave nothing retained on the shared broker.
+    p.client
+        .publish(
+            format!("spBv1.0/STATE/{host}"),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            Vec::new(),
+        )
+        .await?;
+    p.wait_acked(2, Duration::from_secs(5)).await?;
+    Ok(())
+}

@@ -105,6 +105,11 @@ pub struct MqttConfig {
     /// metrics (NBIRTH/NDATA).
     #[serde(default)]
     pub sparkplug_device: Option<String>,
+    /// Sparkplug B: this device's session announces the gateway as the
+    /// primary host application with this host id (`state` module). One
+    /// device per broker.
+    #[serde(default)]
+    pub primary_host_id: Option<String>,
     #[serde(skip)]
     pub tags: Vec<MqttTagConfig>,
 }
@@ -470,6 +475,9 @@ pub(crate) fn parse(
             if let Some(d) = &device.sparkplug_device {
                 check_sparkplug_id(problems, &at("sparkplug_device"), d);
             }
+            if let Some(h) = &device.primary_host_id {
+                check_sparkplug_id(problems, &at("primary_host_id"), h);
+            }
             for key in ["topic", "device_level", "device_name"] {
                 let set = match key {
                     "topic" => device.topic.is_some(),
@@ -489,6 +497,7 @@ pub(crate) fn parse(
                 ("group", device.group.is_some()),
                 ("edge_node", device.edge_node.is_some()),
                 ("sparkplug_device", device.sparkplug_device.is_some()),
+                ("primary_host_id", device.primary_host_id.is_some()),
             ] {
                 if set {
                     problems.push(at(key), "only used with `payload = \"sparkplug\"`");
@@ -637,6 +646,34 @@ mod tests {
             .into_iter()
             .map(|p| format!("{}: {}", p.path, p.message))
             .collect()
+    }
+
+    #[test]
+    fn a_primary_host_is_announced_by_one_sparkplug_device_per_broker() {
+        let device = |id: &str, broker: &str, extra: &str| {
+            format!(
+                "[[devices]]\nid = \"{id}\"\nprotocol = \"mqtt\"\nbroker = \"{broker}\"\n{extra}\n\
+                 [[devices.tags]]\nname = \"t\"\ntopic = \"a\"\n"
+            )
+        };
+        let spb = "payload = \"sparkplug\"\ngroup = \"g\"\nedge_node = \"n\"\nprimary_host_id = \"scada\"";
+        let p = problems(&format!(
+            "{}{}{}{}",
+            device("a", "mqtt://x", spb).replace("topic = \"a\"\n", ""),
+            device("b", "mqtt://x:1883", spb).replace("topic = \"a\"\n", ""),
+            device("c", "mqtt://y", spb)
+                .replace("topic = \"a\"\n", "")
+                .replace("scada", "a/b"),
+            device("d", "mqtt://x", "primary_host_id = \"scada\""),
+        ));
+        assert_eq!(
+            p,
+            [
+                "devices[2].primary_host_id: `a/b` is not a Sparkplug id, expected a non-empty name without `/`, `+` or `#`",
+                "devices[3].primary_host_id: only used with `payload = \"sparkplug\"`",
+                "devices[1].primary_host_id: `scada` is already announced by device `a` on this broker; set `primary_host_id` on one device per broker",
+            ]
+        );
     }
 
     #[test]

@@ -26,11 +26,15 @@
 //!   while the broker connection is up (so the poll loop is never
 //!   interrupted) and on a stall marks every tag Bad `STALLED` once, logs
 //!   once and subscribes the filters again.
+//! - A device with `primary_host_id` announces the gateway as the Sparkplug
+//!   primary host (`state`): its session is clean, the offline STATE is its
+//!   will, re-armed with a new timestamp before every connect attempt.
 
 pub mod config;
 pub mod decode;
 pub mod probe;
 pub mod sparkplug;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,20 +119,43 @@ impl Acker {
 
     /// Publishes at QoS 0, not retained (Sparkplug NCMD).
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.send(topic, payload, false).await
+    }
+
+    /// Publishes at QoS 1, retained (Sparkplug STATE).
+    pub async fn publish_state(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        self.send(topic, payload, true).await
+    }
+
+    async fn send(&self, topic: &str, payload: Vec<u8>, state: bool) -> Result<(), String> {
         match self {
-            Acker::V4(c) => c
-                .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
-                .await
-                .map_err(|e| e.to_string()),
-            Acker::V5(c) => c
-                .publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                    false,
-                    payload,
-                )
-                .await
-                .map_err(|e| e.to_string()),
+            Acker::V4(c) => {
+                use rumqttc::QoS;
+                let qos = if state {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                c.publish(topic, qos, state, payload).await
+            }
+            .map_err(|e| e.to_string()),
+            Acker::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS;
+                let qos = if state {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                c.publish(topic, qos, state, payload).await
+            }
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Acker::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Acker::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
         }
     }
 
@@ -221,6 +248,32 @@ impl Session {
                 Session::V5(c, Box::new(e))
             }
         })
+    }
+
+    /// Gives the next CONNECT the primary host's offline STATE as its will
+    /// (QoS 1, retained), under a new timestamp.
+    pub fn arm_state_will(&mut self, host: &mut state::Announcer) {
+        let (topic, payload) = (host.topic.clone(), host.next_connect());
+        match self {
+            Session::V4(_, e) => {
+                e.mqtt_options.set_last_will(rumqttc::LastWill::new(
+                    topic,
+                    payload,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            }
+            Session::V5(_, e) => {
+                use rumqttc::v5::mqttbytes::{QoS, v5::LastWill};
+                e.options.set_last_will(LastWill::new(
+                    topic,
+                    payload,
+                    QoS::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            }
+        }
     }
 
     pub fn acker(&self) -> Acker {
@@ -547,10 +600,16 @@ impl Collector for MqttCollector {
     async fn run(self, sink: PointSink, cancel: CancellationToken) {
         let config = self.config;
         let ids = self.tag_ids;
-        let filters = config.filters();
+        let mut host = state::Announcer::for_device(&config);
+        let mut filters = config.filters();
+        if let Some(h) = &host {
+            filters.push(h.topic.clone());
+        }
         let client_id = config.client_id();
         let manual_acks = config.qos > 0;
-        let mut session = match Session::new(&config, &client_id, true, manual_acks) {
+        // A primary host keeps no session on the broker (`state`).
+        let persistent = host.is_none();
+        let mut session = match Session::new(&config, &client_id, persistent, manual_acks) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(device = %config.id, error = %e, "mqtt device cannot start");
@@ -563,6 +622,9 @@ impl Collector for MqttCollector {
                 return;
             }
         };
+        if let Some(h) = &mut host {
+            session.arm_state_will(h);
+        }
         let acker = session.acker();
         let acks_out = spawn_acker(acker.clone());
         let heartbeat = Heartbeat::new();
@@ -625,17 +687,21 @@ impl Collector for MqttCollector {
                             .needs_birth()
                             .then(|| decoder.claim_rebirth())
                             .flatten();
-                        let (acker, filters, qos, id) = (
+                        let (acker, filters, qos, id, host) = (
                             acker.clone(),
                             filters.clone(),
                             config.qos,
                             config.id.clone(),
+                            host.clone(),
                         );
                         // In its own task: the request channel is drained by
                         // the poll loop below.
                         tokio::spawn(async move {
                             if let Err(e) = acker.subscribe(&filters, qos).await {
                                 warn!(device = %id, error = %e, "mqtt subscribe failed");
+                            }
+                            if let Some(h) = host {
+                                announce_online(&acker, &h, &id).await;
                             }
                             if let Some((node, topic, payload)) = rebirth {
                                 info!(
@@ -651,14 +717,22 @@ impl Collector for MqttCollector {
                     }
                 }
                 Ok(Polled::Message(m)) => {
-                    received += 1;
-                    heartbeat.beat();
-                    let applied = decoder.apply(&m.topic, &m.payload, now_ms(), &ids, &mut samples);
-                    if let Some(r) = &applied.rejected {
-                        malformed.record(&m.topic, r);
-                    }
-                    if let Some(reason) = applied.rebirth {
-                        request_rebirth(&decoder, &acker, &reason);
+                    if let Some(h) = host.as_ref().filter(|h| h.topic == m.topic) {
+                        if state::says_offline(&m.payload) {
+                            let (acker, h, id) = (acker.clone(), h.clone(), config.id.clone());
+                            tokio::spawn(async move { announce_online(&acker, &h, &id).await });
+                        }
+                    } else {
+                        received += 1;
+                        heartbeat.beat();
+                        let applied =
+                            decoder.apply(&m.topic, &m.payload, now_ms(), &ids, &mut samples);
+                        if let Some(r) = &applied.rejected {
+                            malformed.record(&m.topic, r);
+                        }
+                        if let Some(reason) = applied.rebirth {
+                            request_rebirth(&decoder, &acker, &reason);
+                        }
                     }
                     if let Some(a) = m.ack {
                         acks.push(*a);
@@ -689,6 +763,9 @@ impl Collector for MqttCollector {
                     if !hand_over(&sink, &acks_out, &mut samples, &mut acks).await {
                         break;
                     }
+                    if let Some(h) = &mut host {
+                        session.arm_state_will(h);
+                    }
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -708,7 +785,42 @@ impl Collector for MqttCollector {
             }
         }
         let _ = hand_over(&sink, &acks_out, &mut samples, &mut acks).await;
+        if let Some(h) = host.filter(|_| connected) {
+            announce_offline(&mut session, &acker, &h, &config.id).await;
+        }
         info!(device = %config.id, received, malformed = malformed.total, "mqtt collector stopped");
+    }
+}
+
+/// Publishes the primary host's online STATE (after the subscriptions).
+async fn announce_online(acker: &Acker, host: &state::Announcer, device: &str) {
+    match acker.publish_state(&host.topic, host.online()).await {
+        Ok(()) => info!(device, topic = %host.topic, "sparkplug primary host online"),
+        Err(error) => warn!(device, %error, "sparkplug primary host STATE not sent"),
+    }
+}
+
+/// At a deliberate stop: the offline STATE, then a clean disconnect, waiting
+/// (briefly) for the event loop to send both.
+async fn announce_offline(
+    session: &mut Session,
+    acker: &Acker,
+    host: &state::Announcer,
+    device: &str,
+) {
+    let sent = async {
+        acker.publish_state(&host.topic, host.offline()).await?;
+        acker.disconnect().await?;
+        // The loop ends with an error once the disconnect went out.
+        while session.poll().await.is_ok() {}
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), sent).await {
+        Ok(Ok(())) => info!(device, topic = %host.topic, "sparkplug primary host offline"),
+        _ => warn!(
+            device,
+            "sparkplug primary host offline STATE not confirmed; the broker sends the will"
+        ),
     }
 }
 

@@ -208,22 +208,20 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
     let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
     let pid = ingest.proc.pid().context("ingest pid")?;
     // Warm up: every stream connected, its manifest stored and a batch acked.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while load.gateways_acked() < shape.gateways {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "only {} of {} gateways acknowledged within 300 s\n{}",
-            load.gateways_acked(),
-            shape.gateways,
-            ingest.proc.logs()
-        );
-        anyhow::ensure!(
-            ingest.proc.is_running(),
-            "ingest died\n{}",
-            ingest.proc.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    load::wait_for_load(
+        &load,
+        &mut ingest,
+        Duration::from_secs(300),
+        |l| l.gateways_acked() >= shape.gateways,
+        |l| {
+            format!(
+                "only {} of {} gateways acknowledged",
+                l.gateways_acked(),
+                shape.gateways
+            )
+        },
+    )
+    .await?;
     let (cpu0, before) = (cpu_seconds(pid)?, load.totals());
     load.measure_latency(true);
     let start = Instant::now();
