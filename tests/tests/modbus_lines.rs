@@ -811,26 +811,45 @@ async fn an_outage_of_a_shared_line_is_a_device_fault_in_the_acceptance_report()
     Ok(())
 }
 
-/// A graceful stop (SIGTERM) while the line waits out a 2 s timeout: the poll
-/// in flight ends, and its Bad points and everything before them are
-/// committed and delivered before the gateway exits; nothing is left in the
-/// buffer for the next start.
+/// A graceful stop (SIGTERM) while a shared line of three units waits out
+/// its timeouts (the server went silent): no new poll starts, the poll in
+/// flight ends within its timeout, and its Bad points and everything before
+/// them are committed and delivered before the gateway exits; nothing is
+/// left in the buffer for the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_while_the_line_times_out_delivers_its_last_batch() -> anyhow::Result<()> {
-    let unit = SimDevice::new();
-    let bus = SimBus::new(&[(1, unit.clone())]);
+    const IDS: [&str; 3] = ["stop-1", "stop-2", "stop-3"];
+    let units = [SimDevice::new(), SimDevice::new(), SimDevice::new()];
+    let bus = SimBus::new(&[
+        (1, units[0].clone()),
+        (2, units[1].clone()),
+        (3, units[2].clone()),
+    ]);
     let (path, _slave, _task) = bus.serve_pty()?;
-    let mut s = Setup::start(&serial_device("stop-1", &path, 1, "200ms", "2s", "4s")).await?;
-    s.wait_quality("stop-1", "u16", "good").await;
+    let devices: String = (1..=3u8)
+        .map(|u| serial_device(IDS[usize::from(u) - 1], &path, u, "200ms", "1s", "4s"))
+        .collect();
+    let mut s = Setup::start(&devices).await?;
+    for id in IDS {
+        s.wait_quality(id, "u16", "good").await;
+    }
     bus.set_silent(true);
     let silent_from = guantong_gateway::quality::now_ms();
     // Into the timeout of the poll after the last answer.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let last_served = unit.counter();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last_served: Vec<u32> = units.iter().map(SimDevice::counter).collect();
+    let stopping = Instant::now();
     let status = s.gateway.proc.terminate(Duration::from_secs(20));
+    let took = stopping.elapsed();
     assert!(
         status.is_some_and(|s| s.success()),
         "exit {status:?}\n{}",
+        s.logs()
+    );
+    // The poll in flight (1 s), the final commit, the delivery.
+    assert!(
+        took < Duration::from_secs(6),
+        "stopping took {took:?}\n{}",
         s.logs()
     );
     let log = s.gateway_log();
@@ -842,20 +861,28 @@ async fn a_graceful_stop_while_the_line_times_out_delivers_its_last_batch() -> a
         stopped.contains("pending_batches=0"),
         "batches left for the next start: {stopped}\n{log}"
     );
-    let points = s.points("stop-1", "counter").await;
-    let good_max = points
-        .iter()
-        .filter(|p| p["quality"] == "good")
-        .filter_map(|p| p["value"].as_u64())
-        .max();
-    assert_eq!(
-        good_max,
-        Some(u64::from(last_served)),
-        "every value served before the stop is at ingest"
-    );
+    for (id, served) in IDS.iter().zip(last_served) {
+        let points = s.points(id, "counter").await;
+        let good_max = points
+            .iter()
+            .filter(|p| p["quality"] == "good")
+            .filter_map(|p| p["value"].as_u64())
+            .max();
+        assert_eq!(
+            good_max,
+            Some(u64::from(served)),
+            "{id}: every value served before the stop is at ingest"
+        );
+    }
+    let mut timed_out = false;
+    for id in IDS {
+        timed_out |= s.points(id, "counter").await.iter().any(|p| {
+            p["quality_code"] == 0x0002_0001
+                && p["time_ms"].as_i64().is_some_and(|t| t >= silent_from)
+        });
+    }
     assert!(
-        points.iter().any(|p| p["quality_code"] == 0x0002_0001
-            && p["time_ms"].as_i64().is_some_and(|t| t >= silent_from)),
+        timed_out,
         "the timed-out poll's Bad points are at ingest\n{}",
         s.logs()
     );
