@@ -22,7 +22,8 @@
 //! `max_backoff` more, costing `PROBE_MIN_TIMEOUT` at most. Retries are spent
 //! only on units that answered their previous poll. One answer (even an
 //! exception) ends the backoff. A unit slower to answer than the idle time
-//! stays backed off (its late answer is skipped as a garbled frame).
+//! stays backed off, and its late answer may spoil the next read on the line
+//! (Bad `MALFORMED` or `FRAME_ERROR` for that poll).
 //!
 //! Garbled frames: bytes that arrive without forming a valid frame (wrong
 //! baud rate or parity, A/B swapped) are diagnosed once per line, in words an
