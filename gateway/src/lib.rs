@@ -139,7 +139,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         gateway_id: config.gateway.id.clone(),
         buffer: buffer.clone(),
         committed: committed_rx,
-        status,
+        status: status.clone(),
     };
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 
@@ -164,6 +164,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         }
     }
     for line in modbus::lines(modbus_devices) {
+        let line = line.report_to(status.clone());
         collectors.spawn(line.run(sink.clone(), collect_cancel.clone()));
     }
     drop(sink);

@@ -433,7 +433,8 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GUANTONG_LOG")
+    let filter = guantong_gateway::modbus::log_filter(std::env::var("GUANTONG_LOG").ok());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

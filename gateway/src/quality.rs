@@ -73,7 +73,7 @@ pub fn describe(code: u32) -> String {
         CONNECT_FAILED => "could not connect".into(),
         TRANSPORT_ERROR => "connection broken while reading".into(),
         MALFORMED => "malformed or mismatched answer".into(),
-        FRAME_ERROR => "CRC error or garbled frame".into(),
+        FRAME_ERROR => crate::modbus::line::GARBLED_DIAGNOSIS.into(),
         BACKING_OFF => "not polled: unit stopped answering (backing off)".into(),
         STALLED => "stalled: connected, but the device's data stopped".into(),
         OUT_OF_RANGE => "value outside the declared valid range".into(),

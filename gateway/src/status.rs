@@ -8,7 +8,8 @@
 //! the buffer writer: a device's tags are numbered contiguously in the
 //! manifest, so each sample's tag names its device, and the writer calls
 //! [`Status::observe`] once per hand-off. The uplink reports its state, each
-//! batch sent and each ack; the writer reports each commit. What can be read
+//! batch sent and each ack; the writer reports each commit; a Modbus line
+//! reports each device's requests per cycle after each poll. What can be read
 //! when asked (buffer bytes, pending batches) is read when asked.
 //!
 //! A device's connection state:
@@ -143,6 +144,8 @@ struct DeviceHealth {
     link_down: bool,
     /// The latest Bad code other than "backing off": why it backs off.
     cause: Option<u32>,
+    /// Requests one poll of each of its groups sent (Modbus).
+    requests_per_cycle: Option<u32>,
 }
 
 /// Uplink connection state.
@@ -207,6 +210,7 @@ struct Metrics {
     device_samples: Family<SampleLabels, Counter>,
     device_up: Family<DeviceLabels, Gauge>,
     device_last_good: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
+    device_requests_per_cycle: Family<DeviceLabels, Gauge>,
     buffer_used: Gauge,
     buffer_capacity: Gauge,
     buffer_pending: Gauge,
@@ -226,6 +230,7 @@ impl Metrics {
             device_samples: Family::default(),
             device_up: Family::default(),
             device_last_good: Family::default(),
+            device_requests_per_cycle: Family::default(),
             buffer_used: Gauge::default(),
             buffer_capacity: Gauge::default(),
             buffer_pending: Gauge::default(),
@@ -265,6 +270,11 @@ impl Metrics {
             "guantong_device_last_good_timestamp_seconds",
             "Arrival time of the device's latest Good sample, Unix seconds",
             m.device_last_good.clone(),
+        );
+        r.register(
+            "guantong_device_requests_per_cycle",
+            "Modbus requests the latest poll of each of the device's poll groups sent, summed (retries and bisection included; 0 while backing off)",
+            m.device_requests_per_cycle.clone(),
         );
         r.register(
             "guantong_buffer_used_bytes",
@@ -437,6 +447,21 @@ impl Status {
                 }
             }
         }
+    }
+
+    /// The device owning `first_tag` sent `requests` in its latest poll of
+    /// each poll group (a Modbus line calls this after each poll).
+    pub fn requests_per_cycle(&self, first_tag: u32, requests: u32) {
+        let Some(d) = self.device_of(first_tag) else {
+            return;
+        };
+        lock(&self.health)[d].requests_per_cycle = Some(requests);
+        self.metrics
+            .device_requests_per_cycle
+            .get_or_create(&DeviceLabels {
+                device: self.devices[d].id.clone(),
+            })
+            .set(i64::from(requests));
     }
 
     /// A commit ended: `Ok(last sequence number)` or the error.
@@ -648,6 +673,10 @@ pub struct DeviceView {
     pub bad: u64,
     pub last_good_ms: Option<i64>,
     pub last_error: Option<ErrorView>,
+    /// Requests per poll cycle (Modbus; None before the first poll or for
+    /// other protocols).
+    #[serde(default)]
+    pub requests_per_cycle: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -692,6 +721,7 @@ impl DeviceView {
             good: h.good,
             bad: h.bad,
             last_good_ms: h.last_good_ms,
+            requests_per_cycle: h.requests_per_cycle,
             last_error: h.last_bad.map(|(code, at_ms)| ErrorView {
                 code_hex: format!("{code:#010x}"),
                 text: quality::describe(code),
@@ -806,7 +836,8 @@ impl Snapshot {
                     table {
                         tr {
                             th { "Device 设备" } th { "Protocol" } th { "State 状态" } th { "Tags" }
-                            th { "Last good value 最近有效值" } th { "Good" } th { "Bad" } th { "Last error 最近错误" }
+                            th { "Last good value 最近有效值" } th { "Good" } th { "Bad" }
+                            th { "Requests per cycle 每周期请求数" } th { "Last error 最近错误" }
                         }
                         @for d in &self.devices {
                             tr id={ "device-" (d.id) } {
@@ -820,6 +851,7 @@ impl Snapshot {
                                 td { (ago(now, d.last_good_ms)) }
                                 td id={ "device-" (d.id) "-good" } { (d.good) }
                                 td id={ "device-" (d.id) "-bad" } { (d.bad) }
+                                td id={ "device-" (d.id) "-requests" } { (or_dash(d.requests_per_cycle)) }
                                 td {
                                     @match &d.last_error {
                                         Some(e) => { (e.code_hex) " " (e.text) ", " (ago(now, Some(e.at_ms))) }
@@ -871,8 +903,8 @@ impl fmt::Display for Snapshot {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<20} {:<8} {:<8} {:>6} {:>10} {:>8} {:<16} last error",
-            "device", "protocol", "state", "tags", "good", "bad", "last good"
+            "{:<20} {:<8} {:<8} {:>6} {:>10} {:>8} {:>9} {:<16} last error",
+            "device", "protocol", "state", "tags", "good", "bad", "req/cycle", "last good"
         )?;
         for d in &self.devices {
             let error = match &d.last_error {
@@ -881,13 +913,14 @@ impl fmt::Display for Snapshot {
             };
             writeln!(
                 f,
-                "{:<20} {:<8} {:<8} {:>6} {:>10} {:>8} {:<16} {error}",
+                "{:<20} {:<8} {:<8} {:>6} {:>10} {:>8} {:>9} {:<16} {error}",
                 d.id,
                 d.protocol,
                 d.state.to_string(),
                 d.tags,
                 d.good,
                 d.bad,
+                or_dash(d.requests_per_cycle),
                 ago(now, d.last_good_ms)
             )?;
             if let Some(r) = &d.reason {

@@ -221,6 +221,8 @@ pub struct TagSummary {
     pub last_value: Option<serde_json::Value>,
     pub last_quality: Option<String>,
     pub last_quality_code: u32,
+    /// `last_quality_code` as people read it (`0x0002_0001`).
+    pub last_quality_code_hex: String,
     pub window: WindowSummary,
 }
 
@@ -299,6 +301,7 @@ async fn summary<S: Store>(
             last_value: s.last_value,
             last_quality: s.last_quality,
             last_quality_code: s.last_quality_code,
+            last_quality_code_hex: quality_code_hex(s.last_quality_code),
             window: WindowSummary {
                 from: rfc3339(from),
                 to: rfc3339(to),
@@ -348,7 +351,22 @@ pub struct PointsResponse {
     pub gateway: String,
     pub device: String,
     pub tag: String,
-    pub points: Vec<StoredPoint>,
+    pub points: Vec<PointView>,
+}
+
+/// A stored point as the API serves it: its fields and its quality code in
+/// hex.
+#[derive(Serialize)]
+pub struct PointView {
+    #[serde(flatten)]
+    pub point: StoredPoint,
+    pub quality_code_hex: String,
+}
+
+/// A quality code as the README's table of codes prints it:
+/// `0x0002_0001` (class, then detail).
+pub fn quality_code_hex(code: u32) -> String {
+    format!("{:#06x}_{:04x}", code >> 16, code & 0xFFFF)
 }
 
 async fn points<S: Store>(
@@ -392,7 +410,13 @@ async fn points<S: Store>(
         gateway: q.gateway,
         device: q.device,
         tag: q.tag,
-        points,
+        points: points
+            .into_iter()
+            .map(|point| PointView {
+                quality_code_hex: quality_code_hex(point.quality_code),
+                point,
+            })
+            .collect(),
     }))
 }
 
@@ -504,6 +528,14 @@ refresh();setInterval(refresh,2000);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quality_codes_print_in_hex_as_the_readme_table_does() {
+        assert_eq!(quality_code_hex(0), "0x0000_0000");
+        assert_eq!(quality_code_hex(0x0002_0001), "0x0002_0001");
+        assert_eq!(quality_code_hex(0x0001_0002), "0x0001_0002");
+        assert_eq!(quality_code_hex(u32::MAX), "0xffff_ffff");
+    }
 
     #[test]
     fn times_with_offsets_and_without_fractions_parse_to_the_same_instant() {

@@ -14,7 +14,11 @@
 //!
 //! `SimBus` puts several `SimDevice`s on one RTU line, by unit id, served
 //! over RTU-over-TCP or over a pseudo-terminal pair (`serve_pty`); a unit id
-//! with no device never answers, like a dead unit on RS-485.
+//! with no device never answers, like a dead unit on RS-485, and
+//! `set_silent(true)` makes every unit stop answering (the server is down, the
+//! line stays). `serve_garbled_pty` is a line whose device answers every
+//! request with bytes that form no frame, as a device at another baud rate
+//! or parity, or with A and B swapped, is heard.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -281,13 +285,29 @@ impl tokio_modbus::server::Service for SimDevice {
 #[derive(Clone, Default)]
 pub struct SimBus {
     units: Arc<Mutex<BTreeMap<u8, SimDevice>>>,
+    silent: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SimBus {
     pub fn new(units: &[(u8, SimDevice)]) -> SimBus {
         SimBus {
             units: Arc::new(Mutex::new(units.iter().cloned().collect())),
+            silent: Arc::default(),
         }
+    }
+
+    /// Puts `device` on the line as unit `unit` (a unit connected on site).
+    pub fn attach(&self, unit: u8, device: SimDevice) {
+        self.units
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(unit, device);
+    }
+
+    /// While silent, no unit answers (an outage of the whole server).
+    pub fn set_silent(&self, silent: bool) {
+        self.silent
+            .store(silent, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Serves RTU frames over TCP (a serial device server) on `addr`.
@@ -316,19 +336,7 @@ impl SimBus {
     /// port) and a plain handle on it, which must stay open while the test
     /// runs (with no slave handle open the master fails).
     pub fn serve_pty(&self) -> std::io::Result<(String, std::fs::File, JoinHandle<()>)> {
-        use tokio_serial::SerialPort;
-        let (master, slave) = tokio_serial::SerialStream::pair()?;
-        let path = slave
-            .name()
-            .ok_or_else(|| std::io::Error::other("the pty has no name"))?;
-        // serialport holds an exclusive flock on the slave it opened, as the
-        // gateway will on its own handle: keep the pty alive with a plain
-        // handle instead, then let go of the locked one.
-        let keep = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        drop(slave);
+        let (master, path, keep) = open_pty()?;
         let bus = self.clone();
         let task = tokio::spawn(async move {
             let server = tokio_modbus::server::rtu::Server::new(master);
@@ -340,6 +348,60 @@ impl SimBus {
     }
 }
 
+/// A new pseudo-terminal pair: its master side, the path of its slave side
+/// (what the gateway opens) and a plain handle on the slave that keeps the
+/// pty alive.
+fn open_pty() -> std::io::Result<(tokio_serial::SerialStream, String, std::fs::File)> {
+    use tokio_serial::SerialPort;
+    let (master, slave) = tokio_serial::SerialStream::pair()?;
+    let path = slave
+        .name()
+        .ok_or_else(|| std::io::Error::other("the pty has no name"))?;
+    // serialport holds an exclusive flock on the slave it opened, as the
+    // gateway will on its own handle: keep the pty alive with a plain
+    // handle instead, then let go of the locked one.
+    let keep = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    drop(slave);
+    Ok((master, path, keep))
+}
+
+/// A serial line whose device answers every request (every chunk read) with
+/// bytes that form no Modbus frame: what a gateway at the wrong baud rate or
+/// parity, or with A/B swapped, receives. Returns what `SimBus::serve_pty`
+/// returns, and a count of the answers sent.
+pub fn serve_garbled_pty() -> std::io::Result<(
+    String,
+    std::fs::File,
+    JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicU64>,
+)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut master, path, keep) = open_pty()?;
+    let answers = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = answers.clone();
+    let task = tokio::spawn(async move {
+        // A 9600-baud answer read at 19200 baud: bytes of 0x00, 0x80, 0xF8
+        // and 0xFE, no valid header or CRC.
+        const NOISE: [u8; 11] = [
+            0x80, 0x00, 0xF8, 0x80, 0xFE, 0x00, 0x78, 0x80, 0x00, 0xF8, 0xFE,
+        ];
+        let mut buf = [0u8; 256];
+        while let Ok(1..) = master.read(&mut buf).await {
+            // The request's bytes arrive in one chunk or a few: one answer
+            // per pause, as a device would send.
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            if master.write_all(&NOISE).await.is_err() {
+                break;
+            }
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    Ok((path, keep, task, answers))
+}
+
 impl tokio_modbus::server::Service for SimBus {
     type Request = SlaveRequest<'static>;
     type Response = Option<Response>;
@@ -347,6 +409,9 @@ impl tokio_modbus::server::Service for SimBus {
     type Future = std::future::Ready<Result<Option<Response>, ExceptionCode>>;
 
     fn call(&self, req: SlaveRequest<'static>) -> Self::Future {
+        if self.silent.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::future::ready(Ok(None));
+        }
         let device = self
             .units
             .lock()

@@ -1,8 +1,11 @@
 //! Modbus transports and lines end to end, with the real binaries: RTU over
 //! TCP (a serial device server) and RTU over a pseudo-terminal pair, several
-//! units on one line with one dead, a device with holes in its map (bisected
-//! out, retried until fixed), and the
-//! inter-frame delay measured on the wire by a relay.
+//! units on one line with one dead (probed in the line's idle time, at no
+//! cost to the live units), a line of garbled answers (one diagnosis, no
+//! library noise), an outage of a shared line in the acceptance report, a
+//! graceful stop while a line times out, a device with holes in its map
+//! (bisected out, retried until fixed), and the inter-frame delay measured on
+//! the wire by a relay.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use guantong_e2e::procs::{GatewayProc, IngestProc, gateway_toml, wait_for};
 use guantong_e2e::sim::{
-    SimBus, SimDevice, standard_device_toml, standard_device_with, standard_expected,
+    SimBus, SimDevice, serve_garbled_pty, standard_device_toml, standard_device_with,
+    standard_expected,
 };
 use serde_json::Value;
 
@@ -22,7 +26,7 @@ fn any_port() -> SocketAddr {
 }
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ingest: IngestProc,
     gateway: GatewayProc,
 }
@@ -38,10 +42,15 @@ impl Setup {
         std::fs::write(&config, text)?;
         let gateway = GatewayProc::start(&config)?;
         Ok(Setup {
-            _dir: dir,
+            dir,
             ingest,
             gateway,
         })
+    }
+
+    /// The gateway's whole log (`logs` shows the last lines).
+    fn gateway_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
     }
 
     fn logs(&self) -> String {
@@ -63,16 +72,31 @@ impl Setup {
 
     /// Waits (30 s at most) until `device/tag`'s last quality is `quality`.
     async fn wait_quality(&self, device: &str, tag: &str, quality: &str) -> Value {
+        self.wait_tag(device, tag, quality, |t| t["last_quality"] == quality)
+            .await
+    }
+
+    /// Waits (30 s at most) until `device/tag`'s last quality code is `code`.
+    async fn wait_code(&self, device: &str, tag: &str, code: u32) -> Value {
+        let what = format!("{code:#010x}");
+        self.wait_tag(device, tag, &what, |t| t["last_quality_code"] == code)
+            .await
+    }
+
+    /// Waits (30 s at most) until `device/tag`'s summary satisfies `want`.
+    async fn wait_tag(
+        &self,
+        device: &str,
+        tag: &str,
+        what: &str,
+        want: impl Fn(&Value) -> bool,
+    ) -> Value {
         let api = self.ingest.api();
+        let want = &want;
         wait_for(
-            &format!("{device}/{tag} {quality}"),
+            &format!("{device}/{tag} {what}"),
             Duration::from_secs(30),
-            || async {
-                Ok(api
-                    .tag(GW, device, tag)
-                    .await?
-                    .filter(|t| t["last_quality"] == quality))
-            },
+            || async { Ok(api.tag(GW, device, tag).await?.filter(|t| want(t))) },
         )
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
@@ -92,6 +116,23 @@ fn close(a: &Value, b: &Value) -> bool {
         (Some(x), Some(y)) if a.is_f64() || b.is_f64() => (x - y).abs() < 1e-6,
         _ => a == b,
     }
+}
+
+/// A unit on the serial port `path` (19200 baud, even parity).
+fn serial_device(
+    id: &str,
+    path: &str,
+    unit: u8,
+    poll: &str,
+    timeout: &str,
+    backoff: &str,
+) -> String {
+    standard_device_with(
+        id,
+        &format!(
+            "protocol = \"modbus-rtu\"\nserial_port = \"{path}\"\nbaud_rate = 19200\nparity = \"even\"\nunit = {unit}\npoll_interval = \"{poll}\"\ntimeout = \"{timeout}\"\nmax_backoff = \"{backoff}\"\nidentify = false"
+        ),
+    )
 }
 
 fn rtu_over_tcp_device(id: &str, addr: SocketAddr, unit: u8, poll: &str, timeout: &str) -> String {
@@ -337,16 +378,41 @@ impl Wire {
     }
 }
 
-/// Forwards every connection on a new port to `device`, logging chunk times
-/// in `wire`. An answer chunk is stamped before it is written to the gateway
-/// and a request chunk after it was read, so the relay's own scheduling can
-/// only lengthen a measured gap, never shorten it below the gateway's delay;
-/// without the delay, gaps stay near a millisecond and the test fails.
-async fn timed_relay(
+/// Which way a chunk goes through a relay.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Gateway to device: a request.
+    Request,
+    /// Device to gateway: an answer.
+    Answer,
+}
+
+/// Forwards every connection on a new port to `device`. `on_chunk` sees
+/// every chunk after it was read and before it is written on, and returns
+/// how long to hold it back (zero: pass at once).
+async fn relay(
     device: SocketAddr,
-    wire: Arc<Mutex<Wire>>,
+    on_chunk: impl Fn(Way) -> Duration + Send + Sync + 'static,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn pump(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        way: Way,
+        on_chunk: Arc<dyn Fn(Way) -> Duration + Send + Sync>,
+    ) {
+        let mut buf = [0u8; 512];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let hold = on_chunk(way);
+            if !hold.is_zero() {
+                tokio::time::sleep(hold).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    }
+    let on_chunk: Arc<dyn Fn(Way) -> Duration + Send + Sync> = Arc::new(on_chunk);
     let listener = tokio::net::TcpListener::bind(any_port()).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -355,35 +421,32 @@ async fn timed_relay(
                 continue;
             };
             let _ = (gateway.set_nodelay(true), upstream.set_nodelay(true));
-            let (mut g_read, mut g_write) = gateway.into_split();
-            let (mut d_read, mut d_write) = upstream.into_split();
-            let log = wire.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                while let Ok(n @ 1..) = g_read.read(&mut buf).await {
-                    let t = Instant::now();
-                    log.lock().expect("wire log").chunks.push((t, true));
-                    if d_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            let log = wire.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                while let Ok(n @ 1..) = d_read.read(&mut buf).await {
-                    log.lock()
-                        .expect("wire log")
-                        .chunks
-                        .push((Instant::now(), false));
-                    if g_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            let (g_read, g_write) = gateway.into_split();
+            let (d_read, d_write) = upstream.into_split();
+            tokio::spawn(pump(g_read, d_write, Way::Request, on_chunk.clone()));
+            tokio::spawn(pump(d_read, g_write, Way::Answer, on_chunk.clone()));
         }
     });
     Ok((addr, task))
+}
+
+/// A relay logging chunk times in `wire`. A chunk is stamped after it was
+/// read and before it is written on, so the relay's own scheduling can only
+/// lengthen a measured gap, never shorten it below the gateway's delay;
+/// without the delay, gaps stay near a millisecond and the test fails.
+async fn timed_relay(
+    device: SocketAddr,
+    wire: Arc<Mutex<Wire>>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    relay(device, move |way| {
+        let t = Instant::now();
+        wire.lock()
+            .expect("wire log")
+            .chunks
+            .push((t, way == Way::Request));
+        Duration::ZERO
+    })
+    .await
 }
 
 /// Two units on one serial device server, each polled as fast as allowed
@@ -481,48 +544,26 @@ async fn a_device_that_keeps_the_connection_but_stops_answering_is_bad_within_it
     Ok(())
 }
 
-/// Forwards connections on a new port to `device`, holding every `every`th
-/// answer back by `delay`: a device that is sometimes slow to answer.
+/// A relay holding every `every`th answer back by `delay`: a device that is
+/// sometimes slow to answer.
 async fn slow_answer_relay(
     device: SocketAddr,
     every: usize,
     delay: Duration,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(any_port()).await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        while let Ok((gateway, _)) = listener.accept().await {
-            let Ok(upstream) = tokio::net::TcpStream::connect(device).await else {
-                continue;
-            };
-            let _ = (gateway.set_nodelay(true), upstream.set_nodelay(true));
-            let (mut g_read, mut g_write) = gateway.into_split();
-            let (mut d_read, mut d_write) = upstream.into_split();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                while let Ok(n @ 1..) = g_read.read(&mut buf).await {
-                    if d_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let mut buf = [0u8; 512];
-                let mut answers = 0usize;
-                while let Ok(n @ 1..) = d_read.read(&mut buf).await {
-                    answers += 1;
-                    if answers.is_multiple_of(every) {
-                        tokio::time::sleep(delay).await;
-                    }
-                    if g_write.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
+    let answers = std::sync::atomic::AtomicUsize::new(0);
+    relay(device, move |way| {
+        let n = match way {
+            Way::Answer => answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            Way::Request => return Duration::ZERO,
+        };
+        if n.is_multiple_of(every) {
+            delay
+        } else {
+            Duration::ZERO
         }
-    });
-    Ok((addr, task))
+    })
+    .await
 }
 
 /// A poll that overran its interval (a slow answer) must not be followed at
@@ -562,6 +603,288 @@ async fn a_slow_answer_does_not_trigger_an_immediate_catch_up_poll() -> anyhow::
     assert!(
         closest >= 10,
         "two polls {closest} ms apart with a {POLL_MS} ms interval: a catch-up burst\n{times:?}"
+    );
+    Ok(())
+}
+
+/// The issue's serial line: units 1 and 2 answer, unit 3 is absent, polled
+/// every 500 ms with a 1 s timeout. A retry of unit 3 that waited its whole
+/// timeout would make the live units miss a poll each time (seven samples in
+/// the first minute); probed in the line's idle time it costs them nothing.
+/// Unit 3 connected later is found by its probes and delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_unit_on_a_serial_line_costs_the_live_units_no_samples() -> anyhow::Result<()> {
+    const POLL: Duration = Duration::from_millis(500);
+    const WINDOW: Duration = Duration::from_secs(12);
+    let (one, two) = (SimDevice::new(), SimDevice::new());
+    let bus = SimBus::new(&[(1, one.clone()), (2, two.clone())]);
+    let (path, _slave, _task) = bus.serve_pty()?;
+    let devices: String = [("unit-1", 1), ("unit-2", 2), ("unit-3", 3)]
+        .iter()
+        .map(|&(id, unit)| serial_device(id, &path, unit, "500ms", "1s", "4s"))
+        .collect();
+    let s = Setup::start(&devices).await?;
+    s.expect_standard_values("unit-1").await;
+    s.expect_standard_values("unit-2").await;
+    // After the first backoff: unit 3 is reported backing off.
+    s.wait_code("unit-3", "counter", 0x0002_0006).await;
+    let (c1, c2, start) = (one.counter(), two.counter(), Instant::now());
+    tokio::time::sleep(WINDOW).await;
+    let (d1, d2, took) = (one.counter() - c1, two.counter() - c2, start.elapsed());
+    // Each counter grows once per poll; the window may cut one poll short.
+    let due = (took.as_millis() / POLL.as_millis()) as u32;
+    for (unit, polls) in [(1, d1), (2, d2)] {
+        assert!(
+            polls + 1 >= due,
+            "unit {unit}: {polls} polls in {took:?} at {POLL:?}, {} lost to unit 3's retries\n{}",
+            due - polls,
+            s.logs()
+        );
+    }
+    // The probes go on: unit 3 connected on site comes back by itself
+    // within its backoff (4 s) and a poll.
+    bus.attach(3, SimDevice::new());
+    s.wait_quality("unit-3", "u16", "good").await;
+    Ok(())
+}
+
+/// A device heard at the wrong baud rate, parity or with A/B swapped: bytes
+/// arrive but no frame. The log says so once for the line, in words an
+/// installer acts on, and carries none of tokio-modbus's per-byte lines;
+/// the points are Bad with `0x0002_0005`, served with their hex code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbled_answers_are_diagnosed_once_per_line_without_library_noise() -> anyhow::Result<()> {
+    let (path, _slave, _task, answers) = serve_garbled_pty()?;
+    let devices = serial_device("garbled-1", &path, 1, "200ms", "300ms", "1s")
+        + &serial_device("garbled-2", &path, 2, "200ms", "300ms", "1s");
+    let s = Setup::start(&devices).await?;
+    let bad = s.wait_quality("garbled-1", "counter", "bad").await;
+    assert_eq!(bad["last_quality_code_hex"], "0x0002_0005", "{bad}");
+    s.wait_quality("garbled-2", "counter", "bad").await;
+    // Many garbled answers later (probes of both units)...
+    wait_for("20 garbled answers", Duration::from_secs(60), || async {
+        Ok((answers.load(std::sync::atomic::Ordering::Relaxed) >= 20).then_some(()))
+    })
+    .await?;
+    let points = s.points("garbled-2", "counter").await;
+    let first = points.first().expect("garbled-2 has points");
+    assert_eq!(first["quality_code"], 0x0002_0005, "{first}");
+    assert_eq!(first["quality_code_hex"], "0x0002_0005", "{first}");
+    let log = s.gateway_log();
+    let diagnosis = guantong_gateway::modbus::line::GARBLED_DIAGNOSIS;
+    assert_eq!(
+        log.matches(diagnosis).count(),
+        1,
+        "the diagnosis once for the line\n{log}"
+    );
+    for noise in [
+        "Invalid CRC",
+        "Incomplete ADU",
+        "Giving up to decode",
+        "Failed to decode",
+    ] {
+        assert!(
+            !log.contains(noise),
+            "library noise `{noise}` in the log\n{log}"
+        );
+    }
+    assert!(
+        log.contains("answers are garbled") && !log.contains("not answering"),
+        "each unit said garbled, not silent\n{log}"
+    );
+    Ok(())
+}
+
+/// The issue's outage on a shared serial line: three units, the server gone
+/// for 10 s. Each unit's Bad samples arrive on the line's schedule, not its
+/// own interval; ingest's acceptance report must still call the stretch
+/// `device_fault` (the gateway said Bad throughout), never `no_data`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_a_shared_line_is_a_device_fault_in_the_acceptance_report()
+-> anyhow::Result<()> {
+    use reqwest::{Method, StatusCode};
+    const CODE: &str = "91350100M000100Y43";
+    const IDS: [&str; 3] = ["line-1", "line-2", "line-3"];
+    let bus = SimBus::new(&[
+        (1, SimDevice::new()),
+        (2, SimDevice::new()),
+        (3, SimDevice::new()),
+    ]);
+    let (path, _slave, _task) = bus.serve_pty()?;
+    let devices: String = (1..=3u8)
+        .map(|u| serial_device(IDS[usize::from(u) - 1], &path, u, "500ms", "1s", "2s"))
+        .collect();
+    let s = Setup::start(&devices).await?;
+    let admin = s.ingest.api();
+    let register = IDS.iter().enumerate().fold(
+        String::from("设备编号,设备名称,车间,生产设备,网关,采集设备\n"),
+        |csv, (n, id)| csv + &format!("E{n},泵{n},一车间,是,{GW},{id}\n"),
+    );
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/api/v1/enterprises".to_string(),
+            format!(
+                r#"{{"code":"{CODE}","name":"示范泵站","county":"鼓楼区","industry":"metallurgy","provider":"prov-a"}}"#
+            ),
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/enterprises/{CODE}/equipment"),
+            register,
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/gateways/{GW}/enterprise"),
+            format!(r#"{{"enterprise":"{CODE}"}}"#),
+        ),
+    ] {
+        let (status, body) = admin.send(method, &path, Some(body)).await?;
+        assert!(status.is_success(), "{path}: {status} {body}");
+        assert_ne!(status, StatusCode::NO_CONTENT);
+    }
+    for id in IDS {
+        s.wait_quality(id, "u16", "good").await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bus.set_silent(true);
+    let outage_from = guantong_gateway::quality::now_ms();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    bus.set_silent(false);
+    let outage_to = guantong_gateway::quality::now_ms();
+    for id in IDS {
+        wait_for(
+            &format!("{id} Good again"),
+            Duration::from_secs(30),
+            || async {
+                Ok(s.points(id, "u16").await.into_iter().find(|p| {
+                    p["quality"] == "good" && p["time_ms"].as_i64().is_some_and(|t| t > outage_to)
+                }))
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()))?;
+    }
+    let path = format!("/api/v1/enterprises/{CODE}/report");
+    let covered = |d: &Value| {
+        d["gaps"].as_array().into_iter().flatten().any(|g| {
+            g["cause"] == "device_fault"
+                && g["start_ms"]
+                    .as_i64()
+                    .is_some_and(|t| t <= outage_from + 2_000)
+                && g["end_ms"].as_i64().is_some_and(|t| t >= outage_to - 1_000)
+        })
+    };
+    let report = wait_for(
+        "the outage in the report",
+        Duration::from_secs(60),
+        || async {
+            let r = admin.get(&path).await?;
+            let all = IDS.iter().all(|id| {
+                r["devices"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|d| d["device"] == *id && covered(d))
+            });
+            Ok(all.then_some(r))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", s.logs()));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let r = admin.get(&path).await?;
+            panic!("{e}\nreport: {r:#}\noutage {outage_from}..{outage_to}");
+        }
+    };
+    for d in report["devices"].as_array().into_iter().flatten() {
+        let no_data: Vec<_> = d["gaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|g| g["cause"] == "no_data")
+            .collect();
+        assert!(no_data.is_empty(), "no_data gaps: {d:#}");
+    }
+    Ok(())
+}
+
+/// A graceful stop (SIGTERM) while a shared line of three units waits out
+/// its timeouts (the server went silent): no new poll starts, the poll in
+/// flight ends within its timeout, and its Bad points and everything before
+/// them are committed and delivered before the gateway exits; nothing is
+/// left in the buffer for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_while_the_line_times_out_delivers_its_last_batch() -> anyhow::Result<()> {
+    const IDS: [&str; 3] = ["stop-1", "stop-2", "stop-3"];
+    let units = [SimDevice::new(), SimDevice::new(), SimDevice::new()];
+    let bus = SimBus::new(&[
+        (1, units[0].clone()),
+        (2, units[1].clone()),
+        (3, units[2].clone()),
+    ]);
+    let (path, _slave, _task) = bus.serve_pty()?;
+    let devices: String = (1..=3u8)
+        .map(|u| serial_device(IDS[usize::from(u) - 1], &path, u, "200ms", "1s", "4s"))
+        .collect();
+    let mut s = Setup::start(&devices).await?;
+    for id in IDS {
+        s.wait_quality(id, "u16", "good").await;
+    }
+    bus.set_silent(true);
+    let silent_from = guantong_gateway::quality::now_ms();
+    // Into the timeout of the poll after the last answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last_served: Vec<u32> = units.iter().map(SimDevice::counter).collect();
+    let stopping = Instant::now();
+    let status = s.gateway.proc.terminate(Duration::from_secs(20));
+    let took = stopping.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?}\n{}",
+        s.logs()
+    );
+    // The poll in flight (1 s), the final commit, the delivery.
+    assert!(
+        took < Duration::from_secs(6),
+        "stopping took {took:?}\n{}",
+        s.logs()
+    );
+    let log = s.gateway_log();
+    let stopped = log
+        .lines()
+        .rfind(|l| l.contains("gateway stopped"))
+        .unwrap_or_else(|| panic!("no `gateway stopped` line\n{log}"));
+    assert!(
+        stopped.contains("pending_batches=0"),
+        "batches left for the next start: {stopped}\n{log}"
+    );
+    for (id, served) in IDS.iter().zip(last_served) {
+        let points = s.points(id, "counter").await;
+        let good_max = points
+            .iter()
+            .filter(|p| p["quality"] == "good")
+            .filter_map(|p| p["value"].as_u64())
+            .max();
+        assert_eq!(
+            good_max,
+            Some(u64::from(served)),
+            "{id}: every value served before the stop is at ingest"
+        );
+    }
+    let mut timed_out = false;
+    for id in IDS {
+        timed_out |= s.points(id, "counter").await.iter().any(|p| {
+            p["quality_code"] == 0x0002_0001
+                && p["time_ms"].as_i64().is_some_and(|t| t >= silent_from)
+        });
+    }
+    assert!(
+        timed_out,
+        "the timed-out poll's Bad points are at ingest\n{}",
+        s.logs()
     );
     Ok(())
 }

@@ -21,6 +21,9 @@ use serde_json::Value;
 const DEV: &str = "press-1";
 /// Poll interval and timeout of the device; it has one retry by default.
 const POLL: &str = "200ms";
+/// Requests one poll of the simulator's standard map costs: holding 0-19
+/// merged, one input register, one coil, one discrete input.
+const REQUESTS_PER_CYCLE: u64 = 4;
 
 fn any_port() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -195,6 +198,11 @@ async fn status_page_shows_a_device_taken_away_as_down_and_a_cut_uplink_as_growi
     assert_eq!(text_of(&page, "ready"), "yes");
     assert_eq!(text_of(&page, "gateway"), "gw-status");
     assert!(number_of(&page, &format!("device-{DEV}-good")) > 0.0);
+    assert_eq!(
+        number_of(&page, &format!("device-{DEV}-requests")),
+        REQUESTS_PER_CYCLE as f64,
+        "requests per cycle on the page"
+    );
 
     // The device is taken away: packets vanish, no RST. A poll times out
     // after 500 ms and is retried once; the page must say so within a few
@@ -265,6 +273,12 @@ async fn status_page_shows_a_device_taken_away_as_down_and_a_cut_uplink_as_growi
         .find(|l| l.starts_with(DEV))
         .unwrap_or_else(|| panic!("no row for {DEV}:\n{text}"));
     assert_eq!(row.split_whitespace().nth(2), Some("up"), "{row}");
+    let requests = REQUESTS_PER_CYCLE.to_string();
+    assert_eq!(
+        row.split_whitespace().nth(6),
+        Some(requests.as_str()),
+        "requests per cycle in the terminal: {row}"
+    );
 
     // The link returns: the backlog drains.
     s.uplink.set(Mode::Pass);
@@ -369,6 +383,19 @@ async fn metrics_of_gateway_and_ingest_parse_as_prometheus_text() -> anyhow::Res
         "the counter never runs ahead of the page"
     );
     assert_eq!(value(&gw, "guantong_device_up", &[("device", DEV)]), 1.0);
+    assert_eq!(
+        value(
+            &gw,
+            "guantong_device_requests_per_cycle",
+            &[("device", DEV)]
+        ),
+        REQUESTS_PER_CYCLE as f64
+    );
+    assert_eq!(
+        device(&status, DEV)["requests_per_cycle"],
+        REQUESTS_PER_CYCLE,
+        "{status}"
+    );
     assert_eq!(value(&gw, "guantong_uplink_connected", &[]), 1.0);
     assert!(value(&gw, "guantong_uplink_batches_acked_total", &[]) >= 1.0);
     assert!(histogram_count(&gw, "guantong_uplink_ack_latency_seconds") >= 1.0);

@@ -12,11 +12,26 @@
 //! group ended (else a poll after a slow answer reads the same sample twice).
 //!
 //! Dead units: a unit that does not answer costs its timeout once; it is then
-//! not polled for `poll_interval × 2^(failures-1)` (at most `max_backoff`) and
-//! its points are reported Bad with `BACKING_OFF` meanwhile, so the other
-//! units of the line keep their interval. Retries are spent only on units
-//! that answered their previous poll. One answer (even an exception) ends the
-//! backoff.
+//! not polled, and its points are reported Bad with `BACKING_OFF` every poll
+//! (no request sent). After `poll_interval × 2^(failures-1)` (at most
+//! `max_backoff`) it is probed: one read of its first item, sent only in the
+//! line's idle time, with a timeout shortened to the time until the next poll
+//! of a live unit is due (at least `PROBE_MIN_TIMEOUT`, at most the unit's
+//! `timeout`), so the live units keep their interval while a dead unit is
+//! retried for ever. A line that is never idle that long gets its probe after
+//! `max_backoff` more, costing `PROBE_MIN_TIMEOUT` at most. Retries are spent
+//! only on units that answered their previous poll. One answer (even an
+//! exception) ends the backoff. A unit slower to answer than the idle time
+//! stays backed off, and its late answer may spoil the next read on the line
+//! (Bad `MALFORMED` or `FRAME_ERROR` for that poll).
+//!
+//! Garbled frames: bytes that arrive without forming a valid frame (wrong
+//! baud rate or parity, A/B swapped) are diagnosed once per line, in words an
+//! installer acts on; the unit is backed off as if dead, with `FRAME_ERROR`.
+//!
+//! Requests per cycle: after each poll a line reports, per device, the
+//! requests its latest poll of each group sent (retries and bisection
+//! included), summed over groups, to the status page.
 //!
 //! Exceptions: a request that draws exception 2 or 3 is bisected (`plan::halve`)
 //! until the refused tags stand alone; the answered halves stay merged in the
@@ -45,6 +60,16 @@ use super::plan::{self, ReadRequest};
 use super::transport::{self, Connection, Outcome};
 use crate::collector::{Collector, PointSink};
 use crate::quality::{self, Sample, now_ms};
+use crate::status::Status;
+
+/// The shortest timeout a probe of a backed-off unit is given: a one-item
+/// read and its answer take about 20 ms at 9600 baud, plus the device's
+/// turnaround.
+pub const PROBE_MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What an installer reads when a line delivers bytes but no valid frame.
+pub const GARBLED_DIAGNOSIS: &str =
+    "bytes arrive but no valid frame: check baud rate, parity, and A/B wiring";
 
 /// One poll group of one unit.
 #[derive(Debug)]
@@ -53,6 +78,8 @@ pub struct Group {
     /// Shared so that a poll can walk it while the line is borrowed mutably.
     pub plan: Arc<Vec<ReadRequest>>,
     next: Instant,
+    /// Requests its latest poll sent.
+    requests: u32,
 }
 
 /// One device (unit id) on a line.
@@ -66,8 +93,10 @@ pub struct Unit {
     /// Manifest index of `readers[0]`; tag `i` is `first_tag + i`.
     pub first_tag: u32,
     pub groups: Vec<Group>,
-    /// Consecutive polls without an answer.
+    /// Consecutive polls and probes without an answer; above 0 the unit is
+    /// backed off.
     failures: u32,
+    /// When a backed-off unit is due for its probe.
     resume_at: Option<Instant>,
     /// Tags the device refuses on their own.
     refused: HashMap<usize, Refusal>,
@@ -109,6 +138,7 @@ impl Unit {
                     config.max_registers,
                 )),
                 next: now,
+                requests: 0,
             })
             .collect();
         Unit {
@@ -205,6 +235,12 @@ pub struct Line {
     /// End of the last frame exchange: the next request waits the inter-frame
     /// delay from here.
     quiet_since: Option<Instant>,
+    /// The garbled-frame diagnosis was logged (once per line).
+    garbled_reported: bool,
+    /// Requests sent since this count was last taken.
+    requests: u32,
+    /// Where requests per cycle are reported.
+    status: Option<Arc<Status>>,
 }
 
 /// Why polling a group stopped early.
@@ -232,7 +268,16 @@ impl Line {
             reconnect_at: None,
             last_error: None,
             quiet_since: None,
+            garbled_reported: false,
+            requests: 0,
+            status: None,
         }
+    }
+
+    /// Reports requests per cycle of each unit to `status`.
+    pub fn report_to(mut self, status: Arc<Status>) -> Line {
+        self.status = Some(status);
+        self
     }
 
     fn timeout(&self) -> Duration {
@@ -285,8 +330,14 @@ impl Line {
         }
     }
 
-    /// Waits the inter-frame delay, then reads.
+    /// Waits the inter-frame delay, then reads within the unit's timeout.
     async fn read(&mut self, unit: usize, r: &ReadRequest) -> Outcome {
+        let limit = self.units[unit].config.timeout;
+        self.read_within(unit, r, limit).await
+    }
+
+    /// Waits the inter-frame delay, then reads within `limit`.
+    async fn read_within(&mut self, unit: usize, r: &ReadRequest, limit: Duration) -> Outcome {
         let delay = self.transport.inter_frame_delay();
         if let Some(q) = self.quiet_since
             && !delay.is_zero()
@@ -297,9 +348,14 @@ impl Line {
             return Outcome::Broken("not connected".into());
         };
         let c = &self.units[unit].config;
-        let outcome = transport::read(ctx, c.unit, r.table, r.start, r.count, c.timeout).await;
+        self.requests += 1;
+        let outcome = transport::read(ctx, c.unit, r.table, r.start, r.count, limit).await;
         if !delay.is_zero() {
             self.quiet_since = Some(Instant::now());
+        }
+        if matches!(outcome, Outcome::Frame) && !self.garbled_reported {
+            self.garbled_reported = true;
+            warn!(line = %self.key, device = %c.id, unit = c.unit, "{GARBLED_DIAGNOSIS}");
         }
         outcome
     }
@@ -312,7 +368,8 @@ impl Line {
             unit.bad(&unit.groups[g].plan, code, out);
             return Ok(());
         }
-        if self.units[u].resume_at.is_some_and(|t| now < t) {
+        if self.units[u].failures > 0 {
+            // Only its probe, in the line's idle time, may bring it back.
             let unit = &self.units[u];
             unit.bad(&unit.groups[g].plan, quality::BACKING_OFF, out);
             return Ok(());
@@ -333,11 +390,7 @@ impl Line {
                 }
                 continue;
             }
-            let attempts = if self.units[u].failures == 0 {
-                1 + u32::from(self.units[u].config.retries)
-            } else {
-                1
-            };
+            let attempts = 1 + u32::from(self.units[u].config.retries);
             let mut outcome = Outcome::Timeout;
             for _ in 0..attempts {
                 outcome = self.read(u, r).await;
@@ -369,23 +422,8 @@ impl Line {
                     self.units[u].bad(std::slice::from_ref(r), outcome.code(), out);
                 }
                 Outcome::Timeout | Outcome::Frame => {
-                    let unit = &mut self.units[u];
-                    unit.bad(&requests[n..], outcome.code(), out);
-                    unit.failures += 1;
-                    let wait = backoff(
-                        unit.config.poll_interval,
-                        unit.failures,
-                        unit.config.max_backoff,
-                    );
-                    if unit.failures == 1 {
-                        warn!(device = %unit.config.id, unit = unit.config.unit, code = format_args!("{:#010x}", outcome.code()), "modbus unit not answering; backing off");
-                    }
-                    unit.resume_at = Some(Instant::now() + wait);
-                    // On Modbus TCP a late answer would be taken for the
-                    // next request's: start over on a fresh connection.
-                    if matches!(self.transport, Transport::Tcp { .. }) {
-                        self.ctx = None;
-                    }
+                    self.units[u].bad(&requests[n..], outcome.code(), out);
+                    self.not_answered(u, &outcome);
                     if let Some(p) = &mut replanned {
                         p.extend_from_slice(&requests[n..]);
                     }
@@ -502,11 +540,107 @@ impl Line {
         ));
     }
 
+    /// Unit `u` gave no (valid) answer: backs it off, longer each time.
+    fn not_answered(&mut self, u: usize, outcome: &Outcome) {
+        let unit = &mut self.units[u];
+        unit.failures += 1;
+        let wait = backoff(
+            unit.config.poll_interval,
+            unit.failures,
+            unit.config.max_backoff,
+        );
+        if unit.failures == 1 {
+            let code = format_args!("{:#010x}", outcome.code());
+            let (device, id) = (&unit.config.id, unit.config.unit);
+            if matches!(outcome, Outcome::Frame) {
+                warn!(%device, unit = id, %code, "modbus unit's answers are garbled; backing off");
+            } else {
+                warn!(%device, unit = id, %code, "modbus unit not answering; backing off");
+            }
+        }
+        unit.resume_at = Some(Instant::now() + wait);
+        // On Modbus TCP a late answer would be taken for the next request's:
+        // start over on a fresh connection.
+        if matches!(self.transport, Transport::Tcp { .. }) {
+            self.ctx = None;
+        }
+    }
+
+    /// The backed-off unit due for its probe first, if any, and the time it
+    /// is due.
+    fn next_probe(&self) -> Option<(usize, Instant)> {
+        self.units
+            .iter()
+            .enumerate()
+            .filter(|(_, unit)| unit.failures > 0)
+            .filter_map(|(u, unit)| unit.resume_at.map(|t| (u, t)))
+            .min_by_key(|&(_, t)| t)
+    }
+
+    /// Time until the next poll of a unit that is not backed off (None: no
+    /// such unit, the line is idle until the probe ends).
+    fn idle_window(&self, now: Instant) -> Option<Duration> {
+        self.units
+            .iter()
+            .filter(|unit| unit.failures == 0)
+            .flat_map(|unit| unit.groups.iter().map(|g| g.next))
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    /// Probes backed-off unit `u` (due at `due`) if the line is idle long
+    /// enough: one read of its first item, within the idle window. Returns
+    /// false if it did not fit (the caller polls first and asks again).
+    async fn probe(&mut self, u: usize, due: Instant) -> bool {
+        let now = Instant::now();
+        let unit = &self.units[u];
+        let window = self.idle_window(now);
+        let overdue = now.saturating_duration_since(due) >= unit.config.max_backoff;
+        if window.is_some_and(|w| w < PROBE_MIN_TIMEOUT) && !overdue {
+            return false;
+        }
+        let limit = window
+            .unwrap_or(unit.config.timeout)
+            .max(PROBE_MIN_TIMEOUT)
+            .min(unit.config.timeout);
+        let Some(first) = unit.groups.iter().find_map(|g| g.plan.first()) else {
+            self.units[u].resume_at = None;
+            return true;
+        };
+        let request = ReadRequest {
+            table: first.table,
+            start: first.start,
+            count: 1,
+            tags: Vec::new(),
+            plain_u16: false,
+        };
+        if self.ensure_connected().await.is_err() {
+            let outcome = Outcome::Broken("not connected".into());
+            self.not_answered(u, &outcome);
+            return true;
+        }
+        let outcome = self.read_within(u, &request, limit).await;
+        match outcome {
+            Outcome::Timeout | Outcome::Frame => self.not_answered(u, &outcome),
+            Outcome::Broken(_) => {
+                self.not_answered(u, &outcome);
+                self.drop_connection(&outcome);
+            }
+            // Any answer, even an exception: the unit is there.
+            _ => {
+                self.answered(u);
+                // Its polls resume at their next due time.
+            }
+        }
+        true
+    }
+
     fn answered(&mut self, u: usize) {
         let unit = &mut self.units[u];
         if unit.failures > 0 {
             info!(device = %unit.config.id, unit = unit.config.unit, "modbus unit answering again");
         }
+
         unit.failures = 0;
         unit.resume_at = None;
     }
@@ -558,15 +692,27 @@ impl Collector for Line {
         for u in &self.units {
             u.log_plan();
         }
+        // A probe that did not fit waits for the next poll to end.
+        let mut probe_deferred = false;
         loop {
             let Some((u, g, due)) = self.next_due() else {
                 cancel.cancelled().await;
                 return;
             };
+            let probe = self.next_probe().filter(|_| !probe_deferred);
+            let wake = probe.map_or(due, |(_, t)| t.min(due));
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until(due) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
+            if let Some((p, probe_due)) = probe
+                && probe_due <= Instant::now()
+            {
+                // Not cancel-safe either: a probe is one bounded read.
+                probe_deferred = !self.probe(p, probe_due).await;
+                continue;
+            }
+            probe_deferred = false;
             {
                 let group = &mut self.units[u].groups[g];
                 group.next += group.interval;
@@ -577,6 +723,7 @@ impl Collector for Line {
                 }
             }
             let mut samples = Vec::new();
+            self.requests = 0;
             // Not cancel-safe on purpose: a poll runs to its end (each read
             // is bounded by the unit's timeout) so no frame is cut in half.
             let _ = self.poll_group(u, g, &mut samples).await;
@@ -584,6 +731,12 @@ impl Collector for Line {
             // one reading the same device sample: half an interval at least.
             let group = &mut self.units[u].groups[g];
             group.next = group.next.max(Instant::now() + group.interval / 2);
+            group.requests = self.requests;
+            if let Some(status) = &self.status {
+                let unit = &self.units[u];
+                let per_cycle = unit.groups.iter().map(|g| g.requests).sum();
+                status.requests_per_cycle(unit.first_tag, per_cycle);
+            }
             if !sink.send(samples).await {
                 return;
             }

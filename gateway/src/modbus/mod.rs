@@ -30,6 +30,24 @@ use crate::config::{DeviceConfig, Problems};
 use config::{ModbusConfig, Transport};
 use line::{Line, Unit};
 
+/// The log filter for `GUANTONG_LOG` (default `info`), with tokio-modbus
+/// off unless the filter names it. The library's warnings and errors
+/// (`Invalid CRC`, `Incomplete ADU response`, `Giving up to decode frame…`)
+/// describe each garbled byte of a misconfigured line, hundreds a minute; the
+/// collector turns the same facts into one diagnosis per line
+/// (`line::GARBLED_DIAGNOSIS`) and Bad points, so the library's lines appear
+/// only when asked for (`GUANTONG_LOG=info,tokio_modbus=debug`).
+pub fn log_filter(requested: Option<String>) -> String {
+    let requested = requested
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| "info".into());
+    if requested.contains("tokio_modbus") {
+        requested
+    } else {
+        format!("{requested},tokio_modbus=off")
+    }
+}
+
 /// Groups devices (with the manifest index of their first tag) into lines,
 /// in config order.
 pub fn lines(devices: Vec<(ModbusConfig, u32)>) -> Vec<Line> {
@@ -136,5 +154,19 @@ pub async fn identify_all(devices: &mut [DeviceConfig]) {
                 c.identity = identity;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_logs_are_off_unless_the_filter_names_them() {
+        assert_eq!(log_filter(None), "info,tokio_modbus=off");
+        assert_eq!(log_filter(Some(" ".into())), "info,tokio_modbus=off");
+        assert_eq!(log_filter(Some("debug".into())), "debug,tokio_modbus=off");
+        let asked = "info,tokio_modbus=debug".to_string();
+        assert_eq!(log_filter(Some(asked.clone())), asked);
     }
 }
