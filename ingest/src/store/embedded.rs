@@ -1676,30 +1676,32 @@ impl Store for EmbeddedStore {
 }
 
 #[cfg(test)]
+mod suite {
+    use super::EmbeddedStore;
+
+    /// The embedded store in a temporary data directory.
+    struct Embedded(tempfile::TempDir);
+
+    impl crate::store::suite::Harness for Embedded {
+        type Store = EmbeddedStore;
+        async fn new() -> Embedded {
+            Embedded(tempfile::tempdir().expect("tempdir"))
+        }
+        async fn open(&self) -> EmbeddedStore {
+            EmbeddedStore::open(self.0.path()).expect("open the embedded store")
+        }
+    }
+
+    crate::store_suite!(Embedded);
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use guantong_proto::v1::{Batch, DataType, Device, Tag};
+    use guantong_proto::v1::Batch;
 
     fn manifest() -> Manifest {
-        Manifest {
-            version: 1,
-            gateway_id: "gw".into(),
-            created_at_ms: 0,
-            devices: vec![Device {
-                id: "d".into(),
-                protocol: "test".into(),
-                endpoint: String::new(),
-                identity: Default::default(),
-            }],
-            tags: vec![Tag {
-                device: 0,
-                name: "t".into(),
-                address: String::new(),
-                data_type: DataType::Uint as i32,
-                unit: String::new(),
-                interval_ms: 1000,
-            }],
-        }
+        crate::store::suite::manifest("gw", 1, 1000)
     }
 
     /// Points every 7 s from an odd start, some Bad, sent out of time order.
@@ -1822,43 +1824,6 @@ mod tests {
                 "no problem says `{what}`: {found:#?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn window_counts_match_a_brute_force_count_for_any_window() {
-        let (_dir, store, map) = filled().await;
-        let all = times();
-        let series = map.series[0];
-        let first = all.iter().map(|(t, _)| *t).min().unwrap_or(0);
-        let windows = [
-            (first - 5_000, first + 2_000_000),            // everything
-            (first + 1_000, first + 30_000),               // inside one or two minutes
-            (first + 59_999, first + 60_001),              // across a minute edge
-            (first + 61_234, first + 61_234 + 5 * 60_000), // whole minutes plus two edges
-            (first + 120_000, first + 120_000),            // empty
-        ];
-        for (from, to) in windows {
-            let got = store.window_counts(series, from, to).await.expect("counts");
-            let mut want = WindowCounts::default();
-            for &(t, q) in &all {
-                if t >= from && t < to {
-                    match q {
-                        Quality::Good => want.good += 1,
-                        Quality::Uncertain => want.uncertain += 1,
-                        Quality::Bad => want.bad += 1,
-                    }
-                }
-            }
-            assert_eq!(got, want, "window {from}..{to}");
-        }
-        let pts = store
-            .points(series, first, first + 70_000, 100)
-            .await
-            .expect("points");
-        assert_eq!(
-            pts.iter().map(|p| p.time_ms).collect::<Vec<_>>(),
-            (0..10).map(|i| first + i * 7_000).collect::<Vec<_>>()
-        );
     }
 }
 

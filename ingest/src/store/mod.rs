@@ -12,6 +12,8 @@
 
 pub mod embedded;
 pub mod rollup;
+#[cfg(test)]
+pub mod suite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
