@@ -11,7 +11,7 @@
 //! | `state`      | series id                        | encoded `SeriesState`          |
 //! | `chunks`     | (series, first time, chunk id)   | encoded `Chunk`                |
 //! | `minutes`    | (series, minute start)           | (good, uncertain, bad)         |
-//! | `losses`     | (gateway, buffer_id, first seq)  | JSON `LossRecord`              |
+//! | `losses`     | (gateway, buffer_id, first seq)  | JSON `stream::LossRecord`      |
 //! | `meta`       | name                             | u64 counters                   |
 //! | `signed`     | (gateway, buffer_id, seq)        | original signed batch (`SignedLink`) |
 //! | `chain_state`| (gateway, buffer_id)             | JSON `ChainState`: verified through, head |
@@ -32,9 +32,9 @@
 //! plus the chunks of at most two edge minutes.
 //!
 //! Batches of one stream may arrive out of sequence order (live data overtakes
-//! a backlog), so each stream keeps the set of stored sequence ranges; a batch
-//! whose range is already covered is a duplicate. The cumulative ack is the end
-//! of the range that starts at 1.
+//! a backlog), so each stream keeps the set of stored sequence ranges; which
+//! batch is new and what a stream lost is decided by `store::stream`, which
+//! this backend asks inside the batch's transaction.
 //!
 //! # Group commit
 //! Appends go to one writer thread that takes every batch waiting (up to a
@@ -58,6 +58,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::rollup;
+use super::stream::{self, Admission, LossRecord};
 mod evidence;
 
 use crate::evidence::bundle::{self, Bundle, DayEvidence, SeriesReport};
@@ -65,8 +66,7 @@ use crate::evidence::digest;
 
 use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
-    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
-    WindowCounts,
+    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
 };
 use crate::registry::{Access, Account, Enterprise, Equipment};
 
@@ -250,16 +250,6 @@ struct SeriesMeta {
     /// from here.
     #[serde(default)]
     created_ms: i64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct LossRecord {
-    last_seq: u64,
-    points: Option<u64>,
-    reason: String,
-    recorded_at_ms: i64,
-    /// (manifest version, tag index, points, first ms, last ms, Bad points)
-    tags: Vec<(u64, u32, u64, i64, i64, u64)>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -504,42 +494,17 @@ fn append_group<'a>(
                 Some(v) => SeqRanges::decode(v.value()),
                 None => SeqRanges::default(),
             };
-            let last = b.loss.as_ref().map_or(b.seq, |l| l.last_seq.max(b.seq));
-            if ranges.covers(b.seq, last) {
-                outcomes.push(Appended {
-                    outcome: AppendOutcome::Duplicate,
-                    stored_seq: ranges.contiguous(),
-                });
-                continue;
-            }
-            if let Some(loss) = &b.loss {
-                let reason = guantong_proto::v1::LossReason::try_from(loss.reason)
-                    .map(|r| {
-                        r.as_str_name()
-                            .trim_start_matches("LOSS_REASON_")
-                            .to_ascii_lowercase()
-                    })
-                    .unwrap_or_else(|_| format!("code {}", loss.reason));
-                let record = LossRecord {
-                    last_seq: loss.last_seq,
-                    points: Some(loss.points),
-                    reason: format!("dropped by the gateway: {reason}"),
-                    recorded_at_ms: a.received_at_ms,
-                    tags: loss
-                        .tags
-                        .iter()
-                        .map(|t| {
-                            (
-                                t.manifest_version,
-                                t.tag,
-                                t.points,
-                                t.first_time_ms,
-                                t.last_time_ms,
-                                t.bad_points,
-                            )
-                        })
-                        .collect(),
-                };
+            let (first, last) = match stream::admit(&ranges, b) {
+                Admission::Duplicate { stored_seq } => {
+                    outcomes.push(Appended {
+                        outcome: AppendOutcome::Duplicate,
+                        stored_seq,
+                    });
+                    continue;
+                }
+                Admission::Store { first, last } => (first, last),
+            };
+            if let Some(record) = stream::loss_of(a) {
                 let value =
                     serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
                 losses
@@ -549,23 +514,9 @@ fn append_group<'a>(
                     )
                     .map_err(db_err)?;
             }
-            if let Some(reason) = &a.rejected {
-                let record = LossRecord {
-                    last_seq: b.seq,
-                    points: Some(b.points.len() as u64),
-                    reason: format!("rejected by ingest: {reason}"),
-                    recorded_at_ms: a.received_at_ms,
-                    tags: Vec::new(),
-                };
-                let value =
-                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
-                losses
-                    .insert(
-                        (a.gateway_id.as_str(), b.buffer_id, b.seq),
-                        value.as_slice(),
-                    )
-                    .map_err(db_err)?;
-            } else if let Some(map) = &a.map {
+            if a.rejected.is_none()
+                && let Some(map) = &a.map
+            {
                 store_points(
                     a,
                     map,
@@ -577,7 +528,7 @@ fn append_group<'a>(
                 )?;
                 rollups.gateway_day(a)?;
             }
-            ranges.insert(b.seq, last);
+            ranges.insert(first, last);
             streams
                 .insert(key, ranges.encode().as_slice())
                 .map_err(db_err)?;
@@ -1190,25 +1141,15 @@ impl Store for EmbeddedStore {
                     Some(v) => SeqRanges::decode(v.value()),
                     None => SeqRanges::default(),
                 };
-                // The gateway deleted everything below `first_unacked` because an
-                // ingest acknowledged it. What this store lacks of that was stored
-                // elsewhere (an earlier, wiped data directory): say so, once.
-                if first_unacked > 1 && !ranges.covers(1, first_unacked - 1) {
-                    let record = LossRecord {
-                        last_seq: first_unacked - 1,
-                        points: None,
-                        reason: "acknowledged before this store knew the stream; not in this store"
-                            .into(),
-                        recorded_at_ms: now_ms(),
-                        tags: Vec::new(),
-                    };
+                if let Some(record) =
+                    stream::acknowledged_elsewhere(&mut ranges, first_unacked, now_ms())
+                {
                     let value = serde_json::to_vec(&record)
                         .map_err(|e| StoreError::Backend(e.to_string()))?;
                     txn.open_table(LOSSES)
                         .map_err(db_err)?
                         .insert((gateway.as_str(), buffer_id, 1), value.as_slice())
                         .map_err(db_err)?;
-                    ranges.insert(1, first_unacked - 1);
                     streams
                         .insert(key, ranges.encode().as_slice())
                         .map_err(db_err)?;
@@ -1539,57 +1480,30 @@ impl Store for EmbeddedStore {
                 let (gateway, buffer_id, first_seq) = k.value();
                 let r: LossRecord = serde_json::from_slice(v.value())
                     .map_err(|e| StoreError::Backend(e.to_string()))?;
-                let mut tags = Vec::with_capacity(r.tags.len());
-                for &(version, tag, points, first_time_ms, last_time_ms, bad_points) in &r.tags {
-                    let (device, tag) = match manifests.get((gateway, version)).map_err(db_err)? {
-                        Some(m) => {
-                            let m = Manifest::decode(m.value())
-                                .map_err(|e| StoreError::Backend(e.to_string()))?;
-                            let t = m.tags.get(tag as usize);
-                            let d = t.and_then(|t| m.devices.get(t.device as usize));
-                            (
-                                d.map_or_else(String::new, |d| d.id.clone()),
-                                t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
-                            )
-                        }
-                        None => (String::new(), format!("#{tag} of manifest {version:016x}")),
+                out.push(r.info(gateway, buffer_id, first_seq, |version, tag| {
+                    let Some(m) = manifests.get((gateway, version)).map_err(db_err)? else {
+                        return Ok((String::new(), format!("#{tag} of manifest {version:016x}")));
                     };
-                    tags.push(TagLossInfo {
-                        device,
-                        tag,
-                        points,
-                        bad_points,
-                        first_time_ms,
-                        last_time_ms,
-                    });
-                }
-                out.push(LossInfo {
-                    tags,
-                    gateway: gateway.to_string(),
-                    buffer_id: format!("{buffer_id:016x}"),
-                    first_seq,
-                    last_seq: r.last_seq,
-                    points: r.points,
-                    reason: r.reason,
-                    recorded_at_ms: r.recorded_at_ms,
-                });
+                    let m = Manifest::decode(m.value())
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    let t = m.tags.get(tag as usize);
+                    let d = t.and_then(|t| m.devices.get(t.device as usize));
+                    Ok::<_, StoreError>((
+                        d.map_or_else(String::new, |d| d.id.clone()),
+                        t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
+                    ))
+                })?);
             }
             let streams = txn.open_table(STREAMS).map_err(db_err)?;
             for entry in streams.iter().map_err(db_err)? {
                 let (k, v) = entry.map_err(db_err)?;
                 let (gateway, buffer_id) = k.value();
-                for (first_seq, last_seq) in SeqRanges::decode(v.value()).holes() {
-                    out.push(LossInfo {
-                        gateway: gateway.to_string(),
-                        buffer_id: format!("{buffer_id:016x}"),
-                        first_seq,
-                        last_seq,
-                        points: None,
-                        reason: "not received (yet): later batches arrived first".into(),
-                        recorded_at_ms: now_ms(),
-                        tags: Vec::new(),
-                    });
-                }
+                out.extend(stream::holes(
+                    gateway,
+                    buffer_id,
+                    &SeqRanges::decode(v.value()),
+                    now_ms(),
+                ));
             }
             Ok(out)
         })

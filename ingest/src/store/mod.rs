@@ -12,6 +12,7 @@
 
 pub mod embedded;
 pub mod rollup;
+pub mod stream;
 #[cfg(test)]
 pub mod suite;
 
