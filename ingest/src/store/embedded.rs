@@ -14,7 +14,7 @@
 //! | `losses`     | (gateway, buffer_id, first seq)  | JSON `stream::LossRecord`      |
 //! | `meta`       | name                             | u64 counters                   |
 //! | `signed`     | (gateway, buffer_id, seq)        | original signed batch (`SignedLink`) |
-//! | `chain_state`| (gateway, buffer_id)             | JSON `ChainState`: verified through, head |
+//! | `chain_state`| (gateway, buffer_id)             | JSON `chain::ChainState`: verified through, head |
 //! | `breaks`     | (gateway, buffer_id, seq)        | JSON `ChainBreak`              |
 //! | `days`       | (series, day start)              | `rollup::SeriesDay`            |
 //! | `hours`      | (series, hour start)             | (count, sum, min, max) of Good numbers |
@@ -57,6 +57,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+use super::chain::{self, ChainState};
 use super::rollup;
 use super::stream::{self, Admission, LossRecord};
 mod evidence;
@@ -222,14 +223,6 @@ struct SignedLinkHead {
     signature_checked: bool,
     #[prost(int32, tag = "9")]
     algorithm: i32,
-}
-
-#[derive(Serialize, Deserialize, Default)]
-struct ChainState {
-    verified_from: u64,
-    verified_through: u64,
-    /// Hex link hash the next link must name; None before any link.
-    head: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -588,10 +581,8 @@ fn put_break(
     Ok(())
 }
 
-/// Verifies, in sequence order, every stored link that follows the last
-/// verified one; stops at the first number not received yet. Breaks (bad
-/// signature, wrong previous hash) are recorded and the chain continues from
-/// the breaking link, so one bad batch does not hide the rest.
+/// Walks the stream's chain (`store::chain`) over every stored link that
+/// follows the verified ones, recording the breaks it finds.
 fn advance_chain(
     gateway: &str,
     buffer_id: u64,
@@ -607,61 +598,24 @@ fn advance_chain(
     };
     let mut changed = false;
     loop {
-        let next = st.verified_through + 1;
+        let next = st.next();
         let Some(v) = signed.get((gateway, buffer_id, next)).map_err(db_err)? else {
             break;
         };
         let link =
             SignedLinkHead::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
         drop(v);
-        let expected = match &st.head {
-            Some(h) => Some(h.clone()),
-            None if next == 1 => Some(hex::encode(
-                stored_algorithm(link.algorithm).genesis(gateway, buffer_id),
-            )),
-            None => None, // anchored mid-stream: earlier links were acknowledged elsewhere
+        let head = chain::LinkHead {
+            algorithm: stored_algorithm(link.algorithm),
+            prev_hash: link.prev_hash,
+            effective_hash: link.effective_hash,
+            signature_ok: link.signature_ok,
+            signature_checked: link.signature_checked,
+            last_seq: link.last_seq,
         };
-        if !link.signature_checked {
-            if st.verified_from == 0 {
-                put_break(
-                    breaks,
-                    gateway,
-                    buffer_id,
-                    next,
-                    "no public key bound to this gateway: signatures are not checked (register it with --public-key)".into(),
-                )?;
-            }
-        } else if !link.signature_ok {
-            put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                "signature does not verify with the gateway's key".into(),
-            )?;
+        for reason in chain::step(&mut st, gateway, buffer_id, &head) {
+            put_break(breaks, gateway, buffer_id, next, reason)?;
         }
-        match expected {
-            Some(e) if e != hex::encode(&link.prev_hash) => put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                format!("does not link to the previous batch (expected previous hash {e})"),
-            )?,
-            None => put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                "chain anchored here: earlier batches are not in this store".into(),
-            )?,
-            _ => {}
-        }
-        if st.verified_from == 0 {
-            st.verified_from = next;
-        }
-        st.head = Some(hex::encode(&link.effective_hash));
-        st.verified_through = link.last_seq.max(next);
         changed = true;
     }
     if changed {

@@ -10,6 +10,7 @@
 //! - Series (gateway, device, tag) get stable ids the first time a manifest
 //!   names them; later manifests update their metadata.
 
+pub mod chain;
 pub mod embedded;
 pub mod rollup;
 pub mod stream;
