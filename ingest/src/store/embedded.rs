@@ -297,6 +297,12 @@ struct Job {
     reply: oneshot::Sender<Result<Appended>>,
 }
 
+/// The database, borrowed by registry and rollup reads and writes run on a
+/// blocking thread.
+pub(super) struct Db<'a> {
+    db: &'a Database,
+}
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Signs daily digests (`evidence::digest`).
@@ -791,54 +797,69 @@ fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
 }
 
 impl Store for EmbeddedStore {
-    fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
-        EmbeddedStore::put_enterprise(self, e)
+    async fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
+        let e = e.clone();
+        self.blocking(move |db| Db { db }.put_enterprise(&e)).await
     }
-    fn enterprises(&self) -> Result<Vec<Enterprise>> {
-        EmbeddedStore::enterprises(self)
+    async fn enterprises(&self) -> Result<Vec<Enterprise>> {
+        self.blocking(move |db| Db { db }.enterprises()).await
     }
-    fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
-        EmbeddedStore::enterprise(self, code)
+    async fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
+        let code = code.to_string();
+        self.blocking(move |db| Db { db }.enterprise(&code)).await
     }
-    fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
-        EmbeddedStore::put_equipment(self, code, list)
+    async fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
+        let (code, list) = (code.to_string(), list.to_vec());
+        self.blocking(move |db| Db { db }.put_equipment(&code, &list))
+            .await
     }
-    fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
-        EmbeddedStore::equipment(self, code)
+    async fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
+        let code = code.to_string();
+        self.blocking(move |db| Db { db }.equipment(&code)).await
     }
-    fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
-        EmbeddedStore::assign_gateway(self, gateway, code)
+    async fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
+        let (gateway, code) = (gateway.to_string(), code.to_string());
+        self.blocking(move |db| Db { db }.assign_gateway(&gateway, &code))
+            .await
     }
-    fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
-        EmbeddedStore::unassign_gateway(self, gateway)
+    async fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.unassign_gateway(&gateway))
+            .await
     }
-    fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
-        EmbeddedStore::gateway_owners(self)
+    async fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
+        self.blocking(move |db| Db { db }.gateway_owners()).await
     }
-    fn put_account(&self, a: &Account) -> Result<String> {
-        EmbeddedStore::put_account(self, a)
+    async fn put_account(&self, a: &Account) -> Result<String> {
+        let a = a.clone();
+        self.blocking(move |db| Db { db }.put_account(&a)).await
     }
-    fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
-        EmbeddedStore::account_by_token(self, token)
+    async fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
+        let token = token.to_string();
+        self.blocking(move |db| Db { db }.account_by_token(&token))
+            .await
     }
-    fn accounts(&self) -> Result<Vec<Account>> {
-        EmbeddedStore::accounts(self)
+    async fn accounts(&self) -> Result<Vec<Account>> {
+        self.blocking(move |db| Db { db }.accounts()).await
     }
-    fn log_access(&self, a: &Access) -> Result<()> {
-        EmbeddedStore::log_access(self, a)
+    async fn log_access(&self, a: &Access) -> Result<()> {
+        let a = a.clone();
+        self.blocking(move |db| Db { db }.log_access(&a)).await
     }
-    fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
-        EmbeddedStore::access_log(self, limit)
+    async fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
+        self.blocking(move |db| Db { db }.access_log(limit)).await
     }
-    fn series_days(
+    async fn series_days(
         &self,
         series: &[u64],
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<(u64, i64, rollup::SeriesDay)>> {
-        EmbeddedStore::series_days(self, series, from_day, to_day)
+        let series = series.to_vec();
+        self.blocking(move |db| Db { db }.series_days(&series, from_day, to_day))
+            .await
     }
-    fn series_runs(
+    async fn series_runs(
         &self,
         series: u64,
         kind: u8,
@@ -846,18 +867,22 @@ impl Store for EmbeddedStore {
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, i64)>> {
-        EmbeddedStore::series_runs(self, series, kind, tol, from, to)
+        self.blocking(move |db| Db { db }.series_runs(series, kind, tol, from, to))
+            .await
     }
-    fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
-        EmbeddedStore::series_hours(self, series, from, to)
+    async fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
+        self.blocking(move |db| Db { db }.series_hours(series, from, to))
+            .await
     }
-    fn gateway_days(
+    async fn gateway_days(
         &self,
         gateway: &str,
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<(i64, rollup::GatewayDay)>> {
-        EmbeddedStore::gateway_days(self, gateway, from_day, to_day)
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.gateway_days(&gateway, from_day, to_day))
+            .await
     }
 
     async fn register_gateway(&self, id: &str, public_key: Option<PublicKey>) -> Result<String> {

@@ -667,7 +667,7 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     let stored = all_points(&store, series).await;
     assert_eq!(stored.len(), times.len());
     let (from, to) = (T0 - 10 * rollup::DAY_MS, T0 + 10 * rollup::DAY_MS);
-    let days = store.series_days(&[series], from, to).expect("days");
+    let days = store.series_days(&[series], from, to).await.expect("days");
     assert!(
         days.len() >= 3,
         "the points span three UTC+8 days: {}",
@@ -708,7 +708,7 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
         stored.len() as u64,
         "every stored point is in a day"
     );
-    let hours = store.series_hours(series, from, to).expect("hours");
+    let hours = store.series_hours(series, from, to).await.expect("hours");
     let mut want_hours: std::collections::BTreeMap<i64, (u64, f64, f64, f64)> = Default::default();
     for p in stored.iter().filter(|p| p.quality == "good") {
         let x = p
@@ -735,6 +735,7 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     let step_tol = step;
     let data = store
         .series_runs(series, RUN_DATA, step_tol, from, to)
+        .await
         .expect("data runs");
     let want_data = runs_of(
         stored
@@ -746,6 +747,7 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     assert_eq!(data, want_data);
     let bad = store
         .series_runs(series, RUN_BAD, step_tol, from, to)
+        .await
         .expect("bad runs");
     assert_eq!(
         bad,
@@ -759,6 +761,7 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     );
     let backfill = store
         .series_runs(series, RUN_BACKFILL, tol, from, to)
+        .await
         .expect("backfill runs");
     let backfilled: Vec<i64> = stored
         .iter()
@@ -776,10 +779,14 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     let mid = times[60].1;
     let inside = store
         .series_runs(series, RUN_DATA, step_tol, mid, mid + 1)
+        .await
         .expect("runs");
     assert_eq!(inside.len(), 1);
     assert!(inside[0].0 <= mid && mid <= inside[0].1);
-    let gdays = store.gateway_days(GW, from, to).expect("gateway days");
+    let gdays = store
+        .gateway_days(GW, from, to)
+        .await
+        .expect("gateway days");
     let batches_n: u64 = gdays.iter().map(|(_, d)| d.batches).sum();
     let points_n: u64 = gdays.iter().map(|(_, d)| d.points).sum();
     let bytes_n: u64 = gdays.iter().map(|(_, d)| d.bytes).sum();
@@ -941,61 +948,82 @@ pub async fn enterprises_equipment_owners_accounts_and_access<H: Harness>() {
         .register_gateway("gw-1", None)
         .await
         .expect("register");
-    store.put_enterprise(&enterprise(A, "one")).expect("put");
-    store.put_enterprise(&enterprise(B, "two")).expect("put");
+    store
+        .put_enterprise(&enterprise(A, "one"))
+        .await
+        .expect("put");
+    store
+        .put_enterprise(&enterprise(B, "two"))
+        .await
+        .expect("put");
     store
         .put_enterprise(&enterprise(A, "one, renamed"))
+        .await
         .expect("replace");
-    let mut all = store.enterprises().expect("enterprises");
+    let mut all = store.enterprises().await.expect("enterprises");
     all.sort_by(|a, b| a.code.cmp(&b.code));
     assert_eq!(all, [enterprise(B, "two"), enterprise(A, "one, renamed")]);
     assert_eq!(
-        store.enterprise(A).expect("get"),
+        store.enterprise(A).await.expect("get"),
         Some(enterprise(A, "one, renamed"))
     );
-    assert_eq!(store.enterprise("91000000000000000X").expect("get"), None);
+    assert_eq!(
+        store.enterprise("91000000000000000X").await.expect("get"),
+        None
+    );
 
     store
         .put_equipment(A, &[equipment("e1", "gw-1"), equipment("e2", "")])
+        .await
         .expect("equipment");
     store
         .put_equipment(A, &[equipment("e3", "")])
+        .await
         .expect("replace equipment");
     assert_eq!(
-        store.equipment(A).expect("equipment"),
+        store.equipment(A).await.expect("equipment"),
         [equipment("e3", "")]
     );
-    assert!(store.equipment(B).expect("equipment").is_empty());
+    assert!(store.equipment(B).await.expect("equipment").is_empty());
     assert!(
-        store.put_equipment("91000000000000000X", &[]).is_err(),
+        store
+            .put_equipment("91000000000000000X", &[])
+            .await
+            .is_err(),
         "unknown enterprise"
     );
 
     assert!(matches!(
-        store.assign_gateway("gw-1", "91000000000000000X"),
+        store.assign_gateway("gw-1", "91000000000000000X").await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.assign_gateway("gw-unknown", A),
+        store.assign_gateway("gw-unknown", A).await,
         Err(StoreError::NotFound(_))
     ));
-    store.assign_gateway("gw-1", A).expect("assign");
+    store.assign_gateway("gw-1", A).await.expect("assign");
     assert_eq!(
-        store.gateway_owners().expect("owners"),
+        store.gateway_owners().await.expect("owners"),
         [("gw-1".to_string(), A.to_string())].into()
     );
-    store.assign_gateway("gw-1", B).expect("move");
+    store.assign_gateway("gw-1", B).await.expect("move");
     assert_eq!(
         store
             .gateway_owners()
+            .await
             .expect("owners")
             .get("gw-1")
             .map(String::as_str),
         Some(B)
     );
-    assert!(store.unassign_gateway("gw-1").expect("unassign"));
-    assert!(!store.unassign_gateway("gw-1").expect("unassign again"));
-    assert!(store.gateway_owners().expect("owners").is_empty());
+    assert!(store.unassign_gateway("gw-1").await.expect("unassign"));
+    assert!(
+        !store
+            .unassign_gateway("gw-1")
+            .await
+            .expect("unassign again")
+    );
+    assert!(store.gateway_owners().await.expect("owners").is_empty());
 
     let reviewer = Account {
         name: "li".into(),
@@ -1004,9 +1032,9 @@ pub async fn enterprises_equipment_owners_accounts_and_access<H: Harness>() {
         enterprises: vec![A.into()],
         all_enterprises: false,
     };
-    let first = store.put_account(&reviewer).expect("account");
+    let first = store.put_account(&reviewer).await.expect("account");
     assert_eq!(
-        store.account_by_token(&first).expect("by token"),
+        store.account_by_token(&first).await.expect("by token"),
         Some(reviewer.clone())
     );
     let admin = Account {
@@ -1016,27 +1044,31 @@ pub async fn enterprises_equipment_owners_accounts_and_access<H: Harness>() {
         enterprises: Vec::new(),
         all_enterprises: false,
     };
-    store.put_account(&admin).expect("admin");
+    store.put_account(&admin).await.expect("admin");
     let widened = Account {
         all_enterprises: true,
         ..reviewer.clone()
     };
-    let second = store.put_account(&widened).expect("replace account");
+    let second = store.put_account(&widened).await.expect("replace account");
     assert_eq!(
-        store.account_by_token(&first).expect("by token"),
+        store.account_by_token(&first).await.expect("by token"),
         None,
         "the old token stops working"
     );
     assert_eq!(
-        store.account_by_token(&second).expect("by token"),
+        store.account_by_token(&second).await.expect("by token"),
         Some(widened.clone())
     );
     assert_eq!(
-        store.account_by_token("gtk_nothing").expect("by token"),
+        store
+            .account_by_token("gtk_nothing")
+            .await
+            .expect("by token"),
         None
     );
     let mut names: Vec<String> = store
         .accounts()
+        .await
         .expect("accounts")
         .into_iter()
         .map(|a| a.name)
@@ -1054,10 +1086,12 @@ pub async fn enterprises_equipment_owners_accounts_and_access<H: Harness>() {
                 path: path.into(),
                 enterprise: A.into(),
             })
+            .await
             .expect("log");
     }
     let latest: Vec<String> = store
         .access_log(2)
+        .await
         .expect("access log")
         .into_iter()
         .map(|a| a.path)
@@ -1066,12 +1100,12 @@ pub async fn enterprises_equipment_owners_accounts_and_access<H: Harness>() {
     drop(store);
     let store = place.open().await;
     assert_eq!(
-        store.enterprises().expect("enterprises").len(),
+        store.enterprises().await.expect("enterprises").len(),
         2,
         "survives a reopen"
     );
     assert_eq!(
-        store.account_by_token(&second).expect("by token"),
+        store.account_by_token(&second).await.expect("by token"),
         Some(widened)
     );
 }
