@@ -763,6 +763,53 @@ fn store_points(
     Ok(())
 }
 
+/// A series as reported, from its metadata row and its state.
+fn series_info(
+    id: u64,
+    meta: &[u8],
+    states: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<SeriesInfo> {
+    let m: SeriesMeta =
+        serde_json::from_slice(meta).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let s = match states.get(id).map_err(db_err)? {
+        Some(v) => {
+            SeriesState::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?
+        }
+        None => SeriesState::default(),
+    };
+    Ok(SeriesInfo {
+        id,
+        gateway: m.gateway,
+        device: m.device,
+        protocol: m.protocol,
+        endpoint: m.endpoint,
+        tag: m.tag,
+        address: m.address,
+        data_type: m.data_type,
+        unit: m.unit,
+        interval_ms: m.interval_ms,
+        identity: m.identity,
+        created_ms: if m.created_ms > 0 {
+            Some(m.created_ms)
+        } else {
+            s.first_ms
+        },
+        samples: s.good + s.uncertain + s.bad,
+        good: s.good,
+        uncertain: s.uncertain,
+        bad: s.bad,
+        backfilled: s.backfilled,
+        first_seen_ms: s.first_ms,
+        last_seen_ms: s.last_ms,
+        last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
+        last_quality: s
+            .last
+            .as_ref()
+            .map(|p| quality_name(quality_of(p)).to_string()),
+        last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
+    })
+}
+
 pub(crate) fn value_json(v: &Option<Value>) -> Option<serde_json::Value> {
     v.as_ref().map(|v| match v {
         Value::Bool(b) => serde_json::Value::from(*b),
@@ -1291,46 +1338,34 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for entry in metas.iter().map_err(db_err)? {
                 let (k, v) = entry.map_err(db_err)?;
-                let id = k.value();
-                let m: SeriesMeta = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
-                let s = match states.get(id).map_err(db_err)? {
-                    Some(v) => SeriesState::decode(v.value())
-                        .map_err(|e| StoreError::Backend(e.to_string()))?,
-                    None => SeriesState::default(),
-                };
-                out.push(SeriesInfo {
-                    id,
-                    gateway: m.gateway,
-                    device: m.device,
-                    protocol: m.protocol,
-                    endpoint: m.endpoint,
-                    tag: m.tag,
-                    address: m.address,
-                    data_type: m.data_type,
-                    unit: m.unit,
-                    interval_ms: m.interval_ms,
-                    identity: m.identity,
-                    created_ms: if m.created_ms > 0 {
-                        Some(m.created_ms)
-                    } else {
-                        s.first_ms
-                    },
-                    samples: s.good + s.uncertain + s.bad,
-                    good: s.good,
-                    uncertain: s.uncertain,
-                    bad: s.bad,
-                    backfilled: s.backfilled,
-                    first_seen_ms: s.first_ms,
-                    last_seen_ms: s.last_ms,
-                    last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
-                    last_quality: s
-                        .last
-                        .as_ref()
-                        .map(|p| quality_name(quality_of(p)).to_string()),
-                    last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
-                });
+                out.push(series_info(k.value(), v.value(), &states)?);
             }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn series_of(&self, gateways: &[String]) -> Result<Vec<SeriesInfo>> {
+        let gateways = gateways.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let keys = txn.open_table(SERIES_KEYS).map_err(db_err)?;
+            let metas = txn.open_table(SERIES).map_err(db_err)?;
+            let states = txn.open_table(STATE).map_err(db_err)?;
+            let mut out = Vec::new();
+            for gateway in gateways {
+                // Keys are "gateway/device/tag"; gateway ids hold no `/`.
+                let (lo, hi) = (format!("{gateway}/"), format!("{gateway}0"));
+                for entry in keys.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                    let (_, id) = entry.map_err(db_err)?;
+                    let id = id.value();
+                    let Some(meta) = metas.get(id).map_err(db_err)? else {
+                        return Err(StoreError::Backend(format!("series {id} has no metadata")));
+                    };
+                    out.push(series_info(id, meta.value(), &states)?);
+                }
+            }
+            out.sort_by_key(|s| s.id);
             Ok(out)
         })
         .await

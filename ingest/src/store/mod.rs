@@ -357,6 +357,11 @@ pub trait Store: Send + Sync + 'static {
     -> impl Future<Output = Result<Appended>> + Send + 'static;
 
     fn series(&self) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
+    /// The series of `gateways` (by id), without reading the others.
+    fn series_of(
+        &self,
+        gateways: &[String],
+    ) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
     fn window_counts(
         &self,
         series: u64,

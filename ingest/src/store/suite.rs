@@ -1166,6 +1166,43 @@ pub async fn report_queries_answer_from_the_stored_points<H: Harness>() {
         let last = sent.iter().filter(|p| p.0 == tag as u32).map(|p| p.1).max();
         assert_eq!(s.last_seen_ms, last);
     }
+    // The series of some gateways, without the others; "gw" is a prefix of
+    // the id "gw-a" but another gateway.
+    let short = put_manifest(&store, "gw", 1, 1_000).await;
+    let ids = |list: Vec<super::SeriesInfo>| list.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let of = |gateways: &[&str]| gateways.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.series_of(&of(&[GW])).await.expect("series of")),
+        map.series
+    );
+    assert_eq!(
+        ids(store.series_of(&of(&["gw"])).await.expect("series of")),
+        short.series
+    );
+    let mut both = map.series.clone();
+    both.extend(&other.series);
+    both.sort_unstable();
+    assert_eq!(
+        ids(store
+            .series_of(&of(&["gw-b", GW]))
+            .await
+            .expect("series of")),
+        both
+    );
+    assert!(
+        store
+            .series_of(&of(&["nobody"]))
+            .await
+            .expect("series of")
+            .is_empty()
+    );
+    let listed = store.series_of(&of(&[GW])).await.expect("series of");
+    let full: Vec<_> = series.iter().filter(|s| s.gateway == GW).collect();
+    assert_eq!(
+        format!("{listed:?}"),
+        format!("{:?}", full.into_iter().cloned().collect::<Vec<_>>()),
+        "the same rows as `series`"
+    );
     // Window counts of many series, each against a brute-force count.
     let first = T0 + 13_000;
     let windows = [
