@@ -763,6 +763,78 @@ fn store_points(
     Ok(())
 }
 
+/// Samples of `series` in `from_ms..to_ms`: whole minutes from their
+/// counters, the edge minutes from their chunks.
+fn count_window(
+    minutes: &impl ReadableTable<(u64, i64), (u64, u64, u64)>,
+    chunks: &impl ReadableTable<(u64, i64, u64), &'static [u8]>,
+    series: u64,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<WindowCounts> {
+    let mut c = WindowCounts::default();
+    if to_ms <= from_ms {
+        return Ok(c);
+    }
+    let first_full = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+        + if from_ms.rem_euclid(MINUTE_MS) == 0 {
+            0
+        } else {
+            MINUTE_MS
+        };
+    let end_full = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    let count_edge = |lo: i64, hi: i64, c: &mut WindowCounts| -> Result<()> {
+        let minute = lo.div_euclid(MINUTE_MS) * MINUTE_MS;
+        for entry in chunks
+            .range((series, minute, 0)..(series, minute + MINUTE_MS, 0))
+            .map_err(db_err)?
+        {
+            let (_, v) = entry.map_err(db_err)?;
+            let chunk = Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+            for p in &chunk.points {
+                let t = chunk.base_ms + p.time_offset_ms;
+                if t >= lo && t < hi {
+                    match quality_of(p) {
+                        Quality::Good => c.good += 1,
+                        Quality::Uncertain => c.uncertain += 1,
+                        Quality::Bad => c.bad += 1,
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    if first_full >= end_full {
+        // Window within one minute, or spanning two partial minutes.
+        count_edge(
+            from_ms,
+            to_ms.min(from_ms.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS),
+            &mut c,
+        )?;
+        if end_full > from_ms && end_full < to_ms {
+            count_edge(end_full, to_ms, &mut c)?;
+        }
+        return Ok(c);
+    }
+    if from_ms < first_full {
+        count_edge(from_ms, first_full, &mut c)?;
+    }
+    for entry in minutes
+        .range((series, first_full)..(series, end_full))
+        .map_err(db_err)?
+    {
+        let (_, v) = entry.map_err(db_err)?;
+        let (g, u, b) = v.value();
+        c.good += g;
+        c.uncertain += u;
+        c.bad += b;
+    }
+    if end_full < to_ms {
+        count_edge(end_full, to_ms, &mut c)?;
+    }
+    Ok(c)
+}
+
 /// A series as reported, from its metadata row and its state.
 fn series_info(
     id: u64,
@@ -1372,72 +1444,27 @@ impl Store for EmbeddedStore {
     }
 
     async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
+        Ok(self
+            .window_counts_of(vec![series], from_ms, to_ms)
+            .await?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    async fn window_counts_of(
+        &self,
+        series: Vec<u64>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<WindowCounts>> {
         self.blocking(move |db| {
-            let mut c = WindowCounts::default();
-            if to_ms <= from_ms {
-                return Ok(c);
-            }
             let txn = db.begin_read().map_err(db_err)?;
             let minutes = txn.open_table(MINUTES).map_err(db_err)?;
             let chunks = txn.open_table(CHUNKS).map_err(db_err)?;
-            let first_full = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
-                + if from_ms.rem_euclid(MINUTE_MS) == 0 {
-                    0
-                } else {
-                    MINUTE_MS
-                };
-            let end_full = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-            let count_edge = |lo: i64, hi: i64, c: &mut WindowCounts| -> Result<()> {
-                let minute = lo.div_euclid(MINUTE_MS) * MINUTE_MS;
-                for entry in chunks
-                    .range((series, minute, 0)..(series, minute + MINUTE_MS, 0))
-                    .map_err(db_err)?
-                {
-                    let (_, v) = entry.map_err(db_err)?;
-                    let chunk =
-                        Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
-                    for p in &chunk.points {
-                        let t = chunk.base_ms + p.time_offset_ms;
-                        if t >= lo && t < hi {
-                            match quality_of(p) {
-                                Quality::Good => c.good += 1,
-                                Quality::Uncertain => c.uncertain += 1,
-                                Quality::Bad => c.bad += 1,
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            };
-            if first_full >= end_full {
-                // Window within one minute, or spanning two partial minutes.
-                count_edge(
-                    from_ms,
-                    to_ms.min(from_ms.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS),
-                    &mut c,
-                )?;
-                if end_full > from_ms && end_full < to_ms {
-                    count_edge(end_full, to_ms, &mut c)?;
-                }
-                return Ok(c);
-            }
-            if from_ms < first_full {
-                count_edge(from_ms, first_full, &mut c)?;
-            }
-            for entry in minutes
-                .range((series, first_full)..(series, end_full))
-                .map_err(db_err)?
-            {
-                let (_, v) = entry.map_err(db_err)?;
-                let (g, u, b) = v.value();
-                c.good += g;
-                c.uncertain += u;
-                c.bad += b;
-            }
-            if end_full < to_ms {
-                count_edge(end_full, to_ms, &mut c)?;
-            }
-            Ok(c)
+            series
+                .iter()
+                .map(|&s| count_window(&minutes, &chunks, s, from_ms, to_ms))
+                .collect()
         })
         .await
     }

@@ -368,6 +368,13 @@ pub trait Store: Send + Sync + 'static {
         from_ms: i64,
         to_ms: i64,
     ) -> impl Future<Output = Result<WindowCounts>> + Send;
+    /// `window_counts` of many series in one call, in the order given.
+    fn window_counts_of(
+        &self,
+        series: Vec<u64>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> impl Future<Output = Result<Vec<WindowCounts>>> + Send;
     fn points(
         &self,
         series: u64,

@@ -1127,11 +1127,8 @@ pub async fn report_queries_answer_from_the_stored_points<H: Harness>() {
     for (seq, chunk) in sent.chunks(41).enumerate() {
         store_batch(&store, &map, seq as u64 + 1, chunk).await;
     }
-    append(
-        &store,
-        appending("gw-b", &other, batch(1, &good(0, T0, 5_000, 0..3))),
-    )
-    .await;
+    let other_sent = good(0, T0, 5_000, 0..3);
+    append(&store, appending("gw-b", &other, batch(1, &other_sent))).await;
 
     let series = store.series().await.expect("series");
     let mine: Vec<_> = series.iter().filter(|s| s.gateway == GW).collect();
@@ -1213,14 +1210,23 @@ pub async fn report_queries_answer_from_the_stored_points<H: Harness>() {
         (first + 120_000, first + 120_000),
     ];
     for (from, to) in windows {
+        let want: Vec<WindowCounts> = (0..map.series.len())
+            .map(|tag| counts_of(&sent, tag as u32, from, to))
+            .collect();
         for (tag, id) in map.series.iter().enumerate() {
             let got = store.window_counts(*id, from, to).await.expect("counts");
-            assert_eq!(
-                got,
-                counts_of(&sent, tag as u32, from, to),
-                "tag {tag} window {from}..{to}"
-            );
+            assert_eq!(got, want[tag], "tag {tag} window {from}..{to}");
         }
+        // In one call, in the order asked, a series of another gateway too.
+        let mut ids: Vec<u64> = map.series.iter().rev().copied().collect();
+        ids.push(other.series[0]);
+        let many = store
+            .window_counts_of(ids, from, to)
+            .await
+            .expect("counts of many");
+        let mut want_many: Vec<WindowCounts> = want.into_iter().rev().collect();
+        want_many.push(counts_of(&other_sent, 0, from, to));
+        assert_eq!(many, want_many, "window {from}..{to}");
     }
     // Points in pages: each page continues after the last time seen.
     let id = map.series[0];
