@@ -234,7 +234,8 @@ pub struct EnterpriseReport {
     pub active_days: BTreeMap<String, u64>,
 }
 
-/// Everything a report needs that the async store API gives.
+/// The store-wide lists a report needs, read once and shared by the
+/// reports of many enterprises.
 pub struct Snapshot {
     pub series: Vec<SeriesInfo>,
     pub losses: Vec<LossInfo>,
@@ -310,7 +311,7 @@ fn fault_lead_in(interval_ms: i64) -> i64 {
 }
 
 /// Gaps of one tag in `[from, to)` from its runs, with causes.
-fn tag_gaps(
+async fn tag_gaps(
     store: &impl Store,
     s: &SeriesInfo,
     from: i64,
@@ -329,8 +330,8 @@ fn tag_gaps(
     }
     let iv = s.interval_ms as i64;
     let tol = rollup::run_tolerance(s.interval_ms);
-    let data = store.series_runs(s.id, RUN_DATA, tol, start, to)?;
-    let bad = store.series_runs(s.id, RUN_BAD, tol, start, to)?;
+    let data = store.series_runs(s.id, RUN_DATA, tol, start, to).await?;
+    let bad = store.series_runs(s.id, RUN_BAD, tol, start, to).await?;
     let mut holes = Vec::new();
     let mut cursor = start;
     for &(a, b) in &data {
@@ -370,7 +371,10 @@ fn tag_gaps(
             out.push(gap(fault_from, b, "device_fault"));
         }
     }
-    for (a, b) in store.series_runs(s.id, RUN_BACKFILL, tol, start, to)? {
+    for (a, b) in store
+        .series_runs(s.id, RUN_BACKFILL, tol, start, to)
+        .await?
+    {
         out.push(Gap {
             start_ms: a,
             end_ms: b + iv,
@@ -428,7 +432,7 @@ struct TagWindow {
 }
 
 /// Reads the rollups of a set of series for the window.
-fn tag_windows(
+async fn tag_windows(
     store: &impl Store,
     series: &[&SeriesInfo],
     from_day: i64,
@@ -436,7 +440,7 @@ fn tag_windows(
 ) -> Result<HashMap<u64, TagWindow>> {
     let ids: Vec<u64> = series.iter().map(|s| s.id).collect();
     let mut out: HashMap<u64, TagWindow> = HashMap::new();
-    for (id, day, row) in store.series_days(&ids, from_day, to_day)? {
+    for (id, day, row) in store.series_days(&ids, from_day, to_day).await? {
         let w = out.entry(id).or_default();
         rollup::merge_day(&mut w.day, &row);
         w.per_day.insert(day, row);
@@ -558,7 +562,7 @@ fn tag_flags(
 
 /// The report of one enterprise for days `from_day..to_day` (UTC ms of
 /// UTC+8 day starts, `to_day` exclusive).
-pub fn enterprise_report(
+pub async fn enterprise_report(
     store: &impl Store,
     snap: &Snapshot,
     enterprise: &Enterprise,
@@ -566,8 +570,8 @@ pub fn enterprise_report(
     to_day: i64,
     c: &Criteria,
 ) -> Result<EnterpriseReport> {
-    let index = Index::new(store, snap)?;
-    report_with(store, snap, &index, enterprise, from_day, to_day, c, true)
+    let index = Index::new(store, snap).await?;
+    report_with(store, snap, &index, enterprise, from_day, to_day, c, true).await
 }
 
 /// Lookups shared by the reports of many enterprises.
@@ -577,13 +581,13 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    fn new(store: &impl Store, snap: &'a Snapshot) -> Result<Index<'a>> {
+    async fn new(store: &impl Store, snap: &'a Snapshot) -> Result<Index<'a>> {
         let mut by_gateway: HashMap<&str, Vec<&SeriesInfo>> = HashMap::new();
         for s in &snap.series {
             by_gateway.entry(s.gateway.as_str()).or_default().push(s);
         }
         Ok(Index {
-            owners: store.gateway_owners()?,
+            owners: store.gateway_owners().await?,
             by_gateway,
         })
     }
@@ -591,10 +595,10 @@ impl<'a> Index<'a> {
 
 /// `detail`: also gaps and trends (the city view needs neither).
 #[allow(clippy::too_many_arguments)]
-fn report_with(
+async fn report_with(
     store: &impl Store,
     snap: &Snapshot,
-    index: &Index,
+    index: &Index<'_>,
     enterprise: &Enterprise,
     from_day: i64,
     to_day: i64,
@@ -607,14 +611,14 @@ fn report_with(
         .filter(|(_, code)| **code == enterprise.code)
         .map(|(g, _)| g.as_str())
         .collect();
-    let register = store.equipment(&enterprise.code)?;
+    let register = store.equipment(&enterprise.code).await?;
     let series: Vec<&SeriesInfo> = gateways
         .iter()
         .filter_map(|g| index.by_gateway.get(g))
         .flatten()
         .copied()
         .collect();
-    let windows = tag_windows(store, &series, from_day, to_day)?;
+    let windows = tag_windows(store, &series, from_day, to_day).await?;
     let identical = identical_pairs(&series, &windows, c.identical_similarity);
     let from_ms = from_day;
     let to_ms = to_day;
@@ -706,7 +710,7 @@ fn report_with(
                 .get(&(s.gateway.as_str(), s.device.as_str(), s.tag.as_str()))
                 .map_or(&[][..], |v| v.as_slice());
             if detail {
-                gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses)?);
+                gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses).await?);
             }
             d.flags.extend(tag_flags(s, w, identical.get(&s.id), c));
             d.tags.push(TagReport {
@@ -743,7 +747,8 @@ fn report_with(
             .take(3)
         {
             let points = store
-                .series_hours(s.id, from_ms, to_ms)?
+                .series_hours(s.id, from_ms, to_ms)
+                .await?
                 .into_iter()
                 .map(|(h, n, sum, min, max)| (h, sum / n.max(1) as f64, min, max))
                 .collect();
@@ -800,7 +805,7 @@ fn report_with(
         })
         .collect();
     for gw in &gateways {
-        let rows = store.gateway_days(gw, from_day, to_day)?;
+        let rows = store.gateway_days(gw, from_day, to_day).await?;
         let mut hist = vec![0u64; LATENCY_BUCKETS];
         let mut total = GatewayDay::default();
         let mut skew_min: Option<i64> = None;
@@ -997,7 +1002,7 @@ pub struct CityView {
 
 /// The city overview over `enterprises` (already filtered to what the
 /// reader may see).
-pub fn city_view(
+pub async fn city_view(
     store: &impl Store,
     snap: &Snapshot,
     enterprises: &[Enterprise],
@@ -1006,9 +1011,9 @@ pub fn city_view(
     c: &Criteria,
 ) -> Result<CityView> {
     let mut rows = Vec::new();
-    let index = Index::new(store, snap)?;
+    let index = Index::new(store, snap).await?;
     for e in enterprises {
-        let r = report_with(store, snap, &index, e, from_day, to_day, c, false)?;
+        let r = report_with(store, snap, &index, e, from_day, to_day, c, false).await?;
         let on_cloud = r.usage.last().is_some_and(|u| u.active);
         rows.push(CityRow {
             code: e.code.clone(),
@@ -1173,8 +1178,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gap_causes_come_from_bad_runs_loss_records_or_nothing() {
+    #[tokio::test]
+    async fn gap_causes_come_from_bad_runs_loss_records_or_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store");
         // Data 0–100 s, 120–200 s, 230–300 s, 340–400 s; Bad samples 101–119 s;
@@ -1198,6 +1203,7 @@ mod tests {
             1_000_000,
             &[(201_000, 229_000, "dropped_by_gateway")],
         )
+        .await
         .expect("gaps");
         let got: Vec<(i64, i64, &str)> = gaps
             .iter()
@@ -1213,7 +1219,9 @@ mod tests {
             ]
         );
         // The window end is clipped to now less two intervals.
-        let gaps = tag_gaps(&store, &series(1), 0, 500_000, 450_000, &[]).expect("gaps");
+        let gaps = tag_gaps(&store, &series(1), 0, 500_000, 450_000, &[])
+            .await
+            .expect("gaps");
         assert_eq!(
             gaps.iter()
                 .filter(|g| g.cause == "no_data")
@@ -1234,7 +1242,10 @@ mod tests {
         store
             .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
             .expect("write");
-        tag_gaps(&store, &series(1), 0, to, 1_000_000, losses)
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(tag_gaps(&store, &series(1), 0, to, 1_000_000, losses))
             .expect("gaps")
             .iter()
             .map(|g| (g.start_ms, g.end_ms, g.cause))

@@ -275,7 +275,15 @@ async fn summary<S: Store>(
             },
         );
     }
-    for s in state.store.series().await? {
+    // An account that sees some gateways reads only their series.
+    let series = match &viewer.gateways {
+        Some(visible) => {
+            let visible: Vec<String> = visible.iter().cloned().collect();
+            state.store.series_of(&visible).await?
+        }
+        None => state.store.series().await?,
+    };
+    for s in series {
         if !viewer.sees(&s.gateway) {
             continue;
         }
@@ -387,7 +395,7 @@ async fn points<S: Store>(
             .unwrap_or(i64::MAX);
     let series = state
         .store
-        .series()
+        .series_of(std::slice::from_ref(&q.gateway))
         .await?
         .into_iter()
         .find(|s| {

@@ -272,17 +272,19 @@ fn load_criteria(path: Option<&std::path::Path>) -> anyhow::Result<Criteria> {
 
 /// Creates the first admin account when there is none and writes its token
 /// to `admin.token` in the data directory, readable by the owner only.
-fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Result<()> {
-    if !store.accounts()?.is_empty() {
+async fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Result<()> {
+    if !store.accounts().await?.is_empty() {
         return Ok(());
     }
-    let token = store.put_account(&Account {
-        name: "admin".into(),
-        role: Role::Admin,
-        provider: String::new(),
-        enterprises: Vec::new(),
-        all_enterprises: false,
-    })?;
+    let token = store
+        .put_account(&Account {
+            name: "admin".into(),
+            role: Role::Admin,
+            provider: String::new(),
+            enterprises: Vec::new(),
+            all_enterprises: false,
+        })
+        .await?;
     let path = data.join("admin.token");
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -408,7 +410,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             e.validate(&criteria.industries)
                 .map_err(anyhow::Error::msg)?;
             match Target::open(&data)? {
-                Target::Local(store) => store.put_enterprise(&e)?,
+                Target::Local(store) => store.put_enterprise(&e).await?,
                 Target::Remote(server) => {
                     server.send(Method::POST, "/api/v1/enterprises", &e).await?;
                 }
@@ -418,7 +420,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Enterprise(EnterpriseCommand::List { data }) => {
             let store = EmbeddedStore::open(&data)?;
-            println!("{}", serde_json::to_string_pretty(&store.enterprises()?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&store.enterprises().await?)?
+            );
             Ok(())
         }
         Command::ImportEquipment {
@@ -432,7 +437,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::anyhow!("{}:\n  {}", file.display(), problems.join("\n  "))
             })?;
             match Target::open(&data)? {
-                Target::Local(store) => store.put_equipment(&enterprise, &list)?,
+                Target::Local(store) => store.put_equipment(&enterprise, &list).await?,
                 Target::Remote(server) => {
                     let path = format!("/api/v1/enterprises/{enterprise}/equipment");
                     server.send(Method::PUT, &path, &list).await?;
@@ -451,7 +456,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             enterprise,
         } => {
             match Target::open(&data)? {
-                Target::Local(store) => store.assign_gateway(&gateway, &enterprise)?,
+                Target::Local(store) => store.assign_gateway(&gateway, &enterprise).await?,
                 Target::Remote(server) => {
                     let path = format!("/api/v1/gateways/{gateway}/enterprise");
                     let body = serde_json::json!({ "enterprise": enterprise });
@@ -478,7 +483,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
             let token = match Target::open(&data)? {
-                Target::Local(store) => store.put_account(&account)?,
+                Target::Local(store) => store.put_account(&account).await?,
                 Target::Remote(server) => {
                     let answer = server
                         .send(Method::POST, "/api/v1/accounts", &account)
@@ -522,6 +527,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 part.as_deref(),
                 lang.as_deref(),
             )
+            .await
             .map_err(|e| anyhow::anyhow!("{}", e.1))?;
             match out {
                 Some(path) => std::fs::write(&path, bytes)
@@ -548,7 +554,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
             let store = EmbeddedStore::open(&data)?;
             if let Some(code) = &enterprise {
-                if store.enterprise(code)?.is_none() {
+                if store.enterprise(code).await?.is_none() {
                     anyhow::bail!(
                         "--enterprise {code}: no such enterprise in {}",
                         data.display()
@@ -556,7 +562,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
                 gateways.extend(
                     store
-                        .gateway_owners()?
+                        .gateway_owners()
+                        .await?
                         .into_iter()
                         .filter(|(_, owner)| owner == code)
                         .map(|(g, _)| g),
@@ -680,7 +687,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let criteria = load_criteria(criteria.as_deref())?;
             let tls = security.tls.prepare(&data)?;
             let store = Arc::new(EmbeddedStore::open(&data)?);
-            bootstrap_admin(&store, &data)?;
+            bootstrap_admin(&store, &data).await?;
             let shutdown = CancellationToken::new();
             let options = guantong_ingest::Options {
                 trust_on_first_use,

@@ -66,18 +66,6 @@ fn forbidden(what: &str) -> ApiError {
     )
 }
 
-/// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("task failed: {e}"),
-        )
-    })?
-}
-
 /// How a request presented its credentials.
 enum Credential {
     /// `Authorization: Bearer <token>` (scheme case-insensitive).
@@ -115,7 +103,7 @@ fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<Credential> {
         .map(|id| Credential::Session(id.to_string()))
 }
 
-fn visible_gateways<S: Store>(
+async fn visible_gateways<S: Store>(
     store: &S,
     account: &Account,
 ) -> Result<Option<BTreeSet<String>>, ApiError> {
@@ -123,14 +111,16 @@ fn visible_gateways<S: Store>(
         return Ok(None);
     }
     let readable: BTreeSet<String> = store
-        .enterprises()?
+        .enterprises()
+        .await?
         .into_iter()
         .filter(|e| account.can_read(e))
         .map(|e| e.code)
         .collect();
     Ok(Some(
         store
-            .gateway_owners()?
+            .gateway_owners()
+            .await?
             .into_iter()
             .filter(|(_, code)| readable.contains(code))
             .map(|(g, _)| g)
@@ -163,13 +153,13 @@ pub async fn authenticate<S: Store>(
     let viewer = match token {
         Some(token) => {
             let t = token.clone();
-            blocking(move || {
-                let Some(account) = store.account_by_token(&t)? else {
-                    return Ok(None);
+            async move {
+                let Some(account) = store.account_by_token(&t).await? else {
+                    return Ok::<_, ApiError>(None);
                 };
-                let gateways = visible_gateways(&*store, &account)?;
+                let gateways = visible_gateways(&*store, &account).await?;
                 Ok(Some(Viewer { account, gateways }))
-            })
+            }
             .await
             .map(|v| v.map(|v| (v, token)))
         }
@@ -340,7 +330,7 @@ pub async fn login<S: Store>(
     let store = state.store.clone();
     let token = f.token.trim().to_string();
     let t = token.clone();
-    match blocking(move || Ok(store.account_by_token(&t)?)).await {
+    match store.account_by_token(&t).await.map_err(ApiError::from) {
         Ok(Some(_)) => {
             let next = f.next.as_deref().and_then(same_origin_path).unwrap_or("/");
             let id = state.sessions.open(&token);
@@ -458,7 +448,7 @@ async fn json_error(resp: Response) -> Response {
     out
 }
 
-fn record<S: Store>(store: &S, viewer: &Viewer, method: &str, path: &str, enterprise: &str) {
+async fn record<S: Store>(store: &S, viewer: &Viewer, method: &str, path: &str, enterprise: &str) {
     let a = Access {
         at_ms: now_ms(),
         account: viewer.account.name.clone(),
@@ -467,7 +457,7 @@ fn record<S: Store>(store: &S, viewer: &Viewer, method: &str, path: &str, enterp
         path: path.into(),
         enterprise: enterprise.into(),
     };
-    if let Err(e) = store.log_access(&a) {
+    if let Err(e) = store.log_access(&a).await {
         tracing::error!(error = %e, "cannot write the access log");
     }
 }
@@ -479,14 +469,14 @@ pub async fn list_enterprises<S: Store>(
     Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.store.clone();
-    blocking(move || {
-        let owners = store.gateway_owners()?;
+    async move {
+        let owners = store.gateway_owners().await?;
         let mut out = Vec::new();
-        for e in store.enterprises()? {
+        for e in store.enterprises().await? {
             if !viewer.account.can_read(&e) {
                 continue;
             }
-            let equipment = store.equipment(&e.code)?;
+            let equipment = store.equipment(&e.code).await?;
             let gateways: Vec<&String> = owners
                 .iter()
                 .filter(|(_, c)| **c == e.code)
@@ -500,7 +490,7 @@ pub async fn list_enterprises<S: Store>(
             }));
         }
         Ok(Json(serde_json::json!({ "enterprises": out })))
-    })
+    }
     .await
 }
 
@@ -515,21 +505,26 @@ pub async fn put_enterprise<S: Store>(
     e.validate(&state.criteria.industries)
         .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
     let store = state.store.clone();
-    blocking(move || {
-        if let Some(old) = store.enterprise(&e.code)?
+    async move {
+        if let Some(old) = store.enterprise(&e.code).await?
             && !viewer.account.can_write(&old)
         {
             return Err(forbidden("change another provider's enterprise"));
         }
-        store.put_enterprise(&e)?;
+        store.put_enterprise(&e).await?;
         Ok((StatusCode::CREATED, Json(e)))
-    })
+    }
     .await
 }
 
-fn readable<S: Store>(store: &S, viewer: &Viewer, code: &str) -> Result<Enterprise, ApiError> {
+async fn readable<S: Store>(
+    store: &S,
+    viewer: &Viewer,
+    code: &str,
+) -> Result<Enterprise, ApiError> {
     let e = store
-        .enterprise(code)?
+        .enterprise(code)
+        .await?
         .filter(|e| viewer.account.can_read(e))
         .ok_or_else(|| {
             err(
@@ -546,12 +541,12 @@ pub async fn get_equipment<S: Store>(
     Path(code): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.store.clone();
-    blocking(move || {
-        readable(&*store, &viewer, &code)?;
+    async move {
+        readable(&*store, &viewer, &code).await?;
         Ok(Json(
-            serde_json::json!({ "equipment": store.equipment(&code)? }),
+            serde_json::json!({ "equipment": store.equipment(&code).await? }),
         ))
-    })
+    }
     .await
 }
 
@@ -574,16 +569,16 @@ pub async fn put_equipment<S: Store>(
         })?
     };
     let store = state.store.clone();
-    blocking(move || {
-        let e = readable(&*store, &viewer, &code)?;
+    async move {
+        let e = readable(&*store, &viewer, &code).await?;
         if !viewer.account.can_write(&e) {
             return Err(forbidden("change this enterprise"));
         }
-        store.put_equipment(&code, &list)?;
+        store.put_equipment(&code, &list).await?;
         Ok(Json(
             serde_json::json!({ "enterprise": code, "equipment": list.len() }),
         ))
-    })
+    }
     .await
 }
 
@@ -617,15 +612,15 @@ pub async fn assign_gateway<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_gateway_id(&gateway)?;
     let store = state.store.clone();
-    blocking(move || {
-        let e = readable(&*store, &viewer, &o.enterprise)?;
+    async move {
+        let e = readable(&*store, &viewer, &o.enterprise).await?;
         if !viewer.account.can_write(&e) {
             return Err(forbidden("change this enterprise"));
         }
-        match store.gateway_owners()?.get(&gateway) {
+        match store.gateway_owners().await?.get(&gateway) {
             Some(current)
                 if !store
-                    .enterprise(current)?
+                    .enterprise(current).await?
                     .is_some_and(|cur| viewer.account.can_write(&cur)) =>
             {
                 return Err(forbidden(
@@ -640,11 +635,11 @@ pub async fn assign_gateway<S: Store>(
             }
             None => {}
         }
-        store.assign_gateway(&gateway, &o.enterprise)?;
+        store.assign_gateway(&gateway, &o.enterprise).await?;
         Ok(Json(
             serde_json::json!({ "gateway": gateway, "enterprise": o.enterprise }),
         ))
-    })
+    }
     .await
 }
 
@@ -657,26 +652,27 @@ pub async fn unassign_gateway<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_gateway_id(&gateway)?;
     let store = state.store.clone();
-    blocking(move || {
+    async move {
         let not_assigned = || {
             err(
                 StatusCode::NOT_FOUND,
                 format!("gateway {gateway} belongs to no enterprise this account may change"),
             )
         };
-        let owners = store.gateway_owners()?;
+        let owners = store.gateway_owners().await?;
         let current = owners.get(&gateway).ok_or_else(not_assigned)?;
         if !store
-            .enterprise(current)?
+            .enterprise(current)
+            .await?
             .is_some_and(|cur| viewer.account.can_write(&cur))
         {
             return Err(not_assigned());
         }
-        store.unassign_gateway(&gateway)?;
+        store.unassign_gateway(&gateway).await?;
         Ok(Json(
             serde_json::json!({ "gateway": gateway, "enterprise": null }),
         ))
-    })
+    }
     .await
 }
 
@@ -690,13 +686,13 @@ pub async fn add_account<S: Store>(
     }
     check_account(&a).map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
     let store = state.store.clone();
-    blocking(move || {
-        let token = store.put_account(&a)?;
+    async move {
+        let token = store.put_account(&a).await?;
         Ok((
             StatusCode::CREATED,
             Json(serde_json::json!({ "account": a, "token": token })),
         ))
-    })
+    }
     .await
 }
 
@@ -725,7 +721,9 @@ pub async fn list_accounts<S: Store>(
         return Err(forbidden("list accounts"));
     }
     let store = state.store.clone();
-    blocking(move || Ok(Json(serde_json::json!({ "accounts": store.accounts()? })))).await
+    Ok(Json(
+        serde_json::json!({ "accounts": store.accounts().await? }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -742,12 +740,12 @@ pub async fn access_log<S: Store>(
         return Err(forbidden("read the access log"));
     }
     let store = state.store.clone();
-    blocking(move || {
-        record(&*store, &viewer, "GET", "/api/v1/access-log", "");
+    async move {
+        record(&*store, &viewer, "GET", "/api/v1/access-log", "").await;
         Ok(Json(
-            serde_json::json!({ "access": store.access_log(q.limit.unwrap_or(1000))? }),
+            serde_json::json!({ "access": store.access_log(q.limit.unwrap_or(1000)).await? }),
         ))
-    })
+    }
     .await
 }
 
@@ -802,8 +800,8 @@ async fn prepare<S: Store>(
     Ok((from_day, to_day, snapshot(&*state.store).await?))
 }
 
-/// Builds one enterprise's report (blocking).
-pub fn build_report<S: Store>(
+/// Builds one enterprise's report.
+pub async fn build_report<S: Store>(
     store: &S,
     snap: &Snapshot,
     code: &str,
@@ -812,11 +810,10 @@ pub fn build_report<S: Store>(
     criteria: &Criteria,
 ) -> Result<EnterpriseReport, ApiError> {
     let e = store
-        .enterprise(code)?
+        .enterprise(code)
+        .await?
         .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no enterprise {code}")))?;
-    Ok(acceptance::enterprise_report(
-        store, snap, &e, from_day, to_day, criteria,
-    )?)
+    Ok(acceptance::enterprise_report(store, snap, &e, from_day, to_day, criteria).await?)
 }
 
 pub async fn report<S: Store>(
@@ -828,12 +825,12 @@ pub async fn report<S: Store>(
     let (from_day, to_day, snap) = prepare(&state, &q).await?;
     let store = state.store.clone();
     let criteria = state.criteria.clone();
-    blocking(move || {
-        readable(&*store, &viewer, &code)?;
-        record(&*store, &viewer, "GET", &format!("report/{code}"), &code);
-        let r = build_report(&*store, &snap, &code, from_day, to_day, &criteria)?;
+    async move {
+        readable(&*store, &viewer, &code).await?;
+        record(&*store, &viewer, "GET", &format!("report/{code}"), &code).await;
+        let r = build_report(&*store, &snap, &code, from_day, to_day, &criteria).await?;
         render_report(&r, &q)
-    })
+    }
     .await
 }
 
@@ -887,15 +884,16 @@ pub async fn city<S: Store>(
     let (from_day, to_day, snap) = prepare(&state, &q).await?;
     let store = state.store.clone();
     let criteria = state.criteria.clone();
-    blocking(move || {
-        record(&*store, &viewer, "GET", "city", "");
+    async move {
+        record(&*store, &viewer, "GET", "city", "").await;
         let enterprises: Vec<Enterprise> = store
-            .enterprises()?
+            .enterprises()
+            .await?
             .into_iter()
             .filter(|e| viewer.account.can_read(e))
             .collect();
-        let view =
-            acceptance::city_view(&*store, &snap, &enterprises, from_day, to_day, &criteria)?;
+        let view = acceptance::city_view(&*store, &snap, &enterprises, from_day, to_day, &criteria)
+            .await?;
         let lang = html::Lang::from(q.lang.as_deref());
         match q.format.as_deref().unwrap_or("json") {
             "json" => Ok(Json(view).into_response()),
@@ -906,7 +904,7 @@ pub async fn city<S: Store>(
                 format!("format `{other}`: expected json, html or csv"),
             )),
         }
-    })
+    }
     .await
 }
 
@@ -919,9 +917,9 @@ pub async fn city_page<S: Store>(
     city(state, viewer, Query(q)).await
 }
 
-/// A report or the city view as bytes, for the CLI (blocking).
+/// A report or the city view as bytes, for the CLI.
 #[allow(clippy::too_many_arguments)]
-pub fn render_cli<S: Store>(
+pub async fn render_cli<S: Store>(
     store: &S,
     snap: &Snapshot,
     enterprise: Option<&str>,
@@ -941,7 +939,7 @@ pub fn render_cli<S: Store>(
     };
     match enterprise {
         Some(code) => {
-            let r = build_report(store, snap, code, from_day, to_day, criteria)?;
+            let r = build_report(store, snap, code, from_day, to_day, criteria).await?;
             match format {
                 "json" => serde_json::to_vec_pretty(&r)
                     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
@@ -955,11 +953,12 @@ pub fn render_cli<S: Store>(
             let view = acceptance::city_view(
                 store,
                 snap,
-                &store.enterprises()?,
+                &store.enterprises().await?,
                 from_day,
                 to_day,
                 criteria,
-            )?;
+            )
+            .await?;
             match format {
                 "json" => serde_json::to_vec_pretty(&view)
                     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),

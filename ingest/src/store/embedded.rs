@@ -11,10 +11,10 @@
 //! | `state`      | series id                        | encoded `SeriesState`          |
 //! | `chunks`     | (series, first time, chunk id)   | encoded `Chunk`                |
 //! | `minutes`    | (series, minute start)           | (good, uncertain, bad)         |
-//! | `losses`     | (gateway, buffer_id, first seq)  | JSON `LossRecord`              |
+//! | `losses`     | (gateway, buffer_id, first seq)  | JSON `stream::LossRecord`      |
 //! | `meta`       | name                             | u64 counters                   |
 //! | `signed`     | (gateway, buffer_id, seq)        | original signed batch (`SignedLink`) |
-//! | `chain_state`| (gateway, buffer_id)             | JSON `ChainState`: verified through, head |
+//! | `chain_state`| (gateway, buffer_id)             | JSON `chain::ChainState`: verified through, head |
 //! | `breaks`     | (gateway, buffer_id, seq)        | JSON `ChainBreak`              |
 //! | `days`       | (series, day start)              | `rollup::SeriesDay`            |
 //! | `hours`      | (series, hour start)             | (count, sum, min, max) of Good numbers |
@@ -32,9 +32,9 @@
 //! plus the chunks of at most two edge minutes.
 //!
 //! Batches of one stream may arrive out of sequence order (live data overtakes
-//! a backlog), so each stream keeps the set of stored sequence ranges; a batch
-//! whose range is already covered is a duplicate. The cumulative ack is the end
-//! of the range that starts at 1.
+//! a backlog), so each stream keeps the set of stored sequence ranges; which
+//! batch is new and what a stream lost is decided by `store::stream`, which
+//! this backend asks inside the batch's transaction.
 //!
 //! # Group commit
 //! Appends go to one writer thread that takes every batch waiting (up to a
@@ -57,7 +57,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
+use super::chain::{self, ChainState};
 use super::rollup;
+use super::stream::{self, Admission, LossRecord};
 mod evidence;
 
 use crate::evidence::bundle::{self, Bundle, DayEvidence, SeriesReport};
@@ -65,8 +67,7 @@ use crate::evidence::digest;
 
 use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
-    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, TagLossInfo,
-    WindowCounts,
+    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
 };
 use crate::registry::{Access, Account, Enterprise, Equipment};
 
@@ -224,14 +225,6 @@ struct SignedLinkHead {
     algorithm: i32,
 }
 
-#[derive(Serialize, Deserialize, Default)]
-struct ChainState {
-    verified_from: u64,
-    verified_through: u64,
-    /// Hex link hash the next link must name; None before any link.
-    head: Option<String>,
-}
-
 #[derive(Serialize, Deserialize, Clone)]
 struct SeriesMeta {
     gateway: String,
@@ -250,16 +243,6 @@ struct SeriesMeta {
     /// from here.
     #[serde(default)]
     created_ms: i64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct LossRecord {
-    last_seq: u64,
-    points: Option<u64>,
-    reason: String,
-    recorded_at_ms: i64,
-    /// (manifest version, tag index, points, first ms, last ms, Bad points)
-    tags: Vec<(u64, u32, u64, i64, i64, u64)>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -312,6 +295,12 @@ struct Chunk {
 struct Job {
     batch: AppendBatch,
     reply: oneshot::Sender<Result<Appended>>,
+}
+
+/// The database, borrowed by registry and rollup reads and writes run on a
+/// blocking thread.
+pub(super) struct Db<'a> {
+    db: &'a Database,
 }
 
 pub struct EmbeddedStore {
@@ -504,42 +493,17 @@ fn append_group<'a>(
                 Some(v) => SeqRanges::decode(v.value()),
                 None => SeqRanges::default(),
             };
-            let last = b.loss.as_ref().map_or(b.seq, |l| l.last_seq.max(b.seq));
-            if ranges.covers(b.seq, last) {
-                outcomes.push(Appended {
-                    outcome: AppendOutcome::Duplicate,
-                    stored_seq: ranges.contiguous(),
-                });
-                continue;
-            }
-            if let Some(loss) = &b.loss {
-                let reason = guantong_proto::v1::LossReason::try_from(loss.reason)
-                    .map(|r| {
-                        r.as_str_name()
-                            .trim_start_matches("LOSS_REASON_")
-                            .to_ascii_lowercase()
-                    })
-                    .unwrap_or_else(|_| format!("code {}", loss.reason));
-                let record = LossRecord {
-                    last_seq: loss.last_seq,
-                    points: Some(loss.points),
-                    reason: format!("dropped by the gateway: {reason}"),
-                    recorded_at_ms: a.received_at_ms,
-                    tags: loss
-                        .tags
-                        .iter()
-                        .map(|t| {
-                            (
-                                t.manifest_version,
-                                t.tag,
-                                t.points,
-                                t.first_time_ms,
-                                t.last_time_ms,
-                                t.bad_points,
-                            )
-                        })
-                        .collect(),
-                };
+            let (first, last) = match stream::admit(&ranges, b) {
+                Admission::Duplicate { stored_seq } => {
+                    outcomes.push(Appended {
+                        outcome: AppendOutcome::Duplicate,
+                        stored_seq,
+                    });
+                    continue;
+                }
+                Admission::Store { first, last } => (first, last),
+            };
+            if let Some(record) = stream::loss_of(a) {
                 let value =
                     serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
                 losses
@@ -549,23 +513,9 @@ fn append_group<'a>(
                     )
                     .map_err(db_err)?;
             }
-            if let Some(reason) = &a.rejected {
-                let record = LossRecord {
-                    last_seq: b.seq,
-                    points: Some(b.points.len() as u64),
-                    reason: format!("rejected by ingest: {reason}"),
-                    recorded_at_ms: a.received_at_ms,
-                    tags: Vec::new(),
-                };
-                let value =
-                    serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
-                losses
-                    .insert(
-                        (a.gateway_id.as_str(), b.buffer_id, b.seq),
-                        value.as_slice(),
-                    )
-                    .map_err(db_err)?;
-            } else if let Some(map) = &a.map {
+            if a.rejected.is_none()
+                && let Some(map) = &a.map
+            {
                 store_points(
                     a,
                     map,
@@ -577,7 +527,7 @@ fn append_group<'a>(
                 )?;
                 rollups.gateway_day(a)?;
             }
-            ranges.insert(b.seq, last);
+            ranges.insert(first, last);
             streams
                 .insert(key, ranges.encode().as_slice())
                 .map_err(db_err)?;
@@ -637,10 +587,8 @@ fn put_break(
     Ok(())
 }
 
-/// Verifies, in sequence order, every stored link that follows the last
-/// verified one; stops at the first number not received yet. Breaks (bad
-/// signature, wrong previous hash) are recorded and the chain continues from
-/// the breaking link, so one bad batch does not hide the rest.
+/// Walks the stream's chain (`store::chain`) over every stored link that
+/// follows the verified ones, recording the breaks it finds.
 fn advance_chain(
     gateway: &str,
     buffer_id: u64,
@@ -656,61 +604,24 @@ fn advance_chain(
     };
     let mut changed = false;
     loop {
-        let next = st.verified_through + 1;
+        let next = st.next();
         let Some(v) = signed.get((gateway, buffer_id, next)).map_err(db_err)? else {
             break;
         };
         let link =
             SignedLinkHead::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
         drop(v);
-        let expected = match &st.head {
-            Some(h) => Some(h.clone()),
-            None if next == 1 => Some(hex::encode(
-                stored_algorithm(link.algorithm).genesis(gateway, buffer_id),
-            )),
-            None => None, // anchored mid-stream: earlier links were acknowledged elsewhere
+        let head = chain::LinkHead {
+            algorithm: stored_algorithm(link.algorithm),
+            prev_hash: link.prev_hash,
+            effective_hash: link.effective_hash,
+            signature_ok: link.signature_ok,
+            signature_checked: link.signature_checked,
+            last_seq: link.last_seq,
         };
-        if !link.signature_checked {
-            if st.verified_from == 0 {
-                put_break(
-                    breaks,
-                    gateway,
-                    buffer_id,
-                    next,
-                    "no public key bound to this gateway: signatures are not checked (register it with --public-key)".into(),
-                )?;
-            }
-        } else if !link.signature_ok {
-            put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                "signature does not verify with the gateway's key".into(),
-            )?;
+        for reason in chain::step(&mut st, gateway, buffer_id, &head) {
+            put_break(breaks, gateway, buffer_id, next, reason)?;
         }
-        match expected {
-            Some(e) if e != hex::encode(&link.prev_hash) => put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                format!("does not link to the previous batch (expected previous hash {e})"),
-            )?,
-            None => put_break(
-                breaks,
-                gateway,
-                buffer_id,
-                next,
-                "chain anchored here: earlier batches are not in this store".into(),
-            )?,
-            _ => {}
-        }
-        if st.verified_from == 0 {
-            st.verified_from = next;
-        }
-        st.head = Some(hex::encode(&link.effective_hash));
-        st.verified_through = link.last_seq.max(next);
         changed = true;
     }
     if changed {
@@ -852,6 +763,125 @@ fn store_points(
     Ok(())
 }
 
+/// Samples of `series` in `from_ms..to_ms`: whole minutes from their
+/// counters, the edge minutes from their chunks.
+fn count_window(
+    minutes: &impl ReadableTable<(u64, i64), (u64, u64, u64)>,
+    chunks: &impl ReadableTable<(u64, i64, u64), &'static [u8]>,
+    series: u64,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<WindowCounts> {
+    let mut c = WindowCounts::default();
+    if to_ms <= from_ms {
+        return Ok(c);
+    }
+    let first_full = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
+        + if from_ms.rem_euclid(MINUTE_MS) == 0 {
+            0
+        } else {
+            MINUTE_MS
+        };
+    let end_full = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    let count_edge = |lo: i64, hi: i64, c: &mut WindowCounts| -> Result<()> {
+        let minute = lo.div_euclid(MINUTE_MS) * MINUTE_MS;
+        for entry in chunks
+            .range((series, minute, 0)..(series, minute + MINUTE_MS, 0))
+            .map_err(db_err)?
+        {
+            let (_, v) = entry.map_err(db_err)?;
+            let chunk = Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+            for p in &chunk.points {
+                let t = chunk.base_ms + p.time_offset_ms;
+                if t >= lo && t < hi {
+                    match quality_of(p) {
+                        Quality::Good => c.good += 1,
+                        Quality::Uncertain => c.uncertain += 1,
+                        Quality::Bad => c.bad += 1,
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    if first_full >= end_full {
+        // Window within one minute, or spanning two partial minutes.
+        count_edge(
+            from_ms,
+            to_ms.min(from_ms.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS),
+            &mut c,
+        )?;
+        if end_full > from_ms && end_full < to_ms {
+            count_edge(end_full, to_ms, &mut c)?;
+        }
+        return Ok(c);
+    }
+    if from_ms < first_full {
+        count_edge(from_ms, first_full, &mut c)?;
+    }
+    for entry in minutes
+        .range((series, first_full)..(series, end_full))
+        .map_err(db_err)?
+    {
+        let (_, v) = entry.map_err(db_err)?;
+        let (g, u, b) = v.value();
+        c.good += g;
+        c.uncertain += u;
+        c.bad += b;
+    }
+    if end_full < to_ms {
+        count_edge(end_full, to_ms, &mut c)?;
+    }
+    Ok(c)
+}
+
+/// A series as reported, from its metadata row and its state.
+fn series_info(
+    id: u64,
+    meta: &[u8],
+    states: &impl ReadableTable<u64, &'static [u8]>,
+) -> Result<SeriesInfo> {
+    let m: SeriesMeta =
+        serde_json::from_slice(meta).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let s = match states.get(id).map_err(db_err)? {
+        Some(v) => {
+            SeriesState::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?
+        }
+        None => SeriesState::default(),
+    };
+    Ok(SeriesInfo {
+        id,
+        gateway: m.gateway,
+        device: m.device,
+        protocol: m.protocol,
+        endpoint: m.endpoint,
+        tag: m.tag,
+        address: m.address,
+        data_type: m.data_type,
+        unit: m.unit,
+        interval_ms: m.interval_ms,
+        identity: m.identity,
+        created_ms: if m.created_ms > 0 {
+            Some(m.created_ms)
+        } else {
+            s.first_ms
+        },
+        samples: s.good + s.uncertain + s.bad,
+        good: s.good,
+        uncertain: s.uncertain,
+        bad: s.bad,
+        backfilled: s.backfilled,
+        first_seen_ms: s.first_ms,
+        last_seen_ms: s.last_ms,
+        last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
+        last_quality: s
+            .last
+            .as_ref()
+            .map(|p| quality_name(quality_of(p)).to_string()),
+        last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
+    })
+}
+
 pub(crate) fn value_json(v: &Option<Value>) -> Option<serde_json::Value> {
     v.as_ref().map(|v| match v {
         Value::Bool(b) => serde_json::Value::from(*b),
@@ -886,54 +916,69 @@ fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
 }
 
 impl Store for EmbeddedStore {
-    fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
-        EmbeddedStore::put_enterprise(self, e)
+    async fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
+        let e = e.clone();
+        self.blocking(move |db| Db { db }.put_enterprise(&e)).await
     }
-    fn enterprises(&self) -> Result<Vec<Enterprise>> {
-        EmbeddedStore::enterprises(self)
+    async fn enterprises(&self) -> Result<Vec<Enterprise>> {
+        self.blocking(move |db| Db { db }.enterprises()).await
     }
-    fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
-        EmbeddedStore::enterprise(self, code)
+    async fn enterprise(&self, code: &str) -> Result<Option<Enterprise>> {
+        let code = code.to_string();
+        self.blocking(move |db| Db { db }.enterprise(&code)).await
     }
-    fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
-        EmbeddedStore::put_equipment(self, code, list)
+    async fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
+        let (code, list) = (code.to_string(), list.to_vec());
+        self.blocking(move |db| Db { db }.put_equipment(&code, &list))
+            .await
     }
-    fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
-        EmbeddedStore::equipment(self, code)
+    async fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
+        let code = code.to_string();
+        self.blocking(move |db| Db { db }.equipment(&code)).await
     }
-    fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
-        EmbeddedStore::assign_gateway(self, gateway, code)
+    async fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
+        let (gateway, code) = (gateway.to_string(), code.to_string());
+        self.blocking(move |db| Db { db }.assign_gateway(&gateway, &code))
+            .await
     }
-    fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
-        EmbeddedStore::unassign_gateway(self, gateway)
+    async fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.unassign_gateway(&gateway))
+            .await
     }
-    fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
-        EmbeddedStore::gateway_owners(self)
+    async fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
+        self.blocking(move |db| Db { db }.gateway_owners()).await
     }
-    fn put_account(&self, a: &Account) -> Result<String> {
-        EmbeddedStore::put_account(self, a)
+    async fn put_account(&self, a: &Account) -> Result<String> {
+        let a = a.clone();
+        self.blocking(move |db| Db { db }.put_account(&a)).await
     }
-    fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
-        EmbeddedStore::account_by_token(self, token)
+    async fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
+        let token = token.to_string();
+        self.blocking(move |db| Db { db }.account_by_token(&token))
+            .await
     }
-    fn accounts(&self) -> Result<Vec<Account>> {
-        EmbeddedStore::accounts(self)
+    async fn accounts(&self) -> Result<Vec<Account>> {
+        self.blocking(move |db| Db { db }.accounts()).await
     }
-    fn log_access(&self, a: &Access) -> Result<()> {
-        EmbeddedStore::log_access(self, a)
+    async fn log_access(&self, a: &Access) -> Result<()> {
+        let a = a.clone();
+        self.blocking(move |db| Db { db }.log_access(&a)).await
     }
-    fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
-        EmbeddedStore::access_log(self, limit)
+    async fn access_log(&self, limit: usize) -> Result<Vec<Access>> {
+        self.blocking(move |db| Db { db }.access_log(limit)).await
     }
-    fn series_days(
+    async fn series_days(
         &self,
         series: &[u64],
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<(u64, i64, rollup::SeriesDay)>> {
-        EmbeddedStore::series_days(self, series, from_day, to_day)
+        let series = series.to_vec();
+        self.blocking(move |db| Db { db }.series_days(&series, from_day, to_day))
+            .await
     }
-    fn series_runs(
+    async fn series_runs(
         &self,
         series: u64,
         kind: u8,
@@ -941,18 +986,22 @@ impl Store for EmbeddedStore {
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, i64)>> {
-        EmbeddedStore::series_runs(self, series, kind, tol, from, to)
+        self.blocking(move |db| Db { db }.series_runs(series, kind, tol, from, to))
+            .await
     }
-    fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
-        EmbeddedStore::series_hours(self, series, from, to)
+    async fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
+        self.blocking(move |db| Db { db }.series_hours(series, from, to))
+            .await
     }
-    fn gateway_days(
+    async fn gateway_days(
         &self,
         gateway: &str,
         from_day: i64,
         to_day: i64,
     ) -> Result<Vec<(i64, rollup::GatewayDay)>> {
-        EmbeddedStore::gateway_days(self, gateway, from_day, to_day)
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.gateway_days(&gateway, from_day, to_day))
+            .await
     }
 
     async fn register_gateway(&self, id: &str, public_key: Option<PublicKey>) -> Result<String> {
@@ -1190,25 +1239,15 @@ impl Store for EmbeddedStore {
                     Some(v) => SeqRanges::decode(v.value()),
                     None => SeqRanges::default(),
                 };
-                // The gateway deleted everything below `first_unacked` because an
-                // ingest acknowledged it. What this store lacks of that was stored
-                // elsewhere (an earlier, wiped data directory): say so, once.
-                if first_unacked > 1 && !ranges.covers(1, first_unacked - 1) {
-                    let record = LossRecord {
-                        last_seq: first_unacked - 1,
-                        points: None,
-                        reason: "acknowledged before this store knew the stream; not in this store"
-                            .into(),
-                        recorded_at_ms: now_ms(),
-                        tags: Vec::new(),
-                    };
+                if let Some(record) =
+                    stream::acknowledged_elsewhere(&mut ranges, first_unacked, now_ms())
+                {
                     let value = serde_json::to_vec(&record)
                         .map_err(|e| StoreError::Backend(e.to_string()))?;
                     txn.open_table(LOSSES)
                         .map_err(db_err)?
                         .insert((gateway.as_str(), buffer_id, 1), value.as_slice())
                         .map_err(db_err)?;
-                    ranges.insert(1, first_unacked - 1);
                     streams
                         .insert(key, ranges.encode().as_slice())
                         .map_err(db_err)?;
@@ -1371,118 +1410,61 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             for entry in metas.iter().map_err(db_err)? {
                 let (k, v) = entry.map_err(db_err)?;
-                let id = k.value();
-                let m: SeriesMeta = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
-                let s = match states.get(id).map_err(db_err)? {
-                    Some(v) => SeriesState::decode(v.value())
-                        .map_err(|e| StoreError::Backend(e.to_string()))?,
-                    None => SeriesState::default(),
-                };
-                out.push(SeriesInfo {
-                    id,
-                    gateway: m.gateway,
-                    device: m.device,
-                    protocol: m.protocol,
-                    endpoint: m.endpoint,
-                    tag: m.tag,
-                    address: m.address,
-                    data_type: m.data_type,
-                    unit: m.unit,
-                    interval_ms: m.interval_ms,
-                    identity: m.identity,
-                    created_ms: if m.created_ms > 0 {
-                        Some(m.created_ms)
-                    } else {
-                        s.first_ms
-                    },
-                    samples: s.good + s.uncertain + s.bad,
-                    good: s.good,
-                    uncertain: s.uncertain,
-                    bad: s.bad,
-                    backfilled: s.backfilled,
-                    first_seen_ms: s.first_ms,
-                    last_seen_ms: s.last_ms,
-                    last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
-                    last_quality: s
-                        .last
-                        .as_ref()
-                        .map(|p| quality_name(quality_of(p)).to_string()),
-                    last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
-                });
+                out.push(series_info(k.value(), v.value(), &states)?);
             }
             Ok(out)
         })
         .await
     }
 
-    async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
+    async fn series_of(&self, gateways: &[String]) -> Result<Vec<SeriesInfo>> {
+        let gateways = gateways.to_vec();
         self.blocking(move |db| {
-            let mut c = WindowCounts::default();
-            if to_ms <= from_ms {
-                return Ok(c);
+            let txn = db.begin_read().map_err(db_err)?;
+            let keys = txn.open_table(SERIES_KEYS).map_err(db_err)?;
+            let metas = txn.open_table(SERIES).map_err(db_err)?;
+            let states = txn.open_table(STATE).map_err(db_err)?;
+            let mut out = Vec::new();
+            for gateway in gateways {
+                // Keys are "gateway/device/tag"; gateway ids hold no `/`.
+                let (lo, hi) = (format!("{gateway}/"), format!("{gateway}0"));
+                for entry in keys.range(lo.as_str()..hi.as_str()).map_err(db_err)? {
+                    let (_, id) = entry.map_err(db_err)?;
+                    let id = id.value();
+                    let Some(meta) = metas.get(id).map_err(db_err)? else {
+                        return Err(StoreError::Backend(format!("series {id} has no metadata")));
+                    };
+                    out.push(series_info(id, meta.value(), &states)?);
+                }
             }
+            out.sort_by_key(|s| s.id);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
+        Ok(self
+            .window_counts_of(vec![series], from_ms, to_ms)
+            .await?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    async fn window_counts_of(
+        &self,
+        series: Vec<u64>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<WindowCounts>> {
+        self.blocking(move |db| {
             let txn = db.begin_read().map_err(db_err)?;
             let minutes = txn.open_table(MINUTES).map_err(db_err)?;
             let chunks = txn.open_table(CHUNKS).map_err(db_err)?;
-            let first_full = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS
-                + if from_ms.rem_euclid(MINUTE_MS) == 0 {
-                    0
-                } else {
-                    MINUTE_MS
-                };
-            let end_full = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-            let count_edge = |lo: i64, hi: i64, c: &mut WindowCounts| -> Result<()> {
-                let minute = lo.div_euclid(MINUTE_MS) * MINUTE_MS;
-                for entry in chunks
-                    .range((series, minute, 0)..(series, minute + MINUTE_MS, 0))
-                    .map_err(db_err)?
-                {
-                    let (_, v) = entry.map_err(db_err)?;
-                    let chunk =
-                        Chunk::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
-                    for p in &chunk.points {
-                        let t = chunk.base_ms + p.time_offset_ms;
-                        if t >= lo && t < hi {
-                            match quality_of(p) {
-                                Quality::Good => c.good += 1,
-                                Quality::Uncertain => c.uncertain += 1,
-                                Quality::Bad => c.bad += 1,
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            };
-            if first_full >= end_full {
-                // Window within one minute, or spanning two partial minutes.
-                count_edge(
-                    from_ms,
-                    to_ms.min(from_ms.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS),
-                    &mut c,
-                )?;
-                if end_full > from_ms && end_full < to_ms {
-                    count_edge(end_full, to_ms, &mut c)?;
-                }
-                return Ok(c);
-            }
-            if from_ms < first_full {
-                count_edge(from_ms, first_full, &mut c)?;
-            }
-            for entry in minutes
-                .range((series, first_full)..(series, end_full))
-                .map_err(db_err)?
-            {
-                let (_, v) = entry.map_err(db_err)?;
-                let (g, u, b) = v.value();
-                c.good += g;
-                c.uncertain += u;
-                c.bad += b;
-            }
-            if end_full < to_ms {
-                count_edge(end_full, to_ms, &mut c)?;
-            }
-            Ok(c)
+            series
+                .iter()
+                .map(|&s| count_window(&minutes, &chunks, s, from_ms, to_ms))
+                .collect()
         })
         .await
     }
@@ -1539,57 +1521,30 @@ impl Store for EmbeddedStore {
                 let (gateway, buffer_id, first_seq) = k.value();
                 let r: LossRecord = serde_json::from_slice(v.value())
                     .map_err(|e| StoreError::Backend(e.to_string()))?;
-                let mut tags = Vec::with_capacity(r.tags.len());
-                for &(version, tag, points, first_time_ms, last_time_ms, bad_points) in &r.tags {
-                    let (device, tag) = match manifests.get((gateway, version)).map_err(db_err)? {
-                        Some(m) => {
-                            let m = Manifest::decode(m.value())
-                                .map_err(|e| StoreError::Backend(e.to_string()))?;
-                            let t = m.tags.get(tag as usize);
-                            let d = t.and_then(|t| m.devices.get(t.device as usize));
-                            (
-                                d.map_or_else(String::new, |d| d.id.clone()),
-                                t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
-                            )
-                        }
-                        None => (String::new(), format!("#{tag} of manifest {version:016x}")),
+                out.push(r.info(gateway, buffer_id, first_seq, |version, tag| {
+                    let Some(m) = manifests.get((gateway, version)).map_err(db_err)? else {
+                        return Ok((String::new(), format!("#{tag} of manifest {version:016x}")));
                     };
-                    tags.push(TagLossInfo {
-                        device,
-                        tag,
-                        points,
-                        bad_points,
-                        first_time_ms,
-                        last_time_ms,
-                    });
-                }
-                out.push(LossInfo {
-                    tags,
-                    gateway: gateway.to_string(),
-                    buffer_id: format!("{buffer_id:016x}"),
-                    first_seq,
-                    last_seq: r.last_seq,
-                    points: r.points,
-                    reason: r.reason,
-                    recorded_at_ms: r.recorded_at_ms,
-                });
+                    let m = Manifest::decode(m.value())
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    let t = m.tags.get(tag as usize);
+                    let d = t.and_then(|t| m.devices.get(t.device as usize));
+                    Ok::<_, StoreError>((
+                        d.map_or_else(String::new, |d| d.id.clone()),
+                        t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
+                    ))
+                })?);
             }
             let streams = txn.open_table(STREAMS).map_err(db_err)?;
             for entry in streams.iter().map_err(db_err)? {
                 let (k, v) = entry.map_err(db_err)?;
                 let (gateway, buffer_id) = k.value();
-                for (first_seq, last_seq) in SeqRanges::decode(v.value()).holes() {
-                    out.push(LossInfo {
-                        gateway: gateway.to_string(),
-                        buffer_id: format!("{buffer_id:016x}"),
-                        first_seq,
-                        last_seq,
-                        points: None,
-                        reason: "not received (yet): later batches arrived first".into(),
-                        recorded_at_ms: now_ms(),
-                        tags: Vec::new(),
-                    });
-                }
+                out.extend(stream::holes(
+                    gateway,
+                    buffer_id,
+                    &SeqRanges::decode(v.value()),
+                    now_ms(),
+                ));
             }
             Ok(out)
         })
@@ -1676,30 +1631,32 @@ impl Store for EmbeddedStore {
 }
 
 #[cfg(test)]
+mod suite {
+    use super::EmbeddedStore;
+
+    /// The embedded store in a temporary data directory.
+    struct Embedded(tempfile::TempDir);
+
+    impl crate::store::suite::Harness for Embedded {
+        type Store = EmbeddedStore;
+        async fn new() -> Embedded {
+            Embedded(tempfile::tempdir().expect("tempdir"))
+        }
+        async fn open(&self) -> EmbeddedStore {
+            EmbeddedStore::open(self.0.path()).expect("open the embedded store")
+        }
+    }
+
+    crate::store_suite!(Embedded);
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use guantong_proto::v1::{Batch, DataType, Device, Tag};
+    use guantong_proto::v1::Batch;
 
     fn manifest() -> Manifest {
-        Manifest {
-            version: 1,
-            gateway_id: "gw".into(),
-            created_at_ms: 0,
-            devices: vec![Device {
-                id: "d".into(),
-                protocol: "test".into(),
-                endpoint: String::new(),
-                identity: Default::default(),
-            }],
-            tags: vec![Tag {
-                device: 0,
-                name: "t".into(),
-                address: String::new(),
-                data_type: DataType::Uint as i32,
-                unit: String::new(),
-                interval_ms: 1000,
-            }],
-        }
+        crate::store::suite::manifest("gw", 1, 1000)
     }
 
     /// Points every 7 s from an odd start, some Bad, sent out of time order.
@@ -1822,43 +1779,6 @@ mod tests {
                 "no problem says `{what}`: {found:#?}"
             );
         }
-    }
-
-    #[tokio::test]
-    async fn window_counts_match_a_brute_force_count_for_any_window() {
-        let (_dir, store, map) = filled().await;
-        let all = times();
-        let series = map.series[0];
-        let first = all.iter().map(|(t, _)| *t).min().unwrap_or(0);
-        let windows = [
-            (first - 5_000, first + 2_000_000),            // everything
-            (first + 1_000, first + 30_000),               // inside one or two minutes
-            (first + 59_999, first + 60_001),              // across a minute edge
-            (first + 61_234, first + 61_234 + 5 * 60_000), // whole minutes plus two edges
-            (first + 120_000, first + 120_000),            // empty
-        ];
-        for (from, to) in windows {
-            let got = store.window_counts(series, from, to).await.expect("counts");
-            let mut want = WindowCounts::default();
-            for &(t, q) in &all {
-                if t >= from && t < to {
-                    match q {
-                        Quality::Good => want.good += 1,
-                        Quality::Uncertain => want.uncertain += 1,
-                        Quality::Bad => want.bad += 1,
-                    }
-                }
-            }
-            assert_eq!(got, want, "window {from}..{to}");
-        }
-        let pts = store
-            .points(series, first, first + 70_000, 100)
-            .await
-            .expect("points");
-        assert_eq!(
-            pts.iter().map(|p| p.time_ms).collect::<Vec<_>>(),
-            (0..10).map(|i| first + i * 7_000).collect::<Vec<_>>()
-        );
     }
 }
 

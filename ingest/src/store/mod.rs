@@ -1,5 +1,10 @@
 //! Storage behind one trait, so the embedded default and PostgreSQL (later)
-//! are interchangeable and pass the same tests.
+//! are interchangeable and pass the same tests (`suite`).
+//!
+//! What ingest decides lives beside the backends, which only store and read
+//! rows: `stream` (exactly-once and loss records), `chain` (the online chain
+//! walker), `rollup` (rollup folding). Every trait method is async; a backend
+//! that blocks runs the work off the async threads.
 //!
 //! Contract every backend keeps:
 //! - `append` is exactly-once per (gateway, buffer_id, seq): a batch whose
@@ -10,8 +15,12 @@
 //! - Series (gateway, device, tag) get stable ids the first time a manifest
 //!   names them; later manifests update their metadata.
 
+pub mod chain;
 pub mod embedded;
 pub mod rollup;
+pub mod stream;
+#[cfg(test)]
+pub mod suite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -348,12 +357,24 @@ pub trait Store: Send + Sync + 'static {
     -> impl Future<Output = Result<Appended>> + Send + 'static;
 
     fn series(&self) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
+    /// The series of `gateways` (by id), without reading the others.
+    fn series_of(
+        &self,
+        gateways: &[String],
+    ) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
     fn window_counts(
         &self,
         series: u64,
         from_ms: i64,
         to_ms: i64,
     ) -> impl Future<Output = Result<WindowCounts>> + Send;
+    /// `window_counts` of many series in one call, in the order given.
+    fn window_counts_of(
+        &self,
+        series: Vec<u64>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> impl Future<Output = Result<Vec<WindowCounts>>> + Send;
     fn points(
         &self,
         series: u64,
@@ -363,34 +384,39 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<StoredPoint>>> + Send;
     fn losses(&self) -> impl Future<Output = Result<Vec<LossInfo>>> + Send;
 
-    // Registry and rollups. These block: call them from a blocking task.
+    // Registry and rollups.
 
-    fn put_enterprise(&self, e: &Enterprise) -> Result<()>;
-    fn enterprises(&self) -> Result<Vec<Enterprise>>;
-    fn enterprise(&self, code: &str) -> Result<Option<Enterprise>>;
+    fn put_enterprise(&self, e: &Enterprise) -> impl Future<Output = Result<()>> + Send;
+    fn enterprises(&self) -> impl Future<Output = Result<Vec<Enterprise>>> + Send;
+    fn enterprise(&self, code: &str) -> impl Future<Output = Result<Option<Enterprise>>> + Send;
     /// Replaces an enterprise's equipment register.
-    fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()>;
-    fn equipment(&self, code: &str) -> Result<Vec<Equipment>>;
+    fn put_equipment(
+        &self,
+        code: &str,
+        list: &[Equipment],
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn equipment(&self, code: &str) -> impl Future<Output = Result<Vec<Equipment>>> + Send;
     /// Makes a registered gateway belong to an existing enterprise.
-    fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()>;
+    fn assign_gateway(&self, gateway: &str, code: &str) -> impl Future<Output = Result<()>> + Send;
     /// Makes a gateway belong to no enterprise; false if it belonged to none.
-    fn unassign_gateway(&self, gateway: &str) -> Result<bool>;
+    fn unassign_gateway(&self, gateway: &str) -> impl Future<Output = Result<bool>> + Send;
     /// gateway id -> enterprise credit code.
-    fn gateway_owners(&self) -> Result<BTreeMap<String, String>>;
+    fn gateway_owners(&self) -> impl Future<Output = Result<BTreeMap<String, String>>> + Send;
     /// Creates or replaces an account; returns its new token.
-    fn put_account(&self, a: &Account) -> Result<String>;
-    fn account_by_token(&self, token: &str) -> Result<Option<Account>>;
-    fn accounts(&self) -> Result<Vec<Account>>;
-    fn log_access(&self, a: &Access) -> Result<()>;
+    fn put_account(&self, a: &Account) -> impl Future<Output = Result<String>> + Send;
+    fn account_by_token(&self, token: &str)
+    -> impl Future<Output = Result<Option<Account>>> + Send;
+    fn accounts(&self) -> impl Future<Output = Result<Vec<Account>>> + Send;
+    fn log_access(&self, a: &Access) -> impl Future<Output = Result<()>> + Send;
     /// The latest `limit` accesses, newest first.
-    fn access_log(&self, limit: usize) -> Result<Vec<Access>>;
+    fn access_log(&self, limit: usize) -> impl Future<Output = Result<Vec<Access>>> + Send;
     /// Day rollups of `series` for days starting in `from_day..to_day`.
     fn series_days(
         &self,
         series: &[u64],
         from_day: i64,
         to_day: i64,
-    ) -> Result<Vec<(u64, i64, SeriesDay)>>;
+    ) -> impl Future<Output = Result<Vec<(u64, i64, SeriesDay)>>> + Send;
     /// Runs of one kind of one series overlapping `from..to`, merged with
     /// tolerance `tol`.
     fn series_runs(
@@ -400,15 +426,20 @@ pub trait Store: Send + Sync + 'static {
         tol: i64,
         from: i64,
         to: i64,
-    ) -> Result<Vec<(i64, i64)>>;
+    ) -> impl Future<Output = Result<Vec<(i64, i64)>>> + Send;
     /// Hourly (hour, count, sum, min, max) of one series' Good numbers.
-    fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>>;
+    fn series_hours(
+        &self,
+        series: u64,
+        from: i64,
+        to: i64,
+    ) -> impl Future<Output = Result<Vec<rollup::HourRow>>> + Send;
     fn gateway_days(
         &self,
         gateway: &str,
         from_day: i64,
         to_day: i64,
-    ) -> Result<Vec<(i64, GatewayDay)>>;
+    ) -> impl Future<Output = Result<Vec<(i64, GatewayDay)>>> + Send;
     /// The evidence bundle of `gateways` over the source-time window
     /// `from_ms..to_ms` (format in docs/evidence.md). An enterprise is
     /// exported by passing its gateways.

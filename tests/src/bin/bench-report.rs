@@ -182,7 +182,7 @@ async fn enterprise(
         industry: ["petrochemical", "metallurgy", "equipment", "light"][n as usize % 4].into(),
         provider: format!("p{}", n % 7),
     };
-    store.put_enterprise(&e)?;
+    store.put_enterprise(&e).await?;
     let register: Vec<Equipment> = (0..devices + 2)
         .map(|d| Equipment {
             id: format!("E{d}"),
@@ -202,18 +202,23 @@ async fn enterprise(
             },
         })
         .collect();
-    store.put_equipment(&e.code, &register)?;
-    store.assign_gateway(&gw, &e.code)?;
+    store.put_equipment(&e.code, &register).await?;
+    store.assign_gateway(&gw, &e.code).await?;
     fill(store, &gw, &map.series, days, today)?;
     Ok((e, map.series.clone()))
 }
 
 /// The limit: reading the same rows without computing anything.
-fn bare_read(store: &EmbeddedStore, series: &[u64], from: i64, to: i64) -> anyhow::Result<usize> {
-    let mut n = store.series_days(series, from, to)?.len();
+async fn bare_read(
+    store: &EmbeddedStore,
+    series: &[u64],
+    from: i64,
+    to: i64,
+) -> anyhow::Result<usize> {
+    let mut n = store.series_days(series, from, to).await?.len();
     for &s in series {
-        n += store.series_runs(s, RUN_DATA, 2000, from, to)?.len();
-        n += store.series_runs(s, RUN_BAD, 2000, from, to)?.len();
+        n += store.series_runs(s, RUN_DATA, 2000, from, to).await?.len();
+        n += store.series_runs(s, RUN_BAD, 2000, from, to).await?.len();
     }
     Ok(n)
 }
@@ -257,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
         let snap = snapshot(&store)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-        let r = acceptance::enterprise_report(&store, &snap, &big, from, to, &criteria)?;
+        let r = acceptance::enterprise_report(&store, &snap, &big, from, to, &criteria).await?;
         report_s.push(t.elapsed().as_secs_f64());
         assert_eq!(r.devices.len(), a.devices as usize);
         let t = Instant::now();
@@ -272,11 +277,12 @@ async fn main() -> anyhow::Result<()> {
             None,
             None,
         )
+        .await
         .map_err(|e| anyhow::anyhow!("{}", e.1))?;
         html_s.push(t.elapsed().as_secs_f64());
         assert!(html.len() > 10_000);
         let t = Instant::now();
-        bare_read(&store, &big_series, from, to)?;
+        bare_read(&store, &big_series, from, to).await?;
         bare_s.push(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
@@ -286,15 +292,18 @@ async fn main() -> anyhow::Result<()> {
         let view = acceptance::city_view(
             &store,
             &snap,
-            &store.enterprises()?,
+            &store.enterprises().await?,
             today - 6 * DAY_MS,
             to,
             &criteria,
-        )?;
+        )
+        .await?;
         city_s.push(t.elapsed().as_secs_f64());
         assert_eq!(view.enterprises, u64::from(a.enterprises) + 1);
         let t = Instant::now();
-        store.series_days(&all_series, today - 6 * DAY_MS, to)?;
+        store
+            .series_days(&all_series, today - 6 * DAY_MS, to)
+            .await?;
         city_bare_s.push(t.elapsed().as_secs_f64());
     }
     let tags = a.devices * a.tags_per_device;

@@ -91,30 +91,38 @@ async fn main() -> anyhow::Result<()> {
     };
     // A demo enterprise whose register has two production machines, one of
     // them networked through the demo gateway: networking rate 50 %.
-    store.put_enterprise(&Enterprise {
-        code: DEMO_ENTERPRISE.into(),
-        name: "示范精细化工有限公司".into(),
-        county: "示范区".into(),
-        industry: "petrochemical".into(),
-        provider: "demo-provider".into(),
-    })?;
-    store.put_equipment(
-        DEMO_ENTERPRISE,
-        &parse_equipment_csv(
-            "设备编号,设备名称,车间,生产设备,网关,采集设备\n\
+    store
+        .put_enterprise(&Enterprise {
+            code: DEMO_ENTERPRISE.into(),
+            name: "示范精细化工有限公司".into(),
+            county: "示范区".into(),
+            industry: "petrochemical".into(),
+            provider: "demo-provider".into(),
+        })
+        .await?;
+    store
+        .put_equipment(
+            DEMO_ENTERPRISE,
+            &parse_equipment_csv(
+                "设备编号,设备名称,车间,生产设备,网关,采集设备\n\
              E-001,压机1号,一车间,是,demo-gateway,press-01\n\
              E-002,反应釜2号,二车间,是,,\n",
+            )
+            .map_err(|p| anyhow::anyhow!("demo register: {p:?}"))?,
         )
-        .map_err(|p| anyhow::anyhow!("demo register: {p:?}"))?,
-    )?;
-    store.assign_gateway("demo-gateway", DEMO_ENTERPRISE)?;
-    let admin = store.put_account(&Account {
-        name: "demo-admin".into(),
-        role: Role::Admin,
-        provider: String::new(),
-        enterprises: Vec::new(),
-        all_enterprises: false,
-    })?;
+        .await?;
+    store
+        .assign_gateway("demo-gateway", DEMO_ENTERPRISE)
+        .await?;
+    let admin = store
+        .put_account(&Account {
+            name: "demo-admin".into(),
+            role: Role::Admin,
+            provider: String::new(),
+            enterprises: Vec::new(),
+            all_enterprises: false,
+        })
+        .await?;
     let ingest = guantong_ingest::start_with(
         store.clone(),
         or_any(args.grpc),

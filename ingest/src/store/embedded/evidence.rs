@@ -10,14 +10,15 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::{
-    CHUNKS, Chunk, GATEWAYS, GatewayRecord, LOSSES, LossRecord, MANIFESTS, MINUTE_MS, MINUTES,
-    SERIES, SIGNED, SeriesMeta, SignedLink, db_err, stored_algorithm,
+    CHUNKS, Chunk, GATEWAYS, GatewayRecord, LOSSES, MANIFESTS, MINUTE_MS, MINUTES, SERIES, SIGNED,
+    SeriesMeta, SignedLink, db_err, stored_algorithm,
 };
 use crate::evidence::bundle::{
     GatewayEvidence, LinkEvidence, LossEvidence, ManifestEvidence, ServedPoints, StreamEvidence,
 };
 use crate::evidence::digest::{self, DayLink};
 use crate::evidence::points::PointsDigest;
+use crate::store::stream::LossRecord;
 use crate::store::{ChainBreak, Result, StoreError};
 
 fn backend<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> StoreError + '_ {
@@ -373,7 +374,7 @@ impl QueryTables {
         for entry in losses.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let r: LossRecord = serde_json::from_slice(v.value()).map_err(backend("loss"))?;
-            if r.reason.starts_with("rejected by ingest") {
+            if r.is_rejection() {
                 let (g, b, s) = k.value();
                 rejected.insert((g.to_string(), b, s));
             }

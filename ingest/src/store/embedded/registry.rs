@@ -17,7 +17,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{EmbeddedStore, db_err};
+use super::{Db, db_err};
 use crate::registry::{Access, Account, Enterprise, Equipment, new_token, token_digest};
 use crate::store::{Result, StoreError};
 
@@ -56,7 +56,7 @@ fn parse<T: DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
     serde_json::from_slice(b).map_err(|e| StoreError::Backend(format!("{what}: {e}")))
 }
 
-impl EmbeddedStore {
+impl Db<'_> {
     pub fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
         txn.open_table(ENTERPRISES)

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
-use super::{DAYS, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, SERIES, SeriesMeta, db_err};
+use super::{DAYS, Db, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, SERIES, SeriesMeta, db_err};
 use crate::store::rollup::{
     self, GatewayDay, LATENCY_BUCKETS, SeriesDay, SeriesUpdate, latency_bucket, merge_day,
 };
@@ -104,7 +104,7 @@ impl RollupTables<'_> {
     }
 }
 
-impl EmbeddedStore {
+impl Db<'_> {
     /// Day rollups of `series` for days starting in `from_day..to_day`.
     pub fn series_days(
         &self,
@@ -187,7 +187,9 @@ impl EmbeddedStore {
         }
         Ok(out)
     }
+}
 
+impl EmbeddedStore {
     /// Writes rollup rows directly, as a benchmark's stand-in for weeks of
     /// ingested points (the report reads nothing else).
     #[doc(hidden)]
