@@ -229,7 +229,7 @@ mod tests {
         file.file
             .write_all_at(&[0xff], HEADER as u64 + 3)
             .expect("damage");
-        let e = file.read().err().expect("refused");
+        let e = file.read().expect_err("refused");
         assert!(e.to_string().contains(FILE_NAME), "{e}");
         assert!(e.to_string().contains("checksum"), "{e}");
         // Logged at open; the room is kept for the next stop.
