@@ -63,9 +63,10 @@
 //!   test).
 //!
 //! # Memory
-//! redb's page cache is capped at `CACHE_BYTES` (redb's default is 1 GiB).
-//! Batches are read back within seconds of their commit and only once, so a
-//! small cache serves the uplink; older pages come from the OS page cache.
+//! redb's page cache is capped (`storage_io::CACHE_BYTES`; redb's default is
+//! 1 GiB). Batches are read back within seconds of their commit and only
+//! once, so a small cache serves the uplink; older pages come from the OS
+//! page cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -80,6 +81,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::Deserialize;
 
 use crate::quality::{Sample, now_ms};
+use crate::storage_io::BufferStorage;
 
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const MANIFESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("manifests");
@@ -193,10 +195,9 @@ pub struct Buffer {
     signer: Option<ChainSigner>,
     /// An unreadable file was moved aside and its loss is not recorded yet.
     lost_file: Mutex<bool>,
+    /// How the file is opened, at start and after an I/O error.
+    backend: BufferStorage,
 }
-
-/// Most memory redb may use to cache pages (reads and the write buffer).
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Signs the buffer's links with the gateway's identity.
 pub struct ChainSigner {
@@ -219,6 +220,17 @@ impl Buffer {
     /// on the disk. A file redb cannot open is moved aside (loudly) and a
     /// fresh buffer started.
     pub fn open(dir: &Path, max_bytes: u64, when_full: WhenFull) -> Result<Buffer> {
+        Buffer::open_on(dir, max_bytes, when_full, BufferStorage::File)
+    }
+
+    /// `open`, reaching the file through `backend` (also for every reopen):
+    /// tests and benches inject faults this way.
+    pub fn open_on(
+        dir: &Path,
+        max_bytes: u64,
+        when_full: WhenFull,
+        backend: BufferStorage,
+    ) -> Result<Buffer> {
         std::fs::create_dir_all(dir).map_err(|source| BufferError::Dir {
             path: dir.to_path_buf(),
             source,
@@ -237,7 +249,7 @@ impl Buffer {
                 current: bytesize::ByteSize(current),
             });
         }
-        let create = open_database;
+        let create = |path: &Path| backend.open(path);
         let (db, moved_aside) = match create(&path) {
             Ok(db) => (db, None),
             Err(e) => {
@@ -286,6 +298,7 @@ impl Buffer {
             drop_lock: Mutex::new(()),
             signer: None,
             lost_file: Mutex::new(moved_aside.is_some()),
+            backend,
         };
         Ok(buffer)
     }
@@ -477,7 +490,7 @@ impl Buffer {
             let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
             // redb keeps the file locked while open: close before opening.
             drop(slot.take());
-            match open_database(&self.path) {
+            match self.backend.open(&self.path) {
                 Ok(db) => {
                     *slot = Some(db);
                     tracing::debug!(file = %self.path.display(), after = %cause, "buffer database reopened");
@@ -668,19 +681,11 @@ impl Buffer {
                 .and_then(|(h, b)| Some((h, b.loss?)))
                 .filter(|(_, old)| old.reason == loss.reason);
             if let Some((h, old)) = mergeable {
-                let mut per_tag = BTreeMap::new();
-                for t in old.tags.iter().chain(loss.tags.iter()) {
-                    merge_tag_loss(
-                        &mut per_tag,
-                        (t.manifest_version, t.tag),
-                        t.points,
-                        t.first_time_ms,
-                        t.last_time_ms,
-                        t.bad_points,
-                    );
-                }
-                loss.points += old.points;
-                loss.tags = tag_losses(per_tag);
+                let mut merged = LossTally::default();
+                merged.merge(&old);
+                merged.merge(&loss);
+                loss.points = merged.points;
+                loss.tags = tag_losses(merged.per_tag);
                 batches.remove(key).map_err(storage)?;
                 bytes = bytes.saturating_sub(record.len() as u64);
                 (first, last) = (key, h.last_seq);
@@ -1042,10 +1047,6 @@ impl Default for Reopen {
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-fn open_database(path: &Path) -> std::result::Result<Database, redb::DatabaseError> {
-    Database::builder().set_cache_size(CACHE_BYTES).create(path)
-}
-
 /// Points that were collected but never stored, per tag with time ranges:
 /// what a loss record declares.
 #[derive(Debug, Default, Clone)]
@@ -1076,7 +1077,22 @@ impl LossTally {
         self.points == 0
     }
 
-    fn to_loss(&self, reason: LossReason) -> Loss {
+    /// Adds a loss counted earlier (read back by `unstored`).
+    pub fn merge(&mut self, loss: &Loss) {
+        for t in &loss.tags {
+            merge_tag_loss(
+                &mut self.per_tag,
+                (t.manifest_version, t.tag),
+                t.points,
+                t.first_time_ms,
+                t.last_time_ms,
+                t.bad_points,
+            );
+        }
+        self.points += loss.points;
+    }
+
+    pub fn to_loss(&self, reason: LossReason) -> Loss {
         Loss {
             last_seq: 0,
             points: self.points,

@@ -19,6 +19,8 @@ pub mod opcua;
 pub mod quality;
 pub mod secret;
 pub mod status;
+pub mod storage_io;
+pub mod unstored;
 pub mod uplink;
 pub mod value;
 pub mod writer;

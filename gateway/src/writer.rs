@@ -18,9 +18,13 @@
 //! beyond that the oldest are dropped and counted per tag with their time
 //! ranges. Once a commit succeeds again, that count is committed first as a
 //! signed, chained loss record (reason `storage_error`), then what was held.
-//! So collected = stored + declared lost holds through a full disk, except
-//! for what is held when the process stops before the disk recovers (logged
-//! with its count).
+//! So collected = stored + declared lost holds through a full disk.
+//!
+//! When the process stops before the disk recovers, what is still held is
+//! counted per tag into `unstored` (a file whose room was reserved at start)
+//! and declared at the next start, before anything else is committed. Only a
+//! crash (SIGKILL, power cut) while commits fail loses held points without
+//! a record, as a crash loses at most one `commit_interval` anyway.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +37,7 @@ use crate::buffer::{Buffer, BufferError, LossTally};
 use crate::collector::Handoff;
 use crate::quality::Sample;
 use crate::status::Status;
+use crate::unstored::UnstoredLoss;
 
 /// How often unsent data is checked against `max_age`.
 const EXPIRY_CHECK: Duration = Duration::from_secs(60);
@@ -50,6 +55,10 @@ struct Held {
     lost: LossTally,
     /// Since when commits fail, and when that was last logged.
     failing: Option<(Instant, Instant)>,
+    /// Where the loss is recorded at a stop; `None` if its file cannot be used.
+    unstored: Option<UnstoredLoss>,
+    /// `lost` includes what `unstored` held at start: clear it once committed.
+    unstored_pending: bool,
 }
 
 pub struct Writer {
@@ -78,7 +87,7 @@ impl Writer {
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut open = true;
-        let mut held = Held::default();
+        let mut held = self.held_at_start();
         while open {
             tokio::select! {
                 received = rx.recv() => match received {
@@ -117,15 +126,68 @@ impl Writer {
                         let _ = w.send(());
                     }
                 } else if !open {
-                    error!(
-                        points = pending.len(),
-                        undeclared_lost = held.lost.points(),
-                        "stopping while the buffer cannot commit: these points are lost"
-                    );
+                    self.record_unstored(&pending, &mut held);
                 }
             }
             // Held samples are bounded by `max_held_points`, not the sink's budget.
             permits.clear();
+        }
+    }
+
+    /// What the writer starts with: the loss recorded at the last stop, if
+    /// any, to be declared by the first commit.
+    fn held_at_start(&self) -> Held {
+        let mut held = Held::default();
+        let dir = self
+            .buffer
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        match UnstoredLoss::open(dir) {
+            Ok((file, loss)) => {
+                if let Some(loss) = loss {
+                    warn!(
+                        points = loss.points,
+                        "points unstored at the last stop (the buffer refused writes) are declared lost now"
+                    );
+                    held.lost.merge(&loss);
+                    held.unstored_pending = true;
+                }
+                held.unstored = Some(file);
+            }
+            Err(e) => error!(
+                error = %e,
+                "points held when stopping on a failing disk will be logged, not declared"
+            ),
+        }
+        held
+    }
+
+    /// At a stop with points held: records them and the undeclared loss for
+    /// the next start.
+    fn record_unstored(&self, pending: &[Sample], held: &mut Held) {
+        let mut lost = held.lost.clone();
+        for s in pending {
+            lost.add(self.manifest_version, s);
+        }
+        let recorded = match &held.unstored {
+            Some(file) => file.write(&lost.to_loss(LossReason::StorageError)),
+            None => Ok(()),
+        };
+        match (recorded, &held.unstored) {
+            (Ok(()), Some(_)) => warn!(
+                points = lost.points(),
+                "stopping while the buffer cannot commit: these points are recorded and declared lost at the next start"
+            ),
+            (Ok(()), None) => error!(
+                points = lost.points(),
+                "stopping while the buffer cannot commit: these points are lost undeclared"
+            ),
+            (Err(e), _) => error!(
+                error = %e,
+                points = lost.points(),
+                "stopping while the buffer cannot commit: these points are lost undeclared"
+            ),
         }
     }
 
@@ -153,6 +215,11 @@ impl Writer {
                 Ok(last) => {
                     held.lost = LossTally::default();
                     self.committed.send_replace(last);
+                    if std::mem::take(&mut held.unstored_pending)
+                        && let Some(Err(e)) = held.unstored.as_ref().map(UnstoredLoss::clear)
+                    {
+                        error!(error = %e, "the declared loss stays recorded: it will be declared again at the next start");
+                    }
                 }
                 Err(e) => {
                     self.status.committed(Err(e.to_string()));

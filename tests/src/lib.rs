@@ -10,6 +10,7 @@ pub mod load;
 pub mod mount;
 pub mod mqtt;
 pub mod opcua;
+pub mod pipeline;
 pub mod procs;
 pub mod proxy;
 pub mod raw;

@@ -1,14 +1,27 @@
-//! Faults of the gateway's own storage, injected under the real binaries: a
-//! disk that fills up (a small tmpfs mounted as the buffer directory and
+//! Faults of the gateway's own storage. A disk that fills up is injected
+//! under the real binaries (a small tmpfs mounted as the buffer directory and
 //! filled with a ballast file) while a Modbus counter is collected and
-//! streamed to ingest. The checker then compares every counter value the
-//! device served with what ingest stored and what the gateway declared lost.
+//! streamed to ingest; the checker compares every counter value the device
+//! served with what ingest stored and what the gateway declared lost.
+//!
+//! Failing writes (EIO) and a disk full at shutdown are injected into redb's
+//! file backend (`StorageFaults`) under the real buffer, writer and uplink in
+//! this process (`pipeline`): this machine has no device-mapper for
+//! `dm-error`, and a process-level switch would put a fault knob into the
+//! shipped binary. Ingest is real and verifies the signed chain.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use guantong_e2e::bench::LocalIngest;
+use guantong_e2e::pipeline::{Pipeline, PipelineOptions, verifying_ingest};
 use guantong_e2e::procs::wait_for;
 use guantong_e2e::proxy::Mode;
 use guantong_e2e::scenario::{Options, Scenario, check_counter};
+use guantong_gateway::quality::{Sample, now_ms};
+use guantong_gateway::storage_io::WriteFault;
+use guantong_ingest::store::Store;
+use guantong_proto::v1::point;
 
 const SETTLE: Duration = Duration::from_secs(90);
 
@@ -130,5 +143,175 @@ fn a_disk_too_small_for_max_bytes_exits_with_the_bad_config_code() -> anyhow::Re
         log.contains("lower buffer.max_bytes"),
         "the error says what to change\n{log}"
     );
+    Ok(())
+}
+
+/// What was collected: points per tag; each sample's time is unique
+/// (`clock` counts milliseconds up).
+struct Collection {
+    tags: u32,
+    collected: BTreeMap<String, u64>,
+    clock: i64,
+}
+
+impl Collection {
+    fn new(tags: u32) -> Collection {
+        Collection {
+            tags,
+            collected: BTreeMap::new(),
+            clock: now_ms() - 3_600_000,
+        }
+    }
+
+    /// Collects from every tag every 10 ms for `duration`.
+    async fn run(&mut self, p: &Pipeline, duration: Duration) {
+        let sink = p.sink.as_ref().expect("collecting");
+        let start = std::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while start.elapsed() < duration {
+            tick.tick().await;
+            self.clock += 1;
+            let samples: Vec<Sample> = (0..self.tags)
+                .map(|tag| Sample::good(tag, self.clock, point::Value::Uint(self.clock as u64)))
+                .collect();
+            for tag in 0..self.tags {
+                *self.collected.entry(format!("t{tag}")).or_default() += 1;
+            }
+            assert!(sink.send(samples).await, "the writer stopped");
+        }
+    }
+}
+
+/// Per tag: stored in ingest + declared lost (`storage_error`) must equal
+/// collected; the chain verifies without a break through `last`. Returns
+/// the points declared lost and the latest source time a loss covers.
+async fn check_accounts(
+    ingest: &LocalIngest,
+    collected: &BTreeMap<String, u64>,
+    last: u64,
+) -> anyhow::Result<(u64, i64)> {
+    let mut accounted: BTreeMap<String, u64> = BTreeMap::new();
+    for s in ingest.store.series().await? {
+        *accounted.entry(s.tag).or_default() += s.samples;
+    }
+    let (mut lost, mut latest_lost) = (0, i64::MIN);
+    for l in ingest.store.losses().await? {
+        anyhow::ensure!(
+            l.reason.ends_with("storage_error"),
+            "only storage errors were injected: {l:?}"
+        );
+        for t in l.tags {
+            *accounted.entry(t.tag).or_default() += t.points;
+            lost += t.points;
+            latest_lost = latest_lost.max(t.last_time_ms);
+        }
+    }
+    anyhow::ensure!(
+        &accounted == collected,
+        "stored + declared lost per tag {accounted:?} != collected {collected:?}"
+    );
+    let chains = ingest.store.chains().await?;
+    anyhow::ensure!(
+        chains.len() == 1
+            && chains[0].breaks.is_empty()
+            && chains[0].waiting == 0
+            && chains[0].verified_through == last,
+        "the chain must verify through {last}: {chains:?}"
+    );
+    Ok((lost, latest_lost))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_writes_are_held_declared_when_they_overflow_and_recovered_from()
+-> anyhow::Result<()> {
+    const TAGS: u32 = 20;
+    let ingest = verifying_ingest().await?;
+    let dir = tempfile::tempdir()?;
+    // 2,000 points/s; at most 1,500 held: 2 s of failing writes overflow.
+    let mut p = Pipeline::start(
+        &ingest,
+        dir.path(),
+        PipelineOptions {
+            tags: TAGS,
+            commit_interval: Duration::from_millis(50),
+            max_held_points: 1_500,
+            ..PipelineOptions::default()
+        },
+    )?;
+    let mut c = Collection::new(TAGS);
+    c.run(&p, Duration::from_secs(1)).await;
+    p.faults.set_write_fault(WriteFault::Eio);
+    c.run(&p, Duration::from_secs(2)).await;
+    assert!(p.faults.failed() > 0, "writes were attempted and failed");
+    assert!(p.running(), "the writer and the uplink survive the errors");
+    p.faults.set_write_fault(WriteFault::None);
+    // Recovery: the held points and the loss are committed once a reopen
+    // succeeds (its backoff is at most 5 s), while collection goes on.
+    let mut committed = p.committed.clone();
+    let before = *committed.borrow_and_update();
+    let recovery = async {
+        while *committed.borrow() == before {
+            committed.changed().await.expect("writer alive");
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(15), recovery) => {
+            r.expect("the buffer commits again within 15 s of the writes healing");
+        }
+        _ = async { loop { c.run(&p, Duration::from_millis(100)).await } } => {}
+    }
+    let recovered_at = c.clock;
+    c.run(&p, Duration::from_secs(1)).await;
+    p.stop_collecting().await?;
+    let last = *p.committed.borrow();
+    p.drain_and_stop(Duration::from_secs(30)).await?;
+    let (lost, latest_lost) = check_accounts(&ingest, &c.collected, last).await?;
+    assert!(lost > 0, "the memory bound overflowed: a loss is declared");
+    assert!(
+        latest_lost < recovered_at,
+        "nothing collected after the buffer committed again is lost ({latest_lost} >= {recovered_at})"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_held_when_stopping_while_writes_fail_are_declared_at_the_next_start()
+-> anyhow::Result<()> {
+    const TAGS: u32 = 20;
+    let ingest = verifying_ingest().await?;
+    let dir = tempfile::tempdir()?;
+    let options = || PipelineOptions {
+        tags: TAGS,
+        commit_interval: Duration::from_millis(50),
+        ..PipelineOptions::default()
+    };
+    let mut p = Pipeline::start(&ingest, dir.path(), options())?;
+    let mut c = Collection::new(TAGS);
+    c.run(&p, Duration::from_millis(500)).await;
+    p.faults.set_write_fault(WriteFault::Eio);
+    c.run(&p, Duration::from_secs(1)).await;
+    let held_from = c.clock - 100;
+    p.stop_collecting().await?;
+    assert!(p.faults.failed() > 0, "commits failed");
+    // The disk works again; the uplink delivers what was committed before.
+    p.faults.set_write_fault(WriteFault::None);
+    wait_for("the buffer to reopen", Duration::from_secs(10), || async {
+        Ok(p.buffer.stats().is_ok().then_some(()))
+    })
+    .await?;
+    p.drain_and_stop(Duration::from_secs(30)).await?;
+
+    // The disk has room again; the next start declares what was held.
+    let mut p = Pipeline::start(&ingest, dir.path(), options())?;
+    c.run(&p, Duration::from_millis(500)).await;
+    p.stop_collecting().await?;
+    let last = *p.committed.borrow();
+    p.drain_and_stop(Duration::from_secs(30)).await?;
+    let (lost, latest_lost) = check_accounts(&ingest, &c.collected, last).await?;
+    assert!(
+        lost >= 80 * u64::from(TAGS),
+        "the last second before the stop was held and declared, not {lost} points"
+    );
+    assert!(latest_lost >= held_from, "the loss covers the stop");
     Ok(())
 }
