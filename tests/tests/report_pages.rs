@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use guantong_e2e::browser::Browser;
 use guantong_e2e::procs::{
-    GatewayProc, IngestProc, gateway_toml, register_keyed_gateway, wait_for,
+    GatewayProc, IngestProc, binary, gateway_toml, register_keyed_gateway, wait_for,
 };
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
 use guantong_ingest::acceptance::{date_of, parse_date};
@@ -193,7 +193,7 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
     let config = dir.path().join("gateway.toml");
     let buffer = dir.path().join("buffer");
     let token = register_keyed_gateway(&data, GW, &config, &buffer)?;
-    let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
+    let mut ingest = IngestProc::start(&data, any_port(), any_port()).await?;
     let admin = ingest.api();
     let admin_token = ingest.admin_token()?;
 
@@ -228,7 +228,7 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
         gateway_toml(GW, ingest.grpc, &token, &buffer)
             + &standard_device_toml("press-01", sim_addr, "200ms"),
     )?;
-    let _gateway = GatewayProc::start(&config)?;
+    let gateway = GatewayProc::start(&config)?;
     let report_json = format!("/api/v1/enterprises/{CODE}/report?format=json");
     let report: Value = wait_for(
         "a trend point for every tag",
@@ -468,6 +468,85 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
         fonts.contains("WenQuanYi") || fonts.contains("CJK") || fonts.contains("Hei"),
         "no CJK font in the printed report (install fonts-wqy-microhei):\n{fonts}"
     );
+
+    // The dossier (一企一档) of the same window: self-contained pages, and a
+    // bundle that verifies offline as VERIFY.txt says.
+    drop(browser);
+    drop(gateway);
+    ingest.proc.terminate(Duration::from_secs(10));
+    let dossier = dir.path().join("dossier");
+    let ingest_bin = binary("guantong-ingest")?.display().to_string();
+    let data_arg = data.display().to_string();
+    let dossier_arg = dossier.display().to_string();
+    run(
+        &ingest_bin,
+        &[
+            "dossier",
+            "--data",
+            &data_arg,
+            "--enterprise",
+            CODE,
+            "--to",
+            &to,
+            "--out",
+            &dossier_arg,
+        ],
+    )?;
+    for file in [
+        "report-zh.html",
+        "report-en.html",
+        "report.json",
+        "report-devices.csv",
+        "report-equipment.csv",
+        "report-gaps.csv",
+        "report-usage.csv",
+        "evidence-bundle.json",
+        "digests.json",
+        "VERIFY.txt",
+    ] {
+        assert!(dossier.join(file).is_file(), "the dossier lacks {file}");
+    }
+    for page in ["report-zh.html", "report-en.html"] {
+        let html = std::fs::read_to_string(dossier.join(page))?;
+        for external in [
+            "src=\"http",
+            "href=\"http",
+            "url(http",
+            "@import",
+            "<script",
+        ] {
+            assert!(
+                !html.contains(external),
+                "{page} needs something from outside: `{external}`"
+            );
+        }
+        assert!(
+            html.contains("WenQuanYi Micro Hei"),
+            "{page} names its CJK font"
+        );
+    }
+    let verify = std::fs::read_to_string(dossier.join("VERIFY.txt"))?;
+    let command = "guantong-ingest verify evidence-bundle.json --digests digests.json";
+    assert!(
+        verify.contains(command) && verify.contains("如何离线校验"),
+        "{verify}"
+    );
+    let out = Command::new(&ingest_bin)
+        .current_dir(&dossier)
+        .args([
+            "verify",
+            "evidence-bundle.json",
+            "--digests",
+            "digests.json",
+        ])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("all checks hold"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     println!("screenshots and PDF in {}", shots.display());
     Ok(())
 }
