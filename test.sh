@@ -23,6 +23,12 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 # The acceptance test opens the report pages in headless Chromium.
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+# The report-page tests drive it over WebDriver, print to PDF and read the
+# PDF back (poppler-utils), with a CJK font (fonts-wqy-microhei, 1.6 MB;
+# without one every Chinese character is a box).
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
+fc-list :lang=zh 2>/dev/null | grep -q . || missing+=(fonts-wqy-microhei)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -q

@@ -97,6 +97,9 @@ pub struct Flag {
     pub critical: bool,
     pub tag: String,
     pub detail: String,
+    /// The figures of `detail`, for pages that word it in their language.
+    #[serde(skip)]
+    pub figures: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -143,7 +146,56 @@ pub struct Trend {
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
     pub data_through: bool,
+    /// In English, for the API and the CLI.
     pub reasons: Vec<String>,
+    /// The same reasons as data, for pages that word them in their language.
+    #[serde(skip)]
+    pub why: Vec<Reason>,
+}
+
+/// Why a device or a register entry is, or is not, data-through.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    DataThrough,
+    NoGatewayNamed,
+    /// The register names a gateway that is not assigned to the enterprise
+    /// (unknown, or another enterprise's).
+    GatewayNotOwned(String),
+    NeverConnected,
+    NoDataExpected,
+    LowCompleteness {
+        date: String,
+        completeness: f64,
+        min: f64,
+    },
+    /// A critical plausibility flag (its index in the device's flags).
+    CriticalFlag(usize),
+}
+
+impl Reason {
+    /// The English wording of the API (`reasons`); pages word it from their
+    /// catalogue instead.
+    pub fn english(&self, flags: &[Flag]) -> String {
+        match self {
+            Reason::DataThrough => "data-through".into(),
+            Reason::NoGatewayNamed => "not networked: no gateway device named".into(),
+            Reason::GatewayNotOwned(g) => format!("gateway {g} does not belong to this enterprise"),
+            Reason::NeverConnected => "never connected: no data from this device".into(),
+            Reason::NoDataExpected => "no data expected in the verdict period".into(),
+            Reason::LowCompleteness {
+                date,
+                completeness,
+                min,
+            } => format!(
+                "{date}: completeness {:.1}% < {:.1}%",
+                completeness * 100.0,
+                min * 100.0
+            ),
+            Reason::CriticalFlag(i) => flags.get(*i).map_or_else(String::new, |f| {
+                format!("{} on {}: {}", flag_name(f.kind), f.tag, f.detail)
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +243,11 @@ pub struct EquipmentStatus {
     pub equipment: Equipment,
     pub data_through: bool,
     pub reason: String,
+    #[serde(skip)]
+    pub why: Vec<Reason>,
+    /// The device's flags, which `Reason::CriticalFlag` points into.
+    #[serde(skip)]
+    pub flags: Vec<Flag>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -509,12 +566,13 @@ fn tag_flags(
     c: &Criteria,
 ) -> Vec<Flag> {
     let mut flags = Vec::new();
-    let mut flag = |kind: FlagKind, detail: String| {
+    let mut flag = |kind: FlagKind, detail: String, figures: Vec<String>| {
         flags.push(Flag {
             kind,
             critical: c.critical_flags.contains(&kind),
             tag: s.tag.clone(),
             detail,
+            figures,
         })
     };
     let d = &w.day;
@@ -525,18 +583,21 @@ fn tag_flags(
         flag(
             FlagKind::Frozen,
             format!("value unchanged for {} s", d.max_unchanged_ms / 1000),
+            vec![(d.max_unchanged_ms / 1000).to_string()],
         );
     }
     if let Some((other, sim)) = identical {
         flag(
             FlagKind::IdenticalSeries,
             format!("same values as {other} (similarity {sim})"),
+            vec![other.clone(), sim.clone()],
         );
     }
     if d.out_of_range > 0 {
         flag(
             FlagKind::OutOfRange,
             format!("{} samples outside the declared range", d.out_of_range),
+            vec![d.out_of_range.to_string()],
         );
     }
     if d.deltas >= 100 && d.deltas_exact as f64 >= c.no_jitter_share * d.deltas as f64 {
@@ -546,6 +607,7 @@ fn tag_flags(
                 "{} of {} timestamp steps are exact multiples of the interval",
                 d.deltas_exact, d.deltas
             ),
+            vec![d.deltas_exact.to_string(), d.deltas.to_string()],
         );
     }
     if d.future > 0 {
@@ -555,6 +617,7 @@ fn tag_flags(
                 "{} samples stamped more than 5 s after their receipt",
                 d.future
             ),
+            vec![d.future.to_string()],
         );
     }
     flags
@@ -676,6 +739,7 @@ async fn report_with(
             verdict: Verdict {
                 data_through: false,
                 reasons: Vec::new(),
+                why: Vec::new(),
             },
             tags: Vec::new(),
             trend: Vec::new(),
@@ -740,11 +804,10 @@ async fn report_with(
         let merged = merge_gaps(gaps);
         d.gaps_total = merged.len();
         d.gaps = merged.into_iter().take(200).collect();
-        // Trend: the first numeric tags, hourly.
+        // Trend: every tag with a number (bools as 0/1), hourly.
         for s in tags
             .iter()
-            .filter(|s| detail && is_numeric(&s.data_type))
-            .take(3)
+            .filter(|s| detail && !matches!(s.data_type.as_str(), "string" | "unspecified"))
         {
             let points = store
                 .series_hours(s.id, from_ms, to_ms)
@@ -758,32 +821,34 @@ async fn report_with(
                 points,
             });
         }
-        let mut reasons = Vec::new();
+        let mut why = Vec::new();
         let period: Vec<&DayCell> = d
             .daily
             .iter()
             .filter(|c| c.day_ms >= verdict_from && c.expected > 0)
             .collect();
         if period.is_empty() {
-            reasons.push("no data expected in the verdict period".to_string());
+            why.push(Reason::NoDataExpected);
         }
         for cell in &period {
             let got = cell.completeness.unwrap_or(0.0);
             if got < c.completeness_min {
-                reasons.push(format!(
-                    "{}: completeness {:.1}% < {:.1}%",
-                    cell.date,
-                    got * 100.0,
-                    c.completeness_min * 100.0
-                ));
+                why.push(Reason::LowCompleteness {
+                    date: cell.date.clone(),
+                    completeness: got,
+                    min: c.completeness_min,
+                });
             }
         }
-        for f in d.flags.iter().filter(|f| f.critical) {
-            reasons.push(format!("{} on {}: {}", flag_name(f.kind), f.tag, f.detail));
+        for (i, f) in d.flags.iter().enumerate() {
+            if f.critical {
+                why.push(Reason::CriticalFlag(i));
+            }
         }
         d.verdict = Verdict {
-            data_through: reasons.is_empty(),
-            reasons,
+            data_through: why.is_empty(),
+            reasons: why.iter().map(|r| r.english(&d.flags)).collect(),
+            why,
         };
         devices.push(d);
     }
@@ -914,32 +979,35 @@ fn networking(
     let mut equipment = Vec::new();
     let mut through = 0;
     let production: Vec<&Equipment> = register.iter().filter(|e| e.production).collect();
-    for e in &production {
-        let status = if e.gateway.is_empty() {
-            (false, "not networked: no gateway device named".to_string())
+    // Non-production entries are listed with their state too; only
+    // production ones count in the rate.
+    for e in register {
+        let device = devices
+            .iter()
+            .find(|d| d.gateway == e.gateway && d.device == e.device);
+        let (why, flags) = if e.gateway.is_empty() {
+            (vec![Reason::NoGatewayNamed], Vec::new())
         } else if !gateways.contains(e.gateway.as_str()) {
-            (
-                false,
-                format!("gateway {} does not belong to this enterprise", e.gateway),
-            )
+            (vec![Reason::GatewayNotOwned(e.gateway.clone())], Vec::new())
         } else {
-            match devices
-                .iter()
-                .find(|d| d.gateway == e.gateway && d.device == e.device)
-            {
-                None => (
-                    false,
-                    "never connected: no data from this device".to_string(),
-                ),
-                Some(d) if d.verdict.data_through => (true, "data-through".to_string()),
-                Some(d) => (false, d.verdict.reasons.join("; ")),
+            match device {
+                None => (vec![Reason::NeverConnected], Vec::new()),
+                Some(d) if d.verdict.data_through => (vec![Reason::DataThrough], Vec::new()),
+                Some(d) => (d.verdict.why.clone(), d.flags.clone()),
             }
         };
-        through += status.0 as u64;
+        let data_through = why == [Reason::DataThrough];
+        through += (data_through && e.production) as u64;
         equipment.push(EquipmentStatus {
-            equipment: (*e).clone(),
-            data_through: status.0,
-            reason: status.1,
+            equipment: e.clone(),
+            data_through,
+            reason: why
+                .iter()
+                .map(|r| r.english(&flags))
+                .collect::<Vec<_>>()
+                .join("; "),
+            why,
+            flags,
         });
     }
     let unregistered_devices = devices

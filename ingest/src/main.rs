@@ -146,6 +146,28 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// One enterprise's file for a window (一企一档), run while the server is
+    /// stopped: the report as self-contained HTML in both languages, its JSON
+    /// and CSV parts, the evidence bundle, ingest's signed digests of the
+    /// window's complete UTC days, and VERIFY.txt on checking it offline.
+    Dossier {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// The enterprise's unified social credit code.
+        #[arg(long)]
+        enterprise: String,
+        /// First day (YYYY-MM-DD, UTC+8); default: 6 days before `to`.
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, inclusive (YYYY-MM-DD, UTC+8); default: today.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, env = "GUANTONG_CRITERIA")]
+        criteria: Option<PathBuf>,
+        /// The directory to write (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Re-verify every stored evidence chain from the original signed bytes
     /// (run while the server is stopped). Exit code 1 when anything breaks.
     VerifyChain {
@@ -539,6 +561,99 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dossier {
+            data,
+            enterprise,
+            from,
+            to,
+            criteria,
+            out,
+        } => {
+            let criteria = load_criteria(criteria.as_deref())?;
+            let store = EmbeddedStore::open(&data)?;
+            let now = guantong_ingest::grpc::now_ms();
+            let (from_day, to_day) =
+                guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
+                    .map_err(anyhow::Error::msg)?;
+            let gateways: Vec<String> = store
+                .gateway_owners()?
+                .into_iter()
+                .filter(|(_, owner)| *owner == enterprise)
+                .map(|(g, _)| g)
+                .collect();
+            let snap = guantong_ingest::web::snapshot(&store)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+            let write = |name: &str, bytes: &[u8]| {
+                let path = out.join(name);
+                std::fs::write(&path, bytes)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+            };
+            let mut parts = vec![
+                ("report-zh.html", "html", None, "zh"),
+                ("report-en.html", "html", None, "en"),
+                ("report.json", "json", None, "zh"),
+            ];
+            for part in ["devices", "equipment", "gaps", "usage"] {
+                parts.push((part, "csv", Some(part), "zh"));
+            }
+            for (name, format, part, lang) in parts {
+                let bytes = guantong_ingest::web::render_cli(
+                    &store,
+                    &snap,
+                    Some(&enterprise),
+                    from_day,
+                    to_day,
+                    &criteria,
+                    format,
+                    part,
+                    Some(lang),
+                )
+                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+                let file = match part {
+                    Some(p) => format!("report-{p}.csv"),
+                    None => name.to_string(),
+                };
+                write(&file, &bytes)?;
+            }
+            let bundle = store
+                .export_evidence(gateways.clone(), from_day, to_day)
+                .await?;
+            guantong_ingest::evidence::write_bundle(&out.join("evidence-bundle.json"), &bundle)?;
+            // Digests exist for complete UTC days only.
+            let mut digests = Vec::new();
+            let day_ms = 86_400_000;
+            let mut day = from_day.div_euclid(day_ms) * day_ms;
+            while day + day_ms <= to_day.min(now) {
+                if !gateways.is_empty() {
+                    let name = guantong_ingest::evidence::digest::day_of(day);
+                    digests.extend(
+                        store
+                            .day_digests(gateways.clone(), name)
+                            .await?
+                            .into_iter()
+                            .map(|d| d.digest),
+                    );
+                }
+                day += day_ms;
+            }
+            write(
+                "digests.json",
+                &serde_json::to_vec_pretty(&serde_json::json!({ "digests": digests }))?,
+            )?;
+            write("VERIFY.txt", VERIFY_TEXT.as_bytes())?;
+            eprintln!(
+                "wrote the dossier of {enterprise} to {} ({} gateways, {} digests); check it with `guantong-ingest verify {}/evidence-bundle.json --digests {}/digests.json`",
+                out.display(),
+                gateways.len(),
+                digests.len(),
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
         Command::ExportEvidence {
             data,
             mut gateways,
@@ -743,3 +858,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
 }
+
+/// How to check a dossier offline, in both languages (the dossier's VERIFY.txt).
+const VERIFY_TEXT: &str = "\
+如何离线校验本档案（一企一档）
+1. 安装 guantong-ingest（与生成本档案的版本相同或更新），无需服务器或数据库。
+2. 运行：guantong-ingest verify evidence-bundle.json --digests digests.json
+3. 输出 \"all checks hold\" 且退出码为 0：证据包中每个网关的签名哈希链完整、未被篡改，且与平台每日签名摘要一致。
+   任何一项不成立时会逐条列出，退出码为 1。
+4. report-zh.html / report-en.html 为报告本身（无外部资源，可直接打开或打印）；页脚的链头哈希应与校验输出一致。
+   report.json 与 report-*.csv 为同一数据。
+
+How to verify this dossier offline
+1. Install guantong-ingest (the version that wrote the dossier, or newer); no server or database needed.
+2. Run: guantong-ingest verify evidence-bundle.json --digests digests.json
+3. \"all checks hold\" and exit code 0: every gateway's signed hash chain in the bundle is whole and
+   untampered, and agrees with ingest's signed daily digests. Anything that fails is listed; exit code 1.
+4. report-zh.html / report-en.html are the report itself (no external resources; open or print them);
+   the chain heads in their footer must match the verification. report.json and report-*.csv carry
+   the same data.
+";

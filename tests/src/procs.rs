@@ -360,6 +360,23 @@ impl GatewayProc {
     }
 }
 
+/// Registers `gateway` in ingest's `data` with the key its `config`
+/// creates, as an installer does (`identity` before `register-gateway`): a
+/// config without ingest or token comes first. Returns the gateway's token.
+pub fn register_keyed_gateway(
+    data: &Path,
+    gateway: &str,
+    config: &Path,
+    buffer: &Path,
+) -> anyhow::Result<String> {
+    std::fs::write(
+        config,
+        gateway_toml(gateway, "127.0.0.1:1".parse()?, "none", buffer),
+    )?;
+    let key = gateway_public_key(config)?;
+    IngestProc::register_with_key(data, gateway, Some(&key))
+}
+
 /// Gateway config text for `gateway` pointing at `ingest`, buffering in `buffer_dir`.
 pub fn gateway_toml(
     gateway: &str,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use guantong_e2e::browser::chromium_dom;
 use guantong_e2e::procs::{
-    GatewayProc, IngestProc, binary, gateway_public_key, gateway_toml, wait_for,
+    GatewayProc, IngestProc, binary, gateway_toml, register_keyed_gateway, wait_for,
 };
 use guantong_e2e::proxy::{Mode, Proxy};
 use guantong_e2e::sim::{SIGNAL_ADDR, SimDevice};
@@ -114,12 +114,7 @@ async fn acceptance_evidence_gaps_flags_networking_rate_roles_and_reports() -> a
     )?;
     let config = dir.path().join("gateway.toml");
     let buffer = dir.path().join("buffer");
-    std::fs::write(
-        &config,
-        gateway_toml(GW, "127.0.0.1:1".parse()?, "none", &buffer),
-    )?;
-    let key = gateway_public_key(&config)?;
-    let token = IngestProc::register_with_key(&data, GW, Some(&key))?;
+    let token = register_keyed_gateway(&data, GW, &config, &buffer)?;
     let criteria_arg = criteria.display().to_string();
     let mut ingest = IngestProc::start_with_args(
         &data,

@@ -7,9 +7,11 @@
 
 use std::fmt::Write as _;
 
-use crate::acceptance::{CityView, Criteria, EnterpriseReport, Gap, flag_name};
+use crate::acceptance::{
+    self, CityView, Criteria, EnterpriseReport, Flag, Gap, Reason, Trend, flag_name,
+};
 use crate::http::rfc3339;
-use crate::store::rollup::DAY_OFFSET_MS;
+use crate::store::rollup::{DAY_MS, DAY_OFFSET_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lang {
@@ -187,12 +189,106 @@ const TEXT: &[(&str, &str, &str)] = &[
     ("login", "登录", "Sign in"),
     ("logout", "退出登录", "Sign out"),
     ("token", "访问令牌", "Access token"),
+    ("unit_h", "小时", " h "),
+    ("unit_min", "分", " min "),
+    ("unit_s", "秒", " s"),
+    (
+        "flag_on",
+        "{flag}（点位 {tag}）：{detail}",
+        "{flag} on {tag}: {detail}",
+    ),
+    (
+        "flag_detail_frozen",
+        "数值 {0} 秒未变化",
+        "value unchanged for {0} s",
+    ),
+    (
+        "flag_detail_identical_series",
+        "与 {0} 数据相同（相似度 {1}）",
+        "same values as {0} (similarity {1})",
+    ),
+    (
+        "flag_detail_out_of_range",
+        "{0} 个样本超出声明量程",
+        "{0} samples outside the declared range",
+    ),
+    (
+        "flag_detail_no_jitter",
+        "{1} 个时间间隔中有 {0} 个恰为采集周期的整数倍",
+        "{0} of {1} timestamp steps are exact multiples of the interval",
+    ),
+    (
+        "flag_detail_future_timestamps",
+        "{0} 个样本的时间戳晚于接收时间 5 秒以上",
+        "{0} samples stamped more than 5 s after their receipt",
+    ),
+    ("reason_data_through", "数据贯通", "data-through"),
+    (
+        "reason_no_gateway",
+        "未联网：台账未填写采集网关/设备",
+        "not networked: the register names no gateway device",
+    ),
+    (
+        "reason_gateway_not_owned",
+        "台账填写的网关 {g} 未分配给本企业（未知网关或属于其他企业）",
+        "the register's gateway {g} is not assigned to this enterprise (unknown, or another enterprise's)",
+    ),
+    (
+        "reason_never_connected",
+        "从未接入：该设备没有任何数据",
+        "never connected: no data from this device",
+    ),
+    (
+        "reason_no_data_expected",
+        "判定期内没有应收数据",
+        "no data expected in the verdict period",
+    ),
+    (
+        "reason_low_completeness",
+        "{date} 完整率 {got}，低于 {min}",
+        "{date}: completeness {got}, below {min}",
+    ),
+    ("legend_95", "≥95%", "≥95%"),
+    ("legend_80", "80–95%", "80–95%"),
+    ("legend_50", "50–80%", "50–80%"),
+    ("legend_low", "<50%", "<50%"),
+    ("legend_none", "无应收数据", "nothing expected"),
+    ("legend_week", "竖线：每周一", "lines: each Monday"),
+    ("no_values", "无数值", "no values"),
+    (
+        "rate_fraction",
+        "{a} / {b} 台生产设备数据贯通",
+        "{a} of {b} production machines data-through",
+    ),
+    ("verdict_meets", "达标", "meets the target"),
+    ("verdict_below", "未达标", "below the target"),
+    ("target_is", "联网率目标 {t}", "networking-rate target {t}"),
+    ("production", "生产设备", "Production"),
+    ("production_yes", "是", "yes"),
+    ("production_no", "否（不计入联网率）", "no (not counted)"),
+    (
+        "evidence_footer",
+        "证据包：本报告的数据由各网关签名的哈希链担保。导出并离线校验证据包：{cmd}。证据包指纹即下列链头哈希，校验结果中的链头应与之一致：",
+        "Evidence bundle: the data of this report is vouched for by each gateway's signed hash chain. Export the bundle and verify it offline: {cmd}. Its fingerprint is the chain heads below; the verified bundle must end at the same heads:",
+    ),
+    ("received_n", "实收", "Received"),
+    ("expected_n", "应收", "Expected"),
+    ("good", "好", "Good"),
+    ("uncertain", "不确定", "Uncertain"),
+    ("bad", "坏", "Bad"),
+    ("backfilled", "补传", "Backfilled"),
+    ("duration_s", "时长（秒）", "Duration (s)"),
 ];
 
+/// A text of the catalogue; a missing key shows as `[key]` in the page
+/// and fails `every_key_the_pages_use_is_in_the_catalogue`.
 fn t(lang: Lang, key: &str) -> &'static str {
     TEXT.iter()
         .find(|(k, _, _)| *k == key)
-        .map_or("?", |(_, zh, en)| if lang == Lang::Zh { zh } else { en })
+        .map_or(
+            "[missing text]",
+            |(_, zh, en)| if lang == Lang::Zh { zh } else { en },
+        )
 }
 
 fn esc(s: &str) -> String {
@@ -220,19 +316,125 @@ fn pct(x: Option<f64>) -> String {
     x.map_or("—".into(), |x| format!("{:.1}%", x * 100.0))
 }
 
-fn duration(ms: i64) -> String {
+fn duration(lang: Lang, ms: i64) -> String {
     let s = ms / 1000;
+    let (h, m, sec) = (t(lang, "unit_h"), t(lang, "unit_min"), t(lang, "unit_s"));
     if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+        format!("{}{h}{:02}{m}", s / 3600, s % 3600 / 60)
     } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
+        format!("{}{m}{:02}{sec}", s / 60, s % 60)
     } else {
-        format!("{}.{:01}s", s, ms % 1000 / 100)
+        format!("{}.{:01}{sec}", s, ms % 1000 / 100)
     }
 }
 
 fn cause(lang: Lang, c: &str) -> &'static str {
     t(lang, &format!("cause_{c}"))
+}
+
+/// Text that comes from the registry, devices or codes: escaped, and marked
+/// `translate="no"` (it stays as entered in either language).
+fn name(s: &str) -> String {
+    format!("<span translate=\"no\">{}</span>", esc(s))
+}
+
+/// A catalogue text with `{key}` placeholders replaced by ready HTML.
+fn fill(template: &str, args: &[(&str, String)]) -> String {
+    fill_as(true, template, args)
+}
+
+/// `fill` for HTML (`html`: the template is escaped) or plain text (CSV).
+fn fill_as(html: bool, template: &str, args: &[(&str, String)]) -> String {
+    let mut out = if html {
+        esc(template)
+    } else {
+        template.to_string()
+    };
+    for (k, v) in args {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+/// `name` for HTML, the text itself for CSV.
+fn name_as(html: bool, s: &str) -> String {
+    if html { name(s) } else { s.to_string() }
+}
+
+/// An industry key as words in the page's language.
+fn industry(lang: Lang, c: &Criteria, key: &str) -> String {
+    c.industries.iter().find(|i| i.key == key).map_or_else(
+        || name(key),
+        |i| {
+            esc(if lang == Lang::Zh {
+                &i.name_zh
+            } else {
+                &i.name_en
+            })
+        },
+    )
+}
+
+fn flag_text(lang: Lang, f: &Flag, html: bool) -> String {
+    let kind = flag_name(f.kind);
+    let figures: Vec<(String, String)> = f
+        .figures
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i.to_string(), name_as(html, v)))
+        .collect();
+    let args: Vec<(&str, String)> = figures
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    fill_as(
+        html,
+        t(lang, "flag_on"),
+        &[
+            ("flag", fill_as(html, t(lang, &format!("flag_{kind}")), &[])),
+            ("tag", name_as(html, &f.tag)),
+            (
+                "detail",
+                fill_as(html, t(lang, &format!("flag_detail_{kind}")), &args),
+            ),
+        ],
+    )
+}
+
+/// Reasons of a verdict in the page's language (HTML, or plain for CSV).
+fn reasons_text(lang: Lang, why: &[Reason], flags: &[Flag], html: bool) -> String {
+    let plain = |key: &str| fill_as(html, t(lang, key), &[]);
+    let words: Vec<String> = why
+        .iter()
+        .map(|r| match r {
+            Reason::DataThrough => plain("reason_data_through"),
+            Reason::NoGatewayNamed => plain("reason_no_gateway"),
+            Reason::GatewayNotOwned(g) => fill_as(
+                html,
+                t(lang, "reason_gateway_not_owned"),
+                &[("g", name_as(html, g))],
+            ),
+            Reason::NeverConnected => plain("reason_never_connected"),
+            Reason::NoDataExpected => plain("reason_no_data_expected"),
+            Reason::LowCompleteness {
+                date,
+                completeness,
+                min,
+            } => fill_as(
+                html,
+                t(lang, "reason_low_completeness"),
+                &[
+                    ("date", date.clone()),
+                    ("got", pct(Some(*completeness))),
+                    ("min", pct(Some(*min))),
+                ],
+            ),
+            Reason::CriticalFlag(i) => flags
+                .get(*i)
+                .map_or_else(String::new, |f| flag_text(lang, f, html)),
+        })
+        .collect();
+    words.join(if lang == Lang::Zh { "；" } else { "; " })
 }
 
 /// Red → amber → green for 0 → 100 % completeness.
@@ -246,23 +448,29 @@ fn colour(x: Option<f64>) -> &'static str {
     }
 }
 
-const STYLE: &str = "body{font-family:system-ui,'PingFang SC','Noto Sans CJK SC','Microsoft YaHei',sans-serif;margin:24px;color:#111}\
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ccc;padding-bottom:4px}\
+const STYLE: &str = "body{font-family:system-ui,'PingFang SC','Noto Sans CJK SC','WenQuanYi Micro Hei','Microsoft YaHei',sans-serif;margin:24px;color:#111;max-width:1100px}\
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px;border-bottom:1px solid #ccc;padding-bottom:4px;break-after:avoid}\
 table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}\
-th{background:#f3f4f6}.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}.muted{color:#666;font-size:12px}\
-.big{font-size:30px;font-weight:700}.box{display:inline-block;border:1px solid #ccc;border-radius:6px;padding:10px 16px;margin:4px 8px 4px 0}\
-.num{text-align:right;font-variant-numeric:tabular-nums}@media print{a.nav,form.nav{display:none}body{margin:8mm}}";
+th{background:#f3f4f6}tr{break-inside:avoid}.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}.muted{color:#666;font-size:12px}\
+.big{font-size:30px;font-weight:700}.box{display:inline-block;border:1px solid #ccc;border-radius:6px;padding:10px 16px;margin:4px 8px 4px 0;vertical-align:top}\
+.num{text-align:right;font-variant-numeric:tabular-nums}.cover{border:2px solid #111;padding:12px 16px;margin:8px 0 12px}\
+.cover table{margin:0}.cover th{width:9em}.legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;vertical-align:middle}\
+.trends{display:flex;flex-wrap:wrap;gap:8px}figure.trend{margin:0;border:1px solid #e5e7eb;padding:4px;break-inside:avoid}\
+figure.trend figcaption{font-size:12px}footer{margin-top:28px;border-top:1px solid #ccc;padding-top:8px;font-size:12px;word-break:break-all}\
+@page{size:A4;margin:12mm}\
+@media print{.nav{display:none !important}body{margin:0;max-width:none}#heatmap{max-width:100%;height:auto}figure.trend,svg,.cover{break-inside:avoid}}";
 
 fn page(lang: Lang, title: &str, switch_href: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\">\
          <title>{}</title><style>{STYLE}</style></head><body>\
-         <p class=\"muted\"><a class=\"nav\" href=\"{}\">{}</a> · {} \
+         <p class=\"muted nav\"><a class=\"nav\" href=\"{}\" lang=\"{}\" translate=\"no\">{}</a> · {} \
          <form class=\"nav\" method=\"post\" action=\"/logout\" style=\"display:inline\"><button>{}</button></form></p>\
          {body}</body></html>",
         if lang == Lang::Zh { "zh-CN" } else { "en" },
         esc(title),
         esc(switch_href),
+        if lang == Lang::Zh { "en" } else { "zh-CN" },
         t(lang, "switch"),
         t(lang, "print"),
         t(lang, "logout"),
@@ -290,44 +498,106 @@ pub fn login_failed() -> String {
         .into()
 }
 
+/// Width in px of `s` at `size` px, as a CJK sans font draws it (CJK
+/// characters square, others about 0.6 em): sizes the heatmap's label column.
+fn text_width(s: &str, size: usize) -> usize {
+    s.chars()
+        .map(|c| {
+            if c.len_utf8() >= 3 {
+                size
+            } else {
+                size * 6 / 10 + 1
+            }
+        })
+        .sum()
+}
+
+/// Whether the UTC+8 day starting at `day_ms` is a Monday.
+fn monday(day_ms: i64) -> bool {
+    ((day_ms + DAY_OFFSET_MS).div_euclid(DAY_MS) + 3) % 7 == 0
+}
+
+/// Completeness per device and day. Day labels stand above the cells, never
+/// over them: every day when a cell is wide enough for `MM-DD`, otherwise
+/// each week's Monday, with a line marking the week's start.
 fn heatmap(r: &EnterpriseReport, lang: Lang) -> String {
     let days = r.devices.first().map_or(0, |d| d.daily.len());
     if days == 0 {
         return format!("<p>{}</p>", t(lang, "none"));
     }
-    let (cw, ch, left, top) = (26, 18, 220, 40);
+    let labels: Vec<String> = r
+        .devices
+        .iter()
+        .map(|d| {
+            d.equipment
+                .as_ref()
+                .map_or(d.device.clone(), |e| format!("{} {}", e.id, e.name))
+        })
+        .collect();
+    let font = 12;
+    let left = labels
+        .iter()
+        .map(|l| text_width(l, font))
+        .max()
+        .unwrap_or(0)
+        + 14;
+    let cw = (900 / days).clamp(8, 52);
+    let ch = 20;
+    let top = 30;
     let w = left + days * cw + 10;
-    let h = top + r.devices.len() * ch + 10;
+    let h = top + r.devices.len() * ch + 6;
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-size=\"11\" role=\"img\">"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"heatmap\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-size=\"{font}\" role=\"img\">"
     );
-    for (i, cell) in r.devices[0].daily.iter().enumerate() {
-        let x = left + i * cw + cw / 2;
-        let _ = write!(
-            s,
-            "<text x=\"{x}\" y=\"{}\" text-anchor=\"end\" transform=\"rotate(-60 {x} {})\">{}</text>",
-            top - 4,
-            top - 4,
-            &cell.date[5..]
-        );
+    let daily = &r.devices[0].daily;
+    // No day label closer than this to the next one.
+    let min_gap = text_width("00-00", font) + 8;
+    let every_day = cw >= min_gap;
+    let mut last_label_x: Option<usize> = None;
+    for (i, cell) in daily.iter().enumerate() {
+        let x = left + i * cw;
+        let week = monday(cell.day_ms);
+        if !every_day && week {
+            let _ = write!(
+                s,
+                "<line class=\"hm-week\" x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#374151\"/>",
+                x.saturating_sub(1),
+                top - 14,
+                x.saturating_sub(1),
+                h - 4
+            );
+        }
+        let next_monday = (i + 1..days).find(|&j| monday(daily[j].day_ms));
+        let first_fits = next_monday.is_none_or(|j| (j - i) * cw >= min_gap);
+        let show = every_day || week || (i == 0 && first_fits);
+        if show && last_label_x.is_none_or(|lx| x >= lx + min_gap) {
+            let (anchor, lx) = if every_day {
+                ("middle", x + cw / 2)
+            } else {
+                ("start", x + 1)
+            };
+            let _ = write!(
+                s,
+                "<text class=\"hm-day\" x=\"{lx}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
+                top - 6,
+                cell.date.get(5..).unwrap_or(&cell.date)
+            );
+            last_label_x = Some(x);
+        }
     }
     for (j, d) in r.devices.iter().enumerate() {
         let y = top + j * ch;
-        let label = d
-            .equipment
-            .as_ref()
-            .map_or(d.device.clone(), |e| format!("{} {}", e.id, e.name));
         let _ = write!(
             s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 6,
-            y + 13,
-            esc(&label)
+            "<text class=\"hm-dev\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8,
+            y + 14,
+            esc(&labels[j])
         );
         for (i, cell) in d.daily.iter().enumerate() {
             let _ = write!(
                 s,
-                "<rect x=\"{}\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"{}\"><title>{} {} {}</title></rect>",
+                "<rect class=\"hm-cell\" x=\"{}\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"{}\"><title>{} {} {}</title></rect>",
                 left + i * cw,
                 cw - 2,
                 ch - 2,
@@ -338,22 +608,104 @@ fn heatmap(r: &EnterpriseReport, lang: Lang) -> String {
             );
         }
     }
-    s.push_str("</svg>");
+    s.push_str("</svg><p class=\"legend muted\">");
+    for (c, k) in [
+        (Some(1.0), "legend_95"),
+        (Some(0.9), "legend_80"),
+        (Some(0.6), "legend_50"),
+        (Some(0.0), "legend_low"),
+        (None, "legend_none"),
+    ] {
+        let _ = write!(
+            s,
+            "<span style=\"background:{}\"></span>{}",
+            colour(c),
+            t(lang, k)
+        );
+    }
+    if !every_day {
+        let _ = write!(s, " · {}", t(lang, "legend_week"));
+    }
+    s.push_str("</p>");
     s
 }
 
-fn trend_svg(points: &[(i64, f64, f64, f64)], from: i64, to: i64) -> String {
-    let (w, h) = (640.0, 140.0);
-    if points.is_empty() {
-        return String::new();
+/// Day ticks of a time axis `width` px wide: every day, week, fortnight…
+/// so that labels are at least 48 px apart.
+fn day_ticks(from: i64, to: i64, width: f64) -> Vec<i64> {
+    let days = ((to - from) / DAY_MS).max(1);
+    let step = [1, 2, 7, 14, 28, 56, 112]
+        .into_iter()
+        .find(|s| width / days as f64 * *s as f64 >= 48.0)
+        .unwrap_or(112);
+    let mut ticks = Vec::new();
+    let mut d = from;
+    if step >= 7 {
+        while !monday(d) && d < to {
+            d += DAY_MS;
+        }
     }
-    let lo = points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
-    let hi = points.iter().map(|p| p.3).fold(f64::NEG_INFINITY, f64::max);
+    while d < to {
+        ticks.push(d);
+        d += step * DAY_MS;
+    }
+    ticks
+}
+
+/// One small multiple: hourly mean (line and dots), min–max band, the value
+/// range with its unit on the left and dates on the time axis.
+fn trend_svg(lang: Lang, tr: &Trend, from: i64, to: i64) -> String {
+    let unit = if tr.unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", tr.unit)
+    };
+    let lo = tr.points.iter().map(|p| p.2).fold(f64::INFINITY, f64::min);
+    let hi = tr
+        .points
+        .iter()
+        .map(|p| p.3)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let (lo_label, hi_label) = (
+        format!("{}{unit}", fmt_num(lo)),
+        format!("{}{unit}", fmt_num(hi)),
+    );
+    // The value labels stand left of the plot, as wide as they need.
+    let label_w = text_width(&lo_label, 10).max(text_width(&hi_label, 10));
+    let (w, h, right, top, bottom) = (330.0, 150.0, 8.0, 8.0, 22.0);
+    let left = (label_w as f64 + 8.0).max(40.0);
+    let plot_w = w - left - right;
+    let plot_h = h - top - bottom;
+    let x = |t: i64| left + (t - from) as f64 / (to - from).max(1) as f64 * plot_w;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-size=\"10\" role=\"img\">\
+         <rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#ccc\"/>"
+    );
+    for d in day_ticks(from, to, plot_w) {
+        let _ = write!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#eee\"/>\
+             <text class=\"axis-t\" x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>",
+            x(d),
+            top + plot_h + 3.0,
+            h - 8.0,
+            acceptance::date_of(d).get(5..).unwrap_or_default()
+        );
+    }
+    if tr.points.is_empty() {
+        let _ = write!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#666\">{}</text></svg>",
+            left + plot_w / 2.0,
+            top + plot_h / 2.0,
+            t(lang, "no_values")
+        );
+        return s;
+    }
     let span = if hi > lo { hi - lo } else { 1.0 };
-    let x = |t: i64| 40.0 + (t - from) as f64 / (to - from).max(1) as f64 * (w - 50.0);
-    let y = |v: f64| 10.0 + (hi - v) / span * (h - 30.0);
+    let y = |v: f64| top + 4.0 + (hi - v) / span * (plot_h - 8.0);
     let mut band = String::new();
-    for p in points {
+    for p in &tr.points {
         let _ = write!(
             band,
             "M{:.1},{:.1}L{:.1},{:.1}",
@@ -363,23 +715,39 @@ fn trend_svg(points: &[(i64, f64, f64, f64)], from: i64, to: i64) -> String {
             y(p.2)
         );
     }
-    let line: Vec<String> = points
+    let line: Vec<String> = tr
+        .points
         .iter()
         .map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1)))
         .collect();
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-size=\"10\" role=\"img\">\
-         <rect x=\"40\" y=\"10\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#ccc\"/>\
-         <path d=\"{band}\" stroke=\"#93c5fd\" stroke-width=\"2\"/>\
-         <polyline points=\"{}\" fill=\"none\" stroke=\"#1d4ed8\" stroke-width=\"1.5\"/>\
-         <text x=\"36\" y=\"16\" text-anchor=\"end\">{}</text><text x=\"36\" y=\"{}\" text-anchor=\"end\">{}</text></svg>",
-        w - 50.0,
-        h - 30.0,
-        line.join(" "),
-        fmt_num(hi),
-        h - 20.0,
-        fmt_num(lo)
-    )
+    let _ = write!(
+        s,
+        "<path d=\"{band}\" stroke=\"#93c5fd\" stroke-width=\"3\"/>\
+         <polyline class=\"mean\" points=\"{}\" fill=\"none\" stroke=\"#1d4ed8\" stroke-width=\"1.5\"/>",
+        line.join(" ")
+    );
+    if tr.points.len() <= 48 {
+        for p in &tr.points {
+            let _ = write!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#1d4ed8\"/>",
+                x(p.0),
+                y(p.1)
+            );
+        }
+    }
+    let _ = write!(
+        s,
+        "<text class=\"axis-v\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
+         <text class=\"axis-v\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text></svg>",
+        left - 4.0,
+        top + 10.0,
+        esc(&hi_label),
+        left - 4.0,
+        top + plot_h,
+        esc(&lo_label)
+    );
+    s
 }
 
 fn fmt_num(v: f64) -> String {
@@ -395,67 +763,91 @@ fn gap_rows(out: &mut String, device: &str, gaps: &[Gap], lang: Lang) {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
-            esc(device),
+            name(device),
             local(g.start_ms),
             local(g.end_ms),
-            duration(g.duration_ms),
+            duration(lang, g.duration_ms),
             cause(lang, g.cause),
             g.tags
         );
     }
 }
 
+/// The report a reviewer files: cover, register, heatmap, devices, gaps,
+/// gateways and chains, usage, trends, and the evidence footer.
 pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
     let e = &r.enterprise;
+    let n = &r.networking;
+    let c = &r.criteria;
     let mut b = String::new();
+    let meets = n.rate.is_some_and(|x| x >= c.networking_target);
     let _ = write!(
         b,
-        "<h1>{} · {}</h1><table><tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
+        "<h1>{}</h1><div class=\"cover\" id=\"cover\"><table>\
          <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
-         <tr><th>{}</th><td>{} — {}</td><th>{}</th><td>{}</td></tr></table>",
-        esc(&e.name),
+         <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
+         <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
+         <tr><th>{}</th><td>{} — {}</td><th>{}</th><td>{}</td></tr></table>\
+         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"networking-rate\">{}</div>\
+         <div class=\"muted\" id=\"rate-fraction\">{}</div></div>\
+         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big {}\" id=\"verdict\">{}</div>\
+         <div class=\"muted\">{}</div></div></div>",
         t(lang, "title"),
+        t(lang, "enterprise"),
+        name(&e.name),
         t(lang, "code"),
-        esc(&e.code),
+        name(&e.code),
         t(lang, "county"),
-        esc(&e.county),
+        name(&e.county),
         t(lang, "industry"),
-        esc(&r.industry_name),
+        industry(lang, c, &e.industry),
         t(lang, "provider"),
-        esc(&e.provider),
+        name(&e.provider),
+        t(lang, "generated"),
+        local(r.generated_at_ms),
         t(lang, "window"),
         r.from,
         r.to,
-        t(lang, "generated"),
-        local(r.generated_at_ms),
-    );
-    let n = &r.networking;
-    let crit = t(lang, "criteria_text")
-        .replace(
-            "{c}",
-            &format!("{:.0}", r.criteria.completeness_min * 100.0),
-        )
-        .replace("{d}", &r.criteria.verdict_days.to_string());
-    let _ = write!(
-        b,
-        "<div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"networking-rate\">{}</div></div>\
-         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"data-through\">{} / {}</div></div>\
-         <p class=\"muted\">{}: {}</p>",
+        t(lang, "criteria"),
+        fill(
+            t(lang, "criteria_text"),
+            &[
+                ("c", format!("{:.0}", c.completeness_min * 100.0)),
+                ("d", c.verdict_days.to_string()),
+            ],
+        ),
         t(lang, "rate"),
         pct(n.rate),
-        t(lang, "through"),
-        n.data_through,
-        n.registered_production,
-        t(lang, "criteria"),
-        esc(&crit)
+        fill(
+            t(lang, "rate_fraction"),
+            &[
+                ("a", n.data_through.to_string()),
+                ("b", n.registered_production.to_string()),
+            ],
+        ),
+        t(lang, "verdict"),
+        if meets { "ok" } else { "bad" },
+        t(
+            lang,
+            if meets {
+                "verdict_meets"
+            } else {
+                "verdict_below"
+            }
+        ),
+        fill(
+            t(lang, "target_is"),
+            &[("t", format!("{:.0}%", c.networking_target * 100.0))],
+        ),
     );
     let _ = write!(
         b,
-        "<h2>{}</h2><table id=\"register\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
+        "<h2>{}</h2><table id=\"register\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
         t(lang, "register"),
         t(lang, "eq_id"),
         t(lang, "eq_name"),
         t(lang, "workshop"),
+        t(lang, "production"),
         t(lang, "collected_by"),
         t(lang, "verdict"),
         t(lang, "reason")
@@ -464,18 +856,26 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
         let q = &s.equipment;
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
-            esc(&q.id),
-            esc(&q.name),
-            esc(&q.workshop),
-            esc(&if q.gateway.is_empty() {
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            name(&q.id),
+            name(&q.name),
+            name(&q.workshop),
+            t(
+                lang,
+                if q.production {
+                    "production_yes"
+                } else {
+                    "production_no"
+                }
+            ),
+            if q.gateway.is_empty() {
                 "—".to_string()
             } else {
-                format!("{}/{}", q.gateway, q.device)
-            }),
+                name(&format!("{}/{}", q.gateway, q.device))
+            },
             if s.data_through { "ok" } else { "bad" },
             t(lang, if s.data_through { "yes" } else { "no" }),
-            esc(&s.reason)
+            reasons_text(lang, &s.why, &s.flags, true)
         );
     }
     b.push_str("</table>");
@@ -484,7 +884,7 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
             b,
             "<p>{}: {}</p>",
             t(lang, "unregistered"),
-            esc(&n.unregistered_devices.join(", "))
+            name(&n.unregistered_devices.join(", "))
         );
     }
     let _ = write!(b, "<h2>{}</h2>{}", t(lang, "heatmap"), heatmap(r, lang));
@@ -513,26 +913,23 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
             .iter()
             .map(|f| {
                 format!(
-                    "{}{} ({}: {})",
+                    "{}{}",
                     if f.critical {
                         format!("[{}] ", t(lang, "critical"))
                     } else {
                         String::new()
                     },
-                    t(lang, &format!("flag_{}", flag_name(f.kind))),
-                    f.tag,
-                    f.detail
+                    flag_text(lang, f, true)
                 )
             })
             .collect();
         let samples = d.good + d.uncertain + d.bad;
         let _ = write!(
             b,
-            "<tr><td>{}/{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {}</td><td class=\"num\">{} / {} / {}</td>\
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {}</td><td class=\"num\">{} / {} / {}</td>\
              <td class=\"num\">{}</td><td>{}<br>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
-            esc(&d.gateway),
-            esc(&d.device),
-            esc(&ident.join("; ")),
+            name(&format!("{}/{}", d.gateway, d.device)),
+            name(&ident.join("; ")),
             pct(d.completeness),
             d.received,
             d.expected,
@@ -542,7 +939,7 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
             pct((samples > 0).then(|| d.backfilled as f64 / samples as f64)),
             d.first_seen_ms.map_or("—".into(), local),
             d.last_seen_ms.map_or("—".into(), local),
-            esc(&flags.join("; ")),
+            flags.join(if lang == Lang::Zh { "；" } else { "; " }),
             if d.verdict.data_through { "ok" } else { "bad" },
             t(lang, if d.verdict.data_through { "yes" } else { "no" }),
         );
@@ -574,15 +971,21 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
         t(lang, "backfill"),
         t(lang, "chain")
     );
+    let mut heads = Vec::new();
     for g in &r.gateways {
         let chains: Vec<String> = g
             .chains
             .iter()
             .map(|c| {
-                let mut s = t(lang, "chain_ok")
-                    .replace("{a}", &c.verified_from.to_string())
-                    .replace("{b}", &c.verified_through.to_string())
-                    .replace("{h}", c.head_hash.get(..16).unwrap_or(&c.head_hash));
+                heads.push(format!("{} {}", g.gateway, c.head_hash));
+                let mut s = fill(
+                    t(lang, "chain_ok"),
+                    &[
+                        ("a", c.verified_from.to_string()),
+                        ("b", c.verified_through.to_string()),
+                        ("h", name(c.head_hash.get(..16).unwrap_or(&c.head_hash))),
+                    ],
+                );
                 if !c.breaks.is_empty() {
                     let _ = write!(s, "; {} {}", c.breaks.len(), t(lang, "chain_breaks"));
                 }
@@ -592,14 +995,18 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
         let _ = write!(
             b,
             "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {} ms</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-            esc(&g.gateway),
+            name(&g.gateway),
             g.points,
             g.latency_p50_ms.map_or("—".into(), |v| format!("≤{v}")),
             g.latency_p95_ms.map_or("—".into(), |v| format!("≤{v}")),
             g.clock_offset_ms
                 .map_or("—".into(), |v| format!("{v:+} ms")),
             pct(Some(g.backfill_share)),
-            esc(&chains.join("<br>")).replace("&lt;br&gt;", "<br>")
+            if chains.is_empty() {
+                t(lang, "none").to_string()
+            } else {
+                chains.join("<br>")
+            }
         );
     }
     b.push_str("</table>");
@@ -638,23 +1045,51 @@ pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
         t(lang, "active_days"),
         months.join(", ")
     );
-    let _ = write!(b, "<h2>{}</h2>", t(lang, "trends"));
+    let _ = write!(
+        b,
+        "<h2>{}</h2><div class=\"trends\" id=\"trends\">",
+        t(lang, "trends")
+    );
     for d in &r.devices {
         for tr in &d.trend {
-            if tr.points.is_empty() {
-                continue;
-            }
+            let unit = if tr.unit.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", tr.unit)
+            };
             let _ = write!(
                 b,
-                "<p class=\"muted\">{}/{} · {} ({})</p>{}",
+                "<figure class=\"trend\" data-tag=\"{}/{}/{}\"><figcaption>{}</figcaption>{}</figure>",
                 esc(&d.gateway),
                 esc(&d.device),
                 esc(&tr.tag),
-                esc(&tr.unit),
-                trend_svg(&tr.points, r.from_day_ms, r.to_day_ms)
+                name(&format!("{}/{} · {}{unit}", d.gateway, d.device, tr.tag)),
+                trend_svg(lang, tr, r.from_day_ms, r.to_day_ms)
             );
         }
     }
+    b.push_str("</div>");
+    let _ = write!(
+        b,
+        "<footer id=\"evidence\"><p>{}</p><p>{}</p></footer>",
+        fill(
+            t(lang, "evidence_footer"),
+            &[(
+                "cmd",
+                name(&format!(
+                    "guantong-ingest export-evidence --enterprise {} --from {} --to {} --out bundle.json; guantong-ingest verify bundle.json",
+                    e.code,
+                    rfc3339(r.from_day_ms),
+                    rfc3339(r.to_day_ms)
+                )),
+            ),]
+        ),
+        if heads.is_empty() {
+            t(lang, "none").to_string()
+        } else {
+            name(&heads.join(" · "))
+        }
+    );
     let switch = format!(
         "?from={}&to={}&lang={}",
         r.from,
@@ -722,18 +1157,15 @@ pub fn city(v: &CityView, c: &Criteria, lang: Lang) -> String {
             t(lang, "mean_rate")
         );
         for g in groups.iter() {
-            let name = if lang == Lang::En {
-                c.industries
-                    .iter()
-                    .find(|i| i.key == g.key)
-                    .map_or(g.name.clone(), |i| i.name_en.clone())
+            let label = if title == "by_industry" {
+                industry(lang, c, &g.key)
             } else {
-                g.name.clone()
+                name(&g.name)
             };
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-                esc(&name),
+                label,
                 g.enterprises,
                 g.on_cloud,
                 g.meets_target,
@@ -756,10 +1188,10 @@ pub fn city(v: &CityView, c: &Criteria, lang: Lang) -> String {
         let _ = write!(
             b,
             "<tr><td>{}<br><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td><td class=\"num\">{} ({}/{})</td><td>{}</td><td><a href=\"/report/{}?from={}&amp;to={}&amp;lang={}\">{}</a></td></tr>",
-            esc(&r.name),
-            esc(&r.code),
-            esc(&r.county),
-            esc(&r.industry),
+            name(&r.name),
+            name(&r.code),
+            name(&r.county),
+            industry(lang, c, &r.industry),
             pct(r.networking_rate),
             r.data_through,
             r.registered_production,
@@ -813,12 +1245,12 @@ pub fn report_csv(r: &EnterpriseReport, part: &str, lang: Lang) -> Result<Vec<u8
                 h("eq_id"),
                 h("eq_name"),
                 h("completeness"),
-                "received",
-                "expected",
-                "good",
-                "uncertain",
-                "bad",
-                "backfilled",
+                h("received_n"),
+                h("expected_n"),
+                h("good"),
+                h("uncertain"),
+                h("bad"),
+                h("backfilled"),
                 h("flags"),
                 h("verdict"),
                 h("reason"),
@@ -847,7 +1279,7 @@ pub fn report_csv(r: &EnterpriseReport, part: &str, lang: Lang) -> Result<Vec<u8
                             .collect::<Vec<_>>()
                             .join(" "),
                         h(if d.verdict.data_through { "yes" } else { "no" }).to_string(),
-                        d.verdict.reasons.join("; "),
+                        reasons_text(lang, &d.verdict.why, &d.flags, false),
                     ]
                 })
                 .collect(),
@@ -875,7 +1307,7 @@ pub fn report_csv(r: &EnterpriseReport, part: &str, lang: Lang) -> Result<Vec<u8
                             format!("{}/{}", s.equipment.gateway, s.equipment.device)
                         },
                         h(if s.data_through { "yes" } else { "no" }).to_string(),
-                        s.reason.clone(),
+                        reasons_text(lang, &s.why, &s.flags, false),
                     ]
                 })
                 .collect(),
@@ -886,7 +1318,7 @@ pub fn report_csv(r: &EnterpriseReport, part: &str, lang: Lang) -> Result<Vec<u8
                 h("device"),
                 h("start"),
                 h("end"),
-                "duration_s",
+                h("duration_s"),
                 h("cause"),
                 h("tags"),
             ],
@@ -977,14 +1409,84 @@ pub fn city_csv(v: &CityView, lang: Lang) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acceptance::FlagKind;
 
+    /// Every `t(lang, "…")` and `h("…")` of this file, and every key built
+    /// from a cause or flag name, is in the catalogue in both languages.
     #[test]
-    fn every_text_key_used_exists_in_both_languages() {
-        for key in ["title", "cause_no_data", "flag_frozen", "switch", "logout"] {
-            assert_ne!(t(Lang::Zh, key), "?");
-            assert_ne!(t(Lang::En, key), "?");
+    fn every_key_the_pages_use_is_in_the_catalogue() {
+        let all = include_str!("html.rs");
+        let source = &all[..all.find("#[cfg(test)]").unwrap_or(all.len())];
+        let mut keys: Vec<String> = Vec::new();
+        for pattern in [
+            "t(lang, \"",
+            "h(\"",
+            "t(lang, if s.data_through { \"",
+            "lang, if meets { \"",
+        ] {
+            for (i, _) in source.match_indices(pattern) {
+                let before = source[..i].chars().next_back().unwrap_or(' ');
+                if before.is_alphanumeric() || before == '_' {
+                    continue;
+                }
+                let rest = &source[i + pattern.len()..];
+                if let Some(end) = rest.find('"') {
+                    keys.push(rest[..end].to_string());
+                }
+            }
+        }
+        for cause in [
+            "device_fault",
+            "dropped_by_gateway",
+            "storage_error",
+            "storage_corrupted",
+            "no_data",
+            "gateway_offline_backfilled",
+        ] {
+            keys.push(format!("cause_{cause}"));
+        }
+        for kind in [
+            FlagKind::Frozen,
+            FlagKind::IdenticalSeries,
+            FlagKind::OutOfRange,
+            FlagKind::NoJitter,
+            FlagKind::FutureTimestamps,
+        ] {
+            keys.push(format!("flag_{}", flag_name(kind)));
+            keys.push(format!("flag_detail_{}", flag_name(kind)));
+        }
+        assert!(keys.len() > 80, "the scan found only {} keys", keys.len());
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|k| {
+                !TEXT
+                    .iter()
+                    .any(|(key, zh, en)| key == k && !zh.is_empty() && !en.is_empty())
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "keys missing from the catalogue: {missing:?}"
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _, _) in TEXT {
+            assert!(seen.insert(k), "key {k} twice in the catalogue");
         }
         assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
+    }
+
+    /// Heatmap day labels: every day at 7 days, Mondays at 30 and 90, never
+    /// two closer than a label's width.
+    #[test]
+    fn day_ticks_and_mondays() {
+        // 2026-11-30 is a Monday (UTC+8).
+        let monday_ms = crate::acceptance::parse_date("2026-11-30").expect("date");
+        assert!(monday(monday_ms));
+        assert!(!monday(monday_ms + DAY_MS));
+        let ticks = day_ticks(monday_ms, monday_ms + 90 * DAY_MS, 266.0);
+        assert!(ticks.iter().all(|&d| monday(d)));
+        assert!(ticks.len() <= 6, "{}", ticks.len());
+        assert_eq!(day_ticks(monday_ms, monday_ms + 3 * DAY_MS, 266.0).len(), 3);
     }
 
     #[test]
