@@ -2,7 +2,10 @@
 # Builds the shipped binaries and Debian packages for one architecture, on a
 # Debian machine, into target/dist/:
 #
-#   deploy/build-release.sh aarch64|armv7|x86_64
+#   deploy/build-release.sh aarch64|armv7|x86_64 [--no-build]
+#
+# --no-build packages the binaries already in target/dist/ again (after a
+# change under deploy/debian/).
 #
 #   guantong-gateway-<arch>               all protocols, stripped (profile `edge`)
 #   guantong-gateway-<arch>-modbus-only   --no-default-features, stripped
@@ -22,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 arch="${1:-}"
+no_build="${2:-}"
 case "$arch" in
   aarch64) triple=aarch64-unknown-linux-gnu; debarch=arm64; tools=aarch64-linux-gnu-; gcc_pkg=gcc-aarch64-linux-gnu; ingest=1 ;;
   armv7) triple=armv7-unknown-linux-gnueabihf; debarch=armhf; tools=arm-linux-gnueabihf-; gcc_pkg=gcc-arm-linux-gnueabihf; ingest=0 ;;
@@ -38,15 +42,17 @@ mkdir -p "$dist"
 # Release builds are long: share the machine.
 build() { nice -n 10 cargo build --locked --target "$triple" "$@"; }
 
-build --profile edge -p guantong-gateway --bin guantong-gateway --no-default-features
-cp "target/$triple/edge/guantong-gateway" "$dist/guantong-gateway-$arch-modbus-only"
-build --profile edge -p guantong-gateway --bin guantong-gateway
-cp "target/$triple/edge/guantong-gateway" "$dist/guantong-gateway-$arch"
-if [ "$ingest" = 1 ]; then
-  # Ingest is a server: the release profile (unwinding, so a panicking
-  # request handler does not stop the service), stripped here.
-  build --release -p guantong-ingest --bin guantong-ingest
-  "${tools}strip" -o "$dist/guantong-ingest-$arch" "target/$triple/release/guantong-ingest"
+if [ "$no_build" != --no-build ]; then
+  build --profile edge -p guantong-gateway --bin guantong-gateway
+  cp "target/$triple/edge/guantong-gateway" "$dist/guantong-gateway-$arch"
+  build --profile edge -p guantong-gateway --bin guantong-gateway --no-default-features
+  cp "target/$triple/edge/guantong-gateway" "$dist/guantong-gateway-$arch-modbus-only"
+  if [ "$ingest" = 1 ]; then
+    # Ingest is a server: the release profile (unwinding, so a panicking
+    # request handler does not stop the service), stripped here.
+    build --release -p guantong-ingest --bin guantong-ingest
+    "${tools}strip" -o "$dist/guantong-ingest-$arch" "target/$triple/release/guantong-ingest"
+  fi
 fi
 
 # Depends: from the binary's own needs (NEEDED entries, newest GLIBC_ symbol).
@@ -68,6 +74,7 @@ depends() {
 package() {
   local name="$1" bin="$2" root
   root="$(mktemp -d)"
+  chmod 0755 "$root"
   install -D -m 0755 "$bin" "$root/usr/bin/$name"
   sed 's#/usr/local/bin/#/usr/bin/#' "deploy/$name.service" | install -D -m 0644 /dev/stdin "$root/lib/systemd/system/$name.service"
   install -d "$root/DEBIAN"
@@ -89,5 +96,7 @@ package() {
 }
 
 package guantong-gateway "$dist/guantong-gateway-$arch"
-[ "$ingest" = 1 ] && package guantong-ingest "$dist/guantong-ingest-$arch"
-ls -l "$dist"/guantong-gateway-"$arch"* "$dist"/*_"$debarch".deb
+if [ "$ingest" = 1 ] && [ -e "$dist/guantong-ingest-$arch" ]; then
+  package guantong-ingest "$dist/guantong-ingest-$arch"
+fi
+ls -l "$dist"/guantong-*-"$arch"* "$dist"/*_"$debarch".deb

@@ -56,16 +56,16 @@ for _ in $(seq 60); do
   if in_root bash -c 'exec 3<>/dev/tcp/127.0.0.1/7700 && printf "GET /healthz HTTP/1.0\r\n\r\n" >&3 && head -n 1 <&3' 2>/dev/null | grep -q ' 200'; then up=1; break; fi
   sleep 1
 done
-in_root sh -c 'kill -TERM "$(cat /tmp/gateway.pid)"; sleep 3; grep -E "gateway starting|gateway stopped" /tmp/gateway.log | cut -c1-200'
+in_root sh -c 'kill -TERM "$(cat /tmp/gateway.pid)"; sleep 5; grep -E "gateway starting|gateway stopped" /tmp/gateway.log | cut -c1-200'
 [ "$up" = 1 ] || { in_root cat /tmp/gateway.log; echo "FAILED: the status page never answered" >&2; exit 1; }
 echo "status page answered /healthz 200"
 in_root ls /var/lib/guantong/buffer
 
 step "upgrade (reinstall): config and buffer stay"
 echo "# edited on site" >> "$root/etc/guantong/gateway.toml"
-before="$(in_root sha256sum /etc/guantong/gateway.toml /var/lib/guantong/buffer/gateway.key)"
+before="$(in_root sha256sum /etc/guantong/gateway.toml /var/lib/guantong/buffer/buffer.redb)"
 in_root dpkg -i /tmp/gateway.deb
-[ "$before" = "$(in_root sha256sum /etc/guantong/gateway.toml /var/lib/guantong/buffer/gateway.key)" ]
+[ "$before" = "$(in_root sha256sum /etc/guantong/gateway.toml /var/lib/guantong/buffer/buffer.redb)" ]
 echo "config and buffer unchanged"
 
 step "remove: buffer and config stay"

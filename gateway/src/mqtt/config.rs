@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use guantong_proto::v1::{DataType, Device, Tag};
+use guantong_proto::v1::{Device, Tag};
 use serde::Deserialize;
 
 use crate::config::{Problems, check_id};
