@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::modbus::config::ModbusConfig;
+#[cfg(feature = "mqtt")]
 use crate::mqtt::config::MqttConfig;
 #[cfg(feature = "opcua")]
 use crate::opcua::config::OpcUaConfig;
@@ -260,6 +261,7 @@ fn default_status_listen() -> String {
 pub enum DeviceConfig {
     /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
     Modbus(ModbusConfig),
+    #[cfg(feature = "mqtt")]
     Mqtt(Box<MqttConfig>),
     #[cfg(feature = "opcua")]
     OpcUa(Box<OpcUaConfig>),
@@ -269,6 +271,7 @@ impl DeviceConfig {
     pub fn id(&self) -> &str {
         match self {
             DeviceConfig::Modbus(c) => &c.id,
+            #[cfg(feature = "mqtt")]
             DeviceConfig::Mqtt(c) => &c.id,
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => &c.id,
@@ -278,6 +281,7 @@ impl DeviceConfig {
     pub fn tag_count(&self) -> usize {
         match self {
             DeviceConfig::Modbus(c) => c.tags.len(),
+            #[cfg(feature = "mqtt")]
             DeviceConfig::Mqtt(c) => c.tags.len(),
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => c.tags.len(),
@@ -291,6 +295,7 @@ impl DeviceConfig {
     ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
         match self {
             DeviceConfig::Modbus(c) => c.manifest(device_index),
+            #[cfg(feature = "mqtt")]
             DeviceConfig::Mqtt(c) => c.manifest(device_index),
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => c.manifest(device_index),
@@ -398,6 +403,7 @@ impl Problems {
     }
 
     /// `parse_tags`, where a missing `tags` array is a problem.
+    #[cfg(any(feature = "mqtt", feature = "opcua"))]
     pub(crate) fn parse_required_tags<T: DeserializeOwned, U>(
         &mut self,
         path: &str,
@@ -670,6 +676,7 @@ impl Config {
                 let mut devices = devices;
                 for d in &mut devices {
                     match d {
+                        #[cfg(feature = "mqtt")]
                         DeviceConfig::Mqtt(m) => {
                             m.resolve_paths(base_dir);
                             // Unique per gateway and device, so two gateways on
@@ -808,6 +815,7 @@ fn parse_device(
             crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
                 .map(DeviceConfig::Modbus)
         }
+        #[cfg(feature = "mqtt")]
         "mqtt" => crate::mqtt::config::parse(path, table, problems).map(|mut c| {
             c.resolve_paths(base_dir);
             c.password = crate::secret::resolve(
@@ -827,6 +835,14 @@ fn parse_device(
             problems.push(
                 format!("{path}.protocol"),
                 "this gateway was built without OPC UA (the `opcua` cargo feature)",
+            );
+            None
+        }
+        #[cfg(not(feature = "mqtt"))]
+        "mqtt" => {
+            problems.push(
+                format!("{path}.protocol"),
+                "this gateway was built without MQTT (the `mqtt` cargo feature)",
             );
             None
         }
@@ -993,15 +1009,18 @@ type = "f32"
             problems(&both),
             ["uplink.token: set only one of `token`, `token_file` and `token_env`"]
         );
-        let mqtt = format!(
-            "{}\n[[devices]]\nid = \"m\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n\
+        #[cfg(feature = "mqtt")]
+        {
+            let mqtt = format!(
+                "{}\n[[devices]]\nid = \"m\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n\
              username = \"u\"\npassword_file = \"token\"\n[[devices.tags]]\nname = \"t\"\ntopic = \"a\"\n",
-            GOOD
-        );
-        let c = Config::parse(&mqtt, dir.path()).expect("valid");
-        match &c.devices[1] {
-            DeviceConfig::Mqtt(m) => assert_eq!(m.password.as_deref(), Some("gt_from_file")),
-            _ => panic!("not mqtt"),
+                GOOD
+            );
+            let c = Config::parse(&mqtt, dir.path()).expect("valid");
+            match &c.devices[1] {
+                DeviceConfig::Mqtt(m) => assert_eq!(m.password.as_deref(), Some("gt_from_file")),
+                _ => panic!("not mqtt"),
+            }
         }
         let missing_ca = GOOD.replace(
             "token = \"secret\"",
@@ -1020,6 +1039,33 @@ type = "f32"
             p,
             [
                 "buffer.directory: unknown field `directory`, expected one of `dir`, `max_bytes`, `commit_interval`, `when_full`, `max_age`"
+            ]
+        );
+    }
+
+    /// A Modbus-only build (`--no-default-features`) names what it lacks.
+    #[cfg(not(feature = "mqtt"))]
+    #[test]
+    fn names_mqtt_when_built_without_it() {
+        let text = format!(
+            "{GOOD}\n[[devices]]\nid = \"m\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1\"\n"
+        );
+        assert_eq!(
+            problems(&text),
+            ["devices[1].protocol: this gateway was built without MQTT (the `mqtt` cargo feature)"]
+        );
+    }
+
+    #[cfg(not(feature = "opcua"))]
+    #[test]
+    fn names_opcua_when_built_without_it() {
+        let text = format!(
+            "{GOOD}\n[[devices]]\nid = \"o\"\nprotocol = \"opcua\"\nendpoint = \"opc.tcp://127.0.0.1:4840\"\n"
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "devices[1].protocol: this gateway was built without OPC UA (the `opcua` cargo feature)"
             ]
         );
     }

@@ -13,6 +13,7 @@ pub mod liveness;
 pub mod malloc;
 pub mod manifest;
 pub mod modbus;
+#[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "opcua")]
 pub mod opcua;
@@ -37,7 +38,6 @@ use tracing::info;
 use crate::buffer::Buffer;
 use crate::collector::{Collector, PointSink};
 use crate::config::{Config, DeviceConfig};
-use crate::mqtt::MqttCollector;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -152,10 +152,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     for (device, first) in config.devices.into_iter().zip(firsts) {
         match device {
             DeviceConfig::Modbus(c) => modbus_devices.push((c, first)),
+            #[cfg(feature = "mqtt")]
             DeviceConfig::Mqtt(c) => {
                 let ids = (first..first + c.tags.len() as u32).collect();
-                collectors
-                    .spawn(MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()));
+                collectors.spawn(
+                    mqtt::MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()),
+                );
             }
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => {

@@ -85,6 +85,7 @@ enum ProbeTarget {
     Modbus(guantong_gateway::modbus::probe::ModbusProbe),
     /// Subscribe to a broker and print each message, with the values the
     /// configured mapping would extract beside it.
+    #[cfg(feature = "mqtt")]
     Mqtt(ProbeMqtt),
     /// List an OPC UA server's endpoints, browse its address space with data
     /// types and values, and print a tag-mapping snippet for the config.
@@ -92,6 +93,7 @@ enum ProbeTarget {
     Opcua(guantong_gateway::opcua::probe::OpcUaProbe),
 }
 
+#[cfg(feature = "mqtt")]
 #[derive(clap::Args)]
 struct ProbeMqtt {
     /// `mqtt://host[:port]` or `mqtts://host[:port]`.
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "mqtt")]
         Command::Probe {
             target: ProbeTarget::Mqtt(p),
         } => {

@@ -133,6 +133,7 @@ pub fn warn_at_start(config: &Config) {
             warn!(file = %path.display(), key = what, "secret file is readable by others; run chmod 600 on it");
         }
     }
+    #[cfg(feature = "mqtt")]
     for d in &config.devices {
         if let crate::config::DeviceConfig::Mqtt(m) = d
             && let Some(path) = &m.password_file

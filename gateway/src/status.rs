@@ -114,6 +114,7 @@ impl DeviceSpec {
                             .fold(m.poll_interval, Duration::max);
                         ("modbus", Some(slowest + m.timeout))
                     }
+                    #[cfg(feature = "mqtt")]
                     DeviceConfig::Mqtt(m) => {
                         let stale = (!m.interval.is_zero()).then(|| m.interval * 2);
                         ("mqtt", stale)

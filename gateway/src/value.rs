@@ -6,6 +6,34 @@
 //! `-0.10000000149011612`. The f32 is recovered from the f64 exactly
 //! (`as f32`), so nothing is lost; NaN and the infinities are kept as they are.
 
+use guantong_proto::v1::DataType;
+use serde::Deserialize;
+
+/// The type a tag's value is stored as, where the protocol does not fix it
+/// (MQTT payloads, OPC UA variables): `type = "double"` etc. in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueType {
+    Bool,
+    Int,
+    Uint,
+    #[default]
+    Double,
+    String,
+}
+
+impl ValueType {
+    pub fn wire(self) -> DataType {
+        match self {
+            ValueType::Bool => DataType::Bool,
+            ValueType::Int => DataType::Int,
+            ValueType::Uint => DataType::Uint,
+            ValueType::Double => DataType::Double,
+            ValueType::String => DataType::String,
+        }
+    }
+}
+
 /// The f64 that prints like `v` does as an f32: the shortest decimal that
 /// reads back as `v`. No allocation (ryu formats on the stack).
 pub fn f32_to_f64(v: f32) -> f64 {

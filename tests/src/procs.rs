@@ -314,7 +314,16 @@ pub fn gateway_public_key(config: &Path) -> anyhow::Result<String> {
 /// (algorithm, public key in hex) printed by `guantong-gateway identity` for
 /// `config`, creating the key if needed.
 pub fn gateway_identity(config: &Path) -> anyhow::Result<(String, String)> {
-    let out = Command::new(binary("guantong-gateway")?)
+    gateway_identity_of(Command::new(binary("guantong-gateway")?), config)
+}
+
+/// `gateway_identity` with another gateway command (e.g. a cross build
+/// under qemu-user).
+pub fn gateway_identity_of(
+    mut gateway: Command,
+    config: &Path,
+) -> anyhow::Result<(String, String)> {
+    let out = gateway
         .args(["identity", "--config"])
         .arg(config)
         .output()?;
@@ -338,13 +347,16 @@ pub struct GatewayProc {
 
 impl GatewayProc {
     pub fn start(config: &Path) -> anyhow::Result<GatewayProc> {
+        GatewayProc::start_command(Command::new(binary("guantong-gateway")?), config)
+    }
+
+    /// `start` with another gateway command (e.g. a cross build under
+    /// qemu-user); `restart` goes back to the native binary.
+    pub fn start_command(mut gateway: Command, config: &Path) -> anyhow::Result<GatewayProc> {
         let log = config.with_extension("log");
         let proc = Proc::spawn(
             "guantong-gateway",
-            Command::new(binary("guantong-gateway")?)
-                .arg("run")
-                .arg("--config")
-                .arg(config),
+            gateway.arg("run").arg("--config").arg(config),
             &log,
         )?;
         Ok(GatewayProc {

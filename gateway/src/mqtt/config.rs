@@ -17,10 +17,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use guantong_proto::v1::{DataType, Device, Tag};
+use guantong_proto::v1::{Device, Tag};
 use serde::Deserialize;
 
 use crate::config::{Problems, check_id};
+pub use crate::value::ValueType;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,29 +166,6 @@ pub enum TimestampFormat {
     EpochS,
     EpochMs,
     Rfc3339,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ValueType {
-    Bool,
-    Int,
-    Uint,
-    #[default]
-    Double,
-    String,
-}
-
-impl ValueType {
-    pub fn wire(self) -> DataType {
-        match self {
-            ValueType::Bool => DataType::Bool,
-            ValueType::Int => DataType::Int,
-            ValueType::Uint => DataType::Uint,
-            ValueType::Double => DataType::Double,
-            ValueType::String => DataType::String,
-        }
-    }
 }
 
 /// Where the broker is, parsed from `broker`.

@@ -19,7 +19,7 @@ use guantong_proto::v1::{Device, Tag};
 use serde::Deserialize;
 
 use crate::config::{Problems, check_id};
-use crate::mqtt::config::ValueType;
+use crate::value::ValueType;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

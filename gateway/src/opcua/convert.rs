@@ -23,8 +23,8 @@ use guantong_proto::v1::Quality;
 use guantong_proto::v1::point::Value;
 
 use super::config::TimestampChoice;
-use crate::mqtt::config::ValueType;
 use crate::quality::{self, Sample, now_ms};
+use crate::value::ValueType;
 
 /// How one tag's values convert.
 #[derive(Debug, Clone, Copy)]

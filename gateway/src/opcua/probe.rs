@@ -17,7 +17,7 @@ use async_opcua::types::{
 use super::config::{NodeAddress, OpcUaConfig};
 use super::{Connection, OpcUaError, build_client, describe_endpoint};
 use crate::config::Problems;
-use crate::mqtt::config::ValueType;
+use crate::value::ValueType;
 
 #[derive(clap::Args, Debug)]
 pub struct OpcUaProbe {

@@ -53,6 +53,11 @@ struct Args {
     /// /tmp/gw"); figures then include the profiler's overhead.
     #[arg(long)]
     wrap: Option<String>,
+    /// The gateway binary for the footprint runs, instead of the one built
+    /// beside this bench: another profile, or a cross build run under
+    /// `--wrap "qemu-aarch64-static -L /usr/aarch64-linux-gnu"`.
+    #[arg(long)]
+    gateway: Option<std::path::PathBuf>,
     /// Write the footprint devices' tags once, as a template they share,
     /// instead of inline in the config.
     #[arg(long)]
@@ -309,13 +314,19 @@ async fn footprint(args: &Args, points: u32) -> anyhow::Result<()> {
         head = head.replace("[uplink]\n", &format!("[uplink]\nmax_in_flight = {n}\n"));
     }
     std::fs::write(&config, head + &text)?;
+    let gateway_binary = match &args.gateway {
+        Some(path) => path.clone(),
+        None => binary("guantong-gateway")?,
+    };
     let gateway = match &args.wrap {
-        None => GatewayProc::start(&config)?.proc,
+        None => {
+            GatewayProc::start_command(std::process::Command::new(&gateway_binary), &config)?.proc
+        }
         Some(wrap) => {
             let mut words = wrap.split_whitespace();
             let mut cmd = std::process::Command::new(words.next().context("empty --wrap")?);
             cmd.args(words)
-                .arg(binary("guantong-gateway")?)
+                .arg(&gateway_binary)
                 .arg("run")
                 .arg("--config")
                 .arg(&config);
