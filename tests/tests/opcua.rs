@@ -234,8 +234,20 @@ node = "ns={};s=NoSuchNode"
     let s = Setup::start(dir, &devices).await.expect("setup");
     s.wait_point("oven", "temperature", |p| p["value"] == 20.5)
         .await;
-    // Each read takes the value of that moment (a value read twice has the
-    // same source timestamp, and ingest keeps it once).
+    // An unchanged value is one point per poll, at the Read's time (its
+    // source timestamp does not advance): the tag is alive, not missing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = s.points("oven", "temperature").await;
+    let times: std::collections::BTreeSet<i64> = held
+        .iter()
+        .filter(|p| p["value"] == 20.5)
+        .filter_map(|p| p["time_ms"].as_i64())
+        .collect();
+    assert!(
+        times.len() >= 5,
+        "about one point per 200 ms poll in 1.5 s: {held:?}"
+    );
+    // Each read takes the value of that moment.
     for v in [97.5, 98.5, 99.5] {
         server.set(vec![(server.node("Temperature"), Variant::Double(v))]);
         s.wait_point("oven", "temperature", |p| p["value"] == v)
@@ -757,10 +769,14 @@ async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_t
         &format!("opc.tcp://{}/", proxy.addr),
         "100ms",
         "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true\nkeep_alive_interval = \"500ms\"\nkeep_alive_failures = 2\nrequest_timeout = \"1s\"",
+    ) + &format!(
+        "[[devices.tags]]\nname = \"temperature\"\nnode = \"nsu={NAMESPACE};s=Temperature\"\n"
     );
     let s = Setup::start(dir, &devices).await.expect("setup");
     server.set(vec![(server.node("Counter"), Variant::UInt32(1))]);
     s.wait_point("press", "counter", |p| p["value"] == 1).await;
+    s.wait_point("press", "temperature", |p| p["value"] == 20.5)
+        .await;
     let through_proxy = proxy.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
     assert!(through_proxy > 0, "the session goes through the proxy");
 
@@ -811,6 +827,28 @@ async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_t
         points[gap_at + 1..].iter().all(|p| p["value"] != 1),
         "no stale value after the gap: {points:?}"
     );
+    // A node that never changes gets its current value again after the
+    // transfer, stamped after the gap: its last point is Good, not the
+    // gap's Bad (its source timestamp is older than the gap).
+    let last = wait_for("temperature Good after the gap", WAIT, || async {
+        let points = s.points("press", "temperature").await;
+        let gap = points.iter().any(|p| p["quality_code"] == 0x0005_0001);
+        let last = points.iter().max_by_key(|p| p["time_ms"].as_i64()).cloned();
+        Ok(last.filter(|l| gap && l["quality"] == "good"))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!("{e}\n{}", s.logs());
+    });
+    assert_eq!(last["value"], 20.5, "{last}");
+    let summary = s
+        .ingest
+        .api()
+        .tag(GW, "press", "temperature")
+        .await
+        .expect("summary")
+        .expect("tag");
+    assert_eq!(summary["last_quality"], "good", "{summary}");
     server.stop().await;
 }
 
