@@ -1069,25 +1069,8 @@ max_backoff = "1s"
     assert_eq!(lossy["quality_code"], 0x0005_0002, "{lossy}");
 
     // Every step of the changing nodes, value by value.
-    let first = s
-        .wait_point("line", "counter", |p| p["value"].as_u64().is_some())
-        .await["value"]
-        .as_u64()
-        .expect("n");
-    s.wait_point("line", "counter", |p| {
-        p["value"].as_u64().is_some_and(|n| n >= first + 15)
-    })
-    .await;
-    let steps = |points: Vec<Value>| -> Vec<u64> {
-        points.iter().filter_map(|p| p["value"].as_u64()).collect()
-    };
-    let counter = steps(s.points("line", "counter").await);
+    let counter = consecutive_steps(&s, 0, 15).await;
     let last = *counter.last().expect("values");
-    assert_eq!(
-        counter,
-        (counter[0]..=last).collect::<Vec<_>>(),
-        "every change, in order"
-    );
     let half: Vec<f64> = s
         .points("line", "half")
         .await
@@ -1118,27 +1101,7 @@ max_backoff = "1s"
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.set(ProxyMode::Pass);
     let gap_ms = gap["time_ms"].as_i64().expect("time");
-    let resumed = s
-        .wait_point("line", "counter", |p| {
-            p["time_ms"].as_i64() > Some(gap_ms + 5000) && p["value"].as_u64().is_some()
-        })
-        .await["value"]
-        .as_u64()
-        .expect("n");
-    s.wait_point("line", "counter", |p| {
-        p["value"].as_u64().is_some_and(|n| n >= resumed + 10)
-    })
-    .await;
-    let after: Vec<u64> = steps(s.points("line", "counter").await)
-        .into_iter()
-        .filter(|n| *n >= resumed)
-        .collect();
-    let end = *after.last().expect("values");
-    assert_eq!(
-        after,
-        (resumed..=end).collect::<Vec<_>>(),
-        "every change after the cut"
-    );
+    consecutive_steps(&s, gap_ms + 5000, 10).await;
     for (tag, value) in &expected {
         let points = s.points("line", tag).await;
         let last = points
@@ -1153,4 +1116,35 @@ max_backoff = "1s"
         );
     }
     drop(server);
+}
+
+/// `line/counter` from its first value stamped after `after_ms` until `more`
+/// steps later: asserts that every step in between arrived, in order.
+async fn consecutive_steps(s: &Setup, after_ms: i64, more: u64) -> Vec<u64> {
+    let since = |p: &Value| p["time_ms"].as_i64() > Some(after_ms);
+    let first = s
+        .wait_point("line", "counter", |p| since(p) && p["value"].is_u64())
+        .await["value"]
+        .as_u64()
+        .expect("n");
+    s.wait_point("line", "counter", |p| {
+        p["value"].as_u64().is_some_and(|n| n >= first + more)
+    })
+    .await;
+    let steps: Vec<u64> = s
+        .points("line", "counter")
+        .await
+        .iter()
+        .filter(|p| since(p))
+        .filter_map(|p| p["value"].as_u64())
+        .filter(|n| *n >= first)
+        .collect();
+    let last = *steps.last().expect("values");
+    assert_eq!(
+        steps,
+        (first..=last).collect::<Vec<_>>(),
+        "every change, in order\n{}",
+        s.logs()
+    );
+    steps
 }
