@@ -1148,3 +1148,63 @@ async fn consecutive_steps(s: &Setup, after_ms: i64, more: u64) -> Vec<u64> {
     );
     steps
 }
+
+/// `--select` takes the `ns=` form like `nsu=`, names a node the server
+/// lacks (and fails), and with the gateway's PKI presents the gateway's
+/// ApplicationUri, which a secured server checks against its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_selects_by_index_names_unknown_nodes_and_presents_the_gateway_uri() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    let pki = dir.path().join("gateway-pki");
+    guantong_gateway::opcua::pki::ensure_own_certificate(&pki, "urn:guantong:gateway:site-7")
+        .expect("gateway certificate");
+    let probe = |selects: Vec<String>| {
+        let (url, pki) = (server.url(), pki.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(binary("guantong-gateway").expect("binary"));
+            cmd.args(["probe", "opcua", "--url", &url])
+                .args([
+                    "--security-policy",
+                    "basic256sha256",
+                    "--security-mode",
+                    "sign",
+                ])
+                .args(["--trust-on-first-use", "--depth", "1", "--pki-dir"])
+                .arg(&pki);
+            for s in selects {
+                cmd.args(["--select", &s]);
+            }
+            let out = cmd.output().expect("probe runs");
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+    };
+    let ns = server.ns;
+    let (ok, text) = probe(vec![format!("ns={ns};s=Temperature")])
+        .await
+        .expect("join");
+    assert!(ok, "{text}");
+    let snippet = &text[text.find("[[devices]]").expect("snippet")..];
+    assert!(
+        snippet.contains("node = \"nsu=urn:guantong:test;s=Temperature\"\ntype = \"double\""),
+        "the ns= form selects like nsu= (below the browse depth too): {snippet}"
+    );
+    let (ok, text) = probe(vec![format!("ns={ns};s=NoSuchNode")])
+        .await
+        .expect("join");
+    assert!(!ok, "an unknown node fails the probe: {text}");
+    assert!(
+        text.contains("no such variable") && text.contains("NoSuchNode"),
+        "{text}"
+    );
+    server.stop().await;
+}
