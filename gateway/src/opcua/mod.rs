@@ -164,9 +164,10 @@ impl Collector for OpcUaCollector {
         let mut backoff = FIRST_BACKOFF;
         // Whether the tags' last points are values (so a loss must be written).
         let mut marked_down = false;
-        // The lost session's subscriptions, for the next session to take over.
-        let mut carried: Option<Carried> = None;
-        let mut order = AfterGap::new(self.first_tag, self.config.tags.len());
+        let mut across = Across {
+            carried: None,
+            order: AfterGap::new(self.first_tag, self.config.tags.len()),
+        };
         loop {
             let started = Instant::now();
             let result = run_session(
@@ -175,8 +176,7 @@ impl Collector for OpcUaCollector {
                 self.first_tag,
                 &sink,
                 &cancel,
-                &mut carried,
-                &mut order,
+                &mut across,
             )
             .await;
             if cancel.is_cancelled() {
@@ -209,7 +209,7 @@ impl Collector for OpcUaCollector {
                 if !sink.send(bad).await {
                     return;
                 }
-                order.gap_at(now);
+                across.order.gap_at(now);
                 marked_down = true;
             }
             // A session that lived a while reconnects at once (after the
@@ -618,19 +618,20 @@ async fn run_session(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
-    order: &mut AfterGap,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
     let mut conn = tokio::select! {
         _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
         c = Connection::open(config, client) => c?,
     };
     info!(device = %config.id, endpoint = %describe_endpoint(&conn.endpoint), "opc ua session open");
-    let result = serve(config, &mut conn, first_tag, sink, cancel, carried, order).await;
+    let result = serve(config, &mut conn, first_tag, sink, cancel, across).await;
     match result {
-        Ok(SessionEnd::Lost(_)) if carried.is_some() => conn.close_keeping_subscriptions().await,
+        Ok(SessionEnd::Lost(_)) if across.carried.is_some() => {
+            conn.close_keeping_subscriptions().await
+        }
         _ => {
-            *carried = None;
+            across.carried = None;
             conn.close().await;
         }
     }
@@ -643,8 +644,7 @@ async fn serve(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
-    order: &mut AfterGap,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
     let session = conn.session.clone();
     let namespaces = session
@@ -678,19 +678,20 @@ async fn serve(
     }
     match config.mode {
         Mode::Subscription => {
-            subscribe_and_forward(
+            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel, across).await
+        }
+        Mode::Poll => {
+            poll(
                 config,
                 conn,
                 &nodes,
-                conversions,
+                &conversions,
                 sink,
                 cancel,
-                carried,
-                order,
+                &mut across.order,
             )
             .await
         }
-        Mode::Poll => poll(config, conn, &nodes, &conversions, sink, cancel, order).await,
     }
 }
 
@@ -755,6 +756,13 @@ impl Notifications {
             });
         }
     }
+}
+
+/// What one session leaves to the next.
+struct Across {
+    /// The lost session's subscriptions, for the next session to take over.
+    carried: Option<Carried>,
+    order: AfterGap,
 }
 
 /// One publish response's samples, as the callback hands them over.
@@ -887,9 +895,9 @@ async fn subscribe_and_forward(
     conversions: Vec<Conversion>,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
-    order: &mut AfterGap,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
+    let Across { carried, order } = across;
     let session = conn.session.clone();
     let (tx, mut data) = mpsc::unbounded_channel();
     let overflows = Arc::new(AtomicU64::new(0));
