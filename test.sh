@@ -67,8 +67,9 @@ fi
 # Third-party peers the e2e tests run against, in .venv-peers/ (the tests
 # find it there, or through GUANTONG_PEERS_PYTHON). Versions pinned; pip
 # only runs when one is missing.
-PEERS=(pysparkplug==0.6.1)
-if ! .venv-peers/bin/python -c 'import pysparkplug, sys; sys.exit(pysparkplug.__version__ != "0.6.1")' >/dev/null 2>&1; then
+# asyncua: a second OPC UA stack (tests/peers/opcua_server.py).
+PEERS=(pysparkplug==0.6.1 asyncua==1.1.5)
+if ! .venv-peers/bin/python -c 'import sys, importlib.metadata as m; sys.exit(m.version("pysparkplug") != "0.6.1" or m.version("asyncua") != "1.1.5")' >/dev/null 2>&1; then
   log "installing ${PEERS[*]} into .venv-peers/"
   python3 -m venv .venv-peers
   .venv-peers/bin/pip install -q "${PEERS[@]}"

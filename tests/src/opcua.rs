@@ -357,3 +357,80 @@ impl TestServer {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
 }
+
+/// An OPC UA server of another stack, python asyncua
+/// (`tests/peers/opcua_server.py`, namespace [`ASYNCUA_NAMESPACE`]): static
+/// nodes of several types and `Sim.*` nodes stepping every `period_ms`.
+/// Killed when dropped.
+pub struct AsyncuaServer {
+    child: std::process::Child,
+    log: PathBuf,
+    pub port: u16,
+}
+
+pub const ASYNCUA_NAMESPACE: &str = "urn:guantong:asyncua";
+
+impl AsyncuaServer {
+    /// `secure`: Basic256Sha256 Sign and SignAndEncrypt endpoints too (its
+    /// certificate under `dir`); `user`: (name, password), the only identity
+    /// it accepts.
+    pub fn start(
+        dir: &Path,
+        secure: bool,
+        user: Option<(&str, &str)>,
+        period_ms: u64,
+    ) -> anyhow::Result<AsyncuaServer> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/opcua_server.py");
+        let port = crate::mqtt::free_port()?;
+        let log = dir.join(format!("asyncua-{port}.log"));
+        let out = std::fs::File::create(&log)?;
+        let mut cmd = std::process::Command::new(crate::mqtt::peers_python()?);
+        cmd.arg(script)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--period",
+                &period_ms.to_string(),
+            ])
+            .arg("--pki")
+            .arg(dir.join("asyncua-pki"));
+        if secure {
+            cmd.arg("--secure");
+        }
+        if let Some((u, p)) = user {
+            cmd.args(["--user", u, "--password", p]);
+        }
+        let child = cmd
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("cannot start the asyncua server")?;
+        let server = AsyncuaServer { child, log, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !server.log().contains("ready") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the asyncua server did not start in 60 s:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("opc.tcp://127.0.0.1:{}/", self.port)
+    }
+
+    /// What it printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AsyncuaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

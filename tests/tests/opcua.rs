@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_opcua::types::{DateTime, Variant};
-use guantong_e2e::opcua::{GUID, NAMESPACE, PASSWORD, ServerOptions, TestServer, USER};
+use guantong_e2e::opcua::{
+    ASYNCUA_NAMESPACE, AsyncuaServer, GUID, NAMESPACE, PASSWORD, ServerOptions, TestServer, USER,
+};
 use guantong_e2e::procs::{GatewayProc, IngestProc, binary, gateway_toml, wait_for};
 use guantong_e2e::proxy::{Mode as ProxyMode, Proxy};
 use serde_json::Value;
@@ -234,8 +236,20 @@ node = "ns={};s=NoSuchNode"
     let s = Setup::start(dir, &devices).await.expect("setup");
     s.wait_point("oven", "temperature", |p| p["value"] == 20.5)
         .await;
-    // Each read takes the value of that moment (a value read twice has the
-    // same source timestamp, and ingest keeps it once).
+    // An unchanged value is one point per poll, at the Read's time (its
+    // source timestamp does not advance): the tag is alive, not missing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = s.points("oven", "temperature").await;
+    let times: std::collections::BTreeSet<i64> = held
+        .iter()
+        .filter(|p| p["value"] == 20.5)
+        .filter_map(|p| p["time_ms"].as_i64())
+        .collect();
+    assert!(
+        times.len() >= 5,
+        "about one point per 200 ms poll in 1.5 s: {held:?}"
+    );
+    // Each read takes the value of that moment.
     for v in [97.5, 98.5, 99.5] {
         server.set(vec![(server.node("Temperature"), Variant::Double(v))]);
         s.wait_point("oven", "temperature", |p| p["value"] == v)
@@ -757,10 +771,14 @@ async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_t
         &format!("opc.tcp://{}/", proxy.addr),
         "100ms",
         "security_policy = \"basic256sha256\"\nsecurity_mode = \"sign\"\ntrust_on_first_use = true\nkeep_alive_interval = \"500ms\"\nkeep_alive_failures = 2\nrequest_timeout = \"1s\"",
+    ) + &format!(
+        "[[devices.tags]]\nname = \"temperature\"\nnode = \"nsu={NAMESPACE};s=Temperature\"\n"
     );
     let s = Setup::start(dir, &devices).await.expect("setup");
     server.set(vec![(server.node("Counter"), Variant::UInt32(1))]);
     s.wait_point("press", "counter", |p| p["value"] == 1).await;
+    s.wait_point("press", "temperature", |p| p["value"] == 20.5)
+        .await;
     let through_proxy = proxy.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
     assert!(through_proxy > 0, "the session goes through the proxy");
 
@@ -811,6 +829,28 @@ async fn a_silent_network_cut_is_detected_by_the_watchdog_and_the_subscription_t
         points[gap_at + 1..].iter().all(|p| p["value"] != 1),
         "no stale value after the gap: {points:?}"
     );
+    // A node that never changes gets its current value again after the
+    // transfer, stamped after the gap: its last point is Good, not the
+    // gap's Bad (its source timestamp is older than the gap).
+    let last = wait_for("temperature Good after the gap", WAIT, || async {
+        let points = s.points("press", "temperature").await;
+        let gap = points.iter().any(|p| p["quality_code"] == 0x0005_0001);
+        let last = points.iter().max_by_key(|p| p["time_ms"].as_i64()).cloned();
+        Ok(last.filter(|l| gap && l["quality"] == "good"))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!("{e}\n{}", s.logs());
+    });
+    assert_eq!(last["value"], 20.5, "{last}");
+    let summary = s
+        .ingest
+        .api()
+        .tag(GW, "press", "temperature")
+        .await
+        .expect("summary")
+        .expect("tag");
+    assert_eq!(summary["last_quality"], "good", "{summary}");
     server.stop().await;
 }
 
@@ -956,5 +996,215 @@ async fn a_server_refusing_the_gateway_certificate_is_told_apart_from_an_untrust
         "the gateway already trusts the server: no trust advice\n{logs}"
     );
 
+    server.stop().await;
+}
+
+/// A second server stack (python asyncua), Basic256Sha256 SignAndEncrypt
+/// with user and password, reached through a proxy: static nodes of several
+/// types arrive exactly, changing ones value by value, and a cut recovers
+/// with static tags Good again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_stack_delivers_every_type_and_change_and_recovers_from_a_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = AsyncuaServer::start(dir.path(), true, Some(("installer", "pa55-word")), 200)
+        .expect("asyncua server");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", server.port).parse().expect("addr"))
+        .await
+        .expect("proxy");
+    let tags = [
+        ("bool", "Static.Bool", "bool"),
+        ("int16", "Static.Int16", "int"),
+        ("uint32", "Static.UInt32", "uint"),
+        ("int64", "Static.Int64", "int"),
+        ("float", "Static.Float", "double"),
+        ("double", "Static.Double", "double"),
+        ("string", "Static.String", "string"),
+        ("uint64max", "Static.UInt64Max", "double"),
+        ("counter", "Sim.Counter", "uint"),
+        ("half", "Sim.Half", "double"),
+        ("text", "Sim.Text", "string"),
+    ];
+    let mut devices = format!(
+        r#"
+[[devices]]
+id = "line"
+protocol = "opcua"
+url = "opc.tcp://{}/"
+publishing_interval = "100ms"
+security_policy = "basic256sha256"
+security_mode = "sign_and_encrypt"
+trust_on_first_use = true
+username = "installer"
+password = "pa55-word"
+keep_alive_interval = "500ms"
+request_timeout = "2s"
+max_backoff = "1s"
+"#,
+        proxy.addr
+    );
+    for (name, node, kind) in tags {
+        devices += &format!(
+            "[[devices.tags]]\nname = \"{name}\"\nnode = \"nsu={ASYNCUA_NAMESPACE};s={node}\"\ntype = \"{kind}\"\n"
+        );
+    }
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    let expected: [(&str, Value); 7] = [
+        ("bool", serde_json::json!(true)),
+        ("int16", serde_json::json!(-1234)),
+        ("uint32", serde_json::json!(4_000_000_000u64)),
+        ("int64", serde_json::json!(-9_007_199_254_740_993i64)),
+        ("float", serde_json::json!(0.25)),
+        ("double", serde_json::json!(std::f64::consts::PI)),
+        ("string", serde_json::json!("Linie 7")),
+    ];
+    for (tag, value) in &expected {
+        let p = s.wait_point("line", tag, |p| p["quality"] == "good").await;
+        assert_eq!(&p["value"], value, "{tag}: {p}");
+    }
+    // UInt64 max does not fit a double exactly: Bad, type mismatch.
+    let lossy = s
+        .wait_point("line", "uint64max", |p| p["quality"] != Value::Null)
+        .await;
+    assert_eq!(lossy["quality"], "bad", "{lossy}");
+    assert_eq!(lossy["quality_code"], 0x0005_0002, "{lossy}");
+
+    // Every step of the changing nodes, value by value.
+    let counter = consecutive_steps(&s, 0, 15).await;
+    let last = *counter.last().expect("values");
+    let half: Vec<f64> = s
+        .points("line", "half")
+        .await
+        .iter()
+        .filter_map(|p| p["value"].as_f64())
+        .collect();
+    assert!(
+        (counter[0] + 1..=last).all(|n| half.contains(&(n as f64 / 2.0))),
+        "half = n / 2 for every n: {half:?}"
+    );
+    let text: Vec<String> = s
+        .points("line", "text")
+        .await
+        .iter()
+        .filter_map(|p| p["value"].as_str().map(String::from))
+        .collect();
+    assert!(
+        (counter[0] + 1..=last).all(|n| text.contains(&format!("n={n}"))),
+        "text n=<n> for every n: {text:?}"
+    );
+
+    // A 5 s cut with RST: a recorded gap, then data again, every step from
+    // the reconnect on, and the static tags Good again.
+    proxy.set(ProxyMode::Reset);
+    let gap = s
+        .wait_point("line", "counter", |p| p["quality_code"] == 0x0005_0001)
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxy.set(ProxyMode::Pass);
+    let gap_ms = gap["time_ms"].as_i64().expect("time");
+    consecutive_steps(&s, gap_ms + 5000, 10).await;
+    for (tag, value) in &expected {
+        let points = s.points("line", tag).await;
+        let last = points
+            .iter()
+            .max_by_key(|p| p["time_ms"].as_i64())
+            .expect("points");
+        assert_eq!(
+            (&last["quality"], &last["value"]),
+            (&serde_json::json!("good"), value),
+            "{tag} Good after the cut: {points:?}\n{}",
+            s.logs()
+        );
+    }
+    drop(server);
+}
+
+/// `line/counter` from its first value stamped after `after_ms` until `more`
+/// steps later: asserts that every step in between arrived, in order.
+async fn consecutive_steps(s: &Setup, after_ms: i64, more: u64) -> Vec<u64> {
+    let since = |p: &Value| p["time_ms"].as_i64() > Some(after_ms);
+    let first = s
+        .wait_point("line", "counter", |p| since(p) && p["value"].is_u64())
+        .await["value"]
+        .as_u64()
+        .expect("n");
+    s.wait_point("line", "counter", |p| {
+        p["value"].as_u64().is_some_and(|n| n >= first + more)
+    })
+    .await;
+    let steps: Vec<u64> = s
+        .points("line", "counter")
+        .await
+        .iter()
+        .filter(|p| since(p))
+        .filter_map(|p| p["value"].as_u64())
+        .filter(|n| *n >= first)
+        .collect();
+    let last = *steps.last().expect("values");
+    assert_eq!(
+        steps,
+        (first..=last).collect::<Vec<_>>(),
+        "every change, in order\n{}",
+        s.logs()
+    );
+    steps
+}
+
+/// `--select` takes the `ns=` form like `nsu=`, names a node the server
+/// lacks (and fails), and with the gateway's PKI presents the gateway's
+/// ApplicationUri, which a secured server checks against its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_selects_by_index_names_unknown_nodes_and_presents_the_gateway_uri() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    let pki = dir.path().join("gateway-pki");
+    guantong_gateway::opcua::pki::ensure_own_certificate(&pki, "urn:guantong:gateway:site-7")
+        .expect("gateway certificate");
+    let probe = |selects: Vec<String>| {
+        let (url, pki) = (server.url(), pki.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(binary("guantong-gateway").expect("binary"));
+            cmd.args(["probe", "opcua", "--url", &url])
+                .args([
+                    "--security-policy",
+                    "basic256sha256",
+                    "--security-mode",
+                    "sign",
+                ])
+                .args(["--trust-on-first-use", "--depth", "1", "--pki-dir"])
+                .arg(&pki);
+            for s in selects {
+                cmd.args(["--select", &s]);
+            }
+            let out = cmd.output().expect("probe runs");
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        })
+    };
+    let ns = server.ns;
+    let (ok, text) = probe(vec![format!("ns={ns};s=Temperature")])
+        .await
+        .expect("join");
+    assert!(ok, "{text}");
+    let snippet = &text[text.find("[[devices]]").expect("snippet")..];
+    assert!(
+        snippet.contains("node = \"nsu=urn:guantong:test;s=Temperature\"\ntype = \"double\""),
+        "the ns= form selects like nsu= (below the browse depth too): {snippet}"
+    );
+    let (ok, text) = probe(vec![format!("ns={ns};s=NoSuchNode")])
+        .await
+        .expect("join");
+    assert!(!ok, "an unknown node fails the probe: {text}");
+    assert!(
+        text.contains("no such variable") && text.contains("NoSuchNode"),
+        "{text}"
+    );
     server.stop().await;
 }

@@ -8,7 +8,8 @@
 //!   values) is kept too.
 //! - Values: every scalar built-in type converts to the tag's `type` when it
 //!   can without losing information (an integer that does not fit, a
-//!   fractional double for an `int` tag, text for a number are
+//!   fractional double for an `int` tag, an integer a double cannot hold
+//!   exactly for a `double` tag, text for a number are
 //!   `OPCUA_TYPE_MISMATCH`); `string` tags take any value, arrays as JSON
 //!   text (`[1,2,3]`), so every built-in type and arrays of them arrive.
 //! - Time: the configured timestamp (source or server), else the other one,
@@ -102,7 +103,11 @@ pub fn convert(v: &Variant, t: ValueType) -> Option<Value> {
         ValueType::Double => match v {
             Variant::Float(f) => Some(Value::Double(crate::value::f32_to_f64(*f))),
             Variant::Double(d) => Some(Value::Double(*d)),
-            _ => as_i128(v).map(|i| Value::Double(i as f64)),
+            // Only integers a double holds exactly (|i| ≤ 2^53 and others
+            // that round-trip): UInt64 max into a double is a mismatch.
+            _ => as_i128(v)
+                .filter(|&i| i as f64 as i128 == i)
+                .map(|i| Value::Double(i as f64)),
         },
         ValueType::String => Some(Value::String(text(v))),
     }
@@ -215,6 +220,16 @@ mod tests {
         assert_eq!(convert(&Variant::Int32(1), Bool), Some(Value::Bool(true)));
         assert_eq!(convert(&Variant::Int32(2), Bool), None);
         assert_eq!(convert(&Variant::from("x"), Double), None);
+        assert_eq!(convert(&Variant::UInt64(u64::MAX), Double), None);
+        assert_eq!(
+            convert(&Variant::Int64((1 << 53) + 1), Double),
+            None,
+            "not exact in a double"
+        );
+        assert_eq!(
+            convert(&Variant::Int64(1 << 53), Double),
+            Some(Value::Double(9007199254740992.0))
+        );
         assert_eq!(
             convert(&Variant::from("x"), String),
             Some(Value::String("x".into()))

@@ -12,7 +12,8 @@
 //!   session resolves the same NodeIds it takes them over
 //!   (TransferSubscriptions) and republishes what the server sent that never
 //!   arrived (sequence numbers above the last one received), so the values
-//!   the server queued during a network cut arrive. When the server no longer
+//!   the server queued during a network cut arrive; initial values are asked
+//!   for, so an item that never changes sends its value again. When the server no longer
 //!   has them (restart, lifetime over) or the nodes differ, they are deleted
 //!   and created anew, each item's first notification being its current
 //!   value. async-opcua's own reconnect could transfer too, but would keep
@@ -49,7 +50,10 @@
 //!   bounded `PointSink`, so a slow disk slows the Publish loop here and the
 //!   server keeps the backlog in its queues.
 //! - Polling: Read of every resolved node every `poll_interval`, in chunks of
-//!   the server's MaxNodesPerRead.
+//!   the server's MaxNodesPerRead.  A value whose timestamp did not advance since
+//!   the previous Read is stored at the Read's time: one point per poll.
+//! - Order after a gap: see `AfterGap` (the first current value after the
+//!   gateway's Bad point is stamped after it).
 
 pub mod config;
 pub mod convert;
@@ -160,8 +164,10 @@ impl Collector for OpcUaCollector {
         let mut backoff = FIRST_BACKOFF;
         // Whether the tags' last points are values (so a loss must be written).
         let mut marked_down = false;
-        // The lost session's subscriptions, for the next session to take over.
-        let mut carried: Option<Carried> = None;
+        let mut across = Across {
+            carried: None,
+            order: AfterGap::new(self.first_tag, self.config.tags.len()),
+        };
         loop {
             let started = Instant::now();
             let result = run_session(
@@ -170,7 +176,7 @@ impl Collector for OpcUaCollector {
                 self.first_tag,
                 &sink,
                 &cancel,
-                &mut carried,
+                &mut across,
             )
             .await;
             if cancel.is_cancelled() {
@@ -203,6 +209,7 @@ impl Collector for OpcUaCollector {
                 if !sink.send(bad).await {
                     return;
                 }
+                across.order.gap_at(now);
                 marked_down = true;
             }
             // A session that lived a while reconnects at once (after the
@@ -611,18 +618,20 @@ async fn run_session(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
     let mut conn = tokio::select! {
         _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
         c = Connection::open(config, client) => c?,
     };
     info!(device = %config.id, endpoint = %describe_endpoint(&conn.endpoint), "opc ua session open");
-    let result = serve(config, &mut conn, first_tag, sink, cancel, carried).await;
+    let result = serve(config, &mut conn, first_tag, sink, cancel, across).await;
     match result {
-        Ok(SessionEnd::Lost(_)) if carried.is_some() => conn.close_keeping_subscriptions().await,
+        Ok(SessionEnd::Lost(_)) if across.carried.is_some() => {
+            conn.close_keeping_subscriptions().await
+        }
         _ => {
-            *carried = None;
+            across.carried = None;
             conn.close().await;
         }
     }
@@ -635,7 +644,7 @@ async fn serve(
     first_tag: u32,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
     let session = conn.session.clone();
     let namespaces = session
@@ -669,9 +678,20 @@ async fn serve(
     }
     match config.mode {
         Mode::Subscription => {
-            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel, carried).await
+            subscribe_and_forward(config, conn, &nodes, conversions, sink, cancel, across).await
         }
-        Mode::Poll => poll(config, conn, &nodes, &conversions, sink, cancel).await,
+        Mode::Poll => {
+            poll(
+                config,
+                conn,
+                &nodes,
+                &conversions,
+                sink,
+                cancel,
+                &mut across.order,
+            )
+            .await
+        }
     }
 }
 
@@ -680,13 +700,16 @@ async fn serve(
 #[derive(Clone)]
 struct Notifications {
     conversions: Arc<[Conversion]>,
-    tx: mpsc::UnboundedSender<Vec<Sample>>,
+    tx: mpsc::UnboundedSender<Delivered>,
     overflows: Arc<AtomicU64>,
     /// The subscription's highest sequence number received (0: none yet),
     /// so that a transfer republishes only what never arrived.
     received: Arc<AtomicU32>,
     /// Beaten by every publish response of the subscription.
     heard: Heartbeat,
+    /// Republished notifications: values from before the gap, stored with
+    /// their own timestamps (see `AfterGap`).
+    republished: bool,
 }
 
 impl OnSubscriptionNotificationCore for Notifications {
@@ -727,7 +750,68 @@ impl Notifications {
             }
         }
         if !samples.is_empty() {
-            let _ = self.tx.send(samples);
+            let _ = self.tx.send(Delivered {
+                samples,
+                republished: self.republished,
+            });
+        }
+    }
+}
+
+/// What one session leaves to the next.
+struct Across {
+    /// The lost session's subscriptions, for the next session to take over.
+    carried: Option<Carried>,
+    order: AfterGap,
+}
+
+/// One publish response's samples, as the callback hands them over.
+struct Delivered {
+    samples: Vec<Sample>,
+    republished: bool,
+}
+
+/// Keeps each tag's points in time order across a gap the gateway stamped.
+///
+/// The Bad point of a lost or stalled session carries the gateway's time;
+/// the value delivered as current after the reconnect (a transfer's initial
+/// value, a new item's first notification, a Read) often carries an older
+/// device timestamp (a value that did not change). Stored as it is, it would
+/// sort before the Bad point and the tag would stay Bad at ingest while data
+/// flows. So the first such value of a tag is stamped at its arrival (after
+/// the Bad point): the status change is the gateway's, like the loss.
+/// Values the server queued during the cut and republishes keep their own
+/// timestamps (they happened before the loss was seen).
+struct AfterGap {
+    first_tag: u32,
+    /// Per tag, the time of the gateway's Bad point not yet followed by a
+    /// value.
+    gap_at: Vec<Option<i64>>,
+}
+
+impl AfterGap {
+    fn new(first_tag: u32, tags: usize) -> AfterGap {
+        AfterGap {
+            first_tag,
+            gap_at: vec![None; tags],
+        }
+    }
+
+    /// Every tag got a Bad point stamped `time_ms`.
+    fn gap_at(&mut self, time_ms: i64) {
+        self.gap_at.fill(Some(time_ms));
+    }
+
+    fn restamp(&mut self, samples: &mut [Sample]) {
+        for s in samples {
+            let Some(slot) = self.gap_at.get_mut((s.tag - self.first_tag) as usize) else {
+                continue;
+            };
+            if let Some(gap) = slot.take()
+                && s.time_ms <= gap
+            {
+                s.time_ms = now_ms().max(gap + 1);
+            }
         }
     }
 }
@@ -811,8 +895,9 @@ async fn subscribe_and_forward(
     conversions: Vec<Conversion>,
     sink: &PointSink,
     cancel: &CancellationToken,
-    carried: &mut Option<Carried>,
+    across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
+    let Across { carried, order } = across;
     let session = conn.session.clone();
     let (tx, mut data) = mpsc::unbounded_channel();
     let overflows = Arc::new(AtomicU64::new(0));
@@ -822,6 +907,7 @@ async fn subscribe_and_forward(
         overflows: overflows.clone(),
         received: Arc::new(AtomicU32::new(0)),
         heard: Heartbeat::new(),
+        republished: false,
     };
     let key = nodes_key(nodes);
     let transferred = match carried.take() {
@@ -857,10 +943,13 @@ async fn subscribe_and_forward(
         tokio::select! {
             _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
             batch = data.recv() => {
-                let Some(batch) = batch else {
+                let Some(mut batch) = batch else {
                     return Ok(SessionEnd::Lost(StatusCode::BadSubscriptionIdInvalid));
                 };
-                if !sink.send(batch).await {
+                if !batch.republished {
+                    order.restamp(&mut batch.samples);
+                }
+                if !sink.send(batch.samples).await {
                     return Ok(SessionEnd::Stopped);
                 }
             }
@@ -924,9 +1013,10 @@ async fn transfer(
             ));
     }
     // A server without the service answers with a fault: recreate, as when
-    // it refuses.
+    // it refuses. Initial values: the server sends every item's current
+    // value again, so a tag that does not change gets a value after the gap.
     let results = session
-        .transfer_subscriptions(&ids, false)
+        .transfer_subscriptions(&ids, true)
         .await
         .unwrap_or_else(|e| {
             vec![TransferResult {
@@ -948,6 +1038,10 @@ async fn transfer(
         return Ok(None);
     }
     session.trigger_publish_now();
+    let history = Notifications {
+        republished: true,
+        ..callback.clone()
+    };
     let mut republished = 0usize;
     for (t, result) in carried.subscriptions.iter().zip(&results) {
         let (id, seen) = (t.id, t.received.load(Ordering::Relaxed));
@@ -957,7 +1051,7 @@ async fn transfer(
             }
             match session.republish(id, *seq).await {
                 Ok(message) => {
-                    callback.forward(message);
+                    history.forward(message);
                     republished += 1;
                 }
                 Err(e) => {
@@ -1120,6 +1214,7 @@ async fn poll(
     conversions: &[Conversion],
     sink: &PointSink,
     cancel: &CancellationToken,
+    order: &mut AfterGap,
 ) -> Result<SessionEnd, OpcUaError> {
     let session = conn.session.clone();
     let per_call = match config.max_items_per_call {
@@ -1139,6 +1234,8 @@ async fn poll(
     info!(device = %config.id, nodes = targets.len(), interval = ?config.poll_interval, "opc ua polling");
     let mut tick = tokio::time::interval(config.poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Per tag, the device timestamp of the previous Read.
+    let mut device_time: Vec<Option<i64>> = vec![None; nodes.len()];
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
@@ -1150,6 +1247,7 @@ async fn poll(
             _ = tick.tick() => {}
         }
         let mut samples = Vec::with_capacity(targets.len());
+        let read_at = now_ms();
         for chunk in targets.chunks(per_call) {
             let ids: Vec<NodeId> = chunk.iter().map(|(_, n)| n.clone()).collect();
             let values = match read_values(&session, &ids).await {
@@ -1158,9 +1256,20 @@ async fn poll(
                 Err(e) => return Err(e),
             };
             for ((i, _), dv) in chunk.iter().zip(values) {
-                samples.push(conversions[*i].sample(dv));
+                let mut sample = conversions[*i].sample(dv);
+                // An unchanged value (its timestamp did not advance) is the
+                // value held at this Read: one point per poll, at the
+                // Read's time, not the same point again.
+                let device = sample.time_ms;
+                if device_time[*i].is_some_and(|t| device <= t) {
+                    sample.time_ms = read_at;
+                    sample.server_time_ms = None;
+                }
+                device_time[*i] = Some(device);
+                samples.push(sample);
             }
         }
+        order.restamp(&mut samples);
         if !sink.send(samples).await {
             return Ok(SessionEnd::Stopped);
         }

@@ -62,6 +62,17 @@ pub fn own_cert_path(pki: &Path) -> PathBuf {
     pki.join("own/cert.der")
 }
 
+/// The ApplicationUri in the own certificate's SAN, when there is one.
+pub fn own_application_uri(pki: &Path) -> Option<String> {
+    let der = std::fs::read(own_cert_path(pki)).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+        _ => None,
+    })
+}
+
 /// Creates the PKI layout and the own certificate if missing; returns the
 /// own certificate's thumbprint and whether it was created now.
 pub fn ensure_own_certificate(

@@ -120,7 +120,12 @@ fn probe_config(args: &OpcUaProbe) -> Result<OpcUaConfig, OpcUaError> {
             let cwd = std::env::current_dir().unwrap_or_default();
             c.pki_dir = Some(args.pki_dir.clone());
             c.resolve_paths(&cwd, &cwd);
-            c.application_uri = Some("urn:guantong:gateway:probe".into());
+            // The gateway's PKI: its certificate names the gateway's URI,
+            // which the server checks against the one the session presents.
+            c.application_uri = Some(
+                super::pki::own_application_uri(c.pki_dir())
+                    .unwrap_or_else(|| "urn:guantong:gateway:probe".into()),
+            );
             Ok(c)
         }
         _ => Err(OpcUaError::Setup(format!(
@@ -231,17 +236,47 @@ async fn browse_and_print(
     }
     write_out(out, &text)?;
 
+    // A `--select` is a NodeId (`ns=`, `nsu=` or bare) or a browse name;
+    // one outside the browsed part is read on its own, one the server does
+    // not have is named and makes the probe fail.
+    let mut unknown = Vec::new();
+    let mut extra = Vec::new();
+    let mut chosen_at = Vec::new();
+    for sel in &args.select {
+        let id = NodeAddress::parse(sel)
+            .ok()
+            .and_then(|a| match &a.namespace {
+                super::config::Namespace::Index(i) => Some(a.with_index(*i)),
+                super::config::Namespace::Uri(u) => {
+                    namespaces.get_index(u).map(|i| a.with_index(i))
+                }
+            });
+        let wanted = id.as_ref().map(&stable);
+        let hit = found.iter().position(|f| {
+            Some(&f.node) == wanted.as_ref()
+                || f.name == *sel
+                || f.node.ends_with(&format!(";{sel}"))
+        });
+        match (hit, id) {
+            (Some(i), _) => chosen_at.push(i),
+            (None, Some(id)) => {
+                let details = variable_details(session, std::slice::from_ref(&id)).await?;
+                match details.get(&id).and_then(|(_, v)| v.clone()) {
+                    Some(value) => extra.push(Found {
+                        node: stable(&id),
+                        name: id.identifier.to_string(),
+                        value_type: value_type_of(&value),
+                    }),
+                    None => unknown.push(sel.clone()),
+                }
+            }
+            (None, None) => unknown.push(sel.clone()),
+        }
+    }
     let chosen: Vec<&Found> = if args.select.is_empty() {
         found.iter().collect()
     } else {
-        args.select
-            .iter()
-            .filter_map(|s| {
-                found
-                    .iter()
-                    .find(|f| &f.node == s || f.name == *s || f.node.ends_with(&format!(";{s}")))
-            })
-            .collect()
+        chosen_at.iter().map(|&i| &found[i]).chain(&extra).collect()
     };
     let mut snippet = format!(
         "\n# tag mapping, ready to paste into the gateway config\n[[devices]]\nid = \"{}\"\nprotocol = \"opcua\"\nurl = \"{}\"\nsecurity_policy = \"{}\"\nsecurity_mode = \"{}\"\npublishing_interval = \"1s\"\n",
@@ -265,7 +300,14 @@ async fn browse_and_print(
             type_name(f.value_type)
         );
     }
-    write_out(out, &snippet)
+    write_out(out, &snippet)?;
+    if !unknown.is_empty() {
+        return Err(OpcUaError::Setup(format!(
+            "--select: no such variable on the server (or namespace unknown): {}",
+            unknown.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn type_name(t: ValueType) -> &'static str {
