@@ -1135,9 +1135,11 @@ fn salvage_into(aside: &Path, db: &Database) -> Result<bool> {
     let (Some(first), Some(last)) = (s.records.first(), s.records.last()) else {
         return Ok(false);
     };
-    let head = decode_record(&last.bytes)
-        .map(|(h, b)| effective_link(&h, &last.bytes[HEADER..], &b))
-        .unwrap_or([0; 32]);
+    let head = match s.gaps.last() {
+        Some(g) if g.loss.last_seq + 1 == s.next_seq => chain::to_hash(&g.loss.bridge_hash),
+        _ => decode_record(&last.bytes).map(|(h, b)| effective_link(&h, &last.bytes[HEADER..], &b)),
+    }
+    .unwrap_or([0; 32]);
     let txn = db.begin_write().map_err(storage)?;
     {
         let mut batches = txn.open_table(BATCHES).map_err(storage)?;
@@ -1148,8 +1150,7 @@ fn salvage_into(aside: &Path, db: &Database) -> Result<bool> {
         }
         let mut meta = txn.open_table(META).map_err(storage)?;
         meta.insert("buffer_id", s.buffer_id).map_err(storage)?;
-        meta.insert("next_seq", last.last_seq + 1)
-            .map_err(storage)?;
+        meta.insert("next_seq", s.next_seq).map_err(storage)?;
         meta.insert("bytes", total).map_err(storage)?;
         meta.insert("dropped_points", 0).map_err(storage)?;
         let mut manifests = txn.open_table(MANIFESTS).map_err(storage)?;
@@ -1175,6 +1176,7 @@ fn salvage_into(aside: &Path, db: &Database) -> Result<bool> {
         copies_found = s.copies_found,
         first_seq = first.seq,
         last_seq = last.last_seq,
+        next_seq = s.next_seq,
         gaps = s.gaps.len(),
         estimated_lost_points = estimated,
         manifests = s.manifests.len(),
@@ -1925,13 +1927,6 @@ mod tests {
         (loss, tags)
     }
 
-    /// What batch 5 of `steady_batches` held (seq 5: t = 160..199).
-    fn batch_5_per_tag() -> Vec<(u32, u64, i64, i64)> {
-        (0..4)
-            .map(|t| (t, 10, 160 + t as i64, 196 + t as i64))
-            .collect()
-    }
-
     #[test]
     fn a_record_failing_its_checksum_becomes_a_signed_bridged_loss_record() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1956,49 +1951,73 @@ mod tests {
             (loss.reason, loss.last_seq, loss.points, loss.estimated),
             (LossReason::Corrupted as i32, 5, 40, true)
         );
-        assert_eq!(tags, batch_5_per_tag(), "sized per tag from the neighbours");
+        assert_eq!(tags, batch_per_tag(5), "sized per tag from the neighbours");
         let (kept, lost, _) = account(&b);
         assert_eq!((kept, lost), (7 * 40, 40));
     }
 
-    /// Damages the file of `steady_batches(…, 10)` with seq 5's payload
-    /// hit by 16 bytes and redb's header destroyed, so redb cannot open it.
-    fn damage_file(dir: &Path) -> u64 {
-        let (id, payload) = {
+    /// Damages the file of `steady_batches(…, 10)`: 16 bytes inside the
+    /// payload of each of `seqs`, and redb's header destroyed, so redb
+    /// cannot open it. Returns the buffer id.
+    fn damage_file(dir: &Path, seqs: &[u64]) -> u64 {
+        let (id, payloads) = {
             let b = steady_batches(dir, 10);
-            let r = b.read_from(5, 1).expect("read").remove(0);
-            (b.buffer_id(), r.payload)
+            let payloads: Vec<Bytes> = seqs
+                .iter()
+                .map(|&seq| b.read_from(seq, 1).expect("read").remove(0).payload)
+                .collect();
+            (b.buffer_id(), payloads)
         };
         let path = dir.join("buffer.redb");
         let mut bytes = std::fs::read(&path).expect("read file");
-        let at = bytes
-            .windows(payload.len())
-            .position(|w| w == payload.as_ref())
-            .expect("the record is stored contiguously");
-        for b in &mut bytes[at + 40..at + 56] {
-            *b ^= 0x5A;
+        for payload in payloads {
+            // Every copy: freed pages may hold older ones.
+            let at: Vec<usize> = bytes
+                .windows(payload.len())
+                .enumerate()
+                .filter(|(_, w)| *w == payload.as_ref())
+                .map(|(i, _)| i)
+                .collect();
+            assert!(!at.is_empty(), "the record is stored contiguously");
+            for at in at {
+                for b in &mut bytes[at + 40..at + 56] {
+                    *b ^= 0x5A;
+                }
+            }
         }
         bytes[..512].fill(0xA5);
         std::fs::write(&path, bytes).expect("write file");
         id
     }
 
+    /// What batch `seq` of `steady_batches` held, per tag.
+    fn batch_per_tag(seq: u64) -> Vec<(u32, u64, i64, i64)> {
+        let t0 = (seq as i64 - 1) * 40;
+        (0..4)
+            .map(|t| (t, 10, t0 + t as i64, t0 + 36 + t as i64))
+            .collect()
+    }
+
     #[test]
     fn an_unopenable_file_is_salvaged_record_by_record() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let id = damage_file(dir.path());
+        // Seq 10 is the newest: only the meta table says it existed.
+        let id = damage_file(dir.path(), &[5, 10]);
         let b = open(dir.path(), 64 << 20).with_identity(signer());
         assert_eq!(b.buffer_id(), id, "salvaged batches keep their buffer");
         let all = assert_chain_from(&b, 1);
         let seqs: Vec<(u64, u64)> = all.iter().map(|r| (r.seq, r.last_seq)).collect();
         assert_eq!(seqs, (1..=10).map(|s| (s, s)).collect::<Vec<_>>());
-        let (loss, tags) = declared(&all[4]);
-        assert_eq!(
-            (loss.reason, loss.points, loss.estimated),
-            (LossReason::Corrupted as i32, 40, true)
-        );
-        assert_eq!(tags, batch_5_per_tag());
-        for r in all.iter().filter(|r| r.seq != 5) {
+        for seq in [5, 10] {
+            let (loss, tags) = declared(&all[seq as usize - 1]);
+            assert_eq!(
+                (loss.reason, loss.points, loss.estimated),
+                (LossReason::Corrupted as i32, 40, true),
+                "seq {seq}"
+            );
+            assert_eq!(tags, batch_per_tag(seq), "seq {seq} sized per tag");
+        }
+        for r in all.iter().filter(|r| r.seq != 5 && r.seq != 10) {
             let back = samples_of(&r.payload).expect("samples");
             assert_eq!(back, samples(40, (r.seq as i64 - 1) * 40), "seq {}", r.seq);
         }

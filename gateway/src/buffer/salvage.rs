@@ -15,6 +15,12 @@
 //! of their content (`manifest::version_of`). Only the versions salvaged
 //! batches name are looked for.
 //!
+//! The buffer's `meta` table (keys `buffer_id`, `bytes`, `dropped_points`,
+//! `next_seq`, values u64) is a redb leaf page holding the keys' bytes in a
+//! row followed by the four values, little-endian; every commit writes a new
+//! copy. The largest `next_seq` among the copies of this `buffer_id` is the
+//! newest, so records after the last one found are known to be missing.
+//!
 //! # Choosing among copies
 //! Freed pages keep old copies of records (acknowledged batches, loss
 //! records later merged or replaced). Per first sequence number the copy that
@@ -58,6 +64,9 @@ pub(super) struct Salvage {
     pub copies_found: usize,
     /// Adjacent chosen records that do not chain: (seq, why).
     pub breaks: Vec<(u64, String)>,
+    /// The buffer's next sequence number, from the newest copy of its `meta`
+    /// table found (so damaged newest records are declared too).
+    pub next_seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +163,21 @@ fn record_at(bytes: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+/// The largest `next_seq` of the copies of `buffer_id`'s meta table in `bytes`.
+fn newest_next_seq(bytes: &[u8], buffer_id: u64) -> Option<u64> {
+    const KEYS: &[u8] = b"buffer_idbytesdropped_pointsnext_seq";
+    let value = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    bytes
+        .windows(KEYS.len())
+        .enumerate()
+        .filter(|(_, w)| *w == KEYS)
+        .filter_map(|(i, _)| {
+            let values = i + KEYS.len();
+            (value(values)? == buffer_id).then_some(value(values + 24)?)
+        })
+        .max()
 }
 
 /// Every valid record in `bytes`, in file order.
@@ -288,6 +312,32 @@ pub(super) fn salvage(bytes: &[u8]) -> Salvage {
                 estimated: true,
             },
         });
+    }
+    let last = chosen.last().map(|c| (c.last_seq, c.link));
+    s.next_seq = last.map_or(1, |(l, _)| l + 1);
+    if let Some((last_seq, link)) = last
+        && let Some(next) = newest_next_seq(bytes, buffer_id).filter(|n| *n > last_seq + 1)
+    {
+        // The newest links are gone: nothing to bridge to, so the chain
+        // continues from the last link found.
+        let (points, per_tag) = estimate(
+            chosen.iter().rev().map(|c| &c.batch),
+            std::iter::empty(),
+            next - last_seq - 1,
+        );
+        s.gaps.push(PendingLoss {
+            first: last_seq + 1,
+            prev: link,
+            loss: Loss {
+                last_seq: next - 1,
+                points,
+                tags: tag_losses(per_tag),
+                reason: LossReason::Corrupted as i32,
+                bridge_hash: link.to_vec(),
+                estimated: true,
+            },
+        });
+        s.next_seq = next;
     }
     let mut versions: Vec<u64> = chosen
         .iter()
