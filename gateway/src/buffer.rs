@@ -12,6 +12,8 @@
 //! - `manifests`: manifest version (u64) -> encoded `Manifest`
 //! - `meta`: name -> u64 (`buffer_id`, `next_seq`, `bytes`, `dropped_points`)
 //!
+//! - `salvage`: first seq -> loss record for damaged records found at open,
+//!   waiting to be signed (`note_lost_file`)
 //! - `chain`: `head` -> link hash of the newest record (see proto `chain`);
 //!   `manifest` -> the manifest version the last manifest link announced
 //!
@@ -46,9 +48,15 @@
 //!   turned into loss records, so ingest never receives both a batch and a
 //!   loss record for the same number. Dropping holds `drop_lock` through its
 //!   commit and `read_from` takes it around its snapshot, which orders the two.
-//! - A record whose checksum fails is sent as a loss record (reason
-//!   `corrupted`) in its place; a file redb cannot open is moved aside and a
-//!   fresh buffer started, whose first record says so.
+//! - Damage costs only the damaged records, declared: at open, a record
+//!   whose checksum fails is replaced by a signed loss record (reason
+//!   `corrupted`, counts estimated from its neighbours, `prev_hash` and
+//!   `bridge_hash` from the records before and after); a file redb cannot
+//!   open is moved aside and salvaged record by record into a fresh file
+//!   under the same `buffer_id` and sequence numbers, its missing ranges
+//!   declared the same way (see `salvage`). Only a file with no record left
+//!   starts a new `buffer_id`, whose first record says so. A checksum that
+//!   fails later, while running, is sent as an unsigned loss record.
 //! - After an I/O error (disk full, EIO) redb refuses every transaction
 //!   until it is reopened: the operation that saw it schedules a reopen
 //!   (`watch`), and the next operation closes and reopens the file first

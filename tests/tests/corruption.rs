@@ -118,6 +118,10 @@ async fn crash_and_damage(
         s.logs()
     );
     let salvaged = s.gateway_log().contains("salvaged record by record");
+    eprintln!(
+        "{what}: salvaged {salvaged}; counter values lost to the damage {damaged}, declared {declared} (estimated), lost to the kill {kill_run}; {} loss records",
+        records.len()
+    );
     Ok((damaged, declared, tags, salvaged))
 }
 

@@ -260,6 +260,9 @@ struct LossRecord {
     recorded_at_ms: i64,
     /// (manifest version, tag index, points, first ms, last ms, Bad points)
     tags: Vec<(u64, u32, u64, i64, i64, u64)>,
+    /// The gateway estimated the counts (its records of them were damaged).
+    #[serde(default)]
+    estimated: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -524,6 +527,7 @@ fn append_group<'a>(
                     last_seq: loss.last_seq,
                     points: Some(loss.points),
                     reason: format!("dropped by the gateway: {reason}"),
+                    estimated: loss.estimated,
                     recorded_at_ms: a.received_at_ms,
                     tags: loss
                         .tags
@@ -556,6 +560,7 @@ fn append_group<'a>(
                     reason: format!("rejected by ingest: {reason}"),
                     recorded_at_ms: a.received_at_ms,
                     tags: Vec::new(),
+                    estimated: false,
                 };
                 let value =
                     serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -1201,6 +1206,7 @@ impl Store for EmbeddedStore {
                             .into(),
                         recorded_at_ms: now_ms(),
                         tags: Vec::new(),
+                        estimated: false,
                     };
                     let value = serde_json::to_vec(&record)
                         .map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -1572,6 +1578,7 @@ impl Store for EmbeddedStore {
                     points: r.points,
                     reason: r.reason,
                     recorded_at_ms: r.recorded_at_ms,
+                    estimated: r.estimated,
                 });
             }
             let streams = txn.open_table(STREAMS).map_err(db_err)?;
@@ -1588,6 +1595,7 @@ impl Store for EmbeddedStore {
                         reason: "not received (yet): later batches arrived first".into(),
                         recorded_at_ms: now_ms(),
                         tags: Vec::new(),
+                        estimated: false,
                     });
                 }
             }
