@@ -13,6 +13,9 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(90);
+/// Counter values a SIGKILL may take: its 100 ms commit interval at a 20 ms
+/// poll, and 3 more for a starved scheduler (as in faults.rs).
+const KILL_MAX: usize = 100 / 20 + 3;
 /// Tags of `sim::standard_device_toml`.
 const TAGS: usize = 10;
 
@@ -93,6 +96,11 @@ async fn crash_and_damage(
     {
         kill_run += 1;
     }
+    assert!(
+        kill_run <= KILL_MAX,
+        "{what}: a SIGKILL costs at most its commit interval, yet the last {kill_run} values served before it are missing: {missing:?}\n{}",
+        s.logs()
+    );
     let (declared, tags, records) = corrupted_losses(&s).await?;
     let damaged = (missing.len() - kill_run) as u64;
     // The loss is estimated from the neighbours' sampling: exact for a
