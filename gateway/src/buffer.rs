@@ -12,6 +12,8 @@
 //! - `manifests`: manifest version (u64) -> encoded `Manifest`
 //! - `meta`: name -> u64 (`buffer_id`, `next_seq`, `bytes`, `dropped_points`)
 //!
+//! - `salvage`: first seq -> loss record for damaged records found at open,
+//!   waiting to be signed (`note_lost_file`)
 //! - `chain`: `head` -> link hash of the newest record (see proto `chain`);
 //!   `manifest` -> the manifest version the last manifest link announced
 //!
@@ -46,9 +48,15 @@
 //!   turned into loss records, so ingest never receives both a batch and a
 //!   loss record for the same number. Dropping holds `drop_lock` through its
 //!   commit and `read_from` takes it around its snapshot, which orders the two.
-//! - A record whose checksum fails is sent as a loss record (reason
-//!   `corrupted`) in its place; a file redb cannot open is moved aside and a
-//!   fresh buffer started, whose first record says so.
+//! - Damage costs only the damaged records, declared: at open, a record
+//!   whose checksum fails is replaced by a signed loss record (reason
+//!   `corrupted`, counts estimated from its neighbours, `prev_hash` and
+//!   `bridge_hash` from the records before and after); a file redb cannot
+//!   open is moved aside and salvaged record by record into a fresh file
+//!   under the same `buffer_id` and sequence numbers, its missing ranges
+//!   declared the same way (see `salvage`). Only a file with no record left
+//!   starts a new `buffer_id`, whose first record says so. A checksum that
+//!   fails later, while running, is sent as an unsigned loss record.
 //! - After an I/O error (disk full, EIO) redb refuses every transaction
 //!   until it is reopened: the operation that saw it schedules a reopen
 //!   (`watch`), and the next operation closes and reopens the file first
@@ -77,7 +85,9 @@ use bytes::Bytes;
 use guantong_proto::chain::{self, Algorithm, ChainKey, Hash};
 use guantong_proto::v1::{Batch, Loss, LossReason, Manifest, Point, Quality, TagLoss};
 use prost::Message;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use serde::Deserialize;
 
 use crate::quality::{Sample, now_ms};
@@ -88,6 +98,11 @@ const MANIFESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("manifests")
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const CHAIN: TableDefinition<&str, &[u8]> = TableDefinition::new("chain");
+/// Loss records for damaged records, waiting to be signed and written
+/// (`note_lost_file`): first seq -> `salvage::PendingLoss`.
+const SALVAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("salvage");
+
+mod salvage;
 
 const FORMAT: u8 = 2;
 /// The same layout, for a link of the `sm2` chain algorithm.
@@ -193,7 +208,8 @@ pub struct Buffer {
     handed_out: Mutex<BTreeSet<u64>>,
     drop_lock: Mutex<()>,
     signer: Option<ChainSigner>,
-    /// An unreadable file was moved aside and its loss is not recorded yet.
+    /// Damage not recorded yet: an unreadable file moved aside with nothing
+    /// salvaged, or loss records waiting in `SALVAGE`.
     lost_file: Mutex<bool>,
     /// How the file is opened, at start and after an I/O error.
     backend: BufferStorage,
@@ -251,7 +267,10 @@ impl Buffer {
         }
         let create = |path: &Path| backend.open(path);
         let (db, moved_aside) = match create(&path) {
-            Ok(db) => (db, None),
+            Ok(db) => {
+                replace_corrupted_records(&db)?;
+                (db, None)
+            }
             Err(e) => {
                 let aside = dir.join(format!("buffer.redb.unreadable-{}", now_ms()));
                 tracing::error!(
@@ -264,7 +283,9 @@ impl Buffer {
                     path: path.clone(),
                     source,
                 })?;
-                (create(&path).map_err(storage)?, Some(aside))
+                let db = create(&path).map_err(storage)?;
+                let salvaged = salvage_into(&aside, &db)?;
+                (db, (!salvaged).then_some(aside))
             }
         };
         let txn = db.begin_write().map_err(storage)?;
@@ -286,6 +307,11 @@ impl Buffer {
             txn.open_table(MANIFESTS).map_err(storage)?;
             txn.open_table(CHAIN).map_err(storage)?;
         }
+        let pending_salvage = !txn
+            .open_table(SALVAGE)
+            .map_err(storage)?
+            .is_empty()
+            .map_err(storage)?;
         txn.commit().map_err(storage)?;
         let buffer = Buffer {
             db: RwLock::new(Some(db)),
@@ -297,25 +323,86 @@ impl Buffer {
             handed_out: Mutex::new(BTreeSet::new()),
             drop_lock: Mutex::new(()),
             signer: None,
-            lost_file: Mutex::new(moved_aside.is_some()),
+            lost_file: Mutex::new(moved_aside.is_some() || pending_salvage),
             backend,
         };
         Ok(buffer)
     }
 
-    /// Writes the record saying that an unreadable buffer file was moved
-    /// aside, once, as the new buffer's first record (signed when an identity
-    /// is attached, so it is a proper first link).
+    /// Records damage found at open, once, signed when an identity is
+    /// attached: the loss records waiting in `SALVAGE` at their own sequence
+    /// numbers, bridged by their neighbours; or, when nothing of an
+    /// unreadable file could be salvaged, one record saying so as the new
+    /// buffer's first (a proper first link).
     fn note_lost_file(&self) -> Result<()> {
         let mut pending = self.lost_file.lock().unwrap_or_else(|e| e.into_inner());
         if *pending {
-            self.append_loss(Loss {
-                reason: LossReason::Corrupted as i32,
-                ..Default::default()
-            })?;
+            if !self.watch(self.write_salvaged_losses(), true)? {
+                self.append_loss(Loss {
+                    reason: LossReason::Corrupted as i32,
+                    ..Default::default()
+                })?;
+            }
             *pending = false;
         }
         Ok(())
+    }
+
+    /// Signs and writes the loss records waiting in `SALVAGE`; false when
+    /// there were none.
+    fn write_salvaged_losses(&self) -> Result<bool> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let pending: Vec<salvage::PendingLoss> = {
+            let table = txn.open_table(SALVAGE).map_err(storage)?;
+            table
+                .iter()
+                .map_err(storage)?
+                .filter_map(|r| r.ok())
+                .filter_map(|(_, v)| salvage::PendingLoss::decode(v.value()))
+                .collect()
+        };
+        if pending.is_empty() {
+            return Ok(false);
+        }
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut batches = txn.open_table(BATCHES).map_err(storage)?;
+            let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
+            let mut dropped = meta_get(&meta, "dropped_points")?.unwrap_or(0);
+            for p in &pending {
+                let batch = Batch {
+                    buffer_id: self.buffer_id,
+                    seq: p.first,
+                    loss: Some(p.loss.clone()),
+                    committed_at_ms: now_ms(),
+                    manifest_sha256: Vec::new(),
+                    ..Default::default()
+                };
+                let (record, _) = self.seal(p.loss.last_seq, 0, 0, &p.prev, &batch.encode_to_vec());
+                batches
+                    .insert(p.first, record.as_slice())
+                    .map_err(storage)?;
+                bytes += record.len() as u64;
+                dropped += p.loss.points;
+                tracing::warn!(
+                    first_seq = p.first,
+                    last_seq = p.loss.last_seq,
+                    points = p.loss.points,
+                    estimated = p.loss.estimated,
+                    "buffer: damaged records declared lost"
+                );
+            }
+            meta.insert("bytes", bytes).map_err(storage)?;
+            meta.insert("dropped_points", dropped).map_err(storage)?;
+            txn.open_table(SALVAGE)
+                .map_err(storage)?
+                .retain(|_, _| false)
+                .map_err(storage)?;
+        }
+        txn.commit().map_err(storage)?;
+        Ok(true)
     }
 
     /// Signs every record committed from now on as a link of the chain.
@@ -816,6 +903,7 @@ impl Buffer {
                 tags: tag_losses(run.per_tag.clone()),
                 reason: reason as i32,
                 bridge_hash: run.bridge.to_vec(),
+                estimated: false,
             };
             let batch = Batch {
                 buffer_id: self.buffer_id,
@@ -907,6 +995,7 @@ impl Buffer {
                         tags: Vec::new(),
                         reason: LossReason::Corrupted as i32,
                         bridge_hash: Vec::new(),
+                        estimated: false,
                     };
                     let batch = Batch {
                         buffer_id: self.buffer_id,
@@ -1047,6 +1136,203 @@ impl Default for Reopen {
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Fills the fresh database `db` with what the unreadable file `aside` still
+/// holds (see `salvage`), under its old `buffer_id` and sequence numbers so
+/// that ingest stores each batch once. Returns whether anything was found.
+fn salvage_into(aside: &Path, db: &Database) -> Result<bool> {
+    let bytes = std::fs::read(aside).map_err(|source| BufferError::Dir {
+        path: aside.to_path_buf(),
+        source,
+    })?;
+    let s = salvage::salvage(&bytes);
+    let (Some(first), Some(last)) = (s.records.first(), s.records.last()) else {
+        return Ok(false);
+    };
+    let head = match s.gaps.last() {
+        Some(g) if g.loss.last_seq + 1 == s.next_seq => chain::to_hash(&g.loss.bridge_hash),
+        _ => decode_record(&last.bytes).map(|(h, b)| effective_link(&h, &last.bytes[HEADER..], &b)),
+    }
+    .unwrap_or([0; 32]);
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut batches = txn.open_table(BATCHES).map_err(storage)?;
+        let mut total = 0u64;
+        for r in &s.records {
+            batches.insert(r.seq, r.bytes.as_slice()).map_err(storage)?;
+            total += r.bytes.len() as u64;
+        }
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        meta.insert("buffer_id", s.buffer_id).map_err(storage)?;
+        meta.insert("next_seq", s.next_seq).map_err(storage)?;
+        meta.insert("bytes", total).map_err(storage)?;
+        meta.insert("dropped_points", 0).map_err(storage)?;
+        let mut manifests = txn.open_table(MANIFESTS).map_err(storage)?;
+        for (version, m) in &s.manifests {
+            manifests.insert(*version, m.as_slice()).map_err(storage)?;
+        }
+        txn.open_table(CHAIN)
+            .map_err(storage)?
+            .insert("head", head.as_slice())
+            .map_err(storage)?;
+        let mut pending = txn.open_table(SALVAGE).map_err(storage)?;
+        for gap in &s.gaps {
+            pending
+                .insert(gap.first, gap.encode().as_slice())
+                .map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)?;
+    let estimated: u64 = s.gaps.iter().map(|g| g.loss.points).sum();
+    tracing::error!(
+        buffer_id = format_args!("{:016x}", s.buffer_id),
+        records = s.records.len(),
+        copies_found = s.copies_found,
+        first_seq = first.seq,
+        last_seq = last.last_seq,
+        next_seq = s.next_seq,
+        gaps = s.gaps.len(),
+        estimated_lost_points = estimated,
+        manifests = s.manifests.len(),
+        "buffer file salvaged record by record: intact batches are sent, damaged ranges declared lost"
+    );
+    if first.seq > 1 {
+        tracing::warn!(
+            before_seq = first.seq,
+            "salvage: records before this one were acknowledged or damaged, which the file cannot tell"
+        );
+    }
+    for (seq, why) in &s.breaks {
+        tracing::error!(seq, why, "salvage: this link cannot be bridged");
+    }
+    Ok(true)
+}
+
+/// Replaces every record of an opened `db` that fails its checksum by a
+/// loss record waiting in `SALVAGE` (written signed by `note_lost_file`):
+/// its range ends before the next record (or at the newest), its points
+/// are estimated from the neighbours, its `prev_hash` is the record
+/// before's effective link and its bridge the record after's `prev_hash`
+/// (or the chain head, for the newest).
+fn replace_corrupted_records(db: &Database) -> Result<()> {
+    let txn = db.begin_write().map_err(storage)?;
+    let mut replaced = 0;
+    {
+        let mut batches = txn.open_table(BATCHES).map_err(storage)?;
+        let corrupted: Vec<u64> = batches
+            .iter()
+            .map_err(storage)?
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| split_header(v.value()).is_none())
+            .map(|(k, _)| k.value())
+            .collect();
+        if corrupted.is_empty() {
+            return Ok(());
+        }
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut pending = txn.open_table(SALVAGE).map_err(storage)?;
+        let next_seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
+        let head = txn
+            .open_table(CHAIN)
+            .map_err(storage)?
+            .get("head")
+            .map_err(storage)?
+            .and_then(|v| chain::to_hash(v.value()));
+        let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
+        for seq in corrupted {
+            let decoded = |r: std::result::Result<_, redb::StorageError>| {
+                let (_, v): (redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>) = r.ok()?;
+                let record = v.value().to_vec();
+                let (h, b) = decode_record(&record)?;
+                let link = effective_link(&h, &record[HEADER..], &b);
+                Some((h, b, link))
+            };
+            let before: Vec<_> = batches
+                .range(..seq)
+                .map_err(storage)?
+                .rev()
+                .take(8)
+                .map(decoded)
+                .collect();
+            let after: Vec<_> = batches
+                .range(seq + 1..)
+                .map_err(storage)?
+                .take(8)
+                .map(decoded)
+                .collect();
+            let next_key = batches
+                .range(seq + 1..)
+                .map_err(storage)?
+                .next()
+                .and_then(|r| r.ok())
+                .map(|(k, _)| k.value());
+            let last_seq = next_key
+                .map_or(next_seq.saturating_sub(1), |k| k - 1)
+                .max(seq);
+            let Some(record) = batches
+                .remove(seq)
+                .map_err(storage)?
+                .map(|v| v.value().to_vec())
+            else {
+                continue;
+            };
+            bytes = bytes.saturating_sub(record.len() as u64);
+            // The link before, when it is still held and adjacent; else the
+            // damaged record's own field, unverified (ingest names a break
+            // if it is wrong).
+            let prev = match before.first() {
+                Some(Some((h, _, link))) if h.last_seq + 1 == seq => *link,
+                _ => record
+                    .get(25..57)
+                    .and_then(chain::to_hash)
+                    .unwrap_or([0; 32]),
+            };
+            let bridge = match (next_key, after.first()) {
+                (Some(k), Some(Some((h, _, _)))) if k == last_seq + 1 => Some(h.prev_hash),
+                (None, _) => head,
+                _ => None,
+            };
+            let (points, per_tag) = salvage::estimate(
+                before.iter().flatten().map(|(_, b, _)| b),
+                after.iter().flatten().map(|(_, b, _)| b),
+                last_seq - seq + 1,
+            );
+            if bridge.is_none() {
+                tracing::error!(
+                    seq,
+                    "damaged record: the link after it is damaged too, so the chain cannot be bridged here"
+                );
+            }
+            let loss = Loss {
+                last_seq,
+                points,
+                tags: tag_losses(per_tag),
+                reason: LossReason::Corrupted as i32,
+                bridge_hash: bridge.map(|b| b.to_vec()).unwrap_or_default(),
+                estimated: true,
+            };
+            tracing::error!(
+                first_seq = seq,
+                last_seq,
+                estimated_points = points,
+                "buffer record fails its checksum; a loss record replaces it"
+            );
+            let p = salvage::PendingLoss {
+                first: seq,
+                prev,
+                loss,
+            };
+            pending
+                .insert(seq, p.encode().as_slice())
+                .map_err(storage)?;
+            replaced += 1;
+        }
+        meta.insert("bytes", bytes).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    tracing::debug!(replaced, "damaged records replaced");
+    Ok(())
+}
+
 /// Points that were collected but never stored, per tag with time ranges:
 /// what a loss record declares.
 #[derive(Debug, Default, Clone)]
@@ -1099,6 +1385,7 @@ impl LossTally {
             tags: tag_losses(self.per_tag.clone()),
             reason: reason as i32,
             bridge_hash: Vec::new(),
+            estimated: false,
         }
     }
 }
@@ -1605,30 +1892,166 @@ mod tests {
         assert_eq!((kept, lost, end), (0, 20, 3));
     }
 
-    #[test]
-    fn a_corrupted_record_is_sent_as_a_loss_record() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let b = open(dir.path(), 64 << 20);
-        b.append(1, &samples(10, 0), 10).expect("append");
-        // Flip a payload byte behind redb's back.
-        let txn = b.db().expect("db").begin_write().expect("txn");
-        {
-            let mut t = txn.open_table(BATCHES).expect("table");
-            let mut record = t.get(1).expect("get").expect("record").value().to_vec();
-            let last = record.len() - 1;
-            record[last] ^= 0xFF;
-            t.insert(1, record.as_slice()).expect("insert");
+    fn signer() -> ChainSigner {
+        ChainSigner {
+            key: ChainKey::Ed25519(ed25519_dalek::SigningKey::from_bytes(&[9; 32])),
+            gateway_id: "gw".into(),
         }
-        txn.commit().expect("commit");
-        let got = b.read_from(1, 10).expect("read");
-        let loss = Batch::decode(got[0].payload.as_ref())
+    }
+
+    /// Appends `n` batches of 40 points, 4 tags sampled every 4 ms without
+    /// a break across batches, and returns the buffer.
+    fn steady_batches(dir: &Path, n: u64) -> Buffer {
+        let b = open(dir, 64 << 20).with_identity(signer());
+        for k in 0..n {
+            b.append(1, &samples(40, k as i64 * 40), 40)
+                .expect("append");
+        }
+        b
+    }
+
+    /// Checks every record from `from` on links to the one before (loss
+    /// records by their bridge) and is signed; returns the records.
+    fn assert_chain_from(b: &Buffer, from: u64) -> Vec<StoredBatch> {
+        let all = b.read_from(from, 100_000).expect("read");
+        let key = signer().key;
+        let mut prev: Option<Hash> = None;
+        for r in &all {
+            if let Some(p) = prev {
+                assert_eq!(r.prev_hash, p, "seq {} links to the record before", r.seq);
+            }
+            let link = Algorithm::Ed25519.link_hash(&r.prev_hash, &r.payload);
+            assert!(
+                Algorithm::Ed25519.verify(&key.public_key(), &link, &r.signature),
+                "seq {} is signed",
+                r.seq
+            );
+            let batch = Batch::decode(r.payload.as_ref()).expect("decodes");
+            prev = Some(
+                batch
+                    .loss
+                    .and_then(|l| chain::to_hash(&l.bridge_hash))
+                    .unwrap_or(link),
+            );
+        }
+        all
+    }
+
+    /// The loss a record declares, per tag: (tag, points, first ms, last ms).
+    fn declared(r: &StoredBatch) -> (Loss, Vec<(u32, u64, i64, i64)>) {
+        let loss = Batch::decode(r.payload.as_ref())
             .expect("decodes")
             .loss
-            .expect("loss record");
+            .expect("a loss record");
+        let tags = loss
+            .tags
+            .iter()
+            .map(|t| (t.tag, t.points, t.first_time_ms, t.last_time_ms))
+            .collect();
+        (loss, tags)
+    }
+
+    #[test]
+    fn a_record_failing_its_checksum_becomes_a_signed_bridged_loss_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let b = steady_batches(dir.path(), 8);
+            // Flip a payload byte of seq 5 behind redb's back.
+            let txn = b.db().expect("db").begin_write().expect("txn");
+            {
+                let mut t = txn.open_table(BATCHES).expect("table");
+                let mut record = t.get(5).expect("get").expect("record").value().to_vec();
+                let last = record.len() - 1;
+                record[last] ^= 0xFF;
+                t.insert(5, record.as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let b = open(dir.path(), 64 << 20).with_identity(signer());
+        let all = assert_chain_from(&b, 1);
+        assert_eq!(all.len(), 8);
+        let (loss, tags) = declared(&all[4]);
         assert_eq!(
-            (loss.points, loss.reason),
-            (10, LossReason::Corrupted as i32)
+            (loss.reason, loss.last_seq, loss.points, loss.estimated),
+            (LossReason::Corrupted as i32, 5, 40, true)
         );
+        assert_eq!(tags, batch_per_tag(5), "sized per tag from the neighbours");
+        let (kept, lost, _) = account(&b);
+        assert_eq!((kept, lost), (7 * 40, 40));
+    }
+
+    /// Damages the file of `steady_batches(…, 10)`: 16 bytes inside the
+    /// payload of each of `seqs`, and redb's header destroyed, so redb
+    /// cannot open it. Returns the buffer id.
+    fn damage_file(dir: &Path, seqs: &[u64]) -> u64 {
+        let (id, payloads) = {
+            let b = steady_batches(dir, 10);
+            let payloads: Vec<Bytes> = seqs
+                .iter()
+                .map(|&seq| b.read_from(seq, 1).expect("read").remove(0).payload)
+                .collect();
+            (b.buffer_id(), payloads)
+        };
+        let path = dir.join("buffer.redb");
+        let mut bytes = std::fs::read(&path).expect("read file");
+        for payload in payloads {
+            // Every copy: freed pages may hold older ones.
+            let at: Vec<usize> = bytes
+                .windows(payload.len())
+                .enumerate()
+                .filter(|(_, w)| *w == payload.as_ref())
+                .map(|(i, _)| i)
+                .collect();
+            assert!(!at.is_empty(), "the record is stored contiguously");
+            for at in at {
+                for b in &mut bytes[at + 40..at + 56] {
+                    *b ^= 0x5A;
+                }
+            }
+        }
+        bytes[..512].fill(0xA5);
+        std::fs::write(&path, bytes).expect("write file");
+        id
+    }
+
+    /// What batch `seq` of `steady_batches` held, per tag.
+    fn batch_per_tag(seq: u64) -> Vec<(u32, u64, i64, i64)> {
+        let t0 = (seq as i64 - 1) * 40;
+        (0..4)
+            .map(|t| (t, 10, t0 + t as i64, t0 + 36 + t as i64))
+            .collect()
+    }
+
+    #[test]
+    fn an_unopenable_file_is_salvaged_record_by_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Seq 10 is the newest: only the meta table says it existed.
+        let id = damage_file(dir.path(), &[5, 10]);
+        let b = open(dir.path(), 64 << 20).with_identity(signer());
+        assert_eq!(b.buffer_id(), id, "salvaged batches keep their buffer");
+        let all = assert_chain_from(&b, 1);
+        let seqs: Vec<(u64, u64)> = all.iter().map(|r| (r.seq, r.last_seq)).collect();
+        assert_eq!(seqs, (1..=10).map(|s| (s, s)).collect::<Vec<_>>());
+        for seq in [5, 10] {
+            let (loss, tags) = declared(&all[seq as usize - 1]);
+            assert_eq!(
+                (loss.reason, loss.points, loss.estimated),
+                (LossReason::Corrupted as i32, 40, true),
+                "seq {seq}"
+            );
+            assert_eq!(tags, batch_per_tag(seq), "seq {seq} sized per tag");
+        }
+        for r in all.iter().filter(|r| r.seq != 5 && r.seq != 10) {
+            let back = samples_of(&r.payload).expect("samples");
+            assert_eq!(back, samples(40, (r.seq as i64 - 1) * 40), "seq {}", r.seq);
+        }
+        assert_eq!(b.stats().expect("stats").next_seq, 11);
+        assert_eq!(
+            b.append(1, &samples(40, 400), 40).expect("append"),
+            11,
+            "new batches continue the sequence"
+        );
+        assert_chain_from(&b, 1);
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub fn build(config: &Config) -> Manifest {
     manifest
 }
 
-fn version_of(m: &Manifest) -> u64 {
+pub(crate) fn version_of(m: &Manifest) -> u64 {
     let digest = Sha256::digest(m.encode_to_vec());
     u64::from_be_bytes(digest[..8].try_into().expect("SHA-256 is 32 bytes"))
 }

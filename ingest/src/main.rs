@@ -576,7 +576,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
                     .map_err(anyhow::Error::msg)?;
             let gateways: Vec<String> = store
-                .gateway_owners()?
+                .gateway_owners()
+                .await?
                 .into_iter()
                 .filter(|(_, owner)| *owner == enterprise)
                 .map(|(g, _)| g)
@@ -611,6 +612,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     part,
                     Some(lang),
                 )
+                .await
                 .map_err(|e| anyhow::anyhow!("{}", e.1))?;
                 let file = match part {
                     Some(p) => format!("report-{p}.csv"),

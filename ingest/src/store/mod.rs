@@ -273,6 +273,9 @@ pub struct LossInfo {
     pub recorded_at_ms: i64,
     /// Per tag, when the gateway counted them.
     pub tags: Vec<TagLossInfo>,
+    /// The counts are the gateway's estimate: the records that held them
+    /// were damaged on its disk (reason `corrupted`).
+    pub estimated: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

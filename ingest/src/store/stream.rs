@@ -57,6 +57,9 @@ pub struct LossRecord {
     pub recorded_at_ms: i64,
     /// (manifest version, tag index, points, first ms, last ms, Bad points)
     pub tags: Vec<(u64, u32, u64, i64, i64, u64)>,
+    /// The gateway estimated the counts (its records of them were damaged).
+    #[serde(default)]
+    pub estimated: bool,
 }
 
 impl LossRecord {
@@ -94,6 +97,7 @@ impl LossRecord {
             points: self.points,
             reason: self.reason,
             recorded_at_ms: self.recorded_at_ms,
+            estimated: self.estimated,
         })
     }
 }
@@ -109,6 +113,7 @@ pub fn loss_of(a: &AppendBatch) -> Option<LossRecord> {
             reason: format!("{REJECTED}: {reason}"),
             recorded_at_ms: a.received_at_ms,
             tags: Vec::new(),
+            estimated: false,
         });
     }
     let loss = b.loss.as_ref()?;
@@ -124,6 +129,7 @@ pub fn loss_of(a: &AppendBatch) -> Option<LossRecord> {
         points: Some(loss.points),
         reason: format!("dropped by the gateway: {reason}"),
         recorded_at_ms: a.received_at_ms,
+        estimated: loss.estimated,
         tags: loss
             .tags
             .iter()
@@ -160,6 +166,7 @@ pub fn acknowledged_elsewhere(
         reason: "acknowledged before this store knew the stream; not in this store".into(),
         recorded_at_ms: now_ms,
         tags: Vec::new(),
+        estimated: false,
     })
 }
 
@@ -177,6 +184,7 @@ pub fn holes(gateway: &str, buffer_id: u64, ranges: &SeqRanges, now_ms: i64) -> 
             reason: "not received (yet): later batches arrived first".into(),
             recorded_at_ms: now_ms,
             tags: Vec::new(),
+            estimated: false,
         })
         .collect()
 }

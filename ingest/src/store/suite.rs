@@ -133,6 +133,7 @@ fn loss_batch(seq: u64, last_seq: u64, tags: Vec<TagLoss>) -> Batch {
             tags,
             reason: LossReason::BufferFull as i32,
             bridge_hash: Vec::new(),
+            estimated: false,
         }),
         ..Default::default()
     }
