@@ -18,7 +18,7 @@
 //! one-tree path, whose problems (with line numbers) are the ones reported;
 //! a clean cut gives the same config as the one-tree path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -662,6 +662,7 @@ impl Config {
                 );
             }
         }
+        #[cfg(feature = "mqtt")]
         check_primary_hosts(&devices, &mut problems);
 
         match (gateway, uplink, buffer, status) {
@@ -861,8 +862,9 @@ fn parse_device(
 
 /// A primary host's STATE lives in one MQTT session: two devices announcing
 /// the same host on one broker would publish each other's will.
+#[cfg(feature = "mqtt")]
 fn check_primary_hosts(devices: &[DeviceConfig], problems: &mut Problems) {
-    let mut hosts: HashMap<(String, &str), &str> = HashMap::new();
+    let mut hosts: std::collections::HashMap<(String, &str), &str> = Default::default();
     for (i, d) in devices.iter().enumerate() {
         let DeviceConfig::Mqtt(m) = d else { continue };
         let Some(host) = m.primary_host_id.as_deref() else {
