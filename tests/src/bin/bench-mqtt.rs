@@ -61,6 +61,11 @@ struct Args {
     /// Modes to measure: flow, drain.
     #[arg(long, value_delimiter = ',', default_value = "flow,drain")]
     mode: Vec<String>,
+    /// `json`, or `sparkplug`: an edge node's NDATA with alias-only Float
+    /// metrics after one NBIRTH, seq counting (flow mode only: a collector
+    /// that reconnects asks for a new birth, which the bench does not send).
+    #[arg(long, default_value = "json")]
+    payload: String,
 }
 
 struct RunResult {
@@ -110,8 +115,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!(
-            "bench-mqtt: {} messages x {} values per run, {} runs per QoS",
-            args.messages, args.values, args.runs
+            "bench-mqtt: {} {} messages x {} values per run, {} runs per QoS",
+            args.messages, args.payload, args.values, args.runs
         );
         for (mode, &qos) in args
             .mode
@@ -123,6 +128,11 @@ fn main() -> anyhow::Result<()> {
                 "drain" => true,
                 other => bail!("unknown mode `{other}`, expected flow or drain"),
             };
+            match (args.payload.as_str(), drain) {
+                ("json", _) | ("sparkplug", false) => {}
+                ("sparkplug", true) => bail!("--payload sparkplug measures flow mode only"),
+                (other, _) => bail!("unknown payload `{other}`, expected json or sparkplug"),
+            }
             let mut results = Vec::new();
             for run in 0..args.runs {
                 let r = match one_run(&args, qos, run, drain).await {
@@ -213,7 +223,13 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         false,
         &format!("queue_qos0_messages true\n{}\n", args.broker_conf),
     )?;
-    let topic = format!("bench/{run}/data");
+    let sparkplug = args.payload == "sparkplug";
+    let node = format!("node{run}");
+    let topic = if sparkplug {
+        format!("spBv1.0/bench/NDATA/{node}")
+    } else {
+        format!("bench/{run}/data")
+    };
     let mq = if qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -223,15 +239,21 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
     // The gateway side: collector -> sink -> writer -> redb buffer.
     let mut tags = String::new();
     for i in 0..args.values {
-        tags.push_str(&format!(
-            "[[devices.tags]]\nname = \"v{i}\"\npointer = \"/v{i}\"\n"
-        ));
+        tags.push_str(&format!("[[devices.tags]]\nname = \"v{i}\"\n"));
+        if !sparkplug {
+            tags.push_str(&format!("pointer = \"/v{i}\"\n"));
+        }
     }
+    let source = if sparkplug {
+        format!("payload = \"sparkplug\"\ngroup = \"bench\"\nedge_node = \"{node}\"")
+    } else {
+        format!("topic = \"{topic}\"")
+    };
     let text = format!(
         "[gateway]\nid = \"bench\"\n[uplink]\nendpoint = \"https://127.0.0.1:1\"\ntoken = \"t\"\n\
          [buffer]\ndir = \"buffer\"\nmax_bytes = \"4 GiB\"\n\
          [[devices]]\nid = \"dev\"\nprotocol = \"mqtt\"\nbroker = \"mqtt://127.0.0.1:{}\"\n\
-         qos = {qos}\ntopic = \"{topic}\"\n{tags}",
+         qos = {qos}\n{source}\n{tags}",
         broker.port
     );
     let config =
@@ -284,19 +306,30 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
     .await?;
 
     let publisher = Publisher::connect(broker.port, &format!("pub-{run}"), false).await?;
-    let payload = |n: u64| {
-        let mut p = format!("{{\"n\":{n}");
-        for i in 0..args.values {
-            p.push_str(&format!(",\"v{i}\":{}.{}", n % 1000, i));
+    // Message n (n ≥ 1 after the warm-up's n = 0).
+    let payload = |n: u64| -> Vec<u8> {
+        if sparkplug {
+            sparkplug_payload(Some(n + 1), args.values, n, false)
+        } else {
+            let mut p = format!("{{\"n\":{n}");
+            for i in 0..args.values {
+                p.push_str(&format!(",\"v{i}\":{}.{}", n % 1000, i));
+            }
+            p.push('}');
+            p.into_bytes()
         }
-        p.push('}');
-        p
     };
 
     // Warm-up: until both sides see messages, then settle.
     let mut points = PointCounter::default();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
+        if sparkplug {
+            let birth = sparkplug_payload(Some(0), args.values, 0, true);
+            publisher
+                .publish(&format!("spBv1.0/bench/NBIRTH/{node}"), mq, birth)
+                .await;
+        }
         publisher.publish(&topic, mq, payload(0)).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         points.update(&buffer)?;
@@ -343,7 +376,7 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
     let pub_task = {
         let client = publisher.client.clone();
         let topic = topic.clone();
-        let payloads: Vec<String> = (1..=n_publish).map(payload).collect();
+        let payloads: Vec<Vec<u8>> = (1..=n_publish).map(payload).collect();
         tokio::spawn(async move {
             for p in payloads {
                 if client.publish(&topic, mq, false, p).await.is_err() {
@@ -386,6 +419,30 @@ async fn one_run(args: &Args, qos: u8, run: usize, drain: bool) -> anyhow::Resul
         gateway_whole: gw.whole(n)?,
         bare_whole: bare.whole(n)?,
     })
+}
+
+/// A Sparkplug B payload of `values` Float metrics `v0…`: the birth names
+/// them with aliases 1… and their datatype; data carries aliases only.
+/// `seq` counts from the birth's 0 and wraps at 256.
+fn sparkplug_payload(seq: Option<u64>, values: usize, n: u64, birth: bool) -> Vec<u8> {
+    use guantong_gateway::mqtt::sparkplug::{Metric, MetricValue, Payload};
+    use prost::Message;
+    let metrics = (0..values)
+        .map(|i| Metric {
+            name: birth.then(|| format!("v{i}")),
+            alias: Some(i as u64 + 1),
+            datatype: birth.then_some(9),
+            value: Some(MetricValue::Float((n % 1000) as f32 + i as f32 / 10.0)),
+            ..Metric::default()
+        })
+        .collect();
+    Payload {
+        timestamp: Some(guantong_gateway::quality::now_ms() as u64),
+        metrics,
+        seq: seq.map(|s| s % 256),
+        uuid: None,
+    }
+    .encode_to_vec()
 }
 
 /// Points committed to the buffer, summed incrementally over new batches.
