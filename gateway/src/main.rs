@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use guantong_gateway::config::Config;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Exit code for a config that does not validate.
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -437,12 +440,15 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 
 fn init_tracing() {
     let filter = guantong_gateway::modbus::log_filter(std::env::var("GUANTONG_LOG").ok());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter: Targets = filter.parse().unwrap_or_else(|e| {
+        eprintln!("GUANTONG_LOG: {e}; logging at info");
+        Targets::new().with_default(tracing::Level::INFO)
+    });
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        .finish()
+        .with(filter)
         .init();
 }
