@@ -282,7 +282,7 @@ const TEXT: &[(&str, &str, &str)] = &[
     ),
     (
         "fingerprint",
-        "证据包指纹（SHA-256，不含导出时间；与一企一档中的证据包一致）",
+        "证据包指纹（不含导出时间；与一企一档中的证据包一致）",
         "Evidence bundle fingerprint (SHA-256, export time excluded; the dossier's bundle has the same)",
     ),
     (
@@ -655,7 +655,7 @@ pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> St
         h1 { (t(lang, "overview_title")) }
         p.muted {
             (t(lang, "overview_refresh")) " · " (t(lang, "generated")) " " (local_of(&s.generated_at))
-            " · JSON: " a href="/api/v1/summary" translate="no" { "/api/v1/summary" }
+            " · " span translate="no" { "JSON: " a href="/api/v1/summary" { "/api/v1/summary" } }
         }
         p id="links" {
             a id="city-link" href={ "/city?lang=" (lang_code) } { (t(lang, "city_title")) }
