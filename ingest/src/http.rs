@@ -505,7 +505,12 @@ async fn overview<S: Store>(
         from: None,
         to: None,
     };
-    let Json(s) = summary(State(state.clone()), Extension(viewer.clone()), Query(window)).await?;
+    let Json(s) = summary(
+        State(state.clone()),
+        Extension(viewer.clone()),
+        Query(window),
+    )
+    .await?;
     let enterprises: Vec<(String, String)> = state
         .store
         .enterprises()

@@ -240,8 +240,7 @@ pub fn decode_equipment_csv(bytes: &[u8], encoding: Option<&str>) -> Result<Stri
     };
     let mut decoder = encoding.new_decoder_without_bom_handling();
     let mut text = String::with_capacity(bytes.len() * 3 / 2 + 4);
-    let (result, read) =
-        decoder.decode_to_string_without_replacement(bytes, &mut text, true);
+    let (result, read) = decoder.decode_to_string_without_replacement(bytes, &mut text, true);
     match result {
         encoding_rs::DecoderResult::InputEmpty => {
             Ok(text.strip_prefix('\u{feff}').unwrap_or(&text).to_string())
@@ -492,7 +491,10 @@ mod tests {
         let text = "设备编号,设备名称,车间,生产设备\nE1,反应釜1号,一车间,是\nE2,空压机,动力站,否\n";
         let (gbk, _, unmappable) = encoding_rs::GBK.encode(text);
         assert!(!unmappable);
-        assert!(std::str::from_utf8(&gbk).is_err(), "the sample must not be UTF-8");
+        assert!(
+            std::str::from_utf8(&gbk).is_err(),
+            "the sample must not be UTF-8"
+        );
         for declared in [None, Some("gbk"), Some("GB18030")] {
             let decoded = decode_equipment_csv(&gbk, declared).expect("decodes");
             assert_eq!(decoded, text, "{declared:?}");
@@ -510,7 +512,10 @@ mod tests {
         // Neither encoding: a GBK lead byte without its trail byte on line 3.
         let broken = b"id,name\nE1,A\nE2,\x81\n";
         let e = decode_equipment_csv(broken, None).expect_err("neither");
-        assert!(e.starts_with("line 3: the file is neither UTF-8 nor GBK"), "{e}");
+        assert!(
+            e.starts_with("line 3: the file is neither UTF-8 nor GBK"),
+            "{e}"
+        );
         let e = decode_equipment_csv(b"id", Some("klingon")).expect_err("unknown label");
         assert!(e.contains("encoding `klingon`"), "{e}");
     }

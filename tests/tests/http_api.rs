@@ -890,7 +890,12 @@ async fn equipment_register_in_gbk_is_imported() -> anyhow::Result<()> {
             .body(gbk.to_vec())
             .send()
             .await?;
-        assert_eq!(resp.status(), StatusCode::OK, "{query}: {}", resp.text().await?);
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "{query}: {}",
+            resp.text().await?
+        );
         let (_, list) = w.send("admin", Method::GET, &path, None).await?;
         assert_eq!(list["equipment"][0]["name"], "反应釜1号", "{query}: {list}");
     }
@@ -919,7 +924,12 @@ async fn equipment_register_in_gbk_is_imported() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let (_, list) = w
-        .send("admin", Method::GET, &format!("/api/v1/enterprises/{B}/equipment"), None)
+        .send(
+            "admin",
+            Method::GET,
+            &format!("/api/v1/enterprises/{B}/equipment"),
+            None,
+        )
         .await?;
     assert_eq!(list["equipment"][1]["name"], "空压机", "{list}");
     Ok(())

@@ -468,7 +468,9 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
         ] {
             let sep = if path.contains('?') { '&' } else { '?' };
             let page = format!("{path} {lang}");
-            browser.open(&format!("{base}{path}{sep}lang={lang}")).await?;
+            browser
+                .open(&format!("{base}{path}{sep}lang={lang}"))
+                .await?;
             let m = browser.eval(MEASURE).await?;
             let text = m["text"].as_str().unwrap_or_default();
             let error = m["error"].as_str().unwrap_or_default();
@@ -673,7 +675,9 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
     for page in ["report-zh.html", "report-en.html"] {
         let html = std::fs::read_to_string(dossier.join(page))?;
         assert!(
-            html.contains(&format!("id=\"fingerprint\" translate=\"no\">{fingerprint}<")),
+            html.contains(&format!(
+                "id=\"fingerprint\" translate=\"no\">{fingerprint}<"
+            )),
             "{page} lacks the bundle's fingerprint {fingerprint}"
         );
     }

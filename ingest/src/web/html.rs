@@ -291,7 +291,11 @@ const TEXT: &[(&str, &str, &str)] = &[
         "Download the dossier (this window)",
     ),
     ("wrong_token", "令牌无效", "Wrong token"),
-    ("error_400", "请求有误，无法显示", "The request is not valid"),
+    (
+        "error_400",
+        "请求有误，无法显示",
+        "The request is not valid",
+    ),
     ("error_403", "无权查看", "Not permitted"),
     (
         "error_404",
@@ -314,7 +318,11 @@ const TEXT: &[(&str, &str, &str)] = &[
     ("quality_col", "质量", "Quality"),
     ("samples", "样本数", "Samples"),
     ("last_seen", "最近接收", "Last seen"),
-    ("completeness_window", "完整率（最近一小时）", "Completeness (last hour)"),
+    (
+        "completeness_window",
+        "完整率（最近一小时）",
+        "Completeness (last hour)",
+    ),
     ("received_n", "实收", "Received"),
     ("expected_n", "应收", "Expected"),
     ("good", "好", "Good"),
@@ -615,7 +623,9 @@ pub fn error_page(lang: Lang, status: u16, detail: &str) -> String {
 /// then the unit.
 fn value_text(lang: Lang, data_type: &str, v: &serde_json::Value, unit: &str) -> String {
     let text = match v {
-        serde_json::Value::Bool(b) => t(lang, if *b { "bool_true" } else { "bool_false" }).to_string(),
+        serde_json::Value::Bool(b) => {
+            t(lang, if *b { "bool_true" } else { "bool_false" }).to_string()
+        }
         serde_json::Value::Number(n) if data_type == "double" || n.is_f64() => match n.as_f64() {
             Some(x) => fmt_double(x),
             None => n.to_string(),
@@ -623,7 +633,11 @@ fn value_text(lang: Lang, data_type: &str, v: &serde_json::Value, unit: &str) ->
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    if unit.is_empty() { text } else { format!("{text} {unit}") }
+    if unit.is_empty() {
+        text
+    } else {
+        format!("{text} {unit}")
+    }
 }
 
 /// The shortest decimal of a double, as an f32 when it is one (most field
@@ -708,7 +722,14 @@ pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> St
     };
     let refresh = html! { meta http-equiv="refresh" content="5"; };
     let switch = format!("/?lang={}", if lang == Lang::Zh { "en" } else { "zh" });
-    page_with_head(lang, t(lang, "overview_title"), &switch, refresh, html! {}, body)
+    page_with_head(
+        lang,
+        t(lang, "overview_title"),
+        &switch,
+        refresh,
+        html! {},
+        body,
+    )
 }
 
 /// Width in px of `s` at `size` px, as a CJK sans font draws it (CJK
@@ -1468,8 +1489,15 @@ mod tests {
             keys.extend(parts.step_by(2).map(str::to_string));
         }
         keys.extend(
-            ["error_400", "error_403", "error_404", "error_500", "by_industry", "by_county"]
-                .map(String::from),
+            [
+                "error_400",
+                "error_403",
+                "error_404",
+                "error_500",
+                "by_industry",
+                "by_county",
+            ]
+            .map(String::from),
         );
         for cause in [
             "device_fault",
