@@ -16,6 +16,9 @@
 //! report, city view and access-log read is recorded in the access log with
 //! who and when.
 //!
+//! Page routes (`/report/CODE`, `/city`) answer a failure with an HTML page
+//! in the page's language and the API's status; API routes with JSON.
+//!
 //! `harden` wraps every route: cross-site form posts are refused, errors
 //! are `{"error": "..."}`, and responses carry CSP, `X-Frame-Options`,
 //! `Referrer-Policy` and `nosniff`.
@@ -916,14 +919,15 @@ pub async fn report_page<S: Store>(
 ) -> Response {
     q.format = Some("html".into());
     let lang = html::Lang::from(q.lang.as_deref());
-    match report(state, viewer, code, Query(q)).await {
-        Ok(resp) => resp,
-        Err(ApiError(status, message)) => (
-            status,
-            Html(html::error_page(lang, status.as_u16(), &message)),
-        )
-            .into_response(),
-    }
+    report(state, viewer, code, Query(q))
+        .await
+        .unwrap_or_else(|e| page_error(lang, e))
+}
+
+/// An error of a page route as a page, with the API's status and message.
+fn page_error(lang: html::Lang, ApiError(status, message): ApiError) -> Response {
+    let page = html::error_page(lang, status.as_u16(), &message);
+    (status, Html(page)).into_response()
 }
 
 pub async fn city<S: Store>(
@@ -958,13 +962,18 @@ pub async fn city<S: Store>(
     .await
 }
 
+/// The city view as a page; a failure (a bad window) is an HTML page in
+/// the page's language, as for the report.
 pub async fn city_page<S: Store>(
     state: State<Arc<ApiState<S>>>,
     viewer: Extension<Arc<Viewer>>,
     Query(mut q): Query<ReportQuery>,
-) -> Result<Response, ApiError> {
+) -> Response {
     q.format = Some("html".into());
-    city(state, viewer, Query(q)).await
+    let lang = html::Lang::from(q.lang.as_deref());
+    city(state, viewer, Query(q))
+        .await
+        .unwrap_or_else(|e| page_error(lang, e))
 }
 
 /// A report or the city view as bytes, for the CLI.

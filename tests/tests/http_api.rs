@@ -835,6 +835,7 @@ async fn pages_fail_as_pages_and_the_overview_speaks_both_languages() -> anyhow:
             "请求有误",
             "not valid",
         ),
+        ("/city?from=2026-02-30", 400, "请求有误", "not valid"),
     ] {
         for (lang, want) in [("zh", zh), ("en", en)] {
             let sep = if path.contains('?') { '&' } else { '?' };

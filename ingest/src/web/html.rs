@@ -535,7 +535,8 @@ fn page_with_head(
                 (head)
             }
             body {
-                p.muted.nav {
+                // A div: a form may not stand inside a p.
+                div.muted.nav {
                     a.nav href=(switch_href) lang=(html_lang(if lang == Lang::Zh { Lang::En } else { Lang::Zh })) translate="no" {
                         (t(lang, "switch"))
                     }
