@@ -2,7 +2,7 @@
 //!
 //! | route                 | what                                                      |
 //! |-----------------------|-----------------------------------------------------------|
-//! | `GET /`               | live overview page (polls `/api/v1/summary`)              |
+//! | `GET /`               | live overview page, zh or `?lang=en`, reloads every 5 s   |
 //! | `GET /healthz`        | `ok`                                                      |
 //! | `GET /api/v1/summary` | gateway -> device -> tag connectivity, `?from=&to=`       |
 //! | `GET /api/v1/points`  | stored points of one tag, `?gateway=&device=&tag=&from=&to=&limit=` |
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -51,7 +51,7 @@ pub struct ApiState<S> {
 
 pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
     let protected = Router::new()
-        .route("/", get(|| async { Html(OVERVIEW_HTML) }))
+        .route("/", get(overview::<S>))
         .route("/api/v1/summary", get(summary::<S>))
         .route("/api/v1/points", get(points::<S>))
         .route("/api/v1/losses", get(losses::<S>))
@@ -91,7 +91,6 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/login", get(web::login_page).post(web::login::<S>))
         .route("/logout", post(web::logout::<S>))
-        .route("/overview.js", get(overview_js))
         .merge(protected)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn(web::harden))
@@ -489,49 +488,39 @@ async fn losses<S: Store>(
     Ok(Json(serde_json::json!({ "losses": losses })))
 }
 
-const OVERVIEW_HTML: &str = r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Guantong ingest</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}
-td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}
-th{background:#f3f3f3}.bad{color:#b00}.good{color:#070}.muted{color:#777}
-</style></head><body>
-<h1>Guantong ingest — live connectivity</h1>
-<p class="muted">Refreshes every 2 s. JSON: <a href="/api/v1/summary">/api/v1/summary</a>, <a href="/api/v1/losses">/api/v1/losses</a></p>
-<div id="out">loading…</div>
-<script src="/overview.js"></script></body></html>"#;
+#[derive(Deserialize)]
+pub struct OverviewQuery {
+    lang: Option<String>,
+}
 
-async fn overview_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        OVERVIEW_JS,
+/// The live overview `/` (`?lang=en` for English): the summary as the
+/// account sees it, with links to the reports it may read and the city view.
+async fn overview<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+    Query(q): Query<OverviewQuery>,
+) -> Result<Html<String>, ApiError> {
+    let lang = web::html::Lang::from(q.lang.as_deref());
+    let window = WindowQuery {
+        from: None,
+        to: None,
+    };
+    let Json(s) = summary(
+        State(state.clone()),
+        Extension(viewer.clone()),
+        Query(window),
     )
+    .await?;
+    let enterprises: Vec<(String, String)> = state
+        .store
+        .enterprises()
+        .await?
+        .into_iter()
+        .filter(|e| viewer.account.can_read(e))
+        .map(|e| (e.code, e.name))
+        .collect();
+    Ok(Html(web::html::overview(&s, &enterprises, lang)))
 }
-
-/// The overview's script, a file of its own so the pages' CSP allows no
-/// inline script.
-const OVERVIEW_JS: &str = r#"function esc(s){return String(s).replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]))}
-async function refresh(){
-  try{
-    const r=await fetch('/api/v1/summary');const s=await r.json();let h='';
-    for(const g of s.gateways){
-      const c=g.connection;
-      h+=`<h2>Gateway ${esc(g.id)} <span class="${c&&c.connected?'good':'bad'}">${c&&c.connected?'connected':'not connected'}</span></h2>`;
-      for(const d of g.devices){
-        h+=`<h3>${esc(d.id)} <span class="muted">${esc(d.protocol)} ${esc(d.endpoint)}</span></h3><table><tr><th>tag</th><th>address</th><th>last value</th><th>quality</th><th>samples</th><th>last seen</th><th>completeness (window)</th></tr>`;
-        for(const t of d.tags){
-          const comp=t.window.completeness==null?'–':(100*t.window.completeness).toFixed(1)+'%';
-          h+=`<tr><td>${esc(t.name)}</td><td>${esc(t.address)}</td><td>${t.last_value==null?'–':esc(t.last_value)} ${esc(t.unit)}</td><td class="${t.last_quality==='good'?'good':'bad'}">${esc(t.last_quality||'–')}</td><td>${t.samples}</td><td>${esc(t.last_seen||'–')}</td><td>${comp}</td></tr>`;
-        }
-        h+='</table>';
-      }
-    }
-    document.getElementById('out').innerHTML=h||'No gateway registered yet.';
-  }catch(e){document.getElementById('out').textContent='API unreachable: '+e}
-}
-refresh();setInterval(refresh,2000);
-"#;
 
 #[cfg(test)]
 mod tests {

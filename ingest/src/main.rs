@@ -83,8 +83,12 @@ enum Command {
         #[arg(long)]
         enterprise: String,
         /// CSV with columns id,name[,kind,workshop,production,gateway,device]
-        /// (or the Chinese headers 设备编号,设备名称,…).
+        /// (or the Chinese headers 设备编号,设备名称,…), UTF-8 or GBK/GB18030
+        /// as Excel on Chinese Windows saves it.
         file: PathBuf,
+        /// The file's encoding (utf-8, gbk, gb18030); detected when not given.
+        #[arg(long)]
+        encoding: Option<String>,
     },
     /// Make a gateway belong to an enterprise (while `serve` runs, through it).
     AssignGateway {
@@ -452,9 +456,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             data,
             enterprise,
             file,
+            encoding,
         } => {
-            let text = std::fs::read_to_string(&file)
+            let bytes = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let text = guantong_ingest::registry::decode_equipment_csv(&bytes, encoding.as_deref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let list = parse_equipment_csv(&text).map_err(|problems| {
                 anyhow::anyhow!("{}:\n  {}", file.display(), problems.join("\n  "))
             })?;
@@ -575,13 +582,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let (from_day, to_day) =
                 guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
                     .map_err(anyhow::Error::msg)?;
-            let gateways: Vec<String> = store
-                .gateway_owners()
-                .await?
-                .into_iter()
-                .filter(|(_, owner)| *owner == enterprise)
-                .map(|(g, _)| g)
-                .collect();
+            // The same bundle whose fingerprint the report's footer shows.
+            let (gateways, bundle) =
+                guantong_ingest::web::enterprise_bundle(&store, &enterprise, from_day, to_day)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.1))?;
             let snap = guantong_ingest::web::snapshot(&store)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.1))?;
@@ -620,9 +625,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 };
                 write(&file, &bytes)?;
             }
-            let bundle = store
-                .export_evidence(gateways.clone(), from_day, to_day)
-                .await?;
             guantong_ingest::evidence::write_bundle(&out.join("evidence-bundle.json"), &bundle)?;
             // Digests exist for complete UTC days only.
             let mut digests = Vec::new();
@@ -720,6 +722,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("{failures} check(s) fail: the evidence does not hold");
             }
             println!("all checks hold");
+            println!(
+                "bundle fingerprint (as in the report's footer): {}",
+                guantong_ingest::evidence::fingerprint(&b)
+            );
             Ok(())
         }
         Command::Digest {

@@ -206,6 +206,65 @@ const COLUMNS: &[(&str, &[&str])] = &[
     ("device", &["device", "采集设备"]),
 ];
 
+/// How to save a register as UTF-8, for every refusal of its encoding.
+const SAVE_AS_UTF8: &str = "save it as UTF-8 (Excel: 另存为 / Save As → \"CSV UTF-8（逗号分隔）/ CSV UTF-8 (Comma delimited)\"), or declare its encoding (--encoding gbk, or ?encoding=gbk over HTTP)";
+
+/// The text of an equipment register file as Excel writes it: UTF-8 (BOM
+/// or not), or GBK/GB18030, what Excel on Chinese Windows saves as
+/// "CSV（逗号分隔）". `encoding` declares it (a WHATWG label such as
+/// `utf-8`, `gbk`, `gb18030`); undeclared, bytes that are UTF-8 are UTF-8
+/// and others are read as GB18030 (a superset of GBK). Bytes that are
+/// neither are refused naming the line and how to save the file as UTF-8.
+/// Decoding by encoding_rs (the WHATWG decoders of Firefox), never by hand.
+pub fn decode_equipment_csv(bytes: &[u8], encoding: Option<&str>) -> Result<String, String> {
+    let line_of = |at: usize| bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+    let declared = match encoding {
+        Some(label) => Some(
+            encoding_rs::Encoding::for_label(label.trim().as_bytes()).ok_or_else(|| {
+                format!("encoding `{label}`: unknown; expected utf-8, gbk or gb18030")
+            })?,
+        ),
+        None => None,
+    };
+    let utf8_error = match std::str::from_utf8(bytes) {
+        Ok(text) if declared.is_none_or(|e| e == encoding_rs::UTF_8) => {
+            return Ok(text.strip_prefix('\u{feff}').unwrap_or(text).to_string());
+        }
+        Ok(_) => None,
+        Err(e) => Some(e.valid_up_to()),
+    };
+    let encoding = match declared {
+        Some(e) => e,
+        None if bytes.starts_with(&[0xEF, 0xBB, 0xBF]) => encoding_rs::UTF_8,
+        None => encoding_rs::GB18030,
+    };
+    let mut decoder = encoding.new_decoder_without_bom_handling();
+    let mut text = String::with_capacity(bytes.len() * 3 / 2 + 4);
+    let (result, read) = decoder.decode_to_string_without_replacement(bytes, &mut text, true);
+    match result {
+        encoding_rs::DecoderResult::InputEmpty => {
+            Ok(text.strip_prefix('\u{feff}').unwrap_or(&text).to_string())
+        }
+        _ => {
+            // The first byte that is not text in the encoding tried, or
+            // the first that is not UTF-8 when the file was not declared.
+            let at = if declared.is_some() {
+                read.saturating_sub(1)
+            } else {
+                utf8_error.unwrap_or(read)
+            };
+            let what = match declared {
+                Some(e) => format!("not {} text", e.name()),
+                None => "neither UTF-8 nor GBK/GB18030 text".to_string(),
+            };
+            Err(format!(
+                "line {}: the file is {what}: {SAVE_AS_UTF8}",
+                line_of(at.min(bytes.len()))
+            ))
+        }
+    }
+}
+
 /// Parses an equipment register from CSV (UTF-8, BOM allowed). Every problem
 /// is reported with its line, not only the first.
 pub fn parse_equipment_csv(text: &str) -> Result<Vec<Equipment>, Vec<String>> {
@@ -423,6 +482,42 @@ mod tests {
             ("gw-1", "kettle-1")
         );
         assert!(list[0].production && !list[1].production);
+    }
+
+    /// What Excel on Chinese Windows saves ("CSV（逗号分隔）") is GBK:
+    /// detected, or declared; bytes that are neither refused with the line.
+    #[test]
+    fn equipment_csv_in_gbk_as_excel_saves_it() {
+        let text = "设备编号,设备名称,车间,生产设备\nE1,反应釜1号,一车间,是\nE2,空压机,动力站,否\n";
+        let (gbk, _, unmappable) = encoding_rs::GBK.encode(text);
+        assert!(!unmappable);
+        assert!(
+            std::str::from_utf8(&gbk).is_err(),
+            "the sample must not be UTF-8"
+        );
+        for declared in [None, Some("gbk"), Some("GB18030")] {
+            let decoded = decode_equipment_csv(&gbk, declared).expect("decodes");
+            assert_eq!(decoded, text, "{declared:?}");
+        }
+        let list = parse_equipment_csv(&decode_equipment_csv(&gbk, None).expect("decodes"))
+            .expect("parses");
+        assert_eq!(list[0].name, "反应釜1号");
+        let bom = [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat();
+        assert_eq!(decode_equipment_csv(&bom, None).as_deref(), Ok(text));
+        // Declared UTF-8 but GBK on line 2: the line and how to save as UTF-8.
+        let mixed = [b"id,name\n".as_slice(), &gbk[..]].concat();
+        let e = decode_equipment_csv(&mixed, Some("utf-8")).expect_err("not UTF-8");
+        assert!(e.starts_with("line 2: the file is not UTF-8 text"), "{e}");
+        assert!(e.contains("CSV UTF-8"), "{e}");
+        // Neither encoding: a GBK lead byte without its trail byte on line 3.
+        let broken = b"id,name\nE1,A\nE2,\x81\n";
+        let e = decode_equipment_csv(broken, None).expect_err("neither");
+        assert!(
+            e.starts_with("line 3: the file is neither UTF-8 nor GBK"),
+            "{e}"
+        );
+        let e = decode_equipment_csv(b"id", Some("klingon")).expect_err("unknown label");
+        assert!(e.contains("encoding `klingon`"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Accounts, the acceptance registry and reports over HTTP.
 //!
-//! Every route but `/healthz`, `/login`, `/logout` and `/overview.js` needs
+//! Every route but `/healthz`, `/login` and `/logout` needs
 //! an account token: an `Authorization: Bearer` header (scheme in any case),
 //! or a browser session. `?token=` in an address (a link that opens a
 //! report) or the login form opens a session: a random id in an `HttpOnly;
@@ -16,11 +16,14 @@
 //! report, city view and access-log read is recorded in the access log with
 //! who and when.
 //!
+//! Page routes (`/report/CODE`, `/city`) answer a failure with an HTML page
+//! in the page's language and the API's status; API routes with JSON.
+//!
 //! `harden` wraps every route: cross-site form posts are refused, errors
 //! are `{"error": "..."}`, and responses carry CSP, `X-Frame-Options`,
 //! `Referrer-Policy` and `nosniff`.
 
-mod html;
+pub(crate) mod html;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -550,13 +553,22 @@ pub async fn get_equipment<S: Store>(
     .await
 }
 
-/// Replaces the register from CSV (or a JSON list).
+#[derive(Deserialize)]
+pub struct EncodingQuery {
+    encoding: Option<String>,
+}
+
+/// Replaces the register from CSV (UTF-8, or GBK/GB18030 detected or
+/// declared by `?encoding=`) or a JSON list.
 pub async fn put_equipment<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
     Path(code): Path<String>,
-    body: String,
+    Query(q): Query<EncodingQuery>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = crate::registry::decode_equipment_csv(&body, q.encoding.as_deref())
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("equipment CSV: {e}")))?;
     let list = if body.trim_start().starts_with('[') {
         serde_json::from_str(&body)
             .map_err(|e| err(StatusCode::BAD_REQUEST, format!("equipment JSON: {e}")))?
@@ -829,16 +841,47 @@ pub async fn report<S: Store>(
         readable(&*store, &viewer, &code).await?;
         record(&*store, &viewer, "GET", &format!("report/{code}"), &code).await;
         let r = build_report(&*store, &snap, &code, from_day, to_day, &criteria).await?;
-        render_report(&r, &q)
+        let fingerprint = if q.format.as_deref() == Some("html") {
+            let (_, bundle) = enterprise_bundle(&*store, &code, from_day, to_day).await?;
+            Some(crate::evidence::fingerprint(&bundle))
+        } else {
+            None
+        };
+        render_report(&r, &q, fingerprint.as_deref())
     }
     .await
 }
 
-pub fn render_report(r: &EnterpriseReport, q: &ReportQuery) -> Result<Response, ApiError> {
+/// The gateways of an enterprise and their evidence bundle over a window:
+/// what the dossier writes, and whose fingerprint the report's footer shows.
+pub async fn enterprise_bundle<S: Store>(
+    store: &S,
+    code: &str,
+    from_day: i64,
+    to_day: i64,
+) -> Result<(Vec<String>, crate::evidence::bundle::Bundle), ApiError> {
+    let gateways: Vec<String> = store
+        .gateway_owners()
+        .await?
+        .into_iter()
+        .filter(|(_, owner)| owner == code)
+        .map(|(g, _)| g)
+        .collect();
+    let bundle = store
+        .export_evidence(gateways.clone(), from_day, to_day)
+        .await?;
+    Ok((gateways, bundle))
+}
+
+pub fn render_report(
+    r: &EnterpriseReport,
+    q: &ReportQuery,
+    fingerprint: Option<&str>,
+) -> Result<Response, ApiError> {
     let lang = html::Lang::from(q.lang.as_deref());
     match q.format.as_deref().unwrap_or("json") {
         "json" => Ok(Json(r).into_response()),
-        "html" => Ok(Html(html::report(r, lang)).into_response()),
+        "html" => Ok(Html(html::report(r, lang, fingerprint)).into_response()),
         "csv" => {
             let part = q.part.as_deref().unwrap_or("devices");
             let body =
@@ -866,14 +909,25 @@ fn csv_response(body: Vec<u8>, name: &str) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
+/// The report as a page. A failure (unknown or malformed code, bad window)
+/// is an HTML page in the page's language with the same status, not JSON.
 pub async fn report_page<S: Store>(
     state: State<Arc<ApiState<S>>>,
     viewer: Extension<Arc<Viewer>>,
     code: Path<String>,
     Query(mut q): Query<ReportQuery>,
-) -> Result<Response, ApiError> {
+) -> Response {
     q.format = Some("html".into());
-    report(state, viewer, code, Query(q)).await
+    let lang = html::Lang::from(q.lang.as_deref());
+    report(state, viewer, code, Query(q))
+        .await
+        .unwrap_or_else(|e| page_error(lang, e))
+}
+
+/// An error of a page route as a page, with the API's status and message.
+fn page_error(lang: html::Lang, ApiError(status, message): ApiError) -> Response {
+    let page = html::error_page(lang, status.as_u16(), &message);
+    (status, Html(page)).into_response()
 }
 
 pub async fn city<S: Store>(
@@ -908,13 +962,18 @@ pub async fn city<S: Store>(
     .await
 }
 
+/// The city view as a page; a failure (a bad window) is an HTML page in
+/// the page's language, as for the report.
 pub async fn city_page<S: Store>(
     state: State<Arc<ApiState<S>>>,
     viewer: Extension<Arc<Viewer>>,
     Query(mut q): Query<ReportQuery>,
-) -> Result<Response, ApiError> {
+) -> Response {
     q.format = Some("html".into());
-    city(state, viewer, Query(q)).await
+    let lang = html::Lang::from(q.lang.as_deref());
+    city(state, viewer, Query(q))
+        .await
+        .unwrap_or_else(|e| page_error(lang, e))
 }
 
 /// A report or the city view as bytes, for the CLI.
@@ -943,7 +1002,11 @@ pub async fn render_cli<S: Store>(
             match format {
                 "json" => serde_json::to_vec_pretty(&r)
                     .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-                "html" => Ok(html::report(&r, lang_).into_bytes()),
+                "html" => {
+                    let (_, bundle) = enterprise_bundle(store, code, from_day, to_day).await?;
+                    let fingerprint = crate::evidence::fingerprint(&bundle);
+                    Ok(html::report(&r, lang_, Some(&fingerprint)).into_bytes())
+                }
                 "csv" => html::report_csv(&r, part.unwrap_or("devices"), lang_)
                     .map_err(|m| err(StatusCode::BAD_REQUEST, m)),
                 _ => Err(bad_format()),

@@ -87,6 +87,12 @@ return {
   register: [...document.querySelectorAll('#register tr')].slice(1).map(r => [...r.cells].map(c => c.innerText)),
   cover: (document.querySelector('#cover') || {innerText: ''}).innerText,
   trends,
+  dossier: (a => a ? {text: a.textContent.trim(), href: a.getAttribute('href')} : null)(document.querySelector('#dossier')),
+  fingerprint: (document.querySelector('#fingerprint') || {textContent: ''}).textContent.trim(),
+  error: (document.querySelector('#error') || {textContent: ''}).textContent.trim(),
+  lang: document.documentElement.lang,
+  links: [...document.querySelectorAll('#links a')].map(a => a.getAttribute('href')),
+  values: [...document.querySelectorAll('td.value')].map(e => e.textContent.trim()),
 };
 "#;
 
@@ -170,6 +176,13 @@ fn assert_language(page: &str, text: &str, zh: bool) {
         foreign.is_empty(),
         "{page}: words of the other language outside names: {foreign:?}\n{text}"
     );
+}
+
+/// The year before the one of `date` (`YYYY-MM-DD`): day labels of a
+/// window across New Year.
+fn to_year_before(date: &str) -> String {
+    let year: i32 = date.get(..4).and_then(|y| y.parse().ok()).unwrap_or(0);
+    (year - 1).to_string()
 }
 
 fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -259,7 +272,7 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
         .await?;
 
     for (lang, zh) in [("zh", true), ("en", false)] {
-        for days in [7, 30] {
+        for days in [7, 30, 90] {
             let from = date_of(to_day - (days - 1) * DAY_MS);
             let page = format!("report {lang} {days} days");
             browser
@@ -350,6 +363,18 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
             if days == 7 {
                 assert_eq!(day_labels.len(), 7, "{page}: {day_labels:?}");
                 assert_eq!(day_labels[6].0, to[5..], "{page}");
+            } else if days == 90 {
+                // 90 days: a label at every week's Monday, a line per week.
+                let weeks = m["weeks"].as_u64().unwrap_or(0);
+                assert!(
+                    (12..=14).contains(&weeks) && day_labels.len() >= 12,
+                    "{page}: {weeks} week lines, labels {day_labels:?}"
+                );
+                for (text, _) in &day_labels {
+                    let monday = parse_date(&format!("{}-{text}", &to[..4]))
+                        .or_else(|_| parse_date(&format!("{}-{text}", to_year_before(&to))));
+                    assert!(monday.is_ok(), "{page}: day label `{text}` is not a date");
+                }
             } else {
                 assert!(
                     day_labels.len() >= 4 && m["weeks"].as_u64() >= Some(4),
@@ -401,8 +426,104 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
                 assert_apart(&format!("{page}: {id} time axis"), &times, &[]);
             }
 
+            // The dossier of this very window, to download; the footer's
+            // bundle fingerprint (the dossier's own is checked below).
+            let dossier = &m["dossier"];
+            assert_eq!(
+                dossier["href"],
+                format!("/api/v1/enterprises/{CODE}/dossier?from={from}&to={to}").as_str(),
+                "{page}"
+            );
+            assert_eq!(
+                dossier["text"],
+                if zh {
+                    "下载一企一档（本统计区间）"
+                } else {
+                    "Download the dossier (this window)"
+                },
+                "{page}"
+            );
+            let fingerprint = m["fingerprint"].as_str().unwrap_or_default();
+            assert!(
+                fingerprint.len() == 64 && fingerprint.chars().all(|c| c.is_ascii_hexdigit()),
+                "{page}: fingerprint `{fingerprint}`"
+            );
+
             assert_language(&page, m["text"].as_str().unwrap_or_default(), zh);
         }
+    }
+
+    // A bad address of a report is a page in the page's language, not
+    // JSON: a malformed code, a well-formed unknown one, a bad window.
+    let unknown = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+        .chars()
+        .map(|c| format!("91350100M000200Y4{c}"))
+        .find(|code| guantong_ingest::registry::check_credit_code(code).is_ok())
+        .unwrap_or_default();
+    for (lang, zh) in [("zh", true), ("en", false)] {
+        for path in [
+            "/report/BADCODE".to_string(),
+            format!("/report/{unknown}"),
+            format!("/report/{CODE}?from=2026-13-01"),
+        ] {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let page = format!("{path} {lang}");
+            browser
+                .open(&format!("{base}{path}{sep}lang={lang}"))
+                .await?;
+            let m = browser.eval(MEASURE).await?;
+            let text = m["text"].as_str().unwrap_or_default();
+            let error = m["error"].as_str().unwrap_or_default();
+            assert!(!error.is_empty(), "{page}: no error page: {text}");
+            assert!(!text.trim_start().starts_with('{'), "{page}: JSON: {text}");
+            assert_eq!(m["lang"], if zh { "zh-CN" } else { "en" }, "{page}");
+            let want = if path.contains("from=") {
+                if zh { "请求有误" } else { "not valid" }
+            } else if zh {
+                "未找到该企业"
+            } else {
+                "No such enterprise"
+            };
+            assert!(error.contains(want), "{page}: `{error}`");
+            assert_language(&page, text, zh);
+        }
+    }
+
+    // The live overview in both languages: links to the report and the city
+    // view, values as people read them (no f32 noise such as
+    // 123.45600128173828), texts in the page's language.
+    for (lang, zh) in [("zh", true), ("en", false)] {
+        browser.open(&format!("{base}/?lang={lang}")).await?;
+        browser
+            .screenshot(&shots.join(format!("overview-{lang}.png")))
+            .await?;
+        let m = browser.eval(MEASURE).await?;
+        let page = format!("overview {lang}");
+        let links: Vec<String> = serde_json::from_value(m["links"].clone())?;
+        assert!(
+            links.contains(&format!("/city?lang={lang}"))
+                && links.contains(&format!("/report/{CODE}?lang={lang}")),
+            "{page}: {links:?}"
+        );
+        let values: Vec<String> = serde_json::from_value(m["values"].clone())?;
+        assert_eq!(values.len(), TAGS.len(), "{page}: {values:?}");
+        for v in &values {
+            let digits = v
+                .split(' ')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .count();
+            assert!(digits <= 9, "{page}: value `{v}` printed with float noise");
+        }
+        for unit in [" °C", " m³/h"] {
+            assert!(
+                values.iter().any(|v| v.ends_with(unit)),
+                "{page}: no value in `{unit}`: {values:?}"
+            );
+        }
+        assert_language(&page, m["text"].as_str().unwrap_or_default(), zh);
     }
 
     for (lang, zh) in [("zh", true), ("en", false)] {
@@ -546,6 +667,21 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The report of the dossier shows the fingerprint of the bundle beside
+    // it, computed by the one function; `verify` prints the same.
+    let bundle = guantong_ingest::evidence::read_bundle(&dossier.join("evidence-bundle.json"))?;
+    let fingerprint = guantong_ingest::evidence::fingerprint(&bundle);
+    for page in ["report-zh.html", "report-en.html"] {
+        let html = std::fs::read_to_string(dossier.join(page))?;
+        assert!(
+            html.contains(&format!(
+                "id=\"fingerprint\" translate=\"no\">{fingerprint}<"
+            )),
+            "{page} lacks the bundle's fingerprint {fingerprint}"
+        );
+    }
+    assert!(said.contains(&fingerprint), "verify: {said}");
 
     println!("screenshots and PDF in {}", shots.display());
     Ok(())

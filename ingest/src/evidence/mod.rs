@@ -58,6 +58,20 @@ pub fn write_bundle(path: &Path, bundle: &Bundle) -> Result<(), EvidenceError> {
     std::fs::write(path, json).map_err(io(path))
 }
 
+/// A bundle's fingerprint: SHA-256 (hex) of its compact JSON with
+/// `created_at_ms` set to 0, so the same window of the same data has the
+/// same fingerprint whenever it is exported. The report's footer shows it;
+/// `verify` prints it for the dossier's bundle. The one place it is computed.
+pub fn fingerprint(bundle: &Bundle) -> String {
+    use sha2::Digest as _;
+    let mut value = serde_json::to_value(bundle).unwrap_or_default();
+    if let Some(created) = value.get_mut("created_at_ms") {
+        *created = serde_json::Value::from(0);
+    }
+    let bytes = serde_json::to_vec(&value).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(&bytes))
+}
+
 pub fn read_bundle(path: &Path) -> Result<Bundle, EvidenceError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let de = &mut serde_json::Deserializer::from_slice(&bytes);

@@ -3,14 +3,23 @@
 //!
 //! Pages are rendered on the server with inline SVG charts and no scripts:
 //! they print to PDF from the browser as they are shown, and need nothing
-//! from the network. Every text from the registry or devices is escaped.
+//! from the network. They are maud templates (`html!`): checked when
+//! compiled, and every spliced value escaped unless wrapped in `raw`, which
+//! only takes HTML made here from escaped parts (`name`, `fill`, the
+//! reasons). maud rather than askama: templates stay beside the code that
+//! computes their values (one file, no template directory to ship), and the
+//! gateway's status page already uses it.
+//!
+//! Every visible text comes from `TEXT`, one catalogue of (key, zh, en);
+//! `every_key_the_pages_use_is_in_the_catalogue` fails on a key the pages
+//! use that it lacks.
 
-use std::fmt::Write as _;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use crate::acceptance::{
-    self, CityView, Criteria, EnterpriseReport, Flag, Gap, Reason, Trend, flag_name,
+    self, CityView, Criteria, EnterpriseReport, Flag, Reason, Trend, flag_name,
 };
-use crate::http::rfc3339;
+use crate::http::{Summary, rfc3339};
 use crate::store::rollup::{DAY_MS, DAY_OFFSET_MS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,8 +277,51 @@ const TEXT: &[(&str, &str, &str)] = &[
     ("production_no", "否（不计入联网率）", "no (not counted)"),
     (
         "evidence_footer",
-        "证据包：本报告的数据由各网关签名的哈希链担保。导出并离线校验证据包：{cmd}。证据包指纹即下列链头哈希，校验结果中的链头应与之一致：",
-        "Evidence bundle: the data of this report is vouched for by each gateway's signed hash chain. Export the bundle and verify it offline: {cmd}. Its fingerprint is the chain heads below; the verified bundle must end at the same heads:",
+        "证据包：本报告的数据由各网关签名的哈希链担保。导出并离线校验证据包：{cmd}。校验结果中的链头应与下列链头一致：",
+        "Evidence bundle: the data of this report is vouched for by each gateway's signed hash chain. Export the bundle and verify it offline: {cmd}. The verified bundle must end at the chain heads below:",
+    ),
+    (
+        "fingerprint",
+        "证据包指纹（不含导出时间；与一企一档中的证据包一致）",
+        "Evidence bundle fingerprint (SHA-256, export time excluded; the dossier's bundle has the same)",
+    ),
+    (
+        "dossier_download",
+        "下载一企一档（本统计区间）",
+        "Download the dossier (this window)",
+    ),
+    ("wrong_token", "令牌无效", "Wrong token"),
+    (
+        "error_400",
+        "请求有误，无法显示",
+        "The request is not valid",
+    ),
+    ("error_403", "无权查看", "Not permitted"),
+    (
+        "error_404",
+        "未找到该企业（代码未登记、格式有误，或本账号无权查看）",
+        "No such enterprise (the code is not registered, malformed, or not readable by this account)",
+    ),
+    ("error_500", "服务器内部错误", "Server error"),
+    ("error_detail", "详情", "Detail"),
+    ("to_city", "返回数据贯通总览", "Back to the city overview"),
+    ("bool_true", "是", "true"),
+    ("bool_false", "否", "false"),
+    ("overview_title", "实时联网状态", "Live connectivity"),
+    ("overview_refresh", "每 5 秒刷新", "Refreshes every 5 s"),
+    ("no_gateways", "尚未登记网关", "No gateway registered yet"),
+    ("connected", "已连接", "connected"),
+    ("not_connected", "未连接", "not connected"),
+    ("tag", "点位", "Tag"),
+    ("address", "地址", "Address"),
+    ("last_value", "最新值", "Last value"),
+    ("quality_col", "质量", "Quality"),
+    ("samples", "样本数", "Samples"),
+    ("last_seen", "最近接收", "Last seen"),
+    (
+        "completeness_window",
+        "完整率（最近一小时）",
+        "Completeness (last hour)",
     ),
     ("received_n", "实收", "Received"),
     ("expected_n", "应收", "Expected"),
@@ -291,19 +343,13 @@ fn t(lang: Lang, key: &str) -> &'static str {
         )
 }
 
+/// Ready HTML (escaped by the helper that made it) into a template.
+fn raw(s: String) -> PreEscaped<String> {
+    PreEscaped(s)
+}
+
 fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+    html! { (s) }.into_string()
 }
 
 /// "YYYY-MM-DD HH:MM:SS" in UTC+8.
@@ -460,42 +506,231 @@ figure.trend figcaption{font-size:12px}footer{margin-top:28px;border-top:1px sol
 @page{size:A4;margin:12mm}\
 @media print{.nav{display:none !important}body{margin:0;max-width:none}#heatmap{max-width:100%;height:auto}figure.trend,svg,.cover{break-inside:avoid}}";
 
-fn page(lang: Lang, title: &str, switch_href: &str, body: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\">\
-         <title>{}</title><style>{STYLE}</style></head><body>\
-         <p class=\"muted nav\"><a class=\"nav\" href=\"{}\" lang=\"{}\" translate=\"no\">{}</a> · {} \
-         <form class=\"nav\" method=\"post\" action=\"/logout\" style=\"display:inline\"><button>{}</button></form></p>\
-         {body}</body></html>",
-        if lang == Lang::Zh { "zh-CN" } else { "en" },
-        esc(title),
-        esc(switch_href),
-        if lang == Lang::Zh { "en" } else { "zh-CN" },
-        t(lang, "switch"),
-        t(lang, "print"),
-        t(lang, "logout"),
-    )
+fn html_lang(lang: Lang) -> &'static str {
+    if lang == Lang::Zh { "zh-CN" } else { "en" }
 }
 
+/// Every page: head with the one style sheet, the nav (language switch,
+/// print hint, `nav` extras, sign out; hidden in print), then `body`.
+fn page(lang: Lang, title: &str, switch_href: &str, nav: Markup, body: Markup) -> String {
+    page_with_head(lang, title, switch_href, html! {}, nav, body)
+}
+
+fn page_with_head(
+    lang: Lang,
+    title: &str,
+    switch_href: &str,
+    head: Markup,
+    nav: Markup,
+    body: Markup,
+) -> String {
+    html! {
+        (DOCTYPE)
+        html lang=(html_lang(lang)) {
+            head {
+                meta charset="utf-8";
+                link rel="icon" href="data:,";
+                title { (title) }
+                style { (PreEscaped(STYLE)) }
+                (head)
+            }
+            body {
+                // A div: a form may not stand inside a p.
+                div.muted.nav {
+                    a.nav href=(switch_href) lang=(html_lang(if lang == Lang::Zh { Lang::En } else { Lang::Zh })) translate="no" {
+                        (t(lang, "switch"))
+                    }
+                    " · " (t(lang, "print"))
+                    (nav)
+                    " "
+                    form.nav method="post" action="/logout" style="display:inline" {
+                        button { (t(lang, "logout")) }
+                    }
+                }
+                (body)
+            }
+        }
+    }
+    .into_string()
+}
+
+/// The sign-in form, in both languages at once (the page's language is not
+/// known before sign-in).
 pub fn login(next: &str) -> String {
-    let lang = Lang::Zh;
-    format!(
-        "<!doctype html><html lang=\"zh-CN\"><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\">\
-         <title>Guantong</title><style>{STYLE}</style></head><body><h1>Guantong · {}</h1>\
-         <form method=\"post\" action=\"/login\"><label>{} / Access token<br>\
-         <input name=\"token\" type=\"password\" size=\"40\" autocomplete=\"off\"></label>\
-         <input type=\"hidden\" name=\"next\" value=\"{}\"> <button>{} / Sign in</button></form></body></html>",
-        t(lang, "login"),
-        t(lang, "token"),
-        esc(next),
-        t(lang, "login")
-    )
+    let (zh, en) = (Lang::Zh, Lang::En);
+    html! {
+        (DOCTYPE)
+        html lang="zh-CN" {
+            head {
+                meta charset="utf-8";
+                link rel="icon" href="data:,";
+                title { "Guantong" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "Guantong · " (t(zh, "login")) }
+                form method="post" action="/login" {
+                    label {
+                        (t(zh, "token")) " / " span lang="en" { (t(en, "token")) } br;
+                        input name="token" type="password" size="40" autocomplete="off";
+                    }
+                    input type="hidden" name="next" value=(next);
+                    " "
+                    button { (t(zh, "login")) " / " span lang="en" { (t(en, "login")) } }
+                }
+            }
+        }
+    }
+    .into_string()
 }
 
 pub fn login_failed() -> String {
-    "<!doctype html><html><head><meta charset=\"utf-8\"><link rel=\"icon\" href=\"data:,\"><title>Guantong</title></head>\
-     <body><p>令牌无效 / Wrong token. <a href=\"/login\">↩</a></p></body></html>"
-        .into()
+    html! {
+        (DOCTYPE)
+        html lang="zh-CN" {
+            head { meta charset="utf-8"; link rel="icon" href="data:,"; title { "Guantong" } }
+            body {
+                p {
+                    (t(Lang::Zh, "wrong_token")) " / " span lang="en" { (t(Lang::En, "wrong_token")) } " "
+                    a href="/login" { "↩" }
+                }
+            }
+        }
+    }
+    .into_string()
+}
+
+/// The page a browser gets when a page route fails (unknown or malformed
+/// code, bad window, no access): what happened in the page's language, the
+/// API's own message as detail. API routes keep `{"error": "..."}`.
+pub fn error_page(lang: Lang, status: u16, detail: &str) -> String {
+    let key = match status {
+        400 => "error_400",
+        401 | 403 => "error_403",
+        404 => "error_404",
+        _ => "error_500",
+    };
+    let body = html! {
+        h1 id="error" { (t(lang, key)) }
+        p.muted { (t(lang, "error_detail")) ": " span id="error-detail" translate="no" { (detail) } }
+        p { a href={ "/city?lang=" (if lang == Lang::Zh { "zh" } else { "en" }) } { (t(lang, "to_city")) } }
+    };
+    let switch = format!("?lang={}", if lang == Lang::Zh { "en" } else { "zh" });
+    page(lang, t(lang, key), &switch, html! {}, body)
+}
+
+/// A stored value as people read it: a float32 source's value without its
+/// binary noise (`123.456`, not `123.45600128173828`), booleans as words,
+/// then the unit.
+fn value_text(lang: Lang, data_type: &str, v: &serde_json::Value, unit: &str) -> String {
+    let text = match v {
+        serde_json::Value::Bool(b) => {
+            t(lang, if *b { "bool_true" } else { "bool_false" }).to_string()
+        }
+        serde_json::Value::Number(n) if data_type == "double" || n.is_f64() => match n.as_f64() {
+            Some(x) => fmt_double(x),
+            None => n.to_string(),
+        },
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if unit.is_empty() {
+        text
+    } else {
+        format!("{text} {unit}")
+    }
+}
+
+/// The shortest decimal of a double, as an f32 when it is one (most field
+/// devices send 32-bit floats), at most 6 decimals otherwise.
+fn fmt_double(x: f64) -> String {
+    let as_f32 = x as f32;
+    if f64::from(as_f32) == x {
+        format!("{as_f32}")
+    } else if x.fract() == 0.0 || x.abs() >= 1e15 {
+        format!("{x}")
+    } else {
+        let s = format!("{x:.6}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// An RFC 3339 UTC time of the API as UTC+8 "YYYY-MM-DD HH:MM:SS".
+fn local_of(rfc: &str) -> String {
+    crate::http::parse_time("time", rfc).map_or_else(|_| rfc.to_string(), local)
+}
+
+/// The live overview `/`: every visible gateway, device and tag with its
+/// last value, quality and completeness; links to the reports of the
+/// enterprises the account may read and to the city view. Rendered on the
+/// server and reloaded by the browser every 5 s (no script).
+pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> String {
+    let lang_code = if lang == Lang::Zh { "zh" } else { "en" };
+    let body = html! {
+        h1 { (t(lang, "overview_title")) }
+        p.muted {
+            (t(lang, "overview_refresh")) " · " (t(lang, "generated")) " " (local_of(&s.generated_at))
+            " · " span translate="no" { "JSON: " a href="/api/v1/summary" { "/api/v1/summary" } }
+        }
+        p id="links" {
+            a id="city-link" href={ "/city?lang=" (lang_code) } { (t(lang, "city_title")) }
+            @for (code, ename) in enterprises {
+                " · "
+                a.report-link href={ "/report/" (code) "?lang=" (lang_code) } {
+                    span translate="no" { (ename) } " " (t(lang, "open_report"))
+                }
+            }
+        }
+        @if s.gateways.is_empty() { p { (t(lang, "no_gateways")) } }
+        @for g in &s.gateways {
+            @let connected = g.connection.as_ref().is_some_and(|c| c.connected);
+            h2 {
+                (t(lang, "gateway")) " " span translate="no" { (g.id) } " "
+                span class=(if connected { "ok" } else { "bad" }) {
+                    (t(lang, if connected { "connected" } else { "not_connected" }))
+                }
+            }
+            @for d in &g.devices {
+                h3 { span translate="no" { (d.id) } " " span.muted translate="no" { (d.protocol) " " (d.endpoint) } }
+                table.tags {
+                    tr {
+                        th { (t(lang, "tag")) } th { (t(lang, "address")) } th { (t(lang, "last_value")) }
+                        th { (t(lang, "quality_col")) } th { (t(lang, "samples")) } th { (t(lang, "last_seen")) }
+                        th { (t(lang, "completeness_window")) }
+                    }
+                    @for tag in &d.tags {
+                        tr {
+                            td translate="no" { (tag.name) }
+                            td translate="no" { (tag.address) }
+                            td.num.value translate="no" {
+                                @match &tag.last_value {
+                                    Some(v) => { (value_text(lang, &tag.data_type, v, &tag.unit)) }
+                                    None => { "—" }
+                                }
+                            }
+                            @let q = tag.last_quality.as_deref().unwrap_or("");
+                            td class=(if q == "good" { "ok" } else { "bad" }) {
+                                (match q { "good" => t(lang, "good"), "uncertain" => t(lang, "uncertain"), "bad" => t(lang, "bad"), _ => "—" })
+                            }
+                            td.num { (tag.samples) }
+                            td { (tag.last_seen.as_deref().map_or("—".to_string(), local_of)) }
+                            td.num { (pct(tag.window.completeness)) }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let refresh = html! { meta http-equiv="refresh" content="5"; };
+    let switch = format!("/?lang={}", if lang == Lang::Zh { "en" } else { "zh" });
+    page_with_head(
+        lang,
+        t(lang, "overview_title"),
+        &switch,
+        refresh,
+        html! {},
+        body,
+    )
 }
 
 /// Width in px of `s` at `size` px, as a CJK sans font draws it (CJK
@@ -520,10 +755,10 @@ fn monday(day_ms: i64) -> bool {
 /// Completeness per device and day. Day labels stand above the cells, never
 /// over them: every day when a cell is wide enough for `MM-DD`, otherwise
 /// each week's Monday, with a line marking the week's start.
-fn heatmap(r: &EnterpriseReport, lang: Lang) -> String {
+fn heatmap(r: &EnterpriseReport, lang: Lang) -> Markup {
     let days = r.devices.first().map_or(0, |d| d.daily.len());
     if days == 0 {
-        return format!("<p>{}</p>", t(lang, "none"));
+        return html! { p { (t(lang, "none")) } };
     }
     let labels: Vec<String> = r
         .devices
@@ -546,88 +781,71 @@ fn heatmap(r: &EnterpriseReport, lang: Lang) -> String {
     let top = 30;
     let w = left + days * cw + 10;
     let h = top + r.devices.len() * ch + 6;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"heatmap\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-size=\"{font}\" role=\"img\">"
-    );
     let daily = &r.devices[0].daily;
     // No day label closer than this to the next one.
     let min_gap = text_width("00-00", font) + 8;
     let every_day = cw >= min_gap;
+    // (x of the cell, week line?, label) per day.
     let mut last_label_x: Option<usize> = None;
-    for (i, cell) in daily.iter().enumerate() {
-        let x = left + i * cw;
-        let week = monday(cell.day_ms);
-        if !every_day && week {
-            let _ = write!(
-                s,
-                "<line class=\"hm-week\" x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#374151\"/>",
-                x.saturating_sub(1),
-                top - 14,
-                x.saturating_sub(1),
-                h - 4
-            );
+    let columns: Vec<(usize, bool, Option<&str>)> = daily
+        .iter()
+        .enumerate()
+        .map(|(i, cell)| {
+            let x = left + i * cw;
+            let week = monday(cell.day_ms);
+            let next_monday = (i + 1..days).find(|&j| monday(daily[j].day_ms));
+            let first_fits = next_monday.is_none_or(|j| (j - i) * cw >= min_gap);
+            let show = (every_day || week || (i == 0 && first_fits))
+                && last_label_x.is_none_or(|lx| x >= lx + min_gap);
+            if show {
+                last_label_x = Some(x);
+            }
+            let label = show.then(|| cell.date.get(5..).unwrap_or(&cell.date));
+            (x, !every_day && week, label)
+        })
+        .collect();
+    let (anchor, label_dx) = if every_day {
+        ("middle", cw / 2)
+    } else {
+        ("start", 1)
+    };
+    html! {
+        svg xmlns="http://www.w3.org/2000/svg" id="heatmap" width=(w) height=(h)
+            viewBox={ "0 0 " (w) " " (h) } font-size=(font) role="img" {
+            @for (x, week, label) in &columns {
+                @if *week {
+                    line.hm-week x1=(x.saturating_sub(1)) y1=(top - 14) x2=(x.saturating_sub(1))
+                        y2=(h - 4) stroke="#374151" {}
+                }
+                @if let Some(label) = label {
+                    text.hm-day x=(x + label_dx) y=(top - 6) text-anchor=(anchor) { (label) }
+                }
+            }
+            @for (j, d) in r.devices.iter().enumerate() {
+                @let y = top + j * ch;
+                text.hm-dev translate="no" x=(left - 8) y=(y + 14) text-anchor="end" { (labels[j]) }
+                @for (i, cell) in d.daily.iter().enumerate() {
+                    rect.hm-cell x=(left + i * cw) y=(y) width=(cw - 2) height=(ch - 2)
+                        fill=(colour(cell.completeness)) {
+                        title { (d.device) " " (cell.date) " " (pct(cell.completeness)) }
+                    }
+                }
+            }
         }
-        let next_monday = (i + 1..days).find(|&j| monday(daily[j].day_ms));
-        let first_fits = next_monday.is_none_or(|j| (j - i) * cw >= min_gap);
-        let show = every_day || week || (i == 0 && first_fits);
-        if show && last_label_x.is_none_or(|lx| x >= lx + min_gap) {
-            let (anchor, lx) = if every_day {
-                ("middle", x + cw / 2)
-            } else {
-                ("start", x + 1)
-            };
-            let _ = write!(
-                s,
-                "<text class=\"hm-day\" x=\"{lx}\" y=\"{}\" text-anchor=\"{anchor}\">{}</text>",
-                top - 6,
-                cell.date.get(5..).unwrap_or(&cell.date)
-            );
-            last_label_x = Some(x);
+        p.legend.muted {
+            @for (c, k) in [
+                (Some(1.0), "legend_95"),
+                (Some(0.9), "legend_80"),
+                (Some(0.6), "legend_50"),
+                (Some(0.0), "legend_low"),
+                (None, "legend_none"),
+            ] {
+                span style={ "background:" (colour(c)) } {}
+                (t(lang, k))
+            }
+            @if !every_day { " · " (t(lang, "legend_week")) }
         }
     }
-    for (j, d) in r.devices.iter().enumerate() {
-        let y = top + j * ch;
-        let _ = write!(
-            s,
-            "<text class=\"hm-dev\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 8,
-            y + 14,
-            esc(&labels[j])
-        );
-        for (i, cell) in d.daily.iter().enumerate() {
-            let _ = write!(
-                s,
-                "<rect class=\"hm-cell\" x=\"{}\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"{}\"><title>{} {} {}</title></rect>",
-                left + i * cw,
-                cw - 2,
-                ch - 2,
-                colour(cell.completeness),
-                esc(&d.device),
-                cell.date,
-                pct(cell.completeness)
-            );
-        }
-    }
-    s.push_str("</svg><p class=\"legend muted\">");
-    for (c, k) in [
-        (Some(1.0), "legend_95"),
-        (Some(0.9), "legend_80"),
-        (Some(0.6), "legend_50"),
-        (Some(0.0), "legend_low"),
-        (None, "legend_none"),
-    ] {
-        let _ = write!(
-            s,
-            "<span style=\"background:{}\"></span>{}",
-            colour(c),
-            t(lang, k)
-        );
-    }
-    if !every_day {
-        let _ = write!(s, " · {}", t(lang, "legend_week"));
-    }
-    s.push_str("</p>");
-    s
 }
 
 /// Day ticks of a time axis `width` px wide: every day, week, fortnight…
@@ -652,9 +870,14 @@ fn day_ticks(from: i64, to: i64, width: f64) -> Vec<i64> {
     ticks
 }
 
+/// A coordinate of a chart, to 0.1 px.
+fn px(v: f64) -> String {
+    format!("{v:.1}")
+}
+
 /// One small multiple: hourly mean (line and dots), min–max band, the value
 /// range with its unit on the left and dates on the time axis.
-fn trend_svg(lang: Lang, tr: &Trend, from: i64, to: i64) -> String {
+fn trend_svg(lang: Lang, tr: &Trend, from: i64, to: i64) -> Markup {
     let unit = if tr.unit.is_empty() {
         String::new()
     } else {
@@ -677,77 +900,52 @@ fn trend_svg(lang: Lang, tr: &Trend, from: i64, to: i64) -> String {
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
     let x = |t: i64| left + (t - from) as f64 / (to - from).max(1) as f64 * plot_w;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-size=\"10\" role=\"img\">\
-         <rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#ccc\"/>"
-    );
-    for d in day_ticks(from, to, plot_w) {
-        let _ = write!(
-            s,
-            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#eee\"/>\
-             <text class=\"axis-t\" x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>",
-            x(d),
-            top + plot_h + 3.0,
-            h - 8.0,
-            acceptance::date_of(d).get(5..).unwrap_or_default()
-        );
-    }
-    if tr.points.is_empty() {
-        let _ = write!(
-            s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#666\">{}</text></svg>",
-            left + plot_w / 2.0,
-            top + plot_h / 2.0,
-            t(lang, "no_values")
-        );
-        return s;
-    }
     let span = if hi > lo { hi - lo } else { 1.0 };
     let y = |v: f64| top + 4.0 + (hi - v) / span * (plot_h - 8.0);
-    let mut band = String::new();
-    for p in &tr.points {
-        let _ = write!(
-            band,
-            "M{:.1},{:.1}L{:.1},{:.1}",
-            x(p.0),
-            y(p.3),
-            x(p.0),
-            y(p.2)
-        );
-    }
+    let band: String = tr
+        .points
+        .iter()
+        .map(|p| {
+            format!(
+                "M{},{}L{},{}",
+                px(x(p.0)),
+                px(y(p.3)),
+                px(x(p.0)),
+                px(y(p.2))
+            )
+        })
+        .collect();
     let line: Vec<String> = tr
         .points
         .iter()
-        .map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1)))
+        .map(|p| format!("{},{}", px(x(p.0)), px(y(p.1))))
         .collect();
-    let _ = write!(
-        s,
-        "<path d=\"{band}\" stroke=\"#93c5fd\" stroke-width=\"3\"/>\
-         <polyline class=\"mean\" points=\"{}\" fill=\"none\" stroke=\"#1d4ed8\" stroke-width=\"1.5\"/>",
-        line.join(" ")
-    );
-    if tr.points.len() <= 48 {
-        for p in &tr.points {
-            let _ = write!(
-                s,
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#1d4ed8\"/>",
-                x(p.0),
-                y(p.1)
-            );
+    html! {
+        svg xmlns="http://www.w3.org/2000/svg" width=(w) height=(h) font-size="10" role="img" {
+            rect x=(left) y=(top) width=(plot_w) height=(plot_h) fill="none" stroke="#ccc" {}
+            @for d in day_ticks(from, to, plot_w) {
+                line x1=(px(x(d))) y1=(top) x2=(px(x(d))) y2=(top + plot_h + 3.0) stroke="#eee" {}
+                text.axis-t x=(px(x(d))) y=(h - 8.0) text-anchor="middle" {
+                    (acceptance::date_of(d).get(5..).unwrap_or_default())
+                }
+            }
+            @if tr.points.is_empty() {
+                text x=(left + plot_w / 2.0) y=(top + plot_h / 2.0) text-anchor="middle" fill="#666" {
+                    (t(lang, "no_values"))
+                }
+            } @else {
+                path d=(band) stroke="#93c5fd" stroke-width="3" {}
+                polyline.mean points=(line.join(" ")) fill="none" stroke="#1d4ed8" stroke-width="1.5" {}
+                @if tr.points.len() <= 48 {
+                    @for p in &tr.points {
+                        circle cx=(px(x(p.0))) cy=(px(y(p.1))) r="2.5" fill="#1d4ed8" {}
+                    }
+                }
+                text.axis-v translate="no" x=(left - 4.0) y=(top + 10.0) text-anchor="end" { (hi_label) }
+                text.axis-v translate="no" x=(left - 4.0) y=(top + plot_h) text-anchor="end" { (lo_label) }
+            }
         }
     }
-    let _ = write!(
-        s,
-        "<text class=\"axis-v\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>\
-         <text class=\"axis-v\" translate=\"no\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text></svg>",
-        left - 4.0,
-        top + 10.0,
-        esc(&hi_label),
-        left - 4.0,
-        top + plot_h,
-        esc(&lo_label)
-    );
-    s
 }
 
 fn fmt_num(v: f64) -> String {
@@ -758,459 +956,305 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
-fn gap_rows(out: &mut String, device: &str, gaps: &[Gap], lang: Lang) {
-    for g in gaps {
-        let _ = write!(
-            out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
-            name(device),
-            local(g.start_ms),
-            local(g.end_ms),
-            duration(lang, g.duration_ms),
-            cause(lang, g.cause),
-            g.tags
-        );
-    }
-}
-
 /// The report a reviewer files: cover, register, heatmap, devices, gaps,
-/// gateways and chains, usage, trends, and the evidence footer.
-pub fn report(r: &EnterpriseReport, lang: Lang) -> String {
+/// gateways and chains, usage, trends, and the evidence footer with the
+/// bundle's fingerprint (`evidence::fingerprint` of the bundle the dossier
+/// writes for the same window; None: not computed, as in tests).
+pub fn report(r: &EnterpriseReport, lang: Lang, fingerprint: Option<&str>) -> String {
     let e = &r.enterprise;
     let n = &r.networking;
     let c = &r.criteria;
-    let mut b = String::new();
     let meets = n.rate.is_some_and(|x| x >= c.networking_target);
-    let _ = write!(
-        b,
-        "<h1>{}</h1><div class=\"cover\" id=\"cover\"><table>\
-         <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
-         <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
-         <tr><th>{}</th><td>{}</td><th>{}</th><td>{}</td></tr>\
-         <tr><th>{}</th><td>{} — {}</td><th>{}</th><td>{}</td></tr></table>\
-         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"networking-rate\">{}</div>\
-         <div class=\"muted\" id=\"rate-fraction\">{}</div></div>\
-         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big {}\" id=\"verdict\">{}</div>\
-         <div class=\"muted\">{}</div></div></div>",
-        t(lang, "title"),
-        t(lang, "enterprise"),
-        name(&e.name),
-        t(lang, "code"),
-        name(&e.code),
-        t(lang, "county"),
-        name(&e.county),
-        t(lang, "industry"),
-        industry(lang, c, &e.industry),
-        t(lang, "provider"),
-        name(&e.provider),
-        t(lang, "generated"),
-        local(r.generated_at_ms),
-        t(lang, "window"),
-        r.from,
-        r.to,
-        t(lang, "criteria"),
-        fill(
-            t(lang, "criteria_text"),
-            &[
-                ("c", format!("{:.0}", c.completeness_min * 100.0)),
-                ("d", c.verdict_days.to_string()),
-            ],
-        ),
-        t(lang, "rate"),
-        pct(n.rate),
-        fill(
-            t(lang, "rate_fraction"),
-            &[
-                ("a", n.data_through.to_string()),
-                ("b", n.registered_production.to_string()),
-            ],
-        ),
-        t(lang, "verdict"),
-        if meets { "ok" } else { "bad" },
-        t(
-            lang,
-            if meets {
-                "verdict_meets"
-            } else {
-                "verdict_below"
-            }
-        ),
-        fill(
-            t(lang, "target_is"),
-            &[("t", format!("{:.0}%", c.networking_target * 100.0))],
-        ),
-    );
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"register\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(lang, "register"),
-        t(lang, "eq_id"),
-        t(lang, "eq_name"),
-        t(lang, "workshop"),
-        t(lang, "production"),
-        t(lang, "collected_by"),
-        t(lang, "verdict"),
-        t(lang, "reason")
-    );
-    for s in &n.equipment {
-        let q = &s.equipment;
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
-            name(&q.id),
-            name(&q.name),
-            name(&q.workshop),
-            t(
-                lang,
-                if q.production {
-                    "production_yes"
-                } else {
-                    "production_no"
-                }
-            ),
-            if q.gateway.is_empty() {
-                "—".to_string()
-            } else {
-                name(&format!("{}/{}", q.gateway, q.device))
-            },
-            if s.data_through { "ok" } else { "bad" },
-            t(lang, if s.data_through { "yes" } else { "no" }),
-            reasons_text(lang, &s.why, &s.flags, true)
-        );
-    }
-    b.push_str("</table>");
-    if !n.unregistered_devices.is_empty() {
-        let _ = write!(
-            b,
-            "<p>{}: {}</p>",
-            t(lang, "unregistered"),
-            name(&n.unregistered_devices.join(", "))
-        );
-    }
-    let _ = write!(b, "<h2>{}</h2>{}", t(lang, "heatmap"), heatmap(r, lang));
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"devices\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(lang, "devices"),
-        t(lang, "device"),
-        t(lang, "identity"),
-        t(lang, "completeness"),
-        t(lang, "received"),
-        t(lang, "quality"),
-        t(lang, "backfill"),
-        t(lang, "first_last"),
-        t(lang, "flags"),
-        t(lang, "verdict")
-    );
-    for d in &r.devices {
-        let ident: Vec<String> = d
-            .identity
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect();
-        let flags: Vec<String> = d
-            .flags
-            .iter()
-            .map(|f| {
-                format!(
-                    "{}{}",
-                    if f.critical {
-                        format!("[{}] ", t(lang, "critical"))
-                    } else {
-                        String::new()
-                    },
-                    flag_text(lang, f, true)
-                )
-            })
-            .collect();
-        let samples = d.good + d.uncertain + d.bad;
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {}</td><td class=\"num\">{} / {} / {}</td>\
-             <td class=\"num\">{}</td><td>{}<br>{}</td><td>{}</td><td class=\"{}\">{}</td></tr>",
-            name(&format!("{}/{}", d.gateway, d.device)),
-            name(&ident.join("; ")),
-            pct(d.completeness),
-            d.received,
-            d.expected,
-            d.good,
-            d.uncertain,
-            d.bad,
-            pct((samples > 0).then(|| d.backfilled as f64 / samples as f64)),
-            d.first_seen_ms.map_or("—".into(), local),
-            d.last_seen_ms.map_or("—".into(), local),
-            flags.join(if lang == Lang::Zh { "；" } else { "; " }),
-            if d.verdict.data_through { "ok" } else { "bad" },
-            t(lang, if d.verdict.data_through { "yes" } else { "no" }),
-        );
-    }
-    b.push_str("</table>");
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"gaps\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(lang, "gaps"),
-        t(lang, "device"),
-        t(lang, "start"),
-        t(lang, "end"),
-        t(lang, "duration"),
-        t(lang, "cause"),
-        t(lang, "tags")
-    );
-    for d in &r.devices {
-        gap_rows(&mut b, &d.device, &d.gaps, lang);
-    }
-    b.push_str("</table>");
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"gateways\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(lang, "gateways"),
-        t(lang, "gateway"),
-        t(lang, "points"),
-        t(lang, "latency"),
-        t(lang, "clock"),
-        t(lang, "backfill"),
-        t(lang, "chain")
-    );
+    let sep = if lang == Lang::Zh { "；" } else { "; " };
+    let ok_class = |ok: bool| if ok { "ok" } else { "bad" };
+    let verdict_word = |ok: bool| t(lang, if ok { "yes" } else { "no" });
     let mut heads = Vec::new();
-    for g in &r.gateways {
-        let chains: Vec<String> = g
-            .chains
-            .iter()
-            .map(|c| {
-                heads.push(format!("{} {}", g.gateway, c.head_hash));
-                let mut s = fill(
-                    t(lang, "chain_ok"),
-                    &[
-                        ("a", c.verified_from.to_string()),
-                        ("b", c.verified_through.to_string()),
-                        ("h", name(c.head_hash.get(..16).unwrap_or(&c.head_hash))),
-                    ],
-                );
-                if !c.breaks.is_empty() {
-                    let _ = write!(s, "; {} {}", c.breaks.len(), t(lang, "chain_breaks"));
-                }
-                s
-            })
-            .collect();
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} / {} ms</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
-            name(&g.gateway),
-            g.points,
-            g.latency_p50_ms.map_or("—".into(), |v| format!("≤{v}")),
-            g.latency_p95_ms.map_or("—".into(), |v| format!("≤{v}")),
-            g.clock_offset_ms
-                .map_or("—".into(), |v| format!("{v:+} ms")),
-            pct(Some(g.backfill_share)),
+    let gateway_chains: Vec<String> = r
+        .gateways
+        .iter()
+        .map(|g| {
+            let chains: Vec<String> = g
+                .chains
+                .iter()
+                .map(|c| {
+                    heads.push(format!("{} {}", g.gateway, c.head_hash));
+                    let mut s = fill(
+                        t(lang, "chain_ok"),
+                        &[
+                            ("a", c.verified_from.to_string()),
+                            ("b", c.verified_through.to_string()),
+                            ("h", name(c.head_hash.get(..16).unwrap_or(&c.head_hash))),
+                        ],
+                    );
+                    if !c.breaks.is_empty() {
+                        s += &format!("; {} {}", c.breaks.len(), t(lang, "chain_breaks"));
+                    }
+                    s
+                })
+                .collect();
             if chains.is_empty() {
                 t(lang, "none").to_string()
             } else {
                 chains.join("<br>")
             }
-        );
-    }
-    b.push_str("</table>");
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"usage\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-        t(lang, "usage"),
-        t(lang, "date"),
-        t(lang, "active"),
-        t(lang, "points"),
-        t(lang, "bytes"),
-        t(lang, "active_devices"),
-        t(lang, "active_tags")
-    );
-    for u in &r.usage {
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-            u.date,
-            if u.active { "✔" } else { "—" },
-            u.points,
-            u.bytes,
-            u.active_devices,
-            u.active_tags
-        );
-    }
-    b.push_str("</table>");
-    let months: Vec<String> = r
-        .active_days
-        .iter()
-        .map(|(m, n)| format!("{m}: {n}"))
+        })
         .collect();
-    let _ = write!(
-        b,
-        "<p>{}: {}</p>",
-        t(lang, "active_days"),
-        months.join(", ")
-    );
-    let _ = write!(
-        b,
-        "<h2>{}</h2><div class=\"trends\" id=\"trends\">",
-        t(lang, "trends")
-    );
-    for d in &r.devices {
-        for tr in &d.trend {
-            let unit = if tr.unit.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", tr.unit)
-            };
-            let _ = write!(
-                b,
-                "<figure class=\"trend\" data-tag=\"{}/{}/{}\"><figcaption>{}</figcaption>{}</figure>",
-                esc(&d.gateway),
-                esc(&d.device),
-                esc(&tr.tag),
-                name(&format!("{}/{} · {}{unit}", d.gateway, d.device, tr.tag)),
-                trend_svg(lang, tr, r.from_day_ms, r.to_day_ms)
-            );
+    let window = format!("from={}&to={}", r.from, r.to);
+    let dossier = format!("/api/v1/enterprises/{}/dossier?{window}", e.code);
+    let body = html! {
+        h1 { (t(lang, "title")) }
+        div.cover id="cover" {
+            table {
+                tr { th { (t(lang, "enterprise")) } td { (raw(name(&e.name))) } th { (t(lang, "code")) } td { (raw(name(&e.code))) } }
+                tr { th { (t(lang, "county")) } td { (raw(name(&e.county))) } th { (t(lang, "industry")) } td { (raw(industry(lang, c, &e.industry))) } }
+                tr { th { (t(lang, "provider")) } td { (raw(name(&e.provider))) } th { (t(lang, "generated")) } td { (local(r.generated_at_ms)) } }
+                tr {
+                    th { (t(lang, "window")) } td { (r.from) " — " (r.to) }
+                    th { (t(lang, "criteria")) }
+                    td { (raw(fill(t(lang, "criteria_text"), &[
+                        ("c", format!("{:.0}", c.completeness_min * 100.0)),
+                        ("d", c.verdict_days.to_string()),
+                    ]))) }
+                }
+            }
+            div.box {
+                div.muted { (t(lang, "rate")) }
+                div.big id="networking-rate" { (pct(n.rate)) }
+                div.muted id="rate-fraction" { (raw(fill(t(lang, "rate_fraction"), &[
+                    ("a", n.data_through.to_string()),
+                    ("b", n.registered_production.to_string()),
+                ]))) }
+            }
+            div.box {
+                div.muted { (t(lang, "verdict")) }
+                div class={ "big " (ok_class(meets)) } id="verdict" {
+                    (t(lang, if meets { "verdict_meets" } else { "verdict_below" }))
+                }
+                div.muted { (raw(fill(t(lang, "target_is"), &[("t", format!("{:.0}%", c.networking_target * 100.0))]))) }
+            }
         }
-    }
-    b.push_str("</div>");
-    let _ = write!(
-        b,
-        "<footer id=\"evidence\"><p>{}</p><p>{}</p></footer>",
-        fill(
-            t(lang, "evidence_footer"),
-            &[(
-                "cmd",
-                name(&format!(
-                    "guantong-ingest export-evidence --enterprise {} --from {} --to {} --out bundle.json; guantong-ingest verify bundle.json",
-                    e.code,
-                    rfc3339(r.from_day_ms),
-                    rfc3339(r.to_day_ms)
-                )),
-            ),]
-        ),
-        if heads.is_empty() {
-            t(lang, "none").to_string()
-        } else {
-            name(&heads.join(" · "))
+        h2 { (t(lang, "register")) }
+        table id="register" {
+            tr {
+                th { (t(lang, "eq_id")) } th { (t(lang, "eq_name")) } th { (t(lang, "workshop")) }
+                th { (t(lang, "production")) } th { (t(lang, "collected_by")) } th { (t(lang, "verdict")) }
+                th { (t(lang, "reason")) }
+            }
+            @for s in &n.equipment {
+                @let q = &s.equipment;
+                tr {
+                    td { (raw(name(&q.id))) } td { (raw(name(&q.name))) } td { (raw(name(&q.workshop))) }
+                    td { (t(lang, if q.production { "production_yes" } else { "production_no" })) }
+                    td {
+                        @if q.gateway.is_empty() { "—" } @else { (raw(name(&format!("{}/{}", q.gateway, q.device)))) }
+                    }
+                    td class=(ok_class(s.data_through)) { (verdict_word(s.data_through)) }
+                    td { (raw(reasons_text(lang, &s.why, &s.flags, true))) }
+                }
+            }
         }
-    );
+        @if !n.unregistered_devices.is_empty() {
+            p { (t(lang, "unregistered")) ": " (raw(name(&n.unregistered_devices.join(", ")))) }
+        }
+        h2 { (t(lang, "heatmap")) }
+        (heatmap(r, lang))
+        h2 { (t(lang, "devices")) }
+        table id="devices" {
+            tr {
+                th { (t(lang, "device")) } th { (t(lang, "identity")) } th { (t(lang, "completeness")) }
+                th { (t(lang, "received")) } th { (t(lang, "quality")) } th { (t(lang, "backfill")) }
+                th { (t(lang, "first_last")) } th { (t(lang, "flags")) } th { (t(lang, "verdict")) }
+            }
+            @for d in &r.devices {
+                @let ident: Vec<String> = d.identity.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                @let flags: Vec<String> = d.flags.iter().map(|f| {
+                    let critical = if f.critical { format!("[{}] ", t(lang, "critical")) } else { String::new() };
+                    critical + &flag_text(lang, f, true)
+                }).collect();
+                @let samples = d.good + d.uncertain + d.bad;
+                tr {
+                    td { (raw(name(&format!("{}/{}", d.gateway, d.device)))) }
+                    td { (raw(name(&ident.join("; ")))) }
+                    td.num { (pct(d.completeness)) }
+                    td.num { (d.received) " / " (d.expected) }
+                    td.num { (d.good) " / " (d.uncertain) " / " (d.bad) }
+                    td.num { (pct((samples > 0).then(|| d.backfilled as f64 / samples as f64))) }
+                    td { (d.first_seen_ms.map_or("—".into(), local)) br; (d.last_seen_ms.map_or("—".into(), local)) }
+                    td { (raw(flags.join(sep))) }
+                    td class=(ok_class(d.verdict.data_through)) { (verdict_word(d.verdict.data_through)) }
+                }
+            }
+        }
+        h2 { (t(lang, "gaps")) }
+        table id="gaps" {
+            tr {
+                th { (t(lang, "device")) } th { (t(lang, "start")) } th { (t(lang, "end")) }
+                th { (t(lang, "duration")) } th { (t(lang, "cause")) } th { (t(lang, "tags")) }
+            }
+            @for d in &r.devices {
+                @for g in &d.gaps {
+                    tr {
+                        td { (raw(name(&d.device))) }
+                        td { (local(g.start_ms)) }
+                        td { (local(g.end_ms)) }
+                        td.num { (duration(lang, g.duration_ms)) }
+                        td { (cause(lang, g.cause)) }
+                        td.num { (g.tags) }
+                    }
+                }
+            }
+        }
+        h2 { (t(lang, "gateways")) }
+        table id="gateways" {
+            tr {
+                th { (t(lang, "gateway")) } th { (t(lang, "points")) } th { (t(lang, "latency")) }
+                th { (t(lang, "clock")) } th { (t(lang, "backfill")) } th { (t(lang, "chain")) }
+            }
+            @for (g, chains) in r.gateways.iter().zip(&gateway_chains) {
+                tr {
+                    td { (raw(name(&g.gateway))) }
+                    td.num { (g.points) }
+                    td.num {
+                        (g.latency_p50_ms.map_or("—".into(), |v| format!("≤{v}"))) " / "
+                        (g.latency_p95_ms.map_or("—".into(), |v| format!("≤{v}"))) " ms"
+                    }
+                    td.num { (g.clock_offset_ms.map_or("—".into(), |v| format!("{v:+} ms"))) }
+                    td.num { (pct(Some(g.backfill_share))) }
+                    td { (raw(chains.clone())) }
+                }
+            }
+        }
+        h2 { (t(lang, "usage")) }
+        table id="usage" {
+            tr {
+                th { (t(lang, "date")) } th { (t(lang, "active")) } th { (t(lang, "points")) }
+                th { (t(lang, "bytes")) } th { (t(lang, "active_devices")) } th { (t(lang, "active_tags")) }
+            }
+            @for u in &r.usage {
+                tr {
+                    td { (u.date) }
+                    td { @if u.active { "✔" } @else { "—" } }
+                    td.num { (u.points) } td.num { (u.bytes) }
+                    td.num { (u.active_devices) } td.num { (u.active_tags) }
+                }
+            }
+        }
+        p {
+            (t(lang, "active_days")) ": "
+            (r.active_days.iter().map(|(m, n)| format!("{m}: {n}")).collect::<Vec<_>>().join(", "))
+        }
+        h2 { (t(lang, "trends")) }
+        div.trends id="trends" {
+            @for d in &r.devices {
+                @for tr in &d.trend {
+                    @let unit = if tr.unit.is_empty() { String::new() } else { format!(" ({})", tr.unit) };
+                    figure.trend data-tag={ (d.gateway) "/" (d.device) "/" (tr.tag) } {
+                        figcaption { (raw(name(&format!("{}/{} · {}{unit}", d.gateway, d.device, tr.tag)))) }
+                        (trend_svg(lang, tr, r.from_day_ms, r.to_day_ms))
+                    }
+                }
+            }
+        }
+        footer id="evidence" {
+            p {
+                (raw(fill(t(lang, "evidence_footer"), &[(
+                    "cmd",
+                    name(&format!(
+                        "guantong-ingest export-evidence --enterprise {} --from {} --to {} --out bundle.json; guantong-ingest verify bundle.json",
+                        e.code,
+                        rfc3339(r.from_day_ms),
+                        rfc3339(r.to_day_ms)
+                    )),
+                )])))
+            }
+            p id="chain-heads" {
+                @if heads.is_empty() { (t(lang, "none")) } @else { (raw(name(&heads.join(" · ")))) }
+            }
+            @if let Some(f) = fingerprint {
+                p { (t(lang, "fingerprint")) ": " code id="fingerprint" translate="no" { (f) } }
+            }
+        }
+    };
     let switch = format!(
-        "?from={}&to={}&lang={}",
-        r.from,
-        r.to,
+        "?{window}&lang={}",
         if lang == Lang::Zh { "en" } else { "zh" }
     );
+    let nav = html! {
+        " · " a.nav id="dossier" href=(dossier) { (t(lang, "dossier_download")) }
+    };
     page(
         lang,
         &format!("{} · {}", e.name, t(lang, "title")),
         &switch,
-        &b,
+        nav,
+        body,
     )
 }
 
 pub fn city(v: &CityView, c: &Criteria, lang: Lang) -> String {
-    let mut b = String::new();
-    let _ = write!(
-        b,
-        "<h1>{}</h1><p class=\"muted\">{}: {} — {}</p>\
-         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"enterprises\">{}</div></div>\
-         <div class=\"box\"><div class=\"muted\">{}</div><div class=\"big\" id=\"on-cloud\">{}</div></div>\
-         <div class=\"box\"><div class=\"muted\">{} ({} {:.0}%)</div><div class=\"big\" id=\"meets-target\">{}</div></div>",
-        t(lang, "city_title"),
-        t(lang, "window"),
-        v.from,
-        v.to,
-        t(lang, "enterprises"),
-        v.enterprises,
-        t(lang, "on_cloud"),
-        v.on_cloud,
-        t(lang, "meets_target"),
-        t(lang, "target"),
-        v.target * 100.0,
-        v.meets_target
-    );
     let labels = ["0–20%", "20–40%", "40–60%", "60–80%", "80–100%", "—"];
     let max = v.distribution.iter().copied().max().unwrap_or(0).max(1);
-    let _ = write!(
-        b,
-        "<h2>{}</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"520\" height=\"170\" font-size=\"11\" role=\"img\">",
-        t(lang, "distribution")
-    );
-    for (i, n) in v.distribution.iter().enumerate() {
-        let hgt = 120.0 * *n as f64 / max as f64;
-        let x = 20 + i * 82;
-        let _ = write!(
-            b,
-            "<rect x=\"{x}\" y=\"{:.1}\" width=\"60\" height=\"{hgt:.1}\" fill=\"#2563eb\"/><text x=\"{}\" y=\"160\" text-anchor=\"middle\">{}</text><text x=\"{}\" y=\"{:.1}\" text-anchor=\"middle\">{n}</text>",
-            140.0 - hgt,
-            x + 30,
-            labels[i],
-            x + 30,
-            136.0 - hgt
-        );
-    }
-    b.push_str("</svg>");
-    for (title, groups) in [("by_industry", &v.by_industry), ("by_county", &v.by_county)] {
-        let _ = write!(
-            b,
-            "<h2>{}</h2><table><tr><th></th><th>{}</th><th>{}</th><th>{}</th><th>{}</th></tr>",
-            t(lang, title),
-            t(lang, "enterprises"),
-            t(lang, "on_cloud"),
-            t(lang, "meets_target"),
-            t(lang, "mean_rate")
-        );
-        for g in groups.iter() {
-            let label = if title == "by_industry" {
-                industry(lang, c, &g.key)
-            } else {
-                name(&g.name)
-            };
-            let _ = write!(
-                b,
-                "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-                label,
-                g.enterprises,
-                g.on_cloud,
-                g.meets_target,
-                pct(g.mean_rate)
-            );
+    let code_lang = if lang == Lang::Zh { "zh" } else { "en" };
+    let body = html! {
+        h1 { (t(lang, "city_title")) }
+        p.muted { (t(lang, "window")) ": " (v.from) " — " (v.to) }
+        div.box { div.muted { (t(lang, "enterprises")) } div.big id="enterprises" { (v.enterprises) } }
+        div.box { div.muted { (t(lang, "on_cloud")) } div.big id="on-cloud" { (v.on_cloud) } }
+        div.box {
+            div.muted { (t(lang, "meets_target")) " (" (t(lang, "target")) " " (format!("{:.0}%", v.target * 100.0)) ")" }
+            div.big id="meets-target" { (v.meets_target) }
         }
-        b.push_str("</table>");
-    }
-    let _ = write!(
-        b,
-        "<h2>{}</h2><table id=\"rows\"><tr><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th>{}</th><th></th></tr>",
-        t(lang, "enterprise"),
-        t(lang, "enterprise"),
-        t(lang, "county"),
-        t(lang, "industry"),
-        t(lang, "rate"),
-        t(lang, "on_cloud"),
-    );
-    for r in &v.rows {
-        let _ = write!(
-            b,
-            "<tr><td>{}<br><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td><td class=\"num\">{} ({}/{})</td><td>{}</td><td><a href=\"/report/{}?from={}&amp;to={}&amp;lang={}\">{}</a></td></tr>",
-            name(&r.name),
-            name(&r.code),
-            name(&r.county),
-            industry(lang, c, &r.industry),
-            pct(r.networking_rate),
-            r.data_through,
-            r.registered_production,
-            if r.on_cloud { "✔" } else { "—" },
-            esc(&r.code),
-            v.from,
-            v.to,
-            if lang == Lang::Zh { "zh" } else { "en" },
-            t(lang, "open_report")
-        );
-    }
-    b.push_str("</table>");
+        h2 { (t(lang, "distribution")) }
+        svg xmlns="http://www.w3.org/2000/svg" width="520" height="170" font-size="11" role="img" {
+            @for (i, n) in v.distribution.iter().enumerate() {
+                @let hgt = 120.0 * *n as f64 / max as f64;
+                @let x = 20 + i * 82;
+                rect x=(x) y=(format!("{:.1}", 140.0 - hgt)) width="60" height=(format!("{hgt:.1}")) fill="#2563eb" {}
+                text x=(x + 30) y="160" text-anchor="middle" { (labels[i]) }
+                text x=(x + 30) y=(format!("{:.1}", 136.0 - hgt)) text-anchor="middle" { (n) }
+            }
+        }
+        @for (title, groups) in [("by_industry", &v.by_industry), ("by_county", &v.by_county)] {
+            h2 { (t(lang, title)) }
+            table {
+                tr {
+                    th {} th { (t(lang, "enterprises")) } th { (t(lang, "on_cloud")) }
+                    th { (t(lang, "meets_target")) } th { (t(lang, "mean_rate")) }
+                }
+                @for g in groups.iter() {
+                    tr {
+                        td { (raw(if title == "by_industry" { industry(lang, c, &g.key) } else { name(&g.name) })) }
+                        td.num { (g.enterprises) } td.num { (g.on_cloud) }
+                        td.num { (g.meets_target) } td.num { (pct(g.mean_rate)) }
+                    }
+                }
+            }
+        }
+        h2 { (t(lang, "enterprise")) }
+        table id="rows" {
+            tr {
+                th { (t(lang, "enterprise")) } th { (t(lang, "county")) } th { (t(lang, "industry")) }
+                th { (t(lang, "rate")) } th { (t(lang, "on_cloud")) } th {}
+            }
+            @for r in &v.rows {
+                tr {
+                    td { (raw(name(&r.name))) br; span.muted { (raw(name(&r.code))) } }
+                    td { (raw(name(&r.county))) }
+                    td { (raw(industry(lang, c, &r.industry))) }
+                    td.num { (pct(r.networking_rate)) " (" (r.data_through) "/" (r.registered_production) ")" }
+                    td { @if r.on_cloud { "✔" } @else { "—" } }
+                    td { a href={ "/report/" (r.code) "?from=" (v.from) "&to=" (v.to) "&lang=" (code_lang) } { (t(lang, "open_report")) } }
+                }
+            }
+        }
+    };
     let switch = format!(
         "?from={}&to={}&lang={}",
         v.from,
         v.to,
         if lang == Lang::Zh { "en" } else { "zh" }
     );
-    page(lang, t(lang, "city_title"), &switch, &b)
+    page(lang, t(lang, "city_title"), &switch, html! {}, body)
 }
 
 /// CSV for Excel: UTF-8 with a BOM, every cell through `spreadsheet_safe`.
@@ -1420,9 +1464,11 @@ mod tests {
         let mut keys: Vec<String> = Vec::new();
         for pattern in [
             "t(lang, \"",
+            "t(zh, \"",
+            "t(en, \"",
+            "t(Lang::Zh, \"",
+            "t(Lang::En, \"",
             "h(\"",
-            "t(lang, if s.data_through { \"",
-            "lang, if meets { \"",
         ] {
             for (i, _) in source.match_indices(pattern) {
                 let before = source[..i].chars().next_back().unwrap_or(' ');
@@ -1435,6 +1481,25 @@ mod tests {
                 }
             }
         }
+        // Keys chosen by a condition: `t(lang, if c { "a" } else { "b" })`.
+        for (i, _) in source.match_indices("t(lang, if ") {
+            let rest = &source[i..];
+            let end = rest.find(')').unwrap_or(rest.len());
+            let mut parts = rest[..end].split('"');
+            parts.next();
+            keys.extend(parts.step_by(2).map(str::to_string));
+        }
+        keys.extend(
+            [
+                "error_400",
+                "error_403",
+                "error_404",
+                "error_500",
+                "by_industry",
+                "by_county",
+            ]
+            .map(String::from),
+        );
         for cause in [
             "device_fault",
             "dropped_by_gateway",
@@ -1472,7 +1537,7 @@ mod tests {
         for (k, _, _) in TEXT {
             assert!(seen.insert(k), "key {k} twice in the catalogue");
         }
-        assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
+        assert_eq!(esc("<a href=\"x\">&"), "&lt;a href=&quot;x&quot;&gt;&amp;");
     }
 
     /// Heatmap day labels: every day at 7 days, Mondays at 30 and 90, never
@@ -1514,6 +1579,21 @@ mod tests {
         let got: Vec<&str> = row.iter().collect();
         let want: Vec<&str> = cells.iter().map(|(_, w)| *w).collect();
         assert_eq!(got, want);
+    }
+
+    /// The overview prints a float32 device value without its binary noise,
+    /// a scaled value without f64 noise, booleans as words, then the unit.
+    #[test]
+    fn values_are_formatted_by_type_and_unit() {
+        let v = |x: serde_json::Value, ty: &str, unit: &str| value_text(Lang::En, ty, &x, unit);
+        assert_eq!(v(123.456_f32.into(), "double", "°C"), "123.456 °C");
+        assert_eq!(f64::from(123.456_f32), 123.45600128173828);
+        assert_eq!(v((123_f64 * 0.1).into(), "double", "m³/h"), "12.3 m³/h");
+        assert_eq!(v(2.5.into(), "double", ""), "2.5");
+        assert_eq!(v(42.into(), "uint", "pcs"), "42 pcs");
+        assert_eq!(v(true.into(), "bool", ""), "true");
+        assert_eq!(value_text(Lang::Zh, "bool", &false.into(), ""), "否");
+        assert_eq!(v("a<b".into(), "string", ""), "a<b");
     }
 
     #[test]
