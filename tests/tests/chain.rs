@@ -229,6 +229,23 @@ async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyho
         text.contains(&format!("buffer {:016x}: links 1..=3 (3 stored)", 1)),
         "{text}"
     );
+    // verify-chain walks the stored links with the same walker: the same
+    // breaks in the same words, under their buffers.
+    for c in &all {
+        let buffer = c["buffer_id"].as_str().unwrap_or_default();
+        let Some(section) = text
+            .split("gateway ")
+            .find(|s| s.contains(&format!("buffer {buffer}:")))
+        else {
+            continue; // a stream known only by a break has no stored links
+        };
+        for (seq, reason) in break_reasons(c) {
+            assert!(
+                section.contains(&format!("BREAK at batch {seq}: {reason}")),
+                "buffer {buffer} batch {seq}: {reason}\n{text}"
+            );
+        }
+    }
     {
         let db = redb::Database::open(data.join("ingest.redb"))?;
         let table: redb::TableDefinition<(&str, u64, u64), &[u8]> =

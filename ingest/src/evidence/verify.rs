@@ -431,10 +431,12 @@ impl GatewayCheck<'_> {
             prev_hash: prev.to_vec(),
             effective_hash: effective.to_vec(),
             signature_checked: self.key.is_some(),
-            signature_ok: self
-                .key
-                .as_ref()
-                .is_some_and(|k| k.algorithm == algorithm && k.verify(&hash, &signature)),
+            signature_ok: walker::signature_ok(
+                self.key.as_ref(),
+                Some(algorithm),
+                &hash,
+                &signature,
+            ),
             last_seq: l.last_seq,
         };
         reasons.extend(walker::step(st, self.id, buffer_id, &head));

@@ -1920,7 +1920,10 @@ impl EmbeddedStore {
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
         let mut out: Vec<ChainVerification> = Vec::new();
         let mut key: Option<PublicKey> = None;
-        let mut expected: Option<guantong_proto::chain::Hash> = None;
+        // The walker's state of the stream (`chain::step`, as online);
+        // `known`: whether it holds the hash the next link must name.
+        let mut st = ChainState::default();
+        let mut known = true;
         for entry in signed.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let (gateway, buffer_id, seq) = k.value();
@@ -1935,11 +1938,11 @@ impl EmbeddedStore {
                         .and_then(|r| r.bound_key().ok().flatten()),
                     None => None,
                 };
-                // Batch 1's algorithm names its genesis (read again below).
-                let first_algorithm = SignedLinkHead::decode(v.value())
-                    .map_or(Algorithm::Ed25519, |l| stored_algorithm(l.algorithm));
-                expected = (seq == 1).then(|| first_algorithm.genesis(gateway, buffer_id));
-                let mut c = ChainVerification {
+                // A stream starting after batch 1 is anchored there: the
+                // walker says so.
+                st = ChainState::default();
+                known = true;
+                out.push(ChainVerification {
                     gateway: gateway.to_string(),
                     buffer_id: buffer_hex,
                     first_seq: seq,
@@ -1947,20 +1950,7 @@ impl EmbeddedStore {
                     head_hash: String::new(),
                     links: 0,
                     breaks: Vec::new(),
-                };
-                if seq != 1 {
-                    c.breaks.push((
-                        seq,
-                        "chain starts mid-stream: earlier links are not in this store".into(),
-                    ));
-                }
-                if key.is_none() {
-                    c.breaks.push((
-                        seq,
-                        "no public key bound to this gateway: signatures cannot be checked".into(),
-                    ));
-                }
-                out.push(c);
+                });
             }
             let Some(c) = out.last_mut() else { continue };
             let mut breaks = Vec::new();
@@ -1970,7 +1960,7 @@ impl EmbeddedStore {
                     c.last_seq + 1,
                     seq - 1
                 ));
-                expected = None;
+                known = false;
             }
             let link = match SignedLink::decode(v.value()) {
                 Ok(l) => l,
@@ -1983,13 +1973,13 @@ impl EmbeddedStore {
             let algorithm = stored_algorithm(link.algorithm);
             let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
             let hash = algorithm.link_hash(&prev, &link.payload);
-            match &key {
-                Some(k) if k.algorithm != algorithm => breaks.push(format!(
+            if let Some(k) = &key
+                && k.algorithm != algorithm
+            {
+                breaks.push(format!(
                     "signed with {algorithm} but the gateway's bound key is {}",
                     k.algorithm
-                )),
-                Some(k) if !k.verify(&hash, &link.signature) => breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into()),
-                _ => {}
+                ));
             }
             let batch = Batch::decode(link.payload.as_ref());
             match &batch {
@@ -2000,20 +1990,30 @@ impl EmbeddedStore {
                 Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
                 Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
             }
-            if let Some(e) = expected
-                && e != prev
-            {
-                breaks.push(format!(
-                    "does not link to the previous batch (expected previous hash {})",
-                    hex::encode(e)
-                ));
-            }
             let effective = batch
                 .ok()
                 .and_then(|b| b.loss)
                 .and_then(|l| guantong_proto::chain::to_hash(&l.bridge_hash))
                 .unwrap_or(hash);
-            expected = Some(effective);
+            st.verified_through = seq.saturating_sub(1);
+            if !known {
+                st.head = Some(hex::encode(prev));
+            }
+            let head = chain::LinkHead {
+                algorithm,
+                prev_hash: link.prev_hash.to_vec(),
+                effective_hash: effective.to_vec(),
+                signature_checked: key.is_some(),
+                signature_ok: chain::signature_ok(
+                    key.as_ref(),
+                    Some(algorithm),
+                    &hash,
+                    &link.signature,
+                ),
+                last_seq: link.last_seq.max(seq),
+            };
+            breaks.extend(chain::step(&mut st, gateway, buffer_id, &head));
+            known = true;
             c.last_seq = link.last_seq.max(seq);
             c.head_hash = hex::encode(effective);
             c.links += 1;
