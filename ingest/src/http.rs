@@ -57,43 +57,25 @@ pub struct ApiState<S> {
     pub reports: web::ReportCache,
 }
 
-/// The `HttpLimits` as a layer: one concurrency limit shared by every
+/// `router` under the `HttpLimits`: one concurrency limit shared by every
 /// route it wraps (axum layers each route, so a plain per-service limit
 /// would multiply), shedding what is beyond it, and the timeout inside it so
 /// a timed-out request frees its slot.
-fn limit_layer(
+fn with_limits<T: Clone + Send + Sync + 'static>(
+    router: Router<T>,
     limits: HttpLimits,
-) -> tower::ServiceBuilder<
-    tower::layer::util::Stack<
-        tower::timeout::TimeoutLayer,
-        tower::layer::util::Stack<
-            tower::limit::GlobalConcurrencyLimitLayer,
-            tower::layer::util::Stack<
-                tower::load_shed::LoadShedLayer,
-                tower::layer::util::Stack<
-                    axum::error_handling::HandleErrorLayer<
-                        impl Fn(tower::BoxError) -> std::future::Ready<Response>
-                        + Clone
-                        + Send
-                        + Sync
-                        + 'static,
-                        (),
-                    >,
-                    tower::layer::util::Identity,
-                >,
-            >,
-        >,
-    >,
-> {
-    tower::ServiceBuilder::new()
-        .layer(axum::error_handling::HandleErrorLayer::new(
-            move |e: tower::BoxError| std::future::ready(refusal(&limits, &e)),
-        ))
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            limits.max_concurrent as usize,
-        ))
-        .timeout(limits.timeout)
+) -> Router<T> {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(
+                move |e: tower::BoxError| std::future::ready(refusal(&limits, &e)),
+            ))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.max_concurrent as usize,
+            ))
+            .timeout(limits.timeout),
+    )
 }
 
 /// The answer to a request the limits stopped.
@@ -173,8 +155,8 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/logout", post(web::logout::<S>))
         .route("/overview.js", get(overview_js))
         .merge(protected)
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
-        .layer(limit_layer(state.limits));
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) });
+    let limited = with_limits(limited, state.limits);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .merge(limited)
