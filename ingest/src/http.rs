@@ -342,11 +342,8 @@ async fn summary<S: Store>(
         );
     }
     // An account that sees some gateways reads only their series.
-    let series = match &viewer.gateways {
-        Some(visible) => {
-            let visible: Vec<String> = visible.iter().cloned().collect();
-            state.store.series_of(&visible).await?
-        }
+    let series = match visible_list(&viewer) {
+        Some(visible) => state.store.series_of(&visible).await?,
         None => state.store.series().await?,
     };
     // Each tag's window starts at its own time when `from` is not given:
@@ -424,6 +421,15 @@ async fn summary<S: Store>(
         generated_at: rfc3339(now),
         gateways: gateways.into_values().collect(),
     }))
+}
+
+/// The gateways `viewer` may see, as a list for the store's scoped
+/// queries (None: all).
+fn visible_list(viewer: &Viewer) -> Option<Vec<String>> {
+    viewer
+        .gateways
+        .as_ref()
+        .map(|g| g.iter().cloned().collect())
 }
 
 #[derive(Deserialize)]
@@ -508,8 +514,11 @@ async fn chains<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut chains = state.store.chains().await?;
-    chains.retain(|c| viewer.sees(&c.gateway));
+    // An account that sees some gateways reads only their chains.
+    let chains = match visible_list(&viewer) {
+        Some(visible) => state.store.chains_of(&visible).await?,
+        None => state.store.chains().await?,
+    };
     Ok(Json(serde_json::json!({ "chains": chains })))
 }
 
@@ -560,8 +569,10 @@ async fn losses<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut losses = state.store.losses().await?;
-    losses.retain(|l| viewer.sees(&l.gateway));
+    let losses = match visible_list(&viewer) {
+        Some(visible) => state.store.losses_of(&visible).await?,
+        None => state.store.losses().await?,
+    };
     Ok(Json(serde_json::json!({ "losses": losses })))
 }
 
