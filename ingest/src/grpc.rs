@@ -482,10 +482,8 @@ impl<S: Store> Session<S> {
         let algorithm = named.unwrap_or_default();
         let prev = chain::to_hash(&envelope.prev_hash).unwrap_or([0; 32]);
         let hash = algorithm.link_hash(&prev, &envelope.payload);
-        let signature_ok = self
-            .key
-            .as_ref()
-            .is_some_and(|k| Some(k.algorithm) == named && k.verify(&hash, &envelope.signature));
+        let signature_ok =
+            crate::store::chain::signature_ok(self.key.as_ref(), named, &hash, &envelope.signature);
         let effective_hash = batch
             .loss
             .as_ref()

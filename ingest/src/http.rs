@@ -11,8 +11,12 @@
 //! | gateways (admin)      | see the `ops` module: register, rotate a token            |
 //! | registry, reports     | see the `web` module: enterprises, equipment, accounts, access log, reports, city view |
 //!
-//! Every route but `/healthz` and `/login` needs an account token (`web`).
 //! | `GET /api/v1/digests` | ingest's signed daily digests, `?day=YYYY-MM-DD&gateway=` (repeatable) |
+//!
+//! Every route but `/healthz` and `/login` needs an account token (`web`).
+//! Every route but `/healthz` is under the `HttpLimits` (`limits`): a
+//! request beyond the concurrency limit is answered 503 at once, one past
+//! the timeout 408, both as `{"error": "..."}` naming the option to change.
 //!
 //! Times are accepted as RFC 3339 (`2026-11-25T08:00:00Z`,
 //! `2026-11-25T16:00:00+08:00`, fractional seconds optional) or milliseconds
@@ -29,7 +33,7 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -39,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use crate::acceptance::Criteria;
 use crate::forwarded::Client;
 use crate::grpc::{ConnectionInfo, Connections, now_ms};
+use crate::limits::HttpLimits;
 use crate::store::{Store, StoreError, StoredPoint};
 use crate::web::{self, Sessions, Viewer};
 
@@ -47,6 +52,64 @@ pub struct ApiState<S> {
     pub connections: Arc<Connections>,
     pub criteria: Arc<Criteria>,
     pub sessions: Sessions,
+    pub limits: HttpLimits,
+    /// Reports and city views computed since the store last changed.
+    pub reports: web::ReportCache,
+}
+
+/// `router` under the `HttpLimits`: one concurrency limit shared by every
+/// route it wraps (axum layers each route, so a plain per-service limit
+/// would multiply), shedding what is beyond it, and the timeout inside it so
+/// a timed-out request frees its slot.
+fn with_limits<T: Clone + Send + Sync + 'static>(
+    router: Router<T>,
+    limits: HttpLimits,
+) -> Router<T> {
+    router.layer(
+        tower::ServiceBuilder::new()
+            .layer(axum::error_handling::HandleErrorLayer::new(
+                move |e: tower::BoxError| std::future::ready(refusal(&limits, &e)),
+            ))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.max_concurrent as usize,
+            ))
+            .timeout(limits.timeout),
+    )
+}
+
+/// The answer to a request the limits stopped.
+fn refusal(limits: &HttpLimits, e: &tower::BoxError) -> Response {
+    if e.is::<tower::timeout::error::Elapsed>() {
+        crate::metrics::http_timed_out();
+        ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} (--http-timeout): its work was stopped",
+                humantime::format_duration(limits.timeout)
+            ),
+        )
+        .into_response()
+    } else if e.is::<tower::load_shed::error::Overloaded>() {
+        crate::metrics::http_refused();
+        (
+            [(header::RETRY_AFTER, "1")],
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "busy: {} requests are being served (--http-max-concurrent); retry shortly",
+                    limits.max_concurrent
+                ),
+            ),
+        )
+            .into_response()
+    } else {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("request failed: {e}"),
+        )
+        .into_response()
+    }
 }
 
 pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
@@ -87,12 +150,15 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
             state.clone(),
             web::authenticate::<S>,
         ));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+    let limited = Router::new()
         .route("/login", get(web::login_page).post(web::login::<S>))
         .route("/logout", post(web::logout::<S>))
         .merge(protected)
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) });
+    let limited = with_limits(limited, state.limits);
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(limited)
         .layer(middleware::from_fn(web::harden))
         .with_state(state)
 }
@@ -275,19 +341,32 @@ async fn summary<S: Store>(
         );
     }
     // An account that sees some gateways reads only their series.
-    let series = match &viewer.gateways {
-        Some(visible) => {
-            let visible: Vec<String> = visible.iter().cloned().collect();
-            state.store.series_of(&visible).await?
-        }
+    let series = match visible_list(&viewer) {
+        Some(visible) => state.store.series_of(&visible).await?,
         None => state.store.series().await?,
     };
-    for s in series {
+    // Each tag's window starts at its own time when `from` is not given:
+    // one store call per distinct start, not one per tag.
+    let window_of = |s: &crate::store::SeriesInfo| {
+        from.unwrap_or_else(|| (to - 3_600_000).max(s.first_seen_ms.unwrap_or(to)))
+    };
+    let mut by_start: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (i, s) in series.iter().enumerate() {
+        by_start.entry(window_of(s)).or_default().push(i);
+    }
+    let mut counts = vec![crate::store::WindowCounts::default(); series.len()];
+    for (start, members) in by_start {
+        let ids = members.iter().map(|&i| series[i].id).collect();
+        let got = state.store.window_counts_of(ids, start, to).await?;
+        for (i, c) in members.into_iter().zip(got) {
+            counts[i] = c;
+        }
+    }
+    for (s, counts) in series.into_iter().zip(counts) {
         if !viewer.sees(&s.gateway) {
             continue;
         }
-        let from = from.unwrap_or_else(|| (to - 3_600_000).max(s.first_seen_ms.unwrap_or(to)));
-        let counts = state.store.window_counts(s.id, from, to).await?;
+        let from = window_of(&s);
         let expected = ((to - from).max(0) as u64)
             .checked_div(s.interval_ms)
             .unwrap_or(0);
@@ -343,6 +422,15 @@ async fn summary<S: Store>(
     }))
 }
 
+/// The gateways `viewer` may see, as a list for the store's scoped
+/// queries (None: all).
+fn visible_list(viewer: &Viewer) -> Option<Vec<String>> {
+    viewer
+        .gateways
+        .as_ref()
+        .map(|g| g.iter().cloned().collect())
+}
+
 #[derive(Deserialize)]
 pub struct PointsQuery {
     gateway: String,
@@ -394,15 +482,9 @@ async fn points<S: Store>(
             .unwrap_or(i64::MAX);
     let series = state
         .store
-        .series_of(std::slice::from_ref(&q.gateway))
+        .series_by_tag(&q.gateway, &q.device, &q.tag)
         .await?
-        .into_iter()
-        .find(|s| {
-            viewer.sees(&s.gateway)
-                && s.gateway == q.gateway
-                && s.device == q.device
-                && s.tag == q.tag
-        })
+        .filter(|s| viewer.sees(&s.gateway))
         .ok_or_else(|| {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -431,8 +513,11 @@ async fn chains<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut chains = state.store.chains().await?;
-    chains.retain(|c| viewer.sees(&c.gateway));
+    // An account that sees some gateways reads only their chains.
+    let chains = match visible_list(&viewer) {
+        Some(visible) => state.store.chains_of(&visible).await?,
+        None => state.store.chains().await?,
+    };
     Ok(Json(serde_json::json!({ "chains": chains })))
 }
 
@@ -483,8 +568,10 @@ async fn losses<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut losses = state.store.losses().await?;
-    losses.retain(|l| viewer.sees(&l.gateway));
+    let losses = match visible_list(&viewer) {
+        Some(visible) => state.store.losses_of(&visible).await?,
+        None => state.store.losses().await?,
+    };
     Ok(Json(serde_json::json!({ "losses": losses })))
 }
 

@@ -140,6 +140,8 @@ pub async fn start_with<S: Store>(
         connections,
         criteria: Arc::new(options.criteria.clone()),
         sessions: web::Sessions::default(),
+        limits: options.limits.http,
+        reports: web::ReportCache::default(),
     }));
     let http_tls = options.tls.is_some() && options.http_tls;
     let router = forwarded::layer(router, options.trusted_proxies.clone(), http_tls)

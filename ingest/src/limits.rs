@@ -12,6 +12,13 @@
 //!
 //! A stream beyond `max_streams` for one gateway is refused with
 //! RESOURCE_EXHAUSTED; its slot is freed when the stream ends.
+//!
+//! The HTTP API has limits of its own (`HttpLimits`, applied by
+//! `http::router`): at most `max_concurrent` requests are served at
+//! once across all routes, and one more is refused at once with 503 rather
+//! than queued, so a burst or slow clients cannot pile up work; a request
+//! not answered within `timeout` (reading its body included) is
+//! answered 408 and its work dropped, freeing its slot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +39,41 @@ pub struct Limits {
     /// Open uplink streams one gateway may hold at once.
     #[arg(long, env = "GUANTONG_MAX_STREAMS_PER_GATEWAY", default_value_t = 4)]
     pub max_streams_per_gateway: u32,
+    #[command(flatten)]
+    pub http: HttpLimits,
+}
+
+/// Limits of the HTTP API (`serve --http-timeout --http-max-concurrent`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct HttpLimits {
+    /// Longest time one HTTP request may take, reading its body included;
+    /// beyond it the answer is 408 and the work is dropped.
+    #[arg(long = "http-timeout", env = "GUANTONG_HTTP_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+    /// HTTP requests served at once (all routes but /healthz); one more is
+    /// refused at once with 503 and `Retry-After`.
+    #[arg(long = "http-max-concurrent", env = "GUANTONG_HTTP_MAX_CONCURRENT", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            timeout: Duration::from_secs(60),
+            max_concurrent: 64,
+        }
+    }
+}
+
+/// `--http-timeout`: a duration (`30s`, `2m`, `500ms`) above zero.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be above zero".into()),
+        Err(e) => Err(format!(
+            "`{s}` is not a duration like 30s, 2m or 500ms: {e}"
+        )),
+    }
 }
 
 impl Default for Limits {
@@ -40,6 +82,7 @@ impl Default for Limits {
             max_points_per_sec: 5_000_000,
             max_bytes_per_sec: 128 << 20,
             max_streams_per_gateway: 4,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -51,6 +94,7 @@ impl Limits {
             max_points_per_sec: 0,
             max_bytes_per_sec: 0,
             max_streams_per_gateway: u32::MAX,
+            http: HttpLimits::default(),
         }
     }
 }

@@ -35,6 +35,10 @@ struct Metrics {
     rejected: Counter,
     ack_latency: Histogram,
     streams: Gauge,
+    http_refused: Counter,
+    http_timed_out: Counter,
+    reports_computed: Counter,
+    reports_cached: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -47,6 +51,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         // 0.5 ms to ~16 s.
         ack_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         streams: Gauge::default(),
+        http_refused: Counter::default(),
+        http_timed_out: Counter::default(),
+        reports_computed: Counter::default(),
+        reports_cached: Counter::default(),
     };
     let mut r = Registry::default();
     r.register(
@@ -78,6 +86,26 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "guantong_ingest_streams_connected",
         "Gateway streams open now",
         m.streams.clone(),
+    );
+    r.register(
+        "guantong_ingest_http_refused",
+        "HTTP requests refused with 503: --http-max-concurrent were being served",
+        m.http_refused.clone(),
+    );
+    r.register(
+        "guantong_ingest_http_timed_out",
+        "HTTP requests stopped with 408 after --http-timeout",
+        m.http_timed_out.clone(),
+    );
+    r.register(
+        "guantong_ingest_reports_computed",
+        "Enterprise reports and city views computed from the store",
+        m.reports_computed.clone(),
+    );
+    r.register(
+        "guantong_ingest_reports_cached",
+        "Enterprise reports and city views served as computed before (the store unchanged)",
+        m.reports_cached.clone(),
     );
     Metrics { registry: r, ..m }
 });
@@ -117,6 +145,26 @@ pub fn timed_append<S: Store>(
 /// A batch was refused for good.
 pub fn batch_rejected() {
     METRICS.rejected.inc();
+}
+
+/// An HTTP request was refused: too many in flight.
+pub fn http_refused() {
+    METRICS.http_refused.inc();
+}
+
+/// An HTTP request was stopped at the timeout.
+pub fn http_timed_out() {
+    METRICS.http_timed_out.inc();
+}
+
+/// A report or city view was computed from the store.
+pub fn report_computed() {
+    METRICS.reports_computed.inc();
+}
+
+/// A report or city view was served as computed before.
+pub fn report_cached() {
+    METRICS.reports_cached.inc();
 }
 
 /// Counts an open gateway stream while it lives.

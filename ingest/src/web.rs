@@ -106,29 +106,44 @@ fn credential(headers: &HeaderMap, query: Option<&str>) -> Option<Credential> {
         .map(|id| Credential::Session(id.to_string()))
 }
 
+/// The enterprises an account may read, read through the provider index
+/// or by code when it may not read all: never every enterprise's row.
+/// None: it reads every enterprise.
+async fn scoped_enterprises<S: Store>(
+    store: &S,
+    account: &Account,
+) -> Result<Option<Vec<Enterprise>>, ApiError> {
+    let candidates = match account.role {
+        Role::Admin => return Ok(None),
+        Role::Reviewer if account.all_enterprises => return Ok(None),
+        Role::Reviewer => {
+            let mut list = Vec::new();
+            for code in &account.enterprises {
+                list.extend(store.enterprise(code).await?);
+            }
+            list
+        }
+        Role::Provider if account.provider.is_empty() => Vec::new(),
+        Role::Provider => store.enterprises_of_provider(&account.provider).await?,
+    };
+    Ok(Some(
+        candidates
+            .into_iter()
+            .filter(|e| account.can_read(e))
+            .collect(),
+    ))
+}
+
+/// The gateways an account may see (None: all).
 async fn visible_gateways<S: Store>(
     store: &S,
     account: &Account,
 ) -> Result<Option<BTreeSet<String>>, ApiError> {
-    if account.role == Role::Admin || (account.role == Role::Reviewer && account.all_enterprises) {
+    let Some(readable) = scoped_enterprises(store, account).await? else {
         return Ok(None);
-    }
-    let readable: BTreeSet<String> = store
-        .enterprises()
-        .await?
-        .into_iter()
-        .filter(|e| account.can_read(e))
-        .map(|e| e.code)
-        .collect();
-    Ok(Some(
-        store
-            .gateway_owners()
-            .await?
-            .into_iter()
-            .filter(|(_, code)| readable.contains(code))
-            .map(|(g, _)| g)
-            .collect(),
-    ))
+    };
+    let codes: Vec<String> = readable.into_iter().map(|e| e.code).collect();
+    Ok(Some(store.gateways_of(&codes).await?.into_keys().collect()))
 }
 
 /// Whether the client reached ingest over HTTPS (directly or through a
@@ -802,14 +817,26 @@ pub async fn snapshot<S: Store>(store: &S) -> Result<Snapshot, ApiError> {
     })
 }
 
-/// The query's window and a snapshot of the store.
-async fn prepare<S: Store>(
-    state: &ApiState<S>,
-    q: &ReportQuery,
-) -> Result<(i64, i64, Snapshot), ApiError> {
-    let (from_day, to_day) = window(q.from.as_deref(), q.to.as_deref(), now_ms())
-        .map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
-    Ok((from_day, to_day, snapshot(&*state.store).await?))
+/// A snapshot of `gateways` only (None: of all), read by gateway.
+pub async fn snapshot_of<S: Store>(
+    store: &S,
+    gateways: Option<&[String]>,
+) -> Result<Snapshot, ApiError> {
+    let Some(gateways) = gateways else {
+        return snapshot(store).await;
+    };
+    Ok(Snapshot {
+        series: store.series_of(gateways).await?,
+        losses: store.losses_of(gateways).await?,
+        chains: store.chains_of(gateways).await?,
+        now_ms: now_ms(),
+    })
+}
+
+/// The query's window.
+fn window_of(q: &ReportQuery) -> Result<(i64, i64), ApiError> {
+    window(q.from.as_deref(), q.to.as_deref(), now_ms())
+        .map_err(|m| err(StatusCode::BAD_REQUEST, m))
 }
 
 /// Builds one enterprise's report.
@@ -828,28 +855,173 @@ pub async fn build_report<S: Store>(
     Ok(acceptance::enterprise_report(store, snap, &e, from_day, to_day, criteria).await?)
 }
 
+/// Reports and city views computed since the store last changed, so that
+/// asking again computes nothing.
+///
+/// An entry is keyed by what determines it besides the store: the window
+/// and which enterprises (the criteria are the server's, fixed while it
+/// runs, and every entry belongs to one server's `ApiState`). It is served
+/// while the store's `generation` is the one it was computed at (read
+/// before reading the store, so a write during the computation makes it
+/// stale at once) and for at most `MAX_AGE`, because a report also depends
+/// on the clock (the samples expected up to now). At most `MAX_ENTRIES`
+/// are kept; stale ones go first, then the oldest.
+#[derive(Default)]
+pub struct ReportCache(Mutex<HashMap<CacheKey, CacheEntry>>);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum CacheKey {
+    Report {
+        code: String,
+        from_day: i64,
+        to_day: i64,
+    },
+    /// The city view over these enterprises (sorted codes).
+    City {
+        codes: Vec<String>,
+        from_day: i64,
+        to_day: i64,
+    },
+}
+
+#[derive(Clone)]
+enum Cached {
+    Report(Arc<EnterpriseReport>),
+    City(Arc<acceptance::CityView>),
+}
+
+struct CacheEntry {
+    generation: u64,
+    at: Instant,
+    value: Cached,
+}
+
+impl ReportCache {
+    const MAX_AGE: Duration = Duration::from_secs(60);
+    const MAX_ENTRIES: usize = 256;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, CacheEntry>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The entry of `key` if still valid at `generation`; counted.
+    fn get(&self, key: &CacheKey, generation: u64) -> Option<Cached> {
+        let hit = self
+            .lock()
+            .get(key)
+            .filter(|e| e.generation == generation && e.at.elapsed() < Self::MAX_AGE)
+            .map(|e| e.value.clone());
+        if hit.is_some() {
+            crate::metrics::report_cached();
+        }
+        hit
+    }
+
+    fn put(&self, key: CacheKey, generation: u64, value: Cached) {
+        crate::metrics::report_computed();
+        let mut map = self.lock();
+        if map.len() >= Self::MAX_ENTRIES {
+            map.retain(|_, e| e.generation == generation && e.at.elapsed() < Self::MAX_AGE);
+        }
+        if map.len() >= Self::MAX_ENTRIES
+            && let Some(oldest) = map.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        map.insert(
+            key,
+            CacheEntry {
+                generation,
+                at: Instant::now(),
+                value,
+            },
+        );
+    }
+
+    /// One enterprise's report, from the cache or computed from that
+    /// enterprise's gateways alone.
+    async fn report<S: Store>(
+        &self,
+        store: &S,
+        code: &str,
+        from_day: i64,
+        to_day: i64,
+        criteria: &Criteria,
+    ) -> Result<Arc<EnterpriseReport>, ApiError> {
+        let generation = store.generation();
+        let key = CacheKey::Report {
+            code: code.to_string(),
+            from_day,
+            to_day,
+        };
+        if let Some(Cached::Report(r)) = self.get(&key, generation) {
+            return Ok(r);
+        }
+        let gateways: Vec<String> = store
+            .gateways_of(&[code.to_string()])
+            .await?
+            .into_keys()
+            .collect();
+        let snap = snapshot_of(store, Some(&gateways)).await?;
+        let r = Arc::new(build_report(store, &snap, code, from_day, to_day, criteria).await?);
+        self.put(key, generation, Cached::Report(r.clone()));
+        Ok(r)
+    }
+
+    /// The city view over `enterprises`, whose gateways are `gateways`
+    /// (None: every enterprise, every gateway).
+    async fn city<S: Store>(
+        &self,
+        store: &S,
+        enterprises: &[Enterprise],
+        gateways: Option<&[String]>,
+        from_day: i64,
+        to_day: i64,
+        criteria: &Criteria,
+    ) -> Result<Arc<acceptance::CityView>, ApiError> {
+        let generation = store.generation();
+        let mut codes: Vec<String> = enterprises.iter().map(|e| e.code.clone()).collect();
+        codes.sort_unstable();
+        let key = CacheKey::City {
+            codes,
+            from_day,
+            to_day,
+        };
+        if let Some(Cached::City(v)) = self.get(&key, generation) {
+            return Ok(v);
+        }
+        let snap = snapshot_of(store, gateways).await?;
+        let view = Arc::new(
+            acceptance::city_view(store, &snap, enterprises, from_day, to_day, criteria).await?,
+        );
+        self.put(key, generation, Cached::City(view.clone()));
+        Ok(view)
+    }
+}
+
 pub async fn report<S: Store>(
     State(state): State<Arc<ApiState<S>>>,
     Extension(viewer): Extension<Arc<Viewer>>,
     Path(code): Path<String>,
     Query(q): Query<ReportQuery>,
 ) -> Result<Response, ApiError> {
-    let (from_day, to_day, snap) = prepare(&state, &q).await?;
+    let (from_day, to_day) = window_of(&q)?;
     let store = state.store.clone();
-    let criteria = state.criteria.clone();
-    async move {
-        readable(&*store, &viewer, &code).await?;
-        record(&*store, &viewer, "GET", &format!("report/{code}"), &code).await;
-        let r = build_report(&*store, &snap, &code, from_day, to_day, &criteria).await?;
-        let fingerprint = if q.format.as_deref() == Some("html") {
-            let (_, bundle) = enterprise_bundle(&*store, &code, from_day, to_day).await?;
-            Some(crate::evidence::fingerprint(&bundle))
-        } else {
-            None
-        };
-        render_report(&r, &q, fingerprint.as_deref())
-    }
-    .await
+    readable(&*store, &viewer, &code).await?;
+    record(&*store, &viewer, "GET", &format!("report/{code}"), &code).await;
+    let r = state
+        .reports
+        .report(&*store, &code, from_day, to_day, &state.criteria)
+        .await?;
+    let fingerprint = if q.format.as_deref() == Some("html") {
+        let (_, bundle) = enterprise_bundle(&*store, &code, from_day, to_day).await?;
+        Some(crate::evidence::fingerprint(&bundle))
+    } else {
+        None
+    };
+    render_report(&r, &q, fingerprint.as_deref())
 }
 
 /// The gateways of an enterprise and their evidence bundle over a window:
@@ -861,11 +1033,9 @@ pub async fn enterprise_bundle<S: Store>(
     to_day: i64,
 ) -> Result<(Vec<String>, crate::evidence::bundle::Bundle), ApiError> {
     let gateways: Vec<String> = store
-        .gateway_owners()
+        .gateways_of(&[code.to_string()])
         .await?
-        .into_iter()
-        .filter(|(_, owner)| owner == code)
-        .map(|(g, _)| g)
+        .into_keys()
         .collect();
     let bundle = store
         .export_evidence(gateways.clone(), from_day, to_day)
@@ -935,31 +1105,39 @@ pub async fn city<S: Store>(
     Extension(viewer): Extension<Arc<Viewer>>,
     Query(q): Query<ReportQuery>,
 ) -> Result<Response, ApiError> {
-    let (from_day, to_day, snap) = prepare(&state, &q).await?;
+    let (from_day, to_day) = window_of(&q)?;
     let store = state.store.clone();
     let criteria = state.criteria.clone();
-    async move {
-        record(&*store, &viewer, "GET", "city", "").await;
-        let enterprises: Vec<Enterprise> = store
-            .enterprises()
-            .await?
-            .into_iter()
-            .filter(|e| viewer.account.can_read(e))
-            .collect();
-        let view = acceptance::city_view(&*store, &snap, &enterprises, from_day, to_day, &criteria)
-            .await?;
-        let lang = html::Lang::from(q.lang.as_deref());
-        match q.format.as_deref().unwrap_or("json") {
-            "json" => Ok(Json(view).into_response()),
-            "html" => Ok(Html(html::city(&view, &criteria, lang)).into_response()),
-            "csv" => Ok(csv_response(html::city_csv(&view, lang), "city.csv")),
-            other => Err(err(
-                StatusCode::BAD_REQUEST,
-                format!("format `{other}`: expected json, html or csv"),
-            )),
+    record(&*store, &viewer, "GET", "city", "").await;
+    let (enterprises, gateways) = match scoped_enterprises(&*store, &viewer.account).await? {
+        None => (store.enterprises().await?, None),
+        Some(list) => {
+            let codes: Vec<String> = list.iter().map(|e| e.code.clone()).collect();
+            let gateways: Vec<String> = store.gateways_of(&codes).await?.into_keys().collect();
+            (list, Some(gateways))
         }
+    };
+    let view = state
+        .reports
+        .city(
+            &*store,
+            &enterprises,
+            gateways.as_deref(),
+            from_day,
+            to_day,
+            &criteria,
+        )
+        .await?;
+    let lang = html::Lang::from(q.lang.as_deref());
+    match q.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(&*view).into_response()),
+        "html" => Ok(Html(html::city(&view, &criteria, lang)).into_response()),
+        "csv" => Ok(csv_response(html::city_csv(&view, lang), "city.csv")),
+        other => Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("format `{other}`: expected json, html or csv"),
+        )),
     }
-    .await
 }
 
 /// The city view as a page; a failure (a bad window) is an HTML page in

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 
+use guantong_e2e::evidence::{export, verify};
 use guantong_e2e::procs::{IngestProc, binary};
 use guantong_e2e::raw::{Signer, batch_bytes, manifest, session, session_as};
 use guantong_proto::chain::Algorithm;
@@ -173,6 +174,45 @@ async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyho
 
     // Offline re-verification agrees, and names the batch edited in the database.
     ingest.proc.terminate(std::time::Duration::from_secs(10));
+
+    // The same vectors through the offline verifier of a bundle: ingest's
+    // walker judges both, so every break is the same batch with the same
+    // words; only the batch whose predecessor is missing differs (online it
+    // waits, in a bundle it is a gap).
+    let bundle = dir.path().join("bundle.json");
+    export(&data, GW, 1_699_999_000_000, 1_700_001_000_000, &bundle)?;
+    let offline = verify(&bundle, None)?;
+    let mut online: Vec<String> = all
+        .iter()
+        .flat_map(|c| {
+            let buffer = c["buffer_id"].as_str().unwrap_or_default().to_string();
+            break_reasons(c)
+                .into_iter()
+                .filter(|(_, r)| !r.contains("key change refused"))
+                .map(move |(seq, r)| format!("FAILS gateway {GW} buffer {buffer} batch {seq}: {r}"))
+        })
+        .collect();
+    online.push(format!(
+        "FAILS gateway {GW} buffer {:016x} batch 3: batches 2..=2 are missing before it",
+        3
+    ));
+    online.sort();
+    let mut found: Vec<String> = offline
+        .text
+        .lines()
+        .filter(|l| l.starts_with("FAILS") && l.contains(" batch "))
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    assert_eq!(found, online, "offline:\n{}", offline.text);
+    assert!(
+        offline.text.contains(&format!(
+            "HOLDS gateway {GW} buffer {:016x}: chain verified from batch 1 to batch 3",
+            1
+        )),
+        "{}",
+        offline.text
+    );
     let verify = || {
         Command::new(binary("guantong-ingest").expect("binary"))
             .args(["verify-chain", "--data"])
@@ -189,6 +229,23 @@ async fn ingest_names_every_kind_of_break_and_accepts_an_honest_chain() -> anyho
         text.contains(&format!("buffer {:016x}: links 1..=3 (3 stored)", 1)),
         "{text}"
     );
+    // verify-chain walks the stored links with the same walker: the same
+    // breaks in the same words, under their buffers.
+    for c in &all {
+        let buffer = c["buffer_id"].as_str().unwrap_or_default();
+        let Some(section) = text
+            .split("gateway ")
+            .find(|s| s.contains(&format!("buffer {buffer}:")))
+        else {
+            continue; // a stream known only by a break has no stored links
+        };
+        for (seq, reason) in break_reasons(c) {
+            assert!(
+                section.contains(&format!("BREAK at batch {seq}: {reason}")),
+                "buffer {buffer} batch {seq}: {reason}\n{text}"
+            );
+        }
+    }
     {
         let db = redb::Database::open(data.join("ingest.redb"))?;
         let table: redb::TableDefinition<(&str, u64, u64), &[u8]> =

@@ -2,11 +2,20 @@
 //! (and, optionally, digests a supervisor kept). It re-derives everything
 //! from the signed bytes and states, per gateway, stream, batch, series and
 //! day, what holds and what does not.
+//!
+//! Each link is judged by ingest's own walker (`store::chain::step`), the
+//! one that verifies chains as batches arrive: the expected previous hash
+//! (genesis for batch 1, else the previous link's effective hash) and
+//! whether the signature counts are decided there and only there. This
+//! module adds what only a bundle can get wrong: links listed out of order
+//! or with gaps (after a gap the next link's previous hash is taken as
+//! given, as at the bundle's first link), bytes that do not decode, and the
+//! points, manifests and digests the signed bytes must agree with.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use guantong_proto::chain::{self, Algorithm, Hash, PublicKey};
+use guantong_proto::chain::{self, Algorithm, PublicKey};
 use guantong_proto::merkle;
 use guantong_proto::v1::{Batch, Manifest};
 use prost::Message;
@@ -14,6 +23,7 @@ use prost::Message;
 use super::bundle::{Bundle, FORMAT, GatewayEvidence, LinkEvidence, SeriesReport, VERSION};
 use super::digest::{self, DIGEST_FORMAT, DayLink, SignedDigest};
 use super::points::{PointsDigest, numeric, quality_byte};
+use crate::store::chain::{self as walker, ChainState, LinkHead};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -292,7 +302,11 @@ impl GatewayCheck<'_> {
         links: &[LinkEvidence],
         v: &mut Verdict,
     ) {
-        let mut expected: Option<Hash> = None;
+        // The walker's state; `known` is false when the next link's
+        // previous hash cannot be checked (after a gap or an undecodable
+        // link, or at a first link other than batch 1).
+        let mut st = ChainState::default();
+        let mut known = true;
         let mut last: Option<u64> = None;
         let mut broken = Vec::new();
         self.announced = None;
@@ -309,28 +323,22 @@ impl GatewayCheck<'_> {
                         p + 1,
                         l.seq - 1
                     ));
-                    expected = None;
+                    known = false;
                 }
-                None if l.seq == 1 => {
-                    expected =
-                        Algorithm::from_name(&l.algorithm).map(|a| a.genesis(self.id, buffer_id));
+                None if l.seq != 1 => {
+                    known = false;
+                    v.push(
+                        Status::Note,
+                        &at,
+                        format!(
+                            "the bundle's chain starts here; its previous hash {} is taken as given",
+                            l.prev_hash
+                        ),
+                    );
                 }
                 _ => {}
             }
-            match self.link(bundle, buffer_id, l, expected, &mut reasons) {
-                Some(effective) => expected = Some(effective),
-                None => expected = None,
-            }
-            if last.is_none() && l.seq != 1 {
-                v.push(
-                    Status::Note,
-                    &at,
-                    format!(
-                        "the bundle's chain starts here; its previous hash {} is taken as given",
-                        l.prev_hash
-                    ),
-                );
-            }
+            known = self.link(bundle, buffer_id, l, &mut st, known, &mut reasons);
             last = Some(l.last_seq.max(l.seq));
             for r in reasons.drain(..) {
                 v.push(Status::Fails, &at, r);
@@ -346,7 +354,7 @@ impl GatewayCheck<'_> {
                     first.seq,
                     end.last_seq.max(end.seq),
                     links.len(),
-                    expected.map(hex::encode).unwrap_or_default()
+                    st.head.unwrap_or_default()
                 ),
             ),
             (Some(_), Some(_)) => {
@@ -361,15 +369,18 @@ impl GatewayCheck<'_> {
         }
     }
 
-    /// Checks one link; returns the hash the next link must name.
+    /// Checks one link with the walker, advancing `st` past it; `known`:
+    /// whether `st` holds the hash this link must name. Returns whether the
+    /// next link's previous hash can be checked.
     fn link(
         &mut self,
         bundle: &Bundle,
         buffer_id: u64,
         l: &LinkEvidence,
-        expected: Option<Hash>,
+        st: &mut ChainState,
+        known: bool,
         reasons: &mut Vec<String>,
-    ) -> Option<Hash> {
+    ) -> bool {
         let decoded = (|| {
             let prev = hex_field("prev_hash", &l.prev_hash)?;
             let prev = chain::to_hash(&prev).ok_or("prev_hash is not 32 bytes")?;
@@ -383,7 +394,7 @@ impl GatewayCheck<'_> {
             Ok(d) => d,
             Err(e) => {
                 reasons.push(e);
-                return None;
+                return false;
             }
         };
         let Some(algorithm) = Algorithm::from_name(&l.algorithm) else {
@@ -391,28 +402,44 @@ impl GatewayCheck<'_> {
                 "signature algorithm `{}` is not ed25519 or sm2",
                 l.algorithm
             ));
-            return None;
+            return false;
         };
         let hash = algorithm.link_hash(&prev, &payload);
-        match &self.key {
-            Some(key) if key.algorithm != algorithm => reasons.push(format!(
-                "signed with {algorithm} but the gateway's bound key is {}",
-                key.algorithm
-            )),
-            Some(key) if !key.verify(&hash, &signature) => reasons.push(
-                "signature does not verify with the gateway's key: the bytes differ from what the gateway signed, or another key signed them".into(),
-            ),
-            _ => {}
-        }
-        if let Some(e) = expected
-            && e != prev
+        if let Some(key) = &self.key
+            && key.algorithm != algorithm
         {
             reasons.push(format!(
-                "does not link to the previous batch: names previous hash {}, expected {}",
-                l.prev_hash,
-                hex::encode(e)
+                "signed with {algorithm} but the gateway's bound key is {}",
+                key.algorithm
             ));
         }
+        let batch = Batch::decode(payload.as_slice());
+        let effective = batch
+            .as_ref()
+            .ok()
+            .and_then(|b| b.loss.as_ref())
+            .and_then(|loss| chain::to_hash(&loss.bridge_hash))
+            .unwrap_or(hash);
+        // The walker checks this link as the one after `l.seq - 1`; without
+        // a known predecessor its previous hash is taken as given.
+        st.verified_through = l.seq.saturating_sub(1);
+        if !known {
+            st.head = Some(hex::encode(prev));
+        }
+        let head = LinkHead {
+            algorithm,
+            prev_hash: prev.to_vec(),
+            effective_hash: effective.to_vec(),
+            signature_checked: self.key.is_some(),
+            signature_ok: walker::signature_ok(
+                self.key.as_ref(),
+                Some(algorithm),
+                &hash,
+                &signature,
+            ),
+            last_seq: l.last_seq,
+        };
+        reasons.extend(walker::step(st, self.id, buffer_id, &head));
         self.leaves.push((
             digest::day_of(l.received_at_ms),
             DayLink {
@@ -424,11 +451,11 @@ impl GatewayCheck<'_> {
             buffer_id,
             l.seq,
         ));
-        let batch = match Batch::decode(payload.as_slice()) {
+        let batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 reasons.push(format!("the signed bytes are not a Batch: {e}"));
-                return Some(hash);
+                return true;
             }
         };
         let last = batch
@@ -441,11 +468,6 @@ impl GatewayCheck<'_> {
                 l.seq, l.last_seq, batch.seq, batch.buffer_id
             ));
         }
-        let effective = batch
-            .loss
-            .as_ref()
-            .and_then(|loss| chain::to_hash(&loss.bridge_hash))
-            .unwrap_or(hash);
         if batch.loss.is_some() {
             self.announced = None;
         } else if !batch.manifest_sha256.is_empty() {
@@ -463,7 +485,7 @@ impl GatewayCheck<'_> {
             }
             self.points(bundle, buffer_id, l, &batch, reasons);
         }
-        Some(effective)
+        true
     }
 
     /// A manifest link: the manifest in the bundle must be the one signed.

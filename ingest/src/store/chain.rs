@@ -9,7 +9,7 @@
 //! mid-stream) is recorded and the chain continues from the breaking link, so
 //! one bad batch does not hide the rest; `verified_through` only grows.
 
-use guantong_proto::chain::Algorithm;
+use guantong_proto::chain::{Algorithm, Hash, PublicKey};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -40,6 +40,19 @@ pub struct LinkHead {
     pub signature_checked: bool,
     /// The last number the link covers (a loss record covers a range).
     pub last_seq: u64,
+}
+
+/// Whether a link's signature counts: a key is bound, the link names that
+/// key's algorithm (`named`; None: an algorithm ingest does not know), and
+/// the signature over the link hash verifies with it. The one rule, for
+/// links received (`grpc`) and links re-read (`verify-chain`, bundles).
+pub fn signature_ok(
+    key: Option<&PublicKey>,
+    named: Option<Algorithm>,
+    link_hash: &Hash,
+    signature: &[u8],
+) -> bool {
+    key.is_some_and(|k| Some(k.algorithm) == named && k.verify(link_hash, signature))
 }
 
 /// Verifies `link`, the link numbered `st.next()` of stream (`gateway`,

@@ -45,6 +45,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use guantong_proto::chain::{Algorithm, PublicKey};
@@ -311,6 +312,8 @@ pub struct EmbeddedStore {
     /// The group-commit thread, joined on drop so the file is released.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    /// `Store::generation`: bumped by `writing` and by the group commit.
+    generation: Arc<AtomicU64>,
 }
 
 /// Data of every enterprise and the digest key: the data directory is the
@@ -386,9 +389,11 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
         let writer_db = db.clone();
+        let generation = Arc::new(AtomicU64::new(0));
+        let writer_generation = generation.clone();
         let writer = std::thread::Builder::new()
             .name("ingest-writer".into())
-            .spawn(move || group_commit_loop(&writer_db, rx))
+            .spawn(move || group_commit_loop(&writer_db, &writer_generation, rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(Some(EmbeddedStore {
             db,
@@ -396,11 +401,22 @@ impl EmbeddedStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             path,
+            generation,
         }))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `blocking` for a write: the generation grows once it is done.
+    async fn writing<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let result = self.blocking(f).await;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        result
     }
 
     async fn blocking<T: Send + 'static>(
@@ -428,7 +444,7 @@ impl Drop for EmbeddedStore {
     }
 }
 
-fn group_commit_loop(db: &Database, rx: mpsc::Receiver<Job>) {
+fn group_commit_loop(db: &Database, generation: &AtomicU64, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut points = jobs[0].batch.batch.points.len();
@@ -442,6 +458,7 @@ fn group_commit_loop(db: &Database, rx: mpsc::Receiver<Job>) {
             }
         }
         let outcomes = append_group(db, jobs.iter().map(|j| &j.batch));
+        generation.fetch_add(1, Ordering::AcqRel);
         match outcomes {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -915,10 +932,140 @@ fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// `gateways` sorted, each once.
+fn distinct(gateways: &[String]) -> Vec<String> {
+    let mut out = gateways.to_vec();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Loss records and sequence holes of `gateways` (None: of every gateway).
+fn losses_in(db: &Database, gateways: Option<&[String]>) -> Result<Vec<LossInfo>> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let t = txn.open_table(LOSSES).map_err(db_err)?;
+    let manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
+    let mut out = Vec::new();
+    let all = [String::new()];
+    let scope = gateways.unwrap_or(&all);
+    for g in scope {
+        let records = match gateways {
+            Some(_) => t.range((g.as_str(), 0, 0)..=(g.as_str(), u64::MAX, u64::MAX)),
+            None => t.iter(),
+        };
+        for entry in records.map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let (gateway, buffer_id, first_seq) = k.value();
+            let r: LossRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            out.push(r.info(gateway, buffer_id, first_seq, |version, tag| {
+                let Some(m) = manifests.get((gateway, version)).map_err(db_err)? else {
+                    return Ok((String::new(), format!("#{tag} of manifest {version:016x}")));
+                };
+                let m =
+                    Manifest::decode(m.value()).map_err(|e| StoreError::Backend(e.to_string()))?;
+                let t = m.tags.get(tag as usize);
+                let d = t.and_then(|t| m.devices.get(t.device as usize));
+                Ok::<_, StoreError>((
+                    d.map_or_else(String::new, |d| d.id.clone()),
+                    t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
+                ))
+            })?);
+        }
+    }
+    let streams = txn.open_table(STREAMS).map_err(db_err)?;
+    for g in scope {
+        let ranges = match gateways {
+            Some(_) => streams.range((g.as_str(), 0)..=(g.as_str(), u64::MAX)),
+            None => streams.iter(),
+        };
+        for entry in ranges.map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let (gateway, buffer_id) = k.value();
+            out.extend(stream::holes(
+                gateway,
+                buffer_id,
+                &SeqRanges::decode(v.value()),
+                now_ms(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Chain status of the streams of `gateways` (None: of every gateway).
+fn chains_in(db: &Database, gateways: Option<&[String]>) -> Result<Vec<ChainInfo>> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let states = txn.open_table(CHAIN_STATE).map_err(db_err)?;
+    let breaks = txn.open_table(BREAKS).map_err(db_err)?;
+    let signed = txn.open_table(SIGNED).map_err(db_err)?;
+    let mut out = Vec::new();
+    // Streams with verified links, and streams known only by a break
+    // (a refused key change before any batch).
+    let mut streams: std::collections::BTreeSet<(String, u64)> = std::collections::BTreeSet::new();
+    let all = [String::new()];
+    for g in gateways.unwrap_or(&all) {
+        let (states_in, breaks_in) = match gateways {
+            Some(_) => (
+                states.range((g.as_str(), 0)..=(g.as_str(), u64::MAX)),
+                breaks.range((g.as_str(), 0, 0)..=(g.as_str(), u64::MAX, u64::MAX)),
+            ),
+            None => (states.iter(), breaks.iter()),
+        };
+        for entry in states_in.map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let (g, b) = k.value();
+            streams.insert((g.to_string(), b));
+        }
+        for entry in breaks_in.map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let (g, b, _) = k.value();
+            streams.insert((g.to_string(), b));
+        }
+    }
+    for (gateway, buffer_id) in streams {
+        let gateway = gateway.as_str();
+        let st: ChainState = match states.get((gateway, buffer_id)).map_err(db_err)? {
+            Some(v) => {
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?
+            }
+            None => ChainState::default(),
+        };
+        let mut list = Vec::new();
+        for b in breaks
+            .range((gateway, buffer_id, 0)..=(gateway, buffer_id, u64::MAX))
+            .map_err(db_err)?
+        {
+            let (_, v) = b.map_err(db_err)?;
+            list.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Backend(e.to_string()))?,
+            );
+        }
+        let waiting = signed
+            .range((gateway, buffer_id, st.verified_through + 1)..=(gateway, buffer_id, u64::MAX))
+            .map_err(db_err)?
+            .count() as u64;
+        out.push(ChainInfo {
+            gateway: gateway.to_string(),
+            buffer_id: format!("{buffer_id:016x}"),
+            verified_from: st.verified_from,
+            verified_through: st.verified_through,
+            head_hash: st.head.unwrap_or_default(),
+            waiting,
+            breaks: list,
+        });
+    }
+    Ok(out)
+}
+
 impl Store for EmbeddedStore {
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
     async fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
         let e = e.clone();
-        self.blocking(move |db| Db { db }.put_enterprise(&e)).await
+        self.writing(move |db| Db { db }.put_enterprise(&e)).await
     }
     async fn enterprises(&self) -> Result<Vec<Enterprise>> {
         self.blocking(move |db| Db { db }.enterprises()).await
@@ -929,7 +1076,7 @@ impl Store for EmbeddedStore {
     }
     async fn put_equipment(&self, code: &str, list: &[Equipment]) -> Result<()> {
         let (code, list) = (code.to_string(), list.to_vec());
-        self.blocking(move |db| Db { db }.put_equipment(&code, &list))
+        self.writing(move |db| Db { db }.put_equipment(&code, &list))
             .await
     }
     async fn equipment(&self, code: &str) -> Result<Vec<Equipment>> {
@@ -938,20 +1085,29 @@ impl Store for EmbeddedStore {
     }
     async fn assign_gateway(&self, gateway: &str, code: &str) -> Result<()> {
         let (gateway, code) = (gateway.to_string(), code.to_string());
-        self.blocking(move |db| Db { db }.assign_gateway(&gateway, &code))
+        self.writing(move |db| Db { db }.assign_gateway(&gateway, &code))
             .await
     }
     async fn unassign_gateway(&self, gateway: &str) -> Result<bool> {
         let gateway = gateway.to_string();
-        self.blocking(move |db| Db { db }.unassign_gateway(&gateway))
+        self.writing(move |db| Db { db }.unassign_gateway(&gateway))
             .await
     }
     async fn gateway_owners(&self) -> Result<BTreeMap<String, String>> {
         self.blocking(move |db| Db { db }.gateway_owners()).await
     }
+    async fn gateways_of(&self, codes: &[String]) -> Result<BTreeMap<String, String>> {
+        let codes = codes.to_vec();
+        self.blocking(move |db| Db { db }.gateways_of(&codes)).await
+    }
+    async fn enterprises_of_provider(&self, provider: &str) -> Result<Vec<Enterprise>> {
+        let provider = provider.to_string();
+        self.blocking(move |db| Db { db }.enterprises_of_provider(&provider))
+            .await
+    }
     async fn put_account(&self, a: &Account) -> Result<String> {
         let a = a.clone();
-        self.blocking(move |db| Db { db }.put_account(&a)).await
+        self.writing(move |db| Db { db }.put_account(&a)).await
     }
     async fn account_by_token(&self, token: &str) -> Result<Option<Account>> {
         let token = token.to_string();
@@ -1006,7 +1162,7 @@ impl Store for EmbeddedStore {
 
     async fn register_gateway(&self, id: &str, public_key: Option<PublicKey>) -> Result<String> {
         let id = id.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let (token, salt, token_sha256) = new_token();
             let mut record = GatewayRecord {
                 salt,
@@ -1061,7 +1217,7 @@ impl Store for EmbeddedStore {
 
     async fn rotate_token(&self, id: &str, grace: std::time::Duration) -> Result<String> {
         let id = id.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let (token, salt, token_sha256) = new_token();
             {
@@ -1104,7 +1260,7 @@ impl Store for EmbeddedStore {
 
     async fn bind_key_on_first_use(&self, id: &str, public_key: PublicKey) -> Result<()> {
         let id = id.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
@@ -1135,7 +1291,7 @@ impl Store for EmbeddedStore {
         reason: String,
     ) -> Result<()> {
         let gateway = gateway.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut t = txn.open_table(BREAKS).map_err(db_err)?;
@@ -1148,64 +1304,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn chains(&self) -> Result<Vec<ChainInfo>> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(db_err)?;
-            let states = txn.open_table(CHAIN_STATE).map_err(db_err)?;
-            let breaks = txn.open_table(BREAKS).map_err(db_err)?;
-            let signed = txn.open_table(SIGNED).map_err(db_err)?;
-            let mut out = Vec::new();
-            // Streams with verified links, and streams known only by a break
-            // (a refused key change before any batch).
-            let mut streams: std::collections::BTreeSet<(String, u64)> =
-                std::collections::BTreeSet::new();
-            for entry in states.iter().map_err(db_err)? {
-                let (k, _) = entry.map_err(db_err)?;
-                let (g, b) = k.value();
-                streams.insert((g.to_string(), b));
-            }
-            for entry in breaks.iter().map_err(db_err)? {
-                let (k, _) = entry.map_err(db_err)?;
-                let (g, b, _) = k.value();
-                streams.insert((g.to_string(), b));
-            }
-            for (gateway, buffer_id) in streams {
-                let gateway = gateway.as_str();
-                let st: ChainState = match states.get((gateway, buffer_id)).map_err(db_err)? {
-                    Some(v) => serde_json::from_slice(v.value())
-                        .map_err(|e| StoreError::Backend(e.to_string()))?,
-                    None => ChainState::default(),
-                };
-                let mut list = Vec::new();
-                for b in breaks
-                    .range((gateway, buffer_id, 0)..=(gateway, buffer_id, u64::MAX))
-                    .map_err(db_err)?
-                {
-                    let (_, v) = b.map_err(db_err)?;
-                    list.push(
-                        serde_json::from_slice(v.value())
-                            .map_err(|e| StoreError::Backend(e.to_string()))?,
-                    );
-                }
-                let waiting = signed
-                    .range(
-                        (gateway, buffer_id, st.verified_through + 1)
-                            ..=(gateway, buffer_id, u64::MAX),
-                    )
-                    .map_err(db_err)?
-                    .count() as u64;
-                out.push(ChainInfo {
-                    gateway: gateway.to_string(),
-                    buffer_id: format!("{buffer_id:016x}"),
-                    verified_from: st.verified_from,
-                    verified_through: st.verified_through,
-                    head_hash: st.head.unwrap_or_default(),
-                    waiting,
-                    breaks: list,
-                });
-            }
-            Ok(out)
-        })
-        .await
+        self.blocking(|db| chains_in(db, None)).await
+    }
+
+    async fn chains_of(&self, gateways: &[String]) -> Result<Vec<ChainInfo>> {
+        let gateways = distinct(gateways);
+        self.blocking(move |db| chains_in(db, Some(&gateways)))
+            .await
     }
 
     async fn gateways(&self) -> Result<Vec<GatewayInfo>> {
@@ -1229,7 +1334,7 @@ impl Store for EmbeddedStore {
 
     async fn open_stream(&self, gateway: &str, buffer_id: u64, first_unacked: u64) -> Result<u64> {
         let gateway = gateway.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let stored;
             {
@@ -1262,7 +1367,7 @@ impl Store for EmbeddedStore {
 
     async fn put_manifest(&self, gateway: &str, manifest: Manifest) -> Result<Arc<ManifestMap>> {
         let gateway = gateway.to_string();
-        self.blocking(move |db| {
+        self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
             let mut series = Vec::with_capacity(manifest.tags.len());
             {
@@ -1443,6 +1548,33 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn series_by_tag(
+        &self,
+        gateway: &str,
+        device: &str,
+        tag: &str,
+    ) -> Result<Option<SeriesInfo>> {
+        let key = format!("{gateway}/{device}/{tag}");
+        let (device, tag) = (device.to_string(), tag.to_string());
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(db_err)?;
+            let keys = txn.open_table(SERIES_KEYS).map_err(db_err)?;
+            let Some(id) = keys.get(key.as_str()).map_err(db_err)? else {
+                return Ok(None);
+            };
+            let id = id.value();
+            let metas = txn.open_table(SERIES).map_err(db_err)?;
+            let Some(meta) = metas.get(id).map_err(db_err)? else {
+                return Err(StoreError::Backend(format!("series {id} has no metadata")));
+            };
+            let states = txn.open_table(STATE).map_err(db_err)?;
+            let info = series_info(id, meta.value(), &states)?;
+            // The key joins names with `/`, which names may hold: compare.
+            Ok((info.device == device && info.tag == tag).then_some(info))
+        })
+        .await
+    }
+
     async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
         Ok(self
             .window_counts_of(vec![series], from_ms, to_ms)
@@ -1511,44 +1643,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn losses(&self) -> Result<Vec<LossInfo>> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(db_err)?;
-            let t = txn.open_table(LOSSES).map_err(db_err)?;
-            let manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
-            let mut out = Vec::new();
-            for entry in t.iter().map_err(db_err)? {
-                let (k, v) = entry.map_err(db_err)?;
-                let (gateway, buffer_id, first_seq) = k.value();
-                let r: LossRecord = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
-                out.push(r.info(gateway, buffer_id, first_seq, |version, tag| {
-                    let Some(m) = manifests.get((gateway, version)).map_err(db_err)? else {
-                        return Ok((String::new(), format!("#{tag} of manifest {version:016x}")));
-                    };
-                    let m = Manifest::decode(m.value())
-                        .map_err(|e| StoreError::Backend(e.to_string()))?;
-                    let t = m.tags.get(tag as usize);
-                    let d = t.and_then(|t| m.devices.get(t.device as usize));
-                    Ok::<_, StoreError>((
-                        d.map_or_else(String::new, |d| d.id.clone()),
-                        t.map_or_else(|| format!("#{tag}"), |t| t.name.clone()),
-                    ))
-                })?);
-            }
-            let streams = txn.open_table(STREAMS).map_err(db_err)?;
-            for entry in streams.iter().map_err(db_err)? {
-                let (k, v) = entry.map_err(db_err)?;
-                let (gateway, buffer_id) = k.value();
-                out.extend(stream::holes(
-                    gateway,
-                    buffer_id,
-                    &SeqRanges::decode(v.value()),
-                    now_ms(),
-                ));
-            }
-            Ok(out)
-        })
-        .await
+        self.blocking(|db| losses_in(db, None)).await
+    }
+
+    async fn losses_of(&self, gateways: &[String]) -> Result<Vec<LossInfo>> {
+        let gateways = distinct(gateways);
+        self.blocking(move |db| losses_in(db, Some(&gateways)))
+            .await
     }
 
     async fn export_evidence(
@@ -1819,7 +1920,10 @@ impl EmbeddedStore {
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
         let mut out: Vec<ChainVerification> = Vec::new();
         let mut key: Option<PublicKey> = None;
-        let mut expected: Option<guantong_proto::chain::Hash> = None;
+        // The walker's state of the stream (`chain::step`, as online);
+        // `known`: whether it holds the hash the next link must name.
+        let mut st = ChainState::default();
+        let mut known = true;
         for entry in signed.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             let (gateway, buffer_id, seq) = k.value();
@@ -1834,11 +1938,11 @@ impl EmbeddedStore {
                         .and_then(|r| r.bound_key().ok().flatten()),
                     None => None,
                 };
-                // Batch 1's algorithm names its genesis (read again below).
-                let first_algorithm = SignedLinkHead::decode(v.value())
-                    .map_or(Algorithm::Ed25519, |l| stored_algorithm(l.algorithm));
-                expected = (seq == 1).then(|| first_algorithm.genesis(gateway, buffer_id));
-                let mut c = ChainVerification {
+                // A stream starting after batch 1 is anchored there: the
+                // walker says so.
+                st = ChainState::default();
+                known = true;
+                out.push(ChainVerification {
                     gateway: gateway.to_string(),
                     buffer_id: buffer_hex,
                     first_seq: seq,
@@ -1846,20 +1950,7 @@ impl EmbeddedStore {
                     head_hash: String::new(),
                     links: 0,
                     breaks: Vec::new(),
-                };
-                if seq != 1 {
-                    c.breaks.push((
-                        seq,
-                        "chain starts mid-stream: earlier links are not in this store".into(),
-                    ));
-                }
-                if key.is_none() {
-                    c.breaks.push((
-                        seq,
-                        "no public key bound to this gateway: signatures cannot be checked".into(),
-                    ));
-                }
-                out.push(c);
+                });
             }
             let Some(c) = out.last_mut() else { continue };
             let mut breaks = Vec::new();
@@ -1869,7 +1960,7 @@ impl EmbeddedStore {
                     c.last_seq + 1,
                     seq - 1
                 ));
-                expected = None;
+                known = false;
             }
             let link = match SignedLink::decode(v.value()) {
                 Ok(l) => l,
@@ -1882,13 +1973,13 @@ impl EmbeddedStore {
             let algorithm = stored_algorithm(link.algorithm);
             let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
             let hash = algorithm.link_hash(&prev, &link.payload);
-            match &key {
-                Some(k) if k.algorithm != algorithm => breaks.push(format!(
+            if let Some(k) = &key
+                && k.algorithm != algorithm
+            {
+                breaks.push(format!(
                     "signed with {algorithm} but the gateway's bound key is {}",
                     k.algorithm
-                )),
-                Some(k) if !k.verify(&hash, &link.signature) => breaks.push("signature does not verify: the stored batch differs from what the gateway signed".into()),
-                _ => {}
+                ));
             }
             let batch = Batch::decode(link.payload.as_ref());
             match &batch {
@@ -1899,20 +1990,30 @@ impl EmbeddedStore {
                 Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
                 Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
             }
-            if let Some(e) = expected
-                && e != prev
-            {
-                breaks.push(format!(
-                    "does not link to the previous batch (expected previous hash {})",
-                    hex::encode(e)
-                ));
-            }
             let effective = batch
                 .ok()
                 .and_then(|b| b.loss)
                 .and_then(|l| guantong_proto::chain::to_hash(&l.bridge_hash))
                 .unwrap_or(hash);
-            expected = Some(effective);
+            st.verified_through = seq.saturating_sub(1);
+            if !known {
+                st.head = Some(hex::encode(prev));
+            }
+            let head = chain::LinkHead {
+                algorithm,
+                prev_hash: link.prev_hash.to_vec(),
+                effective_hash: effective.to_vec(),
+                signature_checked: key.is_some(),
+                signature_ok: chain::signature_ok(
+                    key.as_ref(),
+                    Some(algorithm),
+                    &hash,
+                    &link.signature,
+                ),
+                last_seq: link.last_seq.max(seq),
+            };
+            breaks.extend(chain::step(&mut st, gateway, buffer_id, &head));
+            known = true;
             c.last_seq = link.last_seq.max(seq);
             c.head_hash = hex::encode(effective);
             c.links += 1;

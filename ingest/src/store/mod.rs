@@ -291,6 +291,13 @@ pub struct TagLossInfo {
 }
 
 pub trait Store: Send + Sync + 'static {
+    /// A number that grows whenever what the store holds changes: after
+    /// every commit of an append, and of every write to the registry,
+    /// streams, manifests, gateways or chain breaks (not the access log,
+    /// which no report reads). Equal numbers mean nothing a report or the
+    /// city view reads has changed in between, so results computed at one
+    /// generation may be served again while it holds.
+    fn generation(&self) -> u64;
     /// Registers a gateway, binding its signing public key when given, and
     /// returns its token.
     fn register_gateway(
@@ -320,6 +327,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
     /// Chain status of every stream.
     fn chains(&self) -> impl Future<Output = Result<Vec<ChainInfo>>> + Send;
+    /// `chains` of the streams of `gateways` only, without reading others.
+    fn chains_of(&self, gateways: &[String])
+    -> impl Future<Output = Result<Vec<ChainInfo>>> + Send;
     /// Whether `token` is the gateway's current token, or its previous one
     /// within the grace period of a rotation. Compared in constant time.
     fn authenticate(&self, id: &str, token: &str) -> impl Future<Output = Result<bool>> + Send;
@@ -365,6 +375,13 @@ pub trait Store: Send + Sync + 'static {
         &self,
         gateways: &[String],
     ) -> impl Future<Output = Result<Vec<SeriesInfo>>> + Send;
+    /// The series of one tag, without reading the others' series.
+    fn series_by_tag(
+        &self,
+        gateway: &str,
+        device: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<Option<SeriesInfo>>> + Send;
     fn window_counts(
         &self,
         series: u64,
@@ -386,6 +403,8 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<StoredPoint>>> + Send;
     fn losses(&self) -> impl Future<Output = Result<Vec<LossInfo>>> + Send;
+    /// `losses` of `gateways` only, without reading others'.
+    fn losses_of(&self, gateways: &[String]) -> impl Future<Output = Result<Vec<LossInfo>>> + Send;
 
     // Registry and rollups.
 
@@ -405,6 +424,18 @@ pub trait Store: Send + Sync + 'static {
     fn unassign_gateway(&self, gateway: &str) -> impl Future<Output = Result<bool>> + Send;
     /// gateway id -> enterprise credit code.
     fn gateway_owners(&self) -> impl Future<Output = Result<BTreeMap<String, String>>> + Send;
+    /// The gateways of enterprises `codes` (gateway id -> credit code),
+    /// without reading other enterprises' gateways.
+    fn gateways_of(
+        &self,
+        codes: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, String>>> + Send;
+    /// The enterprises whose provider is `provider`, without reading the
+    /// others.
+    fn enterprises_of_provider(
+        &self,
+        provider: &str,
+    ) -> impl Future<Output = Result<Vec<Enterprise>>> + Send;
     /// Creates or replaces an account; returns its new token.
     fn put_account(&self, a: &Account) -> impl Future<Output = Result<String>> + Send;
     fn account_by_token(&self, token: &str)

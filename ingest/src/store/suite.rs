@@ -50,6 +50,9 @@ macro_rules! store_suite {
             gateways_tokens_and_keys,
             enterprises_equipment_owners_accounts_and_access,
             report_queries_answer_from_the_stored_points,
+            scoped_queries_answer_for_the_gateways_named_only,
+            owners_and_providers_are_found_without_reading_the_others,
+            the_generation_grows_with_every_change_and_only_then,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
@@ -1250,4 +1253,347 @@ pub async fn report_queries_answer_from_the_stored_points<H: Harness>() {
         let value = (s.2 != Quality::Bad).then(|| serde_json::json!(s.1 as f64 / 1000.0));
         assert_eq!(p.value, value, "at {}", s.1);
     }
+}
+
+/// `losses_of`, `chains_of` and `series_by_tag` against their unscoped
+/// twins: the same rows for the gateways named, none of the others, and a
+/// gateway whose id is a prefix of another's is that gateway alone.
+pub async fn scoped_queries_answer_for_the_gateways_named_only<H: Harness>() {
+    let (_place, store, map) = fresh::<H>().await;
+    let other = put_manifest(&store, "gw-a2", 1, 1_000).await;
+    // gw-a: a declared loss, a hole (seq 3 missing) and a chain break.
+    let mut chain = Chain::new();
+    let b1 = batch(1, &good(0, T0, 1_000, 0..2));
+    let l1 = chain.link(&b1, true);
+    append_linked(&store, &map, b1, l1).await;
+    let loss = TagLoss {
+        tag: 0,
+        points: 3,
+        first_time_ms: T0,
+        last_time_ms: T0 + 2_000,
+        manifest_version: 1,
+        bad_points: 0,
+    };
+    append(&store, appending(GW, &map, loss_batch(2, 2, vec![loss]))).await;
+    store_batch(&store, &map, 4, &good(1, T0, 1_000, 0..2)).await;
+    store
+        .record_break(GW, 9, 1, "key changed".into())
+        .await
+        .expect("break");
+    // gw-a2: only a loss and a break of its own.
+    let mut b = loss_batch(1, 1, Vec::new());
+    b.buffer_id = 7;
+    append(&store, appending("gw-a2", &other, b)).await;
+    store
+        .record_break("gw-a2", 7, 2, "key changed".into())
+        .await
+        .expect("break");
+
+    let names = |gateways: &[&str]| gateways.iter().map(|g| g.to_string()).collect::<Vec<_>>();
+    let losses = |list: Vec<super::LossInfo>| {
+        let mut v: Vec<String> = list
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} {}..={} {}",
+                    l.gateway, l.buffer_id, l.first_seq, l.last_seq, l.reason
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let all_losses = losses(store.losses().await.expect("losses"));
+    let mine = losses(store.losses_of(&names(&[GW])).await.expect("losses of"));
+    assert_eq!(
+        mine,
+        all_losses
+            .iter()
+            .filter(|l| l.starts_with("gw-a "))
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(mine.len(), 2, "the declared loss and the hole: {mine:?}");
+    assert_eq!(
+        losses(
+            store
+                .losses_of(&names(&["gw-a2", GW, GW]))
+                .await
+                .expect("losses of")
+        ),
+        all_losses,
+        "each gateway once"
+    );
+    assert!(
+        store
+            .losses_of(&names(&["gw"]))
+            .await
+            .expect("losses of")
+            .is_empty()
+    );
+
+    let chains = |list: Vec<super::ChainInfo>| {
+        let mut v: Vec<String> = list
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {} {} {}",
+                    c.gateway,
+                    c.buffer_id,
+                    c.verified_through,
+                    c.breaks.len()
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let all_chains = chains(store.chains().await.expect("chains"));
+    let mine = chains(store.chains_of(&names(&[GW])).await.expect("chains of"));
+    assert_eq!(
+        mine.len(),
+        2,
+        "the linked stream and the one known by a break: {mine:?}"
+    );
+    assert_eq!(
+        mine,
+        all_chains
+            .iter()
+            .filter(|c| c.starts_with("gw-a "))
+            .cloned()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        chains(
+            store
+                .chains_of(&names(&[GW, "gw-a2"]))
+                .await
+                .expect("chains of")
+        ),
+        all_chains
+    );
+    assert!(
+        store
+            .chains_of(&names(&["nobody"]))
+            .await
+            .expect("chains of")
+            .is_empty()
+    );
+
+    let t1 = store
+        .series_by_tag(GW, "dev", "t1")
+        .await
+        .expect("by tag")
+        .expect("t1 is a series");
+    assert_eq!((t1.id, t1.good), (map.series[1], 2));
+    let listed = store
+        .series_of(&names(&[GW]))
+        .await
+        .expect("series of")
+        .into_iter()
+        .find(|s| s.id == t1.id)
+        .expect("listed");
+    assert_eq!(
+        format!("{t1:?}"),
+        format!("{listed:?}"),
+        "the same row as `series_of`"
+    );
+    for (g, d, t) in [
+        (GW, "dev", "t9"),
+        (GW, "other", "t1"),
+        ("gw", "dev", "t1"),
+        ("gw-a2", "dev", "t1"),
+    ] {
+        assert!(
+            store
+                .series_by_tag(g, d, t)
+                .await
+                .expect("by tag")
+                .is_none(),
+            "{g}/{d}/{t}"
+        );
+    }
+}
+
+/// The gateways of some enterprises and the enterprises of a provider,
+/// kept right as gateways move and enterprises change provider, and across
+/// a reopen.
+pub async fn owners_and_providers_are_found_without_reading_the_others<H: Harness>() {
+    const A: &str = "91350100M000100Y43";
+    const B: &str = "91110000802100433B";
+    let place = H::new().await;
+    let store = place.open().await;
+    for g in ["gw-1", "gw-2", "gw-3"] {
+        store.register_gateway(g, None).await.expect("register");
+    }
+    store
+        .put_enterprise(&enterprise(A, "one"))
+        .await
+        .expect("put");
+    let b = Enterprise {
+        provider: "p2".into(),
+        ..enterprise(B, "two")
+    };
+    store.put_enterprise(&b).await.expect("put");
+    store.assign_gateway("gw-1", A).await.expect("assign");
+    store.assign_gateway("gw-2", A).await.expect("assign");
+    store.assign_gateway("gw-3", B).await.expect("assign");
+    let of = |codes: &[&str]| codes.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    let owners = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(g, c)| (g.to_string(), c.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        store.gateways_of(&of(&[A])).await.expect("gateways of"),
+        owners(&[("gw-1", A), ("gw-2", A)])
+    );
+    store.assign_gateway("gw-2", B).await.expect("move");
+    store.unassign_gateway("gw-1").await.expect("unassign");
+    assert!(
+        store
+            .gateways_of(&of(&[A]))
+            .await
+            .expect("gateways of")
+            .is_empty()
+    );
+    assert_eq!(
+        store.gateways_of(&of(&[B, A])).await.expect("gateways of"),
+        store.gateway_owners().await.expect("owners"),
+    );
+    assert!(
+        store
+            .gateways_of(&of(&["91000000000000000X"]))
+            .await
+            .expect("none")
+            .is_empty()
+    );
+
+    let codes = |list: Vec<Enterprise>| {
+        let mut v: Vec<String> = list.into_iter().map(|e| e.code).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        codes(store.enterprises_of_provider("p1").await.expect("p1")),
+        [A]
+    );
+    assert_eq!(
+        codes(store.enterprises_of_provider("p2").await.expect("p2")),
+        [B]
+    );
+    assert!(
+        store
+            .enterprises_of_provider("p")
+            .await
+            .expect("p")
+            .is_empty(),
+        "a prefix is another provider"
+    );
+    // B changes provider: found under the new one only, with its new row.
+    let moved = Enterprise {
+        provider: "p1".into(),
+        name: "two, moved".into(),
+        ..b
+    };
+    store.put_enterprise(&moved).await.expect("move");
+    assert!(
+        store
+            .enterprises_of_provider("p2")
+            .await
+            .expect("p2")
+            .is_empty()
+    );
+    let p1 = store.enterprises_of_provider("p1").await.expect("p1");
+    assert_eq!(
+        codes(p1.clone()),
+        [B, A]
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
+    assert!(p1.contains(&moved));
+    drop(store);
+    let store = place.open().await;
+    assert_eq!(
+        codes(store.enterprises_of_provider("p1").await.expect("p1")).len(),
+        2,
+        "survives a reopen"
+    );
+    assert_eq!(
+        store.gateways_of(&of(&[B])).await.expect("gateways of"),
+        owners(&[("gw-2", B), ("gw-3", B)])
+    );
+}
+
+/// Every write a report reads bumps the generation once it is visible;
+/// reads and the access log leave it.
+pub async fn the_generation_grows_with_every_change_and_only_then<H: Harness>() {
+    const A: &str = "91350100M000100Y43";
+    let place = H::new().await;
+    let store = place.open().await;
+    let mut seen = store.generation();
+    let mut changed = |store: &H::Store, what: &str| {
+        let now = store.generation();
+        assert!(now > seen, "{what} bumps the generation");
+        seen = now;
+    };
+    let map = put_manifest(&store, GW, 2, 1_000).await;
+    changed(&store, "a manifest");
+    store_batch(&store, &map, 1, &good(0, T0, 1_000, 0..3)).await;
+    changed(&store, "an append");
+    assert_eq!(
+        count(&store, map.series[0]).await.good,
+        3,
+        "visible once bumped"
+    );
+    store_batch(&store, &map, 1, &good(0, T0, 1_000, 0..3)).await;
+    changed(&store, "a duplicate (harmless)");
+    store
+        .register_gateway("gw-1", None)
+        .await
+        .expect("register");
+    changed(&store, "a registration");
+    store
+        .put_enterprise(&enterprise(A, "one"))
+        .await
+        .expect("put");
+    changed(&store, "an enterprise");
+    store
+        .put_equipment(A, &[equipment("e1", "gw-1")])
+        .await
+        .expect("equipment");
+    changed(&store, "equipment");
+    store.assign_gateway("gw-1", A).await.expect("assign");
+    changed(&store, "an assignment");
+    store
+        .record_break(GW, BUFFER, 5, "key changed".into())
+        .await
+        .expect("break");
+    changed(&store, "a break");
+
+    let before = store.generation();
+    store.series().await.expect("series");
+    store.losses().await.expect("losses");
+    store.chains().await.expect("chains");
+    store.enterprises().await.expect("enterprises");
+    store
+        .log_access(&Access {
+            at_ms: T0,
+            account: "li".into(),
+            role: Role::Reviewer,
+            method: "GET".into(),
+            path: "/city".into(),
+            enterprise: String::new(),
+        })
+        .await
+        .expect("log");
+    assert_eq!(
+        store.generation(),
+        before,
+        "reads and the access log change nothing"
+    );
 }

@@ -6,14 +6,22 @@
 //! | `enterprises` | credit code                | JSON `Enterprise`           |
 //! | `equipment`   | (credit code, equipment id)| JSON `Equipment`            |
 //! | `owners`      | gateway id (registered)    | credit code                 |
+//! | `enterprise_gateways` | (credit code, gateway id) | () : `owners` by enterprise |
+//! | `provider_enterprises` | (provider, credit code) | () : `enterprises` by provider |
 //! | `accounts`    | account name               | JSON `Account`              |
 //! | `tokens`      | SHA-256 of a token         | account name                |
 //! | `access_log`  | (time ms, sequence)        | JSON `Access`               |
+//!
+//! The two index tables are written in the same transaction as the rows
+//! they index, so they always agree; a store written before they existed
+//! gets them filled once when it is opened.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -24,6 +32,10 @@ use crate::store::{Result, StoreError};
 const ENTERPRISES: TableDefinition<&str, &[u8]> = TableDefinition::new("enterprises");
 const EQUIPMENT: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("equipment");
 const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
+const ENTERPRISE_GATEWAYS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("enterprise_gateways");
+const PROVIDER_ENTERPRISES: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("provider_enterprises");
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 const TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("tokens");
 const ACCESS_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("access_log");
@@ -37,6 +49,32 @@ pub(super) fn create_tables(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(ACCOUNTS).map_err(db_err)?;
     txn.open_table(TOKENS).map_err(db_err)?;
     txn.open_table(ACCESS_LOG).map_err(db_err)?;
+    fill_indexes(txn)
+}
+
+/// Fills the index tables of a store written before they existed.
+fn fill_indexes(txn: &WriteTransaction) -> Result<()> {
+    let mut by_enterprise = txn.open_table(ENTERPRISE_GATEWAYS).map_err(db_err)?;
+    let owners = txn.open_table(OWNERS).map_err(db_err)?;
+    if by_enterprise.is_empty().map_err(db_err)? {
+        for entry in owners.iter().map_err(db_err)? {
+            let (gateway, code) = entry.map_err(db_err)?;
+            by_enterprise
+                .insert((code.value(), gateway.value()), ())
+                .map_err(db_err)?;
+        }
+    }
+    let mut by_provider = txn.open_table(PROVIDER_ENTERPRISES).map_err(db_err)?;
+    let enterprises = txn.open_table(ENTERPRISES).map_err(db_err)?;
+    if by_provider.is_empty().map_err(db_err)? {
+        for entry in enterprises.iter().map_err(db_err)? {
+            let (code, e) = entry.map_err(db_err)?;
+            let e: Enterprise = parse(e.value(), "enterprise")?;
+            by_provider
+                .insert((e.provider.as_str(), code.value()), ())
+                .map_err(db_err)?;
+        }
+    }
     Ok(())
 }
 
@@ -59,12 +97,43 @@ fn parse<T: DeserializeOwned>(b: &[u8], what: &str) -> Result<T> {
 impl Db<'_> {
     pub fn put_enterprise(&self, e: &Enterprise) -> Result<()> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(ENTERPRISES)
-            .map_err(db_err)?
-            .insert(e.code.as_str(), json(e)?.as_slice())
-            .map_err(db_err)?;
+        {
+            let mut t = txn.open_table(ENTERPRISES).map_err(db_err)?;
+            let mut by_provider = txn.open_table(PROVIDER_ENTERPRISES).map_err(db_err)?;
+            if let Some(old) = t
+                .insert(e.code.as_str(), json(e)?.as_slice())
+                .map_err(db_err)?
+            {
+                let old: Enterprise = parse(old.value(), "enterprise")?;
+                by_provider
+                    .remove((old.provider.as_str(), e.code.as_str()))
+                    .map_err(db_err)?;
+            }
+            by_provider
+                .insert((e.provider.as_str(), e.code.as_str()), ())
+                .map_err(db_err)?;
+        }
         txn.commit().map_err(db_err)?;
         Ok(())
+    }
+
+    /// The enterprises of `provider`, by the provider index.
+    pub fn enterprises_of_provider(&self, provider: &str) -> Result<Vec<Enterprise>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let by_provider = txn.open_table(PROVIDER_ENTERPRISES).map_err(db_err)?;
+        let t = txn.open_table(ENTERPRISES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in by_provider.range((provider, "")..).map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let (p, code) = k.value();
+            if p != provider {
+                break;
+            }
+            if let Some(v) = t.get(code).map_err(db_err)? {
+                out.push(parse(v.value(), "enterprise")?);
+            }
+        }
+        Ok(out)
     }
 
     pub fn enterprises(&self) -> Result<Vec<Enterprise>> {
@@ -137,10 +206,19 @@ impl Db<'_> {
                     "gateway {gateway} (register it first: `guantong-ingest register-gateway`)"
                 )));
             }
-            txn.open_table(OWNERS)
+            let previous = txn
+                .open_table(OWNERS)
                 .map_err(db_err)?
                 .insert(gateway, code)
-                .map_err(db_err)?;
+                .map_err(db_err)?
+                .map(|c| c.value().to_string());
+            let mut by_enterprise = txn.open_table(ENTERPRISE_GATEWAYS).map_err(db_err)?;
+            if let Some(previous) = previous {
+                by_enterprise
+                    .remove((previous.as_str(), gateway))
+                    .map_err(db_err)?;
+            }
+            by_enterprise.insert((code, gateway), ()).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(())
@@ -154,9 +232,15 @@ impl Db<'_> {
             .map_err(db_err)?
             .remove(gateway)
             .map_err(db_err)?
-            .is_some();
+            .map(|c| c.value().to_string());
+        if let Some(code) = &removed {
+            txn.open_table(ENTERPRISE_GATEWAYS)
+                .map_err(db_err)?
+                .remove((code.as_str(), gateway))
+                .map_err(db_err)?;
+        }
         txn.commit().map_err(db_err)?;
-        Ok(removed)
+        Ok(removed.is_some())
     }
 
     /// gateway id -> enterprise credit code.
@@ -167,6 +251,24 @@ impl Db<'_> {
         for entry in t.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
             out.insert(k.value().to_string(), v.value().to_string());
+        }
+        Ok(out)
+    }
+
+    /// The gateways of enterprises `codes`, by the enterprise index.
+    pub fn gateways_of(&self, codes: &[String]) -> Result<BTreeMap<String, String>> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(ENTERPRISE_GATEWAYS).map_err(db_err)?;
+        let mut out = BTreeMap::new();
+        for code in codes {
+            for entry in t.range((code.as_str(), "")..).map_err(db_err)? {
+                let (k, _) = entry.map_err(db_err)?;
+                let (c, gateway) = k.value();
+                if c != code {
+                    break;
+                }
+                out.insert(gateway.to_string(), code.clone());
+            }
         }
         Ok(out)
     }
