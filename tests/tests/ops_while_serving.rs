@@ -38,7 +38,11 @@ fn run(args: &[&str], data: &Path) -> anyhow::Result<(bool, Vec<u8>, String)> {
 /// `run`, which must succeed; its standard output.
 fn cli(args: &[&str], data: &Path) -> anyhow::Result<Vec<u8>> {
     let (ok, stdout, stderr) = run(args, data)?;
-    anyhow::ensure!(ok, "guantong-ingest {args:?} failed: {stderr}");
+    anyhow::ensure!(
+        ok,
+        "guantong-ingest {args:?} failed: {stderr}\n{}",
+        String::from_utf8_lossy(&stdout)
+    );
     Ok(stdout)
 }
 
