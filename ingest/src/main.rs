@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
     },
-    /// Manage enterprises (`add` works while `serve` runs, through it).
+    /// Manage enterprises (while `serve` runs, through it).
     #[command(subcommand)]
     Enterprise(EnterpriseCommand),
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
