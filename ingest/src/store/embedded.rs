@@ -1790,6 +1790,66 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn a_batch_without_points_is_no_rollup_disagreement() {
+        let (_dir, store, map) = filled().await;
+        let a = AppendBatch {
+            gateway_id: "gw".into(),
+            batch: Batch {
+                buffer_id: 10,
+                seq: 1,
+                manifest_version: 1,
+                ..Default::default()
+            },
+            map: Some(map),
+            // Another day of receipt than the points of `filled`.
+            received_at_ms: 10 * 86_400_000,
+            backfill: false,
+            link: None,
+            rejected: None,
+            wire_bytes: 0,
+        };
+        store.append(a).await.expect("append");
+        let v = store.verify_chains().expect("verify");
+        assert_eq!(v.query_tables, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_backup_holds_what_the_store_holds_and_refuses_a_table_it_does_not_know() {
+        let (dir, store, _) = filled().await;
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).expect("mkdir");
+        let info = store
+            .backup(copy.join("ingest.redb"))
+            .await
+            .expect("backup");
+        assert!(info.rows > 0);
+        let original = store.series().await.expect("series");
+        let original_verification = format!("{:?}", store.verify_chains().expect("verify"));
+        // A file that exists is never overwritten.
+        assert!(store.backup(copy.join("ingest.redb")).await.is_err());
+        drop(store);
+        let restored = EmbeddedStore::open(&copy).expect("open the copy");
+        assert_eq!(
+            format!("{:?}", restored.series().await.expect("series")),
+            format!("{original:?}")
+        );
+        let verification = restored.verify_chains().expect("verify");
+        assert!(verification.query_tables.is_empty(), "{verification:?}");
+        assert_eq!(format!("{verification:?}"), original_verification);
+
+        // A table added to the store but not to the backup's list.
+        let txn = restored.db.begin_write().expect("write");
+        txn.open_table(TableDefinition::<&str, u64>::new("newcomer"))
+            .expect("table");
+        txn.commit().expect("commit");
+        let e = restored
+            .backup(dir.path().join("second.redb"))
+            .await
+            .expect_err("an unknown table is refused");
+        assert!(e.to_string().contains("newcomer"), "{e}");
+    }
 }
 
 impl EmbeddedStore {
