@@ -1609,7 +1609,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn verify_stored(&self) -> Result<StoreVerification> {
-        self.blocking(verify_db).await
+        self.blocking(Self::verify_db).await
     }
 
     async fn backup(&self, out: PathBuf) -> Result<BackupInfo> {
@@ -1860,145 +1860,145 @@ impl EmbeddedStore {
     /// tables serve for it, and every rollup with the stored points. Reads one
     /// snapshot; a serving process runs it through `Store::verify_stored`.
     pub fn verify_chains(&self) -> Result<StoreVerification> {
-        verify_db(&self.db)
+        Self::verify_db(&self.db)
     }
-}
 
-/// `verify_chains` on one read transaction: a consistent snapshot, however
-/// many batches are written meanwhile.
-fn verify_db(db: &Database) -> Result<StoreVerification> {
-    let txn = db.begin_read().map_err(db_err)?;
-    let mut query = evidence::QueryTables::read(&txn)?;
-    query.problems.extend(rollups::cross_check(&txn)?);
-    let signed = txn.open_table(SIGNED).map_err(db_err)?;
-    let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
-    let mut out: Vec<ChainVerification> = Vec::new();
-    let mut key: Option<PublicKey> = None;
-    let mut expected: Option<guantong_proto::chain::Hash> = None;
-    for entry in signed.iter().map_err(db_err)? {
-        let (k, v) = entry.map_err(db_err)?;
-        let (gateway, buffer_id, seq) = k.value();
-        let buffer_hex = format!("{buffer_id:016x}");
-        let new_stream = out
-            .last()
-            .is_none_or(|c| c.gateway != gateway || c.buffer_id != buffer_hex);
-        if new_stream {
-            key = match gateways.get(gateway).map_err(db_err)? {
-                Some(g) => serde_json::from_slice::<GatewayRecord>(g.value())
-                    .ok()
-                    .and_then(|r| r.bound_key().ok().flatten()),
-                None => None,
+    /// `verify_chains` on one read transaction: a consistent snapshot,
+    /// however many batches are written meanwhile.
+    fn verify_db(db: &Database) -> Result<StoreVerification> {
+        let txn = db.begin_read().map_err(db_err)?;
+        let mut query = evidence::QueryTables::read(&txn)?;
+        query.problems.extend(rollups::cross_check(&txn)?);
+        let signed = txn.open_table(SIGNED).map_err(db_err)?;
+        let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
+        let mut out: Vec<ChainVerification> = Vec::new();
+        let mut key: Option<PublicKey> = None;
+        let mut expected: Option<guantong_proto::chain::Hash> = None;
+        for entry in signed.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let (gateway, buffer_id, seq) = k.value();
+            let buffer_hex = format!("{buffer_id:016x}");
+            let new_stream = out
+                .last()
+                .is_none_or(|c| c.gateway != gateway || c.buffer_id != buffer_hex);
+            if new_stream {
+                key = match gateways.get(gateway).map_err(db_err)? {
+                    Some(g) => serde_json::from_slice::<GatewayRecord>(g.value())
+                        .ok()
+                        .and_then(|r| r.bound_key().ok().flatten()),
+                    None => None,
+                };
+                // Batch 1's algorithm names its genesis (read again below).
+                let first_algorithm = SignedLinkHead::decode(v.value())
+                    .map_or(Algorithm::Ed25519, |l| stored_algorithm(l.algorithm));
+                expected = (seq == 1).then(|| first_algorithm.genesis(gateway, buffer_id));
+                let mut c = ChainVerification {
+                    gateway: gateway.to_string(),
+                    buffer_id: buffer_hex,
+                    first_seq: seq,
+                    last_seq: seq.saturating_sub(1),
+                    head_hash: String::new(),
+                    links: 0,
+                    breaks: Vec::new(),
+                };
+                if seq != 1 {
+                    c.breaks.push((
+                        seq,
+                        "chain starts mid-stream: earlier links are not in this store".into(),
+                    ));
+                }
+                if key.is_none() {
+                    c.breaks.push((
+                        seq,
+                        "no public key bound to this gateway: signatures cannot be checked".into(),
+                    ));
+                }
+                out.push(c);
+            }
+            let Some(c) = out.last_mut() else { continue };
+            let mut breaks = Vec::new();
+            if seq != c.last_seq + 1 && !new_stream {
+                breaks.push(format!(
+                    "links {}..={} are missing",
+                    c.last_seq + 1,
+                    seq - 1
+                ));
+                expected = None;
+            }
+            let link = match SignedLink::decode(v.value()) {
+                Ok(l) => l,
+                Err(e) => {
+                    c.breaks
+                        .push((seq, format!("stored link does not decode: {e}")));
+                    continue;
+                }
             };
-            // Batch 1's algorithm names its genesis (read again below).
-            let first_algorithm = SignedLinkHead::decode(v.value())
-                .map_or(Algorithm::Ed25519, |l| stored_algorithm(l.algorithm));
-            expected = (seq == 1).then(|| first_algorithm.genesis(gateway, buffer_id));
-            let mut c = ChainVerification {
-                gateway: gateway.to_string(),
-                buffer_id: buffer_hex,
-                first_seq: seq,
-                last_seq: seq.saturating_sub(1),
-                head_hash: String::new(),
-                links: 0,
-                breaks: Vec::new(),
-            };
-            if seq != 1 {
-                c.breaks.push((
-                    seq,
-                    "chain starts mid-stream: earlier links are not in this store".into(),
+            let algorithm = stored_algorithm(link.algorithm);
+            let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
+            let hash = algorithm.link_hash(&prev, &link.payload);
+            match &key {
+                Some(k) if k.algorithm != algorithm => breaks.push(format!(
+                    "signed with {algorithm} but the gateway's bound key is {}",
+                    k.algorithm
+                )),
+                Some(k) if !k.verify(&hash, &link.signature) => breaks.push(
+                    "signature does not verify: the stored batch differs from what the gateway signed"
+                        .into(),
+                ),
+                _ => {}
+            }
+            let batch = Batch::decode(link.payload.as_ref());
+            match &batch {
+                Ok(b) if b.seq != seq || b.buffer_id != buffer_id => breaks.push(format!(
+                    "stored under seq {seq} but the signed batch says seq {} of {:016x}",
+                    b.seq, b.buffer_id
+                )),
+                Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
+                Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
+            }
+            if let Some(e) = expected
+                && e != prev
+            {
+                breaks.push(format!(
+                    "does not link to the previous batch (expected previous hash {})",
+                    hex::encode(e)
                 ));
             }
-            if key.is_none() {
+            let effective = batch
+                .ok()
+                .and_then(|b| b.loss)
+                .and_then(|l| guantong_proto::chain::to_hash(&l.bridge_hash))
+                .unwrap_or(hash);
+            expected = Some(effective);
+            c.last_seq = link.last_seq.max(seq);
+            c.head_hash = hex::encode(effective);
+            c.links += 1;
+            c.breaks.extend(breaks.into_iter().map(|r| (seq, r)));
+        }
+        let streams = out
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.gateway.clone(),
+                    u64::from_str_radix(&c.buffer_id, 16).ok()?,
+                ))
+            })
+            .collect();
+        for (gateway, buffer_id, seq, points) in query.unsigned_in(&streams) {
+            let id = format!("{buffer_id:016x}");
+            if let Some(c) = out
+                .iter_mut()
+                .find(|c| c.gateway == gateway && c.buffer_id == id)
+            {
                 c.breaks.push((
                     seq,
-                    "no public key bound to this gateway: signatures cannot be checked".into(),
+                    format!("the query tables serve {points} points for this batch, which is not among the signed batches"),
                 ));
             }
-            out.push(c);
         }
-        let Some(c) = out.last_mut() else { continue };
-        let mut breaks = Vec::new();
-        if seq != c.last_seq + 1 && !new_stream {
-            breaks.push(format!(
-                "links {}..={} are missing",
-                c.last_seq + 1,
-                seq - 1
-            ));
-            expected = None;
-        }
-        let link = match SignedLink::decode(v.value()) {
-            Ok(l) => l,
-            Err(e) => {
-                c.breaks
-                    .push((seq, format!("stored link does not decode: {e}")));
-                continue;
-            }
-        };
-        let algorithm = stored_algorithm(link.algorithm);
-        let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
-        let hash = algorithm.link_hash(&prev, &link.payload);
-        match &key {
-            Some(k) if k.algorithm != algorithm => breaks.push(format!(
-                "signed with {algorithm} but the gateway's bound key is {}",
-                k.algorithm
-            )),
-            Some(k) if !k.verify(&hash, &link.signature) => breaks.push(
-                "signature does not verify: the stored batch differs from what the gateway signed"
-                    .into(),
-            ),
-            _ => {}
-        }
-        let batch = Batch::decode(link.payload.as_ref());
-        match &batch {
-            Ok(b) if b.seq != seq || b.buffer_id != buffer_id => breaks.push(format!(
-                "stored under seq {seq} but the signed batch says seq {} of {:016x}",
-                b.seq, b.buffer_id
-            )),
-            Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
-            Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
-        }
-        if let Some(e) = expected
-            && e != prev
-        {
-            breaks.push(format!(
-                "does not link to the previous batch (expected previous hash {})",
-                hex::encode(e)
-            ));
-        }
-        let effective = batch
-            .ok()
-            .and_then(|b| b.loss)
-            .and_then(|l| guantong_proto::chain::to_hash(&l.bridge_hash))
-            .unwrap_or(hash);
-        expected = Some(effective);
-        c.last_seq = link.last_seq.max(seq);
-        c.head_hash = hex::encode(effective);
-        c.links += 1;
-        c.breaks.extend(breaks.into_iter().map(|r| (seq, r)));
-    }
-    let streams = out
-        .iter()
-        .filter_map(|c| {
-            Some((
-                c.gateway.clone(),
-                u64::from_str_radix(&c.buffer_id, 16).ok()?,
-            ))
+        Ok(StoreVerification {
+            chains: out,
+            query_tables: query.problems,
         })
-        .collect();
-    for (gateway, buffer_id, seq, points) in query.unsigned_in(&streams) {
-        let id = format!("{buffer_id:016x}");
-        if let Some(c) = out
-            .iter_mut()
-            .find(|c| c.gateway == gateway && c.buffer_id == id)
-        {
-            c.breaks.push((
-                seq,
-                format!("the query tables serve {points} points for this batch, which is not among the signed batches"),
-            ));
-        }
     }
-    Ok(StoreVerification {
-        chains: out,
-        query_tables: query.problems,
-    })
 }
