@@ -156,8 +156,22 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .merge(protected)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) });
     let limited = with_limits(limited, state.limits);
+    // Backups and whole-chain checks of a big store outlast --http-timeout;
+    // they get their own limit with an hour to finish.
+    let whole_store = crate::ops::whole_store_routes::<S>().layer(middleware::from_fn_with_state(
+        state.clone(),
+        web::authenticate::<S>,
+    ));
+    let whole_store = with_limits(
+        whole_store,
+        HttpLimits {
+            timeout: state.limits.timeout.max(crate::ops::LONG),
+            ..state.limits
+        },
+    );
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .merge(whole_store)
         .merge(limited)
         .layer(middleware::from_fn(web::harden))
         .with_state(state)

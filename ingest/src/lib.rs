@@ -9,6 +9,7 @@
 pub mod acceptance;
 pub mod ca;
 pub mod days;
+pub mod dossier;
 pub mod evidence;
 pub mod forwarded;
 pub mod grpc;

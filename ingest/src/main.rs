@@ -71,7 +71,7 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         grace: std::time::Duration,
     },
-    /// Manage enterprises (`add` works while `serve` runs, through it).
+    /// Manage enterprises (while `serve` runs, through it).
     #[command(subcommand)]
     Enterprise(EnterpriseCommand),
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
@@ -118,8 +118,8 @@ enum Command {
         all_enterprises: bool,
     },
     /// Write an acceptance report for one enterprise, or the city overview
-    /// (run while the server is stopped; a running server serves the same at
-    /// /report/CODE and /api/v1/enterprises/CODE/report).
+    /// (while `serve` runs, through it: /api/v1/enterprises/CODE/report,
+    /// /api/v1/city, with the server's criteria).
     Report {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -150,10 +150,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// One enterprise's file for a window (一企一档), run while the server is
-    /// stopped: the report as self-contained HTML in both languages, its JSON
-    /// and CSV parts, the evidence bundle, ingest's signed digests of the
-    /// window's complete UTC days, and VERIFY.txt on checking it offline.
+    /// One enterprise's file for a window (一企一档): the report as
+    /// self-contained HTML in both languages, its JSON and CSV parts, the
+    /// evidence bundle, ingest's signed digests of the window's complete UTC
+    /// days, and VERIFY.txt on checking it offline (while `serve` runs,
+    /// through it: /api/v1/enterprises/CODE/dossier, unpacked).
     Dossier {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -173,13 +174,14 @@ enum Command {
         out: PathBuf,
     },
     /// Re-verify every stored evidence chain from the original signed bytes
-    /// (run while the server is stopped). Exit code 1 when anything breaks.
+    /// (while `serve` runs, through it, on one snapshot). Exit code 1 when
+    /// anything breaks.
     VerifyChain {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
     },
-    /// Write an evidence bundle of gateways over a window (run while the
-    /// server is stopped); check it anywhere with `guantong-ingest verify`.
+    /// Write an evidence bundle of gateways over a window (while `serve`
+    /// runs, through it); check it anywhere with `guantong-ingest verify`.
     ExportEvidence {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -208,8 +210,8 @@ enum Command {
         #[arg(long = "digests")]
         digests: Vec<PathBuf>,
     },
-    /// Print ingest's signed daily digests as JSON (run while the server is
-    /// stopped; a running server serves them at /api/v1/digests).
+    /// Print ingest's signed daily digests as JSON (while `serve` runs,
+    /// through it: /api/v1/digests).
     Digest {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -219,6 +221,16 @@ enum Command {
         /// Only these gateways (repeat); default all.
         #[arg(long = "gateway")]
         gateways: Vec<String>,
+    },
+    /// Write a consistent copy of the store to a new file (while `serve`
+    /// runs, through it, as writes go on). Restore: stop `serve`, put the
+    /// copy in place of DATA/ingest.redb, start `serve`.
+    Backup {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        /// The file to write; it must not exist.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Register a gateway and print its token (while `serve` runs, through it).
     RegisterGateway {
@@ -261,7 +273,7 @@ enum EnterpriseCommand {
         #[arg(long, env = "GUANTONG_CRITERIA")]
         criteria: Option<PathBuf>,
     },
-    /// List enterprises as JSON.
+    /// List enterprises as JSON (while `serve` runs, through it).
     List {
         #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
         data: PathBuf,
@@ -294,6 +306,62 @@ fn load_criteria(path: Option<&std::path::Path>) -> anyhow::Result<Criteria> {
         );
     }
     Ok(c)
+}
+
+/// Where a report-like command reads: the store with what it needs, or the
+/// running server (which applies its own criteria).
+enum Reading {
+    Local(Box<LocalReading>),
+    Remote(guantong_ingest::ops::Remote),
+}
+
+/// The set-up `report` and `dossier` share: criteria, store, the window
+/// `[from_day, to_day)` and one snapshot of the store.
+struct LocalReading {
+    store: EmbeddedStore,
+    criteria: Criteria,
+    from_day: i64,
+    to_day: i64,
+    snap: guantong_ingest::acceptance::Snapshot,
+}
+
+async fn reading(
+    data: &std::path::Path,
+    criteria: Option<&std::path::Path>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> anyhow::Result<Reading> {
+    let store = match Target::open(data)? {
+        Target::Local(store) => store,
+        Target::Remote(server) => {
+            if criteria.is_some() {
+                eprintln!("note: the running server's acceptance criteria apply, not --criteria");
+            }
+            return Ok(Reading::Remote(server));
+        }
+    };
+    let criteria = load_criteria(criteria)?;
+    let now = guantong_ingest::grpc::now_ms();
+    let (from_day, to_day) =
+        guantong_ingest::web::window(from, to, now).map_err(anyhow::Error::msg)?;
+    let snap = guantong_ingest::web::snapshot(&store)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+    Ok(Reading::Local(Box::new(LocalReading {
+        store,
+        criteria,
+        from_day,
+        to_day,
+        snap,
+    })))
+}
+
+/// `from` and `to` as the server's report routes take them.
+fn window_query(from: Option<String>, to: Option<String>) -> Vec<(&'static str, String)> {
+    let mut query = Vec::new();
+    query.extend(from.map(|f| ("from", f)));
+    query.extend(to.map(|t| ("to", t)));
+    query
 }
 
 /// Creates the first admin account when there is none and writes its token
@@ -388,29 +456,20 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::VerifyChain { data } => {
-            let store = EmbeddedStore::open(&data)?;
-            let results = store.verify_chains()?;
-            let mut broken = 0;
-            for problem in &results.query_tables {
-                println!("QUERY TABLES: {problem}");
-                broken += 1;
-            }
-            for c in &results.chains {
-                println!(
-                    "gateway {} buffer {}: links {}..={} ({} stored), head {}",
-                    c.gateway, c.buffer_id, c.first_seq, c.last_seq, c.links, c.head_hash
-                );
-                if c.breaks.is_empty() {
-                    println!("  verified: every signature and every link holds");
+            let (report, broken) = match Target::open(&data)? {
+                Target::Local(store) => {
+                    guantong_ingest::ops::verify_report(&store.verify_chains()?)
                 }
-                for (seq, reason) in &c.breaks {
-                    println!("  BREAK at batch {seq}: {reason}");
-                    broken += 1;
+                Target::Remote(server) => {
+                    let answer = server.get_json("/api/v1/verify-chain", &[]).await?;
+                    let report = answer["report"].as_str().ok_or_else(|| {
+                        anyhow::anyhow!("the server's answer has no report: {answer}")
+                    })?;
+                    let broken = answer["breaks"].as_u64().unwrap_or(0) as usize;
+                    (report.to_string(), broken)
                 }
-            }
-            if results.chains.is_empty() {
-                println!("no signed batches stored");
-            }
+            };
+            print!("{report}");
             if broken > 0 {
                 anyhow::bail!("{broken} break(s) found");
             }
@@ -445,11 +504,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Enterprise(EnterpriseCommand::List { data }) => {
-            let store = EmbeddedStore::open(&data)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&store.enterprises().await?)?
-            );
+            let list: Vec<Enterprise> = match Target::open(&data)? {
+                Target::Local(store) => store.enterprises().await?,
+                Target::Remote(server) => {
+                    let answer = server.get_json("/api/v1/enterprises", &[]).await?;
+                    answer["enterprises"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| serde_json::from_value(e["enterprise"].clone()))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| anyhow::anyhow!("the server's enterprise list: {e}"))?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&list)?);
             Ok(())
         }
         Command::ImportEquipment {
@@ -536,28 +604,35 @@ async fn run(command: Command) -> anyhow::Result<()> {
             criteria,
             out,
         } => {
-            let criteria = load_criteria(criteria.as_deref())?;
-            let store = EmbeddedStore::open(&data)?;
-            let now = guantong_ingest::grpc::now_ms();
-            let (from_day, to_day) =
-                guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
-                    .map_err(anyhow::Error::msg)?;
-            let snap = guantong_ingest::web::snapshot(&store)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-            let bytes = guantong_ingest::web::render_cli(
-                &store,
-                &snap,
-                enterprise.as_deref().filter(|_| !city),
-                from_day,
-                to_day,
-                &criteria,
-                &format,
-                part.as_deref(),
-                lang.as_deref(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+            let enterprise = enterprise.filter(|_| !city);
+            let bytes =
+                match reading(&data, criteria.as_deref(), from.as_deref(), to.as_deref()).await? {
+                    Reading::Local(r) => guantong_ingest::web::render_cli(
+                        &r.store,
+                        &r.snap,
+                        enterprise.as_deref(),
+                        r.from_day,
+                        r.to_day,
+                        &r.criteria,
+                        &format,
+                        part.as_deref(),
+                        lang.as_deref(),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.1))?,
+                    Reading::Remote(server) => {
+                        let path = match &enterprise {
+                            Some(code) => format!("/api/v1/enterprises/{code}/report"),
+                            None => "/api/v1/city".to_string(),
+                        };
+                        let mut query = window_query(from, to);
+                        query.push(("format", format));
+                        query.extend(part.map(|p| ("part", p)));
+                        query.extend(lang.map(|l| ("lang", l)));
+                        let resp = server.fetch(Method::GET, &path, &query).await?;
+                        resp.bytes().await?.to_vec()
+                    }
+                };
             match out {
                 Some(path) => std::fs::write(&path, bytes)
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
@@ -576,83 +651,45 @@ async fn run(command: Command) -> anyhow::Result<()> {
             criteria,
             out,
         } => {
-            let criteria = load_criteria(criteria.as_deref())?;
-            let store = EmbeddedStore::open(&data)?;
-            let now = guantong_ingest::grpc::now_ms();
-            let (from_day, to_day) =
-                guantong_ingest::web::window(from.as_deref(), to.as_deref(), now)
-                    .map_err(anyhow::Error::msg)?;
-            // The same bundle whose fingerprint the report's footer shows.
-            let (gateways, bundle) =
-                guantong_ingest::web::enterprise_bundle(&store, &enterprise, from_day, to_day)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-            let snap = guantong_ingest::web::snapshot(&store)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-            std::fs::create_dir_all(&out)
-                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-            let write = |name: &str, bytes: &[u8]| {
-                let path = out.join(name);
-                std::fs::write(&path, bytes)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
-            };
-            let mut parts = vec![
-                ("report-zh.html", "html", None, "zh"),
-                ("report-en.html", "html", None, "en"),
-                ("report.json", "json", None, "zh"),
-            ];
-            for part in ["devices", "equipment", "gaps", "usage"] {
-                parts.push((part, "csv", Some(part), "zh"));
-            }
-            for (name, format, part, lang) in parts {
-                let bytes = guantong_ingest::web::render_cli(
-                    &store,
-                    &snap,
-                    Some(&enterprise),
-                    from_day,
-                    to_day,
-                    &criteria,
-                    format,
-                    part,
-                    Some(lang),
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.1))?;
-                let file = match part {
-                    Some(p) => format!("report-{p}.csv"),
-                    None => name.to_string(),
+            let (files, gateways, digests) =
+                match reading(&data, criteria.as_deref(), from.as_deref(), to.as_deref()).await? {
+                    Reading::Local(r) => {
+                        let d = guantong_ingest::dossier::build(
+                            &r.store,
+                            &r.snap,
+                            &r.criteria,
+                            &enterprise,
+                            r.from_day,
+                            r.to_day,
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+                        (d.files, d.gateways.to_string(), d.digests.to_string())
+                    }
+                    Reading::Remote(server) => {
+                        let path = format!("/api/v1/enterprises/{enterprise}/dossier");
+                        let resp = server
+                            .fetch(Method::GET, &path, &window_query(from, to))
+                            .await?;
+                        let header = |name| {
+                            resp.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("?")
+                                .to_string()
+                        };
+                        let gateways = header(guantong_ingest::dossier::GATEWAYS_HEADER);
+                        let digests = header(guantong_ingest::dossier::DIGESTS_HEADER);
+                        let zip = resp.bytes().await?;
+                        let files = guantong_ingest::dossier::unzip(&zip, &path)
+                            .map_err(anyhow::Error::msg)?;
+                        (files, gateways, digests)
+                    }
                 };
-                write(&file, &bytes)?;
-            }
-            guantong_ingest::evidence::write_bundle(&out.join("evidence-bundle.json"), &bundle)?;
-            // Digests exist for complete UTC days only.
-            let mut digests = Vec::new();
-            let day_ms = 86_400_000;
-            let mut day = from_day.div_euclid(day_ms) * day_ms;
-            while day + day_ms <= to_day.min(now) {
-                if !gateways.is_empty() {
-                    let name = guantong_ingest::evidence::digest::day_of(day);
-                    digests.extend(
-                        store
-                            .day_digests(gateways.clone(), name)
-                            .await?
-                            .into_iter()
-                            .map(|d| d.digest),
-                    );
-                }
-                day += day_ms;
-            }
-            write(
-                "digests.json",
-                &serde_json::to_vec_pretty(&serde_json::json!({ "digests": digests }))?,
-            )?;
-            write("VERIFY.txt", VERIFY_TEXT.as_bytes())?;
+            guantong_ingest::dossier::write_dir(&files, &out)?;
             eprintln!(
-                "wrote the dossier of {enterprise} to {} ({} gateways, {} digests); check it with `guantong-ingest verify {}/evidence-bundle.json --digests {}/digests.json`",
+                "wrote the dossier of {enterprise} to {} ({gateways} gateways, {digests} digests); check it with `guantong-ingest verify {}/evidence-bundle.json --digests {}/digests.json`",
                 out.display(),
-                gateways.len(),
-                digests.len(),
                 out.display(),
                 out.display()
             );
@@ -660,7 +697,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::ExportEvidence {
             data,
-            mut gateways,
+            gateways,
             enterprise,
             from,
             to,
@@ -671,34 +708,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}", e.1))
             };
             let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
-            let store = EmbeddedStore::open(&data)?;
-            if let Some(code) = &enterprise {
-                if store.enterprise(code).await?.is_none() {
-                    anyhow::bail!(
-                        "--enterprise {code}: no such enterprise in {}",
-                        data.display()
-                    );
+            match Target::open(&data)? {
+                Target::Local(store) => {
+                    let gateways = guantong_ingest::ops::evidence_gateways(
+                        &store,
+                        gateways,
+                        enterprise.as_deref(),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.1))?;
+                    let bundle = store.export_evidence(gateways, from_ms, to_ms).await?;
+                    guantong_ingest::evidence::write_bundle(&out, &bundle)?;
                 }
-                gateways.extend(
-                    store
-                        .gateway_owners()
-                        .await?
-                        .into_iter()
-                        .filter(|(_, owner)| owner == code)
-                        .map(|(g, _)| g),
-                );
-                if gateways.is_empty() {
-                    anyhow::bail!("--enterprise {code}: no gateway belongs to it (assign-gateway)");
+                Target::Remote(server) => {
+                    let mut query: Vec<(&str, String)> =
+                        gateways.into_iter().map(|g| ("gateway", g)).collect();
+                    query.extend(enterprise.map(|e| ("enterprise", e)));
+                    query.push(("from", from_ms.to_string()));
+                    query.push(("to", to_ms.to_string()));
+                    let resp = server
+                        .fetch(Method::GET, "/api/v1/evidence", &query)
+                        .await?;
+                    let bytes = resp.bytes().await?;
+                    std::fs::write(&out, &bytes)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
                 }
             }
-            let bundle = store.export_evidence(gateways, from_ms, to_ms).await?;
+            let bundle = guantong_ingest::evidence::read_bundle(&out)?;
             let links: usize = bundle
                 .gateways
                 .iter()
                 .flat_map(|g| &g.streams)
                 .map(|s| s.links.len())
                 .sum();
-            guantong_ingest::evidence::write_bundle(&out, &bundle)?;
             eprintln!(
                 "wrote {} ({} gateways, {links} signed batches); check it with `guantong-ingest verify {}`",
                 out.display(),
@@ -734,12 +776,54 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateways,
         } => {
             let day = day.unwrap_or_else(guantong_ingest::evidence::digest::yesterday);
-            let store = EmbeddedStore::open(&data)?;
-            let days = store.day_digests(gateways, day).await?;
-            let digests: Vec<_> = days.into_iter().map(|d| d.digest).collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "digests": digests }))?
+            let answer = match Target::open(&data)? {
+                Target::Local(store) => {
+                    let days = store.day_digests(gateways, day).await?;
+                    let digests: Vec<_> = days.into_iter().map(|d| d.digest).collect();
+                    serde_json::json!({ "digests": digests })
+                }
+                Target::Remote(server) => {
+                    let mut query: Vec<(&str, String)> =
+                        gateways.into_iter().map(|g| ("gateway", g)).collect();
+                    query.push(("day", day));
+                    server.get_json("/api/v1/digests", &query).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
+        Command::Backup { data, out } => {
+            if out.exists() {
+                anyhow::bail!("--out {}: exists; name a new file", out.display());
+            }
+            let rows = match Target::open(&data)? {
+                Target::Local(store) => store.backup(out.clone()).await?.rows.to_string(),
+                Target::Remote(server) => {
+                    let mut resp = server.fetch(Method::POST, "/api/v1/backup", &[]).await?;
+                    let rows = resp
+                        .headers()
+                        .get(guantong_ingest::ops::BACKUP_ROWS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?")
+                        .to_string();
+                    // Written under another name first: `out` appears whole or not at all.
+                    let part = out.with_extension("part");
+                    let write =
+                        |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", part.display());
+                    let mut file = std::fs::File::create(&part).map_err(write)?;
+                    while let Some(chunk) = resp.chunk().await? {
+                        std::io::Write::write_all(&mut file, &chunk).map_err(write)?;
+                    }
+                    file.sync_all().map_err(write)?;
+                    std::fs::rename(&part, &out).map_err(write)?;
+                    rows
+                }
+            };
+            eprintln!(
+                "wrote a consistent copy of the store in {} to {} ({rows} rows); restore: stop serve, replace {}/ingest.redb with it, start serve",
+                data.display(),
+                out.display(),
+                data.display()
             );
             Ok(())
         }
@@ -866,23 +950,3 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
     }
 }
-
-/// How to check a dossier offline, in both languages (the dossier's VERIFY.txt).
-const VERIFY_TEXT: &str = "\
-如何离线校验本档案（一企一档）
-1. 安装 guantong-ingest（与生成本档案的版本相同或更新），无需服务器或数据库。
-2. 运行：guantong-ingest verify evidence-bundle.json --digests digests.json
-3. 输出 \"all checks hold\" 且退出码为 0：证据包中每个网关的签名哈希链完整、未被篡改，且与平台每日签名摘要一致。
-   任何一项不成立时会逐条列出，退出码为 1。
-4. report-zh.html / report-en.html 为报告本身（无外部资源，可直接打开或打印）；页脚的链头哈希应与校验输出一致。
-   report.json 与 report-*.csv 为同一数据。
-
-How to verify this dossier offline
-1. Install guantong-ingest (the version that wrote the dossier, or newer); no server or database needed.
-2. Run: guantong-ingest verify evidence-bundle.json --digests digests.json
-3. \"all checks hold\" and exit code 0: every gateway's signed hash chain in the bundle is whole and
-   untampered, and agrees with ingest's signed daily digests. Anything that fails is listed; exit code 1.
-4. report-zh.html / report-en.html are the report itself (no external resources; open or print them);
-   the chain heads in their footer must match the verification. report.json and report-*.csv carry
-   the same data.
-";

@@ -1,37 +1,57 @@
 //! Operator commands while `serve` runs.
 //!
-//! The embedded store's file is locked by the process that has it open, so a
-//! command (`register-gateway`, `rotate-gateway-token`, `assign-gateway`,
-//! `add-account`, `enterprise add`, `import-equipment`) cannot open it
-//! beside a running server. [`Target::open`] opens the store when it is free
-//! and otherwise talks to the server holding it: `serve` writes
-//! [`SERVING_FILE`] (its HTTP address) into the data directory once
-//! listening, and the command authenticates with the admin token `serve`
-//! wrote at its first start (`admin.token`). One decision, one place: the
-//! server applies the same checks to a request as the command would locally.
+//! The embedded store's file is locked by the process that has it open, so
+//! no command can open it beside a running server. [`Target::open`] opens
+//! the store when it is free and otherwise talks to the server holding it:
+//! `serve` writes [`SERVING_FILE`] (its HTTP address) into the data
+//! directory once listening, and the command authenticates with the admin
+//! token `serve` wrote at its first start (`admin.token`). One decision, one
+//! place: the server answers with the same library code the command runs
+//! locally, so a command prints the same either way.
 //!
-//! Admin routes only the CLI needed so far (the rest of the API is in
+//! | command                 | through the server                                   |
+//! |-------------------------|------------------------------------------------------|
+//! | `register-gateway`      | `POST /api/v1/gateways`                              |
+//! | `rotate-gateway-token`  | `POST /api/v1/gateways/{id}/token`                   |
+//! | `assign-gateway`        | `PUT /api/v1/gateways/{id}/enterprise`               |
+//! | `add-account`           | `POST /api/v1/accounts`                              |
+//! | `enterprise add`/`list` | `POST`/`GET /api/v1/enterprises`                     |
+//! | `import-equipment`      | `PUT /api/v1/enterprises/{code}/equipment`           |
+//! | `report`                | `GET /api/v1/enterprises/{code}/report`, `GET /api/v1/city` |
+//! | `dossier`               | `GET /api/v1/enterprises/{code}/dossier` (zip, unpacked) |
+//! | `digest`                | `GET /api/v1/digests`                                |
+//! | `export-evidence`       | `GET /api/v1/evidence`                               |
+//! | `verify-chain`          | `GET /api/v1/verify-chain`                           |
+//! | `backup`                | `POST /api/v1/backup`                                |
+//!
+//! Routes of this module (admin only unless said; the rest of the API is in
 //! `http` and `web`):
 //!
-//! | route                               | body                                   | answer |
+//! | route                               | query or body                          | answer |
 //! |-------------------------------------|----------------------------------------|--------|
 //! | `POST /api/v1/gateways`             | `{id, public_key?, key_algorithm?}`    | 201 `{id, token}` |
 //! | `POST /api/v1/gateways/{id}/token`  | `{grace}` (e.g. `"7d"`)                | `{id, token}` |
+//! | `GET /api/v1/verify-chain`          |                                        | `{report, breaks}`: `verify-chain`'s text, from one read snapshot |
+//! | `GET /api/v1/evidence`              | `?gateway=` (repeat) or `&enterprise=`, `&from=&to=` | the evidence bundle (JSON file) |
+//! | `POST /api/v1/backup`               |                                        | a consistent copy of the store (redb file) |
+//! | `GET /api/v1/enterprises/{code}/dossier` | `?from=&to=` (dates)              | the dossier as a zip; admin, the enterprise's provider and reviewers (`dossier`) |
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
-use axum::routing::post;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use guantong_proto::chain::{Algorithm, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{ApiError, ApiState};
 use crate::registry::Role;
-use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreVerification};
 use crate::web::Viewer;
 
 /// Written by `serve` into the data directory once listening: `{"http": ADDR, "tls": bool}`.
@@ -173,44 +193,109 @@ impl Remote {
         path: &str,
         body: &impl Serialize,
     ) -> Result<serde_json::Value, OpsError> {
-        let url = format!("{}{path}", self.base);
-        let unreachable = |e: reqwest::Error| OpsError::Unreachable {
-            url: url.clone(),
+        let request = self.client.request(method, self.url(path)).json(body);
+        let resp = self.call(path, request, SHORT).await?;
+        self.json(path, resp).await
+    }
+
+    /// `GET path?query`; the JSON answer.
+    pub async fn get_json(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<serde_json::Value, OpsError> {
+        let resp = self.fetch(reqwest::Method::GET, path, query).await?;
+        self.json(path, resp).await
+    }
+
+    /// `method path?query` as admin; the answer, once its status is a
+    /// success (read its body as it comes: reports, archives, backups).
+    pub async fn fetch(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<reqwest::Response, OpsError> {
+        let request = self.client.request(method, self.url(path)).query(query);
+        self.call(path, request, LONG).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn unreachable(&self, path: &str, e: reqwest::Error) -> OpsError {
+        OpsError::Unreachable {
+            url: self.url(path),
             detail: e.to_string(),
-        };
-        let resp = self
-            .client
-            .request(method, &url)
+        }
+    }
+
+    async fn call(
+        &self,
+        path: &str,
+        request: reqwest::RequestBuilder,
+        timeout: std::time::Duration,
+    ) -> Result<reqwest::Response, OpsError> {
+        let resp = request
             .bearer_auth(&self.token)
-            .json(body)
-            .timeout(std::time::Duration::from_secs(60))
+            .timeout(timeout)
             .send()
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| self.unreachable(path, e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(unreachable)?;
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = resp.text().await.map_err(|e| self.unreachable(path, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        if !status.is_success() {
-            let message = json["error"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| json.to_string());
-            return Err(OpsError::Refused {
-                url,
-                status: status.as_u16(),
-                message,
-            });
-        }
-        Ok(json)
+        let message = json["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| json.to_string());
+        Err(OpsError::Refused {
+            url: self.url(path),
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn json(
+        &self,
+        path: &str,
+        resp: reqwest::Response,
+    ) -> Result<serde_json::Value, OpsError> {
+        let text = resp.text().await.map_err(|e| self.unreachable(path, e))?;
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
     }
 }
 
-/// The routes of this module, for `http::router` (behind its authentication).
+/// How long a change may take on the server, and a read or a copy of the
+/// whole store (reports over long windows, backups of a big store).
+const SHORT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Also the server's timeout for [`whole_store_routes`], whatever `--http-timeout` says.
+pub const LONG: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The routes of this module that change the registry, for `http::router`
+/// (behind its authentication and limits).
 pub fn routes<S: Store>() -> Router<Arc<ApiState<S>>> {
     Router::new()
         .route("/api/v1/gateways", post(register_gateway::<S>))
         .route("/api/v1/gateways/{id}/token", post(rotate_token::<S>))
+}
+
+/// The routes that read or copy the whole store or a long window of it:
+/// `http::router` gives them [`LONG`] instead of `--http-timeout`.
+pub fn whole_store_routes<S: Store>() -> Router<Arc<ApiState<S>>> {
+    Router::new()
+        .route("/api/v1/verify-chain", get(verify_chain::<S>))
+        .route("/api/v1/evidence", get(evidence::<S>))
+        .route("/api/v1/backup", post(backup::<S>))
+        .route(
+            "/api/v1/enterprises/{code}/dossier",
+            get(crate::dossier::route::<S>),
+        )
 }
 
 fn admin_only(viewer: &Viewer, what: &str) -> Result<(), ApiError> {
@@ -272,3 +357,149 @@ async fn rotate_token<S: Store>(
     let token = state.store.rotate_token(&id, r.grace).await?;
     Ok(Json(serde_json::json!({ "id": id, "token": token })))
 }
+
+/// `verify-chain`'s text for what the store verification found, and how many
+/// breaks (chain breaks and query-table problems) it counts.
+pub fn verify_report(v: &StoreVerification) -> (String, usize) {
+    use std::fmt::Write;
+    let mut text = String::new();
+    let mut broken = 0;
+    for problem in &v.query_tables {
+        let _ = writeln!(text, "QUERY TABLES: {problem}");
+        broken += 1;
+    }
+    for c in &v.chains {
+        let _ = writeln!(
+            text,
+            "gateway {} buffer {}: links {}..={} ({} stored), head {}",
+            c.gateway, c.buffer_id, c.first_seq, c.last_seq, c.links, c.head_hash
+        );
+        if c.breaks.is_empty() {
+            let _ = writeln!(text, "  verified: every signature and every link holds");
+        }
+        for (seq, reason) in &c.breaks {
+            let _ = writeln!(text, "  BREAK at batch {seq}: {reason}");
+            broken += 1;
+        }
+    }
+    if v.chains.is_empty() {
+        let _ = writeln!(text, "no signed batches stored");
+    }
+    (text, broken)
+}
+
+async fn verify_chain<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admin_only(&viewer, "verify the stored chains")?;
+    let (report, breaks) = verify_report(&state.store.verify_stored().await?);
+    Ok(Json(
+        serde_json::json!({ "report": report, "breaks": breaks }),
+    ))
+}
+
+/// The gateways an evidence export covers: those named, and every gateway
+/// of `enterprise`, which must exist and have one.
+pub async fn evidence_gateways<S: Store>(
+    store: &S,
+    mut gateways: Vec<String>,
+    enterprise: Option<&str>,
+) -> Result<Vec<String>, ApiError> {
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    if let Some(code) = enterprise {
+        if store.enterprise(code).await?.is_none() {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("enterprise {code}: no such enterprise"),
+            ));
+        }
+        gateways.extend(
+            store
+                .gateway_owners()
+                .await?
+                .into_iter()
+                .filter(|(_, owner)| owner == code)
+                .map(|(g, _)| g),
+        );
+        if gateways.is_empty() {
+            return Err(bad(format!(
+                "enterprise {code}: no gateway belongs to it (assign-gateway)"
+            )));
+        }
+    }
+    if gateways.is_empty() {
+        return Err(bad("name a gateway or an enterprise".into()));
+    }
+    Ok(gateways)
+}
+
+async fn evidence<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    admin_only(&viewer, "export evidence of any gateway")?;
+    let (mut gateways, mut enterprise, mut from, mut to) = (Vec::new(), None, None, None);
+    for (k, v) in q {
+        match k.as_str() {
+            "gateway" => gateways.push(v),
+            "enterprise" => enterprise = Some(v),
+            "from" => from = Some(crate::http::parse_time("from", &v)?),
+            "to" => to = Some(crate::http::parse_time("to", &v)?),
+            other => {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter `{other}`; expected gateway, enterprise, from, to"),
+                ));
+            }
+        }
+    }
+    let (Some(from), Some(to)) = (from, to) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "`from` and `to` are required".into(),
+        ));
+    };
+    let store = &*state.store;
+    let gateways = evidence_gateways(store, gateways, enterprise.as_deref()).await?;
+    let bundle = store.export_evidence(gateways, from, to).await?;
+    let bytes = crate::evidence::bundle_bytes(&bundle)
+        .map_err(|m| ApiError(StatusCode::INTERNAL_SERVER_ERROR, m))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+/// The store copied into a temporary file, answered as it is read; the file
+/// is unlinked once open, so nothing is left behind.
+async fn backup<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+) -> Result<Response, ApiError> {
+    admin_only(&viewer, "back up the store")?;
+    let path = std::env::temp_dir().join(format!(
+        "guantong-backup-{}-{:016x}.redb",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let copied = state.store.backup(path.clone()).await;
+    let opened = copied.and_then(|info| {
+        let file = std::fs::File::open(&path)
+            .map_err(|e| crate::store::StoreError::Backend(format!("backup: {e}")))?;
+        Ok((info, file))
+    });
+    let _ = std::fs::remove_file(&path);
+    let (info, file) = opened?;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (BACKUP_ROWS_HEADER, info.rows.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// How many rows a backup copied, for the CLI's message.
+pub const BACKUP_ROWS_HEADER: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-backup-rows");

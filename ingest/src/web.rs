@@ -466,7 +466,13 @@ async fn json_error(resp: Response) -> Response {
     out
 }
 
-async fn record<S: Store>(store: &S, viewer: &Viewer, method: &str, path: &str, enterprise: &str) {
+pub(crate) async fn record<S: Store>(
+    store: &S,
+    viewer: &Viewer,
+    method: &str,
+    path: &str,
+    enterprise: &str,
+) {
     let a = Access {
         at_ms: now_ms(),
         account: viewer.account.name.clone(),
@@ -535,7 +541,7 @@ pub async fn put_enterprise<S: Store>(
     .await
 }
 
-async fn readable<S: Store>(
+pub(crate) async fn readable<S: Store>(
     store: &S,
     viewer: &Viewer,
     code: &str,
@@ -1048,23 +1054,67 @@ pub fn render_report(
     q: &ReportQuery,
     fingerprint: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let lang = html::Lang::from(q.lang.as_deref());
-    match q.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(r).into_response()),
-        "html" => Ok(Html(html::report(r, lang, fingerprint)).into_response()),
-        "csv" => {
-            let part = q.part.as_deref().unwrap_or("devices");
-            let body =
-                html::report_csv(r, part, lang).map_err(|m| err(StatusCode::BAD_REQUEST, m))?;
-            Ok(csv_response(
-                body,
-                &format!("{}-{part}.csv", r.enterprise.code),
-            ))
-        }
-        other => Err(err(
-            StatusCode::BAD_REQUEST,
-            format!("format `{other}`: expected json, html or csv"),
-        )),
+    let format = q.format.as_deref().unwrap_or("json");
+    let part = q.part.as_deref().unwrap_or("devices");
+    let body = report_bytes(r, format, Some(part), q.lang.as_deref(), fingerprint)?;
+    Ok(respond(
+        body,
+        format,
+        &format!("{}-{part}.csv", r.enterprise.code),
+    ))
+}
+
+/// One enterprise's report as `format` (json, html, or csv of `part`): the
+/// bytes the API answers and the CLI writes, decided here only. An HTML
+/// report's footer shows `fingerprint`, its evidence bundle's.
+pub fn report_bytes(
+    r: &EnterpriseReport,
+    format: &str,
+    part: Option<&str>,
+    lang: Option<&str>,
+    fingerprint: Option<&str>,
+) -> Result<Vec<u8>, ApiError> {
+    let lang = html::Lang::from(lang);
+    match format {
+        "json" => serde_json::to_vec_pretty(r)
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        "html" => Ok(html::report(r, lang, fingerprint).into_bytes()),
+        "csv" => html::report_csv(r, part.unwrap_or("devices"), lang)
+            .map_err(|m| err(StatusCode::BAD_REQUEST, m)),
+        other => Err(bad_format(other)),
+    }
+}
+
+/// The city view as `format`, for the API and the CLI alike.
+pub fn city_bytes(
+    view: &acceptance::CityView,
+    criteria: &Criteria,
+    format: &str,
+    lang: Option<&str>,
+) -> Result<Vec<u8>, ApiError> {
+    let lang = html::Lang::from(lang);
+    match format {
+        "json" => serde_json::to_vec_pretty(view)
+            .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        "html" => Ok(html::city(view, criteria, lang).into_bytes()),
+        "csv" => Ok(html::city_csv(view, lang)),
+        other => Err(bad_format(other)),
+    }
+}
+
+fn bad_format(format: &str) -> ApiError {
+    err(
+        StatusCode::BAD_REQUEST,
+        format!("format `{format}`: expected json, html or csv"),
+    )
+}
+
+/// `body` of `format` with its content type (a CSV as the download `csv_name`).
+fn respond(body: Vec<u8>, format: &str, csv_name: &str) -> Response {
+    match format {
+        "json" => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        "html" => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response(),
+        _ => csv_response(body, csv_name),
     }
 }
 
@@ -1128,16 +1178,9 @@ pub async fn city<S: Store>(
             &criteria,
         )
         .await?;
-    let lang = html::Lang::from(q.lang.as_deref());
-    match q.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(&*view).into_response()),
-        "html" => Ok(Html(html::city(&view, &criteria, lang)).into_response()),
-        "csv" => Ok(csv_response(html::city_csv(&view, lang), "city.csv")),
-        other => Err(err(
-            StatusCode::BAD_REQUEST,
-            format!("format `{other}`: expected json, html or csv"),
-        )),
-    }
+    let format = q.format.as_deref().unwrap_or("json");
+    let body = city_bytes(&view, &criteria, format, q.lang.as_deref())?;
+    Ok(respond(body, format, "city.csv"))
 }
 
 /// The city view as a page; a failure (a bad window) is an HTML page in
@@ -1167,28 +1210,16 @@ pub async fn render_cli<S: Store>(
     part: Option<&str>,
     lang: Option<&str>,
 ) -> Result<Vec<u8>, ApiError> {
-    let lang_ = html::Lang::from(lang);
-    let bad_format = || {
-        err(
-            StatusCode::BAD_REQUEST,
-            format!("format `{format}`: expected html, json or csv"),
-        )
-    };
     match enterprise {
         Some(code) => {
             let r = build_report(store, snap, code, from_day, to_day, criteria).await?;
-            match format {
-                "json" => serde_json::to_vec_pretty(&r)
-                    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-                "html" => {
-                    let (_, bundle) = enterprise_bundle(store, code, from_day, to_day).await?;
-                    let fingerprint = crate::evidence::fingerprint(&bundle);
-                    Ok(html::report(&r, lang_, Some(&fingerprint)).into_bytes())
-                }
-                "csv" => html::report_csv(&r, part.unwrap_or("devices"), lang_)
-                    .map_err(|m| err(StatusCode::BAD_REQUEST, m)),
-                _ => Err(bad_format()),
-            }
+            let fingerprint = if format == "html" {
+                let (_, bundle) = enterprise_bundle(store, code, from_day, to_day).await?;
+                Some(crate::evidence::fingerprint(&bundle))
+            } else {
+                None
+            };
+            report_bytes(&r, format, part, lang, fingerprint.as_deref())
         }
         None => {
             let view = acceptance::city_view(
@@ -1200,13 +1231,7 @@ pub async fn render_cli<S: Store>(
                 criteria,
             )
             .await?;
-            match format {
-                "json" => serde_json::to_vec_pretty(&view)
-                    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-                "html" => Ok(html::city(&view, criteria, lang_).into_bytes()),
-                "csv" => Ok(html::city_csv(&view, lang_)),
-                _ => Err(bad_format()),
-            }
+            city_bytes(&view, criteria, format, lang)
         }
     }
 }

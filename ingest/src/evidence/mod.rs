@@ -50,10 +50,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> EvidenceError + '_ {
 }
 
 pub fn write_bundle(path: &Path, bundle: &Bundle) -> Result<(), EvidenceError> {
-    let json = serde_json::to_vec_pretty(bundle).map_err(|e| EvidenceError::Format {
+    let json = bundle_bytes(bundle).map_err(|message| EvidenceError::Format {
         path: path.display().to_string(),
         what: "writable",
-        message: e.to_string(),
+        message,
     })?;
     std::fs::write(path, json).map_err(io(path))
 }
@@ -70,6 +70,11 @@ pub fn fingerprint(bundle: &Bundle) -> String {
     }
     let bytes = serde_json::to_vec(&value).unwrap_or_default();
     hex::encode(sha2::Sha256::digest(&bytes))
+}
+
+/// A bundle as its file holds it (pretty JSON), on disk or over HTTP.
+pub fn bundle_bytes(bundle: &Bundle) -> Result<Vec<u8>, String> {
+    serde_json::to_vec_pretty(bundle).map_err(|e| e.to_string())
 }
 
 pub fn read_bundle(path: &Path) -> Result<Bundle, EvidenceError> {

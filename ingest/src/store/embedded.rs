@@ -61,6 +61,7 @@ use tokio::sync::oneshot;
 use super::chain::{self, ChainState};
 use super::rollup;
 use super::stream::{self, Admission, LossRecord};
+mod backup;
 mod evidence;
 
 use crate::evidence::bundle::{self, Bundle, DayEvidence, SeriesReport};
@@ -70,6 +71,7 @@ use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
     ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
 };
+pub use super::{BackupInfo, ChainVerification, StoreVerification};
 use crate::registry::{Access, Account, Enterprise, Equipment};
 
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
@@ -1707,6 +1709,14 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn verify_stored(&self) -> Result<StoreVerification> {
+        self.blocking(Self::verify_db).await
+    }
+
+    async fn backup(&self, out: PathBuf) -> Result<BackupInfo> {
+        self.blocking(move |db| backup::copy(db, &out)).await
+    }
+
     async fn day_digests(&self, gateways: Vec<String>, day: String) -> Result<Vec<DayEvidence>> {
         let start = evidence::day_start(&day)?;
         let gateways = if gateways.is_empty() {
@@ -1881,28 +1891,66 @@ mod tests {
             );
         }
     }
-}
 
-/// The result of re-verifying one stream's stored chain from its signed bytes.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChainVerification {
-    pub gateway: String,
-    pub buffer_id: String,
-    pub first_seq: u64,
-    pub last_seq: u64,
-    pub head_hash: String,
-    pub links: u64,
-    /// (seq, reason)
-    pub breaks: Vec<(u64, String)>,
-}
+    #[tokio::test]
+    async fn a_batch_without_points_is_no_rollup_disagreement() {
+        let (_dir, store, map) = filled().await;
+        let a = AppendBatch {
+            gateway_id: "gw".into(),
+            batch: Batch {
+                buffer_id: 10,
+                seq: 1,
+                manifest_version: 1,
+                ..Default::default()
+            },
+            map: Some(map),
+            // Another day of receipt than the points of `filled`.
+            received_at_ms: 10 * 86_400_000,
+            backfill: false,
+            link: None,
+            rejected: None,
+            wire_bytes: 0,
+        };
+        store.append(a).await.expect("append");
+        let v = store.verify_chains().expect("verify");
+        assert_eq!(v.query_tables, Vec::<String>::new());
+    }
 
-/// Everything `verify-chain` found.
-#[derive(Debug, Clone, Serialize)]
-pub struct StoreVerification {
-    pub chains: Vec<ChainVerification>,
-    /// The query tables disagree with themselves: minute counters or rollups
-    /// (days, hours, runs, series totals, gateway days) vs the stored points.
-    pub query_tables: Vec<String>,
+    #[tokio::test]
+    async fn a_backup_holds_what_the_store_holds_and_refuses_a_table_it_does_not_know() {
+        let (dir, store, _) = filled().await;
+        let copy = dir.path().join("copy");
+        std::fs::create_dir(&copy).expect("mkdir");
+        let info = store
+            .backup(copy.join("ingest.redb"))
+            .await
+            .expect("backup");
+        assert!(info.rows > 0);
+        let original = store.series().await.expect("series");
+        let original_verification = format!("{:?}", store.verify_chains().expect("verify"));
+        // A file that exists is never overwritten.
+        assert!(store.backup(copy.join("ingest.redb")).await.is_err());
+        drop(store);
+        let restored = EmbeddedStore::open(&copy).expect("open the copy");
+        assert_eq!(
+            format!("{:?}", restored.series().await.expect("series")),
+            format!("{original:?}")
+        );
+        let verification = restored.verify_chains().expect("verify");
+        assert!(verification.query_tables.is_empty(), "{verification:?}");
+        assert_eq!(format!("{verification:?}"), original_verification);
+
+        // A table added to the store but not to the backup's list.
+        let txn = restored.db.begin_write().expect("write");
+        txn.open_table(TableDefinition::<&str, u64>::new("newcomer"))
+            .expect("table");
+        txn.commit().expect("commit");
+        let e = restored
+            .backup(dir.path().join("second.redb"))
+            .await
+            .expect_err("an unknown table is refused");
+        assert!(e.to_string().contains("newcomer"), "{e}");
+    }
 }
 
 impl EmbeddedStore {
@@ -1910,10 +1958,16 @@ impl EmbeddedStore {
     /// auditor would: recomputes each link hash, checks each signature with
     /// the gateway's bound key, each batch's own numbers, and each link's
     /// predecessor; compares each signed batch with the points the query
-    /// tables serve for it, and every rollup with the stored points. Reads only; works while nothing else has the file
-    /// open.
+    /// tables serve for it, and every rollup with the stored points. Reads one
+    /// snapshot; a serving process runs it through `Store::verify_stored`.
     pub fn verify_chains(&self) -> Result<StoreVerification> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        Self::verify_db(&self.db)
+    }
+
+    /// `verify_chains` on one read transaction: a consistent snapshot,
+    /// however many batches are written meanwhile.
+    fn verify_db(db: &Database) -> Result<StoreVerification> {
+        let txn = db.begin_read().map_err(db_err)?;
         let mut query = evidence::QueryTables::read(&txn)?;
         query.problems.extend(rollups::cross_check(&txn)?);
         let signed = txn.open_table(SIGNED).map_err(db_err)?;

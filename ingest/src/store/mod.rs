@@ -24,6 +24,7 @@ pub mod suite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use guantong_proto::chain::PublicKey;
@@ -491,6 +492,42 @@ pub trait Store: Send + Sync + 'static {
         gateways: Vec<String>,
         day: String,
     ) -> impl Future<Output = Result<Vec<DayEvidence>>> + Send;
+    /// Re-verifies every stored chain from its signed bytes and cross-checks
+    /// the query tables against the stored points (what `verify-chain`
+    /// prints), on one consistent snapshot while writes go on.
+    fn verify_stored(&self) -> impl Future<Output = Result<StoreVerification>> + Send;
+    /// Writes a consistent copy of the whole store to the new file `out`
+    /// (one snapshot, while writes go on); the data file of a restore.
+    fn backup(&self, out: PathBuf) -> impl Future<Output = Result<BackupInfo>> + Send;
+}
+
+/// The result of re-verifying one stream's stored chain from its signed bytes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainVerification {
+    pub gateway: String,
+    pub buffer_id: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub head_hash: String,
+    pub links: u64,
+    /// (seq, reason)
+    pub breaks: Vec<(u64, String)>,
+}
+
+/// Everything `verify-chain` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreVerification {
+    pub chains: Vec<ChainVerification>,
+    /// The query tables disagree with themselves: minute counters or rollups
+    /// (days, hours, runs, series totals, gateway days) vs the stored points.
+    pub query_tables: Vec<String>,
+}
+
+/// What a backup copied.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupInfo {
+    pub tables: usize,
+    pub rows: u64,
 }
 
 #[cfg(test)]

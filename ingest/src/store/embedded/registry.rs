@@ -29,16 +29,18 @@ use super::{Db, db_err};
 use crate::registry::{Access, Account, Enterprise, Equipment, new_token, token_digest};
 use crate::store::{Result, StoreError};
 
-const ENTERPRISES: TableDefinition<&str, &[u8]> = TableDefinition::new("enterprises");
-const EQUIPMENT: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("equipment");
-const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
-const ENTERPRISE_GATEWAYS: TableDefinition<(&str, &str), ()> =
+pub(super) const ENTERPRISES: TableDefinition<&str, &[u8]> = TableDefinition::new("enterprises");
+pub(super) const EQUIPMENT: TableDefinition<(&str, &str), &[u8]> =
+    TableDefinition::new("equipment");
+pub(super) const OWNERS: TableDefinition<&str, &str> = TableDefinition::new("owners");
+pub(super) const ENTERPRISE_GATEWAYS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("enterprise_gateways");
-const PROVIDER_ENTERPRISES: TableDefinition<(&str, &str), ()> =
+pub(super) const PROVIDER_ENTERPRISES: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("provider_enterprises");
-const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
-const TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("tokens");
-const ACCESS_LOG: TableDefinition<(i64, u64), &[u8]> = TableDefinition::new("access_log");
+pub(super) const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
+pub(super) const TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("tokens");
+pub(super) const ACCESS_LOG: TableDefinition<(i64, u64), &[u8]> =
+    TableDefinition::new("access_log");
 
 static ACCESS_SEQ: AtomicU64 = AtomicU64::new(0);
 
