@@ -135,6 +135,6 @@ if [ "${GUANTONG_SKIP_FUZZ:-0}" != 1 ]; then
       -max_total_time="${GUANTONG_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12)
     rm -rf "$corpus"
   }
-  for t in modbus_response mqtt_json sparkplug_payload config_parse; do fuzz_smoke gateway "$t"; done
+  for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file; do fuzz_smoke gateway "$t"; done
   fuzz_smoke ingest batch_validate
 fi

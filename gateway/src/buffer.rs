@@ -56,7 +56,8 @@
 //!   under the same `buffer_id` and sequence numbers, its missing ranges
 //!   declared the same way (see `salvage`). Only a file with no record left
 //!   starts a new `buffer_id`, whose first record says so. A checksum that
-//!   fails later, while running, is sent as an unsigned loss record.
+//!   fails later, while running, is handled the same way when `read_from`
+//!   meets it (`replace_corrupted_records` is the one place for both).
 //! - After an I/O error (disk full, EIO) redb refuses every transaction
 //!   until it is reopened: the operation that saw it schedules a reopen
 //!   (`watch`), and the next operation closes and reopens the file first
@@ -103,6 +104,8 @@ const CHAIN: TableDefinition<&str, &[u8]> = TableDefinition::new("chain");
 const SALVAGE: TableDefinition<u64, &[u8]> = TableDefinition::new("salvage");
 
 mod salvage;
+#[doc(hidden)]
+pub use salvage::fuzz_check as fuzz_salvage;
 
 const FORMAT: u8 = 2;
 /// The same layout, for a link of the `sm2` chain algorithm.
@@ -132,6 +135,8 @@ pub enum BufferError {
     Storage(#[from] redb::Error),
     #[error("buffer task failed: {0}")]
     Task(String),
+    #[error("buffer record {seq} fails its checksum even after it was replaced by a loss record")]
+    Unreplaceable { seq: u64 },
     #[error("buffer storage failed ({cause}); reopening it again in {retry_in:?}")]
     Reopening { cause: String, retry_in: Duration },
 }
@@ -213,6 +218,9 @@ pub struct Buffer {
     lost_file: Mutex<bool>,
     /// How the file is opened, at start and after an I/O error.
     backend: BufferStorage,
+    /// The last write commit failed: `next_seq` before it and after it, to
+    /// tell whether it reached the file after all (`resolve_unsure`).
+    unsure: Mutex<Option<(u64, u64)>>,
 }
 
 /// Signs the buffer's links with the gateway's identity.
@@ -265,7 +273,9 @@ impl Buffer {
                 current: bytesize::ByteSize(current),
             });
         }
-        let create = |path: &Path| backend.open(path);
+        // A damaged newest commit is not rolled back to the one before (its
+        // batches would vanish undeclared) but salvaged like an unopenable file.
+        let create = |path: &Path| backend.open(path, true);
         let (db, moved_aside) = match create(&path) {
             Ok(db) => {
                 replace_corrupted_records(&db)?;
@@ -273,11 +283,18 @@ impl Buffer {
             }
             Err(e) => {
                 let aside = dir.join(format!("buffer.redb.unreadable-{}", now_ms()));
+                let why = match e {
+                    redb::DatabaseError::RepairAborted => {
+                        "the newest commit is damaged (redb would fall back to the one before it)"
+                            .to_string()
+                    }
+                    e => e.to_string(),
+                };
                 tracing::error!(
-                    error = %e,
+                    error = %why,
                     file = %path.display(),
                     moved_to = %aside.display(),
-                    "BUFFER FILE CANNOT BE OPENED: moved aside, starting a fresh buffer; its unsent data is lost"
+                    "BUFFER FILE CANNOT BE OPENED: moved aside and salvaged into a fresh buffer"
                 );
                 std::fs::rename(&path, &aside).map_err(|source| BufferError::Dir {
                     path: path.clone(),
@@ -325,6 +342,7 @@ impl Buffer {
             signer: None,
             lost_file: Mutex::new(moved_aside.is_some() || pending_salvage),
             backend,
+            unsure: Mutex::new(None),
         };
         Ok(buffer)
     }
@@ -352,6 +370,10 @@ impl Buffer {
     /// there were none.
     fn write_salvaged_losses(&self) -> Result<bool> {
         let db = self.db()?;
+        self.write_salvaged_losses_in(&db)
+    }
+
+    fn write_salvaged_losses_in(&self, db: &Database) -> Result<bool> {
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let pending: Vec<salvage::PendingLoss> = {
@@ -577,7 +599,9 @@ impl Buffer {
             let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
             // redb keeps the file locked while open: close before opening.
             drop(slot.take());
-            match self.backend.open(&self.path) {
+            // A reopen may roll back a commit whose write failed: its caller
+            // was told it failed (see `resolve_unsure`).
+            match self.backend.open(&self.path, false) {
                 Ok(db) => {
                     *slot = Some(db);
                     tracing::debug!(file = %self.path.display(), after = %cause, "buffer database reopened");
@@ -668,10 +692,11 @@ impl Buffer {
         let db = self.db()?;
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
-        let (last, over) = {
+        let (before, last, over) = {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut batches = txn.open_table(BATCHES).map_err(storage)?;
             let mut seq = meta_get(&meta, "next_seq")?.unwrap_or(1);
+            let before = seq;
             let mut bytes = meta_get(&meta, "bytes")?.unwrap_or(0);
             let mut rejected: Vec<&Sample> = Vec::new();
             let mut head = self.chain_head(&txn)?;
@@ -712,20 +737,62 @@ impl Buffer {
             }
             let meta = txn.open_table(META).map_err(storage)?;
             (
+                before,
                 meta_get(&meta, "next_seq")?.unwrap_or(1) - 1,
                 meta_get(&meta, "bytes")?.unwrap_or(0) > self.max_bytes,
             )
         };
         if !over || self.when_full == WhenFull::RejectNewest {
-            txn.commit().map_err(storage)?;
+            self.commit_noting(txn, before, last + 1)?;
             return Ok(last);
         }
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
         self.drop_unsent(&txn, LossReason::BufferFull, |_, bytes| {
             bytes > self.max_bytes.saturating_sub(LOSS_RECORD_ROOM)
         })?;
-        txn.commit().map_err(storage)?;
+        self.commit_noting(txn, before, last + 1)?;
         Ok(last)
+    }
+
+    /// Commits a transaction that moves `next_seq` from `before` to
+    /// `after`; when the commit fails, notes both for `resolve_unsure`.
+    fn commit_noting(&self, txn: redb::WriteTransaction, before: u64, after: u64) -> Result<()> {
+        let committed = txn.commit().map_err(storage);
+        *self.unsure.lock().unwrap_or_else(|e| e.into_inner()) =
+            committed.is_err().then_some((before, after));
+        committed
+    }
+
+    /// Whether the last write commit that failed (`append`, `record_loss`)
+    /// reached the file after all: `Some(last seq)` if it did, `None` if it
+    /// did not (or none failed). redb writes a commit's pages and header,
+    /// then fsyncs; when only the fsync fails, the reopened file holds the
+    /// commit, and its points must be neither written again nor declared
+    /// lost. Reopens the database first, so it fails while storage does;
+    /// the caller commits nothing before it succeeds.
+    pub fn resolve_unsure(&self) -> Result<Option<u64>> {
+        let Some((before, after)) = *self.unsure.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return Ok(None);
+        };
+        let next = self.stats()?.next_seq;
+        *self.unsure.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if next == after {
+            tracing::warn!(
+                first_seq = before,
+                last_seq = after - 1,
+                "a commit reported as failed is in the file after all (its fsync failed): kept, not written again"
+            );
+            return Ok(Some(after - 1));
+        }
+        if next != before {
+            tracing::error!(
+                before,
+                after,
+                next,
+                "the buffer's next sequence number is neither before nor after the failed commit"
+            );
+        }
+        Ok(None)
     }
 
     /// Appends a standalone loss record (e.g. a buffer file lost).
@@ -738,8 +805,10 @@ impl Buffer {
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let points = loss.points;
+        let before = meta_get(&txn.open_table(META).map_err(storage)?, "next_seq")?.unwrap_or(1);
         let seq = self.write_loss(&txn, loss, points)?;
-        txn.commit().map_err(storage)?;
+        let after = meta_get(&txn.open_table(META).map_err(storage)?, "next_seq")?.unwrap_or(1);
+        self.commit_noting(txn, before, after)?;
         Ok(seq)
     }
 
@@ -963,63 +1032,27 @@ impl Buffer {
         // waiting for the database must not wait on a holder of `drop_lock`.
         let db = self.db()?;
         let _order = self.drop_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let txn = db.begin_read().map_err(storage)?;
-        let table = txn.open_table(BATCHES).map_err(storage)?;
-        let mut out = Vec::with_capacity(max.min(1024));
-        for entry in table.range(from..).map_err(storage)?.take(max) {
-            let (k, v) = entry.map_err(storage)?;
-            let (seq, record) = (k.value(), v.value());
-            out.push(match split_header(record) {
-                Some(h) => StoredBatch {
-                    seq,
-                    last_seq: h.last_seq,
-                    manifest_version: h.manifest_version,
-                    points: h.points,
-                    payload: Bytes::copy_from_slice(&record[HEADER..]),
-                    prev_hash: h.prev_hash,
-                    signature: h.signature,
-                    algorithm: h.algorithm,
-                },
-                None => {
+        let mut replaced = None;
+        loop {
+            match read_records(&db, from, max)? {
+                Ok(out) => {
+                    self.handed_out().extend(out.iter().map(|b| b.seq));
+                    return Ok(out);
+                }
+                // A record damaged since the buffer opened: declared as at
+                // open, by a signed loss record bridged by its neighbours.
+                Err(seq) if replaced != Some(seq) => {
                     tracing::error!(
                         seq,
-                        "buffer record fails its checksum; sending a loss record in its place"
+                        "buffer record fails its checksum while running; a loss record replaces it"
                     );
-                    let claimed = record
-                        .get(21..25)
-                        .and_then(|b| b.try_into().ok())
-                        .map_or(0, u32::from_be_bytes);
-                    let loss = Loss {
-                        last_seq: seq,
-                        points: u64::from(claimed),
-                        tags: Vec::new(),
-                        reason: LossReason::Corrupted as i32,
-                        bridge_hash: Vec::new(),
-                        estimated: false,
-                    };
-                    let batch = Batch {
-                        buffer_id: self.buffer_id,
-                        seq,
-                        loss: Some(loss),
-                        committed_at_ms: now_ms(),
-                        manifest_sha256: Vec::new(),
-                        ..Default::default()
-                    };
-                    StoredBatch {
-                        seq,
-                        last_seq: seq,
-                        manifest_version: 0,
-                        points: 0,
-                        payload: batch.encode_to_vec().into(),
-                        prev_hash: [0; 32],
-                        signature: [0; 64],
-                        algorithm: Algorithm::Ed25519,
-                    }
+                    replace_corrupted_records(&db)?;
+                    self.write_salvaged_losses_in(&db)?;
+                    replaced = Some(seq);
                 }
-            });
+                Err(seq) => return Err(BufferError::Unreplaceable { seq }),
+            }
         }
-        self.handed_out().extend(out.iter().map(|b| b.seq));
-        Ok(out)
     }
 
     /// Deletes every record in `first..=last` (ingest has stored them).
@@ -1135,6 +1168,36 @@ impl Default for Reopen {
 
 const REOPEN_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Up to `max` records from `from` on, or the first that fails its
+/// checksum.
+fn read_records(
+    db: &Database,
+    from: u64,
+    max: usize,
+) -> Result<std::result::Result<Vec<StoredBatch>, u64>> {
+    let txn = db.begin_read().map_err(storage)?;
+    let table = txn.open_table(BATCHES).map_err(storage)?;
+    let mut out = Vec::with_capacity(max.min(1024));
+    for entry in table.range(from..).map_err(storage)?.take(max) {
+        let (k, v) = entry.map_err(storage)?;
+        let (seq, record) = (k.value(), v.value());
+        let Some(h) = split_header(record) else {
+            return Ok(Err(seq));
+        };
+        out.push(StoredBatch {
+            seq,
+            last_seq: h.last_seq,
+            manifest_version: h.manifest_version,
+            points: h.points,
+            payload: Bytes::copy_from_slice(&record[HEADER..]),
+            prev_hash: h.prev_hash,
+            signature: h.signature,
+            algorithm: h.algorithm,
+        });
+    }
+    Ok(Ok(out))
+}
 
 /// Fills the fresh database `db` with what the unreadable file `aside` still
 /// holds (see `salvage`), under its old `buffer_id` and sequence numbers so
@@ -1294,7 +1357,7 @@ fn replace_corrupted_records(db: &Database) -> Result<()> {
             let (points, per_tag) = salvage::estimate(
                 before.iter().flatten().map(|(_, b, _)| b),
                 after.iter().flatten().map(|(_, b, _)| b),
-                last_seq - seq + 1,
+                (last_seq - seq).saturating_add(1),
             );
             if bridge.is_none() {
                 tracing::error!(
@@ -1413,10 +1476,10 @@ fn merge_tag_loss(
     bad: u64,
 ) {
     let e = map.entry(key).or_insert((0, i64::MAX, i64::MIN, 0));
-    e.0 += points;
+    e.0 = e.0.saturating_add(points);
     e.1 = e.1.min(first);
     e.2 = e.2.max(last);
-    e.3 += bad;
+    e.3 = e.3.saturating_add(bad);
 }
 
 fn tag_losses(map: TagLossMap) -> Vec<TagLoss> {
@@ -1458,14 +1521,56 @@ fn split_header(record: &[u8]) -> Option<Header> {
     if crc32fast::hash(&record[25..]) != crc {
         return None;
     }
-    Some(Header {
+    let h = Header {
         last_seq: u64::from_be_bytes(record[5..13].try_into().ok()?),
         manifest_version: u64::from_be_bytes(record[13..21].try_into().ok()?),
         points: u32::from_be_bytes(record[21..25].try_into().ok()?),
         prev_hash: record[25..57].try_into().ok()?,
         signature: record[57..121].try_into().ok()?,
         algorithm,
-    })
+    };
+    header_agrees(&h, &record[HEADER..]).then_some(h)
+}
+
+/// Whether the header's `last_seq` and `manifest_version`, which the CRC
+/// does not cover (the layout is pinned), say what the payload says: a
+/// damaged `last_seq` would make a record cover sequence numbers it does
+/// not hold, and those would be skipped undeclared. A data batch's payload
+/// starts with `buffer_id` (fixed64, tag 0x09), `seq` (0x10) and, unless 0,
+/// `manifest_version` (fixed64, 0x19), so the common case needs no decoding; a loss
+/// record is decoded (`last_seq` is its loss's).
+fn header_agrees(h: &Header, payload: &[u8]) -> bool {
+    fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+        let mut v = 0u64;
+        for (i, b) in bytes.iter().take(10).enumerate() {
+            v |= u64::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some((v, &bytes[i + 1..]));
+            }
+        }
+        None
+    }
+    let fast = (payload.first() == Some(&0x09) && payload.get(9) == Some(&0x10))
+        .then(|| varint(&payload[10..]))
+        .flatten()
+        .filter(|(seq, _)| *seq == h.last_seq)
+        .map(|(_, rest)| match rest.first() {
+            Some(&0x19) => {
+                rest.get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    == Some(h.manifest_version)
+            }
+            // No manifest field: version 0, or a loss record (decoded below).
+            _ => h.manifest_version == 0,
+        });
+    match fast {
+        Some(agrees) => agrees,
+        None => Batch::decode(payload).is_ok_and(|b| {
+            let last = b.loss.as_ref().map_or(b.seq, |l| l.last_seq);
+            last == h.last_seq && b.manifest_version == h.manifest_version
+        }),
+    }
 }
 
 fn decode_record(record: &[u8]) -> Option<(Header, Batch)> {
@@ -1951,24 +2056,22 @@ mod tests {
         (loss, tags)
     }
 
-    #[test]
-    fn a_record_failing_its_checksum_becomes_a_signed_bridged_loss_record() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// Changes the stored record `seq` behind the buffer's checks.
+    fn tamper(b: &Buffer, seq: u64, change: impl FnOnce(&mut Vec<u8>)) {
+        let txn = b.db().expect("db").begin_write().expect("txn");
         {
-            let b = steady_batches(dir.path(), 8);
-            // Flip a payload byte of seq 5 behind redb's back.
-            let txn = b.db().expect("db").begin_write().expect("txn");
-            {
-                let mut t = txn.open_table(BATCHES).expect("table");
-                let mut record = t.get(5).expect("get").expect("record").value().to_vec();
-                let last = record.len() - 1;
-                record[last] ^= 0xFF;
-                t.insert(5, record.as_slice()).expect("insert");
-            }
-            txn.commit().expect("commit");
+            let mut t = txn.open_table(BATCHES).expect("table");
+            let mut record = t.get(seq).expect("get").expect("record").value().to_vec();
+            change(&mut record);
+            t.insert(seq, record.as_slice()).expect("insert");
         }
-        let b = open(dir.path(), 64 << 20).with_identity(signer());
-        let all = assert_chain_from(&b, 1);
+        txn.commit().expect("commit");
+    }
+
+    /// Of `steady_batches(…, 8)`, seq 5 was damaged: it is a signed loss
+    /// record bridged in the chain, sized per tag from its neighbours.
+    fn assert_seq_5_of_8_declared(b: &Buffer) {
+        let all = assert_chain_from(b, 1);
         assert_eq!(all.len(), 8);
         let (loss, tags) = declared(&all[4]);
         assert_eq!(
@@ -1976,8 +2079,51 @@ mod tests {
             (LossReason::Corrupted as i32, 5, 40, true)
         );
         assert_eq!(tags, batch_per_tag(5), "sized per tag from the neighbours");
-        let (kept, lost, _) = account(&b);
+        let (kept, lost, _) = account(b);
         assert_eq!((kept, lost), (7 * 40, 40));
+    }
+
+    #[test]
+    fn a_record_failing_its_checksum_becomes_a_signed_bridged_loss_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let b = steady_batches(dir.path(), 8);
+            // Flip a payload byte of seq 5 behind redb's back.
+            tamper(&b, 5, |r| *r.last_mut().expect("bytes") ^= 0xFF);
+        }
+        let b = open(dir.path(), 64 << 20).with_identity(signer());
+        assert_seq_5_of_8_declared(&b);
+    }
+
+    #[test]
+    fn a_damaged_last_seq_outside_the_checksum_is_caught_and_declared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let b = steady_batches(dir.path(), 8);
+            // The header's last_seq is not under the CRC (pinned layout):
+            // seq 5 would claim to cover 5..=1000, and 6..=8 be skipped.
+            tamper(&b, 5, |r| r[5..13].copy_from_slice(&1000u64.to_be_bytes()));
+        }
+        let b = open(dir.path(), 64 << 20).with_identity(signer());
+        let all = assert_chain_from(&b, 1);
+        let seqs: Vec<(u64, u64)> = all.iter().map(|r| (r.seq, r.last_seq)).collect();
+        assert_eq!(seqs, (1..=8).map(|s| (s, s)).collect::<Vec<_>>());
+        let (loss, _) = declared(&all[4]);
+        assert_eq!(
+            (loss.reason, loss.points),
+            (LossReason::Corrupted as i32, 40)
+        );
+    }
+
+    #[test]
+    fn a_record_failing_its_checksum_while_running_becomes_a_signed_bridged_loss_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = steady_batches(dir.path(), 8);
+        assert_eq!(b.read_from(1, 2).expect("read").len(), 2, "some sent");
+        // Seq 5 rots on the card after the buffer opened: the open-time
+        // check has passed, `read_from` is the first to meet it.
+        tamper(&b, 5, |r| *r.last_mut().expect("bytes") ^= 0xFF);
+        assert_seq_5_of_8_declared(&b);
     }
 
     /// Damages the file of `steady_batches(…, 10)`: 16 bytes inside the
@@ -2052,6 +2198,91 @@ mod tests {
             "new batches continue the sequence"
         );
         assert_chain_from(&b, 1);
+    }
+
+    /// `resolve_unsure` once the storage has healed (its reopen backs off).
+    fn resolved(b: &Buffer) -> Option<u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.resolve_unsure() {
+                Ok(landed) => return landed,
+                Err(e) if Instant::now() < deadline => {
+                    assert!(matches!(
+                        e,
+                        BufferError::Reopening { .. } | BufferError::Storage(_)
+                    ));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("storage healed but: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_is_known_to_have_reached_the_file_or_not_after_the_reopen() {
+        use crate::storage_io::{StorageFaults, WriteFault};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = StorageFaults::new();
+        let b = Buffer::open_on(
+            dir.path(),
+            64 << 20,
+            WhenFull::DropOldest,
+            BufferStorage::Faulty(faults.clone()),
+        )
+        .expect("open");
+        b.append(1, &samples(40, 0), 40).expect("append");
+        // Only the fsync fails: redb wrote the commit's pages and header.
+        faults.set_write_fault(WriteFault::SyncEio);
+        assert!(
+            b.append(1, &samples(40, 40), 40).is_err(),
+            "reported failed"
+        );
+        assert!(b.resolve_unsure().is_err(), "undecided while fsyncs fail");
+        faults.set_write_fault(WriteFault::None);
+        assert_eq!(resolved(&b), Some(2), "the commit is in the file after all");
+        assert_eq!(b.resolve_unsure().expect("once"), None);
+        assert_eq!(b.read_from(1, 10).expect("read").len(), 2);
+        // The writes themselves fail: nothing reaches the file.
+        faults.set_write_fault(WriteFault::Eio);
+        assert!(
+            b.append(1, &samples(40, 80), 40).is_err(),
+            "reported failed"
+        );
+        faults.set_write_fault(WriteFault::None);
+        assert_eq!(resolved(&b), None, "the commit did not reach the file");
+        assert_eq!(b.append(1, &samples(40, 80), 40).expect("append"), 3);
+    }
+
+    #[test]
+    fn damage_to_the_newest_commit_after_a_crash_is_salvaged_not_rolled_back() {
+        let (open_dir, crashed) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let b = steady_batches(open_dir.path(), 10);
+        let newest = b.read_from(10, 1).expect("read").remove(0).payload;
+        // The file as a crash leaves it: copied while the buffer is open.
+        let mut bytes = std::fs::read(b.path()).expect("read file");
+        drop(b);
+        let at = bytes
+            .windows(newest.len())
+            .position(|w| w == newest.as_ref())
+            .expect("the newest record is stored contiguously");
+        bytes[at + 40..at + 56].iter_mut().for_each(|b| *b ^= 0x5A);
+        std::fs::write(crashed.path().join("buffer.redb"), bytes).expect("write file");
+        // redb verifies the newest commit after a crash and would fall back
+        // to the one before, losing seq 10 undeclared and reusing its number.
+        let b = open(crashed.path(), 64 << 20).with_identity(signer());
+        let all = assert_chain_from(&b, 1);
+        let seqs: Vec<u64> = all.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "nothing rolled back");
+        let (loss, tags) = declared(&all[9]);
+        assert_eq!(
+            (loss.reason, loss.points, loss.estimated),
+            (LossReason::Corrupted as i32, 40, true)
+        );
+        assert_eq!(tags, batch_per_tag(10), "declared per tag");
+        assert_eq!(b.stats().expect("stats").next_seq, 11, "no number reused");
     }
 
     #[test]

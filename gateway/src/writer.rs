@@ -20,6 +20,14 @@
 //! signed, chained loss record (reason `storage_error`), then what was held.
 //! So collected = stored + declared lost holds through a full disk.
 //!
+//! A commit reported as failed may be in the file after all: redb writes a
+//! commit's pages and header, then fsyncs, and when only the fsync fails the
+//! reopened file holds it. So after a failed commit nothing is committed
+//! until `Buffer::resolve_unsure` has told, from the reopened file, whether
+//! it landed (`Unsure`): if it did, its points are not written again and
+//! those dropped from memory meanwhile are not declared; if not, both go on
+//! as above. Points are thus never both stored and declared lost.
+//!
 //! When the process stops before the disk recovers, what is still held is
 //! counted per tag into `unstored` (a file whose room was reserved at start)
 //! and declared at the next start, before anything else is committed. Only a
@@ -59,6 +67,17 @@ struct Held {
     unstored: Option<UnstoredLoss>,
     /// `lost` includes what `unstored` held at start: clear it once committed.
     unstored_pending: bool,
+    /// The last commit failed and may be in the file after all.
+    unsure: Option<Unsure>,
+}
+
+/// A failed commit not yet known to have missed the file.
+enum Unsure {
+    /// `record_loss` of this tally.
+    Loss(LossTally),
+    /// `append` of the first `held` samples still held, plus those of its
+    /// samples dropped from memory since (`dropped`).
+    Append { held: usize, dropped: LossTally },
 }
 
 pub struct Writer {
@@ -167,6 +186,16 @@ impl Writer {
     /// the next start.
     fn record_unstored(&self, pending: &[Sample], held: &mut Held) {
         let mut lost = held.lost.clone();
+        // Unknown whether it reached the file: declared, with a warning.
+        match &held.unsure {
+            Some(Unsure::Loss(t) | Unsure::Append { dropped: t, .. }) => {
+                warn!(
+                    "stopping before the storage told whether the last failed commit reached the file: its points are declared lost, and are also stored if it did"
+                );
+                lost.merge(&t.to_loss(LossReason::StorageError));
+            }
+            None => {}
+        }
         for s in pending {
             lost.add(self.manifest_version, s);
         }
@@ -209,20 +238,27 @@ impl Writer {
     /// `max_held_points`, which join the loss.
     async fn commit(&self, pending: &mut Vec<Sample>, held: &mut Held) -> bool {
         let mut result = Ok(());
-        if !held.lost.is_empty() {
+        if let Some(unsure) = held.unsure.take() {
+            let buffer = self.buffer.clone();
+            match blocking(move || buffer.resolve_unsure()).await {
+                Ok(landed) => self.settle(unsure, landed, pending, held),
+                Err(e) => {
+                    held.unsure = Some(unsure);
+                    result = Err(e);
+                }
+            }
+        }
+        if result.is_ok() && !held.lost.is_empty() {
             let (buffer, lost) = (self.buffer.clone(), held.lost.clone());
             match blocking(move || buffer.record_loss(&lost, LossReason::StorageError)).await {
                 Ok(last) => {
                     held.lost = LossTally::default();
                     self.committed.send_replace(last);
-                    if std::mem::take(&mut held.unstored_pending)
-                        && let Some(Err(e)) = held.unstored.as_ref().map(UnstoredLoss::clear)
-                    {
-                        error!(error = %e, "the declared loss stays recorded: it will be declared again at the next start");
-                    }
+                    self.loss_declared(held);
                 }
                 Err(e) => {
                     self.status.committed(Err(e.to_string()));
+                    held.unsure = Some(Unsure::Loss(std::mem::take(&mut held.lost)));
                     result = Err(e);
                 }
             }
@@ -246,6 +282,10 @@ impl Writer {
                     self.committed.send_replace(last);
                 }
                 Err(e) => {
+                    held.unsure = Some(Unsure::Append {
+                        held: samples.len(),
+                        dropped: LossTally::default(),
+                    });
                     *pending = samples;
                     result = Err(e);
                 }
@@ -264,7 +304,13 @@ impl Writer {
             Err(e) => {
                 let excess = pending.len().saturating_sub(self.max_held_points);
                 for s in pending.drain(..excess) {
-                    held.lost.add(self.manifest_version, &s);
+                    match &mut held.unsure {
+                        Some(Unsure::Append { held: n, dropped }) if *n > 0 => {
+                            *n -= 1;
+                            dropped.add(self.manifest_version, &s);
+                        }
+                        _ => held.lost.add(self.manifest_version, &s),
+                    }
                 }
                 let now = Instant::now();
                 let log = held
@@ -282,6 +328,45 @@ impl Writer {
                 }
                 false
             }
+        }
+    }
+}
+
+impl Writer {
+    /// Applies what `Buffer::resolve_unsure` found: a commit that landed
+    /// (`Some(last)`) is done; one that did not goes back to being held.
+    fn settle(
+        &self,
+        unsure: Unsure,
+        landed: Option<u64>,
+        pending: &mut Vec<Sample>,
+        held: &mut Held,
+    ) {
+        if let Some(last) = landed {
+            self.committed.send_replace(last);
+        }
+        match (unsure, landed) {
+            (Unsure::Loss(_), Some(_)) => self.loss_declared(held),
+            (Unsure::Loss(tally), None) => {
+                held.lost.merge(&tally.to_loss(LossReason::StorageError))
+            }
+            (Unsure::Append { held: n, .. }, Some(_)) => {
+                pending.drain(..n.min(pending.len()));
+            }
+            (Unsure::Append { dropped, .. }, None) => {
+                if !dropped.is_empty() {
+                    held.lost.merge(&dropped.to_loss(LossReason::StorageError));
+                }
+            }
+        }
+    }
+
+    /// The held loss is committed: what `unstored` recorded is declared.
+    fn loss_declared(&self, held: &mut Held) {
+        if std::mem::take(&mut held.unstored_pending)
+            && let Some(Err(e)) = held.unstored.as_ref().map(UnstoredLoss::clear)
+        {
+            error!(error = %e, "the declared loss stays recorded: it will be declared again at the next start");
         }
     }
 }

@@ -46,8 +46,8 @@ use guantong_proto::v1::{Batch, Loss, LossReason, Manifest, Quality};
 use prost::Message;
 
 use super::{
-    FORMAT, FORMAT_SM2, HEADER, TagLossMap, decode_record, effective_link, merge_tag_loss,
-    tag_losses,
+    FORMAT, FORMAT_SM2, HEADER, TagLossMap, decode_record, effective_link, encode_batch,
+    frame_record, merge_tag_loss, tag_losses,
 };
 
 /// What a damaged file still holds.
@@ -314,9 +314,9 @@ pub(super) fn salvage(bytes: &[u8]) -> Salvage {
         });
     }
     let last = chosen.last().map(|c| (c.last_seq, c.link));
-    s.next_seq = last.map_or(1, |(l, _)| l + 1);
+    s.next_seq = last.map_or(1, |(l, _)| l.saturating_add(1));
     if let Some((last_seq, link)) = last
-        && let Some(next) = newest_next_seq(bytes, buffer_id).filter(|n| *n > last_seq + 1)
+        && let Some(next) = newest_next_seq(bytes, buffer_id).filter(|n| *n > s.next_seq)
     {
         // The newest links are gone: nothing to bridge to, so the chain
         // continues from the last link found.
@@ -377,7 +377,8 @@ fn by_tag(batch: &Batch) -> BTreeMap<u32, TagSamples> {
             all_bad: true,
             manifest_version: batch.manifest_version,
         });
-        e.times.push(batch.base_time_ms + p.time_offset_ms);
+        e.times
+            .push(batch.base_time_ms.saturating_add(p.time_offset_ms));
         e.all_bad &= p.quality == Quality::Bad as i32;
     }
     for e in out.values_mut() {
@@ -416,7 +417,7 @@ pub(super) fn estimate<'a>(
         let mut spacings: Vec<i64> = [b, a]
             .into_iter()
             .flatten()
-            .flat_map(|s| s.times.windows(2).map(|w| w[1] - w[0]))
+            .flat_map(|s| s.times.windows(2).map(|w| w[1].saturating_sub(w[0])))
             .filter(|d| *d > 0)
             .collect();
         spacings.sort_unstable();
@@ -426,19 +427,24 @@ pub(super) fn estimate<'a>(
         let (points, first, last) = match (b, a, interval) {
             (Some(b), Some(a), Some(step)) => {
                 let (t0, t1) = (b.times[b.times.len() - 1], a.times[0]);
-                let n = ((t1 - t0) as f64 / step as f64).round() as i64 - 1;
-                (n.max(0) as u64, t0 + step, t1 - step)
+                let n = (t1.saturating_sub(t0) as f64 / step as f64).round() as i64 - 1;
+                (
+                    n.max(0) as u64,
+                    t0.saturating_add(step),
+                    t1.saturating_sub(step),
+                )
             }
             _ => {
-                let n = one.times.len() as u64 * seqs;
+                let n = (one.times.len() as u64).saturating_mul(seqs);
                 let step = interval.unwrap_or(1);
-                let span = step * n.saturating_sub(1) as i64;
+                let span =
+                    step.saturating_mul(i64::try_from(n.saturating_sub(1)).unwrap_or(i64::MAX));
                 if b.is_some() {
-                    let t0 = one.times[one.times.len() - 1] + step;
-                    (n, t0, t0 + span)
+                    let t0 = one.times[one.times.len() - 1].saturating_add(step);
+                    (n, t0, t0.saturating_add(span))
                 } else {
-                    let t1 = one.times[0] - step;
-                    (n, t1 - span, t1)
+                    let t1 = one.times[0].saturating_sub(step);
+                    (n, t1.saturating_sub(span), t1)
                 }
             }
         };
@@ -455,6 +461,196 @@ pub(super) fn estimate<'a>(
             bad,
         );
     }
-    let points = per_tag.values().map(|e| e.0).sum();
+    let points = per_tag
+        .values()
+        .fold(0u64, |sum, e| sum.saturating_add(e.0));
     (points, per_tag)
+}
+
+/// For the fuzz target `salvage_file` (gateway/fuzz): scans `data` as the
+/// raw bytes of an unreadable buffer file, and a file built from `data`
+/// whose records are well framed (right CRC, any sequence numbers, times
+/// and losses) between garbage bytes and `meta` copies, so that the choice
+/// among copies and the sizing of gaps are reached too. Panics when the
+/// result is incoherent; any input must yield one without panicking.
+pub fn fuzz_check(data: &[u8]) {
+    check(&salvage(data));
+    check(&salvage(&fuzz_file(data)));
+}
+
+/// Chunks of `[kind, a, b, n]` then `n` bytes: garbage, a `meta` copy, or a
+/// framed record (data or loss) shaped by `kind`, `a`, `b` and the bytes.
+fn fuzz_file(data: &[u8]) -> Vec<u8> {
+    use crate::quality::Sample;
+    use guantong_proto::chain::Algorithm;
+    use guantong_proto::v1::point::Value;
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some((&[kind, a, b, n], tail)) = rest.split_first_chunk::<4>() {
+        let (body, tail) = tail.split_at(usize::from(n).min(tail.len()));
+        rest = tail;
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            for (i, x) in body.iter().skip(at).take(8).enumerate() {
+                w[i] = *x;
+            }
+            u64::from_le_bytes(w)
+        };
+        let buffer_id: u64 = if kind & 4 == 0 { 0x1111 } else { 0x2223 };
+        match kind % 4 {
+            0 if kind & 8 == 0 => out.extend_from_slice(body),
+            0 => {
+                out.extend_from_slice(b"buffer_idbytesdropped_pointsnext_seq");
+                out.extend_from_slice(&buffer_id.to_le_bytes());
+                out.extend_from_slice(&[0; 16]);
+                out.extend_from_slice(&word(0).to_le_bytes());
+            }
+            _ => {
+                let seq = if kind & 8 == 0 {
+                    u64::from(a % 32) + 1
+                } else {
+                    word(0)
+                };
+                let last_seq = if kind & 32 == 0 {
+                    seq.saturating_add(u64::from(b % 4))
+                } else {
+                    word(8)
+                };
+                // Far-apart times, yet one batch spans less than i64::MAX.
+                let scale = if kind & 64 == 0 { 1 } else { i64::MAX >> 17 };
+                let samples: Vec<Sample> = body
+                    .chunks(3)
+                    .map(|c| {
+                        let t = i64::from(i16::from_le_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+                        Sample::good(
+                            u32::from(*c.get(2).unwrap_or(&0) % 4),
+                            t.wrapping_mul(scale),
+                            Value::Uint(u64::from(c[0])),
+                        )
+                    })
+                    .collect();
+                let payload = if kind & 16 == 0 {
+                    encode_batch(buffer_id, seq, 1, &samples, i64::from(a))
+                } else {
+                    let mut per_tag = TagLossMap::new();
+                    for s in &samples {
+                        merge_tag_loss(&mut per_tag, (1, s.tag), word(16), s.time_ms, s.time_ms, 0);
+                    }
+                    Batch {
+                        buffer_id,
+                        seq,
+                        loss: Some(Loss {
+                            last_seq,
+                            points: word(16),
+                            tags: tag_losses(per_tag),
+                            reason: LossReason::Corrupted as i32,
+                            bridge_hash: vec![b; 32 * usize::from(b & 1)],
+                            estimated: true,
+                        }),
+                        ..Default::default()
+                    }
+                    .encode_to_vec()
+                };
+                let (version, header_last) = if kind & 16 == 0 {
+                    (1, seq)
+                } else {
+                    (0, last_seq)
+                };
+                let algorithm = if kind & 128 == 0 {
+                    Algorithm::Ed25519
+                } else {
+                    Algorithm::Sm2
+                };
+                out.extend(frame_record(
+                    algorithm,
+                    header_last,
+                    version,
+                    samples.len() as u32,
+                    &[a; 32],
+                    &[b; 64],
+                    &payload,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// What `salvage` returns must be usable as is: records ascending, not
+/// overlapping, intact; gaps between them, each counting what it declares.
+fn check(s: &Salvage) {
+    for r in &s.records {
+        assert!(
+            r.seq <= r.last_seq,
+            "record {} ends before it starts",
+            r.seq
+        );
+        assert!(
+            decode_record(&r.bytes).is_some(),
+            "record {} is intact",
+            r.seq
+        );
+        assert!(
+            r.last_seq < s.next_seq,
+            "next_seq {} after record {}",
+            s.next_seq,
+            r.seq
+        );
+    }
+    for w in s.records.windows(2) {
+        assert!(
+            w[0].last_seq < w[1].seq,
+            "records {} and {} overlap",
+            w[0].seq,
+            w[1].seq
+        );
+    }
+    for g in &s.gaps {
+        assert!(
+            g.first <= g.loss.last_seq,
+            "gap at {} ends before it starts",
+            g.first
+        );
+        assert!(
+            s.records
+                .iter()
+                .all(|r| r.last_seq < g.first || r.seq > g.loss.last_seq),
+            "gap {}..={} overlaps a record",
+            g.first,
+            g.loss.last_seq
+        );
+        let sum = g
+            .loss
+            .tags
+            .iter()
+            .fold(0u64, |t, x| t.saturating_add(x.points));
+        assert_eq!(sum, g.loss.points, "gap at {} counts its tags", g.first);
+        assert_eq!(
+            PendingLoss::decode(&g.encode()).as_ref(),
+            Some(g),
+            "stored form"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// The fuzz target's check on random inputs, so `cargo test` runs it
+    /// where cargo-fuzz is not installed; the seeds in
+    /// `fuzz/regressions/salvage_file` too.
+    #[test]
+    fn salvage_takes_any_bytes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for _ in 0..3_000 {
+            let mut data = vec![0u8; rng.random_range(0..600)];
+            rng.fill(&mut data[..]);
+            super::fuzz_check(&data);
+        }
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/regressions/salvage_file");
+        for entry in std::fs::read_dir(seeds).expect("regressions") {
+            super::fuzz_check(&std::fs::read(entry.expect("entry").path()).expect("seed"));
+        }
+    }
 }
