@@ -437,6 +437,8 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 
 fn init_tracing() {
     let filter = guantong_gateway::modbus::log_filter(std::env::var("GUANTONG_LOG").ok());
+    #[cfg(feature = "opcua")]
+    let filter = guantong_gateway::opcua::log_filter(filter);
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

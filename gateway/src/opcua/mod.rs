@@ -111,6 +111,9 @@ pub enum OpcUaError {
     },
     #[error("{0}")]
     Pki(#[from] pki::PkiError),
+    /// Refused over certificates: `advice` says what the installer does.
+    #[error("{status}: {advice}")]
+    Refused { status: StatusCode, advice: String },
 }
 
 impl OpcUaError {
@@ -124,7 +127,11 @@ impl OpcUaError {
     /// The code a tag gets while this error keeps the device unreachable.
     fn quality_code(&self) -> u32 {
         match self {
-            OpcUaError::Status { status, .. } if status.is_bad() => status.bits(),
+            OpcUaError::Status { status, .. } | OpcUaError::Refused { status, .. }
+                if status.is_bad() =>
+            {
+                status.bits()
+            }
             _ => quality::CONNECT_FAILED,
         }
     }
@@ -162,8 +169,11 @@ impl Collector for OpcUaCollector {
             }
         };
         let mut backoff = FIRST_BACKOFF;
-        // Whether the tags' last points are values (so a loss must be written).
-        let mut marked_down = false;
+        // The code of the Bad point the tags last got, while they are down:
+        // the next one is written only when the reason changes (after
+        // `opcua trust`, an untrusted server may turn out to be refused for
+        // its host name, say), so ingest shows the current reason.
+        let mut marked_down: Option<u32> = None;
         let mut across = Across {
             carried: None,
             order: AfterGap::new(self.first_tag, self.config.tags.len()),
@@ -198,10 +208,10 @@ impl Collector for OpcUaCollector {
                 }
             };
             if connected {
-                marked_down = false;
+                marked_down = None;
                 backoff = FIRST_BACKOFF;
             }
-            if !marked_down {
+            if marked_down != Some(code) {
                 let now = now_ms();
                 let bad = (0..self.config.tags.len() as u32)
                     .map(|i| Sample::bad(self.first_tag + i, now, code))
@@ -210,7 +220,7 @@ impl Collector for OpcUaCollector {
                     return;
                 }
                 across.order.gap_at(now);
-                marked_down = true;
+                marked_down = Some(code);
             }
             // A session that lived a while reconnects at once (after the
             // first backoff step); repeated failures back off.
@@ -247,6 +257,19 @@ enum LoopEvent {
     Ended(StatusCode),
 }
 
+/// The log filter with async-opcua's crates off unless the filter names one
+/// (`GUANTONG_LOG=info,opcua_client=debug`). The library logs each failed
+/// connect as several lines, two of them ERROR, and `Transport disconnected:
+/// Good` at a normal close; the collector logs one line per event instead,
+/// with what the installer does about it.
+pub fn log_filter(filter: String) -> String {
+    if filter.contains("opcua_") {
+        filter
+    } else {
+        format!("{filter},opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_types=off")
+    }
+}
+
 pub(crate) fn build_client(config: &OpcUaConfig) -> Result<Client, OpcUaError> {
     let uri = config
         .application_uri
@@ -266,7 +289,9 @@ pub(crate) fn build_client(config: &OpcUaConfig) -> Result<Client, OpcUaError> {
         .private_key_path("private/private.pem")
         .create_sample_keypair(false)
         .trust_server_certs(false)
-        .verify_server_certs(true)
+        // Skipping the stack's checks of a trusted certificate skips its
+        // host name check; `Connection::open` then checks the rest itself.
+        .verify_server_certs(!config.accept_host_name_mismatch)
         .session_retry_limit(0)
         .recreate_subscriptions(false)
         .keep_alive_interval(config.keep_alive_interval)
@@ -307,15 +332,19 @@ fn token_type(t: &IdentityToken) -> UserTokenType {
     }
 }
 
-/// Policies this gateway uses, weakest first.
-const POLICIES: [SecurityPolicy; 3] = [
+/// Policies this gateway uses, weakest first (the order breaks ties of the
+/// server's SecurityLevel).
+const POLICIES: [SecurityPolicy; 4] = [
     SecurityPolicy::None,
     SecurityPolicy::Basic256Sha256,
     SecurityPolicy::Aes128Sha256RsaOaep,
+    SecurityPolicy::Aes256Sha256RsaPss,
 ];
 
-/// The endpoint to use: the configured policy and mode (or the most secure
-/// the server offers), with the user token type needed.
+/// The endpoint to use: the configured policy and mode, with the user token
+/// type needed; among those, the one the server rates most secure (its
+/// SecurityLevel, which the server sets for its own endpoints), then
+/// SignAndEncrypt over Sign, then the stronger policy.
 pub fn select_endpoint(
     endpoints: &[EndpointDescription],
     policy: SecurityPolicyChoice,
@@ -329,6 +358,7 @@ pub fn select_endpoint(
             SecurityPolicyChoice::None => p == SecurityPolicy::None,
             SecurityPolicyChoice::Basic256sha256 => p == SecurityPolicy::Basic256Sha256,
             SecurityPolicyChoice::Aes128Sha256RsaOaep => p == SecurityPolicy::Aes128Sha256RsaOaep,
+            SecurityPolicyChoice::Aes256Sha256RsaPss => p == SecurityPolicy::Aes256Sha256RsaPss,
         }
     };
     let mode_ok = |e: &EndpointDescription| match mode {
@@ -353,7 +383,7 @@ pub fn select_endpoint(
             MessageSecurityMode::Sign => 1,
             _ => 0,
         };
-        (mode_rank, policy_rank, e.security_level)
+        (e.security_level, mode_rank, policy_rank)
     };
     endpoints
         .iter()
@@ -458,6 +488,12 @@ impl Connection {
         {
             warn!(device = %config.id, %thumbprint, "trusted the server's certificate on first use");
         }
+        if secured
+            && config.accept_host_name_mismatch
+            && let Some(cert) = &server_cert
+        {
+            check_server_certificate(config, &endpoint, cert)?;
+        }
         debug!(device = %config.id, endpoint = %describe_endpoint(&endpoint), "opc ua endpoint chosen");
         let (session, event_loop) = client
             .session_builder()
@@ -492,33 +528,9 @@ impl Connection {
             let _ = tx.send(LoopEvent::Ended(StatusCode::BadConnectionClosed));
         });
         let first = tokio::time::timeout(config.request_timeout * 3, events.recv()).await;
-        let fail = |status: StatusCode| {
-            if (status == StatusCode::BadCertificateUntrusted
-                || status == StatusCode::BadSecurityChecksFailed)
-                && let Some(cert) = &server_cert
-            {
-                let thumbprint = pki::thumbprint(cert);
-                let trusted_here = pki::list(config.pki_dir(), "trusted")
-                    .iter()
-                    .any(|c| c.thumbprint == thumbprint);
-                // The gateway trusts the server: the refusal is the server's.
-                if trusted_here {
-                    warn!(
-                        device = %config.id,
-                        %status,
-                        copy = %pki::own_cert_path(config.pki_dir()).display(),
-                        "the server refused the gateway's certificate: copy this file into the server's trusted certificates (or accept it in the server's rejected list)"
-                    );
-                } else {
-                    warn!(
-                        device = %config.id,
-                        %thumbprint,
-                        rejected = %config.pki_dir().join("rejected").display(),
-                        "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
-                    );
-                }
-            }
-            OpcUaError::status("connect", status)
+        let fail = |status: StatusCode| match &server_cert {
+            Some(cert) if secured => refusal(config, status, cert),
+            _ => OpcUaError::status("connect", status),
         };
         match first {
             Ok(Some(LoopEvent::Connected)) => Ok(Connection {
@@ -558,6 +570,88 @@ impl Connection {
         .await;
         self.event_task.abort();
     }
+}
+
+/// With `accept_host_name_mismatch` the stack skips its checks of a trusted
+/// server certificate: the validity period and the ApplicationUri are checked
+/// here, and only the host name may differ (logged when it does).
+fn check_server_certificate(
+    config: &OpcUaConfig,
+    endpoint: &EndpointDescription,
+    cert: &X509,
+) -> Result<(), OpcUaError> {
+    let refused = |e: async_opcua::types::Error| OpcUaError::Refused {
+        status: e.status(),
+        advice: format!("the server's certificate: {e}"),
+    };
+    cert.is_time_valid(&async_opcua::types::DateTime::now().as_chrono())
+        .map_err(refused)?;
+    cert.is_application_uri_valid(endpoint.server.application_uri.as_ref())
+        .map_err(refused)?;
+    let host = url_host(endpoint.endpoint_url.as_ref());
+    if cert.is_hostname_valid(&host).is_err() {
+        warn!(device = %config.id, %host, names = %pki::host_names(cert).join(", "),
+            "accepting a server certificate that does not name the host connected to (accept_host_name_mismatch = true)");
+    }
+    Ok(())
+}
+
+/// The host of an `opc.tcp://` URL (empty when there is none).
+fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.to_string()
+}
+
+/// A connect refused over certificates, as one error that says which side
+/// must trust which certificate and the file to copy or the command to run.
+/// Whose refusal it is shows in the gateway's PKI: the stack puts a server
+/// certificate it refuses into `rejected/` (an unknown one, answered
+/// BadCertificateUntrusted, or one already there, BadSecurityChecksFailed);
+/// a refusal while the server's certificate is not there is the server's,
+/// which checks the gateway's certificate first.
+fn refusal(config: &OpcUaConfig, status: StatusCode, cert: &X509) -> OpcUaError {
+    let pki = config.pki_dir();
+    let thumbprint = pki::thumbprint(cert);
+    let listed = |dir: &str| {
+        pki::list(pki, dir)
+            .into_iter()
+            .find(|c| c.thumbprint == thumbprint)
+    };
+    let advice = if status == StatusCode::BadCertificateHostNameInvalid {
+        format!(
+            "the server's certificate does not name the host of `url` ({}); it names {}: use one of those in `url`, or set `accept_host_name_mismatch = true` for device {}",
+            url_host(&config.url),
+            pki::host_names(cert).join(", "),
+            config.id
+        )
+    } else if status != StatusCode::BadCertificateUntrusted
+        && status != StatusCode::BadSecurityChecksFailed
+    {
+        return OpcUaError::status("connect", status);
+    } else if let Some(rejected) = listed("rejected") {
+        format!(
+            "the gateway does not trust the server's certificate {} ({}): after checking it, run `guantong-gateway opcua trust {}`",
+            thumbprint,
+            rejected.path.display(),
+            thumbprint
+        )
+    } else {
+        let then = if listed("trusted").is_some() {
+            ""
+        } else {
+            "; the gateway will then ask to trust the server's certificate too"
+        };
+        format!(
+            "the server refused the gateway's certificate: copy {} into the server's trusted certificates (or accept it in the server's rejected list){then}",
+            pki::own_cert_path(pki).display()
+        )
+    };
+    OpcUaError::Refused { status, advice }
 }
 
 /// Reads one scalar Value attribute of each node.
@@ -816,6 +910,63 @@ impl AfterGap {
     }
 }
 
+/// Subscription mode: a value that does not change is still the tag's value.
+///
+/// A server sends an item only when it changes, so a tag whose value holds
+/// (a setpoint, a name plate) would get one point per session while ingest
+/// expects one per declared interval (`publishing_interval`) and would
+/// count it missing. So while every subscription of the session is alive
+/// (a publish response, data or keep-alive, within its keep-alive period),
+/// a tag whose latest point is Good or Uncertain and arrived at least one
+/// publishing interval ago gets that value again, stamped now and without a
+/// server timestamp: the value held at that time, one point per interval,
+/// as in poll mode. A Bad point is not repeated (a gap stays a gap), a
+/// stalled or lost subscription stops the repeats, and a new session starts
+/// with nothing held until its first notification of each item.
+struct Hold {
+    first_tag: u32,
+    interval_ms: i64,
+    /// Half the period `due` is called at: a repeat falls on the check
+    /// nearest one interval, not on the one after when a tick is early.
+    slack_ms: i64,
+    /// Per tag: the latest point and when it arrived (gateway clock).
+    last: Vec<Option<(Sample, i64)>>,
+}
+
+impl Hold {
+    fn new(first_tag: u32, tags: usize, interval: Duration, tick: Duration) -> Hold {
+        Hold {
+            first_tag,
+            interval_ms: interval.as_millis().max(1) as i64,
+            slack_ms: tick.as_millis() as i64 / 2,
+            last: vec![None; tags],
+        }
+    }
+
+    /// Records what was delivered now.
+    fn delivered(&mut self, samples: &[Sample], now: i64) {
+        for s in samples {
+            if let Some(slot) = self.last.get_mut((s.tag - self.first_tag) as usize) {
+                *slot = (s.quality != guantong_proto::v1::Quality::Bad).then(|| (s.clone(), now));
+            }
+        }
+    }
+
+    /// The held values due again at `now`.
+    fn due(&mut self, now: i64) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for (sample, at) in self.last.iter_mut().flatten() {
+            if now - *at + self.slack_ms >= self.interval_ms && now > sample.time_ms {
+                sample.time_ms = now;
+                sample.server_time_ms = None;
+                *at = now;
+                out.push(sample.clone());
+            }
+        }
+        out
+    }
+}
+
 fn monitored_item(config: &OpcUaConfig, tag: usize, node: NodeId) -> MonitoredItemCreateRequest {
     let t = &config.tags[tag];
     let deadband = t.deadband.unwrap_or(config.deadband);
@@ -937,8 +1088,15 @@ async fn subscribe_and_forward(
     // within this.
     let session_alive = Heartbeat::new();
     let session_limit = config.keep_alive_interval * (config.keep_alive_failures + 1);
-    let mut tick = tokio::time::interval(config.publishing_interval.min(Duration::from_secs(1)));
+    let period = config.publishing_interval.min(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
     let mut overflows_logged = 0;
+    let mut hold = Hold::new(
+        order.first_tag,
+        nodes.len(),
+        config.publishing_interval,
+        period,
+    );
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
@@ -948,6 +1106,7 @@ async fn subscribe_and_forward(
                 };
                 if !batch.republished {
                     order.restamp(&mut batch.samples);
+                    hold.delivered(&batch.samples, now_ms());
                 }
                 if !sink.send(batch.samples).await {
                     return Ok(SessionEnd::Stopped);
@@ -965,6 +1124,17 @@ async fn subscribe_and_forward(
                     }
                     warn!(device = %config.id, ?silent, "opc ua watchdog: no publish response and no session keep-alive");
                     return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
+                }
+                // Every subscription answered within its keep-alive period:
+                // the values not sent again are still held.
+                let alive = subscriptions
+                    .iter()
+                    .all(|t| t.heard.silent_for() <= t.keep_alive_period);
+                if alive && config.repeat_unchanged {
+                    let held = hold.due(now_ms());
+                    if !held.is_empty() && !sink.send(held).await {
+                        return Ok(SessionEnd::Stopped);
+                    }
                 }
                 let o = overflows.load(Ordering::Relaxed);
                 if o > overflows_logged {
@@ -1468,5 +1638,87 @@ mod tests {
         );
         assert_eq!(pick(P::Aes128Sha256RsaOaep, M::Sign), None);
         assert!(select_endpoint(&eps, P::Best, M::Best, UserTokenType::UserName).is_none());
+    }
+
+    #[test]
+    fn best_follows_the_servers_security_level() {
+        let pick = |eps: &[EndpointDescription]| {
+            select_endpoint(
+                eps,
+                SecurityPolicyChoice::Best,
+                SecurityModeChoice::Best,
+                UserTokenType::Anonymous,
+            )
+            .map(|e| {
+                (
+                    SecurityPolicy::from_uri(e.security_policy_uri.as_ref()),
+                    e.security_mode,
+                )
+            })
+        };
+        use MessageSecurityMode as M;
+        use SecurityPolicy as P;
+        // asyncua's levels: Aes256Sha256RsaPss SignAndEncrypt is its highest.
+        let asyncua = [
+            ep(P::None, M::None, 0),
+            ep(P::Basic256Sha256, M::Sign, 50),
+            ep(P::Basic256Sha256, M::SignAndEncrypt, 70),
+            ep(P::Aes128Sha256RsaOaep, M::SignAndEncrypt, 75),
+            ep(P::Aes256Sha256RsaPss, M::Sign, 60),
+            ep(P::Aes256Sha256RsaPss, M::SignAndEncrypt, 80),
+        ];
+        assert_eq!(
+            pick(&asyncua),
+            Some((P::Aes256Sha256RsaPss, M::SignAndEncrypt))
+        );
+        // A server that rates Basic256Sha256 Sign above the rest gets it,
+        // whatever this gateway's own order of policies and modes.
+        let rated = [
+            ep(P::Basic256Sha256, M::Sign, 200),
+            ep(P::Aes256Sha256RsaPss, M::SignAndEncrypt, 100),
+        ];
+        assert_eq!(pick(&rated), Some((P::Basic256Sha256, M::Sign)));
+        // Equal levels: SignAndEncrypt, then the stronger policy.
+        let equal = [
+            ep(P::Aes256Sha256RsaPss, M::Sign, 1),
+            ep(P::Basic256Sha256, M::SignAndEncrypt, 1),
+            ep(P::Aes128Sha256RsaOaep, M::SignAndEncrypt, 1),
+        ];
+        assert_eq!(
+            pick(&equal),
+            Some((P::Aes128Sha256RsaOaep, M::SignAndEncrypt))
+        );
+    }
+
+    #[test]
+    fn url_host_is_the_host_without_port_or_path() {
+        assert_eq!(url_host("opc.tcp://127.0.0.1:4840/UA"), "127.0.0.1");
+        assert_eq!(url_host("opc.tcp://plc-7.local:4840"), "plc-7.local");
+        assert_eq!(url_host("opc.tcp://[::1]:4840/"), "::1");
+        assert_eq!(url_host("opc.tcp://vm/"), "vm");
+    }
+
+    #[test]
+    fn held_values_repeat_once_per_interval_and_bad_points_do_not() {
+        // Checked every 100 ms: due at the check nearest one interval.
+        let tick = Duration::from_millis(100);
+        let mut hold = Hold::new(10, 2, Duration::from_millis(100), tick);
+        let value = guantong_proto::v1::point::Value::Double(1.5);
+        let good = Sample::good(10, 500, value.clone());
+        let bad = Sample::bad(11, 500, quality::OPCUA_CONNECTION_LOST);
+        hold.delivered(&[good, bad], 1_000);
+        assert!(hold.due(1_049).is_empty(), "not yet one interval");
+        let again = hold.due(1_099);
+        assert_eq!(again, vec![Sample::good(10, 1_099, value.clone())]);
+        assert!(hold.due(1_140).is_empty(), "once per interval");
+        assert_eq!(hold.due(1_198).len(), 1, "an early tick counts");
+        // A 1 s interval checked every second: every second, not every two.
+        let mut slow = Hold::new(10, 1, Duration::from_secs(1), Duration::from_secs(1));
+        slow.delivered(&[Sample::good(10, 0, value.clone())], 0);
+        assert_eq!(slow.due(999).len(), 1);
+        assert_eq!(slow.due(1_998).len(), 1);
+        // A Bad point ends the hold.
+        hold.delivered(&[Sample::bad(10, 1_250, quality::STALLED)], 1_250);
+        assert!(hold.due(5_000).is_empty());
     }
 }
