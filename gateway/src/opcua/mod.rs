@@ -916,7 +916,8 @@ impl AfterGap {
 /// (a setpoint, a name plate) would get one point per session while ingest
 /// expects one per declared interval (`publishing_interval`) and would
 /// count it missing. So while every subscription of the session is alive
-/// (a publish response, data or keep-alive, within its keep-alive period),
+/// (a publish response, data or keep-alive, within its keep-alive period,
+/// with half a period and one publishing interval of slack),
 /// a tag whose latest point is Good or Uncertain and arrived at least one
 /// publishing interval ago gets that value again, stamped now and without a
 /// server timestamp: the value held at that time, one point per interval,
@@ -1125,11 +1126,13 @@ async fn subscribe_and_forward(
                     warn!(device = %config.id, ?silent, "opc ua watchdog: no publish response and no session keep-alive");
                     return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
                 }
-                // Every subscription answered within its keep-alive period:
-                // the values not sent again are still held.
-                let alive = subscriptions
-                    .iter()
-                    .all(|t| t.heard.silent_for() <= t.keep_alive_period);
+                // Every subscription answered within its keep-alive period
+                // (and half again: servers send the keep-alive a publish
+                // cycle or more late): the values not sent again are held.
+                let alive = subscriptions.iter().all(|t| {
+                    t.heard.silent_for()
+                        <= t.keep_alive_period * 3 / 2 + config.publishing_interval
+                });
                 if alive && config.repeat_unchanged {
                     let held = hold.due(now_ms());
                     if !held.is_empty() && !sink.send(held).await {
