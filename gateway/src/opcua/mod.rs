@@ -61,7 +61,7 @@ pub mod pki;
 pub mod probe;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_opcua::client::services::CreateMonitoredItems;
@@ -801,6 +801,8 @@ struct Notifications {
     received: Arc<AtomicU32>,
     /// Beaten by every publish response of the subscription.
     heard: Heartbeat,
+    /// The publish time (ms, server clock) of its latest publish response.
+    published: Arc<AtomicI64>,
     /// Republished notifications: values from before the gap, stored with
     /// their own timestamps (see `AfterGap`).
     republished: bool,
@@ -819,6 +821,15 @@ impl OnSubscriptionNotificationCore for Notifications {
 impl Notifications {
     fn forward(&self, notification: NotificationMessage) {
         self.heard.beat();
+        // A server without a clock (null time): the arrival confirms.
+        let published_ms = if notification.publish_time.is_null() {
+            now_ms()
+        } else {
+            notification.publish_time.as_chrono().timestamp_millis()
+        };
+        if !self.republished {
+            self.published.fetch_max(published_ms, Ordering::Relaxed);
+        }
         let Some(data) = notification.notification_data else {
             return;
         };
@@ -847,6 +858,7 @@ impl Notifications {
             let _ = self.tx.send(Delivered {
                 samples,
                 republished: self.republished,
+                published_ms,
             });
         }
     }
@@ -863,6 +875,8 @@ struct Across {
 struct Delivered {
     samples: Vec<Sample>,
     republished: bool,
+    /// The publish response's publish time (ms, server clock).
+    published_ms: i64,
 }
 
 /// Keeps each tag's points in time order across a gap the gateway stamped.
@@ -915,52 +929,52 @@ impl AfterGap {
 /// A server sends an item only when it changes, so a tag whose value holds
 /// (a setpoint, a name plate) would get one point per session while ingest
 /// expects one per declared interval (`publishing_interval`) and would
-/// count it missing. So while every subscription of the session is alive
-/// (a publish response, data or keep-alive, within its keep-alive period,
-/// with half a period and one publishing interval of slack),
-/// a tag whose latest point is Good or Uncertain and arrived at least one
-/// publishing interval ago gets that value again, stamped now and without a
-/// server timestamp: the value held at that time, one point per interval,
-/// as in poll mode. A Bad point is not repeated (a gap stays a gap), a
-/// stalled or lost subscription stops the repeats, and a new session starts
-/// with nothing held until its first notification of each item.
+/// count it missing. Every publish response (data or keep-alive) tells, as
+/// of its publish time (the server's clock, the clock of the source
+/// timestamps), that what it did not carry did not change. So a tag whose
+/// latest point is Good or Uncertain gets that value again at each
+/// publishing interval after it, up to the publish time every subscription
+/// of the session has reached: the value held then, one point per interval,
+/// as in poll mode, and never a point stamped after a change the server has
+/// not sent yet. A fully static subscription is confirmed by its keep-alive
+/// (every 10 intervals), so its repeats arrive in tens. A Bad point is not
+/// repeated (a gap stays a gap), a silent subscription confirms nothing, and
+/// a new session starts with nothing held until each item's first
+/// notification.
 struct Hold {
     first_tag: u32,
     interval_ms: i64,
-    /// Half the period `due` is called at: a repeat falls on the check
-    /// nearest one interval, not on the one after when a tick is early.
-    slack_ms: i64,
-    /// Per tag: the latest point and when it arrived (gateway clock).
+    /// Per tag: the latest point and the time it holds from.
     last: Vec<Option<(Sample, i64)>>,
 }
 
 impl Hold {
-    fn new(first_tag: u32, tags: usize, interval: Duration, tick: Duration) -> Hold {
+    fn new(first_tag: u32, tags: usize, interval: Duration) -> Hold {
         Hold {
             first_tag,
             interval_ms: interval.as_millis().max(1) as i64,
-            slack_ms: tick.as_millis() as i64 / 2,
             last: vec![None; tags],
         }
     }
 
-    /// Records what was delivered now.
-    fn delivered(&mut self, samples: &[Sample], now: i64) {
+    /// Records points of a publish response sent at `published_ms`.
+    fn delivered(&mut self, samples: &[Sample], published_ms: i64) {
         for s in samples {
             if let Some(slot) = self.last.get_mut((s.tag - self.first_tag) as usize) {
-                *slot = (s.quality != guantong_proto::v1::Quality::Bad).then(|| (s.clone(), now));
+                *slot = (s.quality != guantong_proto::v1::Quality::Bad)
+                    .then(|| (s.clone(), published_ms.max(s.time_ms)));
             }
         }
     }
 
-    /// The held values due again at `now`.
-    fn due(&mut self, now: i64) -> Vec<Sample> {
+    /// The held values due up to `confirmed_ms`, one per interval per tag.
+    fn due(&mut self, confirmed_ms: i64) -> Vec<Sample> {
         let mut out = Vec::new();
-        for (sample, at) in self.last.iter_mut().flatten() {
-            if now - *at + self.slack_ms >= self.interval_ms && now > sample.time_ms {
-                sample.time_ms = now;
+        for (sample, from) in self.last.iter_mut().flatten() {
+            while *from + self.interval_ms <= confirmed_ms {
+                *from += self.interval_ms;
+                sample.time_ms = *from;
                 sample.server_time_ms = None;
-                *at = now;
                 out.push(sample.clone());
             }
         }
@@ -1016,6 +1030,7 @@ pub(crate) struct Tracked {
     id: u32,
     received: Arc<AtomicU32>,
     heard: Heartbeat,
+    published: Arc<AtomicI64>,
     /// Publishing interval × keep-alive count, as the server revised them:
     /// the longest a live subscription stays silent.
     keep_alive_period: Duration,
@@ -1059,6 +1074,7 @@ async fn subscribe_and_forward(
         overflows: overflows.clone(),
         received: Arc::new(AtomicU32::new(0)),
         heard: Heartbeat::new(),
+        published: Arc::new(AtomicI64::new(0)),
         republished: false,
     };
     let key = nodes_key(nodes);
@@ -1089,15 +1105,9 @@ async fn subscribe_and_forward(
     // within this.
     let session_alive = Heartbeat::new();
     let session_limit = config.keep_alive_interval * (config.keep_alive_failures + 1);
-    let period = config.publishing_interval.min(Duration::from_secs(1));
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(config.publishing_interval.min(Duration::from_secs(1)));
     let mut overflows_logged = 0;
-    let mut hold = Hold::new(
-        order.first_tag,
-        nodes.len(),
-        config.publishing_interval,
-        period,
-    );
+    let mut hold = Hold::new(order.first_tag, nodes.len(), config.publishing_interval);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
@@ -1107,7 +1117,7 @@ async fn subscribe_and_forward(
                 };
                 if !batch.republished {
                     order.restamp(&mut batch.samples);
-                    hold.delivered(&batch.samples, now_ms());
+                    hold.delivered(&batch.samples, batch.published_ms);
                 }
                 if !sink.send(batch.samples).await {
                     return Ok(SessionEnd::Stopped);
@@ -1126,15 +1136,14 @@ async fn subscribe_and_forward(
                     warn!(device = %config.id, ?silent, "opc ua watchdog: no publish response and no session keep-alive");
                     return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
                 }
-                // Every subscription answered within its keep-alive period
-                // (and half again: servers send the keep-alive a publish
-                // cycle or more late): the values not sent again are held.
-                let alive = subscriptions.iter().all(|t| {
-                    t.heard.silent_for()
-                        <= t.keep_alive_period * 3 / 2 + config.publishing_interval
-                });
-                if alive && config.repeat_unchanged {
-                    let held = hold.due(now_ms());
+                // What every subscription's publish responses confirm.
+                let confirmed = subscriptions
+                    .iter()
+                    .map(|t| t.published.load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(0);
+                if config.repeat_unchanged {
+                    let held = hold.due(confirmed);
                     if !held.is_empty() && !sink.send(held).await {
                         return Ok(SessionEnd::Stopped);
                     }
@@ -1169,6 +1178,7 @@ async fn transfer(
         let callback = Notifications {
             received: t.received.clone(),
             heard: t.heard.clone(),
+            published: t.published.clone(),
             ..callback.clone()
         };
         session
@@ -1348,9 +1358,11 @@ async fn new_subscription(
 ) -> Result<Tracked, OpcUaError> {
     let received = Arc::new(AtomicU32::new(0));
     let heard = Heartbeat::new();
+    let published = Arc::new(AtomicI64::new(0));
     let callback = Notifications {
         received: received.clone(),
         heard: heard.clone(),
+        published: published.clone(),
         ..callback.clone()
     };
     let id = session
@@ -1376,6 +1388,7 @@ async fn new_subscription(
         id,
         received,
         heard,
+        published,
         keep_alive_period,
     })
 }
@@ -1702,26 +1715,29 @@ mod tests {
     }
 
     #[test]
-    fn held_values_repeat_once_per_interval_and_bad_points_do_not() {
-        // Checked every 100 ms: due at the check nearest one interval.
-        let tick = Duration::from_millis(100);
-        let mut hold = Hold::new(10, 2, Duration::from_millis(100), tick);
+    fn held_values_repeat_once_per_interval_up_to_the_confirmed_time() {
+        let mut hold = Hold::new(10, 2, Duration::from_millis(100));
         let value = guantong_proto::v1::point::Value::Double(1.5);
         let good = Sample::good(10, 500, value.clone());
         let bad = Sample::bad(11, 500, quality::OPCUA_CONNECTION_LOST);
+        // Published at 1000: held from then.
         hold.delivered(&[good, bad], 1_000);
-        assert!(hold.due(1_049).is_empty(), "not yet one interval");
-        let again = hold.due(1_099);
-        assert_eq!(again, vec![Sample::good(10, 1_099, value.clone())]);
-        assert!(hold.due(1_140).is_empty(), "once per interval");
-        assert_eq!(hold.due(1_198).len(), 1, "an early tick counts");
-        // A 1 s interval checked every second: every second, not every two.
-        let mut slow = Hold::new(10, 1, Duration::from_secs(1), Duration::from_secs(1));
-        slow.delivered(&[Sample::good(10, 0, value.clone())], 0);
-        assert_eq!(slow.due(999).len(), 1);
-        assert_eq!(slow.due(1_998).len(), 1);
+        assert!(hold.due(1_099).is_empty(), "not yet one interval");
+        assert_eq!(
+            hold.due(1_100),
+            vec![Sample::good(10, 1_100, value.clone())]
+        );
+        assert!(hold.due(1_150).is_empty(), "once per interval");
+        // A keep-alive confirms several intervals at once: one point each.
+        let times: Vec<i64> = hold.due(1_420).iter().map(|s| s.time_ms).collect();
+        assert_eq!(times, vec![1_200, 1_300, 1_400]);
         // A Bad point ends the hold.
-        hold.delivered(&[Sample::bad(10, 1_250, quality::STALLED)], 1_250);
+        hold.delivered(&[Sample::bad(10, 1_450, quality::STALLED)], 1_450);
         assert!(hold.due(5_000).is_empty());
+        // A source timestamp after the publish time: held from it.
+        hold.delivered(&[Sample::good(11, 2_000, value.clone())], 1_900);
+        assert_eq!(hold.due(2_050), vec![]);
+        assert_eq!(hold.due(2_100).len(), 1);
     }
+
 }
