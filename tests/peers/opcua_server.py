@@ -14,6 +14,8 @@ SecurityLevel, Aes256_Sha256_RsaPss SignAndEncrypt highest);
 with --user/--password only that user (no anonymous).
 --cert-host NAME: the server certificate names only that host (DNS), not
 127.0.0.1 or localhost, as a certificate made for another machine.
+--check-client-uri: refuse a client whose ApplicationUri is not the one in
+its certificate (BadCertificateUriInvalid), as strict servers do.
 Prints `ready <port>` once listening, `step <n>` every 100 steps.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from asyncua import Server, ua
 from asyncua.crypto import cert_gen
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.user_managers import UserManager
 from asyncua.server.users import User, UserRole
 from cryptography import x509
@@ -89,6 +92,7 @@ async def main():
     ap.add_argument("--password")
     ap.add_argument("--period", type=int, default=200)
     ap.add_argument("--cert-host")
+    ap.add_argument("--check-client-uri", action="store_true")
     args = ap.parse_args()
 
     server = Server(user_manager=OneUser(args.user, args.password) if args.user else None)
@@ -110,6 +114,9 @@ async def main():
             ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
         ]
     server.set_security_policy(policies)
+    if args.check_client_uri:
+        validator = CertificateValidator(CertificateValidatorOptions.BASIC_VALIDATION)
+        server.set_certificate_validator(validator.validate)
     server.set_security_IDs(["Username"] if args.user else ["Anonymous"])
 
     ns = await server.register_namespace(NAMESPACE)

@@ -381,14 +381,20 @@ impl AsyncuaServer {
         user: Option<(&str, &str)>,
         period_ms: u64,
     ) -> anyhow::Result<AsyncuaServer> {
-        AsyncuaServer::spawn(dir, secure, user, period_ms, None)
+        AsyncuaServer::spawn(dir, secure, user, period_ms, &[])
     }
 
     /// Secured, anonymous, its certificate naming only `host` (not
     /// 127.0.0.1, where it is reached): a certificate made for another
     /// machine.
     pub fn start_naming(dir: &Path, host: &str) -> anyhow::Result<AsyncuaServer> {
-        AsyncuaServer::spawn(dir, true, None, 200, Some(host))
+        AsyncuaServer::spawn(dir, true, None, 200, &["--cert-host", host])
+    }
+
+    /// Secured, anonymous, refusing a client whose ApplicationUri is not the
+    /// one in its certificate (BadCertificateUriInvalid).
+    pub fn start_checking_client_uri(dir: &Path) -> anyhow::Result<AsyncuaServer> {
+        AsyncuaServer::spawn(dir, true, None, 200, &["--check-client-uri"])
     }
 
     /// Its certificate (DER), once started secured.
@@ -401,7 +407,7 @@ impl AsyncuaServer {
         secure: bool,
         user: Option<(&str, &str)>,
         period_ms: u64,
-        cert_host: Option<&str>,
+        extra: &[&str],
     ) -> anyhow::Result<AsyncuaServer> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/opcua_server.py");
         let port = crate::mqtt::free_port()?;
@@ -423,9 +429,7 @@ impl AsyncuaServer {
         if let Some((u, p)) = user {
             cmd.args(["--user", u, "--password", p]);
         }
-        if let Some(host) = cert_host {
-            cmd.args(["--cert-host", host]);
-        }
+        cmd.args(extra);
         let child = cmd
             .stdout(out.try_clone()?)
             .stderr(out)

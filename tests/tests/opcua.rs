@@ -1212,6 +1212,43 @@ async fn probe_selects_by_index_names_unknown_nodes_and_presents_the_gateway_uri
         "{text}"
     );
     server.stop().await;
+
+    // A server that checks the ApplicationUri against the certificate
+    // (python asyncua, strict): the probe with the gateway's PKI passes.
+    let strict = AsyncuaServer::start_checking_client_uri(dir.path()).expect("asyncua server");
+    let url = strict.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(binary("guantong-gateway").expect("binary"))
+            .args(["probe", "opcua", "--url", &url])
+            .args([
+                "--security-policy",
+                "basic256sha256",
+                "--security-mode",
+                "sign",
+            ])
+            .args(["--trust-on-first-use", "--depth", "1", "--pki-dir"])
+            .arg(&pki)
+            .args([
+                "--select",
+                &format!("nsu={ASYNCUA_NAMESPACE};s=Static.Double"),
+            ])
+            // Another device: trust on first use is per device id.
+            .args(["--device-id", "strict"])
+            .output()
+            .expect("probe runs")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("s=Static.Double"),
+        "a server checking the ApplicationUri accepts the probe: {text}\n{}",
+        strict.log()
+    );
 }
 
 fn epoch_ms() -> i64 {
@@ -1280,9 +1317,7 @@ node = "nsu={NAMESPACE};s=Temperature"
     // "last value" too.
     proxy.set(ProxyMode::Reset);
     let gap = s
-        .wait_point("oven", "temperature", |p| {
-            p["quality_code"] == 0x0005_0001
-        })
+        .wait_point("oven", "temperature", |p| p["quality_code"] == 0x0005_0001)
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.set(ProxyMode::Pass);
@@ -1343,9 +1378,7 @@ type = "uint"
     }
     let s = Setup::start(dir, &devices).await.expect("setup");
     for id in ["best", "pss_sign"] {
-        let first = s
-            .wait_point(id, "counter", |p| p["value"].is_u64())
-            .await["value"]
+        let first = s.wait_point(id, "counter", |p| p["value"].is_u64()).await["value"]
             .as_u64()
             .expect("n");
         s.wait_point(id, "counter", |p| {
@@ -1382,12 +1415,11 @@ type = "uint"
 async fn a_trusted_certificate_naming_another_host_connects_where_accepted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = AsyncuaServer::start_naming(dir.path(), "vm").expect("asyncua server");
-    let thumb = async_opcua::crypto::CertificateStore::read_cert(&AsyncuaServer::certificate(
-        dir.path(),
-    ))
-    .expect("server certificate")
-    .thumbprint()
-    .as_hex_string();
+    let thumb =
+        async_opcua::crypto::CertificateStore::read_cert(&AsyncuaServer::certificate(dir.path()))
+            .expect("server certificate")
+            .thumbprint()
+            .as_hex_string();
     let mut devices = String::new();
     for (id, extra) in [
         ("lenient", "accept_host_name_mismatch = true\n"),
@@ -1419,9 +1451,8 @@ node = "nsu={ASYNCUA_NAMESPACE};s=Static.Double"
     // BadCertificateUntrusted, or BadSecurityChecksFailed once the
     // certificate is in rejected/ (the start-up identification put it there).
     assert!(
-        [0x801A_0000u32, 0x8013_0000].contains(
-            &(untrusted["quality_code"].as_u64().unwrap_or_default() as u32)
-        ),
+        [0x801A_0000u32, 0x8013_0000]
+            .contains(&(untrusted["quality_code"].as_u64().unwrap_or_default() as u32)),
         "{untrusted}"
     );
     wait_for("the trust advice", WAIT, || async {
@@ -1452,7 +1483,8 @@ node = "nsu={ASYNCUA_NAMESPACE};s=Static.Double"
         "the accepted mismatch is warned about\n{logs}"
     );
     assert!(
-        logs.contains("names vm") && logs.contains("`accept_host_name_mismatch = true` for device strict"),
+        logs.contains("names vm")
+            && logs.contains("`accept_host_name_mismatch = true` for device strict"),
         "the refusal names the certificate's host and the option\n{logs}"
     );
     assert!(

@@ -385,10 +385,11 @@ pub(crate) fn parse(
             at("security_mode"),
             "policy `none` neither signs nor encrypts; expected `none` (or choose a policy)",
         ),
-        (P::Basic256sha256 | P::Aes128Sha256RsaOaep | P::Aes256Sha256RsaPss, M::None) => problems.push(
-            at("security_mode"),
-            "a secured policy needs `sign` or `sign_and_encrypt`",
-        ),
+        (P::Basic256sha256 | P::Aes128Sha256RsaOaep | P::Aes256Sha256RsaPss, M::None) => problems
+            .push(
+                at("security_mode"),
+                "a secured policy needs `sign` or `sign_and_encrypt`",
+            ),
         _ => {}
     }
     if device.password.is_some() != device.username.is_some() {

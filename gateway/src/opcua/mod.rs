@@ -1739,5 +1739,4 @@ mod tests {
         assert_eq!(hold.due(2_050), vec![]);
         assert_eq!(hold.due(2_100).len(), 1);
     }
-
 }
