@@ -801,7 +801,8 @@ struct Notifications {
     received: Arc<AtomicU32>,
     /// Beaten by every publish response of the subscription.
     heard: Heartbeat,
-    /// The publish time (ms, server clock) of its latest publish response.
+    /// The publish time (ms, server clock) of its latest publish response
+    /// the collector task has taken (see `Delivered::published`).
     published: Arc<AtomicI64>,
     /// Republished notifications: values from before the gap, stored with
     /// their own timestamps (see `AfterGap`).
@@ -827,10 +828,16 @@ impl Notifications {
         } else {
             notification.publish_time.as_chrono().timestamp_millis()
         };
-        if !self.republished {
-            self.published.fetch_max(published_ms, Ordering::Relaxed);
-        }
         let Some(data) = notification.notification_data else {
+            // A keep-alive confirms the held values too, in its turn.
+            if !self.republished {
+                let _ = self.tx.send(Delivered {
+                    samples: Vec::new(),
+                    republished: false,
+                    published: self.published.clone(),
+                    published_ms,
+                });
+            }
             return;
         };
         self.received
@@ -854,10 +861,11 @@ impl Notifications {
                 samples.push(c.sample(item.value));
             }
         }
-        if !samples.is_empty() {
+        if !samples.is_empty() || !self.republished {
             let _ = self.tx.send(Delivered {
                 samples,
                 republished: self.republished,
+                published: self.published.clone(),
                 published_ms,
             });
         }
@@ -875,6 +883,11 @@ struct Across {
 struct Delivered {
     samples: Vec<Sample>,
     republished: bool,
+    /// The subscription's confirmed publish time, advanced to
+    /// `published_ms` by the collector task once it has taken these
+    /// samples: in channel order, so a held value is never confirmed past
+    /// a change the task has not seen yet.
+    published: Arc<AtomicI64>,
     /// The publish response's publish time (ms, server clock).
     published_ms: i64,
 }
@@ -1118,6 +1131,10 @@ async fn subscribe_and_forward(
                 if !batch.republished {
                     order.restamp(&mut batch.samples);
                     hold.delivered(&batch.samples, batch.published_ms);
+                    batch.published.fetch_max(batch.published_ms, Ordering::Relaxed);
+                }
+                if batch.samples.is_empty() {
+                    continue;
                 }
                 if !sink.send(batch.samples).await {
                     return Ok(SessionEnd::Stopped);
