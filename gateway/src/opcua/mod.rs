@@ -24,7 +24,17 @@
 //!   point of each tag is its first value after the reconnect, which a new
 //!   monitored item always sends, or values the server queued meanwhile
 //!   when the subscription was transferred). A connect that fails before
-//!   any session marks the tags Bad once with the failure's status code.
+//!   any session marks the tags Bad with the failure's status code, once
+//!   per reason (a new code, e.g. after `opcua trust`, is a new point). A
+//!   failure over certificates is one log line saying which side must trust
+//!   which certificate (`refusal`); async-opcua's own lines are off
+//!   (`log_filter`).
+//! - Values that do not change are repeated once per publishing interval,
+//!   up to the publish time the server's responses confirmed (`Hold`), so
+//!   ingest counts a constant tag alive.
+//! - Certificates: trust is the stack's (trusted/, rejected/); with
+//!   `accept_host_name_mismatch` the stack's further checks are off and
+//!   `check_server_certificate` does them but the host name.
 //! - Watchdog: the stack reads the server state every `keep_alive_interval`
 //!   and closes the session after `keep_alive_failures` failures. That Read
 //!   proves the session, never a subscription: each subscription has its own
