@@ -440,6 +440,8 @@ async fn signal_shutdown(shutdown: CancellationToken) {
 
 fn init_tracing() {
     let filter = guantong_gateway::modbus::log_filter(std::env::var("GUANTONG_LOG").ok());
+    #[cfg(feature = "opcua")]
+    let filter = guantong_gateway::opcua::log_filter(filter);
     let filter: Targets = filter.parse().unwrap_or_else(|e| {
         eprintln!("GUANTONG_LOG: {e}; logging at info");
         Targets::new().with_default(tracing::Level::INFO)

@@ -8,8 +8,14 @@ Namespace `urn:guantong:asyncua`, folder `Plant`:
   Static.UInt64Max (18446744073709551615);
   changing nodes, one step every --period ms from 1: Sim.Counter (UInt32 n),
   Sim.Half (Double n / 2), Sim.Text (String "n=<n>").
-Endpoints: None, and with --secure Basic256Sha256 Sign and SignAndEncrypt;
+Endpoints: None, and with --secure Sign and SignAndEncrypt of Basic256Sha256,
+Aes128_Sha256_RsaOaep and Aes256_Sha256_RsaPss (asyncua rates them by its
+SecurityLevel, Aes256_Sha256_RsaPss SignAndEncrypt highest);
 with --user/--password only that user (no anonymous).
+--cert-host NAME: the server certificate names only that host (DNS), not
+127.0.0.1 or localhost, as a certificate made for another machine.
+--check-client-uri: refuse a client whose ApplicationUri is not the one in
+its certificate (BadCertificateUriInvalid), as strict servers do.
 Prints `ready <port>` once listening, `step <n>` every 100 steps.
 """
 
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from asyncua import Server, ua
 from asyncua.crypto import cert_gen
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.user_managers import UserManager
 from asyncua.server.users import User, UserRole
 from cryptography import x509
@@ -52,18 +59,18 @@ class OneUser(UserManager):
         return None
 
 
-def own_certificate(pki: Path):
-    """A certificate naming 127.0.0.1 and localhost, made once."""
+def own_certificate(pki: Path, host):
+    """A certificate naming 127.0.0.1 and localhost (or only `host`), made once."""
     pki.mkdir(parents=True, exist_ok=True)
     key_file, cert_file = pki / "key.pem", pki / "cert.der"
     if not cert_file.exists():
         key = cert_gen.generate_private_key()
         key_file.write_bytes(cert_gen.dump_private_key_as_pem(key))
-        names = [
-            x509.UniformResourceIdentifier(APP_URI),
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
+        names = [x509.UniformResourceIdentifier(APP_URI)]
+        if host:
+            names.append(x509.DNSName(host))
+        else:
+            names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         cert = cert_gen.generate_self_signed_app_certificate(
             key,
             "Guantong asyncua test server",
@@ -84,6 +91,8 @@ async def main():
     ap.add_argument("--user")
     ap.add_argument("--password")
     ap.add_argument("--period", type=int, default=200)
+    ap.add_argument("--cert-host")
+    ap.add_argument("--check-client-uri", action="store_true")
     args = ap.parse_args()
 
     server = Server(user_manager=OneUser(args.user, args.password) if args.user else None)
@@ -93,14 +102,21 @@ async def main():
     await server.set_application_uri(APP_URI)
     policies = [ua.SecurityPolicyType.NoSecurity]
     if args.secure:
-        key_file, cert_file = own_certificate(Path(args.pki))
+        key_file, cert_file = own_certificate(Path(args.pki), args.cert_host)
         await server.load_certificate(str(cert_file))
         await server.load_private_key(str(key_file))
         policies += [
             ua.SecurityPolicyType.Basic256Sha256_Sign,
             ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+            ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+            ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+            ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+            ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
         ]
     server.set_security_policy(policies)
+    if args.check_client_uri:
+        validator = CertificateValidator(CertificateValidatorOptions.BASIC_VALIDATION)
+        server.set_certificate_validator(validator.validate)
     server.set_security_IDs(["Username"] if args.user else ["Anonymous"])
 
     ns = await server.register_namespace(NAMESPACE)

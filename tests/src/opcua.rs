@@ -371,14 +371,43 @@ pub struct AsyncuaServer {
 pub const ASYNCUA_NAMESPACE: &str = "urn:guantong:asyncua";
 
 impl AsyncuaServer {
-    /// `secure`: Basic256Sha256 Sign and SignAndEncrypt endpoints too (its
-    /// certificate under `dir`); `user`: (name, password), the only identity
+    /// `secure`: Sign and SignAndEncrypt endpoints of Basic256Sha256,
+    /// Aes128_Sha256_RsaOaep and Aes256_Sha256_RsaPss too (its certificate
+    /// under `dir`); `user`: (name, password), the only identity
     /// it accepts.
     pub fn start(
         dir: &Path,
         secure: bool,
         user: Option<(&str, &str)>,
         period_ms: u64,
+    ) -> anyhow::Result<AsyncuaServer> {
+        AsyncuaServer::spawn(dir, secure, user, period_ms, &[])
+    }
+
+    /// Secured, anonymous, its certificate naming only `host` (not
+    /// 127.0.0.1, where it is reached): a certificate made for another
+    /// machine.
+    pub fn start_naming(dir: &Path, host: &str) -> anyhow::Result<AsyncuaServer> {
+        AsyncuaServer::spawn(dir, true, None, 200, &["--cert-host", host])
+    }
+
+    /// Secured, anonymous, refusing a client whose ApplicationUri is not the
+    /// one in its certificate (BadCertificateUriInvalid).
+    pub fn start_checking_client_uri(dir: &Path) -> anyhow::Result<AsyncuaServer> {
+        AsyncuaServer::spawn(dir, true, None, 200, &["--check-client-uri"])
+    }
+
+    /// Its certificate (DER), once started secured.
+    pub fn certificate(dir: &Path) -> PathBuf {
+        dir.join("asyncua-pki/cert.der")
+    }
+
+    fn spawn(
+        dir: &Path,
+        secure: bool,
+        user: Option<(&str, &str)>,
+        period_ms: u64,
+        extra: &[&str],
     ) -> anyhow::Result<AsyncuaServer> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/opcua_server.py");
         let port = crate::mqtt::free_port()?;
@@ -400,6 +429,7 @@ impl AsyncuaServer {
         if let Some((u, p)) = user {
             cmd.args(["--user", u, "--password", p]);
         }
+        cmd.args(extra);
         let child = cmd
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -171,12 +171,14 @@ max_backoff = "1s"
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     s.wait_point("press", "counter", |p| p["value"] == 20).await;
-    let got: Vec<u64> = s
+    let mut got: Vec<u64> = s
         .points("press", "counter")
         .await
         .iter()
         .filter_map(|p| p["value"].as_u64())
         .collect();
+    // A value held for a publishing interval is repeated (`repeat_unchanged`).
+    got.dedup();
     assert_eq!(
         got,
         (0..=20).collect::<Vec<u64>>(),
@@ -462,6 +464,7 @@ protocol = "opcua"
 url = "{}"
 security_policy = "none"
 publishing_interval = "200ms"
+repeat_unchanged = false
 "#,
         server.url()
     );
@@ -1131,7 +1134,7 @@ async fn consecutive_steps(s: &Setup, after_ms: i64, more: u64) -> Vec<u64> {
         p["value"].as_u64().is_some_and(|n| n >= first + more)
     })
     .await;
-    let steps: Vec<u64> = s
+    let mut steps: Vec<u64> = s
         .points("line", "counter")
         .await
         .iter()
@@ -1139,6 +1142,8 @@ async fn consecutive_steps(s: &Setup, after_ms: i64, more: u64) -> Vec<u64> {
         .filter_map(|p| p["value"].as_u64())
         .filter(|n| *n >= first)
         .collect();
+    // A value held for a publishing interval is repeated (`repeat_unchanged`).
+    steps.dedup();
     let last = *steps.last().expect("values");
     assert_eq!(
         steps,
@@ -1207,4 +1212,284 @@ async fn probe_selects_by_index_names_unknown_nodes_and_presents_the_gateway_uri
         "{text}"
     );
     server.stop().await;
+
+    // A server that checks the ApplicationUri against the certificate
+    // (python asyncua, strict): the probe with the gateway's PKI passes.
+    let strict = AsyncuaServer::start_checking_client_uri(dir.path()).expect("asyncua server");
+    let url = strict.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(binary("guantong-gateway").expect("binary"))
+            .args(["probe", "opcua", "--url", &url])
+            .args([
+                "--security-policy",
+                "basic256sha256",
+                "--security-mode",
+                "sign",
+            ])
+            .args(["--trust-on-first-use", "--depth", "1", "--pki-dir"])
+            .arg(&pki)
+            .args([
+                "--select",
+                &format!("nsu={ASYNCUA_NAMESPACE};s=Static.Double"),
+            ])
+            // Another device: trust on first use is per device id.
+            .args(["--device-id", "strict"])
+            .output()
+            .expect("probe runs")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("s=Static.Double"),
+        "a server checking the ApplicationUri accepts the probe: {text}\n{}",
+        strict.log()
+    );
+}
+
+fn epoch_ms() -> i64 {
+    DateTime::now().as_chrono().timestamp_millis()
+}
+
+/// A node that never changes is alive at ingest, not missing: while its
+/// subscription lives its value is repeated once per publishing interval,
+/// so its completeness is near 100 %. After a session loss its last value
+/// at ingest is Good again, although the value the new session delivers
+/// carries a source timestamp older than the gap's Bad point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_node_counts_as_alive_and_is_good_again_after_a_session_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = plain_server(dir.path()).await;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", server.port).parse().expect("addr"))
+        .await
+        .expect("proxy");
+    let devices = format!(
+        r#"
+[[devices]]
+id = "oven"
+protocol = "opcua"
+url = "opc.tcp://{}/"
+security_policy = "none"
+publishing_interval = "200ms"
+keep_alive_interval = "500ms"
+request_timeout = "1s"
+max_backoff = "500ms"
+[[devices.tags]]
+name = "temperature"
+node = "nsu={NAMESPACE};s=Temperature"
+"#,
+        proxy.addr
+    );
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    s.wait_point("oven", "temperature", |p| p["value"] == 20.5)
+        .await;
+    let from = epoch_ms();
+    // The window's points are at ingest a commit and an upload later.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let summary = s
+        .ingest
+        .api()
+        .get(&format!("/api/v1/summary?from={from}&to={}", from + 4000))
+        .await
+        .expect("summary");
+    let window = &summary["gateways"][0]["devices"][0]["tags"][0]["window"];
+    assert_eq!(window["expected"], 20, "{window}");
+    let completeness = window["completeness"].as_f64().unwrap_or(0.0);
+    let times: Vec<i64> = s
+        .points("oven", "temperature")
+        .await
+        .iter()
+        .filter_map(|p| p["time_ms"].as_i64())
+        .filter(|t| *t >= from)
+        .map(|t| t - from)
+        .collect();
+    assert!(
+        completeness >= 0.9,
+        "a static node is alive, one point per 200 ms: {window}, at {times:?}\n{}",
+        s.logs()
+    );
+
+    // A cut (RST): the tag is Bad at the loss, then Good again, at ingest's
+    // "last value" too.
+    proxy.set(ProxyMode::Reset);
+    let gap = s
+        .wait_point("oven", "temperature", |p| p["quality_code"] == 0x0005_0001)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(ProxyMode::Pass);
+    let gap_ms = gap["time_ms"].as_i64().expect("time");
+    s.wait_point("oven", "temperature", |p| {
+        p["quality"] == "good" && p["time_ms"].as_i64() > Some(gap_ms)
+    })
+    .await;
+    let tag = s
+        .ingest
+        .api()
+        .tag(GW, "oven", "temperature")
+        .await
+        .expect("summary")
+        .expect("tag");
+    assert_eq!(
+        (&tag["last_quality"], &tag["last_value"]),
+        (&serde_json::json!("good"), &serde_json::json!(20.5)),
+        "{tag}\n{}",
+        s.logs()
+    );
+    server.stop().await;
+}
+
+/// `best` takes the endpoint the server rates most secure: against python
+/// asyncua, which offers Basic256Sha256, Aes128_Sha256_RsaOaep and
+/// Aes256_Sha256_RsaPss, that is Aes256_Sha256_RsaPss SignAndEncrypt; the
+/// policy can be chosen by name too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_takes_the_servers_highest_security_level_aes256_sha256_rsapss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = AsyncuaServer::start(dir.path(), true, None, 200).expect("asyncua server");
+    let mut devices = String::new();
+    for (id, extra) in [
+        ("best", ""),
+        (
+            "pss_sign",
+            "security_policy = \"aes256_sha256_rsapss\"\nsecurity_mode = \"sign\"\n",
+        ),
+    ] {
+        devices += &format!(
+            r#"
+[[devices]]
+id = "{id}"
+protocol = "opcua"
+url = "{url}"
+trust_on_first_use = true
+publishing_interval = "200ms"
+request_timeout = "5s"
+max_backoff = "1s"
+{extra}[[devices.tags]]
+name = "counter"
+node = "nsu={ASYNCUA_NAMESPACE};s=Sim.Counter"
+type = "uint"
+"#,
+            url = server.url()
+        );
+    }
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    for id in ["best", "pss_sign"] {
+        let first = s.wait_point(id, "counter", |p| p["value"].is_u64()).await["value"]
+            .as_u64()
+            .expect("n");
+        s.wait_point(id, "counter", |p| {
+            p["value"].as_u64().is_some_and(|n| n > first)
+        })
+        .await;
+    }
+    let logs = s.gateway.proc.logs();
+    let opened: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("opc ua session open"))
+        .collect();
+    assert!(
+        opened
+            .iter()
+            .any(|l| l.contains("device=best") && l.contains("Aes256-Sha256-RsaPss SignAndEncrypt")),
+        "best = the level-80 endpoint: {opened:?}"
+    );
+    assert!(
+        opened
+            .iter()
+            .any(|l| l.contains("device=pss_sign") && l.contains("Aes256-Sha256-RsaPss Sign ")),
+        "{opened:?}"
+    );
+    drop(server);
+}
+
+/// A trusted server whose certificate names another host (`DNS:vm`, reached
+/// as 127.0.0.1): the installer trusts it with `opcua trust`, then the
+/// device with `accept_host_name_mismatch` connects at its next attempt (no
+/// restart) with a warning, and the device without it stays Bad with the
+/// host name code and advice naming the option.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_certificate_naming_another_host_connects_where_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = AsyncuaServer::start_naming(dir.path(), "vm").expect("asyncua server");
+    let thumb =
+        async_opcua::crypto::CertificateStore::read_cert(&AsyncuaServer::certificate(dir.path()))
+            .expect("server certificate")
+            .thumbprint()
+            .as_hex_string();
+    let mut devices = String::new();
+    for (id, extra) in [
+        ("lenient", "accept_host_name_mismatch = true\n"),
+        ("strict", ""),
+    ] {
+        devices += &format!(
+            r#"
+[[devices]]
+id = "{id}"
+protocol = "opcua"
+url = "{url}"
+security_policy = "basic256sha256"
+security_mode = "sign"
+publishing_interval = "200ms"
+request_timeout = "5s"
+max_backoff = "500ms"
+{extra}[[devices.tags]]
+name = "double"
+node = "nsu={ASYNCUA_NAMESPACE};s=Static.Double"
+"#,
+            url = server.url()
+        );
+    }
+    let s = Setup::start(dir, &devices).await.expect("setup");
+    // Untrusted at first: Bad, and one line saying what to run.
+    let untrusted = s
+        .wait_point("lenient", "double", |p| p["quality"] == "bad")
+        .await;
+    // BadCertificateUntrusted, or BadSecurityChecksFailed once the
+    // certificate is in rejected/ (the start-up identification put it there).
+    assert!(
+        [0x801A_0000u32, 0x8013_0000]
+            .contains(&(untrusted["quality_code"].as_u64().unwrap_or_default() as u32)),
+        "{untrusted}"
+    );
+    wait_for("the trust advice", WAIT, || async {
+        Ok(s.gateway
+            .proc
+            .logs()
+            .contains(&format!("opcua trust {thumb}"))
+            .then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+
+    let (ok, out) = s.cli(&["opcua", "trust", &thumb[..12]]);
+    assert!(ok, "{out}");
+    let good = s
+        .wait_point("lenient", "double", |p| p["quality"] == "good")
+        .await;
+    assert_eq!(good["value"], std::f64::consts::PI, "{good}");
+    // The reason changed: ingest shows the host name code now, not the
+    // earlier one.
+    let refused = s
+        .wait_point("strict", "double", |p| p["quality_code"] == 0x8016_0000u32)
+        .await;
+    assert_eq!(refused["quality"], "bad", "{refused}");
+    let logs = s.gateway.proc.logs();
+    assert!(
+        logs.contains("accepting a server certificate that does not name the host"),
+        "the accepted mismatch is warned about\n{logs}"
+    );
+    assert!(
+        logs.contains("names vm")
+            && logs.contains("`accept_host_name_mismatch = true` for device strict"),
+        "the refusal names the certificate's host and the option\n{logs}"
+    );
+    assert!(
+        !logs.contains("Transport disconnected") && !logs.contains(" ERROR "),
+        "no library noise\n{logs}"
+    );
+    drop(server);
 }

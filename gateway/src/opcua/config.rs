@@ -40,6 +40,12 @@ pub struct OpcUaConfig {
     /// certificate is rejected like any other. Off by default.
     #[serde(default)]
     pub trust_on_first_use: bool,
+    /// Connect to a trusted server whose certificate does not name the
+    /// URL's host (a certificate made for another name or address). Trust is
+    /// still required; the certificate's validity period and ApplicationUri
+    /// are still checked. Off by default; warned about when it is used.
+    #[serde(default)]
+    pub accept_host_name_mismatch: bool,
     /// This gateway's application URI (in its certificate's SAN); default
     /// `urn:guantong:gateway:<gateway id>`.
     #[serde(default)]
@@ -58,6 +64,11 @@ pub struct OpcUaConfig {
     /// Subscription mode: how often the server sends what changed.
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub publishing_interval: Duration,
+    /// Subscription mode: a tag whose value did not change for a
+    /// publishing interval gets that value again, stamped now (see
+    /// `Hold`), so ingest counts it alive; on by default.
+    #[serde(default = "default_true")]
+    pub repeat_unchanged: bool,
     /// Subscription mode: how often the server samples each node; 0s asks
     /// for the server's fastest rate (exception-based on many servers).
     #[serde(default, with = "humantime_serde")]
@@ -132,13 +143,16 @@ pub struct OpcUaTagConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SecurityPolicyChoice {
-    /// The most secure policy the server offers that this gateway supports.
+    /// The endpoint the server rates most secure (its SecurityLevel) among
+    /// the policies this gateway supports.
     #[default]
     Best,
     None,
     Basic256sha256,
     #[serde(rename = "aes128_sha256_rsaoaep")]
     Aes128Sha256RsaOaep,
+    #[serde(rename = "aes256_sha256_rsapss")]
+    Aes256Sha256RsaPss,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -322,6 +336,9 @@ impl ValueType {
 fn default_interval() -> Duration {
     Duration::from_secs(1)
 }
+fn default_true() -> bool {
+    true
+}
 fn default_keep_alive() -> Duration {
     Duration::from_secs(5)
 }
@@ -368,10 +385,11 @@ pub(crate) fn parse(
             at("security_mode"),
             "policy `none` neither signs nor encrypts; expected `none` (or choose a policy)",
         ),
-        (P::Basic256sha256 | P::Aes128Sha256RsaOaep, M::None) => problems.push(
-            at("security_mode"),
-            "a secured policy needs `sign` or `sign_and_encrypt`",
-        ),
+        (P::Basic256sha256 | P::Aes128Sha256RsaOaep | P::Aes256Sha256RsaPss, M::None) => problems
+            .push(
+                at("security_mode"),
+                "a secured policy needs `sign` or `sign_and_encrypt`",
+            ),
         _ => {}
     }
     if device.password.is_some() != device.username.is_some() {

@@ -24,7 +24,17 @@
 //!   point of each tag is its first value after the reconnect, which a new
 //!   monitored item always sends, or values the server queued meanwhile
 //!   when the subscription was transferred). A connect that fails before
-//!   any session marks the tags Bad once with the failure's status code.
+//!   any session marks the tags Bad with the failure's status code, once
+//!   per reason (a new code, e.g. after `opcua trust`, is a new point). A
+//!   failure over certificates is one log line saying which side must trust
+//!   which certificate (`refusal`); async-opcua's own lines are off
+//!   (`log_filter`).
+//! - Values that do not change are repeated once per publishing interval,
+//!   up to the publish time the server's responses confirmed (`Hold`), so
+//!   ingest counts a constant tag alive.
+//! - Certificates: trust is the stack's (trusted/, rejected/); with
+//!   `accept_host_name_mismatch` the stack's further checks are off and
+//!   `check_server_certificate` does them but the host name.
 //! - Watchdog: the stack reads the server state every `keep_alive_interval`
 //!   and closes the session after `keep_alive_failures` failures. That Read
 //!   proves the session, never a subscription: each subscription has its own
@@ -61,7 +71,7 @@ pub mod pki;
 pub mod probe;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_opcua::client::services::CreateMonitoredItems;
@@ -111,6 +121,9 @@ pub enum OpcUaError {
     },
     #[error("{0}")]
     Pki(#[from] pki::PkiError),
+    /// Refused over certificates: `advice` says what the installer does.
+    #[error("{status}: {advice}")]
+    Refused { status: StatusCode, advice: String },
 }
 
 impl OpcUaError {
@@ -124,7 +137,11 @@ impl OpcUaError {
     /// The code a tag gets while this error keeps the device unreachable.
     fn quality_code(&self) -> u32 {
         match self {
-            OpcUaError::Status { status, .. } if status.is_bad() => status.bits(),
+            OpcUaError::Status { status, .. } | OpcUaError::Refused { status, .. }
+                if status.is_bad() =>
+            {
+                status.bits()
+            }
             _ => quality::CONNECT_FAILED,
         }
     }
@@ -162,8 +179,11 @@ impl Collector for OpcUaCollector {
             }
         };
         let mut backoff = FIRST_BACKOFF;
-        // Whether the tags' last points are values (so a loss must be written).
-        let mut marked_down = false;
+        // The code of the Bad point the tags last got, while they are down:
+        // the next one is written only when the reason changes (after
+        // `opcua trust`, an untrusted server may turn out to be refused for
+        // its host name, say), so ingest shows the current reason.
+        let mut marked_down: Option<u32> = None;
         let mut across = Across {
             carried: None,
             order: AfterGap::new(self.first_tag, self.config.tags.len()),
@@ -198,10 +218,10 @@ impl Collector for OpcUaCollector {
                 }
             };
             if connected {
-                marked_down = false;
+                marked_down = None;
                 backoff = FIRST_BACKOFF;
             }
-            if !marked_down {
+            if marked_down != Some(code) {
                 let now = now_ms();
                 let bad = (0..self.config.tags.len() as u32)
                     .map(|i| Sample::bad(self.first_tag + i, now, code))
@@ -210,7 +230,7 @@ impl Collector for OpcUaCollector {
                     return;
                 }
                 across.order.gap_at(now);
-                marked_down = true;
+                marked_down = Some(code);
             }
             // A session that lived a while reconnects at once (after the
             // first backoff step); repeated failures back off.
@@ -247,6 +267,19 @@ enum LoopEvent {
     Ended(StatusCode),
 }
 
+/// The log filter with async-opcua's crates off unless the filter names one
+/// (`GUANTONG_LOG=info,opcua_client=debug`). The library logs each failed
+/// connect as several lines, two of them ERROR, and `Transport disconnected:
+/// Good` at a normal close; the collector logs one line per event instead,
+/// with what the installer does about it.
+pub fn log_filter(filter: String) -> String {
+    if filter.contains("opcua_") {
+        filter
+    } else {
+        format!("{filter},opcua_client=off,opcua_core=off,opcua_crypto=off,opcua_types=off")
+    }
+}
+
 pub(crate) fn build_client(config: &OpcUaConfig) -> Result<Client, OpcUaError> {
     let uri = config
         .application_uri
@@ -266,7 +299,9 @@ pub(crate) fn build_client(config: &OpcUaConfig) -> Result<Client, OpcUaError> {
         .private_key_path("private/private.pem")
         .create_sample_keypair(false)
         .trust_server_certs(false)
-        .verify_server_certs(true)
+        // Skipping the stack's checks of a trusted certificate skips its
+        // host name check; `Connection::open` then checks the rest itself.
+        .verify_server_certs(!config.accept_host_name_mismatch)
         .session_retry_limit(0)
         .recreate_subscriptions(false)
         .keep_alive_interval(config.keep_alive_interval)
@@ -307,15 +342,19 @@ fn token_type(t: &IdentityToken) -> UserTokenType {
     }
 }
 
-/// Policies this gateway uses, weakest first.
-const POLICIES: [SecurityPolicy; 3] = [
+/// Policies this gateway uses, weakest first (the order breaks ties of the
+/// server's SecurityLevel).
+const POLICIES: [SecurityPolicy; 4] = [
     SecurityPolicy::None,
     SecurityPolicy::Basic256Sha256,
     SecurityPolicy::Aes128Sha256RsaOaep,
+    SecurityPolicy::Aes256Sha256RsaPss,
 ];
 
-/// The endpoint to use: the configured policy and mode (or the most secure
-/// the server offers), with the user token type needed.
+/// The endpoint to use: the configured policy and mode, with the user token
+/// type needed; among those, the one the server rates most secure (its
+/// SecurityLevel, which the server sets for its own endpoints), then
+/// SignAndEncrypt over Sign, then the stronger policy.
 pub fn select_endpoint(
     endpoints: &[EndpointDescription],
     policy: SecurityPolicyChoice,
@@ -329,6 +368,7 @@ pub fn select_endpoint(
             SecurityPolicyChoice::None => p == SecurityPolicy::None,
             SecurityPolicyChoice::Basic256sha256 => p == SecurityPolicy::Basic256Sha256,
             SecurityPolicyChoice::Aes128Sha256RsaOaep => p == SecurityPolicy::Aes128Sha256RsaOaep,
+            SecurityPolicyChoice::Aes256Sha256RsaPss => p == SecurityPolicy::Aes256Sha256RsaPss,
         }
     };
     let mode_ok = |e: &EndpointDescription| match mode {
@@ -353,7 +393,7 @@ pub fn select_endpoint(
             MessageSecurityMode::Sign => 1,
             _ => 0,
         };
-        (mode_rank, policy_rank, e.security_level)
+        (e.security_level, mode_rank, policy_rank)
     };
     endpoints
         .iter()
@@ -458,6 +498,12 @@ impl Connection {
         {
             warn!(device = %config.id, %thumbprint, "trusted the server's certificate on first use");
         }
+        if secured
+            && config.accept_host_name_mismatch
+            && let Some(cert) = &server_cert
+        {
+            check_server_certificate(config, &endpoint, cert)?;
+        }
         debug!(device = %config.id, endpoint = %describe_endpoint(&endpoint), "opc ua endpoint chosen");
         let (session, event_loop) = client
             .session_builder()
@@ -492,33 +538,9 @@ impl Connection {
             let _ = tx.send(LoopEvent::Ended(StatusCode::BadConnectionClosed));
         });
         let first = tokio::time::timeout(config.request_timeout * 3, events.recv()).await;
-        let fail = |status: StatusCode| {
-            if (status == StatusCode::BadCertificateUntrusted
-                || status == StatusCode::BadSecurityChecksFailed)
-                && let Some(cert) = &server_cert
-            {
-                let thumbprint = pki::thumbprint(cert);
-                let trusted_here = pki::list(config.pki_dir(), "trusted")
-                    .iter()
-                    .any(|c| c.thumbprint == thumbprint);
-                // The gateway trusts the server: the refusal is the server's.
-                if trusted_here {
-                    warn!(
-                        device = %config.id,
-                        %status,
-                        copy = %pki::own_cert_path(config.pki_dir()).display(),
-                        "the server refused the gateway's certificate: copy this file into the server's trusted certificates (or accept it in the server's rejected list)"
-                    );
-                } else {
-                    warn!(
-                        device = %config.id,
-                        %thumbprint,
-                        rejected = %config.pki_dir().join("rejected").display(),
-                        "the server's certificate is not trusted; after checking it, run `guantong-gateway opcua trust THUMBPRINT`"
-                    );
-                }
-            }
-            OpcUaError::status("connect", status)
+        let fail = |status: StatusCode| match &server_cert {
+            Some(cert) if secured => refusal(config, status, cert),
+            _ => OpcUaError::status("connect", status),
         };
         match first {
             Ok(Some(LoopEvent::Connected)) => Ok(Connection {
@@ -558,6 +580,88 @@ impl Connection {
         .await;
         self.event_task.abort();
     }
+}
+
+/// With `accept_host_name_mismatch` the stack skips its checks of a trusted
+/// server certificate: the validity period and the ApplicationUri are checked
+/// here, and only the host name may differ (logged when it does).
+fn check_server_certificate(
+    config: &OpcUaConfig,
+    endpoint: &EndpointDescription,
+    cert: &X509,
+) -> Result<(), OpcUaError> {
+    let refused = |e: async_opcua::types::Error| OpcUaError::Refused {
+        status: e.status(),
+        advice: format!("the server's certificate: {e}"),
+    };
+    cert.is_time_valid(&async_opcua::types::DateTime::now().as_chrono())
+        .map_err(refused)?;
+    cert.is_application_uri_valid(endpoint.server.application_uri.as_ref())
+        .map_err(refused)?;
+    let host = url_host(endpoint.endpoint_url.as_ref());
+    if cert.is_hostname_valid(&host).is_err() {
+        warn!(device = %config.id, %host, names = %pki::host_names(cert).join(", "),
+            "accepting a server certificate that does not name the host connected to (accept_host_name_mismatch = true)");
+    }
+    Ok(())
+}
+
+/// The host of an `opc.tcp://` URL (empty when there is none).
+fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.to_string()
+}
+
+/// A connect refused over certificates, as one error that says which side
+/// must trust which certificate and the file to copy or the command to run.
+/// Whose refusal it is shows in the gateway's PKI: the stack puts a server
+/// certificate it refuses into `rejected/` (an unknown one, answered
+/// BadCertificateUntrusted, or one already there, BadSecurityChecksFailed);
+/// a refusal while the server's certificate is not there is the server's,
+/// which checks the gateway's certificate first.
+fn refusal(config: &OpcUaConfig, status: StatusCode, cert: &X509) -> OpcUaError {
+    let pki = config.pki_dir();
+    let thumbprint = pki::thumbprint(cert);
+    let listed = |dir: &str| {
+        pki::list(pki, dir)
+            .into_iter()
+            .find(|c| c.thumbprint == thumbprint)
+    };
+    let advice = if status == StatusCode::BadCertificateHostNameInvalid {
+        format!(
+            "the server's certificate does not name the host of `url` ({}); it names {}: use one of those in `url`, or set `accept_host_name_mismatch = true` for device {}",
+            url_host(&config.url),
+            pki::host_names(cert).join(", "),
+            config.id
+        )
+    } else if status != StatusCode::BadCertificateUntrusted
+        && status != StatusCode::BadSecurityChecksFailed
+    {
+        return OpcUaError::status("connect", status);
+    } else if let Some(rejected) = listed("rejected") {
+        format!(
+            "the gateway does not trust the server's certificate {} ({}): after checking it, run `guantong-gateway opcua trust {}`",
+            thumbprint,
+            rejected.path.display(),
+            thumbprint
+        )
+    } else {
+        let then = if listed("trusted").is_some() {
+            ""
+        } else {
+            "; the gateway will then ask to trust the server's certificate too"
+        };
+        format!(
+            "the server refused the gateway's certificate: copy {} into the server's trusted certificates (or accept it in the server's rejected list){then}",
+            pki::own_cert_path(pki).display()
+        )
+    };
+    OpcUaError::Refused { status, advice }
 }
 
 /// Reads one scalar Value attribute of each node.
@@ -707,6 +811,9 @@ struct Notifications {
     received: Arc<AtomicU32>,
     /// Beaten by every publish response of the subscription.
     heard: Heartbeat,
+    /// The publish time (ms, server clock) of its latest publish response
+    /// the collector task has taken (see `Delivered::published`).
+    published: Arc<AtomicI64>,
     /// Republished notifications: values from before the gap, stored with
     /// their own timestamps (see `AfterGap`).
     republished: bool,
@@ -725,7 +832,22 @@ impl OnSubscriptionNotificationCore for Notifications {
 impl Notifications {
     fn forward(&self, notification: NotificationMessage) {
         self.heard.beat();
+        // A server without a clock (null time): the arrival confirms.
+        let published_ms = if notification.publish_time.is_null() {
+            now_ms()
+        } else {
+            notification.publish_time.as_chrono().timestamp_millis()
+        };
         let Some(data) = notification.notification_data else {
+            // A keep-alive confirms the held values too, in its turn.
+            if !self.republished {
+                let _ = self.tx.send(Delivered {
+                    samples: Vec::new(),
+                    republished: false,
+                    published: self.published.clone(),
+                    published_ms,
+                });
+            }
             return;
         };
         self.received
@@ -749,10 +871,12 @@ impl Notifications {
                 samples.push(c.sample(item.value));
             }
         }
-        if !samples.is_empty() {
+        if !samples.is_empty() || !self.republished {
             let _ = self.tx.send(Delivered {
                 samples,
                 republished: self.republished,
+                published: self.published.clone(),
+                published_ms,
             });
         }
     }
@@ -769,6 +893,13 @@ struct Across {
 struct Delivered {
     samples: Vec<Sample>,
     republished: bool,
+    /// The subscription's confirmed publish time, advanced to
+    /// `published_ms` by the collector task once it has taken these
+    /// samples: in channel order, so a held value is never confirmed past
+    /// a change the task has not seen yet.
+    published: Arc<AtomicI64>,
+    /// The publish response's publish time (ms, server clock).
+    published_ms: i64,
 }
 
 /// Keeps each tag's points in time order across a gap the gateway stamped.
@@ -813,6 +944,64 @@ impl AfterGap {
                 s.time_ms = now_ms().max(gap + 1);
             }
         }
+    }
+}
+
+/// Subscription mode: a value that does not change is still the tag's value.
+///
+/// A server sends an item only when it changes, so a tag whose value holds
+/// (a setpoint, a name plate) would get one point per session while ingest
+/// expects one per declared interval (`publishing_interval`) and would
+/// count it missing. Every publish response (data or keep-alive) tells, as
+/// of its publish time (the server's clock, the clock of the source
+/// timestamps), that what it did not carry did not change. So a tag whose
+/// latest point is Good or Uncertain gets that value again at each
+/// publishing interval after it, up to the publish time every subscription
+/// of the session has reached: the value held then, one point per interval,
+/// as in poll mode, and never a point stamped after a change the server has
+/// not sent yet. A fully static subscription is confirmed by its keep-alive
+/// (every 10 intervals), so its repeats arrive in tens. A Bad point is not
+/// repeated (a gap stays a gap), a silent subscription confirms nothing, and
+/// a new session starts with nothing held until each item's first
+/// notification.
+struct Hold {
+    first_tag: u32,
+    interval_ms: i64,
+    /// Per tag: the latest point and the time it holds from.
+    last: Vec<Option<(Sample, i64)>>,
+}
+
+impl Hold {
+    fn new(first_tag: u32, tags: usize, interval: Duration) -> Hold {
+        Hold {
+            first_tag,
+            interval_ms: interval.as_millis().max(1) as i64,
+            last: vec![None; tags],
+        }
+    }
+
+    /// Records points of a publish response sent at `published_ms`.
+    fn delivered(&mut self, samples: &[Sample], published_ms: i64) {
+        for s in samples {
+            if let Some(slot) = self.last.get_mut((s.tag - self.first_tag) as usize) {
+                *slot = (s.quality != guantong_proto::v1::Quality::Bad)
+                    .then(|| (s.clone(), published_ms.max(s.time_ms)));
+            }
+        }
+    }
+
+    /// The held values due up to `confirmed_ms`, one per interval per tag.
+    fn due(&mut self, confirmed_ms: i64) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for (sample, from) in self.last.iter_mut().flatten() {
+            while *from + self.interval_ms <= confirmed_ms {
+                *from += self.interval_ms;
+                sample.time_ms = *from;
+                sample.server_time_ms = None;
+                out.push(sample.clone());
+            }
+        }
+        out
     }
 }
 
@@ -864,6 +1053,7 @@ pub(crate) struct Tracked {
     id: u32,
     received: Arc<AtomicU32>,
     heard: Heartbeat,
+    published: Arc<AtomicI64>,
     /// Publishing interval × keep-alive count, as the server revised them:
     /// the longest a live subscription stays silent.
     keep_alive_period: Duration,
@@ -907,6 +1097,7 @@ async fn subscribe_and_forward(
         overflows: overflows.clone(),
         received: Arc::new(AtomicU32::new(0)),
         heard: Heartbeat::new(),
+        published: Arc::new(AtomicI64::new(0)),
         republished: false,
     };
     let key = nodes_key(nodes);
@@ -939,6 +1130,7 @@ async fn subscribe_and_forward(
     let session_limit = config.keep_alive_interval * (config.keep_alive_failures + 1);
     let mut tick = tokio::time::interval(config.publishing_interval.min(Duration::from_secs(1)));
     let mut overflows_logged = 0;
+    let mut hold = Hold::new(order.first_tag, nodes.len(), config.publishing_interval);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(SessionEnd::Stopped),
@@ -948,6 +1140,11 @@ async fn subscribe_and_forward(
                 };
                 if !batch.republished {
                     order.restamp(&mut batch.samples);
+                    hold.delivered(&batch.samples, batch.published_ms);
+                    batch.published.fetch_max(batch.published_ms, Ordering::Relaxed);
+                }
+                if batch.samples.is_empty() {
+                    continue;
                 }
                 if !sink.send(batch.samples).await {
                     return Ok(SessionEnd::Stopped);
@@ -965,6 +1162,18 @@ async fn subscribe_and_forward(
                     }
                     warn!(device = %config.id, ?silent, "opc ua watchdog: no publish response and no session keep-alive");
                     return Ok(SessionEnd::Lost(StatusCode::BadTimeout));
+                }
+                // What every subscription's publish responses confirm.
+                let confirmed = subscriptions
+                    .iter()
+                    .map(|t| t.published.load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(0);
+                if config.repeat_unchanged {
+                    let held = hold.due(confirmed);
+                    if !held.is_empty() && !sink.send(held).await {
+                        return Ok(SessionEnd::Stopped);
+                    }
                 }
                 let o = overflows.load(Ordering::Relaxed);
                 if o > overflows_logged {
@@ -996,6 +1205,7 @@ async fn transfer(
         let callback = Notifications {
             received: t.received.clone(),
             heard: t.heard.clone(),
+            published: t.published.clone(),
             ..callback.clone()
         };
         session
@@ -1175,9 +1385,11 @@ async fn new_subscription(
 ) -> Result<Tracked, OpcUaError> {
     let received = Arc::new(AtomicU32::new(0));
     let heard = Heartbeat::new();
+    let published = Arc::new(AtomicI64::new(0));
     let callback = Notifications {
         received: received.clone(),
         heard: heard.clone(),
+        published: published.clone(),
         ..callback.clone()
     };
     let id = session
@@ -1203,6 +1415,7 @@ async fn new_subscription(
         id,
         received,
         heard,
+        published,
         keep_alive_period,
     })
 }
@@ -1468,5 +1681,89 @@ mod tests {
         );
         assert_eq!(pick(P::Aes128Sha256RsaOaep, M::Sign), None);
         assert!(select_endpoint(&eps, P::Best, M::Best, UserTokenType::UserName).is_none());
+    }
+
+    #[test]
+    fn best_follows_the_servers_security_level() {
+        let pick = |eps: &[EndpointDescription]| {
+            select_endpoint(
+                eps,
+                SecurityPolicyChoice::Best,
+                SecurityModeChoice::Best,
+                UserTokenType::Anonymous,
+            )
+            .map(|e| {
+                (
+                    SecurityPolicy::from_uri(e.security_policy_uri.as_ref()),
+                    e.security_mode,
+                )
+            })
+        };
+        use MessageSecurityMode as M;
+        use SecurityPolicy as P;
+        // asyncua's levels: Aes256Sha256RsaPss SignAndEncrypt is its highest.
+        let asyncua = [
+            ep(P::None, M::None, 0),
+            ep(P::Basic256Sha256, M::Sign, 50),
+            ep(P::Basic256Sha256, M::SignAndEncrypt, 70),
+            ep(P::Aes128Sha256RsaOaep, M::SignAndEncrypt, 75),
+            ep(P::Aes256Sha256RsaPss, M::Sign, 60),
+            ep(P::Aes256Sha256RsaPss, M::SignAndEncrypt, 80),
+        ];
+        assert_eq!(
+            pick(&asyncua),
+            Some((P::Aes256Sha256RsaPss, M::SignAndEncrypt))
+        );
+        // A server that rates Basic256Sha256 Sign above the rest gets it,
+        // whatever this gateway's own order of policies and modes.
+        let rated = [
+            ep(P::Basic256Sha256, M::Sign, 200),
+            ep(P::Aes256Sha256RsaPss, M::SignAndEncrypt, 100),
+        ];
+        assert_eq!(pick(&rated), Some((P::Basic256Sha256, M::Sign)));
+        // Equal levels: SignAndEncrypt, then the stronger policy.
+        let equal = [
+            ep(P::Aes256Sha256RsaPss, M::Sign, 1),
+            ep(P::Basic256Sha256, M::SignAndEncrypt, 1),
+            ep(P::Aes128Sha256RsaOaep, M::SignAndEncrypt, 1),
+        ];
+        assert_eq!(
+            pick(&equal),
+            Some((P::Aes128Sha256RsaOaep, M::SignAndEncrypt))
+        );
+    }
+
+    #[test]
+    fn url_host_is_the_host_without_port_or_path() {
+        assert_eq!(url_host("opc.tcp://127.0.0.1:4840/UA"), "127.0.0.1");
+        assert_eq!(url_host("opc.tcp://plc-7.local:4840"), "plc-7.local");
+        assert_eq!(url_host("opc.tcp://[::1]:4840/"), "::1");
+        assert_eq!(url_host("opc.tcp://vm/"), "vm");
+    }
+
+    #[test]
+    fn held_values_repeat_once_per_interval_up_to_the_confirmed_time() {
+        let mut hold = Hold::new(10, 2, Duration::from_millis(100));
+        let value = guantong_proto::v1::point::Value::Double(1.5);
+        let good = Sample::good(10, 500, value.clone());
+        let bad = Sample::bad(11, 500, quality::OPCUA_CONNECTION_LOST);
+        // Published at 1000: held from then.
+        hold.delivered(&[good, bad], 1_000);
+        assert!(hold.due(1_099).is_empty(), "not yet one interval");
+        assert_eq!(
+            hold.due(1_100),
+            vec![Sample::good(10, 1_100, value.clone())]
+        );
+        assert!(hold.due(1_150).is_empty(), "once per interval");
+        // A keep-alive confirms several intervals at once: one point each.
+        let times: Vec<i64> = hold.due(1_420).iter().map(|s| s.time_ms).collect();
+        assert_eq!(times, vec![1_200, 1_300, 1_400]);
+        // A Bad point ends the hold.
+        hold.delivered(&[Sample::bad(10, 1_450, quality::STALLED)], 1_450);
+        assert!(hold.due(5_000).is_empty());
+        // A source timestamp after the publish time: held from it.
+        hold.delivered(&[Sample::good(11, 2_000, value.clone())], 1_900);
+        assert_eq!(hold.due(2_050), vec![]);
+        assert_eq!(hold.due(2_100).len(), 1);
     }
 }

@@ -13,7 +13,8 @@
 //! Certificate files are named `<common name> [<thumbprint>].der`, the
 //! thumbprint being the SHA-1 of the DER in lower-case hex (what OPC UA
 //! tools show). The own certificate is created on first run: RSA 2048,
-//! valid 10 years, the application URI as the first SAN entry, then
+//! valid 10 years, subject `CN=Guantong gateway <id>, O=Guantong`, the
+//! application URI as the first SAN entry, then
 //! `localhost`, 127.0.0.1, ::1, the host name and its addresses (servers
 //! check the URI against the session's ApplicationDescription).
 //!
@@ -73,6 +74,34 @@ pub fn own_application_uri(pki: &Path) -> Option<String> {
     })
 }
 
+/// The DNS names and IP addresses a certificate names (its SAN), for
+/// messages about a host name mismatch.
+pub fn host_names(cert: &X509) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok(der) = cert.to_der() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// Creates the PKI layout and the own certificate if missing; returns the
 /// own certificate's thumbprint and whether it was created now.
 pub fn ensure_own_certificate(
@@ -95,6 +124,13 @@ pub fn ensure_own_certificate(
         ..Default::default()
     };
     let mut data = X509Data::from((description, None));
+    // The subject names this gateway, not the library's placeholder place
+    // (`C=IE, ST=Dublin`).
+    data.common_name = subject_name(application_uri);
+    data.organization = "Guantong".into();
+    data.organizational_unit = String::new();
+    data.country = String::new();
+    data.state = String::new();
     data.certificate_duration_days = OWN_CERT_DAYS;
     data.key_size = 2048;
     let (cert, _) =
@@ -102,6 +138,24 @@ pub fn ensure_own_certificate(
             .map_err(PkiError::Cert)?;
     restrict(&key_path)?;
     Ok((thumbprint(&cert), true))
+}
+
+/// The own certificate's common name: `Guantong gateway <gateway id>`, the
+/// id taken from the ApplicationUri (`urn:guantong:gateway:<id>` by default,
+/// else the whole URI), kept to characters a subject name holds unescaped.
+fn subject_name(application_uri: &str) -> String {
+    let id = application_uri
+        .strip_prefix("urn:guantong:gateway:")
+        .unwrap_or(application_uri);
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.:".contains(*c))
+        .collect();
+    if id.is_empty() {
+        "Guantong gateway".into()
+    } else {
+        format!("Guantong gateway {id}")
+    }
 }
 
 fn restrict(path: &Path) -> Result<(), PkiError> {
@@ -237,6 +291,16 @@ mod tests {
             assert!(pki.join(d).is_dir(), "{d}");
         }
         let cert = CertificateStore::read_cert(&own_cert_path(&pki)).expect("readable");
+        let subject = cert.subject_name();
+        assert!(
+            subject.contains("CN=Guantong gateway gw-1") && subject.contains("O=Guantong"),
+            "{subject}"
+        );
+        assert!(
+            !subject.contains("Dublin") && !subject.contains("C="),
+            "{subject}"
+        );
+        assert!(!host_names(&cert).is_empty());
         assert!(
             cert.is_application_uri_valid("urn:guantong:gateway:gw-1")
                 .is_ok()

@@ -24,7 +24,8 @@ pub struct OpcUaProbe {
     /// Server discovery URL, `opc.tcp://host:port[/path]`.
     #[arg(long)]
     pub url: String,
-    /// `best`, `none`, `basic256sha256` or `aes128_sha256_rsaoaep`.
+    /// `best`, `none`, `basic256sha256`, `aes128_sha256_rsaoaep` or
+    /// `aes256_sha256_rsapss`.
     #[arg(long, default_value = "best")]
     pub security_policy: String,
     /// `best`, `none`, `sign` or `sign_and_encrypt`.
