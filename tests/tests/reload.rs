@@ -37,7 +37,7 @@ fn device_b(addr: SocketAddr, with_u16: bool) -> String {
     text
 }
 
-/// Lines of the gateway log holding `what`, after the first `skip` of them.
+/// Lines of the gateway log holding `what`.
 fn log_lines(s: &Scenario, what: &str) -> Vec<String> {
     s.gateway_log()
         .lines()
@@ -108,6 +108,8 @@ async fn a_reload_restarts_only_the_changed_device_and_its_series_go_on() -> any
     let (addr_b, _task) = sim_b.serve("127.0.0.1:0".parse()?).await?;
     let original = std::fs::read_to_string(&s.gateway.config)?;
     wait_counter_beyond(&s, DEV, 5).await;
+    // Identification and polling each open one.
+    let a_connections = s.sim.connections();
 
     // Reload 1: device B is added; A goes on.
     std::fs::write(
@@ -119,6 +121,7 @@ async fn a_reload_restarts_only_the_changed_device_and_its_series_go_on() -> any
     assert!(applied[0].contains(B), "only B started: {}", applied[0]);
     assert!(!applied[0].contains(DEV), "A not restarted: {}", applied[0]);
     let b_before = wait_counter_beyond(&s, B, 5).await;
+    let b_connections = sim_b.connections();
 
     // Reload 2: device B gets a tag; A goes on, B restarts.
     std::fs::write(&s.gateway.config, original + &device_b(addr_b, true))?;
@@ -139,15 +142,13 @@ async fn a_reload_restarts_only_the_changed_device_and_its_series_go_on() -> any
     wait_counter_beyond(&s, B, b_before + 5).await;
     let b = counter_values(&s, B).await;
     assert!(b.iter().any(|v| *v <= b_before) && b.iter().any(|v| *v > b_before + 5));
-    assert_eq!(sim_b.connections(), 2, "B was restarted once");
+    assert!(sim_b.connections() > b_connections, "B was restarted");
     assert_eq!(
         s.sim.connections(),
-        1,
+        a_connections,
         "A kept its connection through both reloads\n{}",
         s.logs()
     );
-    // The manifest links of both reloads are in the chain (A's tags went
-    // from index 0 on in every manifest; B's counter moved from 10 to 10).
     settle_a(&s).await;
     Ok(())
 }
@@ -161,6 +162,7 @@ async fn an_invalid_reload_keeps_the_running_config_and_says_why() -> anyhow::Re
     .await?;
     let original = std::fs::read_to_string(&s.gateway.config)?;
     let before = wait_counter_beyond(&s, DEV, 5).await;
+    let connections = s.sim.connections();
 
     // Two problems in the devices: both named, one line each.
     let broken = original
@@ -205,7 +207,7 @@ async fn an_invalid_reload_keeps_the_running_config_and_says_why() -> anyhow::Re
 
     // The old config still runs: A keeps polling on its first connection.
     wait_counter_beyond(&s, DEV, before + 20).await;
-    assert_eq!(s.sim.connections(), 1, "{}", s.logs());
+    assert_eq!(s.sim.connections(), connections, "{}", s.logs());
     assert!(s.gateway_log().contains("gateway starting"));
     settle_a(&s).await;
     Ok(())
