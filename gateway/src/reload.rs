@@ -419,25 +419,19 @@ impl Collectors {
             .map(|(d, &slot)| DeviceSpec::new(d, slot))
             .collect();
         self.status.reconfigure(manifest.version, specs);
+        // Kept devices' manifest entries hold their identity from before.
         let mut restarted = Vec::new();
         let mut running = Vec::new();
         let mut start = Vec::new();
-        for ((device, slot), entry) in config.devices.into_iter().zip(slots).zip(&manifest.devices)
-        {
-            let identity = if fresh[running.len()] {
-                restarted.push(device.id().to_string());
-                entry.identity.clone()
-            } else {
-                self.running(device.id())
-                    .map(|r| r.identity.clone())
-                    .unwrap_or_default()
-            };
+        let devices = config.devices.into_iter().zip(slots).zip(&manifest.devices);
+        for (d, ((device, slot), entry)) in devices.enumerate() {
             running.push(Running {
                 id: device.id().to_string(),
                 first_slot: slot,
-                identity,
+                identity: entry.identity.clone(),
             });
-            if fresh[running.len() - 1] {
+            if fresh[d] {
+                restarted.push(device.id().to_string());
                 start.push((device, slot));
             }
         }
