@@ -93,9 +93,7 @@ pub async fn run_with(
     );
     // Taken before identification, which writes into the config.
     let fingerprints = reload::fingerprints(&config.devices);
-    modbus::identify_all(&mut config.devices).await;
-    #[cfg(feature = "opcua")]
-    opcua::identify_all(&mut config.devices).await;
+    reload::identify(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(&manifest)?;
     let stats = buffer.stats()?;

@@ -114,6 +114,14 @@ pub async fn on_sighup(path: PathBuf, reloader: Reloader) {
     }
 }
 
+/// Reads each device's identity from the device itself, for the manifest
+/// (at start, and for the devices a reload starts).
+pub async fn identify(devices: &mut [DeviceConfig]) {
+    crate::modbus::identify_all(devices).await;
+    #[cfg(feature = "opcua")]
+    crate::opcua::identify_all(devices).await;
+}
+
 /// SHA-256 of a value's full debug form: equal settings, equal fingerprint.
 fn fingerprint(v: &impl Debug) -> [u8; 32] {
     Sha256::digest(format!("{v:?}").as_bytes()).into()
@@ -361,9 +369,7 @@ impl Collectors {
             .filter(|&d| fresh[d])
             .filter_map(|d| devices[d].take())
             .collect();
-        crate::modbus::identify_all(&mut to_identify).await;
-        #[cfg(feature = "opcua")]
-        crate::opcua::identify_all(&mut to_identify).await;
+        identify(&mut to_identify).await;
         let mut identified = to_identify.into_iter();
         config.devices = devices
             .iter_mut()
