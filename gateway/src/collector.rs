@@ -15,6 +15,13 @@
 //! fires: the writer fires it after the fsynced commit that holds the samples,
 //! and commits at once (grouping whatever else is queued) instead of waiting
 //! for the next commit tick.
+//!
+//! Collectors number their samples by *slot*: a device keeps its slots for
+//! as long as its collector runs, across reloads. A reload sends a `Switch`
+//! down the same channel, after the collectors it stopped have returned and
+//! before those it starts send anything: the writer commits what came before
+//! it under the old manifest and maps slots to the new manifest's tag
+//! indices from then on (see `reload`).
 
 use std::future::Future;
 
@@ -42,7 +49,21 @@ pub struct Handoff {
     pub samples: Vec<Sample>,
     pub committed: Option<oneshot::Sender<()>>,
     pub permit: OwnedSemaphorePermit,
+    /// A new manifest, from this point of the stream on (no samples then).
+    pub switch: Option<Switch>,
 }
+
+/// The manifest samples after this point refer to, and how their slots map
+/// to its tag indices.
+pub struct Switch {
+    pub version: u64,
+    /// `map[slot]` is the manifest index of that slot; `UNMAPPED` for none.
+    /// None: slot and index are the same.
+    pub map: Option<Arc<[u32]>>,
+}
+
+/// A slot no tag of the current manifest has.
+pub const UNMAPPED: u32 = u32::MAX;
 
 impl PointSink {
     /// A sink holding at most `max_points` samples between collectors and
@@ -63,6 +84,23 @@ impl PointSink {
         )
     }
 
+    /// Tells the writer that what follows refers to a new manifest.
+    /// Returns false once the writer has stopped.
+    pub async fn switch(&self, switch: Switch) -> bool {
+        let Ok(permit) = self.budget.clone().acquire_many_owned(0).await else {
+            return false;
+        };
+        self.tx
+            .send(Handoff {
+                samples: Vec::new(),
+                committed: None,
+                permit,
+                switch: Some(switch),
+            })
+            .await
+            .is_ok()
+    }
+
     async fn handoff(&self, samples: Vec<Sample>, committed: Option<oneshot::Sender<()>>) -> bool {
         let permits = samples.len().min(self.max_points) as u32;
         let Ok(permit) = self.budget.clone().acquire_many_owned(permits).await else {
@@ -73,6 +111,7 @@ impl PointSink {
                 samples,
                 committed,
                 permit,
+                switch: None,
             })
             .await
             .is_ok()

@@ -288,6 +288,18 @@ impl DeviceConfig {
         }
     }
 
+    /// Devices with the same key share one collector (a Modbus line), which
+    /// a reload restarts as a whole.
+    pub fn collector_key(&self) -> String {
+        match self {
+            DeviceConfig::Modbus(c) => format!("modbus {}", c.transport.line_key(&c.id)),
+            #[cfg(feature = "mqtt")]
+            DeviceConfig::Mqtt(c) => format!("device {}", c.id),
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(c) => format!("device {}", c.id),
+        }
+    }
+
     /// This device and its tags as manifest entries; tags name `device_index`.
     pub fn manifest(
         &self,

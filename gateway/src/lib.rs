@@ -4,6 +4,7 @@
 //! Data path: collectors (one task per device) -> `PointSink` (bounded
 //! channel) -> `Writer` (commits batches to the `Buffer` every
 //! `commit_interval`) -> `Uplink` (gRPC stream; deletes what ingest acks).
+//! `reload::Collectors` starts the collectors and changes them on a reload.
 
 pub mod buffer;
 pub mod collector;
@@ -18,6 +19,7 @@ pub mod mqtt;
 #[cfg(feature = "opcua")]
 pub mod opcua;
 pub mod quality;
+pub mod reload;
 pub mod secret;
 pub mod status;
 pub mod storage_io;
@@ -32,12 +34,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::buffer::Buffer;
-use crate::collector::{Collector, PointSink};
-use crate::config::{Config, DeviceConfig};
+use crate::collector::PointSink;
+use crate::config::Config;
 
 /// How long the uplink may keep delivering after collection stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -50,7 +51,17 @@ pub const SINK_MAX_POINTS: usize = 1 << 18;
 /// writer commits what they handed over, then the uplink gets a short grace
 /// period to deliver before the process exits. Nothing committed is lost by
 /// stopping: it is sent on the next start.
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (_reloader, reloads) = reload::channel();
+    run_with(config, reloads, shutdown).await
+}
+
+/// `run`, applying the configs sent through `reloads` (see `reload`).
+pub async fn run_with(
+    mut config: Config,
+    mut reloads: tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     secret::warn_at_start(&config);
     let key_file = config
         .gateway
@@ -80,9 +91,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             gateway_id: config.gateway.id.clone(),
         }),
     );
-    modbus::identify_all(&mut config.devices).await;
-    #[cfg(feature = "opcua")]
-    opcua::identify_all(&mut config.devices).await;
+    // Taken before identification, which writes into the config.
+    let fingerprints = reload::fingerprints(&config.devices);
+    reload::identify(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(&manifest)?;
     let stats = buffer.stats()?;
@@ -132,8 +143,6 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         status: status.clone(),
     };
     let writer_task = tokio::spawn(writer.run(rx));
-    // The buffer holds the manifest now; at 100k tags this copy is ~14 MB.
-    drop(manifest);
 
     let uplink_cancel = CancellationToken::new();
     let uplink = uplink::Uplink {
@@ -145,40 +154,36 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     };
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 
-    let collectors = TaskTracker::new();
     let collect_cancel = shutdown.child_token();
-    let firsts = manifest::first_tag_of_devices(&config);
-    let mut modbus_devices = Vec::new();
-    for (device, first) in config.devices.into_iter().zip(firsts) {
-        match device {
-            DeviceConfig::Modbus(c) => modbus_devices.push((c, first)),
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(c) => {
-                let ids = (first..first + c.tags.len() as u32).collect();
-                collectors.spawn(
-                    mqtt::MqttCollector::new(*c, ids).run(sink.clone(), collect_cancel.clone()),
-                );
-            }
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(c) => {
-                collectors.spawn(
-                    opcua::OpcUaCollector::new(*c, first).run(sink.clone(), collect_cancel.clone()),
-                );
-            }
-        }
-    }
-    for line in modbus::lines(modbus_devices) {
-        let line = line.report_to(status.clone());
-        collectors.spawn(line.run(sink.clone(), collect_cancel.clone()));
-    }
-    drop(sink);
-    collectors.close();
+    let mut collectors = reload::Collectors::start(
+        config,
+        fingerprints,
+        &manifest,
+        sink,
+        collect_cancel,
+        status.clone(),
+        buffer.clone(),
+    );
+    // The buffer holds the manifest now; at 100k tags this copy is ~14 MB.
+    drop(manifest);
     // The config and manifest are dropped: give their pages back.
     malloc::trim();
 
-    shutdown.cancelled().await;
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(request) = reloads.recv() => {
+                if let Err(e) = collectors.serve(request).await {
+                    tracing::error!(error = format!("{e:#}"), "reload failed: stopping");
+                    failed = Some(e);
+                    shutdown.cancel();
+                }
+            }
+        }
+    }
     info!("shutting down: stopping collectors");
-    collectors.wait().await;
+    collectors.stopped().await;
     writer_task.await?;
     info!("buffer flushed");
     // Let the uplink deliver what is buffered, for a short while: whatever is
@@ -197,5 +202,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         pending_batches = stats.next_seq - stats.first_seq,
         "gateway stopped"
     );
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

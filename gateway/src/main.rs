@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Collect and stream until SIGTERM or Ctrl-C.
+    /// Collect and stream until SIGTERM or Ctrl-C; SIGHUP reloads the config.
     Run {
         #[arg(long, short, env = "GUANTONG_CONFIG")]
         config: PathBuf,
@@ -290,7 +290,8 @@ fn main() -> ExitCode {
         Command::Run { config } => {
             guantong_gateway::malloc::tune();
             init_tracing();
-            let config = match load_config(&config) {
+            let path = config;
+            let config = match load_config(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
@@ -300,7 +301,9 @@ fn main() -> ExitCode {
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(signal_shutdown(shutdown.clone()));
-                match guantong_gateway::run(config, shutdown).await {
+                let (reloader, reloads) = guantong_gateway::reload::channel();
+                tokio::spawn(guantong_gateway::reload::on_sighup(path, reloader));
+                match guantong_gateway::run_with(config, reloads, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "gateway failed");

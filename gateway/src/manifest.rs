@@ -5,6 +5,12 @@
 //! the SHA-256 of the manifest encoded with `version` and `created_at_ms` set
 //! to 0: the same config always yields the same version, and any change to a
 //! device, tag, address, type, unit or interval yields a new one.
+//!
+//! Tag indices are positions in this manifest, valid for its version only;
+//! ingest keys series by gateway, device id and tag name, so a series goes
+//! on across manifests however its index moves. Collectors number samples
+//! by slots that outlive reloads; the writer maps them to these indices
+//! (see `reload`).
 
 use guantong_proto::v1::Manifest;
 use prost::Message;
@@ -28,9 +34,16 @@ pub fn build(config: &Config) -> Manifest {
         devices,
         tags,
     };
-    manifest.version = version_of(&manifest);
-    manifest.created_at_ms = now_ms();
+    seal(&mut manifest);
     manifest
+}
+
+/// Sets `version` from the content and `created_at_ms` to now, after a change.
+pub fn seal(manifest: &mut Manifest) {
+    manifest.version = 0;
+    manifest.created_at_ms = 0;
+    manifest.version = version_of(manifest);
+    manifest.created_at_ms = now_ms();
 }
 
 pub(crate) fn version_of(m: &Manifest) -> u64 {

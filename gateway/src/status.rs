@@ -37,7 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -104,33 +104,36 @@ impl DeviceSpec {
             .devices
             .iter()
             .zip(firsts)
-            .map(|(d, first_tag)| {
-                let (protocol, stale_after) = match d {
-                    DeviceConfig::Modbus(m) => {
-                        let slowest = m
-                            .tags
-                            .iter()
-                            .filter_map(|t| t.interval)
-                            .fold(m.poll_interval, Duration::max);
-                        ("modbus", Some(slowest + m.timeout))
-                    }
-                    #[cfg(feature = "mqtt")]
-                    DeviceConfig::Mqtt(m) => {
-                        let stale = (!m.interval.is_zero()).then(|| m.interval * 2);
-                        ("mqtt", stale)
-                    }
-                    #[cfg(feature = "opcua")]
-                    DeviceConfig::OpcUa(_) => ("opcua", None),
-                };
-                DeviceSpec {
-                    id: d.id().to_string(),
-                    protocol,
-                    first_tag,
-                    tags: d.tag_count() as u32,
-                    stale_after,
-                }
-            })
+            .map(|(d, first_tag)| DeviceSpec::new(d, first_tag))
             .collect()
+    }
+
+    /// The spec of `d`, whose samples are numbered from `first_tag`.
+    pub fn new(d: &DeviceConfig, first_tag: u32) -> DeviceSpec {
+        let (protocol, stale_after) = match d {
+            DeviceConfig::Modbus(m) => {
+                let slowest = m
+                    .tags
+                    .iter()
+                    .filter_map(|t| t.interval)
+                    .fold(m.poll_interval, Duration::max);
+                ("modbus", Some(slowest + m.timeout))
+            }
+            #[cfg(feature = "mqtt")]
+            DeviceConfig::Mqtt(m) => {
+                let stale = (!m.interval.is_zero()).then(|| m.interval * 2);
+                ("mqtt", stale)
+            }
+            #[cfg(feature = "opcua")]
+            DeviceConfig::OpcUa(_) => ("opcua", None),
+        };
+        DeviceSpec {
+            id: d.id().to_string(),
+            protocol,
+            first_tag,
+            tags: d.tag_count() as u32,
+            stale_after,
+        }
     }
 }
 
@@ -334,13 +337,28 @@ impl Metrics {
 /// The gateway's health, shared by the writer, the uplink and the listener.
 pub struct Status {
     gateway_id: String,
-    manifest_version: u64,
+    manifest_version: AtomicU64,
     started_ms: i64,
-    devices: Vec<DeviceSpec>,
+    /// Sorted by `first_tag`; replaced by a reload while `health` is locked,
+    /// so read it with `health` locked (lock `health` first).
+    devices: RwLock<Arc<[DeviceSpec]>>,
     health: Mutex<Vec<DeviceHealth>>,
     uplink: Mutex<UplinkHealth>,
     commits: Mutex<Commits>,
     metrics: Metrics,
+}
+
+/// Index of the device whose tags include `tag`.
+fn device_of(devices: &[DeviceSpec], tag: u32) -> Option<usize> {
+    let i = devices.partition_point(|d| d.first_tag <= tag);
+    let i = i.checked_sub(1)?;
+    (tag < devices[i].first_tag + devices[i].tags).then_some(i)
+}
+
+/// Devices in the order `device_of` searches them.
+fn sorted(mut devices: Vec<DeviceSpec>) -> Arc<[DeviceSpec]> {
+    devices.sort_by_key(|d| d.first_tag);
+    devices.into()
 }
 
 /// A mutex whose holder panicked still holds consistent counters.
@@ -360,10 +378,10 @@ impl Status {
         let now = now_ms();
         Status {
             gateway_id: gateway_id.to_string(),
-            manifest_version,
+            manifest_version: AtomicU64::new(manifest_version),
             started_ms: now,
             health: Mutex::new(vec![DeviceHealth::default(); devices.len()]),
-            devices,
+            devices: RwLock::new(sorted(devices)),
             uplink: Mutex::new(UplinkHealth {
                 state: UplinkState::Connecting,
                 since_ms: now,
@@ -381,11 +399,31 @@ impl Status {
         }
     }
 
-    /// Index of the device whose tags include `tag`.
-    fn device_of(&self, tag: u32) -> Option<usize> {
-        let i = self.devices.partition_point(|d| d.first_tag <= tag);
-        let i = i.checked_sub(1)?;
-        (tag < self.devices[i].first_tag + self.devices[i].tags).then_some(i)
+    fn devices(&self) -> Arc<[DeviceSpec]> {
+        self.devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After a reload: the new manifest version and devices. A device kept
+    /// with the same samples numbering keeps its health.
+    pub fn reconfigure(&self, manifest_version: u64, devices: Vec<DeviceSpec>) {
+        let mut health = lock(&self.health);
+        let old = self.devices();
+        let devices = sorted(devices);
+        *health = devices
+            .iter()
+            .map(|d| {
+                old.iter()
+                    .position(|o| o.id == d.id && o.first_tag == d.first_tag && o.tags == d.tags)
+                    .map(|i| health[i].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        *self.devices.write().unwrap_or_else(|e| e.into_inner()) = devices;
+        self.manifest_version
+            .store(manifest_version, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts samples on their way to the buffer (the writer calls this).
@@ -393,18 +431,19 @@ impl Status {
         let now = now_ms();
         // (good, bad) per device touched, to update the counters once.
         let mut counts: Vec<(usize, u64, u64)> = Vec::new();
+        let mut health = lock(&self.health);
+        let devices = self.devices();
         {
-            let mut health = lock(&self.health);
             let mut cached: Option<usize> = None;
             for s in samples {
                 let d = match cached {
                     Some(d)
-                        if self.devices[d].first_tag <= s.tag
-                            && s.tag < self.devices[d].first_tag + self.devices[d].tags =>
+                        if devices[d].first_tag <= s.tag
+                            && s.tag < devices[d].first_tag + devices[d].tags =>
                     {
                         d
                     }
-                    _ => match self.device_of(s.tag) {
+                    _ => match device_of(&devices, s.tag) {
                         Some(d) => d,
                         None => continue,
                     },
@@ -434,8 +473,9 @@ impl Status {
                 }
             }
         }
+        drop(health);
         for (d, good, bad) in counts {
-            let device = &self.devices[d].id;
+            let device = &devices[d].id;
             for (quality, n) in [("good", good), ("bad", bad)] {
                 if n > 0 {
                     self.metrics
@@ -453,14 +493,17 @@ impl Status {
     /// The device owning `first_tag` sent `requests` in its latest poll of
     /// each poll group (a Modbus line calls this after each poll).
     pub fn requests_per_cycle(&self, first_tag: u32, requests: u32) {
-        let Some(d) = self.device_of(first_tag) else {
+        let mut health = lock(&self.health);
+        let devices = self.devices();
+        let Some(d) = device_of(&devices, first_tag) else {
             return;
         };
-        lock(&self.health)[d].requests_per_cycle = Some(requests);
+        health[d].requests_per_cycle = Some(requests);
+        drop(health);
         self.metrics
             .device_requests_per_cycle
             .get_or_create(&DeviceLabels {
-                device: self.devices[d].id.clone(),
+                device: devices[d].id.clone(),
             })
             .set(i64::from(requests));
     }
@@ -575,7 +618,7 @@ impl Status {
         };
         let devices: Vec<DeviceView> = {
             let health = lock(&self.health);
-            self.devices
+            self.devices()
                 .iter()
                 .zip(health.iter())
                 .map(|(spec, h)| DeviceView::of(spec, h, self.started_ms, now))
@@ -613,7 +656,11 @@ impl Status {
         Snapshot {
             gateway: self.gateway_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            manifest_version: format!("{:016x}", self.manifest_version),
+            manifest_version: format!(
+                "{:016x}",
+                self.manifest_version
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            ),
             started_ms: self.started_ms,
             now_ms: now,
             ready: not_ready.is_empty(),

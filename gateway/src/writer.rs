@@ -33,6 +33,12 @@
 //! and declared at the next start, before anything else is committed. Only a
 //! crash (SIGKILL, power cut) while commits fail loses held points without
 //! a record, as a crash loses at most one `commit_interval` anyway.
+//!
+//! # Reloads
+//! A `Switch` in the stream (see `collector`) commits what came before it
+//! under the old manifest version (or, if the disk refuses, declares it lost
+//! under that version); samples after it are stamped with the new version,
+//! their slots mapped to its tag indices.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +48,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, warn};
 
 use crate::buffer::{Buffer, BufferError, LossTally};
-use crate::collector::Handoff;
+use crate::collector::{Handoff, Switch, UNMAPPED};
 use crate::quality::Sample;
 use crate::status::Status;
 use crate::unstored::UnstoredLoss;
@@ -96,7 +102,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub async fn run(self, mut rx: mpsc::Receiver<Handoff>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Handoff>) {
+        let mut map: Option<Arc<[u32]>> = None;
         let mut pending: Vec<Sample> = Vec::new();
         let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
         // Released after the commit, so the sink's budget covers `pending`.
@@ -111,7 +118,12 @@ impl Writer {
             tokio::select! {
                 received = rx.recv() => match received {
                     Some(mut h) => {
+                        if let Some(s) = h.switch.take() {
+                            self.switch(s, &mut map, &mut pending, &mut waiters, &mut held).await;
+                            continue;
+                        }
                         self.status.observe(&h.samples);
+                        to_manifest(&map, &mut h.samples);
                         pending.append(&mut h.samples);
                         waiters.extend(h.committed);
                         permits.push(h.permit);
@@ -119,7 +131,12 @@ impl Writer {
                         while !waiters.is_empty() && pending.len() < self.max_batch_points {
                             match rx.try_recv() {
                                 Ok(mut h) => {
+                                    if let Some(s) = h.switch.take() {
+                                        self.switch(s, &mut map, &mut pending, &mut waiters, &mut held).await;
+                                        continue;
+                                    }
                                     self.status.observe(&h.samples);
+                                    to_manifest(&map, &mut h.samples);
                                     pending.append(&mut h.samples);
                                     waiters.extend(h.committed);
                                     permits.push(h.permit);
@@ -151,6 +168,32 @@ impl Writer {
             // Held samples are bounded by `max_held_points`, not the sink's budget.
             permits.clear();
         }
+    }
+
+    /// From here on samples refer to `s.version`: what is pending is
+    /// committed under the old version first, or declared lost under it.
+    async fn switch(
+        &mut self,
+        s: Switch,
+        map: &mut Option<Arc<[u32]>>,
+        pending: &mut Vec<Sample>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+        held: &mut Held,
+    ) {
+        if !pending.is_empty() || !held.lost.is_empty() {
+            if self.commit(pending, held).await {
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            } else {
+                for p in pending.drain(..) {
+                    held.lost.add(self.manifest_version, &p);
+                }
+                waiters.clear();
+            }
+        }
+        self.manifest_version = s.version;
+        *map = s.map;
     }
 
     /// What the writer starts with: the loss recorded at the last stop, if
@@ -368,6 +411,19 @@ impl Writer {
         {
             error!(error = %e, "the declared loss stays recorded: it will be declared again at the next start");
         }
+    }
+}
+
+/// Maps collectors' slots to the current manifest's tag indices.
+fn to_manifest(map: &Option<Arc<[u32]>>, samples: &mut Vec<Sample>) {
+    if let Some(map) = map {
+        samples.retain_mut(|s| match map.get(s.tag as usize) {
+            Some(&i) if i != UNMAPPED => {
+                s.tag = i;
+                true
+            }
+            _ => false,
+        });
     }
 }
 

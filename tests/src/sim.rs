@@ -47,6 +47,8 @@ pub struct SimState {
     /// Change the analog values with time (demo).
     pub animate: bool,
     pub requests: u64,
+    /// TCP connections accepted (`serve`).
+    pub connections: u64,
     pub exceptions: u64,
     /// Holding registers the device does not have.
     pub holes: Vec<u16>,
@@ -116,6 +118,7 @@ impl SimDevice {
                 fault: false,
                 animate: false,
                 requests: 0,
+                connections: 0,
                 exceptions: 0,
                 holes: Vec::new(),
                 signal: None,
@@ -155,6 +158,10 @@ impl SimDevice {
         self.with(|s| s.requests)
     }
 
+    pub fn connections(&self) -> u64 {
+        self.with(|s| s.connections)
+    }
+
     pub fn counter(&self) -> u32 {
         self.with(|s| s.counter)
     }
@@ -168,6 +175,7 @@ impl SimDevice {
             let server = Server::new(listener);
             let on_connected = |stream, _peer| {
                 let device = device.clone();
+                device.with(|s| s.connections += 1);
                 async move { Ok(Some((device, stream))) }
             };
             if let Err(e) = server.serve(&on_connected, |_err| {}).await {
