@@ -678,7 +678,9 @@ async fn report_and_city_pages_read_right_in_both_languages_and_print_to_a4() ->
             html.contains(&format!(
                 "id=\"fingerprint\" translate=\"no\">{fingerprint}<"
             )),
-            "{page} lacks the bundle's fingerprint {fingerprint}"
+            "{page} lacks the bundle's fingerprint {fingerprint}; it shows {:?}",
+            html.find("id=\"fingerprint\"")
+                .map(|at| &html[at..(at + 120).min(html.len())])
         );
     }
     assert!(said.contains(&fingerprint), "verify: {said}");

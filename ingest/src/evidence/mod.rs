@@ -107,3 +107,34 @@ pub fn read_digests(path: &Path) -> Result<Vec<SignedDigest>, EvidenceError> {
         Kept::One(d) => Ok(vec![d]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// A bundle's fingerprint is taken of the values in memory and again of
+    /// the values read back from its file (`verify`): every f64 must read back
+    /// as written. Without serde_json's `float_roundtrip` some do not.
+    #[test]
+    fn every_f64_in_a_bundle_reads_back_as_written() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let mut wrong = Vec::new();
+        for _ in 0..200_000 {
+            let x = f64::from_bits(rng.random::<u64>());
+            if !x.is_finite() {
+                continue;
+            }
+            let json = serde_json::to_string(&x).expect("a finite f64 is JSON");
+            let back: f64 = serde_json::from_str(&json).expect("JSON it wrote");
+            if back.to_bits() != x.to_bits() {
+                wrong.push(json);
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} values read back changed, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(3)]
+        );
+    }
+}
