@@ -1597,6 +1597,8 @@ type = "uint"
         1,
         "{logs}"
     );
+    // The device was not restarted to publish it: one session all along.
+    assert_eq!(logs.matches("opc ua session open").count(), 1, "{logs}");
 
     // The new manifest is announced in the chain: it verifies.
     s.gateway.proc.terminate(Duration::from_secs(10));
