@@ -155,6 +155,7 @@ pub async fn run_with(
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 
     let collect_cancel = shutdown.child_token();
+    let (identified_tx, mut identified) = tokio::sync::mpsc::unbounded_channel();
     let mut collectors = reload::Collectors::start(
         config,
         fingerprints,
@@ -163,6 +164,7 @@ pub async fn run_with(
         collect_cancel,
         status.clone(),
         buffer.clone(),
+        identified_tx,
     );
     // The buffer holds the manifest now; at 100k tags this copy is ~14 MB.
     drop(manifest);
@@ -176,6 +178,13 @@ pub async fn run_with(
             Some(request) = reloads.recv() => {
                 if let Err(e) = collectors.serve(request).await {
                     tracing::error!(error = format!("{e:#}"), "reload failed: stopping");
+                    failed = Some(e);
+                    shutdown.cancel();
+                }
+            }
+            Some(report) = identified.recv() => {
+                if let Err(e) = collectors.identified(report).await {
+                    tracing::error!(error = format!("{e:#}"), "publishing an identity failed: stopping");
                     failed = Some(e);
                     shutdown.cancel();
                 }

@@ -25,6 +25,12 @@
 //!   would at start: the supervisor restarts it with the new file.
 //! - `[gateway]`, `[uplink]`, `[buffer]` and `[status]` change only at a
 //!   restart: a reload that changes them is refused as a whole.
+//! - A device not identified when its collector started (an OPC UA server
+//!   untrusted or unreachable then) reports its identity once it connects
+//!   (`Identified`); `identified` publishes it as a new manifest through the
+//!   same commit and switch as a reload (`switch_to`), restarting nothing.
+//!   The report names the device's first slot, so one from a collector a
+//!   reload has since replaced is ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -160,6 +166,18 @@ impl Fixed {
     }
 }
 
+/// A device's identity, read by its collector at its first connect.
+#[derive(Debug)]
+pub struct Identified {
+    pub device: String,
+    /// The reporting collector's first slot: which run of the device.
+    pub first_slot: u32,
+    pub identity: BTreeMap<String, String>,
+}
+
+/// Where collectors send the identities they read (see `Identified`).
+pub type IdentifiedTx = mpsc::UnboundedSender<Identified>;
+
 /// A device whose collector runs.
 struct Running {
     id: String,
@@ -187,6 +205,9 @@ pub struct Collectors {
     units: HashMap<String, Unit>,
     next_slot: u32,
     manifest_version: u64,
+    /// The writer's slot map since the last switch.
+    map: Option<Arc<[u32]>>,
+    identified: IdentifiedTx,
 }
 
 /// Per device: fingerprint and collector key, in config order.
@@ -213,6 +234,8 @@ impl Collectors {
     /// Starts the collectors of `config` (identified, its manifest
     /// `manifest` committed), numbering slots as the manifest numbers tags.
     /// `fps` are the devices' fingerprints taken before identification.
+    /// Devices identified later report through `identified`: pass what
+    /// arrives to `Collectors::identified`.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: Config,
@@ -222,6 +245,7 @@ impl Collectors {
         cancel: CancellationToken,
         status: Arc<Status>,
         buffer: Arc<Buffer>,
+        identified: IdentifiedTx,
     ) -> Collectors {
         let mut c = Collectors {
             sink,
@@ -234,6 +258,8 @@ impl Collectors {
             units: HashMap::new(),
             next_slot: 0,
             manifest_version: manifest.version,
+            map: None,
+            identified,
         };
         let units = unit_fingerprints(&fps);
         let mut fresh = Vec::new();
@@ -300,6 +326,7 @@ impl Collectors {
                 #[cfg(feature = "opcua")]
                 DeviceConfig::OpcUa(c) => {
                     let run = crate::opcua::OpcUaCollector::new(*c, first)
+                        .report_identity_to(self.identified.clone())
                         .run(sink.clone(), cancel.clone());
                     self.all.spawn(unit.done.track_future(run));
                 }
@@ -391,11 +418,6 @@ impl Collectors {
                 manifest_version: manifest.version,
             });
         }
-        let buffer = self.buffer.clone();
-        let manifest =
-            tokio::task::spawn_blocking(move || buffer.put_manifest(&manifest).map(|()| manifest))
-                .await??;
-
         // Slot -> manifest index, from the switch on.
         let firsts = crate::manifest::first_tag_of_devices(&config);
         let mut map = vec![UNMAPPED; next_slot as usize];
@@ -407,16 +429,7 @@ impl Collectors {
             }
         }
         let map = (!identity || next_slot as usize != manifest.tags.len()).then(|| map.into());
-        if !self
-            .sink
-            .switch(Switch {
-                version: manifest.version,
-                map,
-            })
-            .await
-        {
-            anyhow::bail!("the buffer writer stopped");
-        }
+        let manifest = self.switch_to(manifest, map).await?;
 
         let specs = config
             .devices
@@ -443,12 +456,76 @@ impl Collectors {
         }
         self.devices = running;
         self.next_slot = next_slot;
-        self.manifest_version = manifest.version;
         self.spawn(start, &units);
         Ok(Outcome::Applied {
             manifest_version: manifest.version,
             restarted,
         })
+    }
+
+    /// The one place a new manifest takes effect: committed to the chain,
+    /// then switched to in the writer, with `map` from slots to its indices.
+    async fn switch_to(
+        &mut self,
+        manifest: guantong_proto::v1::Manifest,
+        map: Option<Arc<[u32]>>,
+    ) -> anyhow::Result<guantong_proto::v1::Manifest> {
+        let buffer = self.buffer.clone();
+        let manifest =
+            tokio::task::spawn_blocking(move || buffer.put_manifest(&manifest).map(|()| manifest))
+                .await??;
+        let switch = Switch {
+            version: manifest.version,
+            map: map.clone(),
+        };
+        if !self.sink.switch(switch).await {
+            anyhow::bail!("the buffer writer stopped");
+        }
+        self.manifest_version = manifest.version;
+        self.map = map;
+        Ok(manifest)
+    }
+
+    /// Publishes an identity a collector read after it started: the running
+    /// manifest with that device's identity, as a new version (see the
+    /// module docs). An error: the gateway must stop, as for a reload.
+    pub async fn identified(&mut self, report: Identified) -> anyhow::Result<()> {
+        let Identified {
+            device,
+            first_slot,
+            identity,
+        } = report;
+        let Some(d) = self
+            .devices
+            .iter()
+            .position(|r| r.id == device && r.first_slot == first_slot)
+        else {
+            return Ok(()); // replaced by a reload since
+        };
+        if self.devices[d].identity == identity {
+            return Ok(());
+        }
+        let (buffer, version) = (self.buffer.clone(), self.manifest_version);
+        let bytes = tokio::task::spawn_blocking(move || buffer.manifest(version))
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("manifest {version:016x} is not in the buffer"))?;
+        let mut manifest = <guantong_proto::v1::Manifest as prost::Message>::decode(&*bytes)?;
+        let entry = manifest
+            .devices
+            .iter_mut()
+            .find(|e| e.id == device)
+            .ok_or_else(|| anyhow::anyhow!("device {device} is not in manifest {version:016x}"))?;
+        entry.identity = identity.clone();
+        crate::manifest::seal(&mut manifest);
+        let manifest = self.switch_to(manifest, self.map.clone()).await?;
+        self.status.manifest_switched(manifest.version);
+        self.devices[d].identity = identity;
+        info!(
+            device = %device,
+            manifest_version = format_args!("{:016x}", manifest.version),
+            "device identified at its first connect; its identity is in a new manifest"
+        );
+        Ok(())
     }
 
     fn running(&self, id: &str) -> Option<&Running> {

@@ -422,6 +422,12 @@ impl Status {
             })
             .collect();
         *self.devices.write().unwrap_or_else(|e| e.into_inner()) = devices;
+        self.manifest_switched(manifest_version);
+    }
+
+    /// A new manifest version with the same devices and tags (an identity
+    /// read after start).
+    pub fn manifest_switched(&self, manifest_version: u64) {
         self.manifest_version
             .store(manifest_version, std::sync::atomic::Ordering::Relaxed);
     }

@@ -11,7 +11,9 @@ use async_opcua::types::{DateTime, Variant};
 use guantong_e2e::opcua::{
     ASYNCUA_NAMESPACE, AsyncuaServer, GUID, NAMESPACE, PASSWORD, ServerOptions, TestServer, USER,
 };
-use guantong_e2e::procs::{GatewayProc, IngestProc, binary, gateway_toml, wait_for};
+use guantong_e2e::procs::{
+    GatewayProc, IngestProc, binary, gateway_toml, register_keyed_gateway, wait_for,
+};
 use guantong_e2e::proxy::{Mode as ProxyMode, Proxy};
 use serde_json::Value;
 
@@ -30,8 +32,28 @@ struct Setup {
 
 impl Setup {
     async fn start(dir: tempfile::TempDir, devices: &str) -> anyhow::Result<Setup> {
+        let token = IngestProc::register(&dir.path().join("ingest"), GW)?;
+        Setup::start_with(dir, devices, token).await
+    }
+
+    /// `start` with the gateway's signing key registered, so its chain
+    /// verifies at ingest.
+    async fn start_keyed(dir: tempfile::TempDir, devices: &str) -> anyhow::Result<Setup> {
+        let token = register_keyed_gateway(
+            &dir.path().join("ingest"),
+            GW,
+            &dir.path().join("gateway.toml"),
+            &dir.path().join("buffer"),
+        )?;
+        Setup::start_with(dir, devices, token).await
+    }
+
+    async fn start_with(
+        dir: tempfile::TempDir,
+        devices: &str,
+        token: String,
+    ) -> anyhow::Result<Setup> {
         let data = dir.path().join("ingest");
-        let token = IngestProc::register(&data, GW)?;
         let ingest = IngestProc::start(&data, any_port(), any_port()).await?;
         let config = dir.path().join("gateway.toml");
         let text = gateway_toml(GW, ingest.grpc, &token, &dir.path().join("buffer")) + devices;
@@ -1492,4 +1514,96 @@ node = "nsu={ASYNCUA_NAMESPACE};s=Static.Double"
         "no library noise\n{logs}"
     );
     drop(server);
+}
+
+/// A server untrusted at start has no identity in the manifest; once
+/// trusted, the session that connects reads it and the running gateway
+/// publishes it in a new manifest (no restart), which the chain announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_trusted_while_running_is_identified_at_its_first_connect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut options = ServerOptions::new(&dir.path().join("server-pki"));
+    options.secure = true;
+    let server = TestServer::start(options).await.expect("server");
+    let thumb = server.thumbprint().expect("thumbprint");
+    let devices = format!(
+        r#"
+[[devices]]
+id = "late"
+protocol = "opcua"
+url = "{url}"
+security_policy = "basic256sha256"
+security_mode = "sign"
+publishing_interval = "100ms"
+max_backoff = "500ms"
+[[devices.tags]]
+name = "counter"
+node = "nsu={NAMESPACE};s=Counter"
+type = "uint"
+"#,
+        url = server.url()
+    );
+    let mut s = Setup::start_keyed(dir, &devices).await.expect("setup");
+    let identity = |summary: &Value| summary["gateways"][0]["devices"][0]["identity"].clone();
+    s.wait_point("late", "counter", |p| p["quality"] == "bad")
+        .await;
+    let before = s
+        .ingest
+        .api()
+        .get("/api/v1/summary")
+        .await
+        .expect("summary");
+    assert!(
+        identity(&before)["application_uri"].is_null(),
+        "untrusted: not identified\n{before}"
+    );
+    let pid = s.gateway.proc.pid();
+
+    let (ok, out) = s.cli(&["opcua", "trust", &thumb[..12]]);
+    assert!(ok, "{out}");
+    s.wait_point("late", "counter", |p| p["quality"] == "good")
+        .await;
+    let found = wait_for("the identity at ingest", WAIT, || async {
+        let summary = s.ingest.api().get("/api/v1/summary").await?;
+        Ok((!identity(&summary)["application_uri"].is_null()).then(|| identity(&summary)))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.logs()));
+    assert_eq!(
+        found["application_uri"], "urn:guantong:test-server",
+        "{found}"
+    );
+    assert_eq!(
+        found["product_name"], "Guantong OPC UA test server",
+        "{found}"
+    );
+    assert_eq!(found["software_version"], "1.2.3", "{found}");
+    assert_eq!(found["certificate_thumbprint"], thumb, "{found}");
+    assert!(
+        found["security"]
+            .as_str()
+            .is_some_and(|t| t.contains("Basic256Sha256")),
+        "{found}"
+    );
+    // The same process, data flowing on; one line says what happened.
+    assert_eq!(s.gateway.proc.pid(), pid);
+    assert!(s.gateway.proc.is_running());
+    server.set(vec![(server.node("Counter"), Variant::UInt32(7))]);
+    s.wait_point("late", "counter", |p| p["value"] == 7).await;
+    let logs = s.gateway.proc.logs();
+    assert_eq!(
+        logs.matches("device identified at its first connect")
+            .count(),
+        1,
+        "{logs}"
+    );
+    // The device was not restarted to publish it: one session all along.
+    assert_eq!(logs.matches("opc ua session open").count(), 1, "{logs}");
+
+    // The new manifest is announced in the chain: it verifies.
+    s.gateway.proc.terminate(Duration::from_secs(10));
+    s.ingest.proc.terminate(Duration::from_secs(10));
+    let r = guantong_e2e::evidence::verify_chain(&s.ingest.data).expect("verify-chain runs");
+    assert!(r.ok && !r.text.contains("BREAK"), "{}", r.text);
+    server.stop().await;
 }

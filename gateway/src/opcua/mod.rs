@@ -64,6 +64,10 @@
 //!   the previous Read is stored at the Read's time: one point per poll.
 //! - Order after a gap: see `AfterGap` (the first current value after the
 //!   gateway's Bad point is stamped after it).
+//! - Identity: read at start (`identify_all`); a device that got none then
+//!   (untrusted, unreachable) reads it at its first session and reports it
+//!   (`reload::Identified`), which publishes a new manifest without
+//!   restarting anything.
 
 pub mod config;
 pub mod convert;
@@ -94,6 +98,7 @@ use tracing::{debug, info, warn};
 use crate::collector::{Collector, PointSink};
 use crate::liveness::{Heartbeat, StallWatch};
 use crate::quality::{self, Sample, now_ms};
+use crate::reload::{Identified, IdentifiedTx};
 use config::{
     Deadband, Mode, Namespace, NodeAddress, OpcUaConfig, SecurityModeChoice, SecurityPolicyChoice,
 };
@@ -155,11 +160,24 @@ pub struct OpcUaCollector {
     config: OpcUaConfig,
     /// Manifest index of the device's first tag.
     first_tag: u32,
+    /// Where to report the identity, while the device has none.
+    identify: Option<IdentifiedTx>,
 }
 
 impl OpcUaCollector {
     pub fn new(config: OpcUaConfig, first_tag: u32) -> OpcUaCollector {
-        OpcUaCollector { config, first_tag }
+        OpcUaCollector {
+            config,
+            first_tag,
+            identify: None,
+        }
+    }
+
+    /// Reads the identity at the first session and sends it to `tx`, if
+    /// the device was not identified before its collector started.
+    pub fn report_identity_to(mut self, tx: IdentifiedTx) -> OpcUaCollector {
+        self.identify = self.config.identity.is_empty().then_some(tx);
+        self
     }
 }
 
@@ -187,6 +205,7 @@ impl Collector for OpcUaCollector {
         let mut across = Across {
             carried: None,
             order: AfterGap::new(self.first_tag, self.config.tags.len()),
+            identify: self.identify,
         };
         loop {
             let started = Instant::now();
@@ -729,6 +748,25 @@ async fn run_session(
         c = Connection::open(config, client) => c?,
     };
     info!(device = %config.id, endpoint = %describe_endpoint(&conn.endpoint), "opc ua session open");
+    if let Some(tx) = across.identify.take() {
+        match tokio::time::timeout(config.request_timeout, identity_of(&conn)).await {
+            Ok(Ok(identity)) => {
+                let _ = tx.send(Identified {
+                    device: config.id.clone(),
+                    first_slot: first_tag,
+                    identity,
+                });
+            }
+            Ok(Err(error)) => {
+                warn!(%error, device = %config.id, "opc ua server not identified; trying again at the next session");
+                across.identify = Some(tx);
+            }
+            Err(_) => {
+                warn!(device = %config.id, "opc ua server not identified: no answer within request_timeout; trying again at the next session");
+                across.identify = Some(tx);
+            }
+        }
+    }
     let result = serve(config, &mut conn, first_tag, sink, cancel, across).await;
     match result {
         Ok(SessionEnd::Lost(_)) if across.carried.is_some() => {
@@ -887,6 +925,8 @@ struct Across {
     /// The lost session's subscriptions, for the next session to take over.
     carried: Option<Carried>,
     order: AfterGap,
+    /// Where to report the identity until a session has read it.
+    identify: Option<IdentifiedTx>,
 }
 
 /// One publish response's samples, as the callback hands them over.
@@ -1087,7 +1127,7 @@ async fn subscribe_and_forward(
     cancel: &CancellationToken,
     across: &mut Across,
 ) -> Result<SessionEnd, OpcUaError> {
-    let Across { carried, order } = across;
+    let Across { carried, order, .. } = across;
     let session = conn.session.clone();
     let (tx, mut data) = mpsc::unbounded_channel();
     let overflows = Arc::new(AtomicU64::new(0));
