@@ -1021,17 +1021,13 @@ pub async fn report<S: Store>(
         .reports
         .report(&*store, &code, from_day, to_day, &state.criteria)
         .await?;
-    let fingerprint = if q.format.as_deref() == Some("html") {
-        let (_, bundle) = enterprise_bundle(&*store, &code, from_day, to_day).await?;
-        Some(crate::evidence::fingerprint(&bundle))
-    } else {
-        None
-    };
-    render_report(&r, &q, fingerprint.as_deref())
+    // No bundle fingerprint here: exporting the bundle reads every link of
+    // the window; the dossier's copy of the report carries it.
+    render_report(&r, &q)
 }
 
 /// The gateways of an enterprise and their evidence bundle over a window:
-/// what the dossier writes, and whose fingerprint the report's footer shows.
+/// what the dossier writes, and whose fingerprint its report's footer shows.
 pub async fn enterprise_bundle<S: Store>(
     store: &S,
     code: &str,
@@ -1049,14 +1045,10 @@ pub async fn enterprise_bundle<S: Store>(
     Ok((gateways, bundle))
 }
 
-pub fn render_report(
-    r: &EnterpriseReport,
-    q: &ReportQuery,
-    fingerprint: Option<&str>,
-) -> Result<Response, ApiError> {
+pub fn render_report(r: &EnterpriseReport, q: &ReportQuery) -> Result<Response, ApiError> {
     let format = q.format.as_deref().unwrap_or("json");
     let part = q.part.as_deref().unwrap_or("devices");
-    let body = report_bytes(r, format, Some(part), q.lang.as_deref(), fingerprint)?;
+    let body = report_bytes(r, format, Some(part), q.lang.as_deref(), None)?;
     Ok(respond(
         body,
         format,
@@ -1213,13 +1205,7 @@ pub async fn render_cli<S: Store>(
     match enterprise {
         Some(code) => {
             let r = build_report(store, snap, code, from_day, to_day, criteria).await?;
-            let fingerprint = if format == "html" {
-                let (_, bundle) = enterprise_bundle(store, code, from_day, to_day).await?;
-                Some(crate::evidence::fingerprint(&bundle))
-            } else {
-                None
-            };
-            report_bytes(&r, format, part, lang, fingerprint.as_deref())
+            report_bytes(&r, format, part, lang, None)
         }
         None => {
             let view = acceptance::city_view(

@@ -286,6 +286,11 @@ const TEXT: &[(&str, &str, &str)] = &[
         "Evidence bundle fingerprint (SHA-256, export time excluded; the dossier's bundle has the same)",
     ),
     (
+        "fingerprint_in_dossier",
+        "证据包指纹印在一企一档中的报告上（导出证据包需读取整个区间的数据，网页不逐次计算）",
+        "The evidence bundle's fingerprint is printed on the dossier's copy of this report (exporting the bundle reads the whole window, so the page does not on every view)",
+    ),
+    (
         "dossier_download",
         "下载一企一档（本统计区间）",
         "Download the dossier (this window)",
@@ -1172,6 +1177,8 @@ pub fn report(r: &EnterpriseReport, lang: Lang, fingerprint: Option<&str>) -> St
             }
             @if let Some(f) = fingerprint {
                 p { (t(lang, "fingerprint")) ": " code id="fingerprint" translate="no" { (f) } }
+            } @else {
+                p id="fingerprint-note" { (t(lang, "fingerprint_in_dossier")) }
             }
         }
     };
