@@ -207,6 +207,8 @@ pub struct Collectors {
     manifest_version: u64,
     /// The writer's slot map since the last switch.
     map: Option<Arc<[u32]>>,
+    /// Handed to collectors that identify their device late (OPC UA only).
+    #[cfg_attr(not(feature = "opcua"), allow(dead_code))]
     identified: IdentifiedTx,
 }
 
