@@ -776,7 +776,10 @@ impl Buffer {
         };
         let next = self.stats()?.next_seq;
         *self.unsure.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        if next == after {
+        // A commit that wrote no record (nothing to append) cannot be told
+        // by `next_seq`: it held nothing, so it counts as not landed and
+        // what the writer holds is written again.
+        if after > before && next == after {
             tracing::warn!(
                 first_seq = before,
                 last_seq = after - 1,
