@@ -477,3 +477,25 @@ pub async fn wait_for_load(
     }
     Ok(())
 }
+
+/// Waits (up to 2 min) until ingest has acknowledged at least `at_least`
+/// points of `load`.
+pub async fn wait_acked(
+    load: &Load,
+    ingest: &mut crate::procs::IngestProc,
+    at_least: u64,
+) -> anyhow::Result<()> {
+    wait_for_load(
+        load,
+        ingest,
+        Duration::from_secs(120),
+        |l| l.totals().acked >= at_least,
+        |l| {
+            format!(
+                "acknowledged {} of at least {at_least} points",
+                l.totals().acked
+            )
+        },
+    )
+    .await
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use guantong_e2e::load::{self, Load, Shape};
+use guantong_e2e::load::{self, Shape};
 use guantong_e2e::procs::{IngestProc, binary};
 use guantong_ingest::store::rollup::{DAY_MS, day_of};
 use reqwest::{Method, StatusCode};
@@ -48,18 +48,6 @@ fn cli(args: &[&str], data: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn cli_text(args: &[&str], data: &Path) -> anyhow::Result<String> {
     Ok(String::from_utf8(cli(args, data)?)?.trim().to_string())
-}
-
-/// Waits until the gateways' acknowledged points pass `at_least`.
-async fn wait_acked(load: &Load, ingest: &mut IngestProc, at_least: u64) -> anyhow::Result<()> {
-    load::wait_for_load(
-        load,
-        ingest,
-        Duration::from_secs(120),
-        |l| l.totals().acked >= at_least,
-        |l| format!("acknowledged {} of {at_least} points", l.totals().acked),
-    )
-    .await
 }
 
 /// Two enterprises (A of provider P1, B of P2), gateway `ga` in A and `gb`
@@ -241,7 +229,7 @@ async fn every_read_command_prints_the_same_while_serving_as_stopped() -> anyhow
     let data = ingest.data.clone();
     let (ga, gb) = (load::gateway_id(&prefix, 0), load::gateway_id(&prefix, 1));
     registry(&data, &ga, &gb)?;
-    wait_acked(&load, &mut ingest, 100).await?;
+    load::wait_acked(&load, &mut ingest, 100).await?;
     load.stop_producing();
     anyhow::ensure!(
         load.wait_drained(Duration::from_secs(60)).await,
@@ -414,12 +402,12 @@ async fn a_backup_taken_under_signed_load_restores_to_a_store_that_verifies() ->
     };
     let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
     let data = ingest.data.clone();
-    wait_acked(&load, &mut ingest, 1).await?;
+    load::wait_acked(&load, &mut ingest, 1).await?;
     // Two copies while batches are being written; the second is restored.
     let backup = work.path().join("backup.redb");
     for name in ["first.redb", "backup.redb"] {
         let acked = load.totals().acked;
-        wait_acked(&load, &mut ingest, acked + 1).await?;
+        load::wait_acked(&load, &mut ingest, acked + 1).await?;
         let out = work.path().join(name);
         cli(&["backup", "--out", &out.display().to_string()], &data)?;
     }
@@ -428,7 +416,7 @@ async fn a_backup_taken_under_signed_load_restores_to_a_store_that_verifies() ->
     assert!(!ok && stderr.contains("exists"), "{stderr}");
     let acked_at_backup = load.totals().acked;
     let committed = load.totals().committed;
-    wait_acked(&load, &mut ingest, committed + 1).await?;
+    load::wait_acked(&load, &mut ingest, committed + 1).await?;
     load.stop().await?;
     ingest.proc.terminate(Duration::from_secs(10));
 

@@ -13,23 +13,6 @@ use guantong_e2e::procs::{IngestProc, binary};
 use guantong_ingest::store::Store;
 use guantong_ingest::store::embedded::EmbeddedStore;
 
-/// Waits until the gateways' acknowledged points pass `at_least`.
-async fn wait_acked(load: &Load, ingest: &mut IngestProc, at_least: u64) -> anyhow::Result<()> {
-    load::wait_for_load(
-        load,
-        ingest,
-        Duration::from_secs(120),
-        |l| l.totals().acked >= at_least,
-        |l| {
-            format!(
-                "acknowledged {} of at least {at_least} points",
-                l.totals().acked
-            )
-        },
-    )
-    .await
-}
-
 /// `guantong-ingest verify-chain` on `data` (ingest stopped); its output.
 fn verify_chain(data: &std::path::Path) -> anyhow::Result<String> {
     let out = Command::new(binary("guantong-ingest")?)
@@ -105,7 +88,7 @@ async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() ->
         ingest.ca_file(),
         std::slice::from_ref(&token),
     )?;
-    wait_acked(&load, &mut ingest, 1).await?;
+    load::wait_acked(&load, &mut ingest, 1).await?;
 
     // A new token while serving; the old one stays valid for its grace.
     let rotated = ingest_cli(&["rotate-gateway-token", &id, "--grace", "1h"], &data)?;
@@ -125,7 +108,7 @@ async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() ->
     let chains = ingest.api_as(Some(reviewer)).get("/api/v1/chain").await?;
     assert!(chains.to_string().contains(&id), "{chains}");
     let committed = load.totals().committed;
-    wait_acked(&load, &mut ingest, committed).await?;
+    load::wait_acked(&load, &mut ingest, committed).await?;
     load.stop().await?;
     Ok(())
 }
@@ -145,7 +128,7 @@ async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -
     };
     let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
     let data = ingest.data.clone();
-    wait_acked(&load, &mut ingest, 1).await?;
+    load::wait_acked(&load, &mut ingest, 1).await?;
     for kill in 0..4u64 {
         // At a different moment of the write path each time.
         let pause = Duration::from_millis(700 + rand::random_range(0..1300));
@@ -153,7 +136,7 @@ async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -
         ingest.restart().await?;
         // Served again: more is acknowledged than was committed at the kill.
         let committed = load.totals().committed;
-        wait_acked(&load, &mut ingest, committed + 1)
+        load::wait_acked(&load, &mut ingest, committed + 1)
             .await
             .with_context(|| format!("after kill {}", kill + 1))?;
     }
