@@ -18,7 +18,12 @@
 //! `backfill` on the wire, so ingest can tell delayed data from live data.
 //!
 //! # Invariants
-//! - A batch leaves the buffer only after an ack covers it.
+//! - A batch leaves the buffer only after an ack covers it. Acked batches
+//!   are deleted together, at most `ACK_DELETE_DELAY` after the first ack of
+//!   a group and before a session ends: one fsynced delete for all the acks
+//!   that arrive meanwhile instead of one per ack, which on a slow card (SD,
+//!   eMMC) is the fsync budget the writer's commits need. An acked batch not
+//!   yet deleted at a crash is sent again and stored once by ingest.
 //! - After any disconnect the next connection resumes at the first batch ingest
 //!   has not stored; re-sent batches carry their original bytes and numbers,
 //!   so ingest stores them once.
@@ -125,6 +130,48 @@ pub fn tls_config(config: &UplinkConfig) -> Result<ClientTlsConfig, UplinkError>
 enum Event {
     Inbound(Option<Down>),
     Committed,
+    DeleteDue,
+}
+
+/// How long acked batches may wait to be deleted together.
+const ACK_DELETE_DELAY: Duration = Duration::from_millis(200);
+/// Acked ranges held before they are deleted at once, whatever the delay.
+const MAX_ACKED_RANGES: usize = 256;
+
+/// Acked batches not yet deleted: everything up to `cumulative` and the
+/// batches in `ranges`; `due` is when they must be.
+#[derive(Default)]
+struct Acked {
+    cumulative: u64,
+    ranges: Vec<(u64, u64)>,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Acked {
+    /// Records an ack of `first..=last` with ingest's cumulative mark; the
+    /// window slot is free at once.
+    fn add(&mut self, cumulative: u64, first: u64, last: u64, in_flight: &mut InFlight) {
+        in_flight.remove(&first);
+        in_flight.retain(|_, (l, _)| *l > cumulative);
+        self.cumulative = self.cumulative.max(cumulative);
+        if last > self.cumulative {
+            self.ranges.push((first.max(self.cumulative + 1), last));
+        }
+        self.due
+            .get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELETE_DELAY);
+    }
+
+    /// The ranges to delete, if any, leaving `self` empty.
+    fn take(&mut self) -> Option<Vec<(u64, u64)>> {
+        self.due.take()?;
+        let cumulative = std::mem::take(&mut self.cumulative);
+        let mut ranges: Vec<(u64, u64)> = std::mem::take(&mut self.ranges)
+            .into_iter()
+            .filter(|&(_, last)| last > cumulative)
+            .collect();
+        ranges.push((1, cumulative));
+        Some(ranges)
+    }
 }
 
 pub struct Uplink {
@@ -220,10 +267,25 @@ impl Uplink {
     }
 
     /// One connection. Returns Ok(acked_any) when the stream ended cleanly.
+    /// Whatever was acked is deleted before it returns, however it ends.
     async fn session(
         &self,
         cancel: &CancellationToken,
         compression: Compression,
+    ) -> Result<bool, UplinkError> {
+        let mut acked = Acked::default();
+        let result = self.stream(cancel, compression, &mut acked).await;
+        let deleted = self.delete_acked(&mut acked).await;
+        let acked_any = result?;
+        deleted?;
+        Ok(acked_any)
+    }
+
+    async fn stream(
+        &self,
+        cancel: &CancellationToken,
+        compression: Compression,
+        acked: &mut Acked,
     ) -> Result<bool, UplinkError> {
         self.status.uplink_connecting();
         let mut client = tokio::select! {
@@ -337,9 +399,12 @@ impl Uplink {
                 }
             }
 
+            let delete_due = acked.due;
             let event = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(acked_any),
+                _ = tokio::time::sleep_until(delete_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if delete_due.is_some() => Event::DeleteDue,
                 // Cancel-safe: `message()` keeps partial frames inside `inbound`.
                 msg = inbound.message() => Event::Inbound(msg?.and_then(|m| m.kind)),
                 // Cancel-safe: waiting on a watch channel consumes nothing.
@@ -350,19 +415,22 @@ impl Uplink {
             };
             match event {
                 Event::Committed => {}
+                Event::DeleteDue => self.delete_acked(acked).await?,
                 Event::Inbound(Some(Down::Ack(ack))) => {
                     acked_any = true;
                     self.status.batch_acked(ack.batch_seq);
                     let (first, last) = (ack.batch_seq, ack.batch_last_seq.max(ack.batch_seq));
-                    self.delete_acked(ack.seq, first, last, &mut in_flight)
-                        .await?;
+                    acked.add(ack.seq, first, last, &mut in_flight);
+                    if acked.ranges.len() >= MAX_ACKED_RANGES {
+                        self.delete_acked(acked).await?;
+                    }
                 }
                 Event::Inbound(Some(Down::Rejected(r))) => {
                     // Ingest will never accept it as sent and recorded it as a
                     // loss; keeping it would resend it forever.
                     warn!(seq = r.batch_seq, reason = %r.reason, "ingest rejected a batch; it is dropped");
                     let first = if r.batch_seq == 0 { r.seq } else { r.batch_seq };
-                    self.delete_acked(0, first, r.seq, &mut in_flight).await?;
+                    acked.add(0, first, r.seq, &mut in_flight);
                 }
                 Event::Inbound(Some(other)) => {
                     return Err(UplinkError::Protocol(format!("unexpected {other:?}")));
@@ -419,20 +487,13 @@ impl Uplink {
         tx.send(msg).await.map_err(|_| UplinkError::Closed)
     }
 
-    /// Deletes everything up to `cumulative` and the batch `first..=last`.
-    async fn delete_acked(
-        &self,
-        cumulative: u64,
-        first: u64,
-        last: u64,
-        in_flight: &mut InFlight,
-    ) -> Result<(), UplinkError> {
-        // One transaction for both: this runs once per acknowledged batch.
-        let ranges = [(1, cumulative), (first.max(cumulative + 1), last)];
+    /// Deletes what `acked` holds, in one transaction.
+    async fn delete_acked(&self, acked: &mut Acked) -> Result<(), UplinkError> {
+        let Some(ranges) = acked.take() else {
+            return Ok(());
+        };
         let b = self.buffer.clone();
         tokio::task::spawn_blocking(move || b.ack_ranges(&ranges)).await??;
-        in_flight.remove(&first);
-        in_flight.retain(|_, (l, _)| *l > cumulative);
         Ok(())
     }
 
