@@ -240,6 +240,10 @@ pub(super) fn salvage(bytes: &[u8]) -> Salvage {
         .into_iter()
         .filter_map(|r| {
             let (h, batch) = decode_record(r)?;
+            // A sequence number of u64::MAX leaves no next one: never written.
+            if h.last_seq == u64::MAX || batch.seq == u64::MAX {
+                return None;
+            }
             let link = effective_link(&h, &r[HEADER..], &batch);
             Some(Candidate {
                 bytes: r,
@@ -427,7 +431,7 @@ pub(super) fn estimate<'a>(
         let (points, first, last) = match (b, a, interval) {
             (Some(b), Some(a), Some(step)) => {
                 let (t0, t1) = (b.times[b.times.len() - 1], a.times[0]);
-                let n = (t1.saturating_sub(t0) as f64 / step as f64).round() as i64 - 1;
+                let n = ((t1.saturating_sub(t0) as f64 / step as f64).round() as i64).saturating_sub(1);
                 (
                     n.max(0) as u64,
                     t0.saturating_add(step),
@@ -635,7 +639,28 @@ fn check(s: &Salvage) {
 
 #[cfg(test)]
 mod tests {
+    use guantong_proto::v1::{Batch, Point};
     use rand::{Rng, SeedableRng};
+
+    /// Neighbours at opposite ends of time (damaged bytes that still pass
+    /// the CRC, or a clock gone wild): no overflow, nothing estimated.
+    #[test]
+    fn estimate_takes_times_at_the_ends_of_i64() {
+        let batch = |base_time_ms: i64| Batch {
+            base_time_ms,
+            points: [0, 1]
+                .map(|time_offset_ms| Point {
+                    tag: 7,
+                    time_offset_ms,
+                    ..Default::default()
+                })
+                .to_vec(),
+            ..Default::default()
+        };
+        let (before, after) = (batch(i64::MAX - 1), batch(i64::MIN));
+        let (points, _) = super::estimate([&before].into_iter(), [&after].into_iter(), 3);
+        assert_eq!(points, 0);
+    }
 
     /// The fuzz target's check on random inputs, so `cargo test` runs it
     /// where cargo-fuzz is not installed; the seeds in
