@@ -633,7 +633,7 @@ pub async fn enterprise_report(
     to_day: i64,
     c: &Criteria,
 ) -> Result<EnterpriseReport> {
-    let index = Index::new(store, snap).await?;
+    let index = Index::new(store, snap, std::slice::from_ref(&enterprise.code)).await?;
     report_with(store, snap, &index, enterprise, from_day, to_day, c, true).await
 }
 
@@ -644,13 +644,14 @@ struct Index<'a> {
 }
 
 impl<'a> Index<'a> {
-    async fn new(store: &impl Store, snap: &'a Snapshot) -> Result<Index<'a>> {
+    /// For the enterprises `codes` only: their gateways, not every owner's.
+    async fn new(store: &impl Store, snap: &'a Snapshot, codes: &[String]) -> Result<Index<'a>> {
         let mut by_gateway: HashMap<&str, Vec<&SeriesInfo>> = HashMap::new();
         for s in &snap.series {
             by_gateway.entry(s.gateway.as_str()).or_default().push(s);
         }
         Ok(Index {
-            owners: store.gateway_owners().await?,
+            owners: store.gateways_of(codes).await?,
             by_gateway,
         })
     }
@@ -1079,7 +1080,8 @@ pub async fn city_view(
     c: &Criteria,
 ) -> Result<CityView> {
     let mut rows = Vec::new();
-    let index = Index::new(store, snap).await?;
+    let codes: Vec<String> = enterprises.iter().map(|e| e.code.clone()).collect();
+    let index = Index::new(store, snap, &codes).await?;
     for e in enterprises {
         let r = report_with(store, snap, &index, e, from_day, to_day, c, false).await?;
         let on_cloud = r.usage.last().is_some_and(|u| u.active);
