@@ -431,7 +431,8 @@ pub(super) fn estimate<'a>(
         let (points, first, last) = match (b, a, interval) {
             (Some(b), Some(a), Some(step)) => {
                 let (t0, t1) = (b.times[b.times.len() - 1], a.times[0]);
-                let n = ((t1.saturating_sub(t0) as f64 / step as f64).round() as i64).saturating_sub(1);
+                let n =
+                    ((t1.saturating_sub(t0) as f64 / step as f64).round() as i64).saturating_sub(1);
                 (
                     n.max(0) as u64,
                     t0.saturating_add(step),
