@@ -211,6 +211,8 @@ struct InfoLabels {
 /// Every metric of the gateway, defined here and only here.
 struct Metrics {
     registry: Registry,
+    version: String,
+    info: Family<InfoLabels, Gauge>,
     device_samples: Family<SampleLabels, Counter>,
     device_up: Family<DeviceLabels, Gauge>,
     device_last_good: Family<DeviceLabels, Gauge<f64, AtomicU64>>,
@@ -228,6 +230,17 @@ struct Metrics {
 }
 
 impl Metrics {
+    /// `guantong_gateway_info` names the running manifest only.
+    fn set_manifest(&self, manifest_version: u64) {
+        self.info.clear();
+        self.info
+            .get_or_create(&InfoLabels {
+                version: self.version.clone(),
+                manifest_version: format!("{manifest_version:016x}"),
+            })
+            .set(1);
+    }
+
     fn new(version: &str, manifest_version: u64) -> Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
@@ -247,18 +260,15 @@ impl Metrics {
             uplink_ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             uplink_clock_offset: Gauge::default(),
             registry: Registry::default(),
-        };
-        let info: Family<InfoLabels, Gauge> = Family::default();
-        info.get_or_create(&InfoLabels {
             version: version.to_string(),
-            manifest_version: format!("{manifest_version:016x}"),
-        })
-        .set(1);
+            info: Family::default(),
+        };
+        m.set_manifest(manifest_version);
         let r = &mut registry;
         r.register(
             "guantong_gateway_info",
             "Software and manifest version (value 1)",
-            info,
+            m.info.clone(),
         );
         r.register(
             "guantong_device_samples",
@@ -430,6 +440,7 @@ impl Status {
     pub fn manifest_switched(&self, manifest_version: u64) {
         self.manifest_version
             .store(manifest_version, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_manifest(manifest_version);
     }
 
     /// Counts samples on their way to the buffer (the writer calls this).
@@ -1178,6 +1189,24 @@ mod tests {
         let e = s.devices[1].last_error.as_ref().expect("last error");
         assert_eq!(e.code_hex, "0x00010002");
         assert!(e.text.contains("illegal data address"), "{}", e.text);
+    }
+
+    /// After a reload `guantong_gateway_info` names the new manifest, and
+    /// only it (a scrape must not see two manifests running).
+    #[test]
+    fn the_info_metric_follows_the_running_manifest() {
+        let status = Status::new("gw", 1, vec![spec("a", 0, 1, None)], 0);
+        status.reconfigure(0xbeef, vec![spec("a", 0, 1, None)]);
+        let text = status.encode_metrics().expect("metrics");
+        let info: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("guantong_gateway_info{"))
+            .collect();
+        assert_eq!(info.len(), 1, "{text}");
+        assert!(
+            info[0].contains("manifest_version=\"000000000000beef\"") && info[0].ends_with(" 1"),
+            "{text}"
+        );
     }
 
     #[test]
