@@ -211,7 +211,6 @@ struct InfoLabels {
 /// Every metric of the gateway, defined here and only here.
 struct Metrics {
     registry: Registry,
-    version: String,
     info: Family<InfoLabels, Gauge>,
     device_samples: Family<SampleLabels, Counter>,
     device_up: Family<DeviceLabels, Gauge>,
@@ -235,13 +234,13 @@ impl Metrics {
         self.info.clear();
         self.info
             .get_or_create(&InfoLabels {
-                version: self.version.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
                 manifest_version: format!("{manifest_version:016x}"),
             })
             .set(1);
     }
 
-    fn new(version: &str, manifest_version: u64) -> Metrics {
+    fn new(manifest_version: u64) -> Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             device_samples: Family::default(),
@@ -260,7 +259,6 @@ impl Metrics {
             uplink_ack_latency: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             uplink_clock_offset: Gauge::default(),
             registry: Registry::default(),
-            version: version.to_string(),
             info: Family::default(),
         };
         m.set_manifest(manifest_version);
@@ -405,7 +403,7 @@ impl Status {
                 log: VecDeque::from([(last_committed, now)]),
                 last_failed: None,
             }),
-            metrics: Metrics::new(env!("CARGO_PKG_VERSION"), manifest_version),
+            metrics: Metrics::new(manifest_version),
         }
     }
 
