@@ -151,6 +151,10 @@ pub async fn run_with(
         buffer: buffer.clone(),
         committed: committed_rx,
         status: status.clone(),
+        health: Some(uplink::HealthReports {
+            every: uplink::HEALTH_EVERY,
+            max_bytes: config.buffer.max_bytes.as_u64(),
+        }),
     };
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 

@@ -697,6 +697,36 @@ impl Status {
         }
     }
 
+    /// What the uplink reports to ingest for its fleet view: the snapshot,
+    /// shortened to what an operator of many gateways needs.
+    pub fn health(&self, buffer: &Buffer, max_bytes: u64) -> guantong_proto::v1::Health {
+        use guantong_proto::v1::{DeviceHealth, Health};
+        let s = self.snapshot(buffer, max_bytes);
+        Health {
+            taken_at_ms: s.now_ms,
+            software_version: s.version,
+            manifest_version: self
+                .manifest_version
+                .load(std::sync::atomic::Ordering::Relaxed),
+            buffer_used_bytes: s.buffer.used_bytes,
+            buffer_max_bytes: s.buffer.max_bytes,
+            pending_batches: s.buffer.pending_batches,
+            backlog_age_s: s.buffer.backlog_age_s,
+            dropped_points: s.buffer.dropped_points,
+            clock_offset_ms: s.uplink.clock_offset_ms,
+            devices: s
+                .devices
+                .into_iter()
+                .map(|d| DeviceHealth {
+                    id: d.id,
+                    protocol: d.protocol,
+                    state: d.state.wire() as i32,
+                    reason: d.reason.unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+
     /// `/metrics`: the Prometheus text format (OpenMetrics flavour).
     fn encode_metrics(&self) -> Result<String, fmt::Error> {
         let mut text = String::new();
@@ -712,6 +742,17 @@ pub enum DeviceState {
     Up,
     Down,
     Waiting,
+}
+
+impl DeviceState {
+    fn wire(self) -> guantong_proto::v1::DeviceState {
+        use guantong_proto::v1::DeviceState as W;
+        match self {
+            DeviceState::Up => W::Up,
+            DeviceState::Down => W::Down,
+            DeviceState::Waiting => W::Waiting,
+        }
+    }
 }
 
 impl fmt::Display for DeviceState {

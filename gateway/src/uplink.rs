@@ -8,7 +8,9 @@
 //! the gateway deletes at once. Then the gateway sends batches, each preceded
 //! by its manifest the first time a manifest version appears on the
 //! connection. Ingest answers one `Ack` per stored batch, naming the batch
-//! and the cumulative stored mark.
+//! and the cumulative stored mark. Beside them, a `Health` report (the
+//! status page's view, for ingest's fleet view) right after `Welcome` and
+//! every `HEALTH_EVERY`; it never waits behind batches.
 //!
 //! # Live data first
 //! At connect, everything committed so far is *backlog*; batches committed
@@ -131,7 +133,20 @@ enum Event {
     Inbound(Option<Down>),
     Committed,
     DeleteDue,
+    Health,
 }
+
+/// Health reports on the stream (see `Status::health`): one after Welcome,
+/// then one every `every`. None: no reports (benchmarks, tests of others).
+#[derive(Debug, Clone, Copy)]
+pub struct HealthReports {
+    pub every: Duration,
+    /// The buffer's bound, for its fill.
+    pub max_bytes: u64,
+}
+
+/// How often a gateway reports its health to ingest.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(10);
 
 /// How long acked batches may wait to be deleted together.
 const ACK_DELETE_DELAY: Duration = Duration::from_millis(200);
@@ -181,6 +196,7 @@ pub struct Uplink {
     pub committed: watch::Receiver<u64>,
     /// Told of connection state, sends and acks.
     pub status: Arc<Status>,
+    pub health: Option<HealthReports>,
 }
 
 /// Batches sent and not yet acknowledged: first seq -> (last seq, backlog?).
@@ -357,6 +373,11 @@ impl Uplink {
             "uplink connected"
         );
 
+        let mut health_tick = self.health.map(|h| {
+            let mut tick = tokio::time::interval(h.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
         let mut acked_any = false;
@@ -405,6 +426,13 @@ impl Uplink {
                 _ = cancel.cancelled() => return Ok(acked_any),
                 _ = tokio::time::sleep_until(delete_due.unwrap_or_else(tokio::time::Instant::now)),
                     if delete_due.is_some() => Event::DeleteDue,
+                // The first tick is at once: a report right after Welcome.
+                _ = async {
+                    match health_tick.as_mut() {
+                        Some(tick) => tick.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => Event::Health,
                 // Cancel-safe: `message()` keeps partial frames inside `inbound`.
                 msg = inbound.message() => Event::Inbound(msg?.and_then(|m| m.kind)),
                 // Cancel-safe: waiting on a watch channel consumes nothing.
@@ -416,6 +444,7 @@ impl Uplink {
             match event {
                 Event::Committed => {}
                 Event::DeleteDue => self.delete_acked(acked).await?,
+                Event::Health => self.report_health(&tx).await,
                 Event::Inbound(Some(Down::Ack(ack))) => {
                     acked_any = true;
                     self.status.batch_acked(ack.batch_seq);
@@ -437,6 +466,26 @@ impl Uplink {
                 }
                 Event::Inbound(None) => return Err(UplinkError::Closed),
             }
+        }
+    }
+
+    /// Sends a health report unless the stream's queue is full: a report
+    /// never waits behind batches, the next one follows anyway.
+    async fn report_health(&self, tx: &mpsc::Sender<GatewayMessage>) {
+        let Some(h) = self.health else { return };
+        let (status, buffer) = (self.status.clone(), self.buffer.clone());
+        let Ok(health) =
+            tokio::task::spawn_blocking(move || status.health(&buffer, h.max_bytes)).await
+        else {
+            return;
+        };
+        if tx
+            .try_send(GatewayMessage {
+                kind: Some(Up::Health(health)),
+            })
+            .is_err()
+        {
+            debug!("health report skipped: the stream's queue is full");
         }
     }
 

@@ -61,6 +61,14 @@ pub struct ConnectionInfo {
     pub batches: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Streams open now (a gateway may hold more than one).
+    pub streams: u32,
+    /// From `Hello`.
+    pub software_version: String,
+    /// When a batch of this gateway was last stored (not a duplicate).
+    pub last_batch_ms: Option<i64>,
+    /// The latest health report (see [`crate::fleet`]).
+    pub health: Option<crate::fleet::HealthView>,
 }
 
 impl Connections {
@@ -80,6 +88,10 @@ impl Connections {
                     batches: 0,
                     duplicates: 0,
                     rejected: 0,
+                    streams: 0,
+                    software_version: String::new(),
+                    last_batch_ms: None,
+                    health: None,
                 });
             f(e);
         }
@@ -268,9 +280,13 @@ impl<S: Store> Uplink for UplinkService<S> {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         info!(%gateway, %peer, buffer_id = format_args!("{:016x}", hello.buffer_id), stored_seq = stored, version = %hello.software_version, "gateway connected");
         self.connections.update(&gateway, |c| {
+            if !c.connected {
+                c.since_ms = now_ms();
+            }
             c.connected = true;
+            c.streams += 1;
+            c.software_version = hello.software_version.clone();
             c.peer = peer.clone();
-            c.since_ms = now_ms();
             c.last_message_ms = now_ms();
             c.buffer_id = format!("{:016x}", hello.buffer_id);
         });
@@ -363,7 +379,10 @@ impl<S: Store> Session<S> {
                     match pending.await {
                         Ok(appended) => {
                             connections.update(&gateway, |c| match appended.outcome {
-                                AppendOutcome::Stored => c.batches += 1,
+                                AppendOutcome::Stored => {
+                                    c.batches += 1;
+                                    c.last_batch_ms = Some(now_ms());
+                                }
                                 AppendOutcome::Duplicate => c.duplicates += 1,
                             });
                             if tx
@@ -392,8 +411,13 @@ impl<S: Store> Session<S> {
             let _ = tx.send(Err(status)).await;
         }
         let _ = acker.await;
-        self.connections
-            .update(&self.gateway, |c| c.connected = false);
+        self.connections.update(&self.gateway, |c| {
+            c.streams = c.streams.saturating_sub(1);
+            if c.streams == 0 {
+                c.connected = false;
+                c.since_ms = now_ms();
+            }
+        });
         info!(gateway = %self.gateway, "gateway disconnected");
     }
 
@@ -456,6 +480,18 @@ impl<S: Store> Session<S> {
                         Box::pin(metrics::timed_append(&*self.store, append));
                     if pending.send((reply, queued)).await.is_err() {
                         return Ok(());
+                    }
+                }
+                Some(Up::Health(h)) => {
+                    // Operational, not evidence: a bad report is dropped
+                    // and logged, the stream goes on.
+                    match crate::fleet::HealthView::from_wire(h, now_ms()) {
+                        Ok(view) => self
+                            .connections
+                            .update(&self.gateway, |c| c.health = Some(view)),
+                        Err(e) => {
+                            warn!(gateway = %self.gateway, error = %e, "health report dropped")
+                        }
                     }
                 }
                 Some(Up::Hello(_)) => {

@@ -142,6 +142,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         )
         .route("/api/v1/access-log", get(web::access_log::<S>))
         .route("/api/v1/city", get(web::city::<S>))
+        .route("/gateways", get(web::fleet_page::<S>))
         .route("/report/{code}", get(web::report_page::<S>))
         .route("/city", get(web::city_page::<S>))
         .route("/api/v1/digests", get(digests::<S>))
@@ -620,7 +621,8 @@ async fn overview<S: Store>(
         .filter(|e| viewer.account.can_read(e))
         .map(|e| (e.code, e.name))
         .collect();
-    Ok(Html(web::html::overview(&s, &enterprises, lang)))
+    let fleet = crate::fleet::may_see(&viewer).is_ok();
+    Ok(Html(web::html::overview(&s, &enterprises, fleet, lang)))
 }
 
 #[cfg(test)]

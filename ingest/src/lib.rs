@@ -11,6 +11,7 @@ pub mod ca;
 pub mod days;
 pub mod dossier;
 pub mod evidence;
+pub mod fleet;
 pub mod forwarded;
 pub mod grpc;
 pub mod http;

@@ -281,7 +281,10 @@ pub const LONG: std::time::Duration = std::time::Duration::from_secs(3600);
 /// (behind its authentication and limits).
 pub fn routes<S: Store>() -> Router<Arc<ApiState<S>>> {
     Router::new()
-        .route("/api/v1/gateways", post(register_gateway::<S>))
+        .route(
+            "/api/v1/gateways",
+            get(crate::web::fleet::<S>).post(register_gateway::<S>),
+        )
         .route("/api/v1/gateways/{id}/token", post(rotate_token::<S>))
 }
 

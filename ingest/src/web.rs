@@ -291,7 +291,7 @@ fn with_cookie(mut resp: Response, cookie: &str) -> Response {
     resp
 }
 
-fn url_escape(s: &str) -> String {
+pub(crate) fn url_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
@@ -1187,6 +1187,74 @@ pub async fn city_page<S: Store>(
     city(state, viewer, Query(q))
         .await
         .unwrap_or_else(|e| page_error(lang, e))
+}
+
+/// The fleet `viewer` may see (see [`crate::fleet`]), and the enterprises
+/// it may filter by.
+async fn fleet_of<S: Store>(
+    state: &ApiState<S>,
+    viewer: &Viewer,
+    q: &crate::fleet::FleetQuery,
+) -> Result<(Vec<crate::fleet::FleetRow>, Vec<Enterprise>), ApiError> {
+    crate::fleet::may_see(viewer)?;
+    let store = &*state.store;
+    let (enterprises, owners, chains) = match scoped_enterprises(store, &viewer.account).await? {
+        None => (
+            store.enterprises().await?,
+            store.gateway_owners().await?,
+            store.chains().await?,
+        ),
+        Some(enterprises) => {
+            let codes: Vec<String> = enterprises.iter().map(|e| e.code.clone()).collect();
+            let owners = store.gateways_of(&codes).await?;
+            let visible: Vec<String> = owners.keys().cloned().collect();
+            (enterprises, owners, store.chains_of(&visible).await?)
+        }
+    };
+    let sources = crate::fleet::Sources {
+        gateways: store.gateways().await?,
+        owners,
+        enterprises: enterprises.clone(),
+        connections: state.connections.snapshot(),
+        chains,
+    };
+    Ok((crate::fleet::rows(sources, viewer, q)?, enterprises))
+}
+
+/// `GET /api/v1/gateways`: the fleet as JSON.
+pub async fn fleet<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+    Query(q): Query<crate::fleet::FleetQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (rows, _) = fleet_of(&state, &viewer, &q).await?;
+    Ok(Json(serde_json::json!({
+        "generated_at": crate::http::rfc3339(now_ms()),
+        "gateways": rows,
+    })))
+}
+
+/// `/gateways`: the fleet page.
+pub async fn fleet_page<S: Store>(
+    State(state): State<Arc<ApiState<S>>>,
+    Extension(viewer): Extension<Arc<Viewer>>,
+    Query(q): Query<crate::fleet::FleetQuery>,
+) -> Response {
+    let lang = html::Lang::from(q.lang.as_deref());
+    match fleet_of(&state, &viewer, &q).await {
+        Ok((rows, enterprises)) => {
+            let providers: BTreeSet<String> = enterprises
+                .iter()
+                .map(|e| e.provider.clone())
+                .filter(|p| !p.is_empty())
+                .collect();
+            let choices: Vec<(String, String)> =
+                enterprises.into_iter().map(|e| (e.code, e.name)).collect();
+            let providers: Vec<String> = providers.into_iter().collect();
+            Html(html::fleet(&rows, &q, &choices, &providers, lang)).into_response()
+        }
+        Err(e) => page_error(lang, e),
+    }
 }
 
 /// A report or the city view as bytes, for the CLI.

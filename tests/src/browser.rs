@@ -53,6 +53,23 @@ impl Browser {
     /// Starts chromedriver on a free port and a headless Chromium
     /// `width` px wide with its profile in `profile`.
     pub async fn start(profile: &Path, width: u32) -> anyhow::Result<Browser> {
+        Browser::start_with(profile, width, serde_json::json!({})).await
+    }
+
+    /// A phone's screen `width` px wide (Chromium's mobile emulation: a
+    /// desktop window is never narrower than 500 px).
+    pub async fn phone(profile: &Path, width: u32) -> anyhow::Result<Browser> {
+        let metrics = serde_json::json!({ "width": width, "height": 800, "pixelRatio": 1.0 });
+        let emulation = serde_json::json!({ "mobileEmulation": { "deviceMetrics": metrics } });
+        Browser::start_with(profile, 600, emulation).await
+    }
+
+    /// `start`, with `extra` merged into `goog:chromeOptions`.
+    async fn start_with(
+        profile: &Path,
+        width: u32,
+        extra: serde_json::Value,
+    ) -> anyhow::Result<Browser> {
         let exe = ["chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
             .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
@@ -70,17 +87,19 @@ impl Browser {
             Command::new(exe).arg(format!("--port={port}")),
             &profile.with_extension("chromedriver.log"),
         )?;
+        let mut options = serde_json::json!({
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--hide-scrollbars", "--force-device-scale-factor=1",
+                format!("--window-size={width},1000"),
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        });
+        if let (Some(o), serde_json::Value::Object(extra)) = (options.as_object_mut(), extra) {
+            o.extend(extra);
+        }
         let caps: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_value(serde_json::json!({
-                "goog:chromeOptions": {
-                    "args": [
-                        "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--hide-scrollbars", "--force-device-scale-factor=1",
-                        format!("--window-size={width},1000"),
-                        format!("--user-data-dir={}", profile.display()),
-                    ]
-                }
-            }))?;
+            serde_json::from_value(serde_json::json!({ "goog:chromeOptions": options }))?;
         let url = format!("http://127.0.0.1:{port}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let client = loop {

@@ -230,6 +230,7 @@ impl Load {
                 buffer: buffer.clone(),
                 committed: committed_rx,
                 status: Arc::new(guantong_gateway::status::Status::new(&id, 0, Vec::new(), 0)),
+                health: None,
             };
             tasks.push(tokio::spawn({
                 let cancel = uplinks.child_token();

@@ -116,6 +116,7 @@ impl Pipeline {
             buffer: buffer.clone(),
             committed: committed.clone(),
             status,
+            health: None,
         };
         let cancel = CancellationToken::new();
         let uplink = tokio::spawn(uplink.run(cancel.clone()));

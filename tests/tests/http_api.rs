@@ -298,6 +298,54 @@ async fn every_route_answers_each_role_of_two_enterprises_only_what_it_may() -> 
         for path in ["/api/v1/chain", "/api/v1/losses", "/api/v1/client"] {
             w.expect(who, Method::GET, path, None, 200).await?;
         }
+        // The fleet: admins and providers, each only its gateways;
+        // reviewers are refused, on the API and on the page.
+        let fleet_status = if who.starts_with("rev-") { 403 } else { 200 };
+        let (_, fleet) = w
+            .expect(who, Method::GET, "/api/v1/gateways", None, fleet_status)
+            .await?;
+        if fleet_status == 200 {
+            assert_eq!(
+                strings(&fleet, "gateways", &["id"]),
+                gateways,
+                "{who}: fleet"
+            );
+            // A filter never widens what an account sees.
+            let (_, of_b) = w
+                .expect(
+                    who,
+                    Method::GET,
+                    &format!("/api/v1/gateways?enterprise={B}"),
+                    None,
+                    200,
+                )
+                .await?;
+            let b_visible: BTreeSet<String> =
+                gateways.iter().filter(|g| *g == "gw-b").cloned().collect();
+            assert_eq!(strings(&of_b, "gateways", &["id"]), b_visible, "{who}");
+        } else {
+            assert!(
+                fleet.to_string().contains("admins and providers"),
+                "{fleet}"
+            );
+        }
+        let (_, overview) = w.send_text(who, Method::GET, "/", "").await?;
+        assert_eq!(
+            overview.contains("id=\"fleet-link\""),
+            fleet_status == 200,
+            "{who}: the overview links to the fleet only where it opens"
+        );
+        let (page_status, page) = w
+            .send_text(who, Method::GET, "/gateways?lang=en", "")
+            .await?;
+        assert_eq!(page_status.as_u16(), fleet_status, "{who}: /gateways");
+        for g in ["gw-a", "gw-b", "gw-loose"] {
+            assert_eq!(
+                page.contains(&format!("data-id=\"{g}\"")),
+                fleet_status == 200 && gateways.contains(g),
+                "{who}: {g} on the fleet page"
+            );
+        }
         let admin_only = if who == "admin" { 200 } else { 403 };
         for path in ["/api/v1/accounts", "/api/v1/access-log"] {
             w.expect(who, Method::GET, path, None, admin_only).await?;
@@ -758,7 +806,7 @@ fn nasty_values() -> Vec<String> {
 async fn no_query_or_path_makes_ingest_answer_5xx_or_panic() -> anyhow::Result<()> {
     let w = World::start().await?;
     // Every route with the parameters it reads, and one it does not.
-    let routes: [(&str, &[&str]); 14] = [
+    let routes: [(&str, &[&str]); 16] = [
         ("/", &["x", "lang"]),
         ("/api/v1/summary", &["from", "to"]),
         ("/api/v1/points", &["from", "to", "limit"]),
@@ -770,6 +818,8 @@ async fn no_query_or_path_makes_ingest_answer_5xx_or_panic() -> anyhow::Result<(
         ("/api/v1/access-log", &["limit"]),
         ("/api/v1/city", &["from", "to", "format", "lang"]),
         ("/city", &["from", "to", "lang"]),
+        ("/api/v1/gateways", &["enterprise", "provider", "sort"]),
+        ("/gateways", &["enterprise", "provider", "sort", "lang"]),
         ("/login", &["next"]),
         ("/api/v1/client", &["x"]),
         ("/healthz", &["x"]),

@@ -1,7 +1,8 @@
 //! Any bytes a gateway sends on its stream — a `GatewayMessage`, or a batch
 //! envelope's payload — must decode or fail with an error, and what decodes
 //! must pass validation or be refused with a reason — never a panic. A batch
-//! that passes has only points within the manifest and the time window.
+//! that passes has only points within the manifest and the time window; a
+//! health report that passes has a fill within 0..=1 and bounded devices.
 #![no_main]
 
 use guantong_ingest::validate::{ValidationLimits, check_manifest, check_points};
@@ -48,6 +49,12 @@ fuzz_target!(|data: &[u8]| {
         Some(Kind::Batch(envelope)) => {
             if let Ok(b) = Batch::decode(envelope.payload.as_ref()) {
                 batch(&b, tags);
+            }
+        }
+        Some(Kind::Health(h)) => {
+            if let Ok(view) = guantong_ingest::fleet::HealthView::from_wire(h, NOW_MS) {
+                assert!((0.0..=1.0).contains(&view.buffer_fill));
+                assert!(view.devices.len() <= guantong_ingest::fleet::MAX_HEALTH_DEVICES);
             }
         }
         Some(Kind::Hello(_)) | None => {}

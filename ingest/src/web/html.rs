@@ -315,6 +315,39 @@ const TEXT: &[(&str, &str, &str)] = &[
     ("overview_title", "实时联网状态", "Live connectivity"),
     ("overview_refresh", "每 5 秒刷新", "Refreshes every 5 s"),
     ("no_gateways", "尚未登记网关", "No gateway registered yet"),
+    ("fleet_title", "网关运维总览", "Gateway fleet"),
+    ("fleet_refresh", "每30秒自动刷新", "Refreshes every 30 s"),
+    ("fleet_none", "没有符合条件的网关", "No gateway matches"),
+    ("status", "状态", "Status"),
+    ("online", "在线", "online"),
+    ("offline", "离线", "offline"),
+    ("since", "自", "since"),
+    (
+        "not_seen",
+        "本次启动后未连接",
+        "not seen since ingest started",
+    ),
+    ("last_batch", "最近数据", "Last batch"),
+    ("backlog", "积压", "Backlog"),
+    ("batches", "批", "batches"),
+    ("oldest", "最早", "oldest"),
+    ("buffer_fill", "缓存占用", "buffer"),
+    ("dropped", "已丢弃点数", "dropped points"),
+    ("dev_up", "在线", "up"),
+    ("dev_down", "离线", "down"),
+    ("dev_waiting", "等待首个数据", "waiting"),
+    ("version", "版本", "Version"),
+    ("manifest", "配置清单", "manifest"),
+    ("clock_offset", "时钟偏差", "Clock offset"),
+    ("links_verified", "已验证", "verified"),
+    ("links_waiting", "待续", "waiting"),
+    ("no_health", "尚无网关自报状态", "no health report yet"),
+    ("reported", "网关自报于", "reported"),
+    ("filter", "筛选", "Filter"),
+    ("all", "全部", "all"),
+    ("unassigned", "未分配企业", "not assigned"),
+    ("sort_by", "排序", "sort"),
+    ("fleet_link", "网关运维总览", "Gateway fleet"),
     ("connected", "已连接", "connected"),
     ("not_connected", "未连接", "not connected"),
     ("tag", "点位", "Tag"),
@@ -534,6 +567,7 @@ fn page_with_head(
         html lang=(html_lang(lang)) {
             head {
                 meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
                 link rel="icon" href="data:,";
                 title { (title) }
                 style { (PreEscaped(STYLE)) }
@@ -669,7 +703,8 @@ fn local_of(rfc: &str) -> String {
 /// last value, quality and completeness; links to the reports of the
 /// enterprises the account may read and to the city view. Rendered on the
 /// server and reloaded by the browser every 5 s (no script).
-pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> String {
+/// `fleet`: the account may open the fleet page (admins and providers).
+pub fn overview(s: &Summary, enterprises: &[(String, String)], fleet: bool, lang: Lang) -> String {
     let lang_code = if lang == Lang::Zh { "zh" } else { "en" };
     let body = html! {
         h1 { (t(lang, "overview_title")) }
@@ -679,6 +714,7 @@ pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> St
         }
         p id="links" {
             a id="city-link" href={ "/city?lang=" (lang_code) } { (t(lang, "city_title")) }
+            @if fleet { " · " a id="fleet-link" href={ "/gateways?lang=" (lang_code) } { (t(lang, "fleet_link")) } }
             @for (code, ename) in enterprises {
                 " · "
                 a.report-link href={ "/report/" (code) "?lang=" (lang_code) } {
@@ -736,6 +772,150 @@ pub fn overview(s: &Summary, enterprises: &[(String, String)], lang: Lang) -> St
         html! {},
         body,
     )
+}
+
+/// The fleet page's own style: below 640 px each gateway becomes a card
+/// (label before each value), so an installer reads it on a phone.
+const FLEET_STYLE: &str = "table.fleet{width:100%}table.fleet td.down{color:#b91c1c}\
+form.filter{margin:8px 0}form.filter label{margin-right:12px}th a{color:inherit}\
+@media (max-width:640px){body{margin:8px}table.fleet,table.fleet tbody,table.fleet tr,table.fleet td{display:block;width:auto}\
+table.fleet tr.head{display:none}table.fleet tr{border:1px solid #ccc;border-radius:6px;margin:0 0 10px;padding:4px}\
+table.fleet td{border:none;padding:2px 4px;overflow-wrap:anywhere;text-align:left}table.fleet td::before{content:attr(data-label) ': ';color:#666}}";
+
+/// `/gateways`: one row per gateway with its connection, backlog, devices,
+/// version and chain; filter by enterprise and provider, sort by column.
+pub fn fleet(
+    rows: &[crate::fleet::FleetRow],
+    q: &crate::fleet::FleetQuery,
+    enterprises: &[(String, String)],
+    providers: &[String],
+    lang: Lang,
+) -> String {
+    let lang_code = if lang == Lang::Zh { "zh" } else { "en" };
+    let query = |sort: Option<&str>, lang_code: &str| {
+        let mut parts = vec![format!("lang={lang_code}")];
+        for (k, v) in [("enterprise", &q.enterprise), ("provider", &q.provider)] {
+            if let Some(v) = v {
+                parts.push(format!("{k}={}", super::url_escape(v)));
+            }
+        }
+        if let Some(s) = sort.or(q.sort.as_deref()) {
+            parts.push(format!("sort={}", super::url_escape(s)));
+        }
+        format!("/gateways?{}", parts.join("&"))
+    };
+    // A column's link sorts by it, descending when it already sorts ascending.
+    let sort_href = |key: &str| {
+        let next = if q.sort.as_deref() == Some(key) {
+            format!("-{key}")
+        } else {
+            key.to_string()
+        };
+        query(Some(&next), lang_code)
+    };
+    let head = |key: &'static str, label: &'static str| {
+        html! { th { a href=(sort_href(key)) { (t(lang, label)) } } }
+    };
+    let body = html! {
+        h1 { (t(lang, "fleet_title")) }
+        p.muted {
+            (t(lang, "fleet_refresh")) " · "
+            span translate="no" { "JSON: " a href="/api/v1/gateways" { "/api/v1/gateways" } }
+        }
+        form.filter method="get" action="/gateways" {
+            input type="hidden" name="lang" value=(lang_code);
+            @if let Some(s) = &q.sort { input type="hidden" name="sort" value=(s); }
+            label {
+                (t(lang, "enterprise")) " "
+                select name="enterprise" {
+                    option value="" { (t(lang, "all")) }
+                    @for (code, ename) in enterprises {
+                        option value=(code) selected[q.enterprise.as_deref() == Some(code.as_str())] translate="no" { (ename) }
+                    }
+                    option value="-" selected[q.enterprise.as_deref() == Some("-")] { (t(lang, "unassigned")) }
+                }
+            }
+            label {
+                (t(lang, "provider")) " "
+                select name="provider" {
+                    option value="" { (t(lang, "all")) }
+                    @for p in providers {
+                        option value=(p) selected[q.provider.as_deref() == Some(p.as_str())] translate="no" { (p) }
+                    }
+                }
+            }
+            button { (t(lang, "filter")) }
+        }
+        @if rows.is_empty() { p id="fleet-none" { (t(lang, "fleet_none")) } }
+        table.fleet id="fleet" {
+            tr.head {
+                (head("id", "gateway")) (head("enterprise", "enterprise")) (head("online", "status"))
+                (head("last_batch", "last_batch")) (head("backlog", "backlog")) (head("devices_down", "devices"))
+                (head("version", "version")) th { (t(lang, "clock_offset")) } (head("chain_breaks", "chain"))
+            }
+            @for r in rows {
+                tr.gateway data-id=(r.id) {
+                    td data-label=(t(lang, "gateway")) translate="no" { b { (r.id) } }
+                    td data-label=(t(lang, "enterprise")) {
+                        @match (&r.enterprise_name, &r.enterprise) {
+                            (Some(n), Some(c)) => { span translate="no" { (n) } br; span.muted translate="no" { (c) } }
+                            _ => { span.muted { (t(lang, "unassigned")) } }
+                        }
+                        @if let Some(p) = &r.provider { br; span.muted translate="no" { (p) } }
+                    }
+                    td.state data-label=(t(lang, "status")) {
+                        span class=(if r.online { "ok" } else { "bad" }) { (t(lang, if r.online { "online" } else { "offline" })) }
+                        br;
+                        span.muted {
+                            @match &r.since { Some(s) => { (t(lang, "since")) " " (local_of(s)) } None => { (t(lang, "not_seen")) } }
+                        }
+                    }
+                    td data-label=(t(lang, "last_batch")) { (r.last_batch.as_deref().map_or("—".to_string(), local_of)) }
+                    @match &r.health {
+                        Some(h) => {
+                            td.backlog data-label=(t(lang, "backlog")) {
+                                span.num { (h.pending_batches) } " " (t(lang, "batches"))
+                                @if h.pending_batches > 0 { ", " (t(lang, "oldest")) " " (duration(lang, (h.backlog_age_s * 1000.0) as i64)) }
+                                br; span.muted { (t(lang, "buffer_fill")) " " (format!("{:.1}%", h.buffer_fill * 100.0)) }
+                                @if h.dropped_points > 0 { br; span.bad { (t(lang, "dropped")) " " (h.dropped_points) } }
+                            }
+                            td.devices data-label=(t(lang, "devices")) {
+                                span.ok { (r.devices_up) " " (t(lang, "dev_up")) }
+                                @if r.devices_down > 0 { " · " span.bad { (r.devices_down) " " (t(lang, "dev_down")) } }
+                                @if r.devices_waiting > 0 { " · " (r.devices_waiting) " " (t(lang, "dev_waiting")) }
+                                @for d in h.devices.iter().filter(|d| d.state == "down") {
+                                    br;
+                                    span.down translate="no" { (d.id) }
+                                    @if let Some(why) = &d.reason { span.muted translate="no" { ": " (why) } }
+                                }
+                            }
+                        }
+                        None => {
+                            td data-label=(t(lang, "backlog")) colspan="2" { span.muted { (t(lang, "no_health")) } }
+                        }
+                    }
+                    td data-label=(t(lang, "version")) translate="no" {
+                        (r.software_version.as_deref().unwrap_or("—"))
+                        @if let Some(h) = &r.health { br; span.muted { (t(lang, "manifest")) " " (h.manifest_version) } }
+                    }
+                    td.num data-label=(t(lang, "clock_offset")) {
+                        (r.health.as_ref().and_then(|h| h.clock_offset_ms).map_or("—".to_string(), |o| format!("{o:+} ms")))
+                    }
+                    td.chain data-label=(t(lang, "chain")) {
+                        (t(lang, "links_verified")) " " (r.chain.verified)
+                        @if r.chain.waiting > 0 { ", " (t(lang, "links_waiting")) " " (r.chain.waiting) }
+                        @if r.chain.breaks > 0 { br; span.bad { (t(lang, "chain_breaks")) " " (r.chain.breaks) } }
+                    }
+                }
+            }
+        }
+    };
+    let head = html! {
+        meta http-equiv="refresh" content="30";
+        style { (PreEscaped(FLEET_STYLE)) }
+    };
+    let switch = query(None, if lang == Lang::Zh { "en" } else { "zh" });
+    page_with_head(lang, t(lang, "fleet_title"), &switch, head, html! {}, body)
 }
 
 /// Width in px of `s` at `size` px, as a CJK sans font draws it (CJK

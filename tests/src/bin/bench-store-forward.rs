@@ -117,6 +117,7 @@ async fn drain(
         buffer: buffer.clone(),
         committed,
         status: Arc::new(Status::new(guantong_e2e::bench::GW, 0, Vec::new(), 0)),
+        health: None,
     };
     let cancel = CancellationToken::new();
     let live_tag = args.tags;

@@ -248,6 +248,7 @@ async fn end_to_end(
         buffer: buffer.clone(),
         committed,
         status: Arc::new(Status::new(GW, 0, Vec::new(), 0)),
+        health: None,
     };
     let cancel = CancellationToken::new();
     let (start, cpu) = (Instant::now(), cpu_time());
