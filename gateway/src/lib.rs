@@ -20,6 +20,7 @@ pub mod mqtt;
 pub mod opcua;
 pub mod quality;
 pub mod reload;
+pub mod remote;
 pub mod secret;
 pub mod status;
 pub mod storage_io;
@@ -53,13 +54,15 @@ pub const SINK_MAX_POINTS: usize = 1 << 18;
 /// stopping: it is sent on the next start.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (_reloader, reloads) = reload::channel();
-    run_with(config, reloads, shutdown).await
+    run_with(config, reloads, None, shutdown).await
 }
 
-/// `run`, applying the configs sent through `reloads` (see `reload`).
+/// `run`, applying the configs sent through `reloads` (see `reload`), and
+/// carrying cloud configurations over the uplink through `remote`.
 pub async fn run_with(
     mut config: Config,
     mut reloads: tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
+    remote: Option<remote::Link>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     secret::warn_at_start(&config);
@@ -155,6 +158,7 @@ pub async fn run_with(
             every: uplink::HEALTH_EVERY,
             max_bytes: config.buffer.max_bytes.as_u64(),
         }),
+        remote,
     };
     let uplink_task = tokio::spawn(uplink.run(uplink_cancel.clone()));
 

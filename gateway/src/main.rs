@@ -291,9 +291,12 @@ fn main() -> ExitCode {
             guantong_gateway::malloc::tune();
             init_tracing();
             let path = config;
-            let config = match load_config(&path) {
-                Ok(c) => c,
-                Err(code) => return code,
+            let (source, config) = match guantong_gateway::remote::Source::start(&path) {
+                Ok(started) => started,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
             };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -302,8 +305,13 @@ fn main() -> ExitCode {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(signal_shutdown(shutdown.clone()));
                 let (reloader, reloads) = guantong_gateway::reload::channel();
-                tokio::spawn(guantong_gateway::reload::on_sighup(path, reloader));
-                match guantong_gateway::run_with(config, reloads, shutdown).await {
+                tokio::spawn(guantong_gateway::reload::on_sighup(
+                    source.clone(),
+                    reloader.clone(),
+                ));
+                let (link, remote) = guantong_gateway::remote::link(source, reloader);
+                tokio::spawn(remote);
+                match guantong_gateway::run_with(config, reloads, Some(link), shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "gateway failed");

@@ -34,7 +34,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -97,8 +96,9 @@ impl Reloader {
     }
 }
 
-/// Reloads `path` at every SIGHUP, until the gateway stops.
-pub async fn on_sighup(path: PathBuf, reloader: Reloader) {
+/// Reloads the configuration (the local file, with the cloud's devices if
+/// any: `remote::Source`) at every SIGHUP, until the gateway stops.
+pub async fn on_sighup(source: Arc<crate::remote::Source>, reloader: Reloader) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -108,10 +108,10 @@ pub async fn on_sighup(path: PathBuf, reloader: Reloader) {
         }
     };
     while hup.recv().await.is_some() {
-        info!(file = %path.display(), "SIGHUP: reloading the configuration");
-        let config = Config::load(&path).map_err(|e| e.problems);
+        info!(file = %source.path().display(), "SIGHUP: reloading the configuration");
+        let config = source.load();
         if reloader
-            .reload(path.display().to_string(), config)
+            .reload(source.path().display().to_string(), config)
             .await
             .is_none()
         {

@@ -724,6 +724,8 @@ impl Status {
                     reason: d.reason.unwrap_or_default(),
                 })
                 .collect(),
+            // The uplink knows it (`remote::Source`).
+            config_version: 0,
         }
     }
 

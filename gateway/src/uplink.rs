@@ -134,6 +134,8 @@ enum Event {
     Committed,
     DeleteDue,
     Health,
+    /// A new result of a cloud configuration (None: no more will come).
+    ConfigResult(Option<guantong_proto::v1::ConfigResult>),
 }
 
 /// Health reports on the stream (see `Status::health`): one after Welcome,
@@ -197,6 +199,8 @@ pub struct Uplink {
     /// Told of connection state, sends and acks.
     pub status: Arc<Status>,
     pub health: Option<HealthReports>,
+    /// Cloud configurations: offers in, results out (None: not taken).
+    pub remote: Option<crate::remote::Link>,
 }
 
 /// Batches sent and not yet acknowledged: first seq -> (last seq, backlog?).
@@ -320,6 +324,7 @@ impl Uplink {
             buffer_id: stats.buffer_id,
             software_version: env!("CARGO_PKG_VERSION").into(),
             first_unacked_seq: stats.first_seq,
+            config_version: self.remote.as_ref().map_or(0, |r| r.source.version()),
             public_key: self.buffer.public_key().unwrap_or_default(),
             key_algorithm: if self.buffer.public_key().is_some() {
                 self.buffer.algorithm().wire() as i32
@@ -378,6 +383,13 @@ impl Uplink {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick
         });
+        // Results from before this connection are stale: ingest offers again
+        // what the gateway does not run.
+        let mut results = self.remote.as_ref().map(|r| {
+            let mut results = r.results.clone();
+            results.borrow_and_update();
+            results
+        });
         let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
         let mut acked_any = false;
@@ -433,6 +445,13 @@ impl Uplink {
                         None => std::future::pending().await,
                     }
                 } => Event::Health,
+                // Cancel-safe: waiting on a watch channel consumes nothing.
+                result = async {
+                    match results.as_mut() {
+                        Some(r) => r.changed().await.ok().and_then(|_| r.borrow_and_update().clone()),
+                        None => std::future::pending().await,
+                    }
+                } => Event::ConfigResult(result),
                 // Cancel-safe: `message()` keeps partial frames inside `inbound`.
                 msg = inbound.message() => Event::Inbound(msg?.and_then(|m| m.kind)),
                 // Cancel-safe: waiting on a watch channel consumes nothing.
@@ -445,6 +464,27 @@ impl Uplink {
                 Event::Committed => {}
                 Event::DeleteDue => self.delete_acked(acked).await?,
                 Event::Health => self.report_health(&tx).await,
+                Event::ConfigResult(None) => results = None,
+                Event::ConfigResult(Some(result)) => {
+                    tx.send(GatewayMessage {
+                        kind: Some(Up::ConfigResult(result)),
+                    })
+                    .await
+                    .map_err(|_| UplinkError::Closed)?;
+                }
+                Event::Inbound(Some(Down::Config(offer))) => match &self.remote {
+                    Some(remote) => {
+                        if remote.offers.try_send(offer).is_err() {
+                            warn!(
+                                "cloud configuration offer dropped: offers are queued already; ingest offers it again at the next connection"
+                            );
+                        }
+                    }
+                    None => warn!(
+                        version = offer.version,
+                        "cloud configuration offered, but this gateway does not take any"
+                    ),
+                },
                 Event::Inbound(Some(Down::Ack(ack))) => {
                     acked_any = true;
                     self.status.batch_acked(ack.batch_seq);
@@ -474,11 +514,12 @@ impl Uplink {
     async fn report_health(&self, tx: &mpsc::Sender<GatewayMessage>) {
         let Some(h) = self.health else { return };
         let (status, buffer) = (self.status.clone(), self.buffer.clone());
-        let Ok(health) =
+        let Ok(mut health) =
             tokio::task::spawn_blocking(move || status.health(&buffer, h.max_bytes)).await
         else {
             return;
         };
+        health.config_version = self.remote.as_ref().map_or(0, |r| r.source.version());
         if tx
             .try_send(GatewayMessage {
                 kind: Some(Up::Health(health)),

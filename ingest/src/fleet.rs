@@ -9,7 +9,9 @@
 //! - the gateway's latest `Health` report on its stream (its own view of its
 //!   buffer, backlog, clock offset and devices), checked by
 //!   [`HealthView::from_wire`] and kept in memory, never stored;
-//! - the store's chain state per gateway (verified through, waiting, breaks).
+//! - the store's chain state per gateway (verified through, waiting, breaks)
+//!   and its cloud configuration state (requested and applied versions, the
+//!   latest refusal: `crate::gateway_config`).
 //!
 //! # Invariants
 //! - Admins see every gateway, providers the gateways of their enterprises;
@@ -174,6 +176,8 @@ pub struct FleetRow {
     pub devices_waiting: usize,
     pub health: Option<HealthView>,
     pub chain: ChainSummary,
+    /// Its cloud configuration (None: never given one).
+    pub config: Option<crate::gateway_config::ConfigView>,
     #[serde(skip)]
     sort_times: (i64, i64),
 }
@@ -211,6 +215,7 @@ pub struct Sources {
     pub enterprises: Vec<Enterprise>,
     pub connections: std::collections::HashMap<String, ConnectionInfo>,
     pub chains: Vec<ChainInfo>,
+    pub configs: BTreeMap<String, crate::gateway_config::ConfigState>,
 }
 
 /// May this account see the fleet at all?
@@ -292,6 +297,11 @@ pub fn rows(src: Sources, viewer: &Viewer, q: &FleetQuery) -> Result<Vec<FleetRo
             devices_down: count("down"),
             devices_waiting: count("waiting"),
             chain: chains.get(g.id.as_str()).cloned().unwrap_or_default(),
+            config: src
+                .configs
+                .get(&g.id)
+                .filter(|c| c.requested != 0 || c.applied != 0)
+                .map(crate::gateway_config::ConfigView::from),
             sort_times: (
                 conn.and_then(|c| c.last_batch_ms).unwrap_or(i64::MIN),
                 health.as_ref().map_or(0, |h| h.pending_batches as i64),
@@ -333,6 +343,7 @@ mod tests {
             backlog_age_s: 1.5,
             dropped_points: 0,
             clock_offset_ms: Some(-40),
+            config_version: 0,
             devices: vec![DeviceHealth {
                 id: "press-01".into(),
                 protocol: "modbus".into(),

@@ -25,7 +25,8 @@ use guantong_proto::v1::gateway_message::Kind as Up;
 use guantong_proto::v1::ingest_message::Kind as Down;
 use guantong_proto::v1::uplink_server::Uplink;
 use guantong_proto::v1::{
-    Ack, Batch, BatchRejected, GatewayMessage, Hello, IngestMessage, Welcome,
+    Ack, Batch, BatchRejected, ConfigOffer, ConfigResult, GatewayMessage, Hello, IngestMessage,
+    Welcome,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -45,10 +46,20 @@ use guantong_proto::v1::SignatureAlgorithm;
 /// Batches queued to the store but not yet acked, per stream.
 const PIPELINE_DEPTH: usize = 32;
 
-/// Which gateways are connected now, for the API.
-#[derive(Default)]
+/// Which gateways are connected now, for the API; and the news that a
+/// gateway's cloud configuration was requested, for its streams.
 pub struct Connections {
     inner: Mutex<HashMap<String, ConnectionInfo>>,
+    config_requested: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            inner: Mutex::default(),
+            config_requested: tokio::sync::broadcast::channel(256).0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -72,6 +83,12 @@ pub struct ConnectionInfo {
 }
 
 impl Connections {
+    /// A version of `gateway`'s cloud configuration was requested: its
+    /// streams offer it.
+    pub fn notify_config(&self, gateway: &str) {
+        let _ = self.config_requested.send(gateway.to_string());
+    }
+
     pub fn snapshot(&self) -> HashMap<String, ConnectionInfo> {
         self.inner.lock().map(|m| m.clone()).unwrap_or_default()
     }
@@ -299,6 +316,13 @@ impl<S: Store> Uplink for UplinkService<S> {
             })))
             .await;
         let key = self.signing_key(&gateway, hello.buffer_id, &hello).await?;
+        let offers = tokio::spawn(offer_configs(
+            self.store.clone(),
+            gateway.clone(),
+            hello.config_version,
+            tx.clone(),
+            self.connections.config_requested.subscribe(),
+        ));
         let session = Session {
             store: self.store.clone(),
             connections: self.connections.clone(),
@@ -310,6 +334,7 @@ impl<S: Store> Uplink for UplinkService<S> {
             guards: self.guards.clone(),
             _slot: slot,
             _open: metrics::StreamOpen::new(),
+            _offers: AbortOnDrop(offers),
         };
         tokio::spawn(session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -331,6 +356,77 @@ struct Session<S> {
     /// This stream's place in its gateway's stream quota.
     _slot: StreamSlot,
     _open: metrics::StreamOpen,
+    /// The task offering cloud configurations on this stream.
+    _offers: AbortOnDrop,
+}
+
+/// Ends a task when its owner ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Offers `gateway` the cloud configuration requested for it whenever it
+/// runs another (see `crate::gateway_config`): at once, then at each request.
+async fn offer_configs<S: Store>(
+    store: Arc<S>,
+    gateway: String,
+    running: u64,
+    tx: mpsc::Sender<Result<IngestMessage, Status>>,
+    mut requested: tokio::sync::broadcast::Receiver<String>,
+) {
+    let now = now_ms();
+    let state = match store
+        .update_gateway_config_state(&gateway, Box::new(move |s| s.ran(running, now)))
+        .await
+    {
+        Ok(state) => state,
+        Err(e) => {
+            warn!(%gateway, error = %e, "cannot read the gateway's configuration state");
+            return;
+        }
+    };
+    let mut next = state.to_offer(running);
+    loop {
+        if let Some(version) = next {
+            let text = match store.gateway_configs(&gateway).await {
+                Ok(all) => all
+                    .into_iter()
+                    .find(|c| c.version == version)
+                    .map(|c| c.text),
+                Err(e) => {
+                    warn!(%gateway, error = %e, "cannot read the gateway's configurations");
+                    None
+                }
+            };
+            if let Some(toml) = text {
+                info!(%gateway, version, "offering a cloud configuration");
+                if tx
+                    .send(down(Down::Config(ConfigOffer { version, toml })))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+        // Wait for a request for this gateway (or a missed one: read again).
+        loop {
+            match requested.recv().await {
+                Ok(g) if g == gateway => break,
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        next = match store.gateway_config_states().await {
+            Ok(states) => states.get(&gateway).and_then(|s| s.to_offer(s.applied)),
+            Err(_) => None,
+        };
+    }
 }
 
 /// What to answer for one batch once the store has it.
@@ -421,6 +517,21 @@ impl<S: Store> Session<S> {
         info!(gateway = %self.gateway, "gateway disconnected");
     }
 
+    /// The gateway's answer to a cloud configuration: kept as its state.
+    async fn config_result(&self, result: ConfigResult) -> Result<(), Status> {
+        if result.applied {
+            info!(gateway = %self.gateway, version = result.version, manifest_version = format_args!("{:016x}", result.manifest_version), "cloud configuration applied");
+        } else {
+            warn!(gateway = %self.gateway, version = result.version, problems = result.problems.len(), "cloud configuration refused by the gateway");
+        }
+        let now = now_ms();
+        self.store
+            .update_gateway_config_state(&self.gateway, Box::new(move |s| s.answered(&result, now)))
+            .await
+            .map(drop)
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
     async fn read_loop(
         &mut self,
         inbound: &mut Streaming<GatewayMessage>,
@@ -494,6 +605,7 @@ impl<S: Store> Session<S> {
                         }
                     }
                 }
+                Some(Up::ConfigResult(result)) => self.config_result(result).await?,
                 Some(Up::Hello(_)) => {
                     return Err(Status::invalid_argument("Hello may only be sent first"));
                 }

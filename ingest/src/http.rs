@@ -147,6 +147,7 @@ pub fn router<S: Store>(state: Arc<ApiState<S>>) -> Router {
         .route("/city", get(web::city_page::<S>))
         .route("/api/v1/digests", get(digests::<S>))
         .merge(crate::ops::routes::<S>())
+        .merge(crate::gateway_config::routes::<S>())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             web::authenticate::<S>,

@@ -13,6 +13,7 @@ pub mod dossier;
 pub mod evidence;
 pub mod fleet;
 pub mod forwarded;
+pub mod gateway_config;
 pub mod grpc;
 pub mod http;
 pub mod limits;

@@ -74,6 +74,10 @@ enum Command {
     /// Manage enterprises (while `serve` runs, through it).
     #[command(subcommand)]
     Enterprise(EnterpriseCommand),
+    /// Cloud configurations of gateways (while `serve` runs, through it,
+    /// which also offers them to connected gateways at once).
+    #[command(subcommand)]
+    GatewayConfig(GatewayConfigCommand),
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
     /// (while `serve` runs, through it).
     ImportEquipment {
@@ -246,6 +250,32 @@ enum Command {
         /// The key's algorithm, as `guantong-gateway identity` prints it.
         #[arg(long, default_value = "ed25519", value_parser = ["ed25519", "sm2"])]
         key_algorithm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GatewayConfigCommand {
+    /// Check a TOML document of `[[devices]]` by the gateway's rules, store
+    /// it as the gateway's next version and request it.
+    Push {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        gateway: String,
+        file: PathBuf,
+    },
+    /// Request a stored version again.
+    Rollback {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        gateway: String,
+        version: u64,
+    },
+    /// Print the requested and applied versions and every stored version
+    /// (secrets masked), as JSON.
+    Show {
+        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+        data: PathBuf,
+        gateway: String,
     },
 }
 
@@ -501,6 +531,66 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
             eprintln!("registered enterprise {} ({})", e.code, e.name);
+            Ok(())
+        }
+        Command::GatewayConfig(GatewayConfigCommand::Push {
+            data,
+            gateway,
+            file,
+        }) => {
+            use guantong_ingest::gateway_config;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let path = format!("/api/v1/gateways/{gateway}/config");
+            let (version, devices) = match Target::open(&data)? {
+                Target::Local(store) => gateway_config::push(&store, None, &gateway, &text, "cli")
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message()))?,
+                Target::Remote(server) => {
+                    let v = server.send_text(Method::PUT, &path, text).await?;
+                    (
+                        v["version"].as_u64().unwrap_or_default(),
+                        v["devices"].as_u64().unwrap_or_default() as usize,
+                    )
+                }
+            };
+            eprintln!(
+                "stored version {version} of {gateway}'s configuration ({devices} devices) and requested it"
+            );
+            Ok(())
+        }
+        Command::GatewayConfig(GatewayConfigCommand::Rollback {
+            data,
+            gateway,
+            version,
+        }) => {
+            match Target::open(&data)? {
+                Target::Local(store) => {
+                    guantong_ingest::gateway_config::request(
+                        &store, None, &gateway, version, "cli",
+                    )
+                    .await?;
+                }
+                Target::Remote(server) => {
+                    let path = format!("/api/v1/gateways/{gateway}/config/rollback");
+                    let body = serde_json::json!({ "version": version });
+                    server.send(Method::POST, &path, &body).await?;
+                }
+            }
+            eprintln!("requested version {version} of {gateway}'s configuration");
+            Ok(())
+        }
+        Command::GatewayConfig(GatewayConfigCommand::Show { data, gateway }) => {
+            let shown = match Target::open(&data)? {
+                Target::Local(store) => {
+                    guantong_ingest::gateway_config::show(&store, &gateway).await?
+                }
+                Target::Remote(server) => {
+                    let path = format!("/api/v1/gateways/{gateway}/config");
+                    server.get_json(&path, &[]).await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&shown)?);
             Ok(())
         }
         Command::Enterprise(EnterpriseCommand::List { data }) => {

@@ -23,6 +23,7 @@
 //! | `export-evidence`       | `GET /api/v1/evidence`                               |
 //! | `verify-chain`          | `GET /api/v1/verify-chain`                           |
 //! | `backup`                | `POST /api/v1/backup`                                |
+//! | `gateway-config`        | `PUT`/`GET /api/v1/gateways/{id}/config`, `POST …/rollback` |
 //!
 //! Routes of this module (admin only unless said; the rest of the API is in
 //! `http` and `web`):
@@ -194,6 +195,22 @@ impl Remote {
         body: &impl Serialize,
     ) -> Result<serde_json::Value, OpsError> {
         let request = self.client.request(method, self.url(path)).json(body);
+        let resp = self.call(path, request, SHORT).await?;
+        self.json(path, resp).await
+    }
+
+    /// Sends `text` (a TOML document) with `method` to `path`; the JSON answer.
+    pub async fn send_text(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        text: String,
+    ) -> Result<serde_json::Value, OpsError> {
+        let request = self
+            .client
+            .request(method, self.url(path))
+            .header(reqwest::header::CONTENT_TYPE, "application/toml")
+            .body(text);
         let resp = self.call(path, request, SHORT).await?;
         self.json(path, resp).await
     }

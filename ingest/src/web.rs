@@ -1217,6 +1217,7 @@ async fn fleet_of<S: Store>(
         enterprises: enterprises.clone(),
         connections: state.connections.snapshot(),
         chains,
+        configs: store.gateway_config_states().await?,
     };
     Ok((crate::fleet::rows(sources, viewer, q)?, enterprises))
 }

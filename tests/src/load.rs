@@ -231,6 +231,7 @@ impl Load {
                 committed: committed_rx,
                 status: Arc::new(guantong_gateway::status::Status::new(&id, 0, Vec::new(), 0)),
                 health: None,
+                remote: None,
             };
             tasks.push(tokio::spawn({
                 let cancel = uplinks.child_token();

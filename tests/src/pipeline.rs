@@ -117,6 +117,7 @@ impl Pipeline {
             committed: committed.clone(),
             status,
             health: None,
+            remote: None,
         };
         let cancel = CancellationToken::new();
         let uplink = tokio::spawn(uplink.run(cancel.clone()));

@@ -191,6 +191,7 @@ pub async fn session_as(
         first_unacked_seq: 1,
         public_key,
         key_algorithm,
+        config_version: 0,
     };
     tx.send(GatewayMessage {
         kind: Some(Up::Hello(hello)),
@@ -249,6 +250,7 @@ impl RawStream {
             first_unacked_seq: 1,
             public_key: Vec::new(),
             key_algorithm: 0,
+            config_version: 0,
         };
         let _ = tx
             .send(GatewayMessage {

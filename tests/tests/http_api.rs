@@ -329,6 +329,23 @@ async fn every_route_answers_each_role_of_two_enterprises_only_what_it_may() -> 
                 "{fleet}"
             );
         }
+        // Cloud configuration: admins and providers of the gateway read and
+        // change it; a reviewer who sees the gateway is refused, anyone else
+        // does not learn it exists.
+        for gw in ["gw-a", "gw-b"] {
+            let expected = match (gateways.contains(gw), fleet_status) {
+                (false, _) => 404,
+                (true, 200) => 200,
+                (true, _) => 403,
+            };
+            let path = format!("/api/v1/gateways/{gw}/config");
+            w.expect(who, Method::GET, &path, None, expected).await?;
+            let (s, body) = w
+                .send_text(who, Method::PUT, &path, "[[devices]]\nid = 3\n")
+                .await?;
+            let put_expected = if expected == 200 { 400 } else { expected };
+            assert_eq!(s.as_u16(), put_expected, "{who}: PUT {path}: {body}");
+        }
         let (_, overview) = w.send_text(who, Method::GET, "/", "").await?;
         assert_eq!(
             overview.contains("id=\"fleet-link\""),

@@ -2,7 +2,8 @@
 //! envelope's payload — must decode or fail with an error, and what decodes
 //! must pass validation or be refused with a reason — never a panic. A batch
 //! that passes has only points within the manifest and the time window; a
-//! health report that passes has a fill within 0..=1 and bounded devices.
+//! health report that passes has a fill within 0..=1 and bounded devices; a
+//! configuration result is kept with bounded problems.
 #![no_main]
 
 use guantong_ingest::validate::{ValidationLimits, check_manifest, check_points};
@@ -55,6 +56,14 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(view) = guantong_ingest::fleet::HealthView::from_wire(h, NOW_MS) {
                 assert!((0.0..=1.0).contains(&view.buffer_fill));
                 assert!(view.devices.len() <= guantong_ingest::fleet::MAX_HEALTH_DEVICES);
+            }
+        }
+        Some(Kind::ConfigResult(r)) => {
+            let mut state = guantong_ingest::gateway_config::ConfigState::default();
+            state.answered(&r, NOW_MS);
+            if let Some(refused) = &state.refused {
+                assert!(refused.problems.len() <= 100);
+                assert!(refused.problems.iter().all(|p| p.message.len() <= 1024));
             }
         }
         Some(Kind::Hello(_)) | None => {}

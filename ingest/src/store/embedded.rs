@@ -92,6 +92,7 @@ const HOURS: TableDefinition<(u64, i64), rollup::HourStats> = TableDefinition::n
 const RUNS: TableDefinition<(u64, u8, i64), i64> = TableDefinition::new("runs");
 const GATEWAY_DAYS: TableDefinition<(&str, i64), &[u8]> = TableDefinition::new("gateway_days");
 
+mod configs;
 mod registry;
 mod rollups;
 
@@ -386,6 +387,7 @@ impl EmbeddedStore {
             txn.open_table(RUNS).map_err(db_err)?;
             txn.open_table(GATEWAY_DAYS).map_err(db_err)?;
             registry::create_tables(&txn)?;
+            configs::create_tables(&txn)?;
         }
         txn.commit().map_err(db_err)?;
         let db = Arc::new(db);
@@ -1105,6 +1107,38 @@ impl Store for EmbeddedStore {
     async fn enterprises_of_provider(&self, provider: &str) -> Result<Vec<Enterprise>> {
         let provider = provider.to_string();
         self.blocking(move |db| Db { db }.enterprises_of_provider(&provider))
+            .await
+    }
+    async fn add_gateway_config(
+        &self,
+        gateway: &str,
+        version: crate::gateway_config::ConfigVersion,
+    ) -> Result<u64> {
+        let gateway = gateway.to_string();
+        self.writing(move |db| Db { db }.add_gateway_config(&gateway, version))
+            .await
+    }
+    async fn gateway_configs(
+        &self,
+        gateway: &str,
+    ) -> Result<Vec<crate::gateway_config::ConfigVersion>> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.gateway_configs(&gateway))
+            .await
+    }
+    async fn gateway_config_states(
+        &self,
+    ) -> Result<BTreeMap<String, crate::gateway_config::ConfigState>> {
+        self.blocking(move |db| Db { db }.gateway_config_states())
+            .await
+    }
+    async fn update_gateway_config_state(
+        &self,
+        gateway: &str,
+        change: Box<dyn FnOnce(&mut crate::gateway_config::ConfigState) + Send>,
+    ) -> Result<crate::gateway_config::ConfigState> {
+        let gateway = gateway.to_string();
+        self.blocking(move |db| Db { db }.update_gateway_config_state(&gateway, change))
             .await
     }
     async fn put_account(&self, a: &Account) -> Result<String> {

@@ -437,6 +437,31 @@ pub trait Store: Send + Sync + 'static {
         &self,
         provider: &str,
     ) -> impl Future<Output = Result<Vec<Enterprise>>> + Send;
+    // Cloud configurations of gateways (`crate::gateway_config`).
+
+    /// Stores a cloud document of a registered gateway as its next version
+    /// (`version.version` is set here); returns that number.
+    fn add_gateway_config(
+        &self,
+        gateway: &str,
+        version: crate::gateway_config::ConfigVersion,
+    ) -> impl Future<Output = Result<u64>> + Send;
+    /// Every stored version of a gateway's cloud document, oldest first.
+    fn gateway_configs(
+        &self,
+        gateway: &str,
+    ) -> impl Future<Output = Result<Vec<crate::gateway_config::ConfigVersion>>> + Send;
+    /// The configuration state of every gateway that has one.
+    fn gateway_config_states(
+        &self,
+    ) -> impl Future<Output = Result<BTreeMap<String, crate::gateway_config::ConfigState>>> + Send;
+    /// Changes a gateway's configuration state (the default when it has
+    /// none) by `change`, in one transaction; returns the new state.
+    fn update_gateway_config_state(
+        &self,
+        gateway: &str,
+        change: Box<dyn FnOnce(&mut crate::gateway_config::ConfigState) + Send>,
+    ) -> impl Future<Output = Result<crate::gateway_config::ConfigState>> + Send;
     /// Creates or replaces an account; returns its new token.
     fn put_account(&self, a: &Account) -> impl Future<Output = Result<String>> + Send;
     fn account_by_token(&self, token: &str)

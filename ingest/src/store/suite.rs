@@ -53,6 +53,7 @@ macro_rules! store_suite {
             scoped_queries_answer_for_the_gateways_named_only,
             owners_and_providers_are_found_without_reading_the_others,
             the_generation_grows_with_every_change_and_only_then,
+            gateway_configs_are_numbered_per_gateway_and_states_change_in_place,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
@@ -1596,4 +1597,67 @@ pub async fn the_generation_grows_with_every_change_and_only_then<H: Harness>() 
         before,
         "reads and the access log change nothing"
     );
+}
+
+pub async fn gateway_configs_are_numbered_per_gateway_and_states_change_in_place<H: Harness>() {
+    use crate::gateway_config::{ConfigState, ConfigVersion};
+    let place = H::new().await;
+    let store = place.open().await;
+    let doc = |text: &str| ConfigVersion {
+        version: 0,
+        author: "prov".into(),
+        at_ms: T0,
+        devices: 1,
+        text: text.into(),
+    };
+    assert!(matches!(
+        store.add_gateway_config("gw-unknown", doc("a")).await,
+        Err(StoreError::NotFound(_))
+    ));
+    for g in ["gw-1", "gw-2"] {
+        store.register_gateway(g, None).await.expect("register");
+    }
+    assert_eq!(
+        store.add_gateway_config("gw-1", doc("a")).await.ok(),
+        Some(1)
+    );
+    assert_eq!(
+        store.add_gateway_config("gw-2", doc("x")).await.ok(),
+        Some(1)
+    );
+    assert_eq!(
+        store.add_gateway_config("gw-1", doc("b")).await.ok(),
+        Some(2)
+    );
+    let state = store
+        .update_gateway_config_state("gw-1", Box::new(|s| s.requested(2, "prov", T0)))
+        .await
+        .expect("update");
+    assert_eq!(state.requested, 2);
+    drop(store);
+    let store = place.open().await;
+    let versions = store.gateway_configs("gw-1").await.expect("versions");
+    let texts: Vec<(u64, &str)> = versions
+        .iter()
+        .map(|v| (v.version, v.text.as_str()))
+        .collect();
+    assert_eq!(texts, [(1, "a"), (2, "b")]);
+    assert_eq!(store.gateway_configs("gw-3").await.expect("none"), []);
+    let states = store.gateway_config_states().await.expect("states");
+    assert_eq!(states.len(), 1);
+    assert_eq!(
+        states.get("gw-1"),
+        Some(&ConfigState {
+            requested: 2,
+            requested_by: "prov".into(),
+            requested_at_ms: T0,
+            ..ConfigState::default()
+        })
+    );
+    // A change built on the stored state, not a copy read earlier.
+    let state = store
+        .update_gateway_config_state("gw-1", Box::new(|s| s.ran(2, T0 + 1)))
+        .await
+        .expect("update");
+    assert_eq!((state.requested, state.applied), (2, 2));
 }

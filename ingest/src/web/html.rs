@@ -348,6 +348,11 @@ const TEXT: &[(&str, &str, &str)] = &[
     ("unassigned", "未分配企业", "not assigned"),
     ("sort_by", "排序", "sort"),
     ("fleet_link", "网关运维总览", "Gateway fleet"),
+    ("config", "云端配置", "Cloud config"),
+    ("config_requested", "下发", "requested"),
+    ("config_applied", "运行", "running"),
+    ("config_local", "本地配置", "local file"),
+    ("config_refused", "被拒绝", "refused"),
     ("connected", "已连接", "connected"),
     ("not_connected", "未连接", "not connected"),
     ("tag", "点位", "Tag"),
@@ -851,7 +856,8 @@ pub fn fleet(
             tr.head {
                 (head("id", "gateway")) (head("enterprise", "enterprise")) (head("online", "status"))
                 (head("last_batch", "last_batch")) (head("backlog", "backlog")) (head("devices_down", "devices"))
-                (head("version", "version")) th { (t(lang, "clock_offset")) } (head("chain_breaks", "chain"))
+                (head("version", "version")) th { (t(lang, "config")) } th { (t(lang, "clock_offset")) }
+                (head("chain_breaks", "chain"))
             }
             @for r in rows {
                 tr.gateway data-id=(r.id) {
@@ -897,6 +903,23 @@ pub fn fleet(
                     td data-label=(t(lang, "version")) translate="no" {
                         (r.software_version.as_deref().unwrap_or("—"))
                         @if let Some(h) = &r.health { br; span.muted { (t(lang, "manifest")) " " (h.manifest_version) } }
+                    }
+                    td.config data-label=(t(lang, "config")) {
+                        @match &r.config {
+                            None => { span.muted { (t(lang, "config_local")) } }
+                            Some(c) => {
+                                span class=(if c.in_effect { "ok" } else { "bad" }) {
+                                    (t(lang, "config_requested")) " v" (c.requested) " · " (t(lang, "config_applied")) " "
+                                    @if c.applied == 0 { (t(lang, "config_local")) } @else { "v" (c.applied) }
+                                }
+                                @if let Some(refused) = &c.refused {
+                                    br; span.bad { (t(lang, "config_refused")) " v" (refused.version) }
+                                    @for p in refused.problems.iter().take(5) {
+                                        br; span.muted translate="no" { (p.path) ": " (p.message) }
+                                    }
+                                }
+                            }
+                        }
                     }
                     td.num data-label=(t(lang, "clock_offset")) {
                         (r.health.as_ref().and_then(|h| h.clock_offset_ms).map_or("—".to_string(), |o| format!("{o:+} ms")))

@@ -118,6 +118,7 @@ async fn drain(
         committed,
         status: Arc::new(Status::new(guantong_e2e::bench::GW, 0, Vec::new(), 0)),
         health: None,
+        remote: None,
     };
     let cancel = CancellationToken::new();
     let live_tag = args.tags;

@@ -249,6 +249,7 @@ async fn end_to_end(
         committed,
         status: Arc::new(Status::new(GW, 0, Vec::new(), 0)),
         health: None,
+        remote: None,
     };
     let cancel = CancellationToken::new();
     let (start, cpu) = (Instant::now(), cpu_time());

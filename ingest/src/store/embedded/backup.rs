@@ -85,6 +85,8 @@ pub(super) fn copy(db: &Database, out: &Path) -> Result<BackupInfo> {
     c.table(ACCOUNTS)?;
     c.table(TOKENS)?;
     c.table(ACCESS_LOG)?;
+    c.table(super::configs::GATEWAY_CONFIGS)?;
+    c.table(super::configs::CONFIG_STATE)?;
     let unknown: Vec<&String> = present.difference(&c.copied).collect();
     if !unknown.is_empty() {
         return Err(StoreError::Backend(format!(
