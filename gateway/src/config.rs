@@ -27,12 +27,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::modbus::config::ModbusConfig;
-#[cfg(feature = "mqtt")]
-use crate::mqtt::config::MqttConfig;
-#[cfg(feature = "opcua")]
-use crate::opcua::config::OpcUaConfig;
-
 /// The whole gateway configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -256,73 +250,7 @@ fn default_status_listen() -> String {
     "127.0.0.1:7700".into()
 }
 
-/// One device, with its protocol's settings.
-#[derive(Debug, Clone)]
-pub enum DeviceConfig {
-    /// `modbus-tcp`, `modbus-rtu` and `modbus-rtu-over-tcp`.
-    Modbus(ModbusConfig),
-    #[cfg(feature = "mqtt")]
-    Mqtt(Box<MqttConfig>),
-    #[cfg(feature = "opcua")]
-    OpcUa(Box<OpcUaConfig>),
-}
-
-impl DeviceConfig {
-    pub fn id(&self) -> &str {
-        match self {
-            DeviceConfig::Modbus(c) => &c.id,
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(c) => &c.id,
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(c) => &c.id,
-        }
-    }
-
-    pub fn tag_count(&self) -> usize {
-        match self {
-            DeviceConfig::Modbus(c) => c.tags.len(),
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(c) => c.tags.len(),
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(c) => c.tags.len(),
-        }
-    }
-
-    /// Devices with the same key share one collector (a Modbus line), which
-    /// a reload restarts as a whole.
-    pub fn collector_key(&self) -> String {
-        match self {
-            DeviceConfig::Modbus(c) => format!("modbus {}", c.transport.line_key(&c.id)),
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(c) => format!("device {}", c.id),
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(c) => format!("device {}", c.id),
-        }
-    }
-
-    /// This device and its tags as manifest entries; tags name `device_index`.
-    pub fn manifest(
-        &self,
-        device_index: u32,
-    ) -> (guantong_proto::v1::Device, Vec<guantong_proto::v1::Tag>) {
-        match self {
-            DeviceConfig::Modbus(c) => c.manifest(device_index),
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(c) => c.manifest(device_index),
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(c) => c.manifest(device_index),
-        }
-    }
-}
-
-/// Protocols a device may name in `protocol = "..."`.
-pub const PROTOCOLS: &[&str] = &[
-    "modbus-tcp",
-    "modbus-rtu",
-    "modbus-rtu-over-tcp",
-    "mqtt",
-    "opcua",
-];
+pub use crate::protocol::{DeviceConfig, PROTOCOLS};
 
 fn default_max_in_flight() -> NonZeroU32 {
     NonZeroU32::new(128).expect("128 is not zero")
@@ -567,7 +495,7 @@ impl Config {
                     let Some(item) = one_device(piece) else {
                         return Config::parse_with(text, base_dir, false);
                     };
-                    devices.extend(parse_device(
+                    devices.extend(crate::protocol::parse_device(
                         &format!("devices[{i}]"),
                         item,
                         base_dir,
@@ -581,7 +509,12 @@ impl Config {
                 .into_iter()
                 .enumerate()
                 .filter_map(|(i, item)| {
-                    parse_device(&format!("devices[{i}]"), item, base_dir, &mut problems)
+                    crate::protocol::parse_device(
+                        &format!("devices[{i}]"),
+                        item,
+                        base_dir,
+                        &mut problems,
+                    )
                 })
                 .collect(),
             DeviceTexts::Tree(Some(other)) => {
@@ -688,24 +621,7 @@ impl Config {
                 gateway.resolve_key_file(base_dir, &buffer.dir);
                 let mut devices = devices;
                 for d in &mut devices {
-                    match d {
-                        #[cfg(feature = "mqtt")]
-                        DeviceConfig::Mqtt(m) => {
-                            m.resolve_paths(base_dir);
-                            // Unique per gateway and device, so two gateways on
-                            // one broker never take over each other's session.
-                            m.client_id
-                                .get_or_insert_with(|| format!("guantong-{}-{}", gateway.id, m.id));
-                        }
-                        #[cfg(feature = "opcua")]
-                        DeviceConfig::OpcUa(o) => {
-                            o.resolve_paths(base_dir, &buffer.dir);
-                            o.application_uri.get_or_insert_with(|| {
-                                format!("urn:guantong:gateway:{}", gateway.id)
-                            });
-                        }
-                        DeviceConfig::Modbus(_) => {}
-                    }
+                    d.protocol_mut().finish(&gateway.id, base_dir, &buffer.dir);
                 }
                 Ok(Config {
                     gateway,
@@ -787,88 +703,6 @@ fn one_device(piece: &str) -> Option<toml::Value> {
     match (table.remove("devices"), table.is_empty()) {
         (Some(toml::Value::Array(mut items)), true) if items.len() == 1 => items.pop(),
         _ => None,
-    }
-}
-
-fn parse_device(
-    path: &str,
-    item: toml::Value,
-    base_dir: &Path,
-    problems: &mut Problems,
-) -> Option<DeviceConfig> {
-    let toml::Value::Table(mut table) = item else {
-        problems.push(
-            path,
-            format!("invalid type: {}, expected a table", item.type_str()),
-        );
-        return None;
-    };
-    let protocol = match table.remove("protocol") {
-        Some(toml::Value::String(p)) => p,
-        Some(other) => {
-            problems.push(
-                format!("{path}.protocol"),
-                format!("invalid type: {}, expected a string", other.type_str()),
-            );
-            return None;
-        }
-        None => {
-            problems.push(
-                path,
-                format!(
-                    "missing field `protocol`, expected one of {}",
-                    quoted(PROTOCOLS)
-                ),
-            );
-            return None;
-        }
-    };
-    match protocol.as_str() {
-        "modbus-tcp" | "modbus-rtu" | "modbus-rtu-over-tcp" => {
-            crate::modbus::config::parse(path, &protocol, table, base_dir, problems)
-                .map(DeviceConfig::Modbus)
-        }
-        #[cfg(feature = "mqtt")]
-        "mqtt" => crate::mqtt::config::parse(path, table, problems).map(|mut c| {
-            c.resolve_paths(base_dir);
-            c.password = crate::secret::resolve(
-                c.password.take(),
-                c.password_file.as_deref(),
-                c.password_env.as_deref(),
-                &format!("{path}.password"),
-                problems,
-            );
-            DeviceConfig::Mqtt(Box::new(c))
-        }),
-        #[cfg(feature = "opcua")]
-        "opcua" => crate::opcua::config::parse(path, table, problems)
-            .map(|c| DeviceConfig::OpcUa(Box::new(c))),
-        #[cfg(not(feature = "opcua"))]
-        "opcua" => {
-            problems.push(
-                format!("{path}.protocol"),
-                "this gateway was built without OPC UA (the `opcua` cargo feature)",
-            );
-            None
-        }
-        #[cfg(not(feature = "mqtt"))]
-        "mqtt" => {
-            problems.push(
-                format!("{path}.protocol"),
-                "this gateway was built without MQTT (the `mqtt` cargo feature)",
-            );
-            None
-        }
-        other => {
-            problems.push(
-                format!("{path}.protocol"),
-                format!(
-                    "unknown protocol `{other}`, expected one of {}",
-                    quoted(PROTOCOLS)
-                ),
-            );
-            None
-        }
     }
 }
 

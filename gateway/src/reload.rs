@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::buffer::Buffer;
-use crate::collector::{Collector, PointSink, Switch, UNMAPPED};
+use crate::collector::{PointSink, Switch, UNMAPPED};
 use crate::config::{Config, DeviceConfig, Problem};
 use crate::status::{DeviceSpec, Status};
 
@@ -123,9 +123,7 @@ pub async fn on_sighup(source: Arc<crate::remote::Source>, reloader: Reloader) {
 /// Reads each device's identity from the device itself, for the manifest
 /// (at start, and for the devices a reload starts).
 pub async fn identify(devices: &mut [DeviceConfig]) {
-    crate::modbus::identify_all(devices).await;
-    #[cfg(feature = "opcua")]
-    crate::opcua::identify_all(devices).await;
+    crate::protocol::identify(devices).await;
 }
 
 /// SHA-256 of a value's full debug form: equal settings, equal fingerprint.
@@ -311,33 +309,15 @@ impl Collectors {
         }
     }
 
-    /// The one place a protocol's collector is started.
+    /// Starts a unit's collectors (`protocol::start_unit`), tracked by it.
     fn spawn_unit(&self, unit: &Unit, devices: Vec<(DeviceConfig, u32)>) {
-        let (sink, cancel) = (self.sink.clone(), unit.cancel.clone());
-        let mut modbus = Vec::new();
-        for (device, first) in devices {
-            match device {
-                DeviceConfig::Modbus(c) => modbus.push((c, first)),
-                #[cfg(feature = "mqtt")]
-                DeviceConfig::Mqtt(c) => {
-                    let ids = (first..first + c.tags.len() as u32).collect();
-                    let run =
-                        crate::mqtt::MqttCollector::new(*c, ids).run(sink.clone(), cancel.clone());
-                    self.all.spawn(unit.done.track_future(run));
-                }
-                #[cfg(feature = "opcua")]
-                DeviceConfig::OpcUa(c) => {
-                    let run = crate::opcua::OpcUaCollector::new(*c, first)
-                        .report_identity_to(self.identified.clone())
-                        .run(sink.clone(), cancel.clone());
-                    self.all.spawn(unit.done.track_future(run));
-                }
-            }
-        }
-        for line in crate::modbus::lines(modbus) {
-            let run = line
-                .report_to(self.status.clone())
-                .run(sink.clone(), cancel.clone());
+        let ctx = crate::protocol::StartContext {
+            sink: self.sink.clone(),
+            cancel: unit.cancel.clone(),
+            status: self.status.clone(),
+            identified: self.identified.clone(),
+        };
+        for run in crate::protocol::start_unit(devices, &ctx) {
             self.all.spawn(unit.done.track_future(run));
         }
     }

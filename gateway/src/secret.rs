@@ -133,13 +133,11 @@ pub fn warn_at_start(config: &Config) {
             warn!(file = %path.display(), key = what, "secret file is readable by others; run chmod 600 on it");
         }
     }
-    #[cfg(feature = "mqtt")]
     for d in &config.devices {
-        if let crate::config::DeviceConfig::Mqtt(m) = d
-            && let Some(path) = &m.password_file
-            && readable_by_others(path)
-        {
-            warn!(file = %path.display(), device = %m.id, "secret file is readable by others; run chmod 600 on it");
+        for path in d.protocol().secret_files() {
+            if readable_by_others(path) {
+                warn!(file = %path.display(), device = %d.id(), "secret file is readable by others; run chmod 600 on it");
+            }
         }
     }
     if u.plaintext {

@@ -110,29 +110,13 @@ impl DeviceSpec {
 
     /// The spec of `d`, whose samples are numbered from `first_tag`.
     pub fn new(d: &DeviceConfig, first_tag: u32) -> DeviceSpec {
-        let (protocol, stale_after) = match d {
-            DeviceConfig::Modbus(m) => {
-                let slowest = m
-                    .tags
-                    .iter()
-                    .filter_map(|t| t.interval)
-                    .fold(m.poll_interval, Duration::max);
-                ("modbus", Some(slowest + m.timeout))
-            }
-            #[cfg(feature = "mqtt")]
-            DeviceConfig::Mqtt(m) => {
-                let stale = (!m.interval.is_zero()).then(|| m.interval * 2);
-                ("mqtt", stale)
-            }
-            #[cfg(feature = "opcua")]
-            DeviceConfig::OpcUa(_) => ("opcua", None),
-        };
+        let p = d.protocol();
         DeviceSpec {
-            id: d.id().to_string(),
-            protocol,
+            id: p.id().to_string(),
+            protocol: p.name(),
             first_tag,
-            tags: d.tag_count() as u32,
-            stale_after,
+            tags: p.tag_count() as u32,
+            stale_after: p.stale_after(),
         }
     }
 }

@@ -376,6 +376,34 @@ impl WordOrder {
     }
 }
 
+impl crate::protocol::DeviceProtocol for ModbusConfig {
+    fn name(&self) -> &'static str {
+        "modbus"
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tag_count(&self) -> usize {
+        self.tags.len()
+    }
+    /// Devices of one serial line or RTU-over-TCP link share a collector.
+    fn collector_key(&self) -> String {
+        format!("modbus {}", self.transport.line_key(&self.id))
+    }
+    fn manifest(&self, device_index: u32) -> (Device, Vec<Tag>) {
+        ModbusConfig::manifest(self, device_index)
+    }
+    /// The slowest poll, plus the timeout of its answer.
+    fn stale_after(&self) -> Option<Duration> {
+        let slowest = self
+            .tags
+            .iter()
+            .filter_map(|t| t.interval)
+            .fold(self.poll_interval, Duration::max);
+        Some(slowest + self.timeout)
+    }
+}
+
 impl ModbusConfig {
     pub fn manifest(&self, device_index: u32) -> (Device, Vec<Tag>) {
         let device = Device {

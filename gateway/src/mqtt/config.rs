@@ -208,6 +208,35 @@ impl BrokerAddr {
     }
 }
 
+impl crate::protocol::DeviceProtocol for MqttConfig {
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tag_count(&self) -> usize {
+        self.tags.len()
+    }
+    fn manifest(&self, device_index: u32) -> (Device, Vec<Tag>) {
+        MqttConfig::manifest(self, device_index)
+    }
+    /// Twice the declared publishing interval (none declared: never).
+    fn stale_after(&self) -> Option<Duration> {
+        (!self.interval.is_zero()).then(|| self.interval * 2)
+    }
+    fn finish(&mut self, gateway_id: &str, base_dir: &Path, _buffer_dir: &Path) {
+        self.resolve_paths(base_dir);
+        // Unique per gateway and device, so two gateways on one broker never
+        // take over each other's session.
+        self.client_id
+            .get_or_insert_with(|| format!("guantong-{gateway_id}-{}", self.id));
+    }
+    fn secret_files(&self) -> Vec<&Path> {
+        self.password_file.as_deref().into_iter().collect()
+    }
+}
+
 impl MqttConfig {
     pub fn broker_addr(&self) -> BrokerAddr {
         BrokerAddr::parse(&self.broker).expect("checked when the config was loaded")

@@ -250,6 +250,30 @@ impl NodeAddress {
     }
 }
 
+impl crate::protocol::DeviceProtocol for OpcUaConfig {
+    fn name(&self) -> &'static str {
+        "opcua"
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tag_count(&self) -> usize {
+        self.tags.len()
+    }
+    fn manifest(&self, device_index: u32) -> (Device, Vec<Tag>) {
+        OpcUaConfig::manifest(self, device_index)
+    }
+    /// A subscription is silent while values do not change: never by silence.
+    fn stale_after(&self) -> Option<Duration> {
+        None
+    }
+    fn finish(&mut self, gateway_id: &str, base_dir: &Path, buffer_dir: &Path) {
+        self.resolve_paths(base_dir, buffer_dir);
+        self.application_uri
+            .get_or_insert_with(|| format!("urn:guantong:gateway:{gateway_id}"));
+    }
+}
+
 impl OpcUaConfig {
     /// Queue size for an item sampled at `sampling`: every sample of one
     /// publishing interval, twice over (a publish can be late), at least 2;
