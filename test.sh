@@ -67,9 +67,10 @@ fi
 # Third-party peers the e2e tests run against, in .venv-peers/ (the tests
 # find it there, or through GUANTONG_PEERS_PYTHON). Versions pinned; pip
 # only runs when one is missing.
-# asyncua: a second OPC UA stack (tests/peers/opcua_server.py).
-PEERS=(pysparkplug==0.6.1 asyncua==1.1.5)
-if ! .venv-peers/bin/python -c 'import sys, importlib.metadata as m; sys.exit(m.version("pysparkplug") != "0.6.1" or m.version("asyncua") != "1.1.5")' >/dev/null 2>&1; then
+# asyncua: a second OPC UA stack (tests/peers/opcua_server.py); python-snap7:
+# an S7comm server (tests/peers/s7_server.py).
+PEERS=(pysparkplug==0.6.1 asyncua==1.1.5 python-snap7==3.3.0)
+if ! .venv-peers/bin/python -c 'import sys, importlib.metadata as m; sys.exit(any(m.version(p.split("==")[0]) != p.split("==")[1] for p in sys.argv[1:]))' "${PEERS[@]}" >/dev/null 2>&1; then
   log "installing ${PEERS[*]} into .venv-peers/"
   python3 -m venv .venv-peers
   .venv-peers/bin/pip install -q "${PEERS[@]}"
@@ -131,6 +132,6 @@ if [ "${GUANTONG_SKIP_FUZZ:-0}" != 1 ]; then
       -max_total_time="${GUANTONG_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12)
     rm -rf "$corpus"
   }
-  for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file; do fuzz_smoke gateway "$t"; done
+  for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file s7_response; do fuzz_smoke gateway "$t"; done
   fuzz_smoke ingest batch_validate
 fi

@@ -319,7 +319,7 @@ impl std::error::Error for ConfigError {}
 
 /// Collects problems while walking the TOML tree.
 #[derive(Default)]
-pub(crate) struct Problems(Vec<Problem>);
+pub(crate) struct Problems(pub(crate) Vec<Problem>);
 
 impl Problems {
     pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
@@ -904,6 +904,17 @@ type = "f32"
         );
     }
 
+    #[cfg(not(feature = "s7"))]
+    #[test]
+    fn names_s7_when_built_without_it() {
+        let text =
+            format!("{GOOD}\n[[devices]]\nid = \"p\"\nprotocol = \"s7\"\nhost = \"127.0.0.1\"\n");
+        assert_eq!(
+            problems(&text),
+            ["devices[1].protocol: this gateway was built without S7 (the `s7` cargo feature)"]
+        );
+    }
+
     #[cfg(not(feature = "opcua"))]
     #[test]
     fn names_opcua_when_built_without_it() {
@@ -925,7 +936,7 @@ type = "f32"
         assert_eq!(
             p,
             [
-                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`"
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`, `s7`"
             ]
         );
     }

@@ -22,6 +22,8 @@ pub mod protocol;
 pub mod quality;
 pub mod reload;
 pub mod remote;
+#[cfg(feature = "s7")]
+pub mod s7;
 pub mod secret;
 pub mod status;
 pub mod storage_io;

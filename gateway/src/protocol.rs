@@ -42,6 +42,8 @@ use crate::modbus::config::ModbusConfig;
 use crate::mqtt::config::MqttConfig;
 #[cfg(feature = "opcua")]
 use crate::opcua::config::OpcUaConfig;
+#[cfg(feature = "s7")]
+use crate::s7::config::S7Config;
 
 /// What every protocol's device settings tell the rest of the gateway.
 pub trait DeviceProtocol: std::fmt::Debug + Send + Sync {
@@ -77,6 +79,9 @@ pub enum DeviceConfig {
     Mqtt(Box<MqttConfig>),
     #[cfg(feature = "opcua")]
     OpcUa(Box<OpcUaConfig>),
+    /// Siemens S7 over ISO-on-TCP.
+    #[cfg(feature = "s7")]
+    S7(Box<S7Config>),
 }
 
 impl DeviceConfig {
@@ -88,6 +93,8 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(c) => c.as_ref(),
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => c.as_ref(),
+            #[cfg(feature = "s7")]
+            DeviceConfig::S7(c) => c.as_ref(),
         }
     }
 
@@ -98,6 +105,8 @@ impl DeviceConfig {
             DeviceConfig::Mqtt(c) => c.as_mut(),
             #[cfg(feature = "opcua")]
             DeviceConfig::OpcUa(c) => c.as_mut(),
+            #[cfg(feature = "s7")]
+            DeviceConfig::S7(c) => c.as_mut(),
         }
     }
 
@@ -128,6 +137,7 @@ pub const PROTOCOLS: &[&str] = &[
     "modbus-rtu-over-tcp",
     "mqtt",
     "opcua",
+    "s7",
 ];
 
 pub(crate) fn parse_device(
@@ -180,6 +190,18 @@ pub(crate) fn parse_device(
             );
             DeviceConfig::Mqtt(Box::new(c))
         }),
+        #[cfg(feature = "s7")]
+        "s7" => {
+            crate::s7::config::parse(path, table, problems).map(|c| DeviceConfig::S7(Box::new(c)))
+        }
+        #[cfg(not(feature = "s7"))]
+        "s7" => {
+            problems.push(
+                format!("{path}.protocol"),
+                "this gateway was built without S7 (the `s7` cargo feature)",
+            );
+            None
+        }
         #[cfg(feature = "opcua")]
         "opcua" => crate::opcua::config::parse(path, table, problems)
             .map(|c| DeviceConfig::OpcUa(Box::new(c))),
@@ -249,6 +271,10 @@ pub fn start_unit(devices: Vec<(DeviceConfig, u32)>, ctx: &StartContext) -> Vec<
                         .run(ctx.sink.clone(), ctx.cancel.clone()),
                 ));
             }
+            #[cfg(feature = "s7")]
+            DeviceConfig::S7(c) => runs.push(Box::pin(
+                crate::s7::S7Collector::new(*c, first).run(ctx.sink.clone(), ctx.cancel.clone()),
+            )),
         }
     }
     for line in crate::modbus::lines(modbus) {

@@ -28,6 +28,9 @@
 //! |               | keep-alive watchdog): no value until it is back     |
 //! | `0x0005_0002` | OPC UA value missing or not of the tag's type       |
 //! | `0x0005_0003` | OPC UA namespace URI of the tag not on the server   |
+//! | `0x0006_00xx` | S7 item return code `xx` from the PLC (`05` address |
+//! |               | out of range, `0A` object does not exist, `03` no   |
+//! |               | access)                                             |
 //! | `0x4000_0000` | an OPC UA status code, verbatim: Uncertain          |
 //! | ..`0xFFFF_FFFF` | (`0b01` top bits) or Bad (`0b10`), as the server  |
 //! |               | sent it or as the OPC UA stack reported it          |
@@ -49,10 +52,24 @@ pub const FRAME_ERROR: u32 = 0x0002_0005;
 pub const BACKING_OFF: u32 = 0x0002_0006;
 pub const STALLED: u32 = 0x0002_0007;
 pub const OUT_OF_RANGE: u32 = 0x0003_0001;
+/// An S7 item return code in the low byte.
+pub const S7_ITEM: u32 = 0x0006_0000;
 
 /// What a quality code means, for people (the table above).
 pub fn describe(code: u32) -> String {
     match code {
+        c if c & 0xFFFF_FF00 == S7_ITEM => {
+            let what = match c & 0xFF {
+                0x01 => "hardware fault",
+                0x03 => "access to the object not allowed",
+                0x05 => "address out of range",
+                0x06 => "data type not supported",
+                0x07 => "data type inconsistent",
+                0x0A => "object does not exist (no such data block?)",
+                _ => "item refused",
+            };
+            format!("S7 PLC: {what} (item code {:#04x})", c & 0xFF)
+        }
         0 => "good".into(),
         c if c & 0xFFFF_FF00 == MODBUS_EXCEPTION => {
             let e = c & 0xFF;

@@ -107,12 +107,13 @@ impl Arch {
 }
 
 /// Protocols a Modbus-only build lacks, with the feature `check` names.
-const NOT_IN_MODBUS_ONLY: [(&str, &str); 2] = [
+const NOT_IN_MODBUS_ONLY: [(&str, &str); 3] = [
     ("\"mqtt\"", "built without MQTT (the `mqtt` cargo feature)"),
     (
         "\"opcua\"",
         "built without OPC UA (the `opcua` cargo feature)",
     ),
+    ("\"s7\"", "built without S7 (the `s7` cargo feature)"),
 ];
 
 /// `check` on `config`: passes, or for a Modbus-only build refuses exactly

@@ -1,0 +1,483 @@
+//! Siemens S7 PLCs over S7comm (ISO-on-TCP, port 102): `protocol = "s7"`.
+//!
+//! # Design
+//! One collector per PLC. It connects (COTP with the PLC's TSAP from rack
+//! and slot or `tsap`), negotiates the PDU size, plans its reads for that
+//! size ([`Plan`]) and polls every `poll_interval`: each poll sends the
+//! plan's read requests in turn and hands the decoded values to the sink.
+//!
+//! The plan merges the tags of one area (a data block, M, I or Q) whose
+//! bytes lie within `MAX_GAP` of each other into one range; ranges longer
+//! than a PDU can carry are read in pieces; ranges are packed into requests
+//! of up to `proto::MAX_ITEMS` items within the PDU size, both ways.
+//!
+//! # Invariants
+//! - Every tag yields one sample per poll: its value, or Bad with the
+//!   reason: the PLC's item return code (`quality::S7_ITEM | code`), or a
+//!   link code for the whole device when the connection fails or times out.
+//! - A range the PLC refuses that holds several tags is split into one range
+//!   per tag from the next poll on, so one bad address costs only its tag.
+//! - Reconnects back off from 0.5 s doubling to `max_backoff`.
+
+pub mod config;
+pub mod proto;
+
+use std::time::Duration;
+
+use guantong_proto::v1::point::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::collector::{Collector, PointSink};
+use crate::quality::{self, Sample, now_ms};
+use config::{S7Config, S7TagConfig, S7Type, Width};
+use proto::ReadItem;
+
+/// Bytes between two tags' data that a range reads rather than splitting.
+const MAX_GAP: u32 = 32;
+
+/// One merged stretch of an area, and the tags in it.
+#[derive(Debug, Clone)]
+struct Range {
+    area: u8,
+    db: u16,
+    start: u32,
+    len: u32,
+    /// (tag index, offset of its bytes in the range)
+    tags: Vec<(usize, u32)>,
+}
+
+/// The reads of one poll, for one PDU size.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    ranges: Vec<Range>,
+    /// Requests: items as (range, offset in the range, bytes).
+    requests: Vec<Vec<(usize, u32, u16)>>,
+    pdu: usize,
+}
+
+impl Plan {
+    pub fn new(tags: &[S7TagConfig], pdu: u16) -> Plan {
+        let mut order: Vec<usize> = (0..tags.len()).collect();
+        order.sort_by_key(|&i| {
+            let a = tags[i].address();
+            (a.area.code(), a.area.db(), a.byte)
+        });
+        let mut ranges: Vec<Range> = Vec::new();
+        for i in order {
+            let a = tags[i].address();
+            let (start, end) = (a.byte, a.byte + tags[i].bytes());
+            match ranges.last_mut() {
+                Some(r)
+                    if r.area == a.area.code()
+                        && r.db == a.area.db()
+                        && start <= r.start + r.len + MAX_GAP =>
+                {
+                    r.len = r.len.max(end - r.start);
+                    r.tags.push((i, start - r.start));
+                }
+                _ => ranges.push(Range {
+                    area: a.area.code(),
+                    db: a.area.db(),
+                    start,
+                    len: end - start,
+                    tags: vec![(i, 0)],
+                }),
+            }
+        }
+        Plan::pack(ranges, usize::from(pdu))
+    }
+
+    /// Cuts ranges into items a PDU carries and packs items into requests.
+    fn pack(ranges: Vec<Range>, pdu: usize) -> Plan {
+        // An item's answer, with a fill byte, must fit alone in a PDU.
+        let max_item = (pdu - proto::READ_RESPONSE_OVERHEAD - proto::RESPONSE_ITEM_HEADER - 1)
+            .min(usize::from(u16::MAX)) as u32;
+        let mut requests: Vec<Vec<(usize, u32, u16)>> = Vec::new();
+        let (mut asked, mut answered) = (usize::MAX, usize::MAX);
+        for (r, range) in ranges.iter().enumerate() {
+            let mut offset = 0;
+            while offset < range.len {
+                let bytes = (range.len - offset).min(max_item);
+                let ask = proto::REQUEST_ITEM_BYTES;
+                let answer = proto::RESPONSE_ITEM_HEADER + bytes as usize + 1;
+                let fits = requests.last().is_some_and(|q| q.len() < proto::MAX_ITEMS)
+                    && asked + ask <= pdu
+                    && answered + answer <= pdu;
+                if !fits {
+                    requests.push(Vec::new());
+                    asked = proto::READ_REQUEST_OVERHEAD;
+                    answered = proto::READ_RESPONSE_OVERHEAD;
+                }
+                if let Some(q) = requests.last_mut() {
+                    q.push((r, offset, bytes as u16));
+                }
+                asked += ask;
+                answered += answer;
+                offset += bytes;
+            }
+        }
+        Plan {
+            ranges,
+            requests,
+            pdu,
+        }
+    }
+
+    /// The plan with range `r` read tag by tag.
+    fn split(&self, r: usize, tags: &[S7TagConfig]) -> Plan {
+        let mut ranges = self.ranges.clone();
+        let range = ranges.remove(r);
+        for (i, _) in range.tags {
+            let a = tags[i].address();
+            ranges.push(Range {
+                area: range.area,
+                db: range.db,
+                start: a.byte,
+                len: tags[i].bytes(),
+                tags: vec![(i, 0)],
+            });
+        }
+        Plan::pack(ranges, self.pdu)
+    }
+
+    /// Read requests per poll.
+    pub fn requests(&self) -> usize {
+        self.requests.len()
+    }
+}
+
+/// The value of `tag` from its bytes (`bytes` starts at the tag's byte).
+pub fn decode(tag: &S7TagConfig, bytes: &[u8]) -> Option<Value> {
+    let b = |n: usize| bytes.get(..n);
+    Some(match tag.data_type {
+        S7Type::Bool => {
+            let Width::Bit(i) = tag.address().width else {
+                return None;
+            };
+            Value::Bool(b(1)?[0] >> i & 1 == 1)
+        }
+        S7Type::U8 => Value::Uint(u64::from(b(1)?[0])),
+        S7Type::I8 => Value::Int(i64::from(b(1)?[0] as i8)),
+        S7Type::U16 => Value::Uint(u64::from(u16::from_be_bytes(b(2)?.try_into().ok()?))),
+        S7Type::I16 => Value::Int(i64::from(i16::from_be_bytes(b(2)?.try_into().ok()?))),
+        S7Type::U32 => Value::Uint(u64::from(u32::from_be_bytes(b(4)?.try_into().ok()?))),
+        S7Type::I32 => Value::Int(i64::from(i32::from_be_bytes(b(4)?.try_into().ok()?))),
+        S7Type::F32 => Value::Double(crate::value::f32_to_f64(f32::from_be_bytes(
+            b(4)?.try_into().ok()?,
+        ))),
+        S7Type::F64 => Value::Double(f64::from_be_bytes(b(8)?.try_into().ok()?)),
+        S7Type::String => {
+            // STRING[n]: max length, actual length, then the characters.
+            let [max, len, chars @ ..] = bytes else {
+                return None;
+            };
+            let n = usize::from(*len.min(max)).min(chars.len());
+            Value::String(String::from_utf8_lossy(&chars[..n]).into_owned())
+        }
+    })
+}
+
+/// An open S7 connection.
+struct Connection {
+    stream: TcpStream,
+    timeout: Duration,
+    pdu: u16,
+    pdu_ref: u16,
+}
+
+impl Connection {
+    async fn open(c: &S7Config) -> Result<Connection, (u32, String)> {
+        let addr = format!("{}:{}", c.host, c.port);
+        let stream = match tokio::time::timeout(c.timeout, TcpStream::connect(&addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err((quality::CONNECT_FAILED, format!("{addr}: {e}"))),
+            Err(_) => return Err((quality::CONNECT_FAILED, format!("{addr}: no answer"))),
+        };
+        let _ = stream.set_nodelay(true);
+        let mut conn = Connection {
+            stream,
+            timeout: c.timeout,
+            pdu: proto::WANTED_PDU,
+            pdu_ref: 0,
+        };
+        let refused = |e: String| (quality::CONNECT_FAILED, e);
+        let cc = conn
+            .exchange(&proto::connect_request(c.remote_tsap()))
+            .await?;
+        proto::check_connect_confirm(&cc).map_err(refused)?;
+        let setup = conn.exchange(&proto::setup_request()).await?;
+        conn.pdu = proto::setup_response(&setup).map_err(refused)?;
+        Ok(conn)
+    }
+
+    /// Sends one frame and reads the answer's payload.
+    async fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, (u32, String)> {
+        let io = |e: std::io::Error| (quality::TRANSPORT_ERROR, e.to_string());
+        let work = async {
+            self.stream.write_all(frame).await.map_err(io)?;
+            let mut header = [0u8; 4];
+            self.stream.read_exact(&mut header).await.map_err(io)?;
+            let len = proto::tpkt_payload_len(header).map_err(|e| (quality::MALFORMED, e))?;
+            let mut payload = vec![0u8; len];
+            self.stream.read_exact(&mut payload).await.map_err(io)?;
+            Ok(payload)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err((quality::TIMEOUT, "no answer within the timeout".into())),
+        }
+    }
+
+    /// One poll: a sample for every tag; Err ends the connection.
+    async fn poll(
+        &mut self,
+        plan: &Plan,
+        tags: &[S7TagConfig],
+        first_slot: u32,
+        split: &mut Option<usize>,
+    ) -> Result<Vec<Sample>, (u32, String)> {
+        let now = now_ms();
+        let mut data: Vec<Vec<u8>> = plan
+            .ranges
+            .iter()
+            .map(|r| Vec::with_capacity(r.len as usize))
+            .collect();
+        let mut refused: Vec<Option<u8>> = vec![None; plan.ranges.len()];
+        for request in &plan.requests {
+            let items: Vec<ReadItem> = request
+                .iter()
+                .map(|&(r, offset, bytes)| {
+                    let range = &plan.ranges[r];
+                    ReadItem {
+                        area: range.area,
+                        db: range.db,
+                        start: range.start + offset,
+                        bytes,
+                    }
+                })
+                .collect();
+            self.pdu_ref = self.pdu_ref.wrapping_add(1);
+            let answer = self
+                .exchange(&proto::read_request(self.pdu_ref, &items))
+                .await?;
+            let results =
+                proto::read_response(&answer, items.len()).map_err(|e| (quality::MALFORMED, e))?;
+            for (&(r, _, bytes), result) in request.iter().zip(results) {
+                match result {
+                    Ok(b) if b.len() == usize::from(bytes) => data[r].extend_from_slice(&b),
+                    Ok(b) => {
+                        return Err((
+                            quality::MALFORMED,
+                            format!("{} bytes answered, {bytes} asked", b.len()),
+                        ));
+                    }
+                    Err(code) => refused[r] = Some(code),
+                }
+            }
+        }
+        let mut samples = Vec::with_capacity(tags.len());
+        for (r, range) in plan.ranges.iter().enumerate() {
+            if let Some(code) = refused[r] {
+                if range.tags.len() > 1 && split.is_none() {
+                    *split = Some(r);
+                }
+                for &(i, _) in &range.tags {
+                    samples.push(Sample::bad(
+                        first_slot + i as u32,
+                        now,
+                        quality::S7_ITEM | u32::from(code),
+                    ));
+                }
+                continue;
+            }
+            for &(i, offset) in &range.tags {
+                let tag = first_slot + i as u32;
+                let bytes = data[r].get(offset as usize..).unwrap_or_default();
+                samples.push(match decode(&tags[i], bytes) {
+                    Some(v) => Sample::good(tag, now, v),
+                    None => Sample::bad(tag, now, quality::MALFORMED),
+                });
+            }
+        }
+        Ok(samples)
+    }
+}
+
+/// Polls one PLC; see the module docs.
+pub struct S7Collector {
+    config: S7Config,
+    first_slot: u32,
+}
+
+impl S7Collector {
+    pub fn new(config: S7Config, first_slot: u32) -> S7Collector {
+        S7Collector { config, first_slot }
+    }
+
+    fn all_bad(&self, code: u32) -> Vec<Sample> {
+        let now = now_ms();
+        (0..self.config.tags.len() as u32)
+            .map(|i| Sample::bad(self.first_slot + i, now, code))
+            .collect()
+    }
+}
+
+impl Collector for S7Collector {
+    async fn run(self, sink: PointSink, cancel: CancellationToken) {
+        let c = &self.config;
+        let mut backoff = Duration::from_millis(500);
+        let mut last_error = String::new();
+        loop {
+            let opened = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = Connection::open(c) => r,
+            };
+            let mut conn = match opened {
+                Ok(conn) => conn,
+                Err((code, e)) => {
+                    if e != last_error {
+                        warn!(device = %c.id, error = %e, "S7 connection failed; retrying");
+                        last_error = e;
+                    }
+                    if !sink.send(self.all_bad(code)).await {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(c.max_backoff);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(500);
+            last_error.clear();
+            let mut plan = Plan::new(&c.tags, conn.pdu);
+            info!(device = %c.id, pdu = conn.pdu, requests = plan.requests(), "S7 connected");
+            let mut tick = tokio::time::interval(c.poll_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let mut split = None;
+                match conn.poll(&plan, &c.tags, self.first_slot, &mut split).await {
+                    Ok(samples) => {
+                        if !sink.send(samples).await {
+                            return;
+                        }
+                        if let Some(r) = split {
+                            plan = plan.split(r, &c.tags);
+                            info!(device = %c.id, requests = plan.requests(), "a range was refused: its tags are read one by one");
+                        }
+                    }
+                    Err((code, e)) => {
+                        warn!(device = %c.id, error = %e, "S7 read failed; reconnecting");
+                        if !sink.send(self.all_bad(code)).await {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(name: &str, address: &str, t: S7Type, length: Option<u8>) -> S7TagConfig {
+        S7TagConfig {
+            name: name.into(),
+            address: address.into(),
+            data_type: t,
+            length,
+            unit: String::new(),
+            parsed: config::Address::parse(address).ok(),
+        }
+    }
+
+    #[test]
+    fn near_tags_share_a_range_and_requests_respect_the_pdu_both_ways() {
+        let tags = vec![
+            tag("a", "DB1.DBW0", S7Type::U16, None),
+            tag("b", "DB1.DBD10", S7Type::F32, None),
+            tag("c", "DB1.DBX4.3", S7Type::Bool, None),
+            tag("d", "DB1.DBW500", S7Type::I16, None),
+            tag("e", "DB2.DBW0", S7Type::U16, None),
+            tag("f", "MW0", S7Type::U16, None),
+        ];
+        let plan = Plan::new(&tags, 240);
+        let spans: Vec<(u8, u16, u32, u32)> = plan
+            .ranges
+            .iter()
+            .map(|r| (r.area, r.db, r.start, r.len))
+            .collect();
+        assert_eq!(
+            spans,
+            [
+                (0x83, 0, 0, 2),
+                (0x84, 1, 0, 14),
+                (0x84, 1, 500, 2),
+                (0x84, 2, 0, 2)
+            ]
+        );
+        assert_eq!(plan.requests(), 1);
+        // 1,000 bytes of one block at PDU 240: pieces of at most 221 bytes.
+        let long: Vec<S7TagConfig> = (0..250)
+            .map(|i| {
+                tag(
+                    &format!("t{i}"),
+                    &format!("DB1.DBD{}", i * 4),
+                    S7Type::U32,
+                    None,
+                )
+            })
+            .collect();
+        let plan = Plan::new(&long, 240);
+        for q in &plan.requests {
+            let answer: usize = 14 + q.iter().map(|&(_, _, b)| 5 + usize::from(b)).sum::<usize>();
+            assert!(answer <= 240 && 12 + 12 * q.len() <= 240, "{q:?}");
+        }
+        let read: u32 = plan
+            .requests
+            .iter()
+            .flatten()
+            .map(|&(_, _, b)| u32::from(b))
+            .sum();
+        assert_eq!(read, 1000);
+        let split = Plan::new(&tags, 240).split(1, &tags);
+        assert_eq!(split.ranges.len(), 6);
+    }
+
+    #[test]
+    fn values_decode_big_endian_bits_and_s7_strings() {
+        let t = |a: &str, ty, len| tag("x", a, ty, len);
+        assert_eq!(
+            decode(&t("DB1.DBX0.3", S7Type::Bool, None), &[0b1000]),
+            Some(Value::Bool(true))
+        );
+        assert_eq!(
+            decode(&t("DB1.DBW0", S7Type::I16, None), &[0xFF, 0xFE]),
+            Some(Value::Int(-2))
+        );
+        assert_eq!(
+            decode(&t("DB1.DBD0", S7Type::F32, None), &(-0.1f32).to_be_bytes()),
+            Some(Value::Double(-0.1))
+        );
+        assert_eq!(
+            decode(
+                &t("DB1.DBB0", S7Type::String, Some(10)),
+                &[10, 3, b'a', b'b', b'c', b'z']
+            ),
+            Some(Value::String("abc".into()))
+        );
+        assert_eq!(decode(&t("DB1.DBD0", S7Type::U32, None), &[1, 2]), None);
+    }
+}

@@ -1,0 +1,258 @@
+//! S7 end to end against a third-party S7comm server (python-snap7's, in
+//! `.venv-peers/`, `tests/peers/s7_server.py`): the gateway binary reads
+//! every type from a data block and the markers into a real ingest, values
+//! checked one by one; an address the PLC refuses is Bad with its item code
+//! while its neighbours keep their values; a PLC that goes away turns Bad
+//! with a link code, and its values return when it does.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use guantong_e2e::mqtt::peers_python;
+use guantong_e2e::procs::{
+    GatewayProc, IngestProc, gateway_toml, register_keyed_gateway, wait_for,
+};
+use serde_json::Value;
+
+const GW: &str = "gw-s7";
+
+/// The python-snap7 server on `port`, ready; killed when dropped.
+struct Plc {
+    child: Child,
+    /// Kept open: a server writing to a closed pipe would die.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Plc {
+    fn start(port: u16, dir: &Path) -> anyhow::Result<Plc> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/s7_server.py");
+        let log = std::fs::File::create(dir.join(format!("s7-{port}.log")))?;
+        let mut child = Command::new(peers_python()?)
+            .arg(script)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut out = std::io::BufReader::new(out);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line)?;
+        anyhow::ensure!(
+            line.trim() == "ready",
+            "the S7 server did not start: {line:?}"
+        );
+        Ok(Plc {
+            child,
+            _stdout: out,
+        })
+    }
+}
+
+impl Drop for Plc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+const TAGS: &str = r#"
+[[devices.tags]]
+name = "u16"
+address = "DB1.DBW0"
+type = "u16"
+
+[[devices.tags]]
+name = "i16"
+address = "DB1.DBW2"
+type = "i16"
+
+[[devices.tags]]
+name = "f32"
+address = "DB1.DBD4"
+type = "f32"
+
+[[devices.tags]]
+name = "i32"
+address = "DB1.DBD8"
+type = "i32"
+
+[[devices.tags]]
+name = "u32"
+address = "DB1.DBD12"
+type = "u32"
+
+[[devices.tags]]
+name = "lreal"
+address = "DB1.DBD16"
+type = "f64"
+
+[[devices.tags]]
+name = "on"
+address = "DB1.DBX24.3"
+type = "bool"
+
+[[devices.tags]]
+name = "off"
+address = "DB1.DBX24.2"
+type = "bool"
+
+[[devices.tags]]
+name = "u8"
+address = "DB1.DBB25"
+type = "u8"
+
+[[devices.tags]]
+name = "text"
+address = "DB1.DBB26"
+type = "string"
+length = 10
+
+[[devices.tags]]
+name = "counter"
+address = "DB1.DBW40"
+type = "u16"
+
+[[devices.tags]]
+name = "marker"
+address = "MW10"
+type = "u16"
+
+[[devices.tags]]
+name = "missing"
+address = "DB99.DBW0"
+type = "u16"
+
+[[devices.tags]]
+name = "beyond"
+address = "DB1.DBW62"
+type = "u16"
+
+[[devices.tags]]
+name = "past_the_end"
+address = "DB1.DBW70"
+type = "u16"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reads_every_type_from_a_third_party_s7_server_and_survives_its_loss()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let config = dir.path().join("gateway.toml");
+    let buffer = dir.path().join("buffer");
+    let token = register_keyed_gateway(&data, GW, &config, &buffer)?;
+    let ingest = IngestProc::start(
+        &data,
+        "127.0.0.1:0".parse::<SocketAddr>()?,
+        "127.0.0.1:0".parse::<SocketAddr>()?,
+    )
+    .await?;
+    let api = ingest.api();
+    let port = free_port()?;
+    let plc = Plc::start(port, dir.path())?;
+    std::fs::write(
+        &config,
+        gateway_toml(GW, ingest.grpc, &token, &buffer)
+            + &format!(
+                "\n[[devices]]\nid = \"plc-01\"\nprotocol = \"s7\"\nhost = \"127.0.0.1\"\nport = {port}\nrack = 0\nslot = 1\npoll_interval = \"200ms\"\ntimeout = \"1s\"\nmax_backoff = \"1s\"\n{TAGS}"
+            ),
+    )?;
+    let gateway = GatewayProc::start(&config)?;
+
+    let last = |tag: &'static str| {
+        let api = &api;
+        async move {
+            let t = api.tag(GW, "plc-01", tag).await?;
+            Ok::<_, anyhow::Error>(t.unwrap_or(Value::Null))
+        }
+    };
+    wait_for("S7 values at ingest", Duration::from_secs(30), || async {
+        Ok(last("counter").await?["last_quality"]
+            .eq("good")
+            .then_some(()))
+    })
+    .await
+    .map_err(|e| {
+        let plc_log = std::fs::read_to_string(dir.path().join(format!("s7-{port}.log")));
+        anyhow::anyhow!(
+            "{e}\ngateway log:\n{}\nS7 server log:\n{plc_log:?}",
+            gateway.proc.logs()
+        )
+    })?;
+    for (tag, expected) in [
+        ("u16", serde_json::json!(4242)),
+        ("i16", serde_json::json!(-1234)),
+        ("f32", serde_json::json!(-0.1)),
+        ("i32", serde_json::json!(-100000)),
+        ("u32", serde_json::json!(3_000_000_000u64)),
+        ("lreal", serde_json::json!(12345.678)),
+        ("on", serde_json::json!(true)),
+        ("off", serde_json::json!(false)),
+        ("u8", serde_json::json!(200)),
+        ("text", serde_json::json!("hello")),
+        ("marker", serde_json::json!(777)),
+    ] {
+        let t = last(tag).await?;
+        assert_eq!(t["last_value"], expected, "{tag}: {t:#}");
+        assert_eq!(t["last_quality"], "good", "{tag}: {t:#}");
+    }
+    // The counter moves: polled, not read once.
+    let first = last("counter").await?["last_value"].as_u64().unwrap_or(0);
+    wait_for("the counter to move", Duration::from_secs(10), || async {
+        Ok((last("counter").await?["last_value"].as_u64().unwrap_or(0) != first).then_some(()))
+    })
+    .await?;
+    // Refused addresses: Bad with the PLC's item code, nothing else lost.
+    // python-snap7 answers a missing block and a read past a block's end
+    // with its own codes; either way the code is an S7 item code.
+    for tag in ["missing", "past_the_end"] {
+        let t = wait_for(&format!("{tag} Bad"), Duration::from_secs(10), || async {
+            let t = last(tag).await?;
+            Ok(t["last_quality"].eq("bad").then_some(t))
+        })
+        .await?;
+        let code = t["last_quality_code"].as_u64().unwrap_or(0);
+        assert_eq!(
+            code & 0xFFFF_FF00,
+            0x0006_0000,
+            "{tag}: an S7 item code: {t:#}"
+        );
+    }
+    let t = last("beyond").await?;
+    assert_eq!(
+        t["last_quality"], "good",
+        "the last word of DB1 reads: {t:#}"
+    );
+
+    // The PLC goes away: Bad with a link code; back: values again.
+    drop(plc);
+    wait_for(
+        "Bad while the PLC is gone",
+        Duration::from_secs(15),
+        || async {
+            let t = last("u16").await?;
+            let code = t["last_quality_code"].as_u64().unwrap_or(0);
+            Ok((t["last_quality"] == "bad" && code >> 16 == 2).then_some(()))
+        },
+    )
+    .await?;
+    let _plc = Plc::start(port, dir.path())?;
+    wait_for(
+        "values after the PLC returned",
+        Duration::from_secs(20),
+        || async { Ok(last("u16").await?["last_quality"].eq("good").then_some(())) },
+    )
+    .await?;
+    Ok(())
+}
