@@ -99,7 +99,7 @@ pub async fn run_with(
     );
     // Taken before identification, which writes into the config.
     let fingerprints = reload::fingerprints(&config.devices);
-    reload::identify(&mut config.devices).await;
+    protocol::identify(&mut config.devices).await;
     let manifest = manifest::build(&config);
     buffer.put_manifest(&manifest)?;
     let stats = buffer.stats()?;

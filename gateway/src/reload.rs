@@ -120,12 +120,6 @@ pub async fn on_sighup(source: Arc<crate::remote::Source>, reloader: Reloader) {
     }
 }
 
-/// Reads each device's identity from the device itself, for the manifest
-/// (at start, and for the devices a reload starts).
-pub async fn identify(devices: &mut [DeviceConfig]) {
-    crate::protocol::identify(devices).await;
-}
-
 /// SHA-256 of a value's full debug form: equal settings, equal fingerprint.
 fn fingerprint(v: &impl Debug) -> [u8; 32] {
     Sha256::digest(format!("{v:?}").as_bytes()).into()
@@ -378,7 +372,7 @@ impl Collectors {
             .filter(|&d| fresh[d])
             .filter_map(|d| devices[d].take())
             .collect();
-        identify(&mut to_identify).await;
+        crate::protocol::identify(&mut to_identify).await;
         let mut identified = to_identify.into_iter();
         config.devices = devices
             .iter_mut()
