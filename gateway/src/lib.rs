@@ -18,6 +18,7 @@ pub mod modbus;
 pub mod mqtt;
 #[cfg(feature = "opcua")]
 pub mod opcua;
+pub mod probe;
 pub mod protocol;
 pub mod quality;
 pub mod reload;

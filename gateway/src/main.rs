@@ -94,6 +94,9 @@ enum ProbeTarget {
     /// types and values, and print a tag-mapping snippet for the config.
     #[cfg(feature = "opcua")]
     Opcua(guantong_gateway::opcua::probe::OpcUaProbe),
+    /// Read a Siemens S7 PLC's memory as every S7 type, and its identity.
+    #[cfg(feature = "s7")]
+    S7(guantong_gateway::s7::probe::S7Probe),
 }
 
 #[cfg(feature = "mqtt")]
@@ -262,6 +265,22 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("probe opcua: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        #[cfg(feature = "s7")]
+        Command::Probe {
+            target: ProbeTarget::S7(p),
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let mut out = std::io::stdout();
+            match runtime.block_on(guantong_gateway::s7::probe::run(p, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("probe s7: {e}");
                     ExitCode::FAILURE
                 }
             }

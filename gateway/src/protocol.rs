@@ -273,7 +273,9 @@ pub fn start_unit(devices: Vec<(DeviceConfig, u32)>, ctx: &StartContext) -> Vec<
             }
             #[cfg(feature = "s7")]
             DeviceConfig::S7(c) => runs.push(Box::pin(
-                crate::s7::S7Collector::new(*c, first).run(ctx.sink.clone(), ctx.cancel.clone()),
+                crate::s7::S7Collector::new(*c, first)
+                    .report_identity_to(ctx.identified.clone())
+                    .run(ctx.sink.clone(), ctx.cancel.clone()),
             )),
         }
     }
@@ -292,4 +294,6 @@ pub async fn identify(devices: &mut [DeviceConfig]) {
     crate::modbus::identify_all(devices).await;
     #[cfg(feature = "opcua")]
     crate::opcua::identify_all(devices).await;
+    #[cfg(feature = "s7")]
+    crate::s7::identify_all(devices).await;
 }

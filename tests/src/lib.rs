@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod procs;
 pub mod proxy;
 pub mod raw;
+pub mod s7;
 pub mod scenario;
 pub mod sim;

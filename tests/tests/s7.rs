@@ -1,64 +1,23 @@
 //! S7 end to end against a third-party S7comm server (python-snap7's, in
 //! `.venv-peers/`, `tests/peers/s7_server.py`): the gateway binary reads
-//! every type from a data block and the markers into a real ingest, values
-//! checked one by one; an address the PLC refuses is Bad with its item code
+//! every type from data blocks, the markers, a timer and a counter into a
+//! real ingest, values checked one by one, and the CPU's identity (SZL) into
+//! the manifest; an address the PLC refuses is Bad with its item code
 //! while its neighbours keep their values; a PLC that goes away turns Bad
 //! with a link code, and its values return when it does.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
+use std::process::Command;
 use std::time::Duration;
 
-use guantong_e2e::mqtt::peers_python;
 use guantong_e2e::procs::{
     GatewayProc, IngestProc, gateway_toml, register_keyed_gateway, wait_for,
 };
+use guantong_e2e::s7::Plc;
 use serde_json::Value;
 
 const GW: &str = "gw-s7";
-
-/// The python-snap7 server on `port`, ready; killed when dropped.
-struct Plc {
-    child: Child,
-    /// Kept open: a server writing to a closed pipe would die.
-    _stdout: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl Plc {
-    fn start(port: u16, dir: &Path) -> anyhow::Result<Plc> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/s7_server.py");
-        let log = std::fs::File::create(dir.join(format!("s7-{port}.log")))?;
-        let mut child = Command::new(peers_python()?)
-            .arg(script)
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut out = std::io::BufReader::new(out);
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        anyhow::ensure!(
-            line.trim() == "ready",
-            "the S7 server did not start: {line:?}"
-        );
-        Ok(Plc {
-            child,
-            _stdout: out,
-        })
-    }
-}
-
-impl Drop for Plc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -126,6 +85,41 @@ type = "u16"
 [[devices.tags]]
 name = "marker"
 address = "MW10"
+type = "u16"
+
+[[devices.tags]]
+name = "date"
+address = "DB1.DBW44"
+type = "date"
+
+[[devices.tags]]
+name = "tod"
+address = "DB1.DBD48"
+type = "time_of_day"
+
+[[devices.tags]]
+name = "dt"
+address = "DB1.DBB52"
+type = "date_and_time"
+
+[[devices.tags]]
+name = "dtl"
+address = "DB2.DBB0"
+type = "dtl"
+
+[[devices.tags]]
+name = "time"
+address = "DB2.DBD12"
+type = "time"
+
+[[devices.tags]]
+name = "timer"
+address = "T1"
+type = "f64"
+
+[[devices.tags]]
+name = "count"
+address = "C2"
 type = "u16"
 
 [[devices.tags]]
@@ -202,11 +196,33 @@ async fn a_gateway_reads_every_type_from_a_third_party_s7_server_and_survives_it
         ("u8", serde_json::json!(200)),
         ("text", serde_json::json!("hello")),
         ("marker", serde_json::json!(777)),
+        ("date", serde_json::json!("2024-09-11")),
+        ("tod", serde_json::json!("12:34:56.789")),
+        ("dt", serde_json::json!("2026-12-03T13:45:07.250")),
+        ("dtl", serde_json::json!("2026-12-03T13:45:07.250")),
+        ("time", serde_json::json!(-1500)),
+        ("timer", serde_json::json!(12.3)),
+        ("count", serde_json::json!(42)),
     ] {
         let t = last(tag).await?;
         assert_eq!(t["last_value"], expected, "{tag}: {t:#}");
         assert_eq!(t["last_quality"], "good", "{tag}: {t:#}");
     }
+    // The CPU's identity, from its system status list, is in the manifest.
+    let summary = api.get("/api/v1/summary").await?;
+    let device = &summary["gateways"][0]["devices"][0];
+    assert_eq!(
+        device["identity"]["order_number"], "6ES7 315-2EH14-0AB0",
+        "{device}"
+    );
+    assert_eq!(
+        device["identity"]["module_type"], "CPU 315-2 PN/DP",
+        "{device}"
+    );
+    assert_eq!(
+        device["identity"]["serial_number"], "S C-C2UR28922012",
+        "{device}"
+    );
     // The counter moves: polled, not read once.
     let first = last("counter").await?["last_value"].as_u64().unwrap_or(0);
     wait_for("the counter to move", Duration::from_secs(10), || async {
@@ -254,5 +270,77 @@ async fn a_gateway_reads_every_type_from_a_third_party_s7_server_and_survives_it
         || async { Ok(last("u16").await?["last_quality"].eq("good").then_some(())) },
     )
     .await?;
+    Ok(())
+}
+
+/// Runs `guantong-gateway probe s7 ARGS`: (exit code, stdout, stderr).
+fn probe(args: &str) -> anyhow::Result<(Option<i32>, String, String)> {
+    let out = Command::new(guantong_e2e::procs::binary("guantong-gateway")?)
+        .args(["probe", "s7"])
+        .args(args.split_whitespace())
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn the_probe_reads_memory_as_every_type_finds_a_value_and_names_the_cpu() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let _plc = Plc::start(port, dir.path())?;
+    let target = format!("--host 127.0.0.1 --port {port}");
+
+    // -0.1 as the HMI shows it: found at DB1.DBD4 as f32, with the
+    // line to put in the config.
+    let (code, out, err) = probe(&format!("{target} read DB1.DBB0 --count 12 --expect -0.1"))?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("PDU "), "{out}");
+    assert!(
+        out.contains("  DB1.DBW0        u16           4242\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("-0.1 (±0.05) found as:\n  address = \"DB1.DBD4\", type = \"f32\"\n"),
+        "{out}"
+    );
+    // An S7 STRING where it is, timers by number.
+    let (code, out, err) = probe(&format!("{target} read DB1.DBB26 --count 12"))?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("  DB1.DBB26       string        \"hello\"\n"),
+        "{out}"
+    );
+    let (code, out, err) = probe(&format!("{target} read T1 --count 1"))?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("T1  raw 0x1123\n  T1              f64           12.3\n"),
+        "{out}"
+    );
+
+    let (code, out, err) = probe(&format!("{target} identify"))?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("  order_number: 6ES7 315-2EH14-0AB0\n"),
+        "{out}"
+    );
+    assert!(out.contains("  serial_number: S C-C2UR28922012\n"), "{out}");
+
+    // What the installer reads when something is wrong.
+    let (code, _, err) = probe(&format!("{target} read DB99.DBB0"))?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the PLC refused DB99.DBB0"), "{err}");
+    let (code, _, err) = probe(&format!("{target} read DB1.XYZ"))?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`DB1.XYZ`: expected STEP 7 absolute notation"),
+        "{err}"
+    );
+    let closed = free_port()?;
+    let (code, _, err) = probe(&format!("--host 127.0.0.1 --port {closed} identify"))?;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{closed}")), "{err}");
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Any bytes an S7 PLC sends back (a TPKT frame's header and payload, to a
-//! connection request, setup communication or a read of several items) must
-//! decode or fail with an error — never a panic — and a read answer that
-//! decodes has exactly the items asked, each decodable as every type.
+//! connection request, setup communication, a read of several items or a
+//! read of the system status list) must decode or fail with an error — never
+//! a panic — and a read answer that decodes has exactly the items asked,
+//! each decodable as every type, timers and counters included.
 #![no_main]
 
 use guantong_gateway::s7::config::{Address, S7TagConfig, S7Type};
@@ -17,6 +18,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = proto::check_connect_confirm(payload);
     let _ = proto::setup_response(payload);
+    if let Ok(part) = proto::szl_response(payload) {
+        for len in [28, 34] {
+            for (_, record) in proto::szl_records(&part.data, len) {
+                let _ = proto::szl_text(record);
+            }
+        }
+    }
     let expected = usize::from(items % 21);
     let Ok(answers) = proto::read_response(payload, expected) else {
         return;
@@ -35,6 +43,13 @@ fuzz_target!(|data: &[u8]| {
             ("DB1.DBD0", S7Type::I32),
             ("DB1.DBD0", S7Type::F32),
             ("DB1.DBD0", S7Type::F64),
+            ("DB1.DBW0", S7Type::Date),
+            ("DB1.DBD0", S7Type::Time),
+            ("DB1.DBD0", S7Type::TimeOfDay),
+            ("DB1.DBB0", S7Type::DateAndTime),
+            ("DB1.DBB0", S7Type::Dtl),
+            ("T1", S7Type::F64),
+            ("C1", S7Type::U16),
         ] {
             let tag = S7TagConfig {
                 name: "t".into(),

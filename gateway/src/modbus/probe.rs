@@ -25,6 +25,7 @@ use super::config::{
 use super::decode::{decode_registers, decode_string};
 use super::transport::{self, Outcome};
 use crate::config::{Config, DeviceConfig};
+use crate::probe::{Expect, as_f64, show};
 use crate::quality;
 
 #[derive(Debug, clap::Args)]
@@ -254,35 +255,6 @@ pub fn parse_units(text: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// The value to look for, with the tolerance its written precision implies
-/// (`229.5` matches 229.45..229.55).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Expect {
-    pub value: f64,
-    pub tolerance: f64,
-}
-
-impl Expect {
-    pub fn parse(text: &str) -> Result<Expect, String> {
-        let value: f64 = text
-            .trim()
-            .parse()
-            .map_err(|_| format!("--expect `{text}` is not a number"))?;
-        let decimals = text
-            .trim()
-            .split_once('.')
-            .map_or(0, |(_, d)| d.len().min(9));
-        Ok(Expect {
-            value,
-            tolerance: 0.5 * 10f64.powi(-(decimals as i32)),
-        })
-    }
-
-    fn matches(&self, x: f64) -> bool {
-        x.is_finite() && (x - self.value).abs() <= self.tolerance + self.value.abs() * 1e-12
-    }
-}
-
 const TYPES: [ModbusType; 9] = [
     ModbusType::U16,
     ModbusType::I16,
@@ -294,26 +266,6 @@ const TYPES: [ModbusType; 9] = [
     ModbusType::F64,
     ModbusType::String,
 ];
-
-fn as_f64(v: &Value) -> Option<f64> {
-    match v {
-        Value::Int(i) => Some(*i as f64),
-        Value::Uint(u) => Some(*u as f64),
-        Value::Double(d) => Some(*d),
-        _ => None,
-    }
-}
-
-fn show(v: &Value) -> String {
-    match v {
-        Value::Int(i) => i.to_string(),
-        Value::Uint(u) => u.to_string(),
-        Value::Double(d) if *d != 0.0 && (d.abs() < 1e-4 || d.abs() >= 1e12) => format!("{d:e}"),
-        Value::Double(d) => format!("{d}"),
-        Value::String(s) => format!("{s:?}"),
-        Value::Bool(b) => b.to_string(),
-    }
-}
 
 /// Every address of `words` (read from `start` of `table`) as every type and
 /// order; with `expect`, matches are starred and listed at the end.

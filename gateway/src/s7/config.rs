@@ -19,11 +19,15 @@
 //!
 //! Addresses: `DBn.DBX b.i` (bit), `DBn.DBB b`, `DBn.DBW b`, `DBn.DBD b`;
 //! `M`, `I` (or `E`) and `Q` (or `A`) with `b.i`, `Bb`, `Wb`, `Db`
-//! (`M0.1`, `MW10`, `ID4`, `QB0`). The type must fit the width: `X`/`b.i`
-//! bool; `B` u8, i8 or string (`length` = the declared maximum; the S7
-//! STRING's two header bytes are read and honoured); `W` u16, i16; `D` u32,
-//! i32, f32, or f64 (`LReal`: 8 bytes from that byte). Values are big-endian,
-//! as S7 stores them.
+//! (`M0.1`, `MW10`, `ID4`, `QB0`); timers `Tn` and counters `Cn` (or `Zn`).
+//! The type must fit the width: `X`/`b.i` bool; `B` u8, i8, string
+//! (`length` = the declared maximum; the S7 STRING's two header bytes are
+//! read and honoured), `date_and_time` (DT, 8 BCD bytes) or `dtl` (12
+//! bytes); `W` u16, i16 or `date` (days since 1990-01-01); `D` u32, i32,
+//! f32, f64 (`LReal`: 8 bytes from that byte), `time` (TIME, signed ms) or
+//! `time_of_day` (ms since midnight). A timer reads as `f64`, its S5TIME in
+//! seconds; a counter as `u16`, its BCD value. Values are big-endian, as S7
+//! stores them; dates and times are the PLC's local clock, without a zone.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +45,10 @@ pub enum Area {
     Outputs,
     Markers,
     DataBlock(u16),
+    /// Two bytes per timer: an address's `byte` is twice its number.
+    Timers,
+    /// Two bytes per counter, as timers.
+    Counters,
 }
 
 impl Area {
@@ -50,6 +58,8 @@ impl Area {
             Area::Outputs => 0x82,
             Area::Markers => 0x83,
             Area::DataBlock(_) => 0x84,
+            Area::Timers => super::proto::AREA_TIMERS,
+            Area::Counters => super::proto::AREA_COUNTERS,
         }
     }
     pub fn db(self) -> u16 {
@@ -84,6 +94,8 @@ impl fmt::Display for Address {
             Area::Inputs => ("I".into(), ""),
             Area::Outputs => ("Q".into(), ""),
             Area::Markers => ("M".into(), ""),
+            Area::Timers => return write!(f, "T{}", self.byte / 2),
+            Area::Counters => return write!(f, "C{}", self.byte / 2),
         };
         let db = matches!(self.area, Area::DataBlock(_));
         match self.width {
@@ -96,7 +108,7 @@ impl fmt::Display for Address {
     }
 }
 
-const ADDRESS_HELP: &str = "expected STEP 7 absolute notation: DB1.DBX0.3, DB1.DBB0, DB1.DBW2, DB1.DBD4, M0.1, MB0, MW10, MD20, I0.1, IW4, Q0.0, QB1";
+const ADDRESS_HELP: &str = "expected STEP 7 absolute notation: DB1.DBX0.3, DB1.DBB0, DB1.DBW2, DB1.DBD4, M0.1, MB0, MW10, MD20, I0.1, IW4, Q0.0, QB1, T5, C3";
 
 /// Largest byte offset accepted (the 3-byte S7 address holds byte × 8 + bit).
 const MAX_BYTE: u32 = (1 << 21) - 1;
@@ -113,6 +125,18 @@ impl Address {
             }
             let rest = rest.strip_prefix("DB").ok_or_else(bad)?;
             (Area::DataBlock(n), rest.to_string())
+        } else if let Some(number) = up
+            .strip_prefix('T')
+            .map(|n| (Area::Timers, n))
+            .or_else(|| up.strip_prefix(['C', 'Z']).map(|n| (Area::Counters, n)))
+        {
+            let (area, n) = number;
+            let n: u16 = n.parse().map_err(|_| bad())?;
+            return Ok(Address {
+                area,
+                byte: u32::from(n) * 2,
+                width: Width::Word,
+            });
         } else {
             let mut chars = up.chars();
             let area = match chars.next() {
@@ -164,10 +188,20 @@ pub enum S7Type {
     F32,
     F64,
     String,
+    /// DATE: days since 1990-01-01, as `YYYY-MM-DD`.
+    Date,
+    /// TIME: a signed duration in ms.
+    Time,
+    /// TIME_OF_DAY: ms since midnight, as `HH:MM:SS.mmm`.
+    TimeOfDay,
+    /// DATE_AND_TIME (DT): 8 BCD bytes, as `YYYY-MM-DDTHH:MM:SS.mmm`.
+    DateAndTime,
+    /// DTL (S7-1200/1500): 12 bytes, as `YYYY-MM-DDTHH:MM:SS.mmm`.
+    Dtl,
 }
 
 impl S7Type {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             S7Type::Bool => "bool",
             S7Type::U8 => "u8",
@@ -179,26 +213,48 @@ impl S7Type {
             S7Type::F32 => "f32",
             S7Type::F64 => "f64",
             S7Type::String => "string",
+            S7Type::Date => "date",
+            S7Type::Time => "time",
+            S7Type::TimeOfDay => "time_of_day",
+            S7Type::DateAndTime => "date_and_time",
+            S7Type::Dtl => "dtl",
         }
     }
     pub fn wire(self) -> DataType {
         match self {
             S7Type::Bool => DataType::Bool,
             S7Type::U8 | S7Type::U16 | S7Type::U32 => DataType::Uint,
-            S7Type::I8 | S7Type::I16 | S7Type::I32 => DataType::Int,
+            S7Type::I8 | S7Type::I16 | S7Type::I32 | S7Type::Time => DataType::Int,
             S7Type::F32 | S7Type::F64 => DataType::Double,
-            S7Type::String => DataType::String,
+            S7Type::String
+            | S7Type::Date
+            | S7Type::TimeOfDay
+            | S7Type::DateAndTime
+            | S7Type::Dtl => DataType::String,
         }
     }
-    /// The widths this type may be read at.
-    fn fits(self, w: Width) -> bool {
+    /// Whether this type may be read at `a`.
+    fn fits(self, a: &Address) -> bool {
+        match a.area {
+            Area::Timers => return self == S7Type::F64,
+            Area::Counters => return self == S7Type::U16,
+            _ => {}
+        }
         matches!(
-            (self, w),
+            (self, a.width),
             (S7Type::Bool, Width::Bit(_))
-                | (S7Type::U8 | S7Type::I8 | S7Type::String, Width::Byte)
-                | (S7Type::U16 | S7Type::I16, Width::Word)
                 | (
-                    S7Type::U32 | S7Type::I32 | S7Type::F32 | S7Type::F64,
+                    S7Type::U8 | S7Type::I8 | S7Type::String | S7Type::DateAndTime | S7Type::Dtl,
+                    Width::Byte
+                )
+                | (S7Type::U16 | S7Type::I16 | S7Type::Date, Width::Word)
+                | (
+                    S7Type::U32
+                        | S7Type::I32
+                        | S7Type::F32
+                        | S7Type::F64
+                        | S7Type::Time
+                        | S7Type::TimeOfDay,
                     Width::DWord
                 )
         )
@@ -232,11 +288,15 @@ impl S7TagConfig {
     }
     /// Bytes the tag occupies from its start byte.
     pub fn bytes(&self) -> u32 {
+        if matches!(self.address().area, Area::Timers | Area::Counters) {
+            return 2;
+        }
         match self.data_type {
             S7Type::Bool | S7Type::U8 | S7Type::I8 => 1,
-            S7Type::U16 | S7Type::I16 => 2,
-            S7Type::U32 | S7Type::I32 | S7Type::F32 => 4,
-            S7Type::F64 => 8,
+            S7Type::U16 | S7Type::I16 | S7Type::Date => 2,
+            S7Type::U32 | S7Type::I32 | S7Type::F32 | S7Type::Time | S7Type::TimeOfDay => 4,
+            S7Type::F64 | S7Type::DateAndTime => 8,
+            S7Type::Dtl => 12,
             S7Type::String => 2 + u32::from(self.length.unwrap_or(254)),
         }
     }
@@ -349,7 +409,7 @@ impl crate::protocol::DeviceProtocol for S7Config {
 }
 
 /// `"10.01"` → 0x1001.
-fn parse_tsap(s: &str) -> Option<u16> {
+pub(crate) fn parse_tsap(s: &str) -> Option<u16> {
     let (hi, lo) = s.split_once('.')?;
     Some(
         u16::from(u8::from_str_radix(hi, 16).ok()?) << 8
@@ -367,10 +427,10 @@ pub(crate) fn parse(
     let tags = problems.parse_required_tags(path, raw_tags, |tag_path, mut tag: S7TagConfig, problems| {
         check_id(problems, &format!("{tag_path}.name"), &tag.name);
         match Address::parse(&tag.address) {
-            Ok(a) if !tag.data_type.fits(a.width) => problems.push(
+            Ok(a) if !tag.data_type.fits(&a) => problems.push(
                 format!("{tag_path}.type"),
                 format!(
-                    "`{}` does not fit `{}`: bool takes a bit (DBX b.i, M b.i), u8/i8/string a byte (B), u16/i16 a word (W), u32/i32/f32/f64 a double word (D)",
+                    "`{}` does not fit `{}`: bool takes a bit (DBX b.i, M b.i); u8/i8/string/date_and_time/dtl a byte (B); u16/i16/date a word (W); u32/i32/f32/f64/time/time_of_day a double word (D); a timer (T) reads as f64, a counter (C) as u16",
                     tag.data_type.name(),
                     tag.address
                 ),
@@ -451,6 +511,9 @@ mod tests {
             ("E2.7", Area::Inputs, 2, Width::Bit(7)),
             ("Q0.0", Area::Outputs, 0, Width::Bit(0)),
             ("AB1", Area::Outputs, 1, Width::Byte),
+            ("T5", Area::Timers, 10, Width::Word),
+            ("Z7", Area::Counters, 14, Width::Word),
+            ("c0", Area::Counters, 0, Width::Word),
         ] {
             let a = Address::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!((a.area, a.byte, a.width), (area, byte, width), "{text}");
@@ -465,6 +528,9 @@ mod tests {
             "MW",
             "DB1.DBD99999999",
             "%MW10",
+            "T",
+            "TW2",
+            "C70000",
         ] {
             let e = Address::parse(bad).expect_err(bad);
             assert!(e.contains(bad), "{e}");
@@ -489,6 +555,14 @@ type = "string"
 name = "c"
 address = "DB1.DBD4"
 type = "f64"
+[[tags]]
+name = "d"
+address = "T3"
+type = "u16"
+[[tags]]
+name = "e"
+address = "DB1.DBB20"
+type = "dtl"
 "#
         .parse()
         .expect("toml");
@@ -497,6 +571,8 @@ type = "f64"
         assert!(found.contains("devices[0].tags[0].type"), "{found}");
         assert!(found.contains("devices[0].tags[1].length"), "{found}");
         assert!(!found.contains("tags[2]"), "{found}");
+        assert!(found.contains("devices[0].tags[3].type"), "{found}");
+        assert!(!found.contains("tags[4]"), "{found}");
         assert_eq!(device.remote_tsap(), 0x0101);
         assert_eq!(device.tags[2].bytes(), 8);
     }

@@ -18,10 +18,18 @@
 //! - A range the PLC refuses that holds several tags is split into one range
 //!   per tag from the next poll on, so one bad address costs only its tag.
 //! - Reconnects back off from 0.5 s doubling to `max_backoff`.
+//!
+//! Identity: the CPU's order number (SZL 0x0011) and its component
+//! identification (SZL 0x001C: module type, serial number, names) are read
+//! for the manifest at start (`identify_all`), or, for a PLC that was not
+//! reachable then, at the collector's first connect. A CPU that refuses a
+//! list (S7-200 SMART, LOGO!) just has less identity; collection goes on.
 
 pub mod config;
+pub mod probe;
 pub mod proto;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use guantong_proto::v1::point::Value;
@@ -32,7 +40,7 @@ use tracing::{info, warn};
 
 use crate::collector::{Collector, PointSink};
 use crate::quality::{self, Sample, now_ms};
-use config::{S7Config, S7TagConfig, S7Type, Width};
+use config::{Area, S7Config, S7TagConfig, S7Type, Width};
 use proto::ReadItem;
 
 /// Bytes between two tags' data that a range reads rather than splitting.
@@ -93,8 +101,10 @@ impl Plan {
     /// Cuts ranges into items a PDU carries and packs items into requests.
     fn pack(ranges: Vec<Range>, pdu: usize) -> Plan {
         // An item's answer, with a fill byte, must fit alone in a PDU.
-        let max_item = (pdu - proto::READ_RESPONSE_OVERHEAD - proto::RESPONSE_ITEM_HEADER - 1)
-            .min(usize::from(u16::MAX)) as u32;
+        // Even, so that a piece of timers or counters holds whole ones.
+        let max_item = ((pdu - proto::READ_RESPONSE_OVERHEAD - proto::RESPONSE_ITEM_HEADER - 1)
+            .min(usize::from(u16::MAX)) as u32)
+            & !1;
         let mut requests: Vec<Vec<(usize, u32, u16)>> = Vec::new();
         let (mut asked, mut answered) = (usize::MAX, usize::MAX);
         for (r, range) in ranges.iter().enumerate() {
@@ -147,11 +157,35 @@ impl Plan {
     pub fn requests(&self) -> usize {
         self.requests.len()
     }
+
+    /// The items of request `q`.
+    pub fn request_items(&self, q: usize) -> Vec<ReadItem> {
+        self.requests[q]
+            .iter()
+            .map(|&(r, offset, bytes)| {
+                let range = &self.ranges[r];
+                ReadItem {
+                    area: range.area,
+                    db: range.db,
+                    start: range.start + offset,
+                    bytes,
+                }
+            })
+            .collect()
+    }
 }
 
 /// The value of `tag` from its bytes (`bytes` starts at the tag's byte).
 pub fn decode(tag: &S7TagConfig, bytes: &[u8]) -> Option<Value> {
     let b = |n: usize| bytes.get(..n);
+    let word = || Some(u16::from_be_bytes(b(2)?.try_into().ok()?));
+    match tag.address().area {
+        Area::Timers => return s5time_seconds(word()?).map(Value::Double),
+        Area::Counters => {
+            return bcd(u32::from(word()? & 0x0FFF), 3).map(|n| Value::Uint(n.into()));
+        }
+        _ => {}
+    }
     Some(match tag.data_type {
         S7Type::Bool => {
             let Width::Bit(i) = tag.address().width else {
@@ -177,7 +211,75 @@ pub fn decode(tag: &S7TagConfig, bytes: &[u8]) -> Option<Value> {
             let n = usize::from(*len.min(max)).min(chars.len());
             Value::String(String::from_utf8_lossy(&chars[..n]).into_owned())
         }
+        S7Type::Date => {
+            let days = u64::from(u16::from_be_bytes(b(2)?.try_into().ok()?));
+            // 1990-01-01 is day 7,305 of the Unix epoch.
+            let at = std::time::UNIX_EPOCH + Duration::from_secs((7305 + days) * 86_400);
+            Value::String(humantime::format_rfc3339_seconds(at).to_string()[..10].to_string())
+        }
+        S7Type::Time => Value::Int(i64::from(i32::from_be_bytes(b(4)?.try_into().ok()?))),
+        S7Type::TimeOfDay => {
+            let ms = u32::from_be_bytes(b(4)?.try_into().ok()?);
+            if ms >= 86_400_000 {
+                return None;
+            }
+            Value::String(clock(
+                ms / 3_600_000,
+                ms / 60_000 % 60,
+                ms / 1000 % 60,
+                ms % 1000,
+            ))
+        }
+        S7Type::DateAndTime => {
+            let d = b(8)?;
+            let at = |i: usize| bcd(u32::from(d[i]), 2);
+            let year = at(0)?;
+            let year = if year < 90 { 2000 + year } else { 1900 + year };
+            let ms = bcd(u32::from(d[6]) << 4 | u32::from(d[7] >> 4), 3)?;
+            timestamp(year, at(1)?, at(2)?, at(3)?, at(4)?, at(5)?, ms)?
+        }
+        S7Type::Dtl => {
+            let d = b(12)?;
+            let year = u32::from(u16::from_be_bytes([d[0], d[1]]));
+            let nanos = u32::from_be_bytes([d[8], d[9], d[10], d[11]]);
+            if nanos >= 1_000_000_000 {
+                return None;
+            }
+            let [month, day, hour, minute, second] = [d[2], d[3], d[5], d[6], d[7]].map(u32::from);
+            timestamp(year, month, day, hour, minute, second, nanos / 1_000_000)?
+        }
     })
+}
+
+/// An S5TIME word in seconds: a time base (10 ms, 100 ms, 1 s, 10 s) in
+/// bits 12-13 and three BCD digits.
+fn s5time_seconds(w: u16) -> Option<f64> {
+    let base = [0.01, 0.1, 1.0, 10.0][usize::from(w >> 12 & 3)];
+    Some(f64::from(bcd(u32::from(w & 0x0FFF), 3)?) * base)
+}
+
+/// `digits` BCD digits of `v` (lowest first) as a number; None if a digit is
+/// not 0-9.
+fn bcd(v: u32, digits: u32) -> Option<u32> {
+    let mut n = 0u32;
+    for i in (0..digits).rev() {
+        let d = (v >> (4 * i)) & 0xF;
+        if d > 9 {
+            return None;
+        }
+        n = n * 10 + d;
+    }
+    Some(n)
+}
+
+fn clock(h: u32, m: u32, s: u32, ms: u32) -> String {
+    format!("{h:02}:{m:02}:{s:02}.{ms:03}")
+}
+
+/// A PLC's local date and time, checked field by field.
+fn timestamp(y: u32, mo: u32, d: u32, h: u32, mi: u32, s: u32, ms: u32) -> Option<Value> {
+    let valid = (1..=12).contains(&mo) && (1..=31).contains(&d) && h < 24 && mi < 60 && s < 60;
+    valid.then(|| Value::String(format!("{y:04}-{mo:02}-{d:02}T{}", clock(h, mi, s, ms))))
 }
 
 /// An open S7 connection.
@@ -231,6 +333,78 @@ impl Connection {
         }
     }
 
+    /// What the CPU says of itself (see the module docs); Err only when the
+    /// connection failed meanwhile.
+    async fn identity(&mut self) -> Result<BTreeMap<String, String>, (u32, String)> {
+        let mut identity = BTreeMap::new();
+        if let Some(list) = self.read_szl(proto::SZL_MODULE_ID).await? {
+            for (index, record) in proto::szl_records(&list, 28) {
+                if index == 1 {
+                    let order = proto::szl_text(record.get(..20).unwrap_or(record));
+                    if !order.is_empty() {
+                        identity.insert("order_number".into(), order);
+                    }
+                }
+            }
+        }
+        if let Some(list) = self.read_szl(proto::SZL_COMPONENT_ID).await? {
+            // Indexes in the order CPUs list them, for records without one.
+            const ORDER: [u16; 10] = [1, 2, 3, 4, 5, 7, 8, 9, 10, 11];
+            for (n, (index, record)) in proto::szl_records(&list, 34).into_iter().enumerate() {
+                let index = if index == 0 {
+                    ORDER.get(n).copied().unwrap_or(0)
+                } else {
+                    index
+                };
+                let key = match index {
+                    1 => "automation_system",
+                    2 => "module_name",
+                    3 => "plant_id",
+                    5 => "serial_number",
+                    7 => "module_type",
+                    _ => continue,
+                };
+                let text = proto::szl_text(record);
+                if !text.is_empty() {
+                    identity.insert(key.into(), text);
+                }
+            }
+        }
+        Ok(identity)
+    }
+
+    /// A whole SZL list, its parts gathered; None if the CPU refuses it.
+    async fn read_szl(&mut self, id: u16) -> Result<Option<Vec<u8>>, (u32, String)> {
+        self.pdu_ref = self.pdu_ref.wrapping_add(1);
+        let answer = self
+            .exchange(&proto::szl_request(self.pdu_ref, id, 0))
+            .await?;
+        let mut part = match proto::szl_response(&answer) {
+            Ok(p) => p,
+            Err(e) => {
+                info!(szl = format!("{id:#06x}"), error = %e, "S7 CPU does not give this identity list");
+                return Ok(None);
+            }
+        };
+        let mut list = std::mem::take(&mut part.data);
+        // A list longer than a PDU comes in parts; a CPU lists at most a few.
+        for _ in 0..16 {
+            if !part.more {
+                break;
+            }
+            self.pdu_ref = self.pdu_ref.wrapping_add(1);
+            let answer = self
+                .exchange(&proto::szl_next_request(self.pdu_ref, part.sequence))
+                .await?;
+            part = match proto::szl_response(&answer) {
+                Ok(p) => p,
+                Err(_) => break,
+            };
+            list.extend_from_slice(&part.data);
+        }
+        Ok(Some(list))
+    }
+
     /// One poll: a sample for every tag; Err ends the connection.
     async fn poll(
         &mut self,
@@ -246,19 +420,8 @@ impl Connection {
             .map(|r| Vec::with_capacity(r.len as usize))
             .collect();
         let mut refused: Vec<Option<u8>> = vec![None; plan.ranges.len()];
-        for request in &plan.requests {
-            let items: Vec<ReadItem> = request
-                .iter()
-                .map(|&(r, offset, bytes)| {
-                    let range = &plan.ranges[r];
-                    ReadItem {
-                        area: range.area,
-                        db: range.db,
-                        start: range.start + offset,
-                        bytes,
-                    }
-                })
-                .collect();
+        for (q, request) in plan.requests.iter().enumerate() {
+            let items = plan.request_items(q);
             self.pdu_ref = self.pdu_ref.wrapping_add(1);
             let answer = self
                 .exchange(&proto::read_request(self.pdu_ref, &items))
@@ -306,15 +469,97 @@ impl Connection {
     }
 }
 
+/// A connected PLC and its plan, polled on demand: one tick of the
+/// collector, for benchmarks and tools.
+pub struct Poller {
+    conn: Connection,
+    plan: Plan,
+    config: S7Config,
+}
+
+impl Poller {
+    pub async fn connect(config: S7Config) -> Result<Poller, String> {
+        let conn = Connection::open(&config).await.map_err(|(_, e)| e)?;
+        let plan = Plan::new(&config.tags, conn.pdu);
+        Ok(Poller { conn, plan, config })
+    }
+
+    /// The PDU size the CPU granted.
+    pub fn pdu(&self) -> u16 {
+        self.conn.pdu
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// One poll: a sample per tag, numbered from 0.
+    pub async fn poll(&mut self) -> Result<Vec<Sample>, String> {
+        let mut split = None;
+        self.conn
+            .poll(&self.plan, &self.config.tags, 0, &mut split)
+            .await
+            .map_err(|(_, e)| e)
+    }
+}
+
+/// Reads the identity of every S7 PLC for the manifest, all at once; a PLC
+/// that does not answer within its `timeout` gets none (its collector tries
+/// again at its first connect).
+pub async fn identify_all(devices: &mut [crate::config::DeviceConfig]) {
+    let mut jobs = Vec::new();
+    for (i, d) in devices.iter().enumerate() {
+        if let crate::config::DeviceConfig::S7(c) = d {
+            let c = S7Config {
+                tags: Vec::new(),
+                ..(**c).clone()
+            };
+            jobs.push(tokio::spawn(async move {
+                let read = async {
+                    let mut conn = Connection::open(&c).await?;
+                    conn.identity().await
+                };
+                let r = tokio::time::timeout(c.timeout * 3, read).await;
+                (i, c.id, r)
+            }));
+        }
+    }
+    for job in jobs {
+        let Ok((i, id, r)) = job.await else { continue };
+        match r {
+            Ok(Ok(identity)) => {
+                info!(device = %id, ?identity, "S7 CPU identified");
+                if let crate::config::DeviceConfig::S7(c) = &mut devices[i] {
+                    c.identity = identity;
+                }
+            }
+            Ok(Err((_, e))) => warn!(device = %id, error = %e, "S7 CPU not identified"),
+            Err(_) => warn!(device = %id, "S7 CPU not identified: no answer in time"),
+        }
+    }
+}
+
 /// Polls one PLC; see the module docs.
 pub struct S7Collector {
     config: S7Config,
     first_slot: u32,
+    /// Where to report the identity read at the first connect, when the
+    /// device was not identified before its collector started.
+    identify: Option<crate::reload::IdentifiedTx>,
 }
 
 impl S7Collector {
     pub fn new(config: S7Config, first_slot: u32) -> S7Collector {
-        S7Collector { config, first_slot }
+        S7Collector {
+            config,
+            first_slot,
+            identify: None,
+        }
+    }
+
+    pub fn report_identity_to(mut self, tx: crate::reload::IdentifiedTx) -> S7Collector {
+        self.identify = self.config.identity.is_empty().then_some(tx);
+        self
     }
 
     fn all_bad(&self, code: u32) -> Vec<Sample> {
@@ -326,7 +571,8 @@ impl S7Collector {
 }
 
 impl Collector for S7Collector {
-    async fn run(self, sink: PointSink, cancel: CancellationToken) {
+    async fn run(mut self, sink: PointSink, cancel: CancellationToken) {
+        let mut identify = self.identify.take();
         let c = &self.config;
         let mut backoff = Duration::from_millis(500);
         let mut last_error = String::new();
@@ -355,6 +601,24 @@ impl Collector for S7Collector {
             };
             backoff = Duration::from_millis(500);
             last_error.clear();
+            if let Some(tx) = identify.take() {
+                match conn.identity().await {
+                    Ok(identity) if !identity.is_empty() => {
+                        info!(device = %c.id, ?identity, "S7 CPU identified");
+                        let _ = tx.send(crate::reload::Identified {
+                            device: c.id.clone(),
+                            first_slot: self.first_slot,
+                            identity,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err((_, e)) => {
+                        // The poll finds out whether the link is gone.
+                        warn!(device = %c.id, error = %e, "S7 identity read failed; trying again at the next connect");
+                        identify = Some(tx);
+                    }
+                }
+            }
             let mut plan = Plan::new(&c.tags, conn.pdu);
             info!(device = %c.id, pdu = conn.pdu, requests = plan.requests(), "S7 connected");
             let mut tick = tokio::time::interval(c.poll_interval);
@@ -429,7 +693,7 @@ mod tests {
             ]
         );
         assert_eq!(plan.requests(), 1);
-        // 1,000 bytes of one block at PDU 240: pieces of at most 221 bytes.
+        // 1,000 bytes of one block at PDU 240: pieces of at most 220 bytes.
         let long: Vec<S7TagConfig> = (0..250)
             .map(|i| {
                 tag(
@@ -479,5 +743,95 @@ mod tests {
             Some(Value::String("abc".into()))
         );
         assert_eq!(decode(&t("DB1.DBD0", S7Type::U32, None), &[1, 2]), None);
+    }
+
+    #[test]
+    fn timers_counters_dates_and_times_decode_as_plcs_store_them() {
+        let t = |a: &str, ty| tag("x", a, ty, None);
+        // S5T#12s300ms: 123 at base 100 ms; S5T#10000s: 100 at base 10 s.
+        assert_eq!(
+            decode(&t("T5", S7Type::F64), &[0x11, 0x23]),
+            Some(Value::Double(12.3))
+        );
+        assert_eq!(
+            decode(&t("T5", S7Type::F64), &[0x31, 0x00]),
+            Some(Value::Double(1000.0))
+        );
+        assert_eq!(decode(&t("T5", S7Type::F64), &[0x01, 0xA0]), None);
+        assert_eq!(
+            decode(&t("C3", S7Type::U16), &[0x09, 0x99]),
+            Some(Value::Uint(999))
+        );
+        assert_eq!(
+            decode(&t("DB1.DBW0", S7Type::Date), &[0x31, 0x80]),
+            Some(Value::String("2024-09-11".into()))
+        );
+        assert_eq!(
+            decode(&t("DB1.DBD0", S7Type::Time), &(-1500i32).to_be_bytes()),
+            Some(Value::Int(-1500))
+        );
+        assert_eq!(
+            decode(
+                &t("DB1.DBD0", S7Type::TimeOfDay),
+                &45_296_789u32.to_be_bytes()
+            ),
+            Some(Value::String("12:34:56.789".into()))
+        );
+        assert_eq!(
+            decode(
+                &t("DB1.DBD0", S7Type::TimeOfDay),
+                &86_400_000u32.to_be_bytes()
+            ),
+            None
+        );
+        // DT#2026-12-03-13:45:07.250, a Thursday (5).
+        let dt = [0x26, 0x12, 0x03, 0x13, 0x45, 0x07, 0x25, 0x05];
+        assert_eq!(
+            decode(&t("DB1.DBB0", S7Type::DateAndTime), &dt),
+            Some(Value::String("2026-12-03T13:45:07.250".into()))
+        );
+        assert_eq!(
+            decode(
+                &t("DB1.DBB0", S7Type::DateAndTime),
+                &[0x26, 0x13, 3, 0, 0, 0, 0, 0]
+            ),
+            None
+        );
+        let mut dtl = vec![0x07, 0xEA, 12, 3, 5, 13, 45, 7];
+        dtl.extend_from_slice(&250_000_000u32.to_be_bytes());
+        assert_eq!(
+            decode(&t("DB1.DBB0", S7Type::Dtl), &dtl),
+            Some(Value::String("2026-12-03T13:45:07.250".into()))
+        );
+    }
+
+    #[test]
+    fn timers_and_counters_are_read_by_number_in_their_own_transport_size() {
+        let tags = vec![
+            tag("t1", "T1", S7Type::F64, None),
+            tag("t2", "T2", S7Type::F64, None),
+            tag("c7", "Z7", S7Type::U16, None),
+        ];
+        let plan = Plan::new(&tags, 240);
+        let spans: Vec<(u8, u32, u32)> = plan
+            .ranges
+            .iter()
+            .map(|r| (r.area, r.start, r.len))
+            .collect();
+        assert_eq!(spans, [(0x1C, 14, 2), (0x1D, 2, 4)]);
+        let request = proto::read_request(
+            1,
+            &[ReadItem {
+                area: 0x1D,
+                db: 0,
+                start: 2,
+                bytes: 4,
+            }],
+        );
+        // Transport size 0x1D, two timers, area 0x1D, from timer 1.
+        assert_eq!(
+            &request[19..31],
+            &[0x12, 0x0A, 0x10, 0x1D, 0, 2, 0, 0, 0x1D, 0, 0, 1]
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! S7comm over ISO-on-TCP, as far as reading needs: TPKT (RFC 1006) frames
 //! carrying COTP (ISO 8073 class 0) and S7 PDUs — connection request, setup
-//! communication (PDU size), read var with several items.
+//! communication (PDU size), read var with several items, and read SZL (the
+//! system status list, for the CPU's identity).
 //!
 //! Pure encoding and decoding; every length read from the wire is checked
 //! before use, and a malformed answer is an error naming what is wrong.
@@ -25,6 +26,7 @@ const COTP_DT: u8 = 0xF0;
 const S7_PROTOCOL: u8 = 0x32;
 const ROSCTR_JOB: u8 = 0x01;
 const ROSCTR_ACK_DATA: u8 = 0x03;
+const ROSCTR_USERDATA: u8 = 0x07;
 const FN_SETUP: u8 = 0xF0;
 const FN_READ: u8 = 0x04;
 const LOCAL_TSAP: u16 = 0x0100;
@@ -133,7 +135,13 @@ pub fn setup_response(payload: &[u8]) -> Result<u16, String> {
     }
 }
 
-/// One item to read: `bytes` from `start` of an area.
+/// Area code of the timers (S5TIME words, addressed by number).
+pub const AREA_TIMERS: u8 = 0x1D;
+/// Area code of the counters (BCD words, addressed by number).
+pub const AREA_COUNTERS: u8 = 0x1C;
+
+/// One item to read: `bytes` from `start` of an area. Timers and counters
+/// are two bytes each: `start` and `bytes` are twice their number and count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadItem {
     pub area: u8,
@@ -142,17 +150,21 @@ pub struct ReadItem {
     pub bytes: u16,
 }
 
-/// A read var request for `items` (as bytes).
+/// A read var request for `items` (as bytes; timers and counters as such).
 pub fn read_request(pdu_ref: u16, items: &[ReadItem]) -> Vec<u8> {
     let mut params = Vec::with_capacity(2 + items.len() * REQUEST_ITEM_BYTES);
     params.extend_from_slice(&[FN_READ, items.len() as u8]);
     for it in items {
-        let bit = it.start * 8;
-        params.extend_from_slice(&[0x12, 0x0A, 0x10, 0x02]);
-        params.extend_from_slice(&it.bytes.to_be_bytes());
+        // Transport size: the area's own for timers and counters, else byte.
+        let (size, count, address) = match it.area {
+            AREA_TIMERS | AREA_COUNTERS => (it.area, it.bytes / 2, it.start / 2),
+            _ => (0x02, it.bytes, it.start * 8),
+        };
+        params.extend_from_slice(&[0x12, 0x0A, 0x10, size]);
+        params.extend_from_slice(&count.to_be_bytes());
         params.extend_from_slice(&it.db.to_be_bytes());
         params.push(it.area);
-        params.extend_from_slice(&[(bit >> 16) as u8, (bit >> 8) as u8, bit as u8]);
+        params.extend_from_slice(&[(address >> 16) as u8, (address >> 8) as u8, address as u8]);
     }
     job(pdu_ref, &params)
 }
@@ -195,6 +207,122 @@ pub fn read_response(payload: &[u8], expected: usize) -> Result<Vec<ItemResult>,
         rest = tail.get(len + pad..).unwrap_or_default();
     }
     Ok(out)
+}
+
+/// A userdata PDU (S7 header without error bytes) in a COTP data frame.
+fn userdata(pdu_ref: u16, params: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut p = vec![2, COTP_DT, 0x80, S7_PROTOCOL, ROSCTR_USERDATA, 0, 0];
+    p.extend_from_slice(&pdu_ref.to_be_bytes());
+    p.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    p.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    p.extend_from_slice(params);
+    p.extend_from_slice(data);
+    tpkt(&p)
+}
+
+/// SZL of the module identification (order number: record index 1).
+pub const SZL_MODULE_ID: u16 = 0x0011;
+/// SZL of the component identification (names, serial number, module type).
+pub const SZL_COMPONENT_ID: u16 = 0x001C;
+
+/// Read SZL `id` with `index` (userdata, CPU functions, first part).
+pub fn szl_request(pdu_ref: u16, id: u16, index: u16) -> Vec<u8> {
+    let params = [0x00, 0x01, 0x12, 0x04, 0x11, 0x44, 0x01, 0x00];
+    let mut data = vec![0xFF, 0x09, 0x00, 0x04];
+    data.extend_from_slice(&id.to_be_bytes());
+    data.extend_from_slice(&index.to_be_bytes());
+    userdata(pdu_ref, &params, &data)
+}
+
+/// Asks for the part after the one numbered `sequence` of a long SZL answer.
+pub fn szl_next_request(pdu_ref: u16, sequence: u8) -> Vec<u8> {
+    let params = [
+        0x00, 0x01, 0x12, 0x08, 0x12, 0x44, 0x01, sequence, 0, 0, 0, 0,
+    ];
+    userdata(pdu_ref, &params, &[0x0A, 0x00, 0x00, 0x00])
+}
+
+/// One part of an SZL answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SzlPart {
+    /// To name in `szl_next_request` when `more` follows.
+    pub sequence: u8,
+    pub more: bool,
+    pub data: Vec<u8>,
+}
+
+/// An SZL answer's part: the list's bytes (the first part starts with the
+/// SZL id, index, record length and record count).
+pub fn szl_response(payload: &[u8]) -> Result<SzlPart, String> {
+    let s7 = match payload {
+        [2, COTP_DT, _, rest @ ..] => rest,
+        _ => return Err("not a COTP data frame".into()),
+    };
+    if s7.len() < 10 || s7[0] != S7_PROTOCOL || s7[1] != ROSCTR_USERDATA {
+        return Err("not an S7 userdata answer".into());
+    }
+    let plen = usize::from(u16::from_be_bytes([s7[6], s7[7]]));
+    let dlen = usize::from(u16::from_be_bytes([s7[8], s7[9]]));
+    let body = &s7[10..];
+    if body.len() < plen + dlen || plen < 12 {
+        return Err(format!(
+            "SZL answer shorter than its lengths say ({} < {})",
+            body.len(),
+            plen.max(12) + dlen
+        ));
+    }
+    let (params, data) = (&body[..plen], &body[plen..plen + dlen]);
+    let error = u16::from_be_bytes([params[10], params[11]]);
+    if error != 0 {
+        return Err(format!("the CPU refused the SZL read (error {error:#06x})"));
+    }
+    match data {
+        [0xFF, _, h, l, rest @ ..] => {
+            let len = usize::from(u16::from_be_bytes([*h, *l]));
+            let part = rest
+                .get(..len)
+                .ok_or_else(|| format!("SZL data of {} bytes, {len} announced", rest.len()))?;
+            Ok(SzlPart {
+                sequence: params[7],
+                more: params[9] != 0,
+                data: part.to_vec(),
+            })
+        }
+        [code, ..] => Err(format!(
+            "the CPU refused the SZL read (return code {code:#04x})"
+        )),
+        [] => Err("SZL answer without data".into()),
+    }
+}
+
+/// The records of an SZL list (`list` as gathered from its parts), each as
+/// (record index, record bytes after the index). A list whose header gives
+/// no record length (some emulators) is read as `default_len`-byte records.
+pub fn szl_records(list: &[u8], default_len: usize) -> Vec<(u16, &[u8])> {
+    let Some(header) = list.get(4..8) else {
+        return Vec::new();
+    };
+    let announced = usize::from(u16::from_be_bytes([header[0], header[1]]));
+    let len = if announced >= 2 {
+        announced
+    } else {
+        default_len
+    };
+    list[8..]
+        .chunks_exact(len)
+        .map(|r| (u16::from_be_bytes([r[0], r[1]]), &r[2..]))
+        .collect()
+}
+
+/// Text of an SZL record field: up to its first NUL, printable, trimmed.
+pub fn szl_text(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end])
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 /// The payload of a TPKT frame whose 4-byte header is `header`: its length.
@@ -242,6 +370,55 @@ mod tests {
         p.extend_from_slice(params);
         p.extend_from_slice(data);
         p
+    }
+
+    fn userdata_answer(params: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut p = vec![2, COTP_DT, 0x80, S7_PROTOCOL, ROSCTR_USERDATA, 0, 0, 0, 1];
+        p.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        p.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        p.extend_from_slice(params);
+        p.extend_from_slice(data);
+        p
+    }
+
+    #[test]
+    fn szl_answers_give_their_records_in_parts_and_refusals_say_so() {
+        let request = szl_request(5, SZL_MODULE_ID, 0);
+        assert_eq!(&request[4..9], &[2, COTP_DT, 0x80, 0x32, 0x07]);
+        assert_eq!(
+            &request[request.len() - 8..],
+            &[0xFF, 9, 0, 4, 0, 0x11, 0, 0]
+        );
+        // The order number list as a CPU sends it: one record of 28 bytes.
+        let mut list = vec![0x00, 0x11, 0x00, 0x00, 0x00, 28, 0x00, 1, 0x00, 0x01];
+        list.extend_from_slice(b"6ES7 214-1AG40-0XB0 ");
+        list.extend_from_slice(&[0, 0xC0, 0, 4, 0, 1]);
+        let mut data = vec![0xFF, 0x09];
+        data.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        data.extend_from_slice(&list);
+        let params = [0, 1, 0x12, 8, 0x12, 0x84, 1, 3, 0, 1, 0, 0];
+        let part = szl_response(&userdata_answer(&params, &data)).expect("decoded");
+        assert_eq!((part.sequence, part.more), (3, true));
+        let records = szl_records(&part.data, 28);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].0, 1);
+        assert_eq!(szl_text(&records[0].1[..20]), "6ES7 214-1AG40-0XB0");
+        // Records without a header length (an emulator): read at the default.
+        let mut bare = vec![0x00, 0x1C, 0, 0, 0, 0, 0, 0];
+        bare.extend_from_slice(&[0u8; 68]);
+        assert_eq!(szl_records(&bare, 34).len(), 2);
+        let mut refused = params;
+        refused[10..12].copy_from_slice(&[0xD4, 0x01]);
+        assert!(
+            szl_response(&userdata_answer(&refused, &[0x0A, 0, 0, 0]))
+                .expect_err("refused")
+                .contains("0xd401")
+        );
+        assert!(szl_response(&userdata_answer(&params, &[0x0A, 0, 0, 0])).is_err());
+        for junk in [&[][..], &[2, 0xF0, 0x80, 0x32, 7], &[9; 40]] {
+            assert!(szl_response(junk).is_err());
+        }
+        assert!(szl_records(&[1, 2, 3], 34).is_empty());
     }
 
     #[test]
