@@ -4,7 +4,8 @@
 //! real ingest, values checked one by one, and the CPU's identity (SZL) into
 //! the manifest; an address the PLC refuses is Bad with its item code
 //! while its neighbours keep their values; a PLC that goes away turns Bad
-//! with a link code, and its values return when it does.
+//! with a link code while a second PLC's values keep coming, and its values
+//! return when it does.
 
 use std::net::SocketAddr;
 
@@ -155,11 +156,17 @@ async fn a_gateway_reads_every_type_from_a_third_party_s7_server_and_survives_it
     let api = ingest.api();
     let port = free_port()?;
     let plc = Plc::start(port, dir.path())?;
+    // A second PLC, to show that one going away costs only its own tags.
+    let other_port = free_port()?;
+    let _other = Plc::start(other_port, dir.path())?;
     std::fs::write(
         &config,
         gateway_toml(GW, ingest.grpc, &token, &buffer)
             + &format!(
                 "\n[[devices]]\nid = \"plc-01\"\nprotocol = \"s7\"\nhost = \"127.0.0.1\"\nport = {port}\nrack = 0\nslot = 1\npoll_interval = \"200ms\"\ntimeout = \"1s\"\nmax_backoff = \"1s\"\n{TAGS}"
+            )
+            + &format!(
+                "\n[[devices]]\nid = \"plc-02\"\nprotocol = \"s7\"\nhost = \"127.0.0.1\"\nport = {other_port}\npoll_interval = \"200ms\"\ntimeout = \"1s\"\n\n[[devices.tags]]\nname = \"counter\"\naddress = \"DB1.DBW40\"\ntype = \"u16\"\n"
             ),
     )?;
     let gateway = GatewayProc::start(&config)?;
@@ -263,6 +270,30 @@ async fn a_gateway_reads_every_type_from_a_third_party_s7_server_and_survives_it
         },
     )
     .await?;
+    // Meanwhile the other PLC's values keep coming, good and moving.
+    let other = || async {
+        let t = api
+            .tag(GW, "plc-02", "counter")
+            .await?
+            .unwrap_or(Value::Null);
+        Ok::<_, anyhow::Error>(t)
+    };
+    let before = other().await?;
+    assert_eq!(before["last_quality"], "good", "{before:#}");
+    wait_for(
+        "the other PLC's counter to move while the first is gone",
+        Duration::from_secs(10),
+        || async {
+            let t = other().await?;
+            Ok(
+                (t["last_quality"] == "good" && t["last_value"] != before["last_value"])
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let t = last("u16").await?;
+    assert_eq!(t["last_quality"], "bad", "still gone: {t:#}");
     let _plc = Plc::start(port, dir.path())?;
     wait_for(
         "values after the PLC returned",
