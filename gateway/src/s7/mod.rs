@@ -7,9 +7,11 @@
 //! plan's read requests in turn and hands the decoded values to the sink.
 //!
 //! The plan merges the tags of one area (a data block, M, I or Q) whose
-//! bytes lie within `MAX_GAP` of each other into one range; ranges longer
-//! than a PDU can carry are read in pieces; ranges are packed into requests
-//! of up to `proto::MAX_ITEMS` items within the PDU size, both ways.
+//! bytes lie within `MAX_GAP` of each other into one range; ranges are
+//! packed into requests of up to `proto::MAX_ITEMS` items within the PDU
+//! size both ways, a range that does not fit whole filling the request's
+//! remaining room and going on in the next, so a poll sends the fewest
+//! requests the PDU allows.
 //!
 //! # Invariants
 //! - Every tag yields one sample per poll: its value, or Bad with the
@@ -45,6 +47,9 @@ use proto::ReadItem;
 
 /// Bytes between two tags' data that a range reads rather than splitting.
 const MAX_GAP: u32 = 32;
+/// The least a range's piece fills of a request's remaining room; less room
+/// than this starts a new request (an item of a few bytes saves nothing).
+const MIN_PIECE: u32 = 16;
 
 /// One merged stretch of an area, and the tags in it.
 #[derive(Debug, Clone)]
@@ -98,34 +103,42 @@ impl Plan {
         Plan::pack(ranges, usize::from(pdu))
     }
 
-    /// Cuts ranges into items a PDU carries and packs items into requests.
+    /// Cuts ranges into items and packs them into requests, filling each
+    /// request's answer before starting the next: a range that does not fit
+    /// whole takes the room left (if at least `MIN_PIECE`) and goes on in
+    /// the next request, so a poll sends the fewest requests the PDU allows.
     fn pack(ranges: Vec<Range>, pdu: usize) -> Plan {
-        // An item's answer, with a fill byte, must fit alone in a PDU.
-        // Even, so that a piece of timers or counters holds whole ones.
-        let max_item = ((pdu - proto::READ_RESPONSE_OVERHEAD - proto::RESPONSE_ITEM_HEADER - 1)
-            .min(usize::from(u16::MAX)) as u32)
-            & !1;
+        // An item's answer: header, data and (at most) one fill byte.
+        let item_cost = proto::RESPONSE_ITEM_HEADER + 1;
+        // Pieces cut from a range are even, so that pieces of timers or
+        // counters hold whole ones.
+        let room_in = |answered: usize| {
+            (pdu.saturating_sub(answered + item_cost)
+                .min(usize::from(u16::MAX)) as u32)
+                & !1
+        };
         let mut requests: Vec<Vec<(usize, u32, u16)>> = Vec::new();
         let (mut asked, mut answered) = (usize::MAX, usize::MAX);
         for (r, range) in ranges.iter().enumerate() {
             let mut offset = 0;
             while offset < range.len {
-                let bytes = (range.len - offset).min(max_item);
-                let ask = proto::REQUEST_ITEM_BYTES;
-                let answer = proto::RESPONSE_ITEM_HEADER + bytes as usize + 1;
-                let fits = requests.last().is_some_and(|q| q.len() < proto::MAX_ITEMS)
-                    && asked + ask <= pdu
-                    && answered + answer <= pdu;
-                if !fits {
+                let left = range.len - offset;
+                let open = requests.last().is_some_and(|q| q.len() < proto::MAX_ITEMS)
+                    && asked + proto::REQUEST_ITEM_BYTES <= pdu;
+                let room = if open { room_in(answered) } else { 0 };
+                let bytes = if left <= room || room >= MIN_PIECE {
+                    left.min(room)
+                } else {
                     requests.push(Vec::new());
                     asked = proto::READ_REQUEST_OVERHEAD;
                     answered = proto::READ_RESPONSE_OVERHEAD;
-                }
+                    left.min(room_in(answered))
+                };
                 if let Some(q) = requests.last_mut() {
                     q.push((r, offset, bytes as u16));
                 }
-                asked += ask;
-                answered += answer;
+                asked += proto::REQUEST_ITEM_BYTES;
+                answered += item_cost + bytes as usize;
                 offset += bytes;
             }
         }
@@ -716,6 +729,21 @@ mod tests {
             .map(|&(_, _, b)| u32::from(b))
             .sum();
         assert_eq!(read, 1000);
+        // Four blocks of 1,000 bytes at PDU 480: each request's answer holds
+        // at most 466 bytes, 5 per item besides the data, so at least 9
+        // requests; pieces fill each request's room instead of 3 per block.
+        let blocks: Vec<S7TagConfig> = (0..1000)
+            .map(|i| {
+                let address = format!("DB{}.DBD{}", 10 + i / 250, 4 * (i % 250));
+                tag(&format!("t{i}"), &address, S7Type::F32, None)
+            })
+            .collect();
+        let plan = Plan::new(&blocks, 480);
+        assert_eq!(plan.requests(), 9);
+        for q in &plan.requests {
+            let answer: usize = 14 + q.iter().map(|&(_, _, b)| 5 + usize::from(b)).sum::<usize>();
+            assert!(answer <= 480, "{q:?}");
+        }
         let split = Plan::new(&tags, 240).split(1, &tags);
         assert_eq!(split.ranges.len(), 6);
     }
