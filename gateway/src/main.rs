@@ -94,6 +94,10 @@ enum ProbeTarget {
     /// types and values, and print a tag-mapping snippet for the config.
     #[cfg(feature = "opcua")]
     Opcua(guantong_gateway::opcua::probe::OpcUaProbe),
+    /// DL/T 645 meters: read a lone meter's address (broadcast), read data
+    /// identifiers of a meter.
+    #[cfg(feature = "dlt645")]
+    Dlt645(guantong_gateway::dlt645::probe::Dlt645Probe),
 }
 
 #[cfg(feature = "mqtt")]
@@ -262,6 +266,21 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("probe opcua: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        #[cfg(feature = "dlt645")]
+        Command::Probe {
+            target: ProbeTarget::Dlt645(p),
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(guantong_gateway::dlt645::probe::run(p)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("probe dlt645: {e}");
                     ExitCode::FAILURE
                 }
             }
