@@ -127,6 +127,14 @@ impl Line {
         }
     }
 
+    /// Runs over `conn` (already open) instead of opening the transport:
+    /// for tests with an emulated line.
+    #[doc(hidden)]
+    pub fn attach(mut self, conn: Connection) -> Line {
+        self.conn = Some(conn);
+        self
+    }
+
     /// Reports requests per cycle of each meter to `status`.
     pub fn report_to(mut self, status: Arc<Status>) -> Line {
         self.status = Some(status);
@@ -406,6 +414,123 @@ impl Collector for Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dlt645::config::Dlt645TagConfig;
+    use crate::dlt645::di::{Format, Reading};
+    use crate::dlt645::frame::{self, Address, Found};
+    use guantong_proto::v1::point::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn meter(n: u8, tags: &[u32]) -> Dlt645Config {
+        Dlt645Config {
+            id: format!("m{n}"),
+            transport: Dlt645Transport::Tcp {
+                host: "emulated".into(),
+                port: 0,
+                inter_frame_delay: Duration::from_millis(5),
+            },
+            meter: Address([n, 0, 0, 0, 0, 0]),
+            poll_interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(4),
+            tags: tags
+                .iter()
+                .map(|&di| Dlt645TagConfig {
+                    name: format!("{di:08X}"),
+                    di,
+                    reading: Reading {
+                        length: 2,
+                        format: Format::Number,
+                        signed: false,
+                        scale: 0.1,
+                    },
+                    unit: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Meter 1 answers DI 02010100 with 220.1 V and anything else with an
+    /// error frame (error byte 02); any other meter is silent.
+    async fn emulated_line(mut io: tokio::io::DuplexStream) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 256];
+        while let Ok(n) = io.read(&mut chunk).await {
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while let Found::Frame(f, end) = frame::find_frame(&buf) {
+                buf.drain(..end);
+                if f.address != Address([1, 0, 0, 0, 0, 0]) {
+                    continue;
+                }
+                let answer = if f.data == [0x00, 0x01, 0x01, 0x02] {
+                    frame::request(f.address, 0x91, &[0x00, 0x01, 0x01, 0x02, 0x01, 0x22])
+                } else {
+                    frame::request(f.address, 0xD1, &[0x02])
+                };
+                if io.write_all(&answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Meter 1 is live, meter 2 dead, on one line: meter 1's value and its
+    /// refused DI (Bad with the error byte, the meter stays live) arrive
+    /// every 500 ms; meter 2 costs its timeout once, then is Bad
+    /// BACKING_OFF without being asked, probed only in idle time.
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_meter_is_backed_off_and_the_live_one_keeps_its_interval() {
+        let (client, device) = tokio::io::duplex(4096);
+        tokio::spawn(emulated_line(device));
+        let line = Line::new(
+            "test".into(),
+            vec![
+                Meter::new(meter(1, &[0x0201_0100, 0x0201_0200]), 0),
+                Meter::new(meter(2, &[0x0201_0100]), 2),
+            ],
+        )
+        .attach(Connection::attach(client));
+        let (sink, mut rx) = PointSink::new(1024);
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn(line.run(sink, cancel.clone()));
+        let start = Instant::now();
+        let (mut live, mut dead) = (Vec::new(), Vec::new());
+        while start.elapsed() < Duration::from_secs(20) {
+            let Some(h) = rx.recv().await else { break };
+            for s in h.samples {
+                match s.tag {
+                    0 => live.push((start.elapsed(), s.value)),
+                    1 => assert_eq!(s.code, quality::DLT645_ERROR | 2, "{s:?}"),
+                    _ => dead.push(s.code),
+                }
+            }
+        }
+        cancel.cancel();
+        let _ = run.await;
+        assert!(
+            live.iter().all(|(_, v)| *v == Some(Value::Double(220.1))),
+            "{live:?}"
+        );
+        // 40 polls at 500 ms in 20 s; the dead meter's first timeout costs
+        // two, its probes (in idle time, cut to it) cost none.
+        assert!(
+            live.len() >= 36,
+            "{} polls of the live meter: {live:?}",
+            live.len()
+        );
+        assert_eq!(dead.first(), Some(&quality::TIMEOUT), "{dead:?}");
+        assert_eq!(
+            dead.iter().filter(|&&c| c == quality::TIMEOUT).count(),
+            1,
+            "{dead:?}"
+        );
+        assert!(
+            dead[1..].iter().all(|&c| c == quality::BACKING_OFF),
+            "{dead:?}"
+        );
+    }
 
     #[test]
     fn the_shortest_probe_covers_one_exchange_at_the_baud_rate() {

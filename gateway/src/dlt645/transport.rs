@@ -121,14 +121,10 @@ impl Connection {
                     }
                     Found::NeedMore => break,
                     Found::Nothing => {
-                        // Keep a possible start of frame only.
-                        let keep = self
-                            .buf
-                            .iter()
-                            .rposition(|&b| b == 0x68)
-                            .unwrap_or(self.buf.len());
-                        garbled |= self.buf[..keep].iter().any(|&b| b != 0xFE);
-                        self.buf.drain(..keep);
+                        // Every candidate failed its checks and none can
+                        // grow into a frame: noise (the preamble aside).
+                        garbled |= self.buf.iter().any(|&b| b != 0xFE);
+                        self.buf.clear();
                         break;
                     }
                 }
