@@ -7,7 +7,8 @@
 //! standard says; a DI the meter does not hold is Bad with the meter's error
 //! byte while the others keep coming; a template works for meters; a dead
 //! meter on the shared line is Bad (timeout, then backing off) while the
-//! live ones keep their interval.
+//! live ones keep their interval; the installer's probe reads the address by
+//! broadcast and then values, over TCP and the pty.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -342,5 +343,50 @@ async fn the_probe_reads_the_address_then_values() -> anyhow::Result<()> {
         said.contains("no data for this identifier (error byte 0x02)"),
         "{said}"
     );
+    Ok(())
+}
+
+/// The probe as the issue writes it, on a serial line (a pty pair):
+/// `probe dlt645 --serial PATH --baud 2400 --parity even read-address`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_reads_the_address_on_a_serial_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_socat, gateway_end, meters_end) = pty_pair(dir.path())?;
+    let _meters = start_meters("serial", &meters_end.display().to_string(), dir.path())?;
+    let gateway = guantong_e2e::procs::binary("guantong-gateway")?;
+    let serial = gateway_end.display().to_string();
+    let common = [
+        "probe", "dlt645", "--serial", &serial, "--baud", "2400", "--parity", "even",
+    ];
+    let out = Command::new(&gateway)
+        .args(common)
+        .arg("read-address")
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said.trim(), format!("meter address: {}", LIVE[0]));
+    let out = Command::new(&gateway)
+        .args(common)
+        .args(["--meter", LIVE[1], "read", "02010100"])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("02010100  221.1 V"), "{said}");
+    // A meter that is not on the line: a timeout, explained.
+    let out = Command::new(&gateway)
+        .args(common)
+        .args(["--timeout", "300ms", "--meter", DEAD, "read", "02010100"])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("no answer from meter 000000000099"), "{said}");
     Ok(())
 }
