@@ -29,6 +29,8 @@ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v pdftotext >/dev/null 2>&1 || missing+=(poppler-utils)
 fc-list :lang=zh 2>/dev/null | grep -q . || missing+=(fonts-wqy-microhei)
+# The DL/T 645 serial test links a pty pair with socat (tests/tests/dlt645.rs).
+command -v socat >/dev/null 2>&1 || missing+=(socat)
 # The cross-built gateways (aarch64, armv7) run under qemu-user in the tests
 # (tests/tests/cross.rs): Debian's cross compilers and qemu. GUANTONG_SKIP_CROSS=1
 # leaves them out (the tests then say SKIPPED).
@@ -68,8 +70,9 @@ fi
 # find it there, or through GUANTONG_PEERS_PYTHON). Versions pinned; pip
 # only runs when one is missing.
 # asyncua: a second OPC UA stack (tests/peers/opcua_server.py); python-snap7:
-# an S7comm server (tests/peers/s7_server.py).
-PEERS=(pysparkplug==0.6.1 asyncua==1.1.5 python-snap7==3.3.0)
+# an S7comm server (tests/peers/s7_server.py); dlt645: DL/T 645-2007 meters
+# over TCP and serial (tests/peers/dlt645_meter.py; brings pyserial, loguru).
+PEERS=(pysparkplug==0.6.1 asyncua==1.1.5 python-snap7==3.3.0 dlt645==3.2.0)
 if ! .venv-peers/bin/python -c 'import sys, importlib.metadata as m; sys.exit(any(m.version(p.split("==")[0]) != p.split("==")[1] for p in sys.argv[1:]))' "${PEERS[@]}" >/dev/null 2>&1; then
   log "installing ${PEERS[*]} into .venv-peers/"
   python3 -m venv .venv-peers
@@ -132,6 +135,6 @@ if [ "${GUANTONG_SKIP_FUZZ:-0}" != 1 ]; then
       -max_total_time="${GUANTONG_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12)
     rm -rf "$corpus"
   }
-  for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file s7_response; do fuzz_smoke gateway "$t"; done
+  for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file s7_response dlt645_frame; do fuzz_smoke gateway "$t"; done
   fuzz_smoke ingest batch_validate
 fi

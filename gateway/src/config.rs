@@ -598,6 +598,8 @@ impl Config {
             }
         }
         crate::modbus::check_lines(&devices, &mut problems);
+        #[cfg(feature = "dlt645")]
+        crate::dlt645::config::check_lines(&devices, &mut problems);
         let mut seen = HashSet::new();
         for (i, d) in devices.iter().enumerate() {
             if !seen.insert(d.id().to_string()) {
@@ -915,6 +917,46 @@ type = "f32"
         );
     }
 
+    #[cfg(not(feature = "dlt645"))]
+    #[test]
+    fn names_dlt645_when_built_without_it() {
+        let text = format!(
+            "{GOOD}\n[[devices]]\nid = \"m\"\nprotocol = \"dlt645\"\nserial_port = \"/dev/ttyUSB0\"\nmeter = \"000000000001\"\n"
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "devices[1].protocol: this gateway was built without DL/T 645 (the `dlt645` cargo feature)"
+            ]
+        );
+    }
+
+    /// One task owns a serial port: a meter on a Modbus line's port is
+    /// refused, as is a meter address used twice on one line.
+    #[cfg(feature = "dlt645")]
+    #[test]
+    fn a_port_has_one_owner_across_protocols() {
+        let meter = |id: &str, port: &str, meter: &str| {
+            format!(
+                "\n[[devices]]\nid = \"{id}\"\nprotocol = \"dlt645\"\nserial_port = \"{port}\"\nmeter = \"{meter}\"\n[[devices.tags]]\nname = \"ua\"\ndi = \"02010100\"\n"
+            )
+        };
+        let modbus = "\n[[devices]]\nid = \"pm\"\nprotocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyUSB0\"\nunit = 1\n[[devices.tags]]\nname = \"v\"\naddress = 40001\ntype = \"u16\"\n";
+        let text = format!(
+            "{GOOD}{modbus}{}{}{}",
+            meter("m1", "/dev/ttyUSB0", "000000000001"),
+            meter("m2", "/dev/ttyUSB1", "000000000001"),
+            meter("m3", "/dev/ttyUSB1", "000000000001"),
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "devices[2]: serial /dev/ttyUSB0 is also used by Modbus device devices[1]: one line has one owner; put DL/T 645 meters and Modbus devices on separate ports",
+                "devices[4].meter: meter 000000000001 is already on serial /dev/ttyUSB1",
+            ]
+        );
+    }
+
     #[cfg(not(feature = "opcua"))]
     #[test]
     fn names_opcua_when_built_without_it() {
@@ -936,7 +978,7 @@ type = "f32"
         assert_eq!(
             p,
             [
-                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`, `s7`"
+                "devices[1].protocol: unknown protocol `bacnet`, expected one of `modbus-tcp`, `modbus-rtu`, `modbus-rtu-over-tcp`, `mqtt`, `opcua`, `s7`, `dlt645`"
             ]
         );
     }

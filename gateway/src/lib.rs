@@ -9,6 +9,8 @@
 pub mod buffer;
 pub mod collector;
 pub mod config;
+#[cfg(feature = "dlt645")]
+pub mod dlt645;
 pub mod identity;
 pub mod liveness;
 pub mod malloc;

@@ -97,6 +97,10 @@ enum ProbeTarget {
     /// Read a Siemens S7 PLC's memory as every S7 type, and its identity.
     #[cfg(feature = "s7")]
     S7(guantong_gateway::s7::probe::S7Probe),
+    /// DL/T 645 meters: read a lone meter's address (broadcast), read data
+    /// identifiers of a meter.
+    #[cfg(feature = "dlt645")]
+    Dlt645(guantong_gateway::dlt645::probe::Dlt645Probe),
 }
 
 #[cfg(feature = "mqtt")]
@@ -281,6 +285,21 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("probe s7: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        #[cfg(feature = "dlt645")]
+        Command::Probe {
+            target: ProbeTarget::Dlt645(p),
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(guantong_gateway::dlt645::probe::run(p)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("probe dlt645: {e}");
                     ExitCode::FAILURE
                 }
             }

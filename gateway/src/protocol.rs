@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::collector::{Collector, PointSink};
 use crate::config::{Problems, quoted};
+#[cfg(feature = "dlt645")]
+use crate::dlt645::config::Dlt645Config;
 use crate::modbus::config::ModbusConfig;
 #[cfg(feature = "mqtt")]
 use crate::mqtt::config::MqttConfig;
@@ -82,6 +84,9 @@ pub enum DeviceConfig {
     /// Siemens S7 over ISO-on-TCP.
     #[cfg(feature = "s7")]
     S7(Box<S7Config>),
+    /// DL/T 645-2007 energy meters, on RS-485 or a serial device server.
+    #[cfg(feature = "dlt645")]
+    Dlt645(Box<Dlt645Config>),
 }
 
 impl DeviceConfig {
@@ -95,6 +100,8 @@ impl DeviceConfig {
             DeviceConfig::OpcUa(c) => c.as_ref(),
             #[cfg(feature = "s7")]
             DeviceConfig::S7(c) => c.as_ref(),
+            #[cfg(feature = "dlt645")]
+            DeviceConfig::Dlt645(c) => c.as_ref(),
         }
     }
 
@@ -107,6 +114,8 @@ impl DeviceConfig {
             DeviceConfig::OpcUa(c) => c.as_mut(),
             #[cfg(feature = "s7")]
             DeviceConfig::S7(c) => c.as_mut(),
+            #[cfg(feature = "dlt645")]
+            DeviceConfig::Dlt645(c) => c.as_mut(),
         }
     }
 
@@ -138,6 +147,7 @@ pub const PROTOCOLS: &[&str] = &[
     "mqtt",
     "opcua",
     "s7",
+    "dlt645",
 ];
 
 pub(crate) fn parse_device(
@@ -202,6 +212,17 @@ pub(crate) fn parse_device(
             );
             None
         }
+        #[cfg(feature = "dlt645")]
+        "dlt645" => crate::dlt645::config::parse(path, table, base_dir, problems)
+            .map(|c| DeviceConfig::Dlt645(Box::new(c))),
+        #[cfg(not(feature = "dlt645"))]
+        "dlt645" => {
+            problems.push(
+                format!("{path}.protocol"),
+                "this gateway was built without DL/T 645 (the `dlt645` cargo feature)",
+            );
+            None
+        }
         #[cfg(feature = "opcua")]
         "opcua" => crate::opcua::config::parse(path, table, problems)
             .map(|c| DeviceConfig::OpcUa(Box::new(c))),
@@ -252,6 +273,8 @@ pub struct StartContext {
 pub fn start_unit(devices: Vec<(DeviceConfig, u32)>, ctx: &StartContext) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     let mut modbus = Vec::new();
+    #[cfg(feature = "dlt645")]
+    let mut meters = Vec::new();
     for (device, first) in devices {
         match device {
             DeviceConfig::Modbus(c) => modbus.push((c, first)),
@@ -277,7 +300,16 @@ pub fn start_unit(devices: Vec<(DeviceConfig, u32)>, ctx: &StartContext) -> Vec<
                     .report_identity_to(ctx.identified.clone())
                     .run(ctx.sink.clone(), ctx.cancel.clone()),
             )),
+            #[cfg(feature = "dlt645")]
+            DeviceConfig::Dlt645(c) => meters.push((*c, first)),
         }
+    }
+    #[cfg(feature = "dlt645")]
+    for line in crate::dlt645::lines(meters) {
+        runs.push(Box::pin(
+            line.report_to(ctx.status.clone())
+                .run(ctx.sink.clone(), ctx.cancel.clone()),
+        ));
     }
     for line in crate::modbus::lines(modbus) {
         runs.push(Box::pin(

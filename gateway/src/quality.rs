@@ -31,6 +31,9 @@
 //! | `0x0006_00xx` | S7 item return code `xx` from the PLC (`05` address |
 //! |               | out of range, `0A` object does not exist, `03` no   |
 //! |               | access)                                             |
+//! | `0x0007_00xx` | DL/T 645 error frame: the meter's error byte `xx`  |
+//! |               | (bit 1 `02` no data for this DI, bit 0 `01` other, |
+//! |               | bit 2 `04` password or authority)                  |
 //! | `0x4000_0000` | an OPC UA status code, verbatim: Uncertain          |
 //! | ..`0xFFFF_FFFF` | (`0b01` top bits) or Bad (`0b10`), as the server  |
 //! |               | sent it or as the OPC UA stack reported it          |
@@ -54,6 +57,8 @@ pub const STALLED: u32 = 0x0002_0007;
 pub const OUT_OF_RANGE: u32 = 0x0003_0001;
 /// An S7 item return code in the low byte.
 pub const S7_ITEM: u32 = 0x0006_0000;
+/// A DL/T 645 error frame's error byte in the low byte.
+pub const DLT645_ERROR: u32 = 0x0007_0000;
 
 /// What a quality code means, for people (the table above).
 pub fn describe(code: u32) -> String {
@@ -69,6 +74,29 @@ pub fn describe(code: u32) -> String {
                 _ => "item refused",
             };
             format!("S7 PLC: {what} (item code {:#04x})", c & 0xFF)
+        }
+        c if c & 0xFFFF_FF00 == DLT645_ERROR => {
+            let e = c & 0xFF;
+            let bits = [
+                (0x01, "other error"),
+                (0x02, "no data for this identifier"),
+                (0x04, "password or authority refused"),
+                (0x08, "baud rate cannot change"),
+                (0x10, "too many year zones"),
+                (0x20, "too many day periods"),
+                (0x40, "too many tariffs"),
+            ];
+            let what: Vec<&str> = bits
+                .iter()
+                .filter(|(bit, _)| e & bit != 0)
+                .map(|(_, w)| *w)
+                .collect();
+            let what = if what.is_empty() {
+                "error".to_string()
+            } else {
+                what.join(", ")
+            };
+            format!("DL/T 645 meter: {what} (error byte {e:#04x})")
         }
         0 => "good".into(),
         c if c & 0xFFFF_FF00 == MODBUS_EXCEPTION => {

@@ -227,8 +227,17 @@ fn every_template_passes_check() {
         if path.extension().is_none_or(|e| e != "toml") {
             continue;
         }
+        // DL/T 645 templates (dlt645-*.toml) are for meters.
+        let device = if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("dlt645-"))
+        {
+            "protocol = \"dlt645\"\nserial_port = \"/dev/ttyUSB0\"\nmeter = \"000000000001\""
+        } else {
+            "protocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyUSB0\""
+        };
         let text = format!(
-            "{}\n[[devices]]\nid = \"templated\"\nprotocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyUSB0\"\ntemplate = \"{}\"\n",
+            "{}\n[[devices]]\nid = \"templated\"\n{device}\ntemplate = \"{}\"\n",
             VALID.split("[[devices]]").next().expect("VALID has a head"),
             path.display()
         );

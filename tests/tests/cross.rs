@@ -107,13 +107,17 @@ impl Arch {
 }
 
 /// Protocols a Modbus-only build lacks, with the feature `check` names.
-const NOT_IN_MODBUS_ONLY: [(&str, &str); 3] = [
+const NOT_IN_MODBUS_ONLY: [(&str, &str); 4] = [
     ("\"mqtt\"", "built without MQTT (the `mqtt` cargo feature)"),
     (
         "\"opcua\"",
         "built without OPC UA (the `opcua` cargo feature)",
     ),
     ("\"s7\"", "built without S7 (the `s7` cargo feature)"),
+    (
+        "\"dlt645\"",
+        "built without DL/T 645 (the `dlt645` cargo feature)",
+    ),
 ];
 
 /// `check` on `config`: passes, or for a Modbus-only build refuses exactly
