@@ -9,10 +9,10 @@
 //! third-party S7comm implementation, serving `--blocks` data blocks of
 //! `--tags / --blocks` f32 values each.
 //! 1. Rate. The collector's poll (`s7::Poller`: the plan, multi-item read
-//!    requests, item checks, decoding into samples) back to back for
-//!    `--secs`; a bare loop sends the same pre-encoded requests over its own
-//!    connection and reads the answers without decoding them (the limit).
-//!    Runs alternate; medians of `--runs`, with the ratio.
+//!    requests, item checks, decoding into samples) and a bare loop sending
+//!    the same pre-encoded requests over its own connection and reading the
+//!    answers without decoding them (the limit), one cycle each in turn for
+//!    `--secs`, each timed on its own; medians of `--runs`, with the ratio.
 //! 2. Requests per cycle: the plan's, beside the least any plan needs for
 //!    the PDU the CPU granted (each request's answer carries at most PDU −
 //!    14 bytes, and every item 5 bytes of header and fill besides its data).
@@ -44,6 +44,9 @@ struct Args {
     /// Seconds per rate run.
     #[arg(long, default_value_t = 3.0)]
     secs: f64,
+    /// Tag type: f32 (stored as its shortest decimal) or u16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "u16"])]
+    r#type: String,
     #[arg(long, default_value_t = 10)]
     warmup: u64,
     #[arg(long, default_value_t = 30)]
@@ -55,24 +58,36 @@ fn tags_toml(args: &Args) -> String {
     (0..args.tags)
         .map(|i| {
             format!(
-                "[[devices.tags]]\nname = \"t{i}\"\naddress = \"DB{}.DBD{}\"\ntype = \"f32\"\n",
+                "[[devices.tags]]\nname = \"t{i}\"\naddress = \"DB{}.DB{}{}\"\ntype = \"{}\"\n",
                 10 + i / per,
-                4 * (i % per)
+                width(args),
+                4 * (i % per),
+                args.r#type
             )
         })
         .collect()
+}
+
+/// The address letter for the tag type (a u16 tag reads the first word of
+/// each 4-byte slot, so both types read the same bytes).
+fn width(args: &Args) -> &'static str {
+    if args.r#type == "u16" { "W" } else { "D" }
 }
 
 fn config(args: &Args, port: u16) -> anyhow::Result<S7Config> {
     let per = args.tags.div_ceil(args.blocks);
     let tags = (0..args.tags)
         .map(|i| {
-            let address = format!("DB{}.DBD{}", 10 + i / per, 4 * (i % per));
+            let address = format!("DB{}.DB{}{}", 10 + i / per, width(args), 4 * (i % per));
             Ok(S7TagConfig {
                 name: format!("t{i}"),
                 parsed: Some(Address::parse(&address).map_err(anyhow::Error::msg)?),
                 address,
-                data_type: S7Type::F32,
+                data_type: if args.r#type == "u16" {
+                    S7Type::U16
+                } else {
+                    S7Type::F32
+                },
                 length: None,
                 unit: String::new(),
             })
@@ -119,6 +134,12 @@ impl Bare {
     }
 }
 
+/// CPU time of the calling thread (the bench's runtime is single-threaded).
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tokio::runtime::Builder::new_current_thread()
@@ -156,34 +177,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let least_items = u64::from(args.blocks) * (u64::from(per) * 4).div_ceil(max_item);
     let minimum = (bytes + 5 * least_items).div_ceil(pdu as u64 - 14);
     println!(
-        "{} tags (f32) in {} data blocks; PDU {pdu} bytes; plan: {} requests, {items} items per cycle; planner minimum for this PDU: {minimum} requests",
+        "{} tags ({}) in {} data blocks; PDU {pdu} bytes; plan: {} requests, {items} items per cycle; planner minimum for this PDU: {minimum} requests",
         args.tags,
+        args.r#type,
         args.blocks,
         plan.requests()
     );
     let mut bare = Bare::connect(port).await?;
     let window = Duration::from_secs_f64(args.secs);
     let (mut collector_rates, mut bare_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu_ratios = Vec::new();
     for run in 0..args.runs {
+        // One collector poll, then one bare cycle, in turn: both meet the
+        // server (a Python process, whose speed drifts) in the same state.
+        let (mut collector_time, mut bare_time) = (Duration::ZERO, Duration::ZERO);
+        let (mut collector_cpu, mut bare_cpu) = (Duration::ZERO, Duration::ZERO);
+        let mut cycles = 0u64;
         let t0 = Instant::now();
-        let mut polls = 0u64;
         while t0.elapsed() < window {
+            let (t, c) = (Instant::now(), thread_cpu());
             let samples = poller.poll().await.map_err(anyhow::Error::msg)?;
+            collector_time += t.elapsed();
+            collector_cpu += thread_cpu() - c;
             if samples.len() != args.tags as usize {
                 bail!("a poll gave {} samples", samples.len());
             }
-            polls += 1;
-        }
-        let collector = polls as f64 * f64::from(args.tags) / t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        let mut cycles = 0u64;
-        while t0.elapsed() < window {
+            let (t, c) = (Instant::now(), thread_cpu());
             for f in &frames {
                 bare.exchange(f).await?;
             }
+            bare_time += t.elapsed();
+            bare_cpu += thread_cpu() - c;
             cycles += 1;
         }
-        let limit = cycles as f64 * f64::from(args.tags) / t0.elapsed().as_secs_f64();
+        cpu_ratios.push(collector_cpu.as_secs_f64() / bare_cpu.as_secs_f64());
+        println!(
+            "run {run}: client CPU per cycle: collector {:.1} µs, bare loop {:.1} µs",
+            1e6 * collector_cpu.as_secs_f64() / cycles as f64,
+            1e6 * bare_cpu.as_secs_f64() / cycles as f64
+        );
+        let values = cycles as f64 * f64::from(args.tags);
+        let collector = values / collector_time.as_secs_f64();
+        let limit = values / bare_time.as_secs_f64();
         println!(
             "run {run}: collector {collector:.0} values/s, bare loop {limit:.0} values/s, ratio {:.1} %",
             100.0 * collector / limit
@@ -198,6 +233,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         median(bare_rates.clone()),
         100.0 * median(collector_rates) / median(bare_rates),
         100.0 * median(ratios)
+    );
+    println!(
+        "client CPU per cycle, collector ÷ bare loop: median {:.2}×",
+        median(cpu_ratios)
     );
     drop(bare);
     drop(poller);
