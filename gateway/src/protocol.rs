@@ -1,9 +1,9 @@
 //! The protocol as the unit of extension.
 //!
 //! # Design
-//! Each protocol module (`modbus`, `mqtt`, `opcua`) owns its `[[devices]]`
-//! settings, their parsing and validation, its collector, probe and identity
-//! reading. Its device settings implement [`DeviceProtocol`], through which
+//! Each protocol module (`modbus`, `mqtt`, `opcua`, `s7`, `dlt645`) owns its
+//! `[[devices]]` settings, their parsing and validation, its collector,
+//! probe and identity reading. Its device settings implement [`DeviceProtocol`], through which
 //! the rest of the gateway (manifests, status, reload, secrets) sees a device.
 //! This module is the one place that dispatches on the protocol:
 //! - [`DeviceConfig`]: one variant per protocol, and [`DeviceConfig::protocol`]
