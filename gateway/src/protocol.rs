@@ -328,4 +328,6 @@ pub async fn identify(devices: &mut [DeviceConfig]) {
     crate::opcua::identify_all(devices).await;
     #[cfg(feature = "s7")]
     crate::s7::identify_all(devices).await;
+    #[cfg(feature = "dlt645")]
+    crate::dlt645::identify_all(devices).await;
 }

@@ -72,6 +72,8 @@ class Bus:
                 assert meter.set_02(di, v), hex(di)
             for di, v in PARAMETERS.items():
                 assert meter.set_04(di, v), hex(di)
+            # Meter number (表号): "2024" and the address's last 8 digits.
+            assert meter.set_04(0x04000402, "2024" + text[-8:])
             self.meters[wire] = meter
             self.first = self.first or meter
 

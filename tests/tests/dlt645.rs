@@ -5,7 +5,8 @@
 //! and over a pseudo-terminal pair made with socat (the serial path, no
 //! hardware). Checked: every value against the emulator's, scaled as the
 //! standard says; a DI the meter does not hold is Bad with the meter's error
-//! byte while the others keep coming; a template works for meters; a dead
+//! byte while the others keep coming; a template works for meters; each
+//! meter's number (read at start) is in the manifest; a dead
 //! meter on the shared line is Bad (timeout, then backing off) while the
 //! live ones keep their interval; the installer's probe reads the address by
 //! broadcast and then values, over TCP and the pty.
@@ -211,6 +212,19 @@ async fn a_line_of_meters(transport: &str, dir: &Path) -> anyhow::Result<()> {
         .await?
         .unwrap_or_default();
     assert_eq!(energy["last_value"], json!(8000.02), "{energy}");
+    // Each meter's number (DI 04000402, read at start) is in the manifest;
+    // the dead meter has none.
+    let summary = api.get("/api/v1/summary").await?;
+    let identity = |id: &str| {
+        summary["gateways"][0]["devices"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["id"] == id))
+            .map(|d| d["identity"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(identity("m1")["meter_number"], "202400000001", "{summary}");
+    assert_eq!(identity("m2")["meter_number"], "202400000002", "{summary}");
+    assert!(identity("dead")["meter_number"].is_null(), "{summary}");
 
     // The live meters keep their interval while the dead one is Bad: a
     // poll of the dead meter costs its 1 s timeout, so a line waiting it

@@ -34,6 +34,8 @@ pub struct Dlt645Config {
     /// Longest wait between probes of a meter that stopped answering.
     pub max_backoff: Duration,
     pub tags: Vec<Dlt645TagConfig>,
+    /// What the meter said of itself (filled at identification).
+    pub identity: BTreeMap<String, String>,
 }
 
 /// How frames reach the meters.
@@ -204,7 +206,7 @@ impl crate::protocol::DeviceProtocol for Dlt645Config {
             id: self.id.clone(),
             protocol: "dlt645".into(),
             endpoint: format!("{} meter {}", self.transport.endpoint(), self.meter),
-            identity: Default::default(),
+            identity: self.identity.clone().into_iter().collect(),
         };
         let tags = self
             .tags
@@ -298,6 +300,7 @@ pub(crate) fn parse(
         timeout: raw.timeout,
         max_backoff: raw.max_backoff,
         tags: tags.into_iter().map(|(_, t)| t).collect(),
+        identity: BTreeMap::new(),
     })
 }
 

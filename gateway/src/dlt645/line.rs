@@ -432,6 +432,7 @@ mod tests {
             poll_interval: Duration::from_millis(500),
             timeout: Duration::from_secs(1),
             max_backoff: Duration::from_secs(4),
+            identity: Default::default(),
             tags: tags
                 .iter()
                 .map(|&di| Dlt645TagConfig {

@@ -143,6 +143,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 poll_interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(60),
+                identity: Default::default(),
                 tags: TAGS
                     .iter()
                     .map(|&(di, length, _)| Dlt645TagConfig {
