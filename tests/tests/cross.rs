@@ -202,12 +202,20 @@ fn shipped_configs_pass_check(arch: &Arch) {
     let dir = tempfile::tempdir().expect("tempdir");
     for template in &templates {
         let config = dir.path().join("templated.toml");
+        // A meter template (tags by data identifier) goes on a DL/T 645
+        // meter, any other on a Modbus device.
+        let text = std::fs::read_to_string(template).expect("template");
+        let device = if text.lines().any(|l| l.trim_start().starts_with("di =")) {
+            "protocol = \"dlt645\"\nmeter = \"000000000001\""
+        } else {
+            "protocol = \"modbus-rtu\""
+        };
         std::fs::write(
             &config,
             format!(
                 "[gateway]\nid = \"gw-1\"\n[uplink]\nendpoint = \"https://127.0.0.1:7600\"\n\
                  token = \"gt_x\"\n[buffer]\ndir = \"buffer\"\n[[devices]]\nid = \"templated\"\n\
-                 protocol = \"modbus-rtu\"\nserial_port = \"/dev/ttyUSB0\"\ntemplate = \"{}\"\n",
+                 {device}\nserial_port = \"/dev/ttyUSB0\"\ntemplate = \"{}\"\n",
                 template.display()
             ),
         )
