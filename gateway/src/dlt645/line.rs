@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use super::config::{Dlt645Config, Dlt645Transport};
 use super::transport::{self, Connection, Outcome};
 use crate::collector::{Collector, PointSink};
-use crate::modbus::line::{GARBLED_DIAGNOSIS, backoff};
+use crate::modbus::line::{GARBLED_DIAGNOSIS, Reconnect, backoff};
 use crate::quality::{self, Sample, now_ms};
 use crate::status::Status;
 
@@ -93,9 +93,7 @@ pub struct Line {
     transport: Dlt645Transport,
     pub meters: Vec<Meter>,
     conn: Option<Connection>,
-    connect_failures: u32,
-    reconnect_at: Option<Instant>,
-    last_error: Option<String>,
+    reconnect: Reconnect,
     /// End of the last exchange: the next request waits the inter-frame
     /// delay from here.
     quiet_since: Option<Instant>,
@@ -118,9 +116,7 @@ impl Line {
             transport,
             meters,
             conn: None,
-            connect_failures: 0,
-            reconnect_at: None,
-            last_error: None,
+            reconnect: Reconnect::default(),
             quiet_since: None,
             garbled_reported: false,
             status: None,
@@ -161,30 +157,19 @@ impl Line {
         if self.conn.is_some() {
             return Ok(());
         }
-        if self.reconnect_at.is_some_and(|t| Instant::now() < t) {
+        if !self.reconnect.due() {
             return Err(quality::CONNECT_FAILED);
         }
         match transport::connect(&self.transport, self.timeout()).await {
             Ok(conn) => {
                 info!(line = %self.key, "dlt645 line connected");
                 self.conn = Some(conn);
-                self.connect_failures = 0;
-                self.reconnect_at = None;
-                self.last_error = None;
+                self.reconnect.connected();
                 Ok(())
             }
             Err(e) => {
-                if self.last_error.as_deref() != Some(e.as_str()) {
-                    warn!(line = %self.key, error = %e, "dlt645 line unreachable");
-                    self.last_error = Some(e);
-                }
-                self.connect_failures += 1;
-                let wait = backoff(
-                    Duration::from_millis(500),
-                    self.connect_failures,
-                    self.max_backoff(),
-                );
-                self.reconnect_at = Some(Instant::now() + wait);
+                let max = self.max_backoff();
+                self.reconnect.failed("dlt645", &self.key, e, max);
                 Err(quality::CONNECT_FAILED)
             }
         }

@@ -229,9 +229,7 @@ pub struct Line {
     transport: Transport,
     pub units: Vec<Unit>,
     ctx: Option<Connection>,
-    connect_failures: u32,
-    reconnect_at: Option<Instant>,
-    last_error: Option<String>,
+    reconnect: Reconnect,
     /// End of the last frame exchange: the next request waits the inter-frame
     /// delay from here.
     quiet_since: Option<Instant>,
@@ -264,9 +262,7 @@ impl Line {
             transport,
             units,
             ctx: None,
-            connect_failures: 0,
-            reconnect_at: None,
-            last_error: None,
+            reconnect: Reconnect::default(),
             quiet_since: None,
             garbled_reported: false,
             requests: 0,
@@ -301,30 +297,19 @@ impl Line {
         if self.ctx.is_some() {
             return Ok(());
         }
-        if self.reconnect_at.is_some_and(|t| Instant::now() < t) {
+        if !self.reconnect.due() {
             return Err(quality::CONNECT_FAILED);
         }
         match transport::connect(&self.transport, self.timeout()).await {
             Ok(ctx) => {
                 info!(line = %self.key, "modbus line connected");
                 self.ctx = Some(ctx);
-                self.connect_failures = 0;
-                self.reconnect_at = None;
-                self.last_error = None;
+                self.reconnect.connected();
                 Ok(())
             }
             Err(e) => {
-                if self.last_error.as_deref() != Some(e.as_str()) {
-                    warn!(line = %self.key, error = %e, "modbus line unreachable");
-                    self.last_error = Some(e);
-                }
-                self.connect_failures += 1;
-                let wait = backoff(
-                    Duration::from_millis(500),
-                    self.connect_failures,
-                    self.max_backoff(),
-                );
-                self.reconnect_at = Some(Instant::now() + wait);
+                let max = self.max_backoff();
+                self.reconnect.failed("modbus", &self.key, e, max);
                 Err(quality::CONNECT_FAILED)
             }
         }
@@ -685,6 +670,38 @@ impl Line {
 pub fn backoff(base: Duration, failures: u32, max: Duration) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
     base.saturating_mul(factor).min(max)
+}
+
+/// A line's reconnect state, shared by the serial-line collectors: after a
+/// failed connect the next attempt waits 0.5 s doubling to `max_backoff`;
+/// an error is logged once until it changes or the line connects.
+#[derive(Debug, Default)]
+pub struct Reconnect {
+    failures: u32,
+    at: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Reconnect {
+    /// Whether an attempt may be made now.
+    pub fn due(&self) -> bool {
+        self.at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    pub fn connected(&mut self) {
+        *self = Reconnect::default();
+    }
+
+    /// Notes a failed attempt (`protocol` and `line` name it in the log).
+    pub fn failed(&mut self, protocol: &str, line: &str, error: String, max_backoff: Duration) {
+        if self.last_error.as_deref() != Some(error.as_str()) {
+            warn!(%line, %error, "{protocol} line unreachable");
+            self.last_error = Some(error);
+        }
+        self.failures += 1;
+        self.at =
+            Some(Instant::now() + backoff(Duration::from_millis(500), self.failures, max_backoff));
+    }
 }
 
 impl Collector for Line {
