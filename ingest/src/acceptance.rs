@@ -37,7 +37,7 @@ use crate::store::rollup::{
     self, DAY_MS, GatewayDay, LATENCY_BUCKETS, RUN_BACKFILL, RUN_BAD, RUN_DATA, SKETCH_K,
     SeriesDay, bucket_upper_ms, sketch_similarity,
 };
-use crate::store::{ChainInfo, LossInfo, Result, SeriesInfo, Store};
+use crate::store::{ChainInfo, LossInfo, Result, RunsQuery, SeriesInfo, Store};
 
 /// The configurable criteria of verdicts and flags (`[evidence]` in the
 /// ingest config).
@@ -367,31 +367,81 @@ fn fault_lead_in(interval_ms: i64) -> i64 {
     interval_ms.saturating_mul(10).max(30_000)
 }
 
-/// Gaps of one tag in `[from, to)` from its runs, with causes.
-async fn tag_gaps(
-    store: &impl Store,
-    s: &SeriesInfo,
-    from: i64,
+/// Where a tag's gaps are looked for: `[start, to)` with run tolerance
+/// `tol`.
+#[derive(Clone, Copy)]
+struct GapWindow {
+    start: i64,
     to: i64,
-    now_ms: i64,
-    losses: &[LossRange],
-) -> Result<Vec<Gap>> {
+    tol: i64,
+}
+
+/// The gap window of one tag in `[from, to)`; None when none can be judged
+/// (no interval, or nothing due yet).
+fn gap_window(s: &SeriesInfo, from: i64, to: i64, now_ms: i64) -> Option<GapWindow> {
     if s.interval_ms == 0 {
-        return Ok(Vec::new());
+        return None;
     }
     // Samples of the last moments may still be on their way.
     let to = to.min(now_ms - 2 * s.interval_ms as i64);
     let start = from.max(s.created_ms.unwrap_or(i64::MAX));
-    if to <= start {
-        return Ok(Vec::new());
+    (to > start).then(|| GapWindow {
+        start,
+        to,
+        tol: rollup::run_tolerance(s.interval_ms),
+    })
+}
+
+/// The data, Bad and backfill runs a tag's gaps are made of.
+const GAP_RUN_KINDS: [u8; 3] = [RUN_DATA, RUN_BAD, RUN_BACKFILL];
+
+/// The gap windows of `tags` in `[from, to)` and their runs, read in one
+/// store call (a report asks for a thousand tags).
+async fn gap_runs(
+    store: &impl Store,
+    tags: &[&SeriesInfo],
+    from: i64,
+    to: i64,
+    now_ms: i64,
+) -> Result<HashMap<u64, (GapWindow, [Vec<(i64, i64)>; 3])>> {
+    let windows: Vec<(u64, GapWindow)> = tags
+        .iter()
+        .filter_map(|s| Some((s.id, gap_window(s, from, to, now_ms)?)))
+        .collect();
+    let queries = windows
+        .iter()
+        .flat_map(|&(series, w)| {
+            GAP_RUN_KINDS.map(|kind| RunsQuery {
+                series,
+                kind,
+                tol: w.tol,
+                from: w.start,
+                to: w.to,
+            })
+        })
+        .collect();
+    let mut runs = store.series_runs_of(queries).await?.into_iter();
+    let mut out = HashMap::with_capacity(windows.len());
+    for (series, w) in windows {
+        let mut next = || runs.next().unwrap_or_default();
+        out.insert(series, (w, [next(), next(), next()]));
     }
+    Ok(out)
+}
+
+/// Gaps of one tag in its window from its runs (`gap_runs`), with causes.
+fn tag_gaps(
+    s: &SeriesInfo,
+    window: GapWindow,
+    runs: &[Vec<(i64, i64)>; 3],
+    losses: &[LossRange],
+) -> Vec<Gap> {
     let iv = s.interval_ms as i64;
-    let tol = rollup::run_tolerance(s.interval_ms);
-    let data = store.series_runs(s.id, RUN_DATA, tol, start, to).await?;
-    let bad = store.series_runs(s.id, RUN_BAD, tol, start, to).await?;
+    let GapWindow { start, to, tol } = window;
+    let (data, bad) = (&runs[0], &runs[1]);
     let mut holes = Vec::new();
     let mut cursor = start;
-    for &(a, b) in &data {
+    for &(a, b) in data {
         if a - cursor > tol {
             holes.push((cursor, a));
         }
@@ -428,10 +478,7 @@ async fn tag_gaps(
             out.push(gap(fault_from, b, "device_fault"));
         }
     }
-    for (a, b) in store
-        .series_runs(s.id, RUN_BACKFILL, tol, start, to)
-        .await?
-    {
+    for &(a, b) in &runs[2] {
         out.push(Gap {
             start_ms: a,
             end_ms: b + iv,
@@ -440,7 +487,7 @@ async fn tag_gaps(
             tags: 1,
         });
     }
-    Ok(out)
+    out
 }
 
 /// Joins the gaps of a device's tags: same cause and overlapping → one row.
@@ -711,6 +758,23 @@ async fn report_with(
             .or_default()
             .push(s);
     }
+    // Gaps and trends of every tag, read in two store calls.
+    let (gap_runs, mut trend_hours) = if detail {
+        let trended: Vec<u64> = series
+            .iter()
+            .filter(|s| !matches!(s.data_type.as_str(), "string" | "unspecified"))
+            .map(|s| s.id)
+            .collect();
+        let hours = store
+            .series_hours_of(trended.clone(), from_ms, to_ms)
+            .await?;
+        (
+            gap_runs(store, &series, from_ms, to_ms, snap.now_ms).await?,
+            trended.into_iter().zip(hours).collect(),
+        )
+    } else {
+        (HashMap::new(), HashMap::new())
+    };
     let verdict_from = to_day - c.verdict_days as i64 * DAY_MS;
     let empty = TagWindow::default();
     let mut devices = Vec::new();
@@ -774,8 +838,8 @@ async fn report_with(
             let losses = loss_ranges
                 .get(&(s.gateway.as_str(), s.device.as_str(), s.tag.as_str()))
                 .map_or(&[][..], |v| v.as_slice());
-            if detail {
-                gaps.extend(tag_gaps(store, s, from_ms, to_ms, snap.now_ms, losses).await?);
+            if let Some((window, runs)) = gap_runs.get(&s.id) {
+                gaps.extend(tag_gaps(s, *window, runs, losses));
             }
             d.flags.extend(tag_flags(s, w, identical.get(&s.id), c));
             d.tags.push(TagReport {
@@ -806,13 +870,11 @@ async fn report_with(
         d.gaps_total = merged.len();
         d.gaps = merged.into_iter().take(200).collect();
         // Trend: every tag with a number (bools as 0/1), hourly.
-        for s in tags
-            .iter()
-            .filter(|s| detail && !matches!(s.data_type.as_str(), "string" | "unspecified"))
-        {
-            let points = store
-                .series_hours(s.id, from_ms, to_ms)
-                .await?
+        for s in tags {
+            let Some(hours) = trend_hours.remove(&s.id) else {
+                continue;
+            };
+            let points = hours
                 .into_iter()
                 .map(|(h, n, sum, min, max)| (h, sum / n.max(1) as f64, min, max))
                 .collect();
@@ -1248,6 +1310,22 @@ mod tests {
         }
     }
 
+    /// Gaps of `s` in `[from, to)` read as a report reads them.
+    async fn gaps_of(
+        store: &impl Store,
+        s: &SeriesInfo,
+        from: i64,
+        to: i64,
+        now_ms: i64,
+        losses: &[LossRange],
+    ) -> Result<Vec<Gap>> {
+        let runs = gap_runs(store, &[s], from, to, now_ms).await?;
+        Ok(runs
+            .get(&s.id)
+            .map(|(window, runs)| tag_gaps(s, *window, runs, losses))
+            .unwrap_or_default())
+    }
+
     #[tokio::test]
     async fn gap_causes_come_from_bad_runs_loss_records_or_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1265,7 +1343,7 @@ mod tests {
         store
             .bench_put_rollups(Vec::new(), runs, Vec::new(), Vec::new())
             .expect("write");
-        let gaps = tag_gaps(
+        let gaps = gaps_of(
             &store,
             &series(1),
             0,
@@ -1289,7 +1367,7 @@ mod tests {
             ]
         );
         // The window end is clipped to now less two intervals.
-        let gaps = tag_gaps(&store, &series(1), 0, 500_000, 450_000, &[])
+        let gaps = gaps_of(&store, &series(1), 0, 500_000, 450_000, &[])
             .await
             .expect("gaps");
         assert_eq!(
@@ -1315,7 +1393,7 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime")
-            .block_on(tag_gaps(&store, &series(1), 0, to, 1_000_000, losses))
+            .block_on(gaps_of(&store, &series(1), 0, to, 1_000_000, losses))
             .expect("gaps")
             .iter()
             .map(|g| (g.start_ms, g.end_ms, g.cause))

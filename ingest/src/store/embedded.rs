@@ -69,7 +69,8 @@ use crate::evidence::digest;
 
 use super::{
     AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
-    ManifestMap, Result, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint, WindowCounts,
+    ManifestMap, Result, RunsQuery, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint,
+    WindowCounts,
 };
 pub use super::{BackupInfo, ChainVerification, StoreVerification};
 use crate::registry::{Access, Account, Enterprise, Equipment};
@@ -1170,19 +1171,17 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| Db { db }.series_days(&series, from_day, to_day))
             .await
     }
-    async fn series_runs(
-        &self,
-        series: u64,
-        kind: u8,
-        tol: i64,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(i64, i64)>> {
-        self.blocking(move |db| Db { db }.series_runs(series, kind, tol, from, to))
+    async fn series_runs_of(&self, queries: Vec<RunsQuery>) -> Result<Vec<Vec<(i64, i64)>>> {
+        self.blocking(move |db| Db { db }.series_runs(&queries))
             .await
     }
-    async fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
-        self.blocking(move |db| Db { db }.series_hours(series, from, to))
+    async fn series_hours_of(
+        &self,
+        series: Vec<u64>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Vec<rollup::HourRow>>> {
+        self.blocking(move |db| Db { db }.series_hours(&series, from, to))
             .await
     }
     async fn gateway_days(

@@ -241,6 +241,17 @@ pub struct SeriesInfo {
     pub last_quality_code: u32,
 }
 
+/// One `Store::series_runs` question: the runs of `kind` of `series`
+/// overlapping `from..to`, merged with tolerance `tol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunsQuery {
+    pub series: u64,
+    pub kind: u8,
+    pub tol: i64,
+    pub from: i64,
+    pub to: i64,
+}
+
 /// Sample counts inside a time window.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct WindowCounts {
@@ -486,14 +497,46 @@ pub trait Store: Send + Sync + 'static {
         tol: i64,
         from: i64,
         to: i64,
-    ) -> impl Future<Output = Result<Vec<(i64, i64)>>> + Send;
+    ) -> impl Future<Output = Result<Vec<(i64, i64)>>> + Send {
+        let q = RunsQuery {
+            series,
+            kind,
+            tol,
+            from,
+            to,
+        };
+        async move {
+            Ok(self
+                .series_runs_of(vec![q])
+                .await?
+                .pop()
+                .unwrap_or_default())
+        }
+    }
+    /// `series_runs` of many questions in one call, in the order given.
+    fn series_runs_of(
+        &self,
+        queries: Vec<RunsQuery>,
+    ) -> impl Future<Output = Result<Vec<Vec<(i64, i64)>>>> + Send;
     /// Hourly (hour, count, sum, min, max) of one series' Good numbers.
     fn series_hours(
         &self,
         series: u64,
         from: i64,
         to: i64,
-    ) -> impl Future<Output = Result<Vec<rollup::HourRow>>> + Send;
+    ) -> impl Future<Output = Result<Vec<rollup::HourRow>>> + Send {
+        async move {
+            let mut hours = self.series_hours_of(vec![series], from, to).await?;
+            Ok(hours.pop().unwrap_or_default())
+        }
+    }
+    /// `series_hours` of many series in one call, in the order given.
+    fn series_hours_of(
+        &self,
+        series: Vec<u64>,
+        from: i64,
+        to: i64,
+    ) -> impl Future<Output = Result<Vec<Vec<rollup::HourRow>>>> + Send;
     fn gateway_days(
         &self,
         gateway: &str,

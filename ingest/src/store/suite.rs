@@ -18,8 +18,8 @@ use prost::Message;
 
 use super::rollup::{self, RUN_BACKFILL, RUN_BAD, RUN_DATA};
 use super::{
-    AppendBatch, AppendOutcome, Appended, Link, ManifestMap, Store, StoreError, StoredPoint,
-    WindowCounts,
+    AppendBatch, AppendOutcome, Appended, Link, ManifestMap, RunsQuery, Store, StoreError,
+    StoredPoint, WindowCounts,
 };
 use crate::registry::{Access, Account, Enterprise, Equipment, Role};
 
@@ -47,6 +47,7 @@ macro_rules! store_suite {
             unchecked_signatures_and_recorded_breaks_show_as_breaks,
             declared_and_rejected_losses_are_recorded_and_collected_adds_up,
             rollups_agree_with_the_stored_points,
+            rollups_of_batches_queued_together_agree_with_the_stored_points,
             gateways_tokens_and_keys,
             enterprises_equipment_owners_accounts_and_access,
             report_queries_answer_from_the_stored_points,
@@ -641,6 +642,16 @@ pub async fn declared_and_rejected_losses_are_recorded_and_collected_adds_up<H: 
 }
 
 pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
+    rollups_agree::<H>(false).await;
+}
+
+/// Batches queued before any is awaited, as a stream sends them, so that a
+/// backend committing them together folds their rollups in one go.
+pub async fn rollups_of_batches_queued_together_agree_with_the_stored_points<H: Harness>() {
+    rollups_agree::<H>(true).await;
+}
+
+async fn rollups_agree<H: Harness>(queued_together: bool) {
     let (_place, store, map) = fresh::<H>().await;
     let series = map.series[0];
     let interval = 1_000;
@@ -663,11 +674,19 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
     batches.swap(1, 3);
     let last = batches.len() - 1;
     let mut wire_bytes = 0;
+    let mut queued = Vec::new();
     for (i, points) in batches.iter().enumerate() {
         let mut a = appending(GW, &map, batch(i as u64 + 1, points));
         a.backfill = i == last;
         wire_bytes += a.wire_bytes;
-        append(&store, a).await;
+        if queued_together {
+            queued.push(store.append(a));
+        } else {
+            append(&store, a).await;
+        }
+    }
+    for q in queued {
+        assert_eq!(q.await.expect("append").outcome, AppendOutcome::Stored);
     }
     let stored = all_points(&store, series).await;
     assert_eq!(stored.len(), times.len());
@@ -764,6 +783,29 @@ pub async fn rollups_agree_with_the_stored_points<H: Harness>() {
             step_tol
         )
     );
+    // Many questions in one call answer as one call each, in order; a
+    // series without rows answers empty.
+    let q = |series, kind| RunsQuery {
+        series,
+        kind,
+        tol: step_tol,
+        from,
+        to,
+    };
+    let many = store
+        .series_runs_of(vec![
+            q(series, RUN_BAD),
+            q(series + 999, RUN_DATA),
+            q(series, RUN_DATA),
+        ])
+        .await
+        .expect("runs of many");
+    assert_eq!(many, vec![bad.clone(), Vec::new(), data.clone()]);
+    let many = store
+        .series_hours_of(vec![series + 999, series], from, to)
+        .await
+        .expect("hours of many");
+    assert_eq!(many, vec![Vec::new(), hours.clone()]);
     let backfill = store
         .series_runs(series, RUN_BACKFILL, tol, from, to)
         .await

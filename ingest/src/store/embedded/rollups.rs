@@ -10,7 +10,7 @@ use super::{DAYS, Db, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, SERIES, SeriesMe
 use crate::store::rollup::{
     self, GatewayDay, LATENCY_BUCKETS, SeriesDay, SeriesUpdate, latency_bucket, merge_day,
 };
-use crate::store::{AppendBatch, Result, StoreError};
+use crate::store::{AppendBatch, Result, RunsQuery, StoreError};
 
 pub(super) struct RollupTables<'t> {
     pub days: redb::Table<'t, (u64, i64), &'static [u8]>,
@@ -125,45 +125,30 @@ impl Db<'_> {
     }
 
     /// Runs of `kind` of one series overlapping `from..to`, merged.
-    pub fn series_runs(
-        &self,
-        series: u64,
-        kind: u8,
-        tol: i64,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(i64, i64)>> {
+    pub fn series_runs(&self, queries: &[RunsQuery]) -> Result<Vec<Vec<(i64, i64)>>> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let runs = txn.open_table(RUNS).map_err(db_err)?;
-        let mut out = Vec::new();
-        // Runs start before `from` may reach into the window: take every run
-        // from the last one starting at or before `from - tol`.
-        let first = runs
-            .range((series, kind, i64::MIN)..=(series, kind, from.saturating_sub(tol)))
-            .map_err(db_err)?
-            .next_back()
-            .transpose()
-            .map_err(db_err)?
-            .map_or(i64::MIN, |(k, _)| k.value().2);
-        for entry in runs
-            .range((series, kind, first)..(series, kind, to))
-            .map_err(db_err)?
-        {
-            let (k, v) = entry.map_err(db_err)?;
-            out.push((k.value().2, v.value()));
-        }
-        Ok(rollup::merge_runs(out, tol))
+        queries.iter().map(|q| runs_in(&runs, q)).collect()
     }
 
-    /// Hourly (hour, count, sum, min, max) of one series' Good numbers.
-    pub fn series_hours(&self, series: u64, from: i64, to: i64) -> Result<Vec<rollup::HourRow>> {
+    /// Hourly (hour, count, sum, min, max) of each series' Good numbers.
+    pub fn series_hours(
+        &self,
+        series: &[u64],
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Vec<rollup::HourRow>>> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let hours = txn.open_table(HOURS).map_err(db_err)?;
-        let mut out = Vec::new();
-        for entry in hours.range((series, from)..(series, to)).map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let (n, sum, min, max) = v.value();
-            out.push((k.value().1, n, sum, min, max));
+        let mut out = Vec::with_capacity(series.len());
+        for &s in series {
+            let mut rows = Vec::new();
+            for entry in hours.range((s, from)..(s, to)).map_err(db_err)? {
+                let (k, v) = entry.map_err(db_err)?;
+                let (n, sum, min, max) = v.value();
+                rows.push((k.value().1, n, sum, min, max));
+            }
+            out.push(rows);
         }
         Ok(out)
     }
@@ -492,4 +477,36 @@ pub(super) fn cross_check(txn: &redb::ReadTransaction) -> Result<Vec<String>> {
         }
     }
     Ok(problems)
+}
+
+/// The runs `q` asks for, merged with its tolerance.
+fn runs_in(
+    runs: &impl ReadableTable<(u64, u8, i64), i64>,
+    q: &RunsQuery,
+) -> Result<Vec<(i64, i64)>> {
+    let RunsQuery {
+        series,
+        kind,
+        tol,
+        from,
+        to,
+    } = *q;
+    let mut out = Vec::new();
+    // Runs start before `from` may reach into the window: take every run
+    // from the last one starting at or before `from - tol`.
+    let first = runs
+        .range((series, kind, i64::MIN)..=(series, kind, from.saturating_sub(tol)))
+        .map_err(db_err)?
+        .next_back()
+        .transpose()
+        .map_err(db_err)?
+        .map_or(i64::MIN, |(k, _)| k.value().2);
+    for entry in runs
+        .range((series, kind, first)..(series, kind, to))
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        out.push((k.value().2, v.value()));
+    }
+    Ok(rollup::merge_runs(out, tol))
 }
