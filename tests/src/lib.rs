@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod browser;
+pub mod city;
 pub mod evidence;
 pub mod load;
 pub mod mount;

@@ -15,14 +15,27 @@
 //! shape (every gateway's batch of one commit interval in one fsynced
 //! transaction, at most ingest's group size), no bookkeeping, measured in
 //! this run as thread CPU per point.
+//!
+//! The played gateways share this machine with ingest; the cores the load
+//! generator itself used are printed beside ingest's figures.
+//!
+//! Unless `--no-reports`, the store first receives a city's report rollups
+//! (`guantong_e2e::city`: one enterprise of 1,000 tags × 30 days, 500 small
+//! ones) and, with the load running at its steady state and before the
+//! measured window, the enterprise's report and the city view are asked
+//! over HTTP (as an admin) three times each and timed. Ingest RSS is
+//! sampled through the window (`--rss-every`) to show growth on long runs.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use guantong_e2e::bench::{cpu_seconds, percentile, rss_mib};
+use guantong_e2e::bench::{cpu_seconds, median, percentile, rss_mib};
+use guantong_e2e::city::City;
 use guantong_e2e::load::{self, COMMIT_INTERVAL, MAX_BATCH_POINTS, Shape};
+use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_ingest::store::rollup::{DAY_MS, day_of};
 use guantong_proto::v1::{Batch, Point};
 use prost::Message;
 use redb::{Database, Durability, TableDefinition};
@@ -36,7 +49,26 @@ struct Args {
     /// Measured window per scenario (after every gateway's first ack).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Skip the city's report rollups and the reports asked under load.
+    #[arg(long)]
+    no_reports: bool,
+    /// How often ingest RSS is sampled in the window.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    rss_every: Duration,
 }
+
+/// Reports asked over HTTP while the load runs (medians and worst of
+/// `REPORT_RUNS`, seconds).
+#[derive(Default)]
+struct ReportTimes {
+    report_s: Vec<f64>,
+    city_s: Vec<f64>,
+    /// The access log's last entry: little to read, but like every report
+    /// it first writes an access-log entry (a store write).
+    access_log_s: Vec<f64>,
+}
+
+const REPORT_RUNS: usize = 3;
 
 /// The scenarios: (name, shape).
 const SCENARIOS: [(&str, Shape); 4] = [
@@ -89,6 +121,11 @@ struct Figures {
     p99_ms: i64,
     limit_us_per_point: f64,
     limit_per_s: f64,
+    reports: Option<ReportTimes>,
+    /// CPU cores the load generator itself used (same machine).
+    load_cores: f64,
+    /// (seconds into the window, RSS MiB).
+    rss_samples: Vec<(f64, f64)>,
 }
 
 fn load_average() -> String {
@@ -195,9 +232,65 @@ fn raw_redb(shape: Shape, seconds: u64) -> anyhow::Result<(f64, f64)> {
     Ok((cpu.as_secs_f64() * 1e6 / n, n / wall.as_secs_f64()))
 }
 
-async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Result<Figures> {
+/// Asks the seeded enterprise's 30-day report and the city's 7-day view
+/// `REPORT_RUNS` times each, timing every answer.
+async fn ask_reports(
+    api: &guantong_e2e::procs::Api,
+    big: &str,
+    city: City,
+    today: i64,
+) -> anyhow::Result<ReportTimes> {
+    let date = guantong_ingest::acceptance::date_of;
+    let report = format!(
+        "/api/v1/enterprises/{big}/report?from={}&to={}",
+        date(today - (city.days - 1) * DAY_MS),
+        date(today)
+    );
+    let city_view = format!(
+        "/api/v1/city?from={}&to={}",
+        date(today - 6 * DAY_MS),
+        date(today)
+    );
+    let mut times = ReportTimes::default();
+    for _ in 0..REPORT_RUNS {
+        let t = Instant::now();
+        let r = api.get(&report).await?;
+        times.report_s.push(t.elapsed().as_secs_f64());
+        let devices = r["devices"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(
+            devices == city.devices as usize,
+            "report of {big}: {devices} devices, expected {}",
+            city.devices
+        );
+        let t = Instant::now();
+        api.get("/api/v1/access-log?limit=1").await?;
+        times.access_log_s.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let v = api.get(&city_view).await?;
+        times.city_s.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            v["enterprises"].as_u64() == Some(u64::from(city.enterprises) + 1),
+            "city view: {} enterprises, expected {}",
+            v["enterprises"],
+            city.enterprises + 1
+        );
+    }
+    Ok(times)
+}
+
+async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Figures> {
+    let duration = args.duration;
     let work = tempfile::tempdir()?;
     let prefix = format!("load{}", std::process::id());
+    let today = day_of(guantong_ingest::grpc::now_ms());
+    let city = City::default();
+    let big = if args.no_reports {
+        None
+    } else {
+        let store = EmbeddedStore::open(&work.path().join("data"))?;
+        let (big, _) = guantong_e2e::city::seed(&store, city, today).await?;
+        Some(big.code)
+    };
     println!(
         "{name}: {} gateways × {} tags every {} ms = {:.0} points/s offered; registering…",
         shape.gateways,
@@ -207,6 +300,7 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
     );
     let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
     let pid = ingest.proc.pid().context("ingest pid")?;
+    let (own_cpu0, start_all) = (cpu_seconds(std::process::id())?, Instant::now());
     // Warm up: every stream connected, its manifest stored and a batch acked.
     load::wait_for_load(
         &load,
@@ -222,10 +316,18 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
         },
     )
     .await?;
+    let reports = match &big {
+        Some(code) => Some(ask_reports(&ingest.api(), code, city, today).await?),
+        None => None,
+    };
     let (cpu0, before) = (cpu_seconds(pid)?, load.totals());
     load.measure_latency(true);
     let start = Instant::now();
-    tokio::time::sleep(duration).await;
+    let mut rss_samples = Vec::new();
+    while start.elapsed() < duration {
+        rss_samples.push((start.elapsed().as_secs_f64(), rss_mib(pid)?.0));
+        tokio::time::sleep(args.rss_every.min(duration.saturating_sub(start.elapsed()))).await;
+    }
     let window = load.totals();
     let elapsed = start.elapsed().as_secs_f64();
     load.measure_latency(false);
@@ -234,6 +336,8 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
         .wait_drained(duration.max(Duration::from_secs(60)))
         .await;
     let (cpu1, after) = (cpu_seconds(pid)?, load.totals());
+    let load_cores =
+        (cpu_seconds(std::process::id())? - own_cpu0) / start_all.elapsed().as_secs_f64();
     let (rss, hwm) = rss_mib(pid)?;
     let latencies = load.latencies_ms();
     load.stop().await?;
@@ -252,6 +356,9 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
         p99_ms: percentile(latencies, 0.99),
         limit_us_per_point: limit_us,
         limit_per_s: limit_rate,
+        reports,
+        load_cores,
+        rss_samples,
     };
     println!(
         "  stored {:.0} points/s, ingest {:.2} µs CPU/point ({:.0} points/s per core), RSS {:.0} MiB (peak {:.0}), ack p50 {} ms p99 {} ms, drained: {}; limit {:.2} µs/point ({:.0} points/s); load average {}",
@@ -267,7 +374,40 @@ async fn scenario(name: String, shape: Shape, duration: Duration) -> anyhow::Res
         f.limit_per_s,
         load_average()
     );
+    if let Some(r) = &f.reports {
+        println!(
+            "  while loaded: enterprise report ({} tags × {} days) median {:.3} s, worst {:.3} s (target < 2 s); city view ({} enterprises, 7 days) median {:.3} s, worst {:.3} s (target < 5 s)",
+            city.devices * city.tags_per_device,
+            city.days,
+            median(r.report_s.clone()),
+            worst(&r.report_s),
+            city.enterprises + 1,
+            median(r.city_s.clone()),
+            worst(&r.city_s),
+        );
+        println!(
+            "  while loaded: the access log's last entry (an access-log write and a small read) median {:.3} s, worst {:.3} s",
+            median(r.access_log_s.clone()),
+            worst(&r.access_log_s),
+        );
+    }
+    println!(
+        "  the load generator itself used {:.2} of this machine's cores",
+        f.load_cores
+    );
+    println!(
+        "  ingest RSS MiB over the window: {}",
+        f.rss_samples
+            .iter()
+            .map(|(t, m)| format!("{m:.0} @{t:.0}s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(f)
+}
+
+fn worst(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
 }
 
 #[tokio::main]
@@ -285,16 +425,16 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut figures = Vec::new();
     for (name, shape) in chosen {
-        figures.push(scenario(name, shape, args.duration).await?);
+        figures.push(scenario(name, shape, &args).await?);
     }
     println!();
     println!(
-        "| scenario | offered points/s | stored points/s | ingest CPU µs/point | points/s per ingest core (target ≥ 300,000) | limit: redb alone, µs/point | ingest ÷ limit (CPU) | ingest RSS MiB (peak) | ack p50 / p99 ms | drained |"
+        "| scenario | offered points/s | stored points/s | ingest CPU µs/point | points/s per ingest core (target ≥ 300,000) | limit: redb alone, µs/point | ingest ÷ limit (CPU) | ingest RSS MiB (peak) | ack p50 / p99 ms | drained | report / city view s while loaded (targets 2 / 5) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
     for f in &figures {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} ({:.0} points/s) | {:.1} | {:.0} ({:.0}) | {} / {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} ({:.0} points/s) | {:.1} | {:.0} ({:.0}) | {} / {} | {} | {} |",
             f.name,
             f.shape.rate(),
             f.stored_per_s,
@@ -308,6 +448,11 @@ async fn main() -> anyhow::Result<()> {
             f.p50_ms,
             f.p99_ms,
             if f.drained { "yes" } else { "no" },
+            f.reports.as_ref().map_or("—".to_string(), |r| format!(
+                "{:.2} / {:.2}",
+                median(r.report_s.clone()),
+                median(r.city_s.clone())
+            )),
         );
     }
     println!();
