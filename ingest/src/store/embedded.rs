@@ -100,6 +100,11 @@ mod rollups;
 use rollups::RollupTables;
 
 const MINUTE_MS: i64 = 60_000;
+/// redb's page cache. Its default (1 GiB) let a serving ingest grow with
+/// the store (640 → 950 MiB RSS in three minutes with 1,000 streams and a
+/// city's rollups, BENCHMARKS.md); bounded here, ingest's memory is this
+/// plus what the streams hold.
+const CACHE_BYTES: usize = 192 << 20;
 /// Most points one group commit takes before committing.
 const GROUP_POINTS: usize = 200_000;
 
@@ -357,7 +362,10 @@ impl EmbeddedStore {
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
         let path = dir.join("ingest.redb");
         owner_only(dir, 0o700)?;
-        let db = match Database::create(&path) {
+        let db = match redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
             Err(other) => {
