@@ -423,8 +423,8 @@ async fn gap_runs(
     let mut runs = store.series_runs_of(queries).await?.into_iter();
     let mut out = HashMap::with_capacity(windows.len());
     for (series, w) in windows {
-        let mut next = || runs.next().unwrap_or_default();
-        out.insert(series, (w, [next(), next(), next()]));
+        let of_tag = GAP_RUN_KINDS.map(|_| runs.next().unwrap_or_default());
+        out.insert(series, (w, of_tag));
     }
     Ok(out)
 }

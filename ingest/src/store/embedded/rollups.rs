@@ -124,7 +124,8 @@ impl Db<'_> {
         Ok(out)
     }
 
-    /// Runs of `kind` of one series overlapping `from..to`, merged.
+    /// The runs each of `queries` asks for, in order, from one read
+    /// transaction.
     pub fn series_runs(&self, queries: &[RunsQuery]) -> Result<Vec<Vec<(i64, i64)>>> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let runs = txn.open_table(RUNS).map_err(db_err)?;
