@@ -48,17 +48,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use guantong_proto::chain::{Algorithm, PublicKey};
-use guantong_proto::v1::{Batch, Manifest, Point, Quality, point::Value};
+use guantong_proto::chain::PublicKey;
+use guantong_proto::v1::{Batch, Manifest, Point, Quality};
 use prost::Message;
-use rand::RngCore;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::chain::{self, ChainState};
+use super::records::{
+    GatewayRecord, SeriesMeta, SeriesState, SignedLink, SignedLinkHead, distinct, now_ms,
+    quality_of, stored_algorithm,
+};
+pub(crate) use super::records::{quality_name, value_json};
 use super::rollup;
 use super::stream::{self, Admission, LossRecord};
 mod backup;
@@ -110,176 +111,6 @@ const GROUP_POINTS: usize = 200_000;
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Backend(e.into().to_string())
-}
-
-#[derive(Serialize, Deserialize)]
-struct GatewayRecord {
-    salt: String,
-    token_sha256: String,
-    registered_at_ms: i64,
-    /// Hex public key the gateway's chain is verified with.
-    #[serde(default)]
-    public_key: Option<String>,
-    /// Its algorithm, `ed25519` or `sm2`; absent in records made before SM2
-    /// existed, whose keys are all Ed25519.
-    #[serde(default)]
-    key_algorithm: Option<String>,
-    /// `registered` or `trust-on-first-use`.
-    #[serde(default)]
-    key_source: Option<String>,
-    /// The token before the last rotation, valid until `valid_until_ms`.
-    #[serde(default)]
-    previous_token: Option<PreviousToken>,
-}
-
-impl GatewayRecord {
-    /// The bound key, if any (a record that does not parse is reported).
-    fn bound_key(&self) -> Result<Option<PublicKey>> {
-        let Some(hex_key) = &self.public_key else {
-            return Ok(None);
-        };
-        let name = self.key_algorithm.as_deref().unwrap_or("ed25519");
-        let algorithm = Algorithm::from_name(name)
-            .ok_or_else(|| StoreError::Backend(format!("unknown key algorithm `{name}`")))?;
-        let bytes = hex::decode(hex_key)
-            .map_err(|e| StoreError::Backend(format!("stored public key: {e}")))?;
-        PublicKey::new(algorithm, bytes)
-            .map(Some)
-            .map_err(|e| StoreError::Backend(format!("stored public key: {e}")))
-    }
-
-    fn bind(&mut self, key: PublicKey, source: &str) {
-        self.public_key = Some(hex::encode(&key.bytes));
-        self.key_algorithm = Some(key.algorithm.name().to_string());
-        self.key_source = Some(source.to_string());
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct PreviousToken {
-    salt: String,
-    token_sha256: String,
-    valid_until_ms: i64,
-}
-
-/// A new random token and its record fields (salt, salted SHA-256), hex.
-/// Tokens are 256 random bits, so a salted hash needs no slow KDF.
-fn new_token() -> (String, String, String) {
-    let mut secret = [0u8; 32];
-    rand::rng().fill_bytes(&mut secret);
-    let token = format!("gt_{}", hex::encode(secret));
-    let mut salt = [0u8; 16];
-    rand::rng().fill_bytes(&mut salt);
-    let hash = hex::encode(token_hash(&salt, &token));
-    (token, hex::encode(salt), hash)
-}
-
-/// Constant-time check of `token` against a hex salt and hash.
-fn token_matches(id: &str, salt: &str, hash: &str, token: &str) -> Result<bool> {
-    let (Ok(salt), Ok(expected)) = (hex::decode(salt), hex::decode(hash)) else {
-        return Err(StoreError::Backend(format!(
-            "gateway {id}: malformed token record"
-        )));
-    };
-    Ok(bool::from(
-        token_hash(&salt, token).as_slice().ct_eq(&expected),
-    ))
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct SignedLink {
-    /// `Bytes`: storing a link shares the received payload instead of copying it.
-    #[prost(bytes = "bytes", tag = "1")]
-    payload: bytes::Bytes,
-    #[prost(bytes = "vec", tag = "2")]
-    prev_hash: Vec<u8>,
-    #[prost(bytes = "vec", tag = "3")]
-    signature: Vec<u8>,
-    #[prost(bytes = "vec", tag = "4")]
-    effective_hash: Vec<u8>,
-    #[prost(bool, tag = "5")]
-    signature_ok: bool,
-    #[prost(uint64, tag = "6")]
-    last_seq: u64,
-    #[prost(bool, tag = "7")]
-    signature_checked: bool,
-    /// When ingest received it: its UTC day places it in a daily digest.
-    #[prost(int64, tag = "8")]
-    received_at_ms: i64,
-    /// `SignatureAlgorithm` the envelope named; 0 in links stored before
-    /// SM2 existed, which are all Ed25519.
-    #[prost(int32, tag = "9")]
-    algorithm: i32,
-}
-
-/// A stored link's chain algorithm (see `SignedLink::algorithm`).
-fn stored_algorithm(wire: i32) -> Algorithm {
-    Algorithm::from_wire(wire).unwrap_or(Algorithm::Ed25519)
-}
-
-/// A `SignedLink` read without its payload (prost skips the field without
-/// copying it): what chain bookkeeping on the write path needs.
-#[derive(Clone, PartialEq, prost::Message)]
-struct SignedLinkHead {
-    #[prost(bytes = "vec", tag = "2")]
-    prev_hash: Vec<u8>,
-    #[prost(bytes = "vec", tag = "4")]
-    effective_hash: Vec<u8>,
-    #[prost(bool, tag = "5")]
-    signature_ok: bool,
-    #[prost(uint64, tag = "6")]
-    last_seq: u64,
-    #[prost(bool, tag = "7")]
-    signature_checked: bool,
-    #[prost(int32, tag = "9")]
-    algorithm: i32,
-}
-
-#[derive(Serialize, Deserialize, Clone)]
-struct SeriesMeta {
-    gateway: String,
-    device: String,
-    protocol: String,
-    endpoint: String,
-    tag: String,
-    address: String,
-    data_type: String,
-    unit: String,
-    interval_ms: u64,
-    /// What the device said it is (vendor, product code, revision, …).
-    #[serde(default)]
-    identity: std::collections::BTreeMap<String, String>,
-    /// When a manifest first named the series (ms); expected samples count
-    /// from here.
-    #[serde(default)]
-    created_ms: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct SeriesState {
-    #[prost(uint64, tag = "1")]
-    good: u64,
-    #[prost(uint64, tag = "2")]
-    uncertain: u64,
-    #[prost(uint64, tag = "3")]
-    bad: u64,
-    #[prost(int64, optional, tag = "4")]
-    first_ms: Option<i64>,
-    #[prost(int64, optional, tag = "5")]
-    last_ms: Option<i64>,
-    /// The point with the latest source time; its `time_offset_ms` is absolute.
-    #[prost(message, optional, tag = "6")]
-    last: Option<Point>,
-    #[prost(uint64, tag = "7")]
-    backfilled: u64,
-    /// The latest in-order value (time, hash) and when the value last
-    /// changed, for the rollups' change tracking.
-    #[prost(int64, optional, tag = "8")]
-    track_time_ms: Option<i64>,
-    #[prost(uint64, tag = "9")]
-    track_hash: u64,
-    #[prost(int64, tag = "10")]
-    changed_at_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -663,10 +494,6 @@ fn advance_chain(
     Ok(())
 }
 
-fn quality_of(p: &Point) -> Quality {
-    Quality::try_from(p.quality).unwrap_or(Quality::Bad)
-}
-
 fn store_points(
     a: &AppendBatch,
     map: &ManifestMap,
@@ -743,49 +570,12 @@ fn store_points(
     }
     for (series, mut points) in per_series {
         let mut s = match state.get(series).map_err(db_err)? {
-            Some(v) => SeriesState::decode(v.value())
-                .map_err(|e| StoreError::Backend(format!("series {series} state: {e}")))?,
+            Some(v) => SeriesState::parse(v.value())?,
             None => SeriesState::default(),
         };
-        if a.backfill {
-            s.backfilled += points.len() as u64;
-        }
-        let mut prev = s.track_time_ms.map(|t| rollup::Previous {
-            time_ms: t,
-            value_hash: s.track_hash,
-            changed_at_ms: s.changed_at_ms,
-        });
-        // Sorted by time (stable) from here on.
-        let update = rollup::fold_series(
-            &mut points,
-            intervals.get(&series).copied().unwrap_or(0),
-            a.received_at_ms,
-            a.backfill,
-            &mut prev,
-        );
-        if let Some(p) = prev {
-            s.track_time_ms = Some(p.time_ms);
-            s.track_hash = p.value_hash;
-            s.changed_at_ms = p.changed_at_ms;
-        }
-        rollups.apply(series, intervals.get(&series).copied().unwrap_or(0), update)?;
-        for p in &points {
-            match quality_of(p) {
-                Quality::Good => s.good += 1,
-                Quality::Uncertain => s.uncertain += 1,
-                Quality::Bad => s.bad += 1,
-            }
-        }
-        if let (Some(first), Some(last)) = (points.first(), points.last()) {
-            s.first_ms = Some(
-                s.first_ms
-                    .map_or(first.time_offset_ms, |f| f.min(first.time_offset_ms)),
-            );
-            if s.last_ms.is_none_or(|l| last.time_offset_ms >= l) {
-                s.last_ms = Some(last.time_offset_ms);
-                s.last = Some((*last).clone());
-            }
-        }
+        let interval = intervals.get(&series).copied().unwrap_or(0);
+        let update = s.fold(&mut points, interval, a.received_at_ms, a.backfill);
+        rollups.apply(series, interval, update)?;
         state
             .insert(series, s.encode_to_vec().as_slice())
             .map_err(db_err)?;
@@ -865,92 +655,21 @@ fn count_window(
     Ok(c)
 }
 
-/// A series as reported, from its metadata row and its state.
+/// A series as reported, from its metadata row and its state row.
 fn series_info(
     id: u64,
     meta: &[u8],
     states: &impl ReadableTable<u64, &'static [u8]>,
 ) -> Result<SeriesInfo> {
-    let m: SeriesMeta =
-        serde_json::from_slice(meta).map_err(|e| StoreError::Backend(e.to_string()))?;
     let s = match states.get(id).map_err(db_err)? {
-        Some(v) => {
-            SeriesState::decode(v.value()).map_err(|e| StoreError::Backend(e.to_string()))?
-        }
+        Some(v) => SeriesState::parse(v.value())?,
         None => SeriesState::default(),
     };
-    Ok(SeriesInfo {
+    Ok(super::records::series_info(
         id,
-        gateway: m.gateway,
-        device: m.device,
-        protocol: m.protocol,
-        endpoint: m.endpoint,
-        tag: m.tag,
-        address: m.address,
-        data_type: m.data_type,
-        unit: m.unit,
-        interval_ms: m.interval_ms,
-        identity: m.identity,
-        created_ms: if m.created_ms > 0 {
-            Some(m.created_ms)
-        } else {
-            s.first_ms
-        },
-        samples: s.good + s.uncertain + s.bad,
-        good: s.good,
-        uncertain: s.uncertain,
-        bad: s.bad,
-        backfilled: s.backfilled,
-        first_seen_ms: s.first_ms,
-        last_seen_ms: s.last_ms,
-        last_value: s.last.as_ref().and_then(|p| value_json(&p.value)),
-        last_quality: s
-            .last
-            .as_ref()
-            .map(|p| quality_name(quality_of(p)).to_string()),
-        last_quality_code: s.last.as_ref().map_or(0, |p| p.quality_code),
-    })
-}
-
-pub(crate) fn value_json(v: &Option<Value>) -> Option<serde_json::Value> {
-    v.as_ref().map(|v| match v {
-        Value::Bool(b) => serde_json::Value::from(*b),
-        Value::Int(i) => serde_json::Value::from(*i),
-        Value::Uint(u) => serde_json::Value::from(*u),
-        Value::Double(d) => serde_json::Number::from_f64(*d)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number),
-        Value::String(s) => serde_json::Value::from(s.clone()),
-    })
-}
-
-pub(crate) fn quality_name(q: Quality) -> &'static str {
-    match q {
-        Quality::Good => "good",
-        Quality::Uncertain => "uncertain",
-        Quality::Bad => "bad",
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn token_hash(salt: &[u8], token: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(token.as_bytes());
-    h.finalize().into()
-}
-
-/// `gateways` sorted, each once.
-fn distinct(gateways: &[String]) -> Vec<String> {
-    let mut out = gateways.to_vec();
-    out.sort_unstable();
-    out.dedup();
-    out
+        SeriesMeta::parse(meta)?,
+        &s,
+    ))
 }
 
 /// Loss records and sequence holes of `gateways` (None: of every gateway).
@@ -1206,19 +925,7 @@ impl Store for EmbeddedStore {
     async fn register_gateway(&self, id: &str, public_key: Option<PublicKey>) -> Result<String> {
         let id = id.to_string();
         self.writing(move |db| {
-            let (token, salt, token_sha256) = new_token();
-            let mut record = GatewayRecord {
-                salt,
-                token_sha256,
-                previous_token: None,
-                registered_at_ms: now_ms(),
-                key_source: None,
-                public_key: None,
-                key_algorithm: None,
-            };
-            if let Some(key) = public_key {
-                record.bind(key, "registered");
-            }
+            let (record, token) = GatewayRecord::new(public_key);
             let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
@@ -1245,15 +952,7 @@ impl Store for EmbeddedStore {
             };
             let record: GatewayRecord = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::Backend(format!("gateway {id}: {e}")))?;
-            let current = token_matches(&id, &record.salt, &record.token_sha256, &token)?;
-            let previous = match &record.previous_token {
-                Some(p) => {
-                    token_matches(&id, &p.salt, &p.token_sha256, &token)?
-                        && now_ms() < p.valid_until_ms
-                }
-                None => false,
-            };
-            Ok(current || previous)
+            record.accepts(&id, &token)
         })
         .await
     }
@@ -1262,7 +961,7 @@ impl Store for EmbeddedStore {
         let id = id.to_string();
         self.writing(move |db| {
             let txn = db.begin_write().map_err(db_err)?;
-            let (token, salt, token_sha256) = new_token();
+            let token;
             {
                 let mut t = txn.open_table(GATEWAYS).map_err(db_err)?;
                 let mut record: GatewayRecord = match t.get(id.as_str()).map_err(db_err)? {
@@ -1270,11 +969,7 @@ impl Store for EmbeddedStore {
                         .map_err(|e| StoreError::Backend(format!("gateway {id}: {e}")))?,
                     None => return Err(StoreError::Invalid(format!("no gateway `{id}`"))),
                 };
-                record.previous_token = Some(PreviousToken {
-                    salt: std::mem::replace(&mut record.salt, salt),
-                    token_sha256: std::mem::replace(&mut record.token_sha256, token_sha256),
-                    valid_until_ms: now_ms().saturating_add(grace.as_millis() as i64),
-                });
+                token = record.rotate(grace);
                 let value =
                     serde_json::to_vec(&record).map_err(|e| StoreError::Backend(e.to_string()))?;
                 t.insert(id.as_str(), value.as_slice()).map_err(db_err)?;
@@ -1423,22 +1118,16 @@ impl Store for EmbeddedStore {
                     .map(|v| v.value())
                     .unwrap_or(1);
                 for (i, tag) in manifest.tags.iter().enumerate() {
-                    let device = manifest.devices.get(tag.device as usize).ok_or_else(|| {
-                        StoreError::Invalid(format!(
-                            "manifest tag {i} (`{}`) names device {} of {}",
-                            tag.name,
-                            tag.device,
-                            manifest.devices.len()
-                        ))
-                    })?;
-                    let key = format!("{gateway}/{}/{}", device.id, tag.name);
+                    // Validates the tag's device before anything is written.
+                    let m = SeriesMeta::of_tag(&gateway, &manifest, i, 0)?;
+                    let key = format!("{gateway}/{}/{}", m.device, tag.name);
                     let (id, created_ms) = match keys.get(key.as_str()).map_err(db_err)? {
                         Some(v) => {
                             let id = v.value();
                             let created = metas
                                 .get(id)
                                 .map_err(db_err)?
-                                .and_then(|m| serde_json::from_slice::<SeriesMeta>(m.value()).ok())
+                                .and_then(|m| SeriesMeta::parse(m.value()).ok())
                                 .map_or(0, |m| m.created_ms);
                             (id, created)
                         }
@@ -1448,29 +1137,7 @@ impl Store for EmbeddedStore {
                         }
                     };
                     keys.insert(key.as_str(), id).map_err(db_err)?;
-                    let m = SeriesMeta {
-                        gateway: gateway.clone(),
-                        device: device.id.clone(),
-                        protocol: device.protocol.clone(),
-                        endpoint: device.endpoint.clone(),
-                        tag: tag.name.clone(),
-                        address: tag.address.clone(),
-                        data_type: guantong_proto::v1::DataType::try_from(tag.data_type)
-                            .map(|d| {
-                                d.as_str_name()
-                                    .trim_start_matches("DATA_TYPE_")
-                                    .to_ascii_lowercase()
-                            })
-                            .unwrap_or_else(|_| "unspecified".into()),
-                        unit: tag.unit.clone(),
-                        interval_ms: tag.interval_ms,
-                        identity: device
-                            .identity
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
-                            .collect(),
-                        created_ms,
-                    };
+                    let m = SeriesMeta { created_ms, ..m };
                     let value =
                         serde_json::to_vec(&m).map_err(|e| StoreError::Backend(e.to_string()))?;
                     metas.insert(id, value.as_slice()).map_err(db_err)?;
@@ -1616,14 +1283,6 @@ impl Store for EmbeddedStore {
             Ok((info.device == device && info.tag == tag).then_some(info))
         })
         .await
-    }
-
-    async fn window_counts(&self, series: u64, from_ms: i64, to_ms: i64) -> Result<WindowCounts> {
-        Ok(self
-            .window_counts_of(vec![series], from_ms, to_ms)
-            .await?
-            .pop()
-            .unwrap_or_default())
     }
 
     async fn window_counts_of(
@@ -1849,7 +1508,8 @@ mod tests {
                     .map(|&(t, q)| Point {
                         tag: 0,
                         time_offset_ms: t - base,
-                        value: (q == Quality::Good).then_some(Value::Uint(t as u64)),
+                        value: (q == Quality::Good)
+                            .then_some(guantong_proto::v1::point::Value::Uint(t as u64)),
                         quality: q as i32,
                         quality_code: 0,
                         server_time_delta_ms: None,

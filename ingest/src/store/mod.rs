@@ -17,6 +17,8 @@
 
 pub mod chain;
 pub mod embedded;
+pub mod postgres;
+pub(crate) mod records;
 pub mod rollup;
 pub mod stream;
 #[cfg(test)]
@@ -399,7 +401,15 @@ pub trait Store: Send + Sync + 'static {
         series: u64,
         from_ms: i64,
         to_ms: i64,
-    ) -> impl Future<Output = Result<WindowCounts>> + Send;
+    ) -> impl Future<Output = Result<WindowCounts>> + Send {
+        async move {
+            Ok(self
+                .window_counts_of(vec![series], from_ms, to_ms)
+                .await?
+                .pop()
+                .unwrap_or_default())
+        }
+    }
     /// `window_counts` of many series in one call, in the order given.
     fn window_counts_of(
         &self,

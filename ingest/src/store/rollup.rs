@@ -332,6 +332,41 @@ pub fn fold_series(
     u
 }
 
+/// Where a new run `start..=end` of a series is written, given the stored
+/// run of the same kind that starts last at or before `start`: that run
+/// extended (its start, the new end), nothing (it already covers the new
+/// one), or a run of its own. Runs are keyed by their start.
+pub fn place_run(before: Option<(i64, i64)>, start: i64, end: i64, tol: i64) -> Option<(i64, i64)> {
+    match before {
+        Some((s, e)) if start - e <= tol => (end > e).then_some((s, end)),
+        _ => Some((start, end)),
+    }
+}
+
+impl GatewayDay {
+    /// Adds a stored batch to its gateway's day of receipt (the row of
+    /// `day_of(a.received_at_ms)`).
+    pub fn add_batch(&mut self, a: &super::AppendBatch) {
+        let b = &a.batch;
+        self.batches += 1;
+        self.points += b.points.len() as u64;
+        self.bytes += a.wire_bytes;
+        if a.backfill {
+            self.backfill_points += b.points.len() as u64;
+        }
+        self.latency.resize(LATENCY_BUCKETS, 0);
+        for p in &b.points {
+            let t = b.base_time_ms.saturating_add(p.time_offset_ms);
+            self.latency[latency_bucket(a.received_at_ms - t)] += 1;
+        }
+        if !a.backfill && b.committed_at_ms > 0 {
+            let skew = a.received_at_ms - b.committed_at_ms;
+            self.skew_min_ms = Some(self.skew_min_ms.map_or(skew, |m| m.min(skew)));
+            self.skew_max_ms = Some(self.skew_max_ms.map_or(skew, |m| m.max(skew)));
+        }
+    }
+}
+
 /// Adds `b` into `a` (same series and day).
 pub fn merge_day(a: &mut SeriesDay, b: &SeriesDay) {
     a.good += b.good;

@@ -7,9 +7,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::{DAYS, Db, EmbeddedStore, GATEWAY_DAYS, HOURS, RUNS, SERIES, SeriesMeta, db_err};
-use crate::store::rollup::{
-    self, GatewayDay, LATENCY_BUCKETS, SeriesDay, SeriesUpdate, latency_bucket, merge_day,
-};
+use crate::store::rollup::{self, GatewayDay, SeriesDay, SeriesUpdate, merge_day};
 use crate::store::{AppendBatch, Result, RunsQuery, StoreError};
 
 pub(super) struct RollupTables<'t> {
@@ -56,17 +54,8 @@ impl RollupTables<'_> {
                 .transpose()
                 .map_err(db_err)?
                 .map(|(k, v)| (k.value().2, v.value()));
-            match before {
-                Some((s, e)) if start - e <= tol => {
-                    if end > e {
-                        self.runs.insert((series, kind, s), end).map_err(db_err)?;
-                    }
-                }
-                _ => {
-                    self.runs
-                        .insert((series, kind, start), end)
-                        .map_err(db_err)?;
-                }
+            if let Some((s, e)) = rollup::place_run(before, start, end, tol) {
+                self.runs.insert((series, kind, s), e).map_err(db_err)?;
             }
         }
         Ok(())
@@ -80,23 +69,7 @@ impl RollupTables<'_> {
             Some(v) => decode(v.value(), "gateway day rollup")?,
             None => GatewayDay::default(),
         };
-        let b = &a.batch;
-        row.batches += 1;
-        row.points += b.points.len() as u64;
-        row.bytes += a.wire_bytes;
-        if a.backfill {
-            row.backfill_points += b.points.len() as u64;
-        }
-        row.latency.resize(LATENCY_BUCKETS, 0);
-        for p in &b.points {
-            let t = b.base_time_ms.saturating_add(p.time_offset_ms);
-            row.latency[latency_bucket(a.received_at_ms - t)] += 1;
-        }
-        if !a.backfill && b.committed_at_ms > 0 {
-            let skew = a.received_at_ms - b.committed_at_ms;
-            row.skew_min_ms = Some(row.skew_min_ms.map_or(skew, |m| m.min(skew)));
-            row.skew_max_ms = Some(row.skew_max_ms.map_or(skew, |m| m.max(skew)));
-        }
+        row.add_batch(a);
         self.gateway_days
             .insert(key, row.encode_to_vec().as_slice())
             .map_err(db_err)?;
