@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use guantong_ingest::acceptance::Criteria;
-use guantong_ingest::ops::Target;
+use guantong_ingest::ops::{StoreArgs, Target};
 use guantong_ingest::registry::{Account, Enterprise, Role, parse_equipment_csv};
 use guantong_ingest::store::Store;
-use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_ingest::store::any::AnyStore;
 use reqwest::Method;
 use tokio_util::sync::CancellationToken;
 
@@ -29,9 +29,8 @@ struct Cli {
 enum Command {
     /// Serve gateways (gRPC) and the API (HTTP) until SIGTERM or Ctrl-C.
     Serve {
-        /// Data directory of the embedded store.
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// Address gateways connect to.
         #[arg(long, env = "GUANTONG_GRPC_LISTEN", default_value = "0.0.0.0:7600")]
         grpc_listen: SocketAddr,
@@ -57,6 +56,16 @@ enum Command {
         #[command(flatten)]
         security: Box<ServeSecurity>,
     },
+    /// Create or upgrade the PostgreSQL schema (`--database`); safe to run
+    /// again and beside running replicas of the same version.
+    Migrate {
+        /// The database (`postgres://user:password@host:5432/name`).
+        #[arg(long, env = "GUANTONG_DATABASE_URL")]
+        database: String,
+        /// The CA of the database server's certificate (see `serve`).
+        #[arg(long, env = "GUANTONG_DATABASE_CA")]
+        database_ca: Option<PathBuf>,
+    },
     /// The operator CA for gateway client certificates (mutual TLS).
     #[command(subcommand)]
     Ca(guantong_ingest::ca::CaCommand),
@@ -64,8 +73,8 @@ enum Command {
     /// old one keeps working for `--grace`, so buffered data keeps flowing
     /// until the gateway's config has the new one.
     RotateGatewayToken {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         id: String,
         /// How long the old token stays valid, e.g. `7d`; `0s` ends it now.
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
@@ -81,8 +90,8 @@ enum Command {
     /// Replace an enterprise's equipment register (设备台账) from a CSV file
     /// (while `serve` runs, through it).
     ImportEquipment {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// The enterprise's unified social credit code.
         #[arg(long)]
         enterprise: String,
@@ -96,8 +105,8 @@ enum Command {
     },
     /// Make a gateway belong to an enterprise (while `serve` runs, through it).
     AssignGateway {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         gateway: String,
         #[arg(long)]
         enterprise: String,
@@ -105,8 +114,8 @@ enum Command {
     /// Create or replace an account and print its new token (while `serve`
     /// runs, through it: POST /api/v1/accounts).
     AddAccount {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         name: String,
         /// admin, provider or reviewer.
         #[arg(long)]
@@ -125,8 +134,8 @@ enum Command {
     /// (while `serve` runs, through it: /api/v1/enterprises/CODE/report,
     /// /api/v1/city, with the server's criteria).
     Report {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// The enterprise's unified social credit code.
         #[arg(long, required_unless_present = "city")]
         enterprise: Option<String>,
@@ -160,8 +169,8 @@ enum Command {
     /// days, and VERIFY.txt on checking it offline (while `serve` runs,
     /// through it: /api/v1/enterprises/CODE/dossier, unpacked).
     Dossier {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// The enterprise's unified social credit code.
         #[arg(long)]
         enterprise: String,
@@ -181,14 +190,14 @@ enum Command {
     /// (while `serve` runs, through it, on one snapshot). Exit code 1 when
     /// anything breaks.
     VerifyChain {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
     },
     /// Write an evidence bundle of gateways over a window (while `serve`
     /// runs, through it); check it anywhere with `guantong-ingest verify`.
     ExportEvidence {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// A gateway to include (repeat for several).
         #[arg(long = "gateway", required_unless_present = "enterprise")]
         gateways: Vec<String>,
@@ -217,8 +226,8 @@ enum Command {
     /// Print ingest's signed daily digests as JSON (while `serve` runs,
     /// through it: /api/v1/digests).
     Digest {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// UTC day, YYYY-MM-DD; default yesterday.
         #[arg(long)]
         day: Option<String>,
@@ -230,16 +239,16 @@ enum Command {
     /// runs, through it, as writes go on). Restore: stop `serve`, put the
     /// copy in place of DATA/ingest.redb, start `serve`.
     Backup {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// The file to write; it must not exist.
         #[arg(long)]
         out: PathBuf,
     },
     /// Register a gateway and print its token (while `serve` runs, through it).
     RegisterGateway {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// The id the gateway's config names in `[gateway] id`.
         id: String,
         /// The gateway's signing public key (hex), printed by
@@ -258,23 +267,23 @@ enum GatewayConfigCommand {
     /// Check a TOML document of `[[devices]]` by the gateway's rules, store
     /// it as the gateway's next version and request it.
     Push {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         gateway: String,
         file: PathBuf,
     },
     /// Request a stored version again.
     Rollback {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         gateway: String,
         version: u64,
     },
     /// Print the requested and applied versions and every stored version
     /// (secrets masked), as JSON.
     Show {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         gateway: String,
     },
 }
@@ -283,8 +292,8 @@ enum GatewayConfigCommand {
 enum EnterpriseCommand {
     /// Register (or update) an enterprise.
     Add {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
         /// Unified social credit code (统一社会信用代码), checked.
         #[arg(long)]
         code: String,
@@ -305,8 +314,8 @@ enum EnterpriseCommand {
     },
     /// List enterprises as JSON (while `serve` runs, through it).
     List {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        data: StoreArgs,
     },
 }
 
@@ -348,7 +357,7 @@ enum Reading {
 /// The set-up `report` and `dossier` share: criteria, store, the window
 /// `[from_day, to_day)` and one snapshot of the store.
 struct LocalReading {
-    store: EmbeddedStore,
+    store: AnyStore,
     criteria: Criteria,
     from_day: i64,
     to_day: i64,
@@ -356,12 +365,12 @@ struct LocalReading {
 }
 
 async fn reading(
-    data: &std::path::Path,
+    data: &StoreArgs,
     criteria: Option<&std::path::Path>,
     from: Option<&str>,
     to: Option<&str>,
 ) -> anyhow::Result<Reading> {
-    let store = match Target::open(data)? {
+    let store = match Target::open(data).await? {
         Target::Local(store) => store,
         Target::Remote(server) => {
             if criteria.is_some() {
@@ -396,7 +405,7 @@ fn window_query(from: Option<String>, to: Option<String>) -> Vec<(&'static str, 
 
 /// Creates the first admin account when there is none and writes its token
 /// to `admin.token` in the data directory, readable by the owner only.
-async fn bootstrap_admin(store: &EmbeddedStore, data: &std::path::Path) -> anyhow::Result<()> {
+async fn bootstrap_admin(store: &AnyStore, data: &std::path::Path) -> anyhow::Result<()> {
     if !store.accounts().await?.is_empty() {
         return Ok(());
     }
@@ -486,9 +495,9 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::VerifyChain { data } => {
-            let (report, broken) = match Target::open(&data)? {
+            let (report, broken) = match Target::open(&data).await? {
                 Target::Local(store) => {
-                    guantong_ingest::ops::verify_report(&store.verify_chains()?)
+                    guantong_ingest::ops::verify_report(&store.verify_stored().await?)
                 }
                 Target::Remote(server) => {
                     let answer = server.get_json("/api/v1/verify-chain", &[]).await?;
@@ -524,7 +533,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             e.validate(&criteria.industries)
                 .map_err(anyhow::Error::msg)?;
-            match Target::open(&data)? {
+            match Target::open(&data).await? {
                 Target::Local(store) => store.put_enterprise(&e).await?,
                 Target::Remote(server) => {
                     server.send(Method::POST, "/api/v1/enterprises", &e).await?;
@@ -542,7 +551,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let path = format!("/api/v1/gateways/{gateway}/config");
-            let (version, devices) = match Target::open(&data)? {
+            let (version, devices) = match Target::open(&data).await? {
                 Target::Local(store) => gateway_config::push(&store, None, &gateway, &text, "cli")
                     .await
                     .map_err(|e| anyhow::anyhow!("{}", e.message()))?,
@@ -564,7 +573,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateway,
             version,
         }) => {
-            match Target::open(&data)? {
+            match Target::open(&data).await? {
                 Target::Local(store) => {
                     guantong_ingest::gateway_config::request(
                         &store, None, &gateway, version, "cli",
@@ -581,7 +590,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::GatewayConfig(GatewayConfigCommand::Show { data, gateway }) => {
-            let shown = match Target::open(&data)? {
+            let shown = match Target::open(&data).await? {
                 Target::Local(store) => {
                     guantong_ingest::gateway_config::show(&store, &gateway).await?
                 }
@@ -594,7 +603,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Enterprise(EnterpriseCommand::List { data }) => {
-            let list: Vec<Enterprise> = match Target::open(&data)? {
+            let list: Vec<Enterprise> = match Target::open(&data).await? {
                 Target::Local(store) => store.enterprises().await?,
                 Target::Remote(server) => {
                     let answer = server.get_json("/api/v1/enterprises", &[]).await?;
@@ -623,7 +632,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let list = parse_equipment_csv(&text).map_err(|problems| {
                 anyhow::anyhow!("{}:\n  {}", file.display(), problems.join("\n  "))
             })?;
-            match Target::open(&data)? {
+            match Target::open(&data).await? {
                 Target::Local(store) => store.put_equipment(&enterprise, &list).await?,
                 Target::Remote(server) => {
                     let path = format!("/api/v1/enterprises/{enterprise}/equipment");
@@ -642,7 +651,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateway,
             enterprise,
         } => {
-            match Target::open(&data)? {
+            match Target::open(&data).await? {
                 Target::Local(store) => store.assign_gateway(&gateway, &enterprise).await?,
                 Target::Remote(server) => {
                     let path = format!("/api/v1/gateways/{gateway}/enterprise");
@@ -669,7 +678,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 all_enterprises,
             };
             guantong_ingest::web::check_account(&account).map_err(anyhow::Error::msg)?;
-            let token = match Target::open(&data)? {
+            let token = match Target::open(&data).await? {
                 Target::Local(store) => store.put_account(&account).await?,
                 Target::Remote(server) => {
                     let answer = server
@@ -798,7 +807,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}", e.1))
             };
             let (from_ms, to_ms) = (time("from", &from)?, time("to", &to)?);
-            match Target::open(&data)? {
+            match Target::open(&data).await? {
                 Target::Local(store) => {
                     let gateways = guantong_ingest::ops::evidence_gateways(
                         &store,
@@ -866,7 +875,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             gateways,
         } => {
             let day = day.unwrap_or_else(guantong_ingest::evidence::digest::yesterday);
-            let answer = match Target::open(&data)? {
+            let answer = match Target::open(&data).await? {
                 Target::Local(store) => {
                     let days = store.day_digests(gateways, day).await?;
                     let digests: Vec<_> = days.into_iter().map(|d| d.digest).collect();
@@ -886,7 +895,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if out.exists() {
                 anyhow::bail!("--out {}: exists; name a new file", out.display());
             }
-            let rows = match Target::open(&data)? {
+            let rows = match Target::open(&data).await? {
                 Target::Local(store) => store.backup(out.clone()).await?.rows.to_string(),
                 Target::Remote(server) => {
                     let mut resp = server.fetch(Method::POST, "/api/v1/backup", &[]).await?;
@@ -911,15 +920,34 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             eprintln!(
                 "wrote a consistent copy of the store in {} to {} ({rows} rows); restore: stop serve, replace {}/ingest.redb with it, start serve",
-                data.display(),
+                data.data.display(),
                 out.display(),
-                data.display()
+                data.data.display()
             );
             Ok(())
         }
         Command::Ca(command) => command.run(),
+        Command::Migrate {
+            database,
+            database_ca,
+        } => {
+            use guantong_ingest::store::postgres;
+            let target = postgres::Target::new(&database, database_ca)?;
+            let applied = postgres::migrate(&postgres::pool(&target, 1)?).await?;
+            match applied.as_slice() {
+                [] => eprintln!(
+                    "the schema is at version {} already",
+                    postgres::SCHEMA_VERSION
+                ),
+                list => eprintln!(
+                    "applied migration(s) {list:?}; the schema is at version {}",
+                    postgres::SCHEMA_VERSION
+                ),
+            }
+            Ok(())
+        }
         Command::RotateGatewayToken { data, id, grace } => {
-            let token = match Target::open(&data)? {
+            let token = match Target::open(&data).await? {
                 Target::Local(store) => store.rotate_token(&id, grace).await?,
                 Target::Remote(server) => {
                     let path = format!("/api/v1/gateways/{id}/token");
@@ -946,7 +974,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .transpose()
                 .map_err(|m| anyhow::anyhow!("--public-key, --key-algorithm: {m}"))?;
             guantong_ingest::ops::check_gateway_id(&id).map_err(anyhow::Error::msg)?;
-            let token = match Target::open(&data)? {
+            let token = match Target::open(&data).await? {
                 Target::Local(store) => store.register_gateway(&id, key.clone()).await?,
                 Target::Remote(server) => {
                     let body = guantong_ingest::ops::RegisterGateway {
@@ -966,7 +994,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             eprintln!(
                 "registered gateway `{id}` in {}; put this in its config under [uplink] token:",
-                data.display()
+                data.data.display()
             );
             println!("{token}");
             Ok(())
@@ -982,9 +1010,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             security,
         } => {
             let criteria = load_criteria(criteria.as_deref())?;
-            let tls = security.tls.prepare(&data)?;
-            let store = Arc::new(EmbeddedStore::open(&data)?);
-            bootstrap_admin(&store, &data).await?;
+            let tls = security.tls.prepare(&data.data)?;
+            let store = Arc::new(data.open().await?);
+            bootstrap_admin(&store, &data.data).await?;
             let shutdown = CancellationToken::new();
             let options = guantong_ingest::Options {
                 trust_on_first_use,
@@ -1013,7 +1041,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "http": running.http_addr.to_string(),
                 "tls": security.tls.http_tls,
             });
-            let serving_file = data.join(guantong_ingest::ops::SERVING_FILE);
+            let serving_file = data.data.join(guantong_ingest::ops::SERVING_FILE);
             std::fs::write(&serving_file, serving.to_string())
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", serving_file.display()))?;
             if let Some(path) = ports_file {

@@ -51,7 +51,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::{ApiError, ApiState};
 use crate::registry::Role;
+use crate::store::any::AnyStore;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::postgres::{self, PgStore};
 use crate::store::{Store, StoreVerification};
 use crate::web::Viewer;
 
@@ -108,19 +110,66 @@ pub fn check_gateway_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where a command's (or `serve`'s) store is: the embedded store in the
+/// data directory, or the PostgreSQL database named. The data directory
+/// holds the TLS material and `admin.token` either way.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Data directory: the embedded store, TLS certificates, `admin.token`.
+    #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
+    pub data: PathBuf,
+    /// Store data in this PostgreSQL database instead of the embedded store
+    /// (`postgres://user:password@host:5432/name`; run `migrate` first).
+    /// Every replica of ingest names the same one.
+    #[arg(long, env = "GUANTONG_DATABASE_URL")]
+    pub database: Option<String>,
+    /// The CA that signed the database server's certificate: with it the
+    /// certificate is verified (libpq's `verify-full`); without it the
+    /// connection is encrypted when the server offers TLS, unverified
+    /// (libpq's default `prefer`).
+    #[arg(long, env = "GUANTONG_DATABASE_CA")]
+    pub database_ca: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Where the database is, when one is named.
+    pub fn database(&self) -> Result<Option<postgres::Target>, crate::store::StoreError> {
+        self.database
+            .as_deref()
+            .map(|url| postgres::Target::new(url, self.database_ca.clone()))
+            .transpose()
+    }
+
+    /// The store, for `serve`: the database's, or the embedded store
+    /// (which must be free).
+    pub async fn open(&self) -> Result<AnyStore, crate::store::StoreError> {
+        match self.database()? {
+            Some(target) => Ok(AnyStore::Postgres(PgStore::open(&target).await?)),
+            None => Ok(AnyStore::Embedded(EmbeddedStore::open(&self.data)?)),
+        }
+    }
+}
+
 /// Where a command's changes go.
 pub enum Target {
-    /// Nobody serves this data directory: the store itself.
-    Local(EmbeddedStore),
-    /// The server that has it open, through its HTTP API as admin.
+    /// The store itself: a database (shared with any running replicas), or
+    /// a data directory nobody serves.
+    Local(AnyStore),
+    /// The server that has the data directory open, through its HTTP API
+    /// as admin.
     Remote(Remote),
 }
 
 impl Target {
-    pub fn open(data: &Path) -> Result<Target, OpsError> {
-        match EmbeddedStore::open_unless_serving(data)? {
-            Some(store) => Ok(Target::Local(store)),
-            None => Ok(Target::Remote(Remote::of_data_dir(data)?)),
+    pub async fn open(store: &StoreArgs) -> Result<Target, OpsError> {
+        if let Some(target) = store.database()? {
+            return Ok(Target::Local(AnyStore::Postgres(
+                PgStore::open(&target).await?,
+            )));
+        }
+        match EmbeddedStore::open_unless_serving(&store.data)? {
+            Some(s) => Ok(Target::Local(AnyStore::Embedded(s))),
+            None => Ok(Target::Remote(Remote::of_data_dir(&store.data)?)),
         }
     }
 }

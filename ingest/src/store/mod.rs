@@ -15,6 +15,7 @@
 //! - Series (gateway, device, tag) get stable ids the first time a manifest
 //!   names them; later manifests update their metadata.
 
+pub mod any;
 pub mod chain;
 pub mod embedded;
 pub mod postgres;

@@ -249,7 +249,7 @@ impl rustls::client::danger::ServerCertVerifier for Unverified {
 }
 
 /// A pool of connections to `target`.
-pub(crate) fn pool(target: &Target, size: usize) -> Result<Pool> {
+pub fn pool(target: &Target, size: usize) -> Result<Pool> {
     let manager = Manager::from_config(
         target.config.clone(),
         tls(target.ca.as_deref())?,
