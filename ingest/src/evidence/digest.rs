@@ -132,6 +132,20 @@ pub fn gateway_digest(
     sign(key, DIGEST_FORMAT, gateway, day, links.len() as u64, root)
 }
 
+/// A gateway's signed digest of `day` with its leaves in tree order.
+pub fn day_evidence(
+    key: &SigningKey,
+    gateway: &str,
+    day: &str,
+    mut links: Vec<DayLink>,
+) -> super::bundle::DayEvidence {
+    let digest = gateway_digest(key, gateway, day, &mut links);
+    super::bundle::DayEvidence {
+        digest,
+        leaves: links.iter().map(|l| hex::encode(l.leaf())).collect(),
+    }
+}
+
 /// The leaf of one gateway in an enterprise's day tree.
 fn enterprise_leaf(gateway: &str, root: &[u8]) -> Vec<u8> {
     let mut leaf = (gateway.len() as u32).to_be_bytes().to_vec();

@@ -49,7 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use guantong_proto::chain::PublicKey;
-use guantong_proto::v1::{Batch, Manifest, Point, Quality};
+use guantong_proto::v1::{Manifest, Point, Quality};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
@@ -1428,12 +1428,8 @@ impl Store for EmbeddedStore {
         self.blocking(move |db| {
             let mut out = Vec::with_capacity(gateways.len());
             for gateway in gateways {
-                let mut links = evidence::day_links(db, &gateway, start)?;
-                let digest = digest::gateway_digest(&key, &gateway, &day, &mut links);
-                out.push(DayEvidence {
-                    digest,
-                    leaves: links.iter().map(|l| hex::encode(l.leaf())).collect(),
-                });
+                let links = evidence::day_links(db, &gateway, start)?;
+                out.push(digest::day_evidence(&key, &gateway, &day, links));
             }
             Ok(out)
         })
@@ -1668,136 +1664,161 @@ impl EmbeddedStore {
     /// `verify_chains` on one read transaction: a consistent snapshot,
     /// however many batches are written meanwhile.
     fn verify_db(db: &Database) -> Result<StoreVerification> {
+        use super::verify::{self, Counts, Recount, Rolled};
         let txn = db.begin_read().map_err(db_err)?;
-        let mut query = evidence::QueryTables::read(&txn)?;
-        query.problems.extend(rollups::cross_check(&txn)?);
+        let mut names = HashMap::new();
+        for entry in txn
+            .open_table(SERIES)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            names.insert(k.value(), SeriesMeta::parse(v.value())?);
+        }
+        let mut recount = Recount::new(names);
+        for entry in txn
+            .open_table(CHUNKS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let chunk =
+                Chunk::decode(v.value()).map_err(|e| StoreError::Backend(format!("chunk: {e}")))?;
+            for p in &chunk.points {
+                let p = Point {
+                    time_offset_ms: chunk.base_ms + p.time_offset_ms,
+                    ..p.clone()
+                };
+                recount.add(
+                    k.value().0,
+                    &p,
+                    chunk.backfill,
+                    chunk.received_at_ms,
+                    chunk.buffer_id,
+                    chunk.seq,
+                );
+            }
+        }
+        let mut rolled = Rolled::default();
+        for entry in txn
+            .open_table(MINUTES)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            rolled.minutes.insert(k.value(), v.value());
+        }
+        for entry in txn
+            .open_table(DAYS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let d = rollup::SeriesDay::decode(v.value())
+                .map_err(|e| StoreError::Backend(format!("day rollup: {e}")))?;
+            rolled.days.insert(k.value(), Counts::of_day(&d));
+        }
+        for entry in txn
+            .open_table(HOURS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let (n, _sum, min, max) = v.value();
+            rolled.hours.insert(k.value(), (n, min, max));
+        }
+        for entry in txn
+            .open_table(STATE)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            rolled
+                .totals
+                .insert(k.value(), Counts::of_state(&SeriesState::parse(v.value())?));
+        }
+        for entry in txn
+            .open_table(GATEWAY_DAYS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let (gateway, day) = k.value();
+            let d = rollup::GatewayDay::decode(v.value())
+                .map_err(|e| StoreError::Backend(format!("gateway day rollup: {e}")))?;
+            rolled
+                .gateway_days
+                .insert((gateway.to_string(), day), d.points);
+        }
+        for entry in txn
+            .open_table(RUNS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let (series, kind, start) = k.value();
+            if kind == rollup::RUN_DATA {
+                rolled
+                    .data_runs
+                    .entry(series)
+                    .or_default()
+                    .insert(start, v.value());
+            }
+        }
+        for entry in txn
+            .open_table(MANIFESTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let (gateway, version) = k.value();
+            rolled.manifests.insert(
+                (gateway.to_string(), version),
+                Manifest::decode(v.value()).ok(),
+            );
+        }
+        for entry in txn
+            .open_table(LOSSES)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = entry.map_err(db_err)?;
+            let r: LossRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Backend(format!("loss: {e}")))?;
+            if r.is_rejection() {
+                let (g, b, s) = k.value();
+                rolled.rejected.insert((g.to_string(), b, s));
+            }
+        }
         let signed = txn.open_table(SIGNED).map_err(db_err)?;
         let gateways = txn.open_table(GATEWAYS).map_err(db_err)?;
-        let mut out: Vec<ChainVerification> = Vec::new();
-        let mut key: Option<PublicKey> = None;
-        // The walker's state of the stream (`chain::step`, as online);
-        // `known`: whether it holds the hash the next link must name.
-        let mut st = ChainState::default();
-        let mut known = true;
-        for entry in signed.iter().map_err(db_err)? {
+        let links = signed.iter().map_err(db_err)?.map(|entry| {
             let (k, v) = entry.map_err(db_err)?;
             let (gateway, buffer_id, seq) = k.value();
-            let buffer_hex = format!("{buffer_id:016x}");
-            let new_stream = out
-                .last()
-                .is_none_or(|c| c.gateway != gateway || c.buffer_id != buffer_hex);
-            if new_stream {
-                key = match gateways.get(gateway).map_err(db_err)? {
-                    Some(g) => serde_json::from_slice::<GatewayRecord>(g.value())
-                        .ok()
-                        .and_then(|r| r.bound_key().ok().flatten()),
-                    None => None,
-                };
-                // A stream starting after batch 1 is anchored there: the
-                // walker says so.
-                st = ChainState::default();
-                known = true;
-                out.push(ChainVerification {
-                    gateway: gateway.to_string(),
-                    buffer_id: buffer_hex,
-                    first_seq: seq,
-                    last_seq: seq.saturating_sub(1),
-                    head_hash: String::new(),
-                    links: 0,
-                    breaks: Vec::new(),
-                });
-            }
-            let Some(c) = out.last_mut() else { continue };
-            let mut breaks = Vec::new();
-            if seq != c.last_seq + 1 && !new_stream {
-                breaks.push(format!(
-                    "links {}..={} are missing",
-                    c.last_seq + 1,
-                    seq - 1
-                ));
-                known = false;
-            }
-            let link = match SignedLink::decode(v.value()) {
-                Ok(l) => l,
-                Err(e) => {
-                    c.breaks
-                        .push((seq, format!("stored link does not decode: {e}")));
-                    continue;
-                }
-            };
-            let algorithm = stored_algorithm(link.algorithm);
-            let prev = guantong_proto::chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
-            let hash = algorithm.link_hash(&prev, &link.payload);
-            if let Some(k) = &key
-                && k.algorithm != algorithm
-            {
-                breaks.push(format!(
-                    "signed with {algorithm} but the gateway's bound key is {}",
-                    k.algorithm
-                ));
-            }
-            let batch = Batch::decode(link.payload.as_ref());
-            match &batch {
-                Ok(b) if b.seq != seq || b.buffer_id != buffer_id => breaks.push(format!(
-                    "stored under seq {seq} but the signed batch says seq {} of {:016x}",
-                    b.seq, b.buffer_id
-                )),
-                Ok(b) => breaks.extend(query.compare(&txn, gateway, b)?),
-                Err(e) => breaks.push(format!("signed batch does not decode: {e}")),
-            }
-            let effective = batch
-                .ok()
-                .and_then(|b| b.loss)
-                .and_then(|l| guantong_proto::chain::to_hash(&l.bridge_hash))
-                .unwrap_or(hash);
-            st.verified_through = seq.saturating_sub(1);
-            if !known {
-                st.head = Some(hex::encode(prev));
-            }
-            let head = chain::LinkHead {
-                algorithm,
-                prev_hash: link.prev_hash.to_vec(),
-                effective_hash: effective.to_vec(),
-                signature_checked: key.is_some(),
-                signature_ok: chain::signature_ok(
-                    key.as_ref(),
-                    Some(algorithm),
-                    &hash,
-                    &link.signature,
-                ),
-                last_seq: link.last_seq.max(seq),
-            };
-            breaks.extend(chain::step(&mut st, gateway, buffer_id, &head));
-            known = true;
-            c.last_seq = link.last_seq.max(seq);
-            c.head_hash = hex::encode(effective);
-            c.links += 1;
-            c.breaks.extend(breaks.into_iter().map(|r| (seq, r)));
-        }
-        let streams = out
-            .iter()
-            .filter_map(|c| {
-                Some((
-                    c.gateway.clone(),
-                    u64::from_str_radix(&c.buffer_id, 16).ok()?,
-                ))
+            Ok((
+                gateway.to_string(),
+                buffer_id,
+                seq,
+                SignedLink::decode(v.value()).map_err(|e| e.to_string()),
+            ))
+        });
+        verify::walk(recount, rolled, links, |gateway| {
+            Ok(match gateways.get(gateway).map_err(db_err)? {
+                Some(g) => serde_json::from_slice::<GatewayRecord>(g.value())
+                    .ok()
+                    .and_then(|r| r.bound_key().ok().flatten()),
+                None => None,
             })
-            .collect();
-        for (gateway, buffer_id, seq, points) in query.unsigned_in(&streams) {
-            let id = format!("{buffer_id:016x}");
-            if let Some(c) = out
-                .iter_mut()
-                .find(|c| c.gateway == gateway && c.buffer_id == id)
-            {
-                c.breaks.push((
-                    seq,
-                    format!("the query tables serve {points} points for this batch, which is not among the signed batches"),
-                ));
-            }
-        }
-        Ok(StoreVerification {
-            chains: out,
-            query_tables: query.problems,
         })
     }
 }

@@ -24,6 +24,7 @@ pub mod rollup;
 pub mod stream;
 #[cfg(test)]
 pub mod suite;
+pub(crate) mod verify;
 
 use std::collections::BTreeMap;
 use std::future::Future;

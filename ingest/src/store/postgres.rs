@@ -45,8 +45,8 @@ use tokio_postgres::types::{Json, ToSql, Type};
 
 use super::chain::{self, ChainState};
 use super::records::{
-    GatewayRecord, SeriesMeta, SeriesState, distinct, now_ms, quality_name, quality_of,
-    series_info, stored_algorithm, value_json,
+    GatewayRecord, SeriesMeta, SeriesState, SignedLink, distinct, link_hash, now_ms, quality_name,
+    quality_of, series_info, stored_algorithm, value_json,
 };
 use super::rollup::{self, GatewayDay, HourRow, SeriesDay};
 use super::stream::{self, Admission, LossRecord};
@@ -1921,12 +1921,222 @@ impl Store for PgStore {
         Err(not_yet("export-evidence"))
     }
 
-    async fn day_digests(&self, _gateways: Vec<String>, _day: String) -> Result<Vec<DayEvidence>> {
-        Err(not_yet("digest"))
+    async fn day_digests(&self, gateways: Vec<String>, day: String) -> Result<Vec<DayEvidence>> {
+        let start = crate::evidence::digest::parse_day(&day)
+            .ok_or_else(|| StoreError::Invalid(format!("day `{day}`: expected YYYY-MM-DD")))?;
+        let gateways = if gateways.is_empty() {
+            self.gateways().await?.into_iter().map(|g| g.id).collect()
+        } else {
+            gateways
+        };
+        let client = self.client().await?;
+        let mut out = Vec::with_capacity(gateways.len());
+        for gateway in gateways {
+            if self.gateway_record(&client, &gateway).await?.is_none() {
+                return Err(StoreError::NotFound(format!("gateway `{gateway}`")));
+            }
+            let links = client
+                .query(
+                    "SELECT buffer_id, seq, algorithm, prev_hash, payload FROM batches \
+                     WHERE gateway = $1 AND payload IS NOT NULL AND received_at_ms >= $2 AND received_at_ms < $3",
+                    &[&gateway, &start, &(start + 86_400_000)],
+                )
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| crate::evidence::digest::DayLink {
+                    buffer_id: unbig(r.get(0)),
+                    seq: unbig(r.get(1)),
+                    link_hash: link_hash(
+                        r.get::<_, Option<i32>>(2).unwrap_or(0),
+                        &r.get::<_, Option<Vec<u8>>>(3).unwrap_or_default(),
+                        &r.get::<_, Option<Vec<u8>>>(4).unwrap_or_default(),
+                    ),
+                })
+                .collect();
+            out.push(crate::evidence::digest::day_evidence(
+                &self.digest_key,
+                &gateway,
+                &day,
+                links,
+            ));
+        }
+        Ok(out)
     }
 
     async fn verify_stored(&self) -> Result<StoreVerification> {
-        Err(not_yet("verify-chain"))
+        use super::verify::{self, Counts, Recount, Rolled};
+        use futures_util::TryStreamExt;
+        let mut client = self.client().await?;
+        // One snapshot, however many batches are written meanwhile.
+        let txn = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_err)?;
+        let mut names = HashMap::new();
+        for row in txn
+            .query("SELECT id, meta FROM series", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            names.insert(unbig(row.get(0)), row.get::<_, Json<SeriesMeta>>(1).0);
+        }
+        let mut recount = Recount::new(names);
+        let none: [i64; 0] = [];
+        let points = txn
+            .query_raw(
+                "SELECT series, time_ms, quality, quality_code, kind, num, bits, txt, server_delta_ms, \
+                 received_at_ms, backfill, buffer_id, seq FROM points",
+                none,
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut points = std::pin::pin!(points);
+        while let Some(row) = points.try_next().await.map_err(pg_err)? {
+            recount.add(
+                unbig(row.get("series")),
+                &point_of(&row),
+                row.get("backfill"),
+                row.get("received_at_ms"),
+                unbig(row.get("buffer_id")),
+                unbig(row.get("seq")),
+            );
+        }
+        let mut rolled = Rolled::default();
+        for row in txn
+            .query(
+                "SELECT series, minute, good, uncertain, bad FROM minutes",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            rolled.minutes.insert(
+                (unbig(row.get(0)), row.get(1)),
+                (unbig(row.get(2)), unbig(row.get(3)), unbig(row.get(4))),
+            );
+        }
+        for row in txn
+            .query("SELECT series, day, row FROM series_days", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            let d = SeriesDay::decode(row.get::<_, Vec<u8>>(2).as_slice())
+                .map_err(|e| StoreError::Backend(format!("day rollup: {e}")))?;
+            rolled
+                .days
+                .insert((unbig(row.get(0)), row.get(1)), Counts::of_day(&d));
+        }
+        for row in txn
+            .query("SELECT series, hour, n, min, max FROM series_hours", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            rolled.hours.insert(
+                (unbig(row.get(0)), row.get(1)),
+                (unbig(row.get(2)), row.get(3), row.get(4)),
+            );
+        }
+        for row in txn
+            .query("SELECT id, state FROM series WHERE state IS NOT NULL", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            let s = SeriesState::parse(&row.get::<_, Vec<u8>>(1))?;
+            rolled
+                .totals
+                .insert(unbig(row.get(0)), Counts::of_state(&s));
+        }
+        for row in txn
+            .query("SELECT gateway, day, row FROM gateway_days", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            let d = GatewayDay::decode(row.get::<_, Vec<u8>>(2).as_slice())
+                .map_err(|e| StoreError::Backend(format!("gateway day rollup: {e}")))?;
+            rolled
+                .gateway_days
+                .insert((row.get(0), row.get(1)), d.points);
+        }
+        for row in txn
+            .query(
+                "SELECT series, start_ms, end_ms FROM series_runs WHERE kind = $1",
+                &[&i16::from(rollup::RUN_DATA)],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            rolled
+                .data_runs
+                .entry(unbig(row.get(0)))
+                .or_default()
+                .insert(row.get(1), row.get(2));
+        }
+        for row in txn
+            .query("SELECT gateway, version, manifest FROM manifests", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            rolled.manifests.insert(
+                (row.get(0), unbig(row.get(1))),
+                Manifest::decode(row.get::<_, Vec<u8>>(2).as_slice()).ok(),
+            );
+        }
+        for row in txn
+            .query(
+                "SELECT gateway, buffer_id, first_seq, record FROM losses",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+        {
+            if row.get::<_, Json<LossRecord>>(3).0.is_rejection() {
+                rolled
+                    .rejected
+                    .insert((row.get(0), unbig(row.get(1)), unbig(row.get(2))));
+            }
+        }
+        let mut keys = HashMap::new();
+        for row in txn
+            .query("SELECT id, record FROM gateways", &[])
+            .await
+            .map_err(pg_err)?
+        {
+            let record = row.get::<_, Json<GatewayRecord>>(1).0;
+            keys.insert(row.get::<_, String>(0), record.bound_key().ok().flatten());
+        }
+        let links: Vec<Result<verify::StoredLink>> = txn
+            .query(
+                "SELECT gateway, buffer_id, seq, last_seq, received_at_ms, payload, prev_hash, signature, \
+                 effective_hash, signature_ok, signature_checked, algorithm FROM batches \
+                 WHERE payload IS NOT NULL ORDER BY gateway, buffer_id, seq",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| {
+                let link = SignedLink {
+                    payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(5)),
+                    prev_hash: r.get::<_, Option<Vec<u8>>>(6).unwrap_or_default(),
+                    signature: r.get::<_, Option<Vec<u8>>>(7).unwrap_or_default(),
+                    effective_hash: r.get::<_, Option<Vec<u8>>>(8).unwrap_or_default(),
+                    signature_ok: r.get::<_, Option<bool>>(9).unwrap_or(false),
+                    last_seq: unbig(r.get(3)),
+                    signature_checked: r.get::<_, Option<bool>>(10).unwrap_or(false),
+                    received_at_ms: r.get(4),
+                    algorithm: r.get::<_, Option<i32>>(11).unwrap_or(0),
+                };
+                Ok((r.get(0), unbig(r.get(1)), unbig(r.get(2)), Ok(link)))
+            })
+            .collect();
+        txn.commit().await.map_err(pg_err)?;
+        verify::walk(recount, rolled, links, |gateway| {
+            Ok(keys.get(gateway).cloned().flatten())
+        })
     }
 
     async fn backup(&self, _out: PathBuf) -> Result<BackupInfo> {

@@ -169,6 +169,16 @@ pub(crate) fn stored_algorithm(wire: i32) -> Algorithm {
     Algorithm::from_wire(wire).unwrap_or(Algorithm::Ed25519)
 }
 
+/// The hash of a stored link, recomputed from its bytes.
+pub(crate) fn link_hash(
+    algorithm: i32,
+    prev_hash: &[u8],
+    payload: &[u8],
+) -> guantong_proto::chain::Hash {
+    let prev = guantong_proto::chain::to_hash(prev_hash).unwrap_or([0; 32]);
+    stored_algorithm(algorithm).link_hash(&prev, payload)
+}
+
 /// A `SignedLink` read without its payload (prost skips the field without
 /// copying it): what chain bookkeeping on the write path needs.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -55,6 +55,7 @@ macro_rules! store_suite {
             owners_and_providers_are_found_without_reading_the_others,
             the_generation_grows_with_every_change_and_only_then,
             gateway_configs_are_numbered_per_gateway_and_states_change_in_place,
+            verify_rechecks_signed_links_and_rollups_and_days_are_digested,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
@@ -1702,4 +1703,67 @@ pub async fn gateway_configs_are_numbered_per_gateway_and_states_change_in_place
         .await
         .expect("update");
     assert_eq!((state.requested, state.applied), (2, 2));
+}
+
+/// `verify-chain` from the stored bytes: real signatures with the bound
+/// key, every rollup against the points; and the day's digest leaves.
+pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested<H: Harness>() {
+    let place = H::new().await;
+    let store = place.open().await;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let public =
+        PublicKey::new(Algorithm::Ed25519, key.verifying_key().to_bytes().to_vec()).expect("key");
+    store
+        .register_gateway(GW, Some(public))
+        .await
+        .expect("register");
+    let map = put_manifest(&store, GW, 2, 1_000).await;
+    let mut chain = Chain::new();
+    let mut head = String::new();
+    for seq in 1..=4u64 {
+        let from = seq as i64 * 10;
+        let mut points = good(0, T0, 1_000, from..from + 3);
+        points.push(point(1, T0 + from * 1_000, Quality::Bad));
+        let b = batch(seq, &points);
+        let mut link = chain.link(&b, true);
+        link.signature = guantong_proto::chain::sign(&key, &link.effective_hash).to_vec();
+        head = hex::encode(link.effective_hash);
+        append_linked(&store, &map, b, link).await;
+    }
+    let v = store.verify_stored().await.expect("verify");
+    assert_eq!(v.query_tables, Vec::<String>::new(), "rollups agree");
+    assert_eq!(v.chains.len(), 1, "{:#?}", v.chains);
+    let c = &v.chains[0];
+    assert_eq!(
+        (c.gateway.as_str(), c.first_seq, c.last_seq, c.links),
+        (GW, 1, 4, 4)
+    );
+    assert!(c.breaks.is_empty(), "{:#?}", c.breaks);
+    assert_eq!(c.head_hash, head);
+
+    let received = T0 + 10_000 + 1_000;
+    let day = crate::days::format(received.div_euclid(rollup::DAY_MS));
+    let digests = store
+        .day_digests(vec![GW.to_string()], day.clone())
+        .await
+        .expect("digest");
+    assert_eq!(digests.len(), 1);
+    let d = &digests[0];
+    assert_eq!(
+        (d.digest.subject.as_str(), d.digest.day.as_str()),
+        (GW, day.as_str())
+    );
+    assert_eq!(
+        (d.digest.leaves, d.leaves.len()),
+        (4, 4),
+        "every link of the day"
+    );
+    assert!(crate::evidence::digest::verify_signature(&d.digest));
+    assert!(
+        store
+            .day_digests(vec!["gw-unknown".into()], day)
+            .await
+            .is_err(),
+        "an unknown gateway is an error, not an empty digest"
+    );
 }

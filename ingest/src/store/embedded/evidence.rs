@@ -4,13 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use guantong_proto::chain;
-use guantong_proto::v1::{Batch, Manifest};
+use guantong_proto::v1::Batch;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::{
-    CHUNKS, Chunk, GATEWAYS, GatewayRecord, LOSSES, MANIFESTS, MINUTE_MS, MINUTES, SERIES, SIGNED,
+    CHUNKS, Chunk, GATEWAYS, GatewayRecord, LOSSES, MANIFESTS, MINUTE_MS, SERIES, SIGNED,
     SeriesMeta, SignedLink, db_err, stored_algorithm,
 };
 use crate::evidence::bundle::{
@@ -18,6 +17,7 @@ use crate::evidence::bundle::{
 };
 use crate::evidence::digest::{self, DayLink};
 use crate::evidence::points::PointsDigest;
+use crate::store::records::link_hash;
 use crate::store::stream::LossRecord;
 use crate::store::{ChainBreak, Result, StoreError};
 
@@ -258,11 +258,10 @@ pub(crate) fn day_links(db: &Database, gateway: &str, day_start_ms: i64) -> Resu
         if !day.contains(&link.received_at_ms) {
             continue;
         }
-        let prev = chain::to_hash(&link.prev_hash).unwrap_or([0; 32]);
         out.push(DayLink {
             buffer_id,
             seq,
-            link_hash: stored_algorithm(link.algorithm).link_hash(&prev, &link.payload),
+            link_hash: link_hash(link.algorithm, &link.prev_hash, &link.payload),
         });
     }
     Ok(out)
@@ -272,206 +271,4 @@ pub(crate) fn day_links(db: &Database, gateway: &str, day_start_ms: i64) -> Resu
 pub(crate) fn day_start(day: &str) -> Result<i64> {
     digest::parse_day(day)
         .ok_or_else(|| StoreError::Invalid(format!("day `{day}`: expected YYYY-MM-DD")))
-}
-
-/// The query tables read back per batch, to compare with the signed batches.
-pub(crate) struct QueryTables {
-    /// (gateway, buffer, seq) -> the points the chunks hold for that batch.
-    served: HashMap<(String, u64, u64), PointsDigest>,
-    /// Gateways with chunks stored before chunks named their batch.
-    unattributed: BTreeSet<String>,
-    /// Decoded manifests, (gateway, version).
-    manifests: HashMap<(String, u64), Option<Manifest>>,
-    rejected: BTreeSet<(String, u64, u64)>,
-    /// Problems of the tables themselves (minute counters vs chunks).
-    pub problems: Vec<String>,
-}
-
-impl QueryTables {
-    pub(crate) fn read(txn: &redb::ReadTransaction) -> Result<QueryTables> {
-        let metas = txn.open_table(SERIES).map_err(db_err)?;
-        let mut names: HashMap<u64, SeriesMeta> = HashMap::new();
-        for entry in metas.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            names.insert(
-                k.value(),
-                serde_json::from_slice(v.value()).map_err(backend("series"))?,
-            );
-        }
-        let chunks = txn.open_table(CHUNKS).map_err(db_err)?;
-        let mut served: HashMap<(String, u64, u64), PointsDigest> = HashMap::new();
-        let mut unattributed = BTreeSet::new();
-        let mut minute_counts: BTreeMap<(u64, i64), (u64, u64, u64)> = BTreeMap::new();
-        let mut minute_batches: HashMap<(u64, i64), BTreeSet<(u64, u64)>> = HashMap::new();
-        for entry in chunks.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let (series, _, _) = k.value();
-            let chunk = Chunk::decode(v.value()).map_err(backend("chunk"))?;
-            let (gateway, device, tag) = names
-                .get(&series)
-                .map(|m| (m.gateway.as_str(), m.device.as_str(), m.tag.as_str()))
-                .unwrap_or(("", "", ""));
-            if chunk.seq == 0 {
-                unattributed.insert(gateway.to_string());
-            }
-            let d = served
-                .entry((gateway.to_string(), chunk.buffer_id, chunk.seq))
-                .or_default();
-            for p in &chunk.points {
-                let t = chunk.base_ms + p.time_offset_ms;
-                d.add(device, tag, t, p);
-                let minute = t.div_euclid(MINUTE_MS) * MINUTE_MS;
-                let c = minute_counts.entry((series, minute)).or_default();
-                match crate::evidence::points::quality_byte(p) {
-                    0 => c.0 += 1,
-                    1 => c.1 += 1,
-                    _ => c.2 += 1,
-                }
-                minute_batches
-                    .entry((series, minute))
-                    .or_default()
-                    .insert((chunk.buffer_id, chunk.seq));
-            }
-        }
-        let mut problems = Vec::new();
-        let minutes = txn.open_table(MINUTES).map_err(db_err)?;
-        let mut counted = BTreeMap::new();
-        for entry in minutes.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            counted.insert(k.value(), v.value());
-        }
-        let keys: BTreeSet<(u64, i64)> = counted
-            .keys()
-            .chain(minute_counts.keys())
-            .copied()
-            .collect();
-        for key in keys {
-            let (a, b) = (
-                counted.get(&key).copied().unwrap_or_default(),
-                minute_counts.get(&key).copied().unwrap_or_default(),
-            );
-            if a != b {
-                let m = names.get(&key.0);
-                let batches: Vec<String> = minute_batches
-                    .get(&key)
-                    .into_iter()
-                    .flatten()
-                    .map(|(buffer, seq)| format!("{buffer:016x}/{seq}"))
-                    .collect();
-                problems.push(format!(
-                    "gateway {} series {}/{} minute {}: the minute counters say good/uncertain/bad {}/{}/{} but the stored points are {}/{}/{} (batches {})",
-                    m.map_or("?", |m| m.gateway.as_str()),
-                    m.map_or("?", |m| m.device.as_str()),
-                    m.map_or("?", |m| m.tag.as_str()),
-                    crate::http::rfc3339(key.1),
-                    a.0, a.1, a.2, b.0, b.1, b.2,
-                    batches.join(", ")
-                ));
-            }
-        }
-        let losses = txn.open_table(LOSSES).map_err(db_err)?;
-        let mut rejected = BTreeSet::new();
-        for entry in losses.iter().map_err(db_err)? {
-            let (k, v) = entry.map_err(db_err)?;
-            let r: LossRecord = serde_json::from_slice(v.value()).map_err(backend("loss"))?;
-            if r.is_rejection() {
-                let (g, b, s) = k.value();
-                rejected.insert((g.to_string(), b, s));
-            }
-        }
-        Ok(QueryTables {
-            served,
-            unattributed,
-            manifests: HashMap::new(),
-            rejected,
-            problems,
-        })
-    }
-
-    /// Compares a signed batch with the points served for it; the reason
-    /// when they differ.
-    pub(crate) fn compare(
-        &mut self,
-        txn: &redb::ReadTransaction,
-        gateway: &str,
-        batch: &Batch,
-    ) -> Result<Option<String>> {
-        if batch.loss.is_some() {
-            return Ok(None);
-        }
-        let key = (gateway.to_string(), batch.manifest_version);
-        if !self.manifests.contains_key(&key) {
-            let t = txn.open_table(MANIFESTS).map_err(db_err)?;
-            let m = t
-                .get((gateway, batch.manifest_version))
-                .map_err(db_err)?
-                .and_then(|v| Manifest::decode(v.value()).ok());
-            self.manifests.insert(key.clone(), m);
-        }
-        let served = self
-            .served
-            .remove(&(gateway.to_string(), batch.buffer_id, batch.seq))
-            .unwrap_or_default();
-        if self
-            .rejected
-            .contains(&(gateway.to_string(), batch.buffer_id, batch.seq))
-        {
-            return Ok((served.count > 0).then(|| {
-                format!(
-                    "ingest refused this batch but serves {} points for it",
-                    served.count
-                )
-            }));
-        }
-        let Some(Some(manifest)) = self.manifests.get(&key) else {
-            return Ok(Some(format!(
-                "manifest {:016x} is not stored: the signed points cannot be named",
-                batch.manifest_version
-            )));
-        };
-        if !batch.manifest_sha256.is_empty()
-            && chain::manifest_hash(manifest).as_slice() != batch.manifest_sha256.as_slice()
-        {
-            return Ok(Some(format!(
-                "the stored manifest {:016x} is not the one this manifest link signed",
-                batch.manifest_version
-            )));
-        }
-        let mut signed = PointsDigest::default();
-        for p in &batch.points {
-            let t = manifest.tags.get(p.tag as usize);
-            let device = t
-                .and_then(|t| manifest.devices.get(t.device as usize))
-                .map_or("", |d| d.id.as_str());
-            signed.add(
-                device,
-                t.map_or("", |t| t.name.as_str()),
-                batch.base_time_ms.saturating_add(p.time_offset_ms),
-                p,
-            );
-        }
-        if signed == served || (served.count == 0 && self.unattributed.contains(gateway)) {
-            return Ok(None);
-        }
-        Ok(Some(format!(
-            "the points the query tables serve for this batch differ from the signed batch ({} signed, {} served)",
-            signed.count, served.count
-        )))
-    }
-
-    /// Points served under a batch of a signed stream that is not stored as
-    /// signed: (gateway, buffer, seq, points).
-    pub(crate) fn unsigned_in(
-        &self,
-        streams: &BTreeSet<(String, u64)>,
-    ) -> Vec<(String, u64, u64, u64)> {
-        let mut out: Vec<_> = self
-            .served
-            .iter()
-            .filter(|((g, b, s), _)| *s != 0 && streams.contains(&(g.clone(), *b)))
-            .map(|((g, b, s), d)| (g.clone(), *b, *s, d.count))
-            .collect();
-        out.sort();
-        out
-    }
 }
