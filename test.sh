@@ -11,6 +11,7 @@ cd "$(dirname "$0")"
 
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 missing=()
@@ -54,6 +55,36 @@ if ! command -v cargo >/dev/null 2>&1; then
     export PATH="$HOME/.cargo/bin:$PATH"
   fi
 fi
+
+# The PostgreSQL store's tests (the store suite, the replica and backup
+# tests) run against a real server: Debian's, started where none runs. They
+# use databases of their own (guantong_*), created and dropped by the tests;
+# GUANTONG_TEST_DATABASE_URL names another server.
+if [ -z "${GUANTONG_TEST_DATABASE_URL:-}" ] && ! port_open 5432; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+  fi
+  log "starting PostgreSQL on 127.0.0.1:5432"
+  cluster="$(pg_lsclusters -h 2>/dev/null | awk 'NR==1 {print $1" "$2}')"
+  if [ -z "$cluster" ]; then
+    version="$(ls /usr/lib/postgresql | sort -V | tail -n1)"
+    as_root pg_createcluster "$version" main
+    cluster="$version main"
+  fi
+  # shellcheck disable=SC2086
+  as_root pg_ctlcluster $cluster start || true
+  for _ in $(seq 100); do port_open 5432 && break; sleep 0.1; done
+  port_open 5432 || { echo "PostgreSQL did not start on 127.0.0.1:5432: start it (pg_ctlcluster <version> main start) and run again" >&2; exit 1; }
+  # The tests connect as postgres without a password from this machine only.
+  hba="$(as_postgres psql -tAc 'SHOW hba_file' 2>/dev/null || true)"
+  if [ -n "$hba" ] && ! as_root grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+    as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    as_postgres psql -qc 'SELECT pg_reload_conf()' >/dev/null
+  fi
+fi
+command -v pg_dump >/dev/null 2>&1 || { as_root apt-get update -q; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client; }
 
 if ! port_open 1883; then
   log "starting Mosquitto on 127.0.0.1:1883"

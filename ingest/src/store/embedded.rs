@@ -65,7 +65,7 @@ use super::stream::{self, Admission, LossRecord};
 mod backup;
 mod evidence;
 
-use crate::evidence::bundle::{self, Bundle, DayEvidence, SeriesReport};
+use crate::evidence::bundle::{Bundle, DayEvidence};
 use crate::evidence::digest;
 
 use super::{
@@ -1360,53 +1360,16 @@ impl Store for EmbeddedStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Bundle> {
-        if to_ms <= from_ms {
-            return Err(StoreError::Invalid(
-                "the window is empty: `to` must be after `from`".into(),
-            ));
-        }
-        let mut out = Vec::with_capacity(gateways.len());
+        super::export::check_window(from_ms, to_ms)?;
+        let mut collected = Vec::with_capacity(gateways.len());
         for gateway in gateways {
-            let id = gateway.clone();
-            let collected = self
-                .blocking(move |db| evidence::collect(db, &id, from_ms, to_ms))
-                .await?;
-            let mut g = collected.gateway;
-            // The report as the query path answers it.
-            for (series, device, tag) in collected.series {
-                let c = self.window_counts(series, from_ms, to_ms).await?;
-                let sum = self
-                    .points(series, from_ms, to_ms, usize::MAX)
-                    .await?
-                    .iter()
-                    .filter_map(|p| p.value.as_ref().and_then(serde_json::Value::as_f64))
-                    .sum();
-                g.series.push(SeriesReport {
-                    device,
-                    tag,
-                    good: c.good,
-                    uncertain: c.uncertain,
-                    bad: c.bad,
-                    sum,
-                });
-            }
-            for day in collected.days {
-                let digests = self
-                    .day_digests(vec![gateway.clone()], digest::day_of(day))
-                    .await?;
-                g.days.extend(digests);
-            }
-            out.push(g);
+            collected.push(
+                self.blocking(move |db| evidence::collect(db, &gateway, from_ms, to_ms))
+                    .await?,
+            );
         }
-        Ok(Bundle {
-            format: bundle::FORMAT.into(),
-            version: bundle::VERSION,
-            created_at_ms: now_ms(),
-            from_ms,
-            to_ms,
-            ingest_public_key: hex::encode(self.digest_key.verifying_key().as_bytes()),
-            gateways: out,
-        })
+        let key = hex::encode(self.digest_key.verifying_key().as_bytes());
+        super::export::bundle(self, collected, from_ms, to_ms, key).await
     }
 
     async fn verify_stored(&self) -> Result<StoreVerification> {

@@ -18,6 +18,7 @@
 pub mod any;
 pub mod chain;
 pub mod embedded;
+pub(crate) mod export;
 pub mod postgres;
 pub(crate) mod records;
 pub mod rollup;

@@ -1068,6 +1068,41 @@ async fn advance_chain(
     Ok(())
 }
 
+/// A read-only transaction on one snapshot, however many batches are
+/// written meanwhile.
+async fn snapshot(client: &mut Object) -> Result<deadpool_postgres::Transaction<'_>> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg_err)
+}
+
+/// Columns of `batches` that make a `SignedLink` (`link_of`).
+const LINK_COLUMNS: &str = "last_seq, received_at_ms, payload, prev_hash, signature, effective_hash, \
+     signature_ok, signature_checked, algorithm";
+
+/// A stored link from a row holding `LINK_COLUMNS`.
+fn link_of(r: &tokio_postgres::Row) -> SignedLink {
+    SignedLink {
+        payload: bytes::Bytes::from(r.get::<_, Option<Vec<u8>>>("payload").unwrap_or_default()),
+        prev_hash: r.get::<_, Option<Vec<u8>>>("prev_hash").unwrap_or_default(),
+        signature: r.get::<_, Option<Vec<u8>>>("signature").unwrap_or_default(),
+        effective_hash: r
+            .get::<_, Option<Vec<u8>>>("effective_hash")
+            .unwrap_or_default(),
+        signature_ok: r.get::<_, Option<bool>>("signature_ok").unwrap_or(false),
+        last_seq: unbig(r.get("last_seq")),
+        signature_checked: r
+            .get::<_, Option<bool>>("signature_checked")
+            .unwrap_or(false),
+        received_at_ms: r.get("received_at_ms"),
+        algorithm: r.get::<_, Option<i32>>("algorithm").unwrap_or(0),
+    }
+}
+
 /// A series as reported, from a row of (id, meta, state).
 fn series_row(row: &tokio_postgres::Row) -> Result<SeriesInfo> {
     let meta: Json<SeriesMeta> = row.get(1);
@@ -1224,6 +1259,145 @@ impl PgStore {
             });
         }
         Ok(out)
+    }
+
+    /// A gateway's evidence over a window (`store::export`), on one snapshot.
+    async fn collect(
+        &self,
+        gateway: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<super::export::Collected> {
+        use futures_util::TryStreamExt;
+        let mut client = self.client().await?;
+        let record = self
+            .gateway_record(&client, gateway)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("gateway `{gateway}`")))?;
+        let txn = snapshot(&mut client).await?;
+        let mut ranges = super::export::Ranges::new(from_ms, to_ms);
+        let links = txn
+            .query_raw(
+                &format!(
+                    "SELECT buffer_id, seq, {LINK_COLUMNS} FROM batches \
+                     WHERE gateway = $1 AND payload IS NOT NULL"
+                ),
+                [gateway],
+            )
+            .await
+            .map_err(pg_err)?;
+        let mut links = std::pin::pin!(links);
+        while let Some(row) = links.try_next().await.map_err(pg_err)? {
+            ranges.see(
+                unbig(row.get("buffer_id")),
+                unbig(row.get("seq")),
+                &link_of(&row),
+            );
+        }
+        let mut gather = super::export::Gather::new();
+        for (&buffer_id, &(lo, hi)) in &ranges.by_buffer {
+            let (b, lo, hi) = (big(buffer_id), big(lo), big(hi));
+            let breaks = txn
+                .query(
+                    "SELECT record FROM chain_breaks WHERE gateway = $1 AND buffer_id = $2 ORDER BY seq",
+                    &[&gateway, &b],
+                )
+                .await
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| r.get::<_, Json<ChainBreak>>(0).0)
+                .collect();
+            gather.stream(buffer_id, breaks);
+            for row in txn
+                .query(
+                    &format!(
+                        "SELECT seq, {LINK_COLUMNS} FROM batches WHERE gateway = $1 AND buffer_id = $2 \
+                         AND seq BETWEEN $3 AND $4 AND payload IS NOT NULL ORDER BY seq"
+                    ),
+                    &[&gateway, &b, &lo, &hi],
+                )
+                .await
+                .map_err(pg_err)?
+            {
+                gather.link(unbig(row.get("seq")), &link_of(&row));
+            }
+            for row in txn
+                .query(
+                    "SELECT first_seq, record FROM losses WHERE gateway = $1 AND buffer_id = $2 \
+                     AND first_seq BETWEEN $3 AND $4 ORDER BY first_seq",
+                    &[&gateway, &b, &lo, &hi],
+                )
+                .await
+                .map_err(pg_err)?
+            {
+                gather.loss(
+                    buffer_id,
+                    unbig(row.get(0)),
+                    row.get::<_, Json<LossRecord>>(1).0,
+                );
+            }
+        }
+        let versions: Vec<i64> = gather.versions.iter().map(|v| big(*v)).collect();
+        let manifests = txn
+            .query(
+                "SELECT version, manifest FROM manifests WHERE gateway = $1 AND version = ANY($2) \
+                 ORDER BY version",
+                &[&gateway, &versions],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| crate::evidence::bundle::ManifestEvidence {
+                version: format!("{:016x}", unbig(r.get(0))),
+                bytes: hex::encode(r.get::<_, Vec<u8>>(1)),
+            })
+            .collect();
+        let series: Vec<(u64, String, String)> = txn
+            .query(
+                "SELECT id, device, tag FROM series WHERE gateway = $1 ORDER BY id",
+                &[&gateway],
+            )
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| (unbig(r.get(0)), r.get(1), r.get(2)))
+            .collect();
+        // What the query tables serve for each collected batch.
+        if let Some((first, last)) = gather.point_times() {
+            let names: HashMap<u64, (&str, &str)> = series
+                .iter()
+                .map(|(id, d, t)| (*id, (d.as_str(), t.as_str())))
+                .collect();
+            let ids: Vec<i64> = series.iter().map(|s| big(s.0)).collect();
+            let points = txn
+                .query_raw(
+                    "SELECT series, time_ms, quality, quality_code, kind, num, bits, txt, server_delta_ms, \
+                     buffer_id, seq FROM points WHERE series = ANY($1) AND time_ms >= $2 AND time_ms <= $3",
+                    [
+                        &ids as &(dyn ToSql + Sync),
+                        &first as &(dyn ToSql + Sync),
+                        &last as &(dyn ToSql + Sync),
+                    ],
+                )
+                .await
+                .map_err(pg_err)?;
+            let mut points = std::pin::pin!(points);
+            while let Some(row) = points.try_next().await.map_err(pg_err)? {
+                let (device, tag) = names
+                    .get(&unbig(row.get("series")))
+                    .copied()
+                    .unwrap_or(("", ""));
+                gather.served(
+                    unbig(row.get("buffer_id")),
+                    unbig(row.get("seq")),
+                    device,
+                    tag,
+                    &point_of(&row),
+                );
+            }
+        }
+        txn.commit().await.map_err(pg_err)?;
+        Ok(gather.finish(gateway, record, manifests, series))
     }
 
     async fn gateway_record(&self, client: &Object, id: &str) -> Result<Option<GatewayRecord>> {
@@ -1914,11 +2088,17 @@ impl Store for PgStore {
 
     async fn export_evidence(
         &self,
-        _gateways: Vec<String>,
-        _from_ms: i64,
-        _to_ms: i64,
+        gateways: Vec<String>,
+        from_ms: i64,
+        to_ms: i64,
     ) -> Result<Bundle> {
-        Err(not_yet("export-evidence"))
+        super::export::check_window(from_ms, to_ms)?;
+        let mut collected = Vec::with_capacity(gateways.len());
+        for gateway in gateways {
+            collected.push(self.collect(&gateway, from_ms, to_ms).await?);
+        }
+        let key = hex::encode(self.digest_key.verifying_key().as_bytes());
+        super::export::bundle(self, collected, from_ms, to_ms, key).await
     }
 
     async fn day_digests(&self, gateways: Vec<String>, day: String) -> Result<Vec<DayEvidence>> {
@@ -1968,14 +2148,7 @@ impl Store for PgStore {
         use super::verify::{self, Counts, Recount, Rolled};
         use futures_util::TryStreamExt;
         let mut client = self.client().await?;
-        // One snapshot, however many batches are written meanwhile.
-        let txn = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg_err)?;
+        let txn = snapshot(&mut client).await?;
         let mut names = HashMap::new();
         for row in txn
             .query("SELECT id, meta FROM series", &[])
@@ -2110,27 +2283,22 @@ impl Store for PgStore {
         }
         let links: Vec<Result<verify::StoredLink>> = txn
             .query(
-                "SELECT gateway, buffer_id, seq, last_seq, received_at_ms, payload, prev_hash, signature, \
-                 effective_hash, signature_ok, signature_checked, algorithm FROM batches \
-                 WHERE payload IS NOT NULL ORDER BY gateway, buffer_id, seq",
+                &format!(
+                    "SELECT gateway, buffer_id, seq, {LINK_COLUMNS} FROM batches \
+                     WHERE payload IS NOT NULL ORDER BY gateway, buffer_id, seq"
+                ),
                 &[],
             )
             .await
             .map_err(pg_err)?
             .iter()
             .map(|r| {
-                let link = SignedLink {
-                    payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(5)),
-                    prev_hash: r.get::<_, Option<Vec<u8>>>(6).unwrap_or_default(),
-                    signature: r.get::<_, Option<Vec<u8>>>(7).unwrap_or_default(),
-                    effective_hash: r.get::<_, Option<Vec<u8>>>(8).unwrap_or_default(),
-                    signature_ok: r.get::<_, Option<bool>>(9).unwrap_or(false),
-                    last_seq: unbig(r.get(3)),
-                    signature_checked: r.get::<_, Option<bool>>(10).unwrap_or(false),
-                    received_at_ms: r.get(4),
-                    algorithm: r.get::<_, Option<i32>>(11).unwrap_or(0),
-                };
-                Ok((r.get(0), unbig(r.get(1)), unbig(r.get(2)), Ok(link)))
+                Ok((
+                    r.get("gateway"),
+                    unbig(r.get("buffer_id")),
+                    unbig(r.get("seq")),
+                    Ok(link_of(r)),
+                ))
             })
             .collect();
         txn.commit().await.map_err(pg_err)?;
@@ -2145,12 +2313,6 @@ impl Store for PgStore {
                 .into(),
         ))
     }
-}
-
-fn not_yet(what: &str) -> StoreError {
-    StoreError::Invalid(format!(
-        "{what} does not work on PostgreSQL yet; use the embedded store"
-    ))
 }
 
 #[cfg(test)]

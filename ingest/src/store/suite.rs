@@ -55,7 +55,7 @@ macro_rules! store_suite {
             owners_and_providers_are_found_without_reading_the_others,
             the_generation_grows_with_every_change_and_only_then,
             gateway_configs_are_numbered_per_gateway_and_states_change_in_place,
-            verify_rechecks_signed_links_and_rollups_and_days_are_digested,
+            verify_rechecks_signed_links_and_rollups_and_days_are_digested_and_exported,
         );
     };
     (@cases $harness:ty; $($case:ident),* $(,)?) => {
@@ -1707,7 +1707,9 @@ pub async fn gateway_configs_are_numbered_per_gateway_and_states_change_in_place
 
 /// `verify-chain` from the stored bytes: real signatures with the bound
 /// key, every rollup against the points; and the day's digest leaves.
-pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested<H: Harness>() {
+pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested_and_exported<
+    H: Harness,
+>() {
     let place = H::new().await;
     let store = place.open().await;
     let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
@@ -1765,5 +1767,51 @@ pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested<H: H
             .await
             .is_err(),
         "an unknown gateway is an error, not an empty digest"
+    );
+
+    // Links 2 and 3 hold the points of the window; the bundle carries them
+    // with what is served for them, and verifies offline.
+    let (from, to) = (T0 + 20_000, T0 + 33_000);
+    let bundle = store
+        .export_evidence(vec![GW.to_string()], from, to)
+        .await
+        .expect("export");
+    assert_eq!(bundle.gateways.len(), 1);
+    let g = &bundle.gateways[0];
+    let seqs: Vec<u64> = g
+        .streams
+        .iter()
+        .flat_map(|s| &s.links)
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![2, 3],
+        "the links touching the window, contiguous"
+    );
+    assert_eq!(
+        g.streams[0]
+            .links
+            .iter()
+            .map(|l| l.served.points)
+            .collect::<Vec<_>>(),
+        vec![4, 4],
+        "what the query tables serve for each batch"
+    );
+    let t0 = g
+        .series
+        .iter()
+        .find(|r| r.tag == "t0")
+        .expect("t0 reported");
+    assert_eq!((t0.good, t0.bad), (6, 0));
+    assert_eq!(g.days.len(), 1, "the digest of the day the links came");
+    let verdict = crate::evidence::verify::verify(&bundle, &[]);
+    assert_eq!(verdict.failures(), 0, "{:#?}", verdict.findings);
+    assert!(
+        store
+            .export_evidence(vec![GW.to_string()], to, from)
+            .await
+            .is_err(),
+        "an empty window is refused"
     );
 }
