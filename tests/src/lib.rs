@@ -11,6 +11,7 @@ pub mod load;
 pub mod mount;
 pub mod mqtt;
 pub mod opcua;
+pub mod pg;
 pub mod pipeline;
 pub mod procs;
 pub mod proxy;

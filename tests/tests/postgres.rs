@@ -1,0 +1,242 @@
+//! Ingest on PostgreSQL, end to end with the real binaries: the schema is
+//! applied by `migrate` and refused when missing; a `pg_dump`/`pg_restore`
+//! round trip after which `verify-chain` passes and the gateway resumes
+//! without loss; several replicas on one database, the one a gateway streams
+//! to SIGKILLed again and again.
+//!
+//! Each test uses a database of its own on the server `./test.sh` starts
+//! (`guantong_e2e_*`, dropped at the end).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use guantong_e2e::pg::TestDb;
+use guantong_e2e::procs::{GatewayProc, IngestProc, binary, gateway_identity, wait_for};
+use guantong_e2e::scenario::check_counter;
+use guantong_e2e::sim::{SimDevice, standard_device_toml};
+
+const GW: &str = "gw-pg";
+const DEV: &str = "sim-1";
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Runs `guantong-ingest ARGS`; its stdout, or the failure with stderr.
+fn ingest_cli(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(binary("guantong-ingest")?)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "guantong-ingest {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// A gateway config reading the simulator every 20 ms, sending to
+/// `endpoints` (TLS with `ca`), buffering under `dir`.
+fn gateway_config(
+    endpoints: &[SocketAddr],
+    ca: &Path,
+    token: &str,
+    dir: &Path,
+    sim: SocketAddr,
+) -> String {
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("\"https://{a}\""))
+        .collect();
+    let uplink = match list.as_slice() {
+        [one] => format!("endpoint = {one}\n"),
+        _ => format!("endpoints = [{}]\n", list.join(", ")),
+    };
+    format!(
+        r#"[gateway]
+id = "{GW}"
+
+[uplink]
+{uplink}ca_file = "{ca}"
+token = "{token}"
+max_backoff = "1s"
+keepalive_interval = "2s"
+keepalive_timeout = "2s"
+
+[buffer]
+dir = "{buffer}"
+max_bytes = "64 MiB"
+commit_interval = "100ms"
+{device}"#,
+        ca = ca.display(),
+        buffer = dir.join("buffer").display(),
+        device = standard_device_toml(DEV, sim, "20ms"),
+    )
+}
+
+/// Registers the gateway whose config is at `config`, buffering under
+/// `dir` (its key made first), in the database; returns its token.
+fn register(
+    db: &TestDb,
+    data: &Path,
+    config: &Path,
+    dir: &Path,
+    sim: SocketAddr,
+) -> anyhow::Result<String> {
+    std::fs::write(
+        config,
+        gateway_config(
+            &["127.0.0.1:1".parse()?],
+            Path::new("/nonexistent"),
+            "none",
+            dir,
+            sim,
+        ),
+    )?;
+    let (algorithm, key) = gateway_identity(config)?;
+    ingest_cli(&[
+        "register-gateway",
+        "--database",
+        &db.url,
+        "--data",
+        &data.display().to_string(),
+        GW,
+        "--key-algorithm",
+        &algorithm,
+        "--public-key",
+        &key,
+    ])
+}
+
+/// Stops the counter and waits until the ingest behind `api` stores its
+/// last value; returns the stored counter points and that value.
+async fn settle(
+    sim: &SimDevice,
+    api: &guantong_e2e::procs::Api,
+) -> anyhow::Result<(Vec<serde_json::Value>, u64)> {
+    sim.set_fault(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = u64::from(sim.counter());
+    ensure!(last > 0, "the gateway never read the device");
+    let points = wait_for(
+        "every counter value stored",
+        Duration::from_secs(30),
+        || async {
+            let points = api.points(GW, DEV, "counter").await?;
+            let good = points.iter().filter(|p| p["quality"] == "good").count() as u64;
+            Ok((good >= last).then_some(points))
+        },
+    )
+    .await?;
+    Ok((points, last))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_database_without_the_schema_and_says_to_migrate() -> anyhow::Result<()> {
+    let db = TestDb::create("unmigrated")?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let e = IngestProc::start_with_args(&data, any_port(), any_port(), &["--database", &db.url])
+        .await
+        .err()
+        .context("serve started on a database without the schema")?;
+    ensure!(
+        format!("{e:#}").contains("guantong-ingest migrate"),
+        "the refusal names the command to run: {e:#}"
+    );
+    let first = ingest_cli(&["migrate", "--database", &db.url]);
+    ensure!(first.is_ok(), "{first:?}");
+    // Again: nothing to do, and serve starts.
+    ingest_cli(&["migrate", "--database", &db.url])?;
+    let mut ingest =
+        IngestProc::start_with_args(&data, any_port(), any_port(), &["--database", &db.url])
+            .await?;
+    ingest.proc.terminate(Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_dump_restored_verifies_and_the_gateway_resumes_without_loss() -> anyhow::Result<()> {
+    let db = TestDb::create("backup")?;
+    ingest_cli(&["migrate", "--database", &db.url])?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let config = dir.path().join("gateway.toml");
+    let sim = SimDevice::new();
+    let (sim_addr, _sim_task) = sim.serve(any_port()).await?;
+    let token = register(&db, &data, &config, dir.path(), sim_addr)?;
+    let serve = ["--database", db.url.as_str()];
+    let mut ingest = IngestProc::start_with_args(&data, any_port(), any_port(), &serve).await?;
+    std::fs::write(
+        &config,
+        gateway_config(
+            &[ingest.grpc],
+            &ingest.ca_file(),
+            &token,
+            dir.path(),
+            sim_addr,
+        ),
+    )?;
+    let mut gateway = GatewayProc::start(&config)?;
+    let api = ingest.api();
+    wait_for("points stored", Duration::from_secs(20), || async {
+        Ok((api.points(GW, DEV, "counter").await?.len() > 30).then_some(()))
+    })
+    .await
+    .with_context(|| format!("{}{}", gateway.proc.logs(), ingest.proc.logs()))?;
+
+    // The gateway stops (what it has not sent stays in its buffer), the
+    // database is dumped, lost, and restored from the dump.
+    gateway.proc.terminate(Duration::from_secs(10));
+    let dump = dir.path().join("guantong.dump");
+    let out = Command::new("pg_dump")
+        .args(["--format=custom", "--file"])
+        .arg(&dump)
+        .arg(&db.url)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ingest.proc.kill9();
+    db.drop_now()?;
+    guantong_e2e::pg::psql(
+        &std::env::var("GUANTONG_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        &format!("CREATE DATABASE {}", db.name),
+    )?;
+    let out = Command::new("pg_restore")
+        .args(["--no-owner", "--exit-on-error", "--dbname"])
+        .arg(&db.url)
+        .arg(&dump)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verified = ingest_cli(&["verify-chain", "--database", &db.url])?;
+    ensure!(
+        verified.contains(GW),
+        "verify-chain reports the gateway: {verified}"
+    );
+
+    let mut ingest = IngestProc::start_with_args(&data, ingest.grpc, ingest.http, &serve).await?;
+    let mut gateway = GatewayProc::start(&config)?;
+    sim.set_fault(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api = ingest.api();
+    let (points, last) = settle(&sim, &api).await?;
+    check_counter(&points, last, 0, true)
+        .map_err(|e| anyhow::anyhow!("{e}\n{}{}", gateway.proc.logs(), ingest.proc.logs()))?;
+    ingest_cli(&["verify-chain", "--database", &db.url])?;
+    gateway.proc.terminate(Duration::from_secs(10));
+    ingest.proc.terminate(Duration::from_secs(10));
+    Ok(())
+}
