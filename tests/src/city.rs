@@ -1,5 +1,5 @@
-//! Rollup rows as 30 days of 1 s data leave them, written straight into an
-//! embedded store: one large enterprise for the report and hundreds of small
+//! Rollup rows as 30 days of 1 s data leave them, written straight into a
+//! store (embedded or PostgreSQL): one large enterprise for the report and hundreds of small
 //! ones for the city view. Used by `bench-report` and by `bench-ingest-load`
 //! (reports asked while load runs).
 //!
@@ -11,7 +11,7 @@
 
 use guantong_ingest::registry::{Enterprise, Equipment};
 use guantong_ingest::store::Store;
-use guantong_ingest::store::embedded::EmbeddedStore;
+use guantong_ingest::store::any::AnyStore;
 use guantong_ingest::store::rollup::{
     DAY_MS, GatewayDay, HOUR_MS, LATENCY_BUCKETS, RUN_BAD, RUN_DATA, SKETCH_K, SeriesDay,
 };
@@ -43,7 +43,7 @@ impl Default for City {
 /// Writes `city` for the days ending `today`; returns the large enterprise
 /// and its series. The small enterprises are numbered 1..=enterprises.
 pub async fn seed(
-    store: &EmbeddedStore,
+    store: &AnyStore,
     city: City,
     today: i64,
 ) -> anyhow::Result<(Enterprise, Vec<u64>)> {
@@ -70,7 +70,9 @@ pub async fn seed(
         city.enterprises,
         t.elapsed().as_secs_f64()
     );
-    store.bench_backdate_series(today - city.days * DAY_MS)?;
+    store
+        .bench_backdate_series(today - city.days * DAY_MS)
+        .await?;
     Ok(big)
 }
 
@@ -115,8 +117,8 @@ pub fn credit_code(n: u32) -> String {
 }
 
 /// Rollup rows of `series` for `days` days ending today.
-fn fill(
-    store: &EmbeddedStore,
+async fn fill(
+    store: &AnyStore,
     gateway: &str,
     series: &[u64],
     days: i64,
@@ -170,7 +172,9 @@ fn fill(
             }
             runs.push((s, RUN_BAD, first + span - 600_000, first + span));
         }
-        store.bench_put_rollups(day_rows, runs, hours, Vec::new())?;
+        store
+            .bench_put_rollups(day_rows, runs, hours, Vec::new())
+            .await?;
     }
     let gw_days = (0..days)
         .map(|d| {
@@ -190,12 +194,14 @@ fn fill(
             )
         })
         .collect();
-    store.bench_put_rollups(Vec::new(), Vec::new(), Vec::new(), gw_days)?;
+    store
+        .bench_put_rollups(Vec::new(), Vec::new(), Vec::new(), gw_days)
+        .await?;
     Ok(())
 }
 
 async fn enterprise(
-    store: &EmbeddedStore,
+    store: &AnyStore,
     n: u32,
     devices: u32,
     tags: u32,
@@ -236,6 +242,6 @@ async fn enterprise(
         .collect();
     store.put_equipment(&e.code, &register).await?;
     store.assign_gateway(&gw, &e.code).await?;
-    fill(store, &gw, &map.series, days, today)?;
+    fill(store, &gw, &map.series, days, today).await?;
     Ok((e, map.series.clone()))
 }

@@ -127,7 +127,15 @@ pub fn samples(shape: Shape, numbers: std::ops::Range<u64>, t0_ms: i64) -> Vec<S
 /// Registers every gateway of `shape` with its key in the (not serving)
 /// store at `data`; returns their tokens in order.
 pub async fn register(data: &Path, prefix: &str, shape: Shape) -> anyhow::Result<Vec<String>> {
-    let store = EmbeddedStore::open(data)?;
+    register_in(&EmbeddedStore::open(data)?, prefix, shape).await
+}
+
+/// `register` in any store.
+pub async fn register_in<S: Store>(
+    store: &S,
+    prefix: &str,
+    shape: Shape,
+) -> anyhow::Result<Vec<String>> {
     let mut tokens = Vec::with_capacity(shape.gateways);
     for i in 0..shape.gateways {
         let key = signing_key(i);
@@ -142,19 +150,61 @@ pub async fn register(data: &Path, prefix: &str, shape: Shape) -> anyhow::Result
     Ok(tokens)
 }
 
-/// Registers `shape`'s gateways in `work/data`, starts the real ingest on
-/// it (ports chosen by the OS) and the gateways streaming to it.
+/// Registers `shape`'s gateways, starts the real ingest (ports chosen by
+/// the OS) and the gateways streaming to it. On the embedded store in
+/// `work/data`; with `database`, on that PostgreSQL database (migrated),
+/// as `replicas` processes (data directories `work/data`, `work/data-1`,
+/// … sharing the first one's CA), gateway `i` streaming to replica
+/// `i mod replicas`.
 pub async fn start_with_ingest(
     work: &Path,
     prefix: &str,
     shape: Shape,
-) -> anyhow::Result<(crate::procs::IngestProc, Load)> {
+    database: Option<&str>,
+    replicas: usize,
+) -> anyhow::Result<(Vec<crate::procs::IngestProc>, Load)> {
     let data = work.join("data");
-    let tokens = register(&data, prefix, shape).await?;
     let any = "127.0.0.1:0".parse()?;
-    let ingest = crate::procs::IngestProc::start(&data, any, any).await?;
-    let load = Load::start(work, prefix, shape, ingest.grpc, ingest.ca_file(), &tokens)?;
-    Ok((ingest, load))
+    let Some(url) = database else {
+        let tokens = register(&data, prefix, shape).await?;
+        let ingest = crate::procs::IngestProc::start(&data, any, any).await?;
+        let load = Load::start(
+            work,
+            prefix,
+            shape,
+            &[ingest.grpc],
+            ingest.ca_file(),
+            &tokens,
+        )?;
+        return Ok((vec![ingest], load));
+    };
+    let target = guantong_ingest::store::postgres::Target::new(url, None)?;
+    let tokens = {
+        let store = guantong_ingest::store::postgres::PgStore::open(&target).await?;
+        register_in(&store, prefix, shape).await?
+    };
+    let serve = ["--database", url];
+    let first = crate::procs::IngestProc::start_with_args(&data, any, any, &serve).await?;
+    let mut replicas_started = vec![first];
+    for r in 1..replicas.max(1) {
+        let dir = work.join(format!("data-{r}"));
+        std::fs::create_dir_all(dir.join("tls"))?;
+        for file in ["ca.pem", "ca.key"] {
+            std::fs::copy(data.join("tls").join(file), dir.join("tls").join(file))?;
+        }
+        replicas_started
+            .push(crate::procs::IngestProc::start_with_args(&dir, any, any, &serve).await?);
+    }
+    let endpoints: Vec<_> = replicas_started.iter().map(|i| i.grpc).collect();
+    let load = Load::start(
+        work,
+        prefix,
+        shape,
+        &endpoints,
+        replicas_started[0].ca_file(),
+        &tokens,
+    )?;
+    Ok((replicas_started, load))
 }
 
 /// What one gateway's driver counted.
@@ -186,14 +236,14 @@ pub struct Totals {
 }
 
 impl Load {
-    /// Starts `shape.gateways` gateways streaming to `grpc` (TLS trusting
-    /// `ca_file`) with `tokens`; buffers live in a temporary directory under
-    /// `work`.
+    /// Starts `shape.gateways` gateways streaming to `grpc` (gateway `i` to
+    /// `grpc[i mod len]`, TLS trusting `ca_file`) with `tokens`; buffers
+    /// live in a temporary directory under `work`.
     pub fn start(
         work: &Path,
         prefix: &str,
         shape: Shape,
-        grpc: std::net::SocketAddr,
+        grpc: &[std::net::SocketAddr],
         ca_file: PathBuf,
         tokens: &[String],
     ) -> anyhow::Result<Load> {
@@ -217,7 +267,7 @@ impl Load {
             let buffer = Arc::new(buffer);
             let (committed_tx, committed_rx) = watch::channel(0);
             let mut config = crate::bench::uplink_config(
-                grpc,
+                grpc[i % grpc.len()],
                 token,
                 Some(ca_file.clone()),
                 Compression::Zstd,

@@ -54,7 +54,12 @@ pub struct TestDb {
 impl TestDb {
     /// A new empty database `guantong_e2e_<what>_<pid>`.
     pub fn create(what: &str) -> anyhow::Result<TestDb> {
-        let admin = server_url();
+        TestDb::create_on(&server_url(), what)
+    }
+
+    /// `create` on the server `admin` names (a database on it to connect to).
+    pub fn create_on(admin: &str, what: &str) -> anyhow::Result<TestDb> {
+        let admin = admin.to_string();
         let name = format!("guantong_e2e_{what}_{}", std::process::id());
         psql(
             &admin,
@@ -74,6 +79,16 @@ impl TestDb {
         TestDb::create(&format!(
             "{}_{suffix}",
             self.name.trim_start_matches("guantong_e2e_")
+        ))
+    }
+
+    /// Applies the schema and opens the store, as `migrate` and `serve` do.
+    pub async fn migrated_store(&self) -> anyhow::Result<guantong_ingest::store::any::AnyStore> {
+        use guantong_ingest::store::postgres;
+        let target = postgres::Target::new(&self.url, None)?;
+        postgres::migrate(&postgres::pool(&target, 1)?).await?;
+        Ok(guantong_ingest::store::any::AnyStore::Postgres(
+            postgres::PgStore::open(&target).await?,
         ))
     }
 

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use guantong_e2e::load::{self, Shape};
 use guantong_e2e::procs::{IngestProc, binary};
 use guantong_ingest::store::rollup::{DAY_MS, day_of};
@@ -225,7 +227,8 @@ async fn every_read_command_prints_the_same_while_serving_as_stopped() -> anyhow
         tags: 10,
         interval_ms: 1000,
     };
-    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
+    let (ingests, load) = load::start_with_ingest(work.path(), &prefix, shape, None, 1).await?;
+    let mut ingest = ingests.into_iter().next().context("ingest")?;
     let data = ingest.data.clone();
     let (ga, gb) = (load::gateway_id(&prefix, 0), load::gateway_id(&prefix, 1));
     registry(&data, &ga, &gb)?;
@@ -400,7 +403,8 @@ async fn a_backup_taken_under_signed_load_restores_to_a_store_that_verifies() ->
         tags: 50,
         interval_ms: 1000,
     };
-    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
+    let (ingests, load) = load::start_with_ingest(work.path(), &prefix, shape, None, 1).await?;
+    let mut ingest = ingests.into_iter().next().context("ingest")?;
     let data = ingest.data.clone();
     load::wait_acked(&load, &mut ingest, 1).await?;
     // Two copies while batches are being written; the second is restored.

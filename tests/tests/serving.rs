@@ -84,7 +84,7 @@ async fn a_gateway_registered_from_the_cli_while_ingest_serves_then_streams() ->
         work.path(),
         &prefix,
         shape,
-        ingest.grpc,
+        &[ingest.grpc],
         ingest.ca_file(),
         std::slice::from_ref(&token),
     )?;
@@ -126,7 +126,8 @@ async fn every_acked_point_is_stored_once_after_ingest_is_killed_during_load() -
         tags: 50,
         interval_ms: 1000,
     };
-    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
+    let (ingests, load) = load::start_with_ingest(work.path(), &prefix, shape, None, 1).await?;
+    let mut ingest = ingests.into_iter().next().context("ingest")?;
     let data = ingest.data.clone();
     load::wait_acked(&load, &mut ingest, 1).await?;
     for kill in 0..4u64 {

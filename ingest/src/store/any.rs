@@ -36,6 +36,34 @@ macro_rules! each {
     };
 }
 
+impl AnyStore {
+    /// Writes rollup rows directly, as a benchmark's stand-in for weeks of
+    /// ingested points (the report reads nothing else).
+    #[doc(hidden)]
+    pub async fn bench_put_rollups(
+        &self,
+        days: Vec<(u64, i64, SeriesDay)>,
+        runs: Vec<(u64, u8, i64, i64)>,
+        hours: Vec<(u64, i64, super::rollup::HourStats)>,
+        gateway_days: Vec<(String, i64, GatewayDay)>,
+    ) -> Result<()> {
+        match self {
+            AnyStore::Embedded(s) => s.bench_put_rollups(days, runs, hours, gateway_days),
+            AnyStore::Postgres(s) => s.bench_put_rollups(days, runs, hours, gateway_days).await,
+        }
+    }
+
+    /// Moves every series' creation time to `created_ms` (benchmarks of
+    /// long windows).
+    #[doc(hidden)]
+    pub async fn bench_backdate_series(&self, created_ms: i64) -> Result<()> {
+        match self {
+            AnyStore::Embedded(s) => s.bench_backdate_series(created_ms),
+            AnyStore::Postgres(s) => s.bench_backdate_series(created_ms).await,
+        }
+    }
+}
+
 impl Store for AnyStore {
     fn generation(&self) -> u64 {
         each!(self, s => s.generation())

@@ -1409,6 +1409,52 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `AnyStore::bench_put_rollups`.
+    #[doc(hidden)]
+    pub async fn bench_put_rollups(
+        &self,
+        days: Vec<(u64, i64, SeriesDay)>,
+        runs: Vec<(u64, u8, i64, i64)>,
+        hours: Vec<(u64, i64, rollup::HourStats)>,
+        gateway_days: Vec<(String, i64, GatewayDay)>,
+    ) -> Result<()> {
+        let mut w = GroupWrites::default();
+        for (s, d, row) in days {
+            w.days.insert((s, d), row);
+        }
+        for (s, k, a, b) in runs {
+            w.runs.entry((s, k)).or_default().insert(a, b);
+            w.runs_changed.insert((s, k, a));
+        }
+        for (s, h, v) in hours {
+            w.hours.insert((s, h), v);
+        }
+        for (g, d, row) in gateway_days {
+            w.gateway_days.insert((g, d), row);
+        }
+        let mut client = self.client().await?;
+        let txn = client.transaction().await.map_err(pg_err)?;
+        write_rollups(&txn, &w).await?;
+        txn.commit().await.map_err(pg_err)?;
+        self.changed(&client).await
+    }
+
+    /// `AnyStore::bench_backdate_series`.
+    #[doc(hidden)]
+    pub async fn bench_backdate_series(&self, created_ms: i64) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE series SET meta = jsonb_set(meta, '{created_ms}', to_jsonb($1::bigint))",
+                &[&created_ms],
+            )
+            .await
+            .map_err(pg_err)?;
+        self.changed(&client).await
+    }
+}
+
 impl Store for PgStore {
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

@@ -34,6 +34,7 @@ use clap::Parser;
 use guantong_e2e::bench::{cpu_seconds, median, percentile, rss_mib};
 use guantong_e2e::city::City;
 use guantong_e2e::load::{self, COMMIT_INTERVAL, MAX_BATCH_POINTS, Shape};
+use guantong_ingest::store::any::AnyStore;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::rollup::{DAY_MS, day_of};
 use guantong_proto::v1::{Batch, Point};
@@ -55,6 +56,15 @@ struct Args {
     /// How often ingest RSS is sampled in the window.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     rss_every: Duration,
+    /// Run ingest on PostgreSQL: the server (a `postgres://` URL to a
+    /// database on it). Each scenario makes and drops a database of its own;
+    /// the limit is then a bare client's binary COPY of the same rows into
+    /// the same table, and PostgreSQL's CPU is counted beside ingest's.
+    #[arg(long)]
+    database: Option<String>,
+    /// Ingest replicas on PostgreSQL (gateway `i` streams to replica `i mod N`).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
 }
 
 /// Reports asked over HTTP while the load runs (medians and worst of
@@ -123,6 +133,8 @@ struct Figures {
     p99_ms: i64,
     limit_us_per_point: f64,
     limit_per_s: f64,
+    /// PostgreSQL's CPU per point stored (on PostgreSQL).
+    pg_us_per_point: Option<f64>,
     reports: Option<ReportTimes>,
     /// CPU cores the load generator itself used (same machine).
     load_cores: f64,
@@ -311,13 +323,22 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
     let prefix = format!("load{}", std::process::id());
     let today = day_of(guantong_ingest::grpc::now_ms());
     let city = City::default();
+    let db = args
+        .database
+        .as_deref()
+        .map(|url| guantong_e2e::pg::TestDb::create_on(url, "load"))
+        .transpose()?;
+    let store = match &db {
+        Some(db) => db.migrated_store().await?,
+        None => AnyStore::Embedded(EmbeddedStore::open(&work.path().join("data"))?),
+    };
     let big = if args.no_reports {
         None
     } else {
-        let store = EmbeddedStore::open(&work.path().join("data"))?;
         let (big, _) = guantong_e2e::city::seed(&store, city, today).await?;
         Some(big.code)
     };
+    drop(store);
     println!(
         "{name}: {} gateways × {} tags every {} ms = {:.0} points/s offered; registering…",
         shape.gateways,
@@ -325,13 +346,28 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
         shape.interval_ms,
         shape.rate()
     );
-    let (mut ingest, load) = load::start_with_ingest(work.path(), &prefix, shape).await?;
-    let pid = ingest.proc.pid().context("ingest pid")?;
+    let (mut ingests, load) = load::start_with_ingest(
+        work.path(),
+        &prefix,
+        shape,
+        db.as_ref().map(|d| d.url.as_str()),
+        args.replicas,
+    )
+    .await?;
+    let pids: Vec<u32> = ingests.iter().filter_map(|i| i.proc.pid()).collect();
+    let ingest_cpu = || -> anyhow::Result<f64> { pids.iter().map(|p| cpu_seconds(*p)).sum() };
+    let ingest_rss = || -> anyhow::Result<(f64, f64)> {
+        pids.iter().try_fold((0.0, 0.0), |(r, h), p| {
+            let (r1, h1) = rss_mib(*p)?;
+            Ok((r + r1, h + h1))
+        })
+    };
+    let ingest = &mut ingests[0];
     let (own_cpu0, start_all) = (cpu_seconds(std::process::id())?, Instant::now());
     // Warm up: every stream connected, its manifest stored and a batch acked.
     load::wait_for_load(
         &load,
-        &mut ingest,
+        ingest,
         Duration::from_secs(300),
         |l| l.gateways_acked() >= shape.gateways,
         |l| {
@@ -354,12 +390,12 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
         }
         None => None,
     };
-    let (cpu0, before) = (cpu_seconds(pid)?, load.totals());
+    let (cpu0, pg0, before) = (ingest_cpu()?, postgres_cpu(), load.totals());
     load.measure_latency(true);
     let start = Instant::now();
     let mut rss_samples = Vec::new();
     while start.elapsed() < duration {
-        rss_samples.push((start.elapsed().as_secs_f64(), rss_mib(pid)?.0));
+        rss_samples.push((start.elapsed().as_secs_f64(), ingest_rss()?.0));
         tokio::time::sleep(args.rss_every.min(duration.saturating_sub(start.elapsed()))).await;
     }
     let window = load.totals();
@@ -369,15 +405,21 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
     let drained = load
         .wait_drained(duration.max(Duration::from_secs(60)))
         .await;
-    let (cpu1, after) = (cpu_seconds(pid)?, load.totals());
+    let (cpu1, pg1, after) = (ingest_cpu()?, postgres_cpu(), load.totals());
     let load_cores =
         (cpu_seconds(std::process::id())? - own_cpu0) / start_all.elapsed().as_secs_f64();
-    let (rss, hwm) = rss_mib(pid)?;
+    let (rss, hwm) = ingest_rss()?;
     let latencies = load.latencies_ms();
     load.stop().await?;
-    ingest.proc.terminate(Duration::from_secs(10));
+    for i in &mut ingests {
+        i.proc.terminate(Duration::from_secs(10));
+    }
     let acked = (after.acked - before.acked) as f64;
-    let (limit_us, limit_rate) = raw_redb(shape, duration.as_secs().clamp(2, 10))?;
+    let seconds = duration.as_secs().clamp(2, 10);
+    let (limit_us, limit_rate) = match &args.database {
+        Some(url) => copy_limit(url, shape, seconds).await?,
+        None => raw_redb(shape, seconds)?,
+    };
     let f = Figures {
         name,
         shape,
@@ -390,6 +432,7 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
         p99_ms: percentile(latencies, 0.99),
         limit_us_per_point: limit_us,
         limit_per_s: limit_rate,
+        pg_us_per_point: db.as_ref().map(|_| (pg1 - pg0) * 1e6 / acked),
         reports,
         load_cores,
         rss_samples,
@@ -426,6 +469,16 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
             worst(&r.access_log_s),
         );
     }
+    if let Some(pg) = f.pg_us_per_point {
+        println!(
+            "  on PostgreSQL ({} replica(s)): PostgreSQL {pg:.2} µs CPU/point beside ingest's {:.2}: {:.2} µs/point in all against the COPY limit's {:.2} (client and server); stored {:.0}% of the COPY limit's points/s (target ≥ 50%)",
+            args.replicas,
+            f.cpu_us_per_point,
+            f.cpu_us_per_point + pg,
+            f.limit_us_per_point,
+            f.stored_per_s / f.limit_per_s * 100.0,
+        );
+    }
     println!(
         "  the load generator itself used {:.2} of this machine's cores",
         f.load_cores
@@ -440,6 +493,121 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
     );
     Ok(f)
 }
+
+/// CPU seconds of every PostgreSQL server process on this machine.
+fn postgres_cpu() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(|pid| cpu_seconds(pid).ok())
+        .sum()
+}
+
+/// The limit on PostgreSQL: `seconds` of the scenario's points as rows of
+/// `points` (ingest's columns), written by a bare client with binary COPY
+/// into a fresh database of the same schema, in ingest's transaction shape
+/// (every gateway's batches of one commit interval, at most a group per
+/// transaction). Returns (client process + PostgreSQL CPU µs per point,
+/// points/s wall).
+async fn copy_limit(server: &str, shape: Shape, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    let db = guantong_e2e::pg::TestDb::create_on(server, "copy_limit")?;
+    drop(db.migrated_store().await?); // the schema and today's partitions
+    let (mut client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let t0_ms = guantong_gateway::quality::now_ms();
+    let tick_ms = COMMIT_INTERVAL.as_millis() as u64;
+    let ticks: Vec<Vec<(i64, i64, f64, i64)>> = (0..seconds * 1000 / tick_ms)
+        .map(|k| {
+            let range = shape.samples_before(k * tick_ms)..shape.samples_before((k + 1) * tick_ms);
+            (0..shape.gateways)
+                .flat_map(|g| {
+                    load::samples(shape, range.clone(), t0_ms)
+                        .into_iter()
+                        .map(move |s| {
+                            let num = match s.value {
+                                Some(guantong_proto::v1::point::Value::Double(d)) => d,
+                                _ => 0.0,
+                            };
+                            (
+                                (g as i64) * i64::from(shape.tags) + i64::from(s.tag) + 1,
+                                s.time_ms,
+                                num,
+                                g as i64,
+                            )
+                        })
+                })
+                .collect()
+        })
+        .collect();
+    let points: usize = ticks.iter().map(Vec::len).sum();
+    let types = [
+        Type::INT8,
+        Type::INT8,
+        Type::INT4,
+        Type::INT8,
+        Type::INT2,
+        Type::FLOAT8,
+        Type::INT8,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::BOOL,
+        Type::INT8,
+        Type::INT8,
+    ];
+    // This process's CPU (the client and its connection task; the load
+    // generator has stopped) and the server's.
+    let own = std::process::id();
+    let (start, cpu, pg) = (Instant::now(), cpu_seconds(own)?, postgres_cpu());
+    for (k, tick) in ticks.iter().enumerate() {
+        for rows in tick.chunks(PG_GROUP_POINTS) {
+            let txn = client.transaction().await?;
+            let sink = txn
+                .copy_in(
+                    "COPY points (series, time_ms, quality, quality_code, kind, num, bits, txt, \
+                     server_delta_ms, received_at_ms, backfill, buffer_id, seq) FROM STDIN BINARY",
+                )
+                .await?;
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            let mut writer = std::pin::pin!(writer);
+            let (none_i64, none_txt) = (None::<i64>, None::<String>);
+            for (series, time, num, g) in rows {
+                let row: [&(dyn ToSql + Sync); 13] = [
+                    series,
+                    time,
+                    &0i32,
+                    &0i64,
+                    &4i16,
+                    num,
+                    &none_i64,
+                    &none_txt,
+                    &none_i64,
+                    time,
+                    &false,
+                    g,
+                    &(k as i64),
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+            writer.as_mut().finish().await?;
+            txn.commit().await?;
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = (cpu_seconds(own)? - cpu) + (postgres_cpu() - pg);
+    let n = points as f64;
+    Ok((cpu * 1e6 / n, n / wall.as_secs_f64()))
+}
+
+/// Ingest's most points per transaction on PostgreSQL (`store::postgres::GROUP_POINTS`).
+const PG_GROUP_POINTS: usize = 100_000;
 
 fn worst(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)

@@ -15,6 +15,7 @@ use guantong_e2e::bench::median;
 use guantong_e2e::city::{self, City};
 use guantong_ingest::acceptance::{self, Criteria};
 use guantong_ingest::grpc::now_ms;
+use guantong_ingest::store::any::AnyStore;
 use guantong_ingest::store::embedded::EmbeddedStore;
 use guantong_ingest::store::rollup::{DAY_MS, RUN_BAD, RUN_DATA, day_of};
 use guantong_ingest::store::{RunsQuery, Store};
@@ -34,15 +35,14 @@ struct Args {
     /// Enterprises of the city view (each 10 devices × 10 tags, 7 days).
     #[arg(long, default_value_t = 500)]
     enterprises: u32,
+    /// Run on PostgreSQL: the server (a `postgres://` URL to a database on
+    /// it); the bench makes and drops a database of its own there.
+    #[arg(long)]
+    database: Option<String>,
 }
 
 /// The limit: reading the same rows without computing anything.
-async fn bare_read(
-    store: &EmbeddedStore,
-    series: &[u64],
-    from: i64,
-    to: i64,
-) -> anyhow::Result<usize> {
+async fn bare_read(store: &AnyStore, series: &[u64], from: i64, to: i64) -> anyhow::Result<usize> {
     let mut n = store.series_days(series, from, to).await?.len();
     let queries = series
         .iter()
@@ -69,7 +69,24 @@ async fn bare_read(
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let dir = tempfile::tempdir()?;
-    let store = EmbeddedStore::open(dir.path())?;
+    // A database of its own on the server named, dropped at the end.
+    let db = a
+        .database
+        .as_deref()
+        .map(|url| guantong_e2e::pg::TestDb::create_on(url, "bench_report"))
+        .transpose()?;
+    let store = match &db {
+        Some(db) => db.migrated_store().await?,
+        None => AnyStore::Embedded(EmbeddedStore::open(dir.path())?),
+    };
+    println!(
+        "store: {}",
+        if db.is_some() {
+            "PostgreSQL"
+        } else {
+            "embedded"
+        }
+    );
     let today = day_of(now_ms());
     let criteria = Criteria::default();
 
