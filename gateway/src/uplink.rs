@@ -156,12 +156,14 @@ const ACK_DELETE_DELAY: Duration = Duration::from_millis(200);
 const MAX_ACKED_RANGES: usize = 256;
 
 /// Acked batches not yet deleted: everything up to `cumulative` and the
-/// batches in `ranges`; `due` is when they must be.
+/// batches in `ranges`; `due` is when they must be. `any`: an ack arrived
+/// in this session (deleting does not clear it).
 #[derive(Default)]
 struct Acked {
     cumulative: u64,
     ranges: Vec<(u64, u64)>,
     due: Option<tokio::time::Instant>,
+    any: bool,
 }
 
 impl Acked {
@@ -211,16 +213,15 @@ impl Uplink {
         let mut backoff = Duration::from_millis(500);
         let mut compression = self.config.compression;
         loop {
-            let result = self.session(&cancel, compression).await;
+            let (acked_any, result) = self.session(&cancel, compression).await;
             if cancel.is_cancelled() {
                 return;
             }
+            if acked_any {
+                backoff = Duration::from_millis(500);
+            }
             match result {
-                Ok(acked_any) => {
-                    if acked_any {
-                        backoff = Duration::from_millis(500);
-                    }
-                }
+                Ok(()) => {}
                 Err(UplinkError::Status(s))
                     if s.code() == tonic::Code::Unimplemented
                         && compression != Compression::None =>
@@ -286,19 +287,18 @@ impl Uplink {
         Ok(client)
     }
 
-    /// One connection. Returns Ok(acked_any) when the stream ended cleanly.
-    /// Whatever was acked is deleted before it returns, however it ends.
+    /// One connection, until it fails (Ok only when cancelled). Returns
+    /// whether ingest acked anything on it, however it ended. Whatever was
+    /// acked is deleted before it returns.
     async fn session(
         &self,
         cancel: &CancellationToken,
         compression: Compression,
-    ) -> Result<bool, UplinkError> {
+    ) -> (bool, Result<(), UplinkError>) {
         let mut acked = Acked::default();
         let result = self.stream(cancel, compression, &mut acked).await;
         let deleted = self.delete_acked(&mut acked).await;
-        let acked_any = result?;
-        deleted?;
-        Ok(acked_any)
+        (acked.any, result.and(deleted))
     }
 
     async fn stream(
@@ -306,10 +306,10 @@ impl Uplink {
         cancel: &CancellationToken,
         compression: Compression,
         acked: &mut Acked,
-    ) -> Result<bool, UplinkError> {
+    ) -> Result<(), UplinkError> {
         self.status.uplink_connecting();
         let mut client = tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
+            _ = cancel.cancelled() => return Ok(()),
             c = self.connect(compression) => c?,
         };
         let window = self.config.max_in_flight.get() as usize;
@@ -392,7 +392,6 @@ impl Uplink {
         });
         let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
-        let mut acked_any = false;
         // The writer stops last at shutdown: its final flush must still be
         // delivered and acknowledged within the grace, so the session goes on.
         let mut writer_gone = false;
@@ -435,7 +434,7 @@ impl Uplink {
             let delete_due = acked.due;
             let event = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ok(acked_any),
+                _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(delete_due.unwrap_or_else(tokio::time::Instant::now)),
                     if delete_due.is_some() => Event::DeleteDue,
                 // The first tick is at once: a report right after Welcome.
@@ -486,7 +485,7 @@ impl Uplink {
                     ),
                 },
                 Event::Inbound(Some(Down::Ack(ack))) => {
-                    acked_any = true;
+                    acked.any = true;
                     self.status.batch_acked(ack.batch_seq);
                     let (first, last) = (ack.batch_seq, ack.batch_last_seq.max(ack.batch_seq));
                     acked.add(ack.seq, first, last, &mut in_flight);
