@@ -145,8 +145,14 @@ impl From<KeyAlgorithm> for guantong_proto::chain::Algorithm {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Ingest gRPC endpoint, e.g. `https://ingest.example.com:7600`.
-    pub endpoint: String,
+    /// Ingest gRPC endpoint, e.g. `https://ingest.example.com:7600`; or
+    /// `endpoints`, several (exactly one of the two). Resolved at load:
+    /// `endpoints` holds this one too.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Ingest endpoints in the order the uplink tries them (see `uplink`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Token printed by `guantong-ingest register-gateway`; or read from
     /// `token_file` or the environment variable `token_env` (exactly one of
     /// the three). Resolved at load: this holds the token itself.
@@ -541,30 +547,9 @@ impl Config {
         let mut uplink = uplink;
         if let Some(u) = &mut uplink {
             crate::secret::resolve_uplink(u, base_dir, &mut problems);
+            resolve_endpoints(u, &mut problems);
         }
         if let Some(u) = &uplink {
-            if !(u.endpoint.starts_with("http://") || u.endpoint.starts_with("https://")) {
-                problems.push(
-                    "uplink.endpoint",
-                    format!(
-                        "`{}` is not a URL, expected e.g. `https://ingest.example.com:7600`",
-                        u.endpoint
-                    ),
-                );
-            } else if u.endpoint.starts_with("http://") && !u.plaintext {
-                problems.push(
-                    "uplink.endpoint",
-                    format!(
-                        "`{}` has no TLS: the token and data would cross the network in clear; use `https://`, or set `plaintext = true` for local testing",
-                        u.endpoint
-                    ),
-                );
-            } else if u.endpoint.starts_with("https://") && u.plaintext {
-                problems.push(
-                    "uplink.plaintext",
-                    "`plaintext = true` needs an `http://` endpoint",
-                );
-            }
             if u.keepalive_interval < Duration::from_millis(100)
                 || u.keepalive_timeout < Duration::from_millis(100)
             {
@@ -739,6 +724,53 @@ fn check_primary_hosts(devices: &[DeviceConfig], problems: &mut Problems) {
     }
 }
 
+/// Resolves `uplink.endpoints` from exactly one of `endpoint` (a list of
+/// one) and `endpoints`, and checks each URL under its own key
+/// (`uplink.endpoints[1]`).
+fn resolve_endpoints(u: &mut UplinkConfig, problems: &mut Problems) {
+    let keyed: Vec<(String, String)> = match (&u.endpoint, u.endpoints.is_empty()) {
+        (Some(_), false) => {
+            problems.push(
+                "uplink.endpoints",
+                "set only one of `endpoint` and `endpoints`",
+            );
+            return;
+        }
+        (None, true) => {
+            problems.push(
+                "uplink.endpoint",
+                "missing, expected an ingest URL such as `https://ingest.example.com:7600` (or `endpoints`, a list of them)",
+            );
+            return;
+        }
+        (Some(url), true) => vec![("uplink.endpoint".into(), url.clone())],
+        (None, false) => (u.endpoints.iter().enumerate())
+            .map(|(i, url)| (format!("uplink.endpoints[{i}]"), url.clone()))
+            .collect(),
+    };
+    for (key, url) in &keyed {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(
+                key,
+                format!("`{url}` is not a URL, expected e.g. `https://ingest.example.com:7600`"),
+            );
+        } else if url.starts_with("http://") && !u.plaintext {
+            problems.push(
+                key,
+                format!(
+                    "`{url}` has no TLS: the token and data would cross the network in clear; use `https://`, or set `plaintext = true` for local testing"
+                ),
+            );
+        } else if url.starts_with("https://") && u.plaintext {
+            problems.push(
+                "uplink.plaintext",
+                format!("`plaintext = true` needs an `http://` endpoint; {key} is `{url}`"),
+            );
+        }
+    }
+    u.endpoints = keyed.into_iter().map(|(_, url)| url).collect();
+}
+
 /// Checks an identifier used in ids and tag names: printable, no separators
 /// that would make paths ambiguous.
 pub(crate) fn check_id(problems: &mut Problems, path: &str, id: &str) {
@@ -880,6 +912,57 @@ type = "f32"
             problems(&missing_ca)[0]
                 .starts_with("uplink.ca_file: cannot read /etc/guantong/nope.pem")
         );
+    }
+
+    /// `endpoint` is a list of one, `endpoints` a list: exactly one of the
+    /// two, and every URL is checked under its own key.
+    #[test]
+    fn takes_one_endpoint_or_a_list_of_them() {
+        let c = Config::parse(GOOD, Path::new("/")).expect("valid");
+        assert_eq!(c.uplink.endpoints, ["https://127.0.0.1:7600"]);
+        let single = "endpoint = \"https://127.0.0.1:7600\"";
+        let list = GOOD.replace(
+            single,
+            "endpoints = [\"https://a:7600\", \"https://b:7600\"]",
+        );
+        let c = Config::parse(&list, Path::new("/")).expect("valid");
+        assert_eq!(c.uplink.endpoints, ["https://a:7600", "https://b:7600"]);
+
+        let both = GOOD.replace(
+            single,
+            &format!("{single}\nendpoints = [\"https://b:7600\"]"),
+        );
+        assert_eq!(
+            problems(&both),
+            ["uplink.endpoints: set only one of `endpoint` and `endpoints`"]
+        );
+        let missing = "uplink.endpoint: missing, expected an ingest URL such as `https://ingest.example.com:7600` (or `endpoints`, a list of them)";
+        assert_eq!(problems(&GOOD.replace(single, "")), [missing]);
+        assert_eq!(problems(&GOOD.replace(single, "endpoints = []")), [missing]);
+
+        assert_eq!(
+            problems(&list.replace("https://b", "ftp://b")),
+            [
+                "uplink.endpoints[1]: `ftp://b:7600` is not a URL, expected e.g. `https://ingest.example.com:7600`"
+            ]
+        );
+        let p = problems(&list.replace("https://b", "http://b"));
+        assert!(
+            p.len() == 1 && p[0].starts_with("uplink.endpoints[1]: `http://b:7600` has no TLS"),
+            "{p:?}"
+        );
+        let plaintext = list
+            .replace("https://a", "http://a")
+            .replace("token = \"secret\"", "token = \"secret\"\nplaintext = true");
+        assert_eq!(
+            problems(&plaintext),
+            [
+                "uplink.plaintext: `plaintext = true` needs an `http://` endpoint; uplink.endpoints[1] is `https://b:7600`"
+            ]
+        );
+        let c = Config::parse(&plaintext.replace("https://b", "http://b"), Path::new("/"))
+            .expect("valid");
+        assert_eq!(c.uplink.endpoints, ["http://a:7600", "http://b:7600"]);
     }
 
     #[test]

@@ -141,6 +141,6 @@ pub fn warn_at_start(config: &Config) {
         }
     }
     if u.plaintext {
-        warn!(endpoint = %u.endpoint, "uplink.plaintext: no TLS, the token and data cross the network in clear (local testing only)");
+        warn!(endpoints = %u.endpoints.join(" "), "uplink.plaintext: no TLS, the token and data cross the network in clear (local testing only)");
     }
 }

@@ -164,6 +164,8 @@ struct UplinkHealth {
     rtt_ms: Option<f64>,
     clock_offset_ms: Option<i64>,
     last_error: Option<String>,
+    /// The ingest endpoint of the latest connection attempt.
+    endpoint: Option<String>,
     /// Send time of each batch in flight, by first sequence number.
     sent: HashMap<u64, Instant>,
 }
@@ -381,6 +383,7 @@ impl Status {
                 rtt_ms: None,
                 clock_offset_ms: None,
                 last_error: None,
+                endpoint: None,
                 sent: HashMap::new(),
             }),
             commits: Mutex::new(Commits {
@@ -529,9 +532,10 @@ impl Status {
         }
     }
 
-    /// The uplink starts a connection attempt.
-    pub fn uplink_connecting(&self) {
+    /// The uplink starts a connection attempt to `endpoint`.
+    pub fn uplink_connecting(&self, endpoint: &str) {
         self.set_uplink_state(UplinkState::Connecting, None);
+        lock(&self.uplink).endpoint = Some(endpoint.to_string());
     }
 
     /// The uplink failed and waits before the next attempt.
@@ -632,6 +636,7 @@ impl Status {
                 rtt_ms: u.rtt_ms,
                 clock_offset_ms: u.clock_offset_ms,
                 last_error: u.last_error.clone(),
+                endpoint: u.endpoint.clone(),
             }
         };
         let m = &self.metrics;
@@ -841,6 +846,10 @@ pub struct UplinkView {
     /// Ingest's clock minus this gateway's.
     pub clock_offset_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// The endpoint connected to, or of the latest attempt (None before
+    /// the first, and from a gateway older than this field).
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// Everything the status page shows; `/status.json` is this as JSON.
@@ -916,6 +925,7 @@ impl Snapshot {
                     h2 { "Uplink 上行" }
                     table {
                         tr { th { "State 状态" } td id="uplink-state" { (self.uplink.state) } }
+                        tr { th { "Endpoint 端点" } td id="uplink-endpoint" { (or_dash(self.uplink.endpoint.as_deref())) } }
                         tr { th { "Since" } td { (ago(now, Some(self.uplink.since_ms))) } }
                         tr { th { "Last ack 最近确认" } td id="last-ack" { (ago(now, self.uplink.last_ack_ms)) } }
                         tr { th { "Round trip 往返" } td id="rtt" { (self.rtt()) } }
@@ -983,6 +993,11 @@ impl fmt::Display for Snapshot {
             "uplink            {} (since {})",
             self.uplink.state,
             ago(now, Some(self.uplink.since_ms))
+        )?;
+        writeln!(
+            f,
+            "endpoint          {}",
+            or_dash(self.uplink.endpoint.as_deref())
         )?;
         writeln!(f, "last ack          {}", ago(now, self.uplink.last_ack_ms))?;
         writeln!(f, "round trip        {}", self.rtt())?;
@@ -1317,5 +1332,37 @@ mod tests {
         let page = status.snapshot(&buffer(dir.path()), 1).html().into_string();
         assert!(page.contains("&lt;b&gt;x&lt;/b&gt;"));
         assert!(!page.contains("<b>x</b>"));
+    }
+
+    /// The page, the terminal and the JSON name the endpoint of the latest
+    /// attempt, kept through a backoff.
+    #[test]
+    fn the_uplink_endpoint_is_shown() {
+        let status = Status::new("gw", 1, Vec::new(), 0);
+        let dir = tempfile::tempdir().expect("dir");
+        let buffer = buffer(dir.path());
+        let page = status.snapshot(&buffer, 1).html().into_string();
+        assert!(
+            page.contains(r#"<td id="uplink-endpoint">-</td>"#),
+            "{page}"
+        );
+        status.uplink_connecting("https://b:7600");
+        status.uplink_backoff("refused".into());
+        let s = status.snapshot(&buffer, 1);
+        assert_eq!(s.uplink.endpoint.as_deref(), Some("https://b:7600"));
+        let page = s.html().into_string();
+        assert!(
+            page.contains(r#"<td id="uplink-endpoint">https://b:7600</td>"#),
+            "{page}"
+        );
+        assert!(s.to_string().contains("endpoint          https://b:7600\n"));
+        // A gateway older than the field answers without it.
+        let mut json = serde_json::to_value(&s).expect("json");
+        json["uplink"]
+            .as_object_mut()
+            .expect("uplink")
+            .remove("endpoint");
+        let old: Snapshot = serde_json::from_value(json).expect("old snapshot");
+        assert_eq!(old.uplink.endpoint, None);
     }
 }

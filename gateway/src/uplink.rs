@@ -36,12 +36,23 @@
 //! - A dead link is noticed by HTTP/2 keepalive within `keepalive_interval` +
 //!   `keepalive_timeout` even when no RST arrives.
 //!
+//! # Failover
+//! `uplink.endpoints` are tried in order, wrapping around: a failed connect
+//! or a stream that ends moves the next connection to the next endpoint,
+//! after the same backoff as any reconnect (`Failover`). The backoff is
+//! shared, so a round of failing endpoints grows it and never spins; the
+//! endpoint that works is kept until its stream ends. One endpoint (a
+//! load-balanced address) reconnects to itself exactly as before. Batches
+//! resume at whatever the new endpoint's ingest has stored, so failing over
+//! between ingests that share one store delivers each batch once.
+//!
 //! # Transport security
 //! An `https://` endpoint is TLS (rustls, ring): ingest's certificate is
 //! checked against `ca_file` or the system roots; with `cert_file` and
 //! `key_file` the gateway presents its client certificate (mutual TLS). The
 //! files are read at every connection, so renewed certificates are picked up
 //! without a restart. `http://` needs `plaintext = true` (config check).
+//! Every endpoint uses the same settings (and the same token).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -156,12 +167,14 @@ const ACK_DELETE_DELAY: Duration = Duration::from_millis(200);
 const MAX_ACKED_RANGES: usize = 256;
 
 /// Acked batches not yet deleted: everything up to `cumulative` and the
-/// batches in `ranges`; `due` is when they must be.
+/// batches in `ranges`; `due` is when they must be. `any`: an ack arrived
+/// in this session (deleting does not clear it).
 #[derive(Default)]
 struct Acked {
     cumulative: u64,
     ranges: Vec<(u64, u64)>,
     due: Option<tokio::time::Instant>,
+    any: bool,
 }
 
 impl Acked {
@@ -191,6 +204,52 @@ impl Acked {
     }
 }
 
+/// The first reconnect backoff, and the one after a session that got an ack.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Which endpoint the next connection goes to, and the backoff before it.
+///
+/// Endpoints are tried in order, wrapping around: every session that ends,
+/// whether its connect failed or its stream closed, moves to the next. One
+/// backoff serves them all, doubling after every session, so a round of
+/// failures grows it as the same number of failures on one endpoint would.
+/// With one endpoint this is the plain reconnect backoff.
+struct Failover {
+    endpoints: Vec<String>,
+    current: usize,
+    backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Failover {
+    /// None without endpoints.
+    fn new(endpoints: Vec<String>, max_backoff: Duration) -> Option<Failover> {
+        (!endpoints.is_empty()).then_some(Failover {
+            endpoints,
+            current: 0,
+            backoff: FIRST_BACKOFF,
+            max_backoff,
+        })
+    }
+
+    fn current(&self) -> &str {
+        &self.endpoints[self.current]
+    }
+
+    /// The session on `current()` ended (`acked_any`: ingest acked a batch
+    /// on it). Moves to the next endpoint; returns the backoff to wait
+    /// before connecting to it, which the caller jitters.
+    fn ended(&mut self, acked_any: bool) -> Duration {
+        if acked_any {
+            self.backoff = FIRST_BACKOFF;
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.max_backoff);
+        self.current = (self.current + 1) % self.endpoints.len();
+        wait
+    }
+}
+
 pub struct Uplink {
     pub config: UplinkConfig,
     pub gateway_id: String,
@@ -208,19 +267,21 @@ type InFlight = BTreeMap<u64, (u64, bool)>;
 
 impl Uplink {
     pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(500);
+        let Some(mut failover) =
+            Failover::new(self.config.endpoints.clone(), self.config.max_backoff)
+        else {
+            warn!("uplink has no endpoint; nothing is delivered");
+            return;
+        };
         let mut compression = self.config.compression;
         loop {
-            let result = self.session(&cancel, compression).await;
+            let endpoint = failover.current().to_string();
+            let (acked_any, result) = self.session(&endpoint, &cancel, compression).await;
             if cancel.is_cancelled() {
                 return;
             }
             match result {
-                Ok(acked_any) => {
-                    if acked_any {
-                        backoff = Duration::from_millis(500);
-                    }
-                }
+                Ok(()) => {}
                 Err(UplinkError::Status(s))
                     if s.code() == tonic::Code::Unimplemented
                         && compression != Compression::None =>
@@ -233,31 +294,32 @@ impl Uplink {
                 Err(e) => {
                     self.status.uplink_backoff(e.to_string());
                     if e.is_retryable() {
-                        warn!(error = %e, "uplink disconnected; will retry");
+                        warn!(%endpoint, error = %e, "uplink disconnected; will retry");
                     } else {
-                        warn!(error = %e, "uplink refused; check uplink.endpoint and uplink.token; will retry");
+                        warn!(%endpoint, error = %e, "uplink refused; check this endpoint and uplink.token; will retry");
                     }
                 }
             }
-            let wait = backoff
+            let wait = failover
+                .ended(acked_any)
                 .mul_f64(rand::random::<f64>())
                 .max(Duration::from_millis(50));
-            debug!(?wait, "uplink reconnect backoff");
+            debug!(?wait, next = failover.current(), "uplink reconnect backoff");
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(self.config.max_backoff);
         }
     }
 
     async fn connect(
         &self,
+        url: &str,
         compression: Compression,
     ) -> Result<UplinkClient<tonic::transport::Channel>, UplinkError> {
-        let mut endpoint = Endpoint::from_shared(self.config.endpoint.clone())
-            .map_err(|_| UplinkError::Endpoint(self.config.endpoint.clone()))?;
-        if self.config.endpoint.starts_with("https://") {
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|_| UplinkError::Endpoint(url.to_string()))?;
+        if url.starts_with("https://") {
             endpoint = endpoint
                 .tls_config(tls_config(&self.config)?)
                 .map_err(|e| UplinkError::Tls(chain(&e)))?;
@@ -286,31 +348,32 @@ impl Uplink {
         Ok(client)
     }
 
-    /// One connection. Returns Ok(acked_any) when the stream ended cleanly.
-    /// Whatever was acked is deleted before it returns, however it ends.
+    /// One connection to `endpoint`, until it fails (Ok only when
+    /// cancelled). Returns whether ingest acked anything on it, however it
+    /// ended. Whatever was acked is deleted before it returns.
     async fn session(
         &self,
+        endpoint: &str,
         cancel: &CancellationToken,
         compression: Compression,
-    ) -> Result<bool, UplinkError> {
+    ) -> (bool, Result<(), UplinkError>) {
         let mut acked = Acked::default();
-        let result = self.stream(cancel, compression, &mut acked).await;
+        let result = self.stream(endpoint, cancel, compression, &mut acked).await;
         let deleted = self.delete_acked(&mut acked).await;
-        let acked_any = result?;
-        deleted?;
-        Ok(acked_any)
+        (acked.any, result.and(deleted))
     }
 
     async fn stream(
         &self,
+        endpoint: &str,
         cancel: &CancellationToken,
         compression: Compression,
         acked: &mut Acked,
-    ) -> Result<bool, UplinkError> {
-        self.status.uplink_connecting();
+    ) -> Result<(), UplinkError> {
+        self.status.uplink_connecting(endpoint);
         let mut client = tokio::select! {
-            _ = cancel.cancelled() => return Ok(false),
-            c = self.connect(compression) => c?,
+            _ = cancel.cancelled() => return Ok(()),
+            c = self.connect(endpoint, compression) => c?,
         };
         let window = self.config.max_in_flight.get() as usize;
         let backlog_window = window.saturating_sub(LIVE_RESERVE.min(window / 2)).max(1);
@@ -372,6 +435,7 @@ impl Uplink {
         let mut backlog_next = stats.first_seq.max(welcome.stored_seq + 1);
         let mut live_next = boundary + 1;
         info!(
+            %endpoint,
             buffer_id = format_args!("{:016x}", stats.buffer_id),
             resume_at = backlog_next,
             backlog_batches = (boundary + 1).saturating_sub(backlog_next),
@@ -392,7 +456,6 @@ impl Uplink {
         });
         let mut in_flight = InFlight::new();
         let mut manifests_sent: HashSet<u64> = HashSet::new();
-        let mut acked_any = false;
         // The writer stops last at shutdown: its final flush must still be
         // delivered and acknowledged within the grace, so the session goes on.
         let mut writer_gone = false;
@@ -435,7 +498,7 @@ impl Uplink {
             let delete_due = acked.due;
             let event = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ok(acked_any),
+                _ = cancel.cancelled() => return Ok(()),
                 _ = tokio::time::sleep_until(delete_due.unwrap_or_else(tokio::time::Instant::now)),
                     if delete_due.is_some() => Event::DeleteDue,
                 // The first tick is at once: a report right after Welcome.
@@ -486,7 +549,7 @@ impl Uplink {
                     ),
                 },
                 Event::Inbound(Some(Down::Ack(ack))) => {
-                    acked_any = true;
+                    acked.any = true;
                     self.status.batch_acked(ack.batch_seq);
                     let (first, last) = (ack.batch_seq, ack.batch_last_seq.max(ack.batch_seq));
                     acked.add(ack.seq, first, last, &mut in_flight);
@@ -609,3 +672,43 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 
 /// Window slots the backlog leaves free for live batches.
 const LIVE_RESERVE: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("https://ingest-{i}:7600")).collect()
+    }
+
+    #[test]
+    fn endpoints_are_tried_in_order_wrapping_around() {
+        let mut f = Failover::new(urls(3), Duration::from_secs(30)).expect("endpoints");
+        let mut tried = vec![f.current().to_string()];
+        for _ in 0..4 {
+            f.ended(false);
+            tried.push(f.current().to_string());
+        }
+        let at = |i: usize| format!("https://ingest-{i}:7600");
+        assert_eq!(tried, [at(0), at(1), at(2), at(0), at(1)]);
+        assert!(Failover::new(Vec::new(), Duration::from_secs(1)).is_none());
+    }
+
+    /// Failing over never spins: the backoff doubles across endpoints up to
+    /// `max_backoff`, and starts again after a session that got an ack.
+    #[test]
+    fn one_backoff_grows_across_endpoints_and_resets_after_an_ack() {
+        let ms = Duration::from_millis;
+        for n in [1, 2] {
+            let mut f = Failover::new(urls(n), ms(3000)).expect("endpoints");
+            let waits: Vec<Duration> = (0..5).map(|_| f.ended(false)).collect();
+            assert_eq!(waits, [ms(500), ms(1000), ms(2000), ms(3000), ms(3000)]);
+            assert_eq!(f.ended(true), ms(500), "{n} endpoints");
+            assert_eq!(f.ended(false), ms(1000));
+            // One endpoint: always the same one.
+            if n == 1 {
+                assert_eq!(f.current(), "https://ingest-0:7600");
+            }
+        }
+    }
+}

@@ -155,10 +155,11 @@ pub fn uplink_config(
     window: u32,
 ) -> UplinkConfig {
     UplinkConfig {
-        endpoint: match ca_file {
+        endpoint: None,
+        endpoints: vec![match ca_file {
             Some(_) => format!("https://{endpoint}"),
             None => format!("http://{endpoint}"),
-        },
+        }],
         token: token.to_string(),
         token_file: None,
         token_env: None,

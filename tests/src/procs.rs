@@ -49,6 +49,17 @@ pub fn uplink_toml(addr: SocketAddr) -> String {
     }
 }
 
+/// A loopback address with port 0: the listener picks a free port.
+pub fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A port free a moment ago, for a config that must name its port (or an
+/// address where nothing listens).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use guantong_e2e::browser::chromium_dom;
 use guantong_e2e::procs::{
-    GatewayProc, IngestProc, binary, gateway_public_key, gateway_toml, wait_for,
+    GatewayProc, IngestProc, any_port, binary, free_port, gateway_public_key, gateway_toml,
+    wait_for,
 };
 use guantong_e2e::proxy::{Mode, Proxy};
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
@@ -24,15 +25,6 @@ const POLL: &str = "200ms";
 /// Requests one poll of the simulator's standard map costs: holding 0-19
 /// merged, one input register, one coil, one discrete input.
 const REQUESTS_PER_CYCLE: u64 = 4;
-
-fn any_port() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
-/// A port free a moment ago, for a config that must name its port.
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
 
 struct Setup {
     dir: tempfile::TempDir,
