@@ -897,20 +897,19 @@ impl BatchRows {
 }
 
 async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites) -> Result<()> {
-    let mut m: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+    // Columns of the rows, as arrays for unnest.
+    let mut m: [Vec<i64>; 5] = Default::default();
     for (&(s, minute), c) in &w.minutes {
-        m.0.push(big(s));
-        m.1.push(minute);
-        m.2.push(c[0]);
-        m.3.push(c[1]);
-        m.4.push(c[2]);
+        for (col, v) in m.iter_mut().zip([big(s), minute, c[0], c[1], c[2]]) {
+            col.push(v);
+        }
     }
     txn.execute(
         "INSERT INTO minutes (series, minute, good, uncertain, bad) \
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
          ON CONFLICT (series, minute) DO UPDATE SET good = minutes.good + excluded.good, \
            uncertain = minutes.uncertain + excluded.uncertain, bad = minutes.bad + excluded.bad",
-        &[&m.0, &m.1, &m.2, &m.3, &m.4],
+        &[&m[0], &m[1], &m[2], &m[3], &m[4]],
     )
     .await
     .map_err(pg_err)?;
@@ -927,20 +926,20 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
     )
     .await
     .map_err(pg_err)?;
-    let mut h: (Vec<i64>, Vec<i64>, Vec<i64>, Vec<f64>, Vec<f64>, Vec<f64>) = Default::default();
+    let (mut hk, mut hv): ([Vec<i64>; 3], [Vec<f64>; 3]) = Default::default();
     for (&(s, hour), &(n, sum, min, max)) in &w.hours {
-        h.0.push(big(s));
-        h.1.push(hour);
-        h.2.push(big(n));
-        h.3.push(sum);
-        h.4.push(min);
-        h.5.push(max);
+        for (col, v) in hk.iter_mut().zip([big(s), hour, big(n)]) {
+            col.push(v);
+        }
+        for (col, v) in hv.iter_mut().zip([sum, min, max]) {
+            col.push(v);
+        }
     }
     txn.execute(
         "INSERT INTO series_hours (series, hour, n, sum, min, max) \
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[]) \
          ON CONFLICT (series, hour) DO UPDATE SET n = excluded.n, sum = excluded.sum, min = excluded.min, max = excluded.max",
-        &[&h.0, &h.1, &h.2, &h.3, &h.4, &h.5],
+        &[&hk[0], &hk[1], &hk[2], &hv[0], &hv[1], &hv[2]],
     )
     .await
     .map_err(pg_err)?;
