@@ -16,6 +16,7 @@ fn server_url() -> String {
 }
 
 const DATABASE: &str = "guantong_store_suite";
+static CREATED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 
 /// The suite's database, created when missing.
 async fn suite_target() -> Target {
@@ -28,21 +29,30 @@ async fn suite_target() -> Target {
             super::redact(&url)
         )
     });
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DATABASE])
-        .await
-        .expect("pg_database")
-        .is_some();
-    if !exists {
-        // Two test processes may race here: "already exists" is fine.
-        if let Err(e) = client
-            .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-            .await
-        {
-            let msg = e.to_string() + &format!("{:?}", e.as_db_error());
-            assert!(msg.contains("already exists"), "create {DATABASE}: {msg}");
-        }
-    }
+    // Once per test process; two processes may still race: a database
+    // that exists by then is fine, however the server says so.
+    CREATED
+        .get_or_init(|| async {
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&DATABASE])
+                .await
+                .expect("pg_database")
+                .is_some();
+            if !exists
+                && let Err(e) = client
+                    .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+                    .await
+            {
+                use tokio_postgres::error::SqlState;
+                let code = e.code().cloned();
+                assert!(
+                    code == Some(SqlState::DUPLICATE_DATABASE)
+                        || code == Some(SqlState::UNIQUE_VIOLATION),
+                    "create {DATABASE}: {e:?}"
+                );
+            }
+        })
+        .await;
     let mut t = admin;
     t.config.dbname(DATABASE);
     t
