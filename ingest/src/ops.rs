@@ -9,6 +9,10 @@
 //! place: the server answers with the same library code the command runs
 //! locally, so a command prints the same either way.
 //!
+//! With `--database` (PostgreSQL) there is no file to lock: a command opens
+//! the database itself, beside any running replicas, and never goes through
+//! a server.
+//!
 //! | command                 | through the server                                   |
 //! |-------------------------|------------------------------------------------------|
 //! | `register-gateway`      | `POST /api/v1/gateways`                              |
