@@ -516,8 +516,12 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     keys.dedup();
     let (gateways, buffers): (Vec<String>, Vec<i64>) = keys.iter().cloned().unzip();
     txn.execute(
-        "INSERT INTO streams (gateway, buffer_id, ranges) \
+        &txn.prepare_cached(
+            "INSERT INTO streams (gateway, buffer_id, ranges) \
          SELECT g, b, '' FROM unnest($1::text[], $2::bigint[]) AS k(g, b) ON CONFLICT DO NOTHING",
+        )
+        .await
+        .map_err(pg_err)?,
         &[&gateways, &buffers],
     )
     .await
@@ -525,9 +529,9 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     let mut ranges: BTreeMap<(String, i64), SeqRanges> = BTreeMap::new();
     for row in txn
         .query(
-            "SELECT s.gateway, s.buffer_id, s.ranges FROM streams s \
+            &txn.prepare_cached("SELECT s.gateway, s.buffer_id, s.ranges FROM streams s \
              JOIN unnest($1::text[], $2::bigint[]) AS k(g, b) ON s.gateway = k.g AND s.buffer_id = k.b \
-             ORDER BY s.gateway, s.buffer_id FOR UPDATE OF s",
+             ORDER BY s.gateway, s.buffer_id FOR UPDATE OF s").await.map_err(pg_err)?,
             &[&gateways, &buffers],
         )
         .await
@@ -578,7 +582,11 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     let mut states: HashMap<u64, SeriesState> = HashMap::new();
     for row in txn
         .query(
-            "SELECT id, state FROM series WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &txn.prepare_cached(
+                "SELECT id, state FROM series WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&series_ids],
         )
         .await
@@ -662,8 +670,12 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     let (ds, dd): (Vec<i64>, Vec<i64>) = day_keys.iter().map(|&(s, d)| (big(s), d)).unzip();
     for row in txn
         .query(
-            "SELECT r.series, r.day, r.row FROM series_days r \
+            &txn.prepare_cached(
+                "SELECT r.series, r.day, r.row FROM series_days r \
              JOIN unnest($1::bigint[], $2::bigint[]) AS k(s, d) ON r.series = k.s AND r.day = k.d",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&ds, &dd],
         )
         .await
@@ -681,8 +693,12 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     let (hs, hh): (Vec<i64>, Vec<i64>) = hour_keys.iter().map(|&(s, h)| (big(s), h)).unzip();
     for row in txn
         .query(
-            "SELECT r.series, r.hour, r.n, r.sum, r.min, r.max FROM series_hours r \
+            &txn.prepare_cached(
+                "SELECT r.series, r.hour, r.n, r.sum, r.min, r.max FROM series_hours r \
              JOIN unnest($1::bigint[], $2::bigint[]) AS k(s, h) ON r.series = k.s AND r.hour = k.h",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&hs, &hh],
         )
         .await
@@ -707,9 +723,9 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     }
     for row in txn
         .query(
-            "SELECT k.s, k.k, r.start_ms, r.end_ms FROM unnest($1::bigint[], $2::smallint[], $3::bigint[]) AS k(s, k, t) \
+            &txn.prepare_cached("SELECT k.s, k.k, r.start_ms, r.end_ms FROM unnest($1::bigint[], $2::smallint[], $3::bigint[]) AS k(s, k, t) \
              CROSS JOIN LATERAL (SELECT start_ms, end_ms FROM series_runs \
-               WHERE series = k.s AND kind = k.k AND start_ms <= k.t ORDER BY start_ms DESC LIMIT 1) r",
+               WHERE series = k.s AND kind = k.k AND start_ms <= k.t ORDER BY start_ms DESC LIMIT 1) r").await.map_err(pg_err)?,
             &[&rs, &rk, &rstart],
         )
         .await
@@ -724,8 +740,12 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     let (gg, gd): (Vec<String>, Vec<i64>) = gd_keys.into_iter().unzip();
     for row in txn
         .query(
-            "SELECT r.gateway, r.day, r.row FROM gateway_days r \
+            &txn.prepare_cached(
+                "SELECT r.gateway, r.day, r.row FROM gateway_days r \
              JOIN unnest($1::text[], $2::bigint[]) AS k(g, d) ON r.gateway = k.g AND r.day = k.d",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&gg, &gd],
         )
         .await
@@ -774,7 +794,7 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
         .map(|(id, s)| (big(*id), s.encode_to_vec()))
         .unzip();
     txn.execute(
-        "UPDATE series SET state = k.v FROM unnest($1::bigint[], $2::bytea[]) AS k(id, v) WHERE series.id = k.id",
+        &txn.prepare_cached("UPDATE series SET state = k.v FROM unnest($1::bigint[], $2::bytea[]) AS k(id, v) WHERE series.id = k.id").await.map_err(pg_err)?,
         &[&ids, &blobs],
     )
     .await
@@ -799,9 +819,13 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
         }
     }
     txn.execute(
-        "INSERT INTO losses (gateway, buffer_id, first_seq, record) \
+        &txn.prepare_cached(
+            "INSERT INTO losses (gateway, buffer_id, first_seq, record) \
          SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::jsonb[]) \
          ON CONFLICT (gateway, buffer_id, first_seq) DO UPDATE SET record = excluded.record",
+        )
+        .await
+        .map_err(pg_err)?,
         &[&loss_rows.0, &loss_rows.1, &loss_rows.2, &loss_rows.3],
     )
     .await
@@ -820,8 +844,8 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
             },
         );
     txn.execute(
-        "UPDATE streams SET ranges = k.v FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS k(g, b, v) \
-         WHERE streams.gateway = k.g AND streams.buffer_id = k.b",
+        &txn.prepare_cached("UPDATE streams SET ranges = k.v FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS k(g, b, v) \
+         WHERE streams.gateway = k.g AND streams.buffer_id = k.b").await.map_err(pg_err)?,
         &[&rg, &rb, &rv],
     )
     .await
@@ -871,10 +895,10 @@ impl BatchRows {
 
     async fn insert(&self, txn: &deadpool_postgres::Transaction<'_>) -> Result<()> {
         txn.execute(
-            "INSERT INTO batches (gateway, buffer_id, seq, last_seq, received_at_ms, payload, prev_hash, \
+            &txn.prepare_cached("INSERT INTO batches (gateway, buffer_id, seq, last_seq, received_at_ms, payload, prev_hash, \
                signature, effective_hash, signature_ok, signature_checked, algorithm) \
              SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
-               $6::bytea[], $7::bytea[], $8::bytea[], $9::bytea[], $10::bool[], $11::bool[], $12::int[])",
+               $6::bytea[], $7::bytea[], $8::bytea[], $9::bytea[], $10::bool[], $11::bool[], $12::int[])").await.map_err(pg_err)?,
             &[
                 &self.gateway,
                 &self.buffer_id,
@@ -905,10 +929,10 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
         }
     }
     txn.execute(
-        "INSERT INTO minutes (series, minute, good, uncertain, bad) \
+        &txn.prepare_cached("INSERT INTO minutes (series, minute, good, uncertain, bad) \
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
          ON CONFLICT (series, minute) DO UPDATE SET good = minutes.good + excluded.good, \
-           uncertain = minutes.uncertain + excluded.uncertain, bad = minutes.bad + excluded.bad",
+           uncertain = minutes.uncertain + excluded.uncertain, bad = minutes.bad + excluded.bad").await.map_err(pg_err)?,
         &[&m[0], &m[1], &m[2], &m[3], &m[4]],
     )
     .await
@@ -920,8 +944,8 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
         d.2.push(row.encode_to_vec());
     }
     txn.execute(
-        "INSERT INTO series_days (series, day, row) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
-         ON CONFLICT (series, day) DO UPDATE SET row = excluded.row",
+        &txn.prepare_cached("INSERT INTO series_days (series, day, row) SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[]) \
+         ON CONFLICT (series, day) DO UPDATE SET row = excluded.row").await.map_err(pg_err)?,
         &[&d.0, &d.1, &d.2],
     )
     .await
@@ -936,9 +960,9 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
         }
     }
     txn.execute(
-        "INSERT INTO series_hours (series, hour, n, sum, min, max) \
+        &txn.prepare_cached("INSERT INTO series_hours (series, hour, n, sum, min, max) \
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[]) \
-         ON CONFLICT (series, hour) DO UPDATE SET n = excluded.n, sum = excluded.sum, min = excluded.min, max = excluded.max",
+         ON CONFLICT (series, hour) DO UPDATE SET n = excluded.n, sum = excluded.sum, min = excluded.min, max = excluded.max").await.map_err(pg_err)?,
         &[&hk[0], &hk[1], &hk[2], &hv[0], &hv[1], &hv[2]],
     )
     .await
@@ -953,9 +977,13 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
         }
     }
     txn.execute(
-        "INSERT INTO series_runs (series, kind, start_ms, end_ms) \
+        &txn.prepare_cached(
+            "INSERT INTO series_runs (series, kind, start_ms, end_ms) \
          SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[]) \
          ON CONFLICT (series, kind, start_ms) DO UPDATE SET end_ms = excluded.end_ms",
+        )
+        .await
+        .map_err(pg_err)?,
         &[&r.0, &r.1, &r.2, &r.3],
     )
     .await
@@ -970,8 +998,8 @@ async fn write_rollups(txn: &deadpool_postgres::Transaction<'_>, w: &GroupWrites
         g.2.push(row.encode_to_vec());
     }
     txn.execute(
-        "INSERT INTO gateway_days (gateway, day, row) SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
-         ON CONFLICT (gateway, day) DO UPDATE SET row = excluded.row",
+        &txn.prepare_cached("INSERT INTO gateway_days (gateway, day, row) SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[]) \
+         ON CONFLICT (gateway, day) DO UPDATE SET row = excluded.row").await.map_err(pg_err)?,
         &[&g.0, &g.1, &g.2],
     )
     .await
@@ -1012,7 +1040,11 @@ async fn advance_chain(
 ) -> Result<()> {
     let mut st: ChainState = match txn
         .query_opt(
-            "SELECT state FROM chain_state WHERE gateway = $1 AND buffer_id = $2",
+            &txn.prepare_cached(
+                "SELECT state FROM chain_state WHERE gateway = $1 AND buffer_id = $2",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&gateway, &buffer_id],
         )
         .await
@@ -1025,9 +1057,9 @@ async fn advance_chain(
     'walk: loop {
         let rows = txn
             .query(
-                "SELECT seq, prev_hash, effective_hash, signature_ok, signature_checked, last_seq, algorithm \
+                &txn.prepare_cached("SELECT seq, prev_hash, effective_hash, signature_ok, signature_checked, last_seq, algorithm \
                  FROM batches WHERE gateway = $1 AND buffer_id = $2 AND seq >= $3 AND payload IS NOT NULL \
-                 ORDER BY seq LIMIT 1000",
+                 ORDER BY seq LIMIT 1000").await.map_err(pg_err)?,
                 &[&gateway, &buffer_id, &big(st.next())],
             )
             .await
@@ -1057,8 +1089,12 @@ async fn advance_chain(
     }
     if changed {
         txn.execute(
-            "INSERT INTO chain_state (gateway, buffer_id, state) VALUES ($1, $2, $3) \
+            &txn.prepare_cached(
+                "INSERT INTO chain_state (gateway, buffer_id, state) VALUES ($1, $2, $3) \
              ON CONFLICT (gateway, buffer_id) DO UPDATE SET state = excluded.state",
+            )
+            .await
+            .map_err(pg_err)?,
             &[&gateway, &buffer_id, &Json(&st)],
         )
         .await
