@@ -69,7 +69,7 @@ use crate::evidence::bundle::{Bundle, DayEvidence};
 use crate::evidence::digest;
 
 use super::{
-    AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
+    AppendBatch, AppendOutcome, Appended, ChainBreak, ChainInfo, GatewayInfo, Job, LossInfo,
     ManifestMap, Result, RunsQuery, SeqRanges, SeriesInfo, Store, StoreError, StoredPoint,
     WindowCounts,
 };
@@ -131,11 +131,6 @@ struct Chunk {
     buffer_id: u64,
     #[prost(uint64, tag = "6")]
     seq: u64,
-}
-
-struct Job {
-    batch: AppendBatch,
-    reply: oneshot::Sender<Result<Appended>>,
 }
 
 /// The database, borrowed by registry and rollup reads and writes run on a
@@ -303,19 +298,7 @@ fn group_commit_loop(db: &Database, generation: &AtomicU64, rx: mpsc::Receiver<J
         }
         let outcomes = append_group(db, jobs.iter().map(|j| &j.batch));
         generation.fetch_add(1, Ordering::AcqRel);
-        match outcomes {
-            Ok(outcomes) => {
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, batches = jobs.len(), "group commit failed; nothing acked");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Backend(e.to_string())));
-                }
-            }
-        }
+        super::answer(jobs, outcomes);
     }
 }
 

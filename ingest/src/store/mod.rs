@@ -191,6 +191,30 @@ impl SeqRanges {
     }
 }
 
+/// A batch queued for a backend's group commit, with where its outcome goes.
+pub(crate) struct Job {
+    pub batch: AppendBatch,
+    pub reply: tokio::sync::oneshot::Sender<Result<Appended>>,
+}
+
+/// Answers every job of one group commit: its own outcome, or the group's
+/// error (nothing of the group was stored, nothing is acked).
+pub(crate) fn answer(jobs: Vec<Job>, outcomes: Result<Vec<Appended>>) {
+    match outcomes {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                let _ = job.reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, batches = jobs.len(), "group commit failed; nothing acked");
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Backend(e.to_string())));
+            }
+        }
+    }
+}
+
 /// A batch, decoded and checked by the gRPC layer, ready to store.
 #[derive(Debug, Clone)]
 pub struct AppendBatch {

@@ -51,9 +51,9 @@ use super::records::{
 use super::rollup::{self, GatewayDay, HourRow, SeriesDay};
 use super::stream::{self, Admission, LossRecord};
 use super::{
-    AppendBatch, AppendOutcome, Appended, BackupInfo, ChainBreak, ChainInfo, GatewayInfo, LossInfo,
-    ManifestMap, Result, RunsQuery, SeqRanges, SeriesInfo, Store, StoreError, StoreVerification,
-    StoredPoint, WindowCounts,
+    AppendBatch, AppendOutcome, Appended, BackupInfo, ChainBreak, ChainInfo, GatewayInfo, Job,
+    LossInfo, ManifestMap, Result, RunsQuery, SeqRanges, SeriesInfo, Store, StoreError,
+    StoreVerification, StoredPoint, WindowCounts,
 };
 use crate::evidence::bundle::{Bundle, DayEvidence};
 use crate::registry::{Access, Account, Enterprise, Equipment};
@@ -96,11 +96,6 @@ fn big(n: u64) -> i64 {
 
 fn unbig(n: i64) -> u64 {
     n as u64
-}
-
-struct Job {
-    batch: AppendBatch,
-    reply: oneshot::Sender<Result<Appended>>,
 }
 
 pub struct PgStore {
@@ -418,19 +413,7 @@ async fn writer_loop(pool: Pool, generation: Arc<AtomicU64>, mut rx: mpsc::Unbou
             Ok::<_, StoreError>(outcomes)
         }
         .await;
-        match outcome {
-            Ok(outcomes) => {
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, batches = jobs.len(), "group commit failed; nothing acked");
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Backend(e.to_string())));
-                }
-            }
-        }
+        super::answer(jobs, outcome);
     }
 }
 
@@ -474,9 +457,10 @@ fn point_of(row: &tokio_postgres::Row) -> Point {
     }
 }
 
-const POINT_COLUMNS: &str = "series, time_ms, quality, quality_code, kind, num, bits, txt, \
+/// The columns of `points` ingest writes, in COPY order, and their types.
+pub const POINT_COLUMNS: &str = "series, time_ms, quality, quality_code, kind, num, bits, txt, \
      server_delta_ms, received_at_ms, backfill, buffer_id, seq";
-const POINT_TYPES: [Type; 13] = [
+pub const POINT_TYPES: [Type; 13] = [
     Type::INT8,
     Type::INT8,
     Type::INT4,

@@ -516,7 +516,7 @@ fn postgres_cpu() -> f64 {
 /// points/s wall).
 async fn copy_limit(server: &str, shape: Shape, seconds: u64) -> anyhow::Result<(f64, f64)> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::{ToSql, Type};
+    use tokio_postgres::types::ToSql;
     let db = guantong_e2e::pg::TestDb::create_on(server, "copy_limit")?;
     drop(db.migrated_store().await?); // the schema and today's partitions
     let (mut client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await?;
@@ -547,21 +547,6 @@ async fn copy_limit(server: &str, shape: Shape, seconds: u64) -> anyhow::Result<
         })
         .collect();
     let points: usize = ticks.iter().map(Vec::len).sum();
-    let types = [
-        Type::INT8,
-        Type::INT8,
-        Type::INT4,
-        Type::INT8,
-        Type::INT2,
-        Type::FLOAT8,
-        Type::INT8,
-        Type::TEXT,
-        Type::INT8,
-        Type::INT8,
-        Type::BOOL,
-        Type::INT8,
-        Type::INT8,
-    ];
     // This process's CPU (the client and its connection task; the load
     // generator has stopped) and the server's.
     let own = std::process::id();
@@ -570,12 +555,13 @@ async fn copy_limit(server: &str, shape: Shape, seconds: u64) -> anyhow::Result<
         for rows in tick.chunks(PG_GROUP_POINTS) {
             let txn = client.transaction().await?;
             let sink = txn
-                .copy_in(
-                    "COPY points (series, time_ms, quality, quality_code, kind, num, bits, txt, \
-                     server_delta_ms, received_at_ms, backfill, buffer_id, seq) FROM STDIN BINARY",
-                )
+                .copy_in(&format!(
+                    "COPY points ({}) FROM STDIN BINARY",
+                    guantong_ingest::store::postgres::POINT_COLUMNS
+                ))
                 .await?;
-            let writer = BinaryCopyInWriter::new(sink, &types);
+            let writer =
+                BinaryCopyInWriter::new(sink, &guantong_ingest::store::postgres::POINT_TYPES);
             let mut writer = std::pin::pin!(writer);
             let (none_i64, none_txt) = (None::<i64>, None::<String>);
             for (series, time, num, g) in rows {
