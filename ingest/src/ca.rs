@@ -18,9 +18,10 @@
 //!   stream whose certificate names another gateway.
 //! - Serial numbers are 16 random bytes with a first byte in 1..=0x7f, so the
 //!   hex of the DER serial is the hex of these bytes (no sign padding).
-//! - Revocation is a line in `revoked.tsv`; ingest reads the file at every new
-//!   stream, so a revoked certificate is refused at its next connection
-//!   without a restart.
+//! - Revocation is a line in `revoked.tsv` or, with `--database`, a row of
+//!   the database's `revoked_certificates` table, which every replica reads
+//!   ([`Revocations`]); ingest looks at both at every new stream, so a revoked
+//!   certificate is refused at its next connection without a restart.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -35,6 +36,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use crate::ops::StoreArgs;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{path}: {error}")]
@@ -46,6 +49,8 @@ pub enum CaError {
     Certificate(#[from] rcgen::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error("revocations in the database: {0}")]
+    Database(#[from] crate::store::StoreError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -217,11 +222,11 @@ impl Ca {
         self.issue(params, valid_for)
     }
 
-    /// Records `serial` as revoked. Returns the gateway it was issued to.
-    pub fn revoke(&self, serial: &str) -> Result<String, CaError> {
+    /// The gateway the certificate with `serial` (hex, any case, colons
+    /// allowed) was issued to, and the serial as recorded.
+    pub fn issued_to(&self, serial: &str) -> Result<(String, String), CaError> {
         let serial = serial.trim().to_ascii_lowercase().replace(':', "");
-        let issued_path = self.dir.join("issued.tsv");
-        let issued = std::fs::read_to_string(&issued_path).unwrap_or_default();
+        let issued = std::fs::read_to_string(self.dir.join("issued.tsv")).unwrap_or_default();
         let gateway = issued
             .lines()
             .filter_map(|l| l.split_once('\t'))
@@ -232,17 +237,22 @@ impl Ca {
                     "no certificate with serial {serial} was issued by this CA (see `ca list`)"
                 ))
             })?;
-        let line = format!(
-            "{serial}\t{gateway}\t{}\n",
-            humantime::format_rfc3339_seconds(SystemTime::now())
-        );
-        append(&self.dir.join("revoked.tsv"), &line)?;
+        Ok((serial, gateway))
+    }
+
+    /// Records `serial` as revoked in `revocations`. Returns the gateway it
+    /// was issued to.
+    pub async fn revoke(&self, serial: &str, revocations: &Revocations) -> Result<String, CaError> {
+        let (serial, gateway) = self.issued_to(serial)?;
+        revocations.record(&serial, &gateway).await?;
         Ok(gateway)
     }
 
     /// Issued certificates: (serial, gateway, not after, revoked?).
-    pub fn list(&self) -> Result<Vec<(String, String, String, bool)>, CaError> {
-        let revoked = revoked_serials(&self.dir)?;
+    pub fn list(
+        &self,
+        revoked: &HashSet<String>,
+    ) -> Result<Vec<(String, String, String, bool)>, CaError> {
         let issued = std::fs::read_to_string(self.dir.join("issued.tsv")).unwrap_or_default();
         Ok(issued
             .lines()
@@ -258,8 +268,80 @@ impl Ca {
     }
 }
 
+/// Where revoked certificates are recorded and read: the CA directory's
+/// `revoked.tsv`, and with a database its `revoked_certificates` table,
+/// which every replica reads. A serial listed in either is revoked; new
+/// revocations go to the database when there is one.
+#[derive(Clone)]
+pub struct Revocations {
+    dir: PathBuf,
+    database: Option<deadpool_postgres::Pool>,
+}
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revocations")
+            .field("dir", &self.dir)
+            .field("database", &self.database.is_some())
+            .finish()
+    }
+}
+
+impl Revocations {
+    /// Revocations of the CA directory `dir`, and of the database `pool`
+    /// reaches.
+    pub fn new(dir: &Path, database: Option<deadpool_postgres::Pool>) -> Revocations {
+        Revocations {
+            dir: dir.to_path_buf(),
+            database,
+        }
+    }
+
+    /// Where new revocations are written, for messages.
+    pub fn place(&self) -> String {
+        match self.database {
+            Some(_) => "the database (every replica reads it)".into(),
+            None => self.dir.join("revoked.tsv").display().to_string(),
+        }
+    }
+
+    pub async fn record(&self, serial: &str, gateway: &str) -> Result<(), CaError> {
+        match &self.database {
+            Some(pool) => {
+                Ok(crate::store::postgres::revoke_certificate(pool, serial, gateway).await?)
+            }
+            None => {
+                let line = format!(
+                    "{serial}\t{gateway}\t{}\n",
+                    humantime::format_rfc3339_seconds(SystemTime::now())
+                );
+                append(&self.dir.join("revoked.tsv"), &line)
+            }
+        }
+    }
+
+    pub async fn is_revoked(&self, serial: &str) -> Result<bool, CaError> {
+        if revoked_serials(&self.dir)?.contains(serial) {
+            return Ok(true);
+        }
+        match &self.database {
+            Some(pool) => Ok(crate::store::postgres::is_revoked(pool, serial).await?),
+            None => Ok(false),
+        }
+    }
+
+    /// Every revoked serial.
+    pub async fn serials(&self) -> Result<HashSet<String>, CaError> {
+        let mut all = revoked_serials(&self.dir)?;
+        if let Some(pool) = &self.database {
+            all.extend(crate::store::postgres::revoked_certificates(pool).await?);
+        }
+        Ok(all)
+    }
+}
+
 /// Serial numbers listed in `<dir>/revoked.tsv` (none when it is missing).
-pub fn revoked_serials(dir: &Path) -> Result<HashSet<String>, CaError> {
+fn revoked_serials(dir: &Path) -> Result<HashSet<String>, CaError> {
     let path = dir.join("revoked.tsv");
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok(text
@@ -342,21 +424,22 @@ pub enum CaCommand {
         valid_for: Duration,
     },
     /// Revoke a gateway certificate by its serial number (from `ca list`);
-    /// ingest refuses it from the next connection on.
+    /// ingest refuses it from the next connection on. With `--database` the
+    /// revocation is stored there, so every replica refuses it.
     Revoke {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         serial: String,
     },
     /// List issued gateway certificates.
     List {
-        #[arg(long, env = "GUANTONG_DATA", default_value = "./guantong-data")]
-        data: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
 impl CaCommand {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub async fn run(self) -> anyhow::Result<()> {
         match self {
             CaCommand::Init { data } => {
                 let ca = Ca::create(&dir(&data))?;
@@ -396,16 +479,19 @@ impl CaCommand {
                     key.display()
                 );
             }
-            CaCommand::Revoke { data, serial } => {
-                let ca = Ca::open(&dir(&data))?;
-                let gateway = ca.revoke(&serial)?;
+            CaCommand::Revoke { store, serial } => {
+                let ca = Ca::open(&dir(&store.data))?;
+                let revocations = store.revocations()?;
+                let gateway = ca.revoke(&serial, &revocations).await?;
                 eprintln!(
-                    "revoked certificate {serial} of gateway `{gateway}`; ingest refuses it from its next connection"
+                    "revoked certificate {serial} of gateway `{gateway}` in {}; ingest refuses it from its next connection",
+                    revocations.place()
                 );
             }
-            CaCommand::List { data } => {
-                let ca = Ca::open(&dir(&data))?;
-                for (serial, gateway, not_after, revoked) in ca.list()? {
+            CaCommand::List { store } => {
+                let ca = Ca::open(&dir(&store.data))?;
+                let revoked = store.revocations()?.serials().await?;
+                for (serial, gateway, not_after, revoked) in ca.list(&revoked)? {
                     let state = if revoked { "revoked" } else { "valid" };
                     println!("{serial}\t{gateway}\t{not_after}\t{state}");
                 }
@@ -419,8 +505,8 @@ impl CaCommand {
 mod tests {
     use super::*;
 
-    #[test]
-    fn issues_gateway_certificates_that_name_the_gateway_and_can_be_revoked() {
+    #[tokio::test]
+    async fn issues_gateway_certificates_that_name_the_gateway_and_can_be_revoked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (ca, created) = Ca::open_or_create(dir.path()).expect("create");
         assert!(created);
@@ -435,10 +521,24 @@ mod tests {
         let (serial, cn) = identity_of(&der).expect("parse");
         assert_eq!(serial, issued.serial);
         assert_eq!(cn, "gw-1");
-        assert!(revoked_serials(dir.path()).expect("read").is_empty());
-        assert_eq!(ca.revoke(&serial).expect("revoke"), "gw-1");
-        assert!(revoked_serials(dir.path()).expect("read").contains(&serial));
-        assert!(ca.revoke("00ff").is_err(), "unknown serials are refused");
+        let revocations = Revocations::new(dir.path(), None);
+        assert!(!revocations.is_revoked(&serial).await.expect("read"));
+        let colons = serial.to_ascii_uppercase();
+        assert_eq!(
+            ca.revoke(&colons, &revocations).await.expect("revoke"),
+            "gw-1"
+        );
+        assert!(revocations.is_revoked(&serial).await.expect("read"));
+        assert!(revocations.serials().await.expect("read").contains(&serial));
+        assert!(
+            ca.list(&revocations.serials().await.expect("read"))
+                .expect("list")[0]
+                .3
+        );
+        assert!(
+            ca.revoke("00ff", &revocations).await.is_err(),
+            "unknown serials are refused"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("ca.key"))
             .expect("meta")

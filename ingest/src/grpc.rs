@@ -271,6 +271,7 @@ impl<S: Store> Uplink for UplinkService<S> {
         if let Some(auth) = &self.guards.client_auth {
             let certs = request.peer_certs();
             auth.check(certs.as_deref().map(Vec::as_slice), &gateway)
+                .await
                 .inspect_err(
                     |status| warn!(%gateway, %peer, %status, "refused: client certificate"),
                 )?;

@@ -926,7 +926,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Ca(command) => command.run(),
+        Command::Ca(command) => command.run().await,
         Command::Migrate {
             database,
             database_ca,
@@ -1010,7 +1010,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             security,
         } => {
             let criteria = load_criteria(criteria.as_deref())?;
-            let tls = security.tls.prepare(&data.data)?;
+            let tls = security.tls.prepare(&data)?;
             let store = Arc::new(data.open().await?);
             bootstrap_admin(&store, &data.data).await?;
             let shutdown = CancellationToken::new();

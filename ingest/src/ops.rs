@@ -136,12 +136,34 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The embedded store in `data`.
+    pub fn embedded(data: &std::path::Path) -> StoreArgs {
+        StoreArgs {
+            data: data.to_path_buf(),
+            database: None,
+            database_ca: None,
+        }
+    }
+
     /// Where the database is, when one is named.
     pub fn database(&self) -> Result<Option<postgres::Target>, crate::store::StoreError> {
         self.database
             .as_deref()
             .map(|url| postgres::Target::new(url, self.database_ca.clone()))
             .transpose()
+    }
+
+    /// Where gateway certificates are revoked: the data directory's CA
+    /// files, and the database when one is named (`ca::Revocations`).
+    pub fn revocations(&self) -> Result<crate::ca::Revocations, crate::store::StoreError> {
+        let database = self
+            .database()?
+            .map(|target| postgres::pool(&target, 2))
+            .transpose()?;
+        Ok(crate::ca::Revocations::new(
+            &crate::ca::dir(&self.data),
+            database,
+        ))
     }
 
     /// The store, for `serve`: the database's, or the embedded store

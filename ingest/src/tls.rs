@@ -13,10 +13,11 @@
 //! Every gateway must present a certificate issued by the client CA (the
 //! operator CA, or `--client-ca`). rustls checks the chain and the validity
 //! period during the handshake, so an expired certificate never gets a
-//! stream. Per stream, [`ClientAuth::check`] then refuses a certificate whose
-//! serial is in `<data>/tls/revoked.tsv` (read at each new stream, so a
-//! revocation takes effect at the next connection) or whose common name is
-//! not the gateway the stream authenticates as.
+//! stream. Per stream, [`ClientAuth::check`] then refuses a certificate
+//! revoked (in `<data>/tls/revoked.tsv` or, with `--database`, the database
+//! every replica shares; read at each new stream, so a revocation takes
+//! effect at the next connection) or whose common name is not the gateway
+//! the stream authenticates as.
 //!
 //! All TLS is rustls on the ring provider (never aws-lc).
 
@@ -36,7 +37,8 @@ use tonic::Status;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{debug, info, warn};
 
-use crate::ca::{self, Ca};
+use crate::ca::{self, Ca, Revocations};
+use crate::ops::StoreArgs;
 
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,14 +89,14 @@ pub struct ServerTls {
 #[derive(Clone, Debug)]
 pub struct ClientAuth {
     pub ca_pem: String,
-    /// The directory holding `revoked.tsv`.
-    pub ca_dir: PathBuf,
+    pub revocations: Revocations,
 }
 
 impl TlsArgs {
-    /// The TLS settings these options describe for the data directory
-    /// `data`; None with `--plaintext`.
-    pub fn prepare(&self, data: &Path) -> anyhow::Result<Option<ServerTls>> {
+    /// The TLS settings these options describe for the store `store` (its
+    /// data directory holds the CA; revocations are there and in its
+    /// database); None with `--plaintext`.
+    pub fn prepare(&self, store: &StoreArgs) -> anyhow::Result<Option<ServerTls>> {
         if self.plaintext {
             if self.mtls || self.http_tls || self.tls_cert.is_some() {
                 anyhow::bail!(
@@ -106,7 +108,7 @@ impl TlsArgs {
             );
             return Ok(None);
         }
-        let dir = ca::dir(data);
+        let dir = ca::dir(&store.data);
         let needs_ca = self.tls_cert.is_none() || (self.mtls && self.client_ca.is_none());
         let ca = if needs_ca {
             let (ca, created) = Ca::open_or_create(&dir)?;
@@ -148,13 +150,14 @@ impl TlsArgs {
                 (None, Some(ca)) => ca.cert_pem().to_string(),
                 (None, None) => anyhow::bail!("--mtls needs a CA"),
             };
+            let revocations = store.revocations()?;
             info!(
-                revoked = %dir.join("revoked.tsv").display(),
+                revocations = %revocations.place(),
                 "mutual TLS: every gateway must present a certificate from the client CA"
             );
             Some(ClientAuth {
                 ca_pem,
-                ca_dir: dir,
+                revocations,
             })
         } else {
             None
@@ -206,7 +209,7 @@ impl ServerTls {
 impl ClientAuth {
     /// Refuses a stream whose client certificate is missing, revoked, or
     /// issued to another gateway than `gateway`.
-    pub fn check(
+    pub async fn check(
         &self,
         peer_certs: Option<&[CertificateDer<'static>]>,
         gateway: &str,
@@ -216,11 +219,11 @@ impl ClientAuth {
             .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
         let (serial, name) =
             ca::identity_of(leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
-        let revoked = ca::revoked_serials(&self.ca_dir).map_err(|e| {
-            warn!(error = %e, "cannot read the revocation list; refusing client certificates");
+        let revoked = self.revocations.is_revoked(&serial).await.map_err(|e| {
+            warn!(error = %e, "cannot read the revocations; refusing client certificates");
             Status::unavailable("revocation list unreadable")
         })?;
-        if revoked.contains(&serial) {
+        if revoked {
             return Err(Status::unauthenticated(format!(
                 "client certificate {serial} (`{name}`) is revoked"
             )));

@@ -100,7 +100,8 @@ impl LocalIngest {
         let any = "127.0.0.1:0".parse()?;
         // No quotas: the benches measure ingest's own speed.
         let (tls, ca_file) = if tls {
-            let tls = guantong_ingest::tls::TlsArgs::default().prepare(dir.path())?;
+            let tls = guantong_ingest::tls::TlsArgs::default()
+                .prepare(&guantong_ingest::ops::StoreArgs::embedded(dir.path()))?;
             (
                 tls,
                 Some(guantong_ingest::ca::dir(dir.path()).join("ca.pem")),

@@ -21,6 +21,60 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+/// Runs `guantong-ingest ARGS` to completion; its stdout (trimmed), or
+/// the failure with its stderr.
+pub fn ingest_cli(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(binary("guantong-ingest")?)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "guantong-ingest {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// A client certificate and its key, PEM.
+pub type Identity = (Vec<u8>, Vec<u8>);
+
+/// Issues a client certificate for `gateway` from the CA of the data
+/// directory `data` into `out` (`ca issue`); returns (cert, key) PEM and the
+/// serial `ca list` shows.
+pub fn issue_certificate(
+    data: &Path,
+    gateway: &str,
+    out: &Path,
+    valid_for: &str,
+) -> anyhow::Result<(Identity, String)> {
+    let data_s = data.to_str().context("utf-8 path")?;
+    let out_s = out.to_str().context("utf-8 path")?;
+    ingest_cli(&[
+        "ca",
+        "issue",
+        "--data",
+        data_s,
+        gateway,
+        "--out",
+        out_s,
+        "--valid-for",
+        valid_for,
+    ])?;
+    let cert = std::fs::read(out.join(format!("{gateway}.pem")))?;
+    let key = std::fs::read(out.join(format!("{gateway}.key")))?;
+    let list = ingest_cli(&["ca", "list", "--data", data_s])?;
+    let serial = list
+        .lines()
+        .rev()
+        .find(|l| l.split('\t').nth(1) == Some(gateway))
+        .and_then(|l| l.split('\t').next())
+        .ok_or_else(|| anyhow::anyhow!("`ca list` lacks {gateway}: {list}"))?
+        .to_string();
+    Ok(((cert, key), serial))
+}
+
 /// Ingest gRPC addresses and the CA file their certificate comes from.
 static CA_FILES: Mutex<Vec<(SocketAddr, PathBuf)>> = Mutex::new(Vec::new());
 

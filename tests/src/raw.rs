@@ -147,6 +147,24 @@ pub async fn channel_with(
         .await?)
 }
 
+/// Opens a stream with an optional client certificate (cert, key PEM),
+/// authenticating as `gateway` and saying `hello_gateway` in Hello; any
+/// refusal (at the handshake or by the service) as text.
+pub async fn attempt(
+    addr: SocketAddr,
+    identity: Option<crate::procs::Identity>,
+    gateway: &str,
+    token: &str,
+    hello_gateway: &str,
+) -> Result<RawStream, String> {
+    let channel = channel_with(addr, identity)
+        .await
+        .map_err(|e| format!("{e:#} {:?}", e.root_cause()))?;
+    RawStream::open(channel, gateway, token, hello_gateway, 0xA11CE)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
 /// One connection: Hello (with `public_key`), then `msgs`. Returns
 /// (Welcome.stored_seq, the batch numbers acknowledged).
 pub async fn session(

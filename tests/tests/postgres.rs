@@ -2,7 +2,8 @@
 //! applied by `migrate` and refused when missing; a `pg_dump`/`pg_restore`
 //! round trip after which `verify-chain` passes and the gateway resumes
 //! without loss; several replicas on one database, the one a gateway streams
-//! to SIGKILLed again and again.
+//! to SIGKILLed again and again; a certificate revoked in the database
+//! refused by every replica.
 //!
 //! Each test uses a database of its own on the server `./test.sh` starts
 //! (`guantong_e2e_*`, dropped at the end).
@@ -14,27 +15,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use guantong_e2e::pg::TestDb;
-use guantong_e2e::procs::{GatewayProc, IngestProc, any_port, binary, gateway_identity, wait_for};
+use guantong_e2e::procs::{
+    GatewayProc, IngestProc, any_port, gateway_identity, ingest_cli, issue_certificate, wait_for,
+};
+use guantong_e2e::raw::attempt;
 use guantong_e2e::scenario::check_counter;
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
 
 const GW: &str = "gw-pg";
 const DEV: &str = "sim-1";
-
-/// Runs `guantong-ingest ARGS`; its stdout, or the failure with stderr.
-fn ingest_cli(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(binary("guantong-ingest")?)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "guantong-ingest {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?.trim().to_string())
-}
 
 /// A gateway config reading the simulator every 20 ms, sending to
 /// `endpoints` (TLS with `ca`), buffering under `dir`.
@@ -256,6 +245,88 @@ fn timeless(v: &mut serde_json::Value) {
     }
 }
 
+/// Gives the data directory `to` the operator CA of `from`, as the README
+/// says to before a replica's first start.
+fn share_ca(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to.join("tls"))?;
+    for file in ["ca.pem", "ca.key"] {
+        std::fs::copy(from.join("tls").join(file), to.join("tls").join(file))?;
+    }
+    Ok(())
+}
+
+/// A certificate revoked with `ca revoke --database` is refused by every
+/// replica at its next stream, though neither data directory lists it; `ca
+/// list --database` shows it revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_in_the_database_is_refused_by_every_replica() -> anyhow::Result<()> {
+    const GW_REV: &str = "gw-rev";
+    let db = TestDb::create("revoke")?;
+    ingest_cli(&["migrate", "--database", &db.url])?;
+    let dir = tempfile::tempdir()?;
+    let data = [dir.path().join("ingest-a"), dir.path().join("ingest-b")];
+    let data_s = [
+        data[0].to_str().context("utf-8")?,
+        data[1].to_str().context("utf-8")?,
+    ];
+    let token = ingest_cli(&[
+        "register-gateway",
+        "--database",
+        &db.url,
+        "--data",
+        data_s[0],
+        GW_REV,
+    ])?;
+    ingest_cli(&["ca", "init", "--data", data_s[0]])?;
+    share_ca(&data[0], &data[1])?;
+    let (identity, serial) = issue_certificate(&data[0], GW_REV, &dir.path().join("certs"), "30d")?;
+    let serve = ["--database", db.url.as_str(), "--mtls"];
+    let replicas = [
+        IngestProc::start_with_args(&data[0], any_port(), any_port(), &serve).await?,
+        IngestProc::start_with_args(&data[1], any_port(), any_port(), &serve).await?,
+    ];
+    for r in &replicas {
+        if let Err(e) = attempt(r.grpc, Some(identity.clone()), GW_REV, &token, GW_REV).await {
+            bail!(
+                "the issued certificate is refused before revocation: {e}\n{}",
+                r.proc.logs()
+            );
+        }
+    }
+    ingest_cli(&[
+        "ca",
+        "revoke",
+        "--data",
+        data_s[0],
+        "--database",
+        &db.url,
+        &serial,
+    ])?;
+    for r in &replicas {
+        match attempt(r.grpc, Some(identity.clone()), GW_REV, &token, GW_REV).await {
+            Ok(_) => bail!("replica {} still takes the revoked certificate", r.grpc),
+            Err(e) => ensure!(e.contains("is revoked"), "refused for another reason: {e}"),
+        }
+    }
+    for d in &data {
+        ensure!(
+            !d.join("tls/revoked.tsv").exists(),
+            "the revocation went to a data directory, not the database"
+        );
+    }
+    let state = |list: &str| {
+        list.lines()
+            .find(|l| l.starts_with(serial.as_str()))
+            .and_then(|l| l.rsplit('\t').next())
+            .map(str::to_string)
+    };
+    let shared = ingest_cli(&["ca", "list", "--data", data_s[0], "--database", &db.url])?;
+    ensure!(state(&shared).as_deref() == Some("revoked"), "{shared}");
+    let local = ingest_cli(&["ca", "list", "--data", data_s[0]])?;
+    ensure!(state(&local).as_deref() == Some("valid"), "{local}");
+    Ok(())
+}
+
 /// Which replica the gateway streams to now (its fleet row is online there).
 async fn connected_to(replicas: &[IngestProc]) -> Option<usize> {
     for (i, r) in replicas.iter().enumerate() {
@@ -291,13 +362,7 @@ async fn replicas_killed_mid_stream_lose_nothing_and_store_nothing_twice() -> an
     let a = IngestProc::start_with_args(&data[0], any_port(), any_port(), &serve).await?;
     // Replica B serves with A's CA (gateways trust one), and the admin
     // account A created in the database.
-    std::fs::create_dir_all(data[1].join("tls"))?;
-    for file in ["ca.pem", "ca.key"] {
-        std::fs::copy(
-            data[0].join("tls").join(file),
-            data[1].join("tls").join(file),
-        )?;
-    }
+    share_ca(&data[0], &data[1])?;
     let b = IngestProc::start_with_args(&data[1], any_port(), any_port(), &serve).await?;
     std::fs::copy(data[0].join("admin.token"), data[1].join("admin.token"))?;
     let mut replicas = [a, b];

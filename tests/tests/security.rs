@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use guantong_e2e::procs::{GatewayProc, IngestProc, binary, gateway_toml, wait_for};
-use guantong_e2e::raw::{self, RawStream, batch_at, manifest, unsigned};
+use guantong_e2e::procs::{
+    GatewayProc, IngestProc, binary, gateway_toml, ingest_cli, issue_certificate, wait_for,
+};
+use guantong_e2e::raw::{RawStream, attempt, batch_at, manifest, unsigned};
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
 use guantong_proto::v1::gateway_message::Kind as Up;
 use guantong_proto::v1::ingest_message::Kind as Down;
@@ -20,9 +22,6 @@ use guantong_proto::v1::point;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEV: &str = "meter";
-
-/// A client certificate and its key, PEM.
-type Identity = (Vec<u8>, Vec<u8>);
 
 fn any_port() -> SocketAddr {
     "127.0.0.1:0".parse().expect("addr")
@@ -33,71 +32,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Runs `guantong-ingest args...`, failing with its stderr; returns stdout.
-fn ingest_cmd(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(binary("guantong-ingest")?)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "guantong-ingest {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Issues a client certificate for `gateway` into `out`; returns (cert, key)
-/// PEM and the serial.
-fn issue(
-    data: &Path,
-    gateway: &str,
-    out: &Path,
-    valid_for: &str,
-) -> anyhow::Result<(Identity, String)> {
-    let data_s = data.to_str().expect("utf-8 path");
-    let out_s = out.to_str().expect("utf-8 path");
-    ingest_cmd(&[
-        "ca",
-        "issue",
-        "--data",
-        data_s,
-        gateway,
-        "--out",
-        out_s,
-        "--valid-for",
-        valid_for,
-    ])?;
-    let cert = std::fs::read(out.join(format!("{gateway}.pem")))?;
-    let key = std::fs::read(out.join(format!("{gateway}.key")))?;
-    let list = ingest_cmd(&["ca", "list", "--data", data_s])?;
-    let serial = list
-        .lines()
-        .rev()
-        .find(|l| l.split('\t').nth(1) == Some(gateway))
-        .and_then(|l| l.split('\t').next())
-        .ok_or_else(|| anyhow::anyhow!("`ca list` lacks {gateway}: {list}"))?
-        .to_string();
-    Ok(((cert, key), serial))
-}
-
-/// Opens a stream with an optional client certificate; any refusal (at
-/// the handshake or by the service) as text.
-async fn attempt(
-    addr: SocketAddr,
-    identity: Option<Identity>,
-    gateway: &str,
-    token: &str,
-    hello_gateway: &str,
-) -> Result<RawStream, String> {
-    let channel = raw::channel_with(addr, identity)
-        .await
-        .map_err(|e| format!("{e:#} {:?}", e.root_cause()))?;
-    RawStream::open(channel, gateway, token, hello_gateway, 0xA11CE)
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +63,7 @@ async fn tls_by_default_refuses_plaintext_clients_and_untrusted_servers() -> any
 
     // A gateway that trusts another CA refuses ingest's certificate.
     let other = dir.path().join("other");
-    ingest_cmd(&["ca", "init", "--data", other.to_str().expect("utf-8")])?;
+    ingest_cli(&["ca", "init", "--data", other.to_str().expect("utf-8")])?;
     let config = dir.path().join("gw.toml");
     let text = gateway_toml("gw", ingest.grpc, &token, &dir.path().join("buffer")).replace(
         &ingest.ca_file().display().to_string(),
@@ -158,12 +92,12 @@ async fn mutual_tls_takes_issued_certificates_and_refuses_missing_foreign_revoke
     let token_a = IngestProc::register(&data, "gw-a")?;
     let token_b = IngestProc::register(&data, "gw-b")?;
     let data_s = data.to_str().expect("utf-8");
-    ingest_cmd(&["ca", "init", "--data", data_s])?;
+    ingest_cli(&["ca", "init", "--data", data_s])?;
     let certs = dir.path().join("certs");
-    let (cert_a, serial_a) = issue(&data, "gw-a", &certs, "30d")?;
-    let (cert_b, _) = issue(&data, "gw-b", &certs.join("b"), "30d")?;
+    let (cert_a, serial_a) = issue_certificate(&data, "gw-a", &certs, "30d")?;
+    let (cert_b, _) = issue_certificate(&data, "gw-b", &certs.join("b"), "30d")?;
     let short = dir.path().join("short");
-    let (cert_short, _) = issue(&data, "gw-b", &short, "3s")?;
+    let (cert_short, _) = issue_certificate(&data, "gw-b", &short, "3s")?;
     let issued_at = Instant::now();
     let mode = std::fs::metadata(certs.join("gw-a.key"))?.permissions();
     use std::os::unix::fs::PermissionsExt;
@@ -313,7 +247,7 @@ async fn a_rotated_token_keeps_the_old_one_for_its_grace_and_no_buffered_data_is
 
     // Rotate with a grace period: the old token still works.
     ingest.proc.terminate(Duration::from_secs(5));
-    let new = ingest_cmd(&[
+    let new = ingest_cli(&[
         "rotate-gateway-token",
         "--data",
         data_s,
@@ -333,7 +267,7 @@ async fn a_rotated_token_keeps_the_old_one_for_its_grace_and_no_buffered_data_is
     // Rotate again with no grace: the gateway (still on the first token,
     // now two rotations old) is refused and keeps buffering.
     ingest.proc.terminate(Duration::from_secs(5));
-    let newest = ingest_cmd(&[
+    let newest = ingest_cli(&[
         "rotate-gateway-token",
         "--data",
         data_s,

@@ -58,6 +58,7 @@ use super::{
 use crate::evidence::bundle::{Bundle, DayEvidence};
 use crate::registry::{Access, Account, Enterprise, Equipment};
 
+pub use registry::{is_revoked, revoke_certificate, revoked_certificates};
 pub use schema::{LATEST as SCHEMA_VERSION, migrate};
 
 const MINUTE_MS: i64 = 60_000;

@@ -83,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
     // TLS as in production: an operator CA in the data directory, created
     // at the first start, which the gateway trusts.
     let ingest_data = data.join("ingest");
-    let tls = guantong_ingest::tls::TlsArgs::default().prepare(&ingest_data)?;
+    let tls = guantong_ingest::tls::TlsArgs::default()
+        .prepare(&guantong_ingest::ops::StoreArgs::embedded(&ingest_data))?;
     let ca_file = guantong_ingest::ca::dir(&ingest_data).join("ca.pem");
     let options = guantong_ingest::Options {
         tls,

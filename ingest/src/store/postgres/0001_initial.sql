@@ -191,3 +191,11 @@ CREATE TABLE gateway_config_states (
     gateway text PRIMARY KEY,
     state jsonb NOT NULL
 );
+
+-- Gateway certificates revoked by `ca revoke --database` (`crate::ca`):
+-- every replica refuses them at the next stream.
+CREATE TABLE revoked_certificates (
+    serial text PRIMARY KEY,
+    gateway text NOT NULL,
+    revoked_at_ms bigint NOT NULL
+);

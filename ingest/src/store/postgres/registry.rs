@@ -326,3 +326,48 @@ pub(super) async fn put_account(client: &mut Object, a: &Account) -> Result<Stri
         .map_err(pg_err)?;
     Ok(token)
 }
+
+/// Records a gateway certificate (lowercase hex `serial`) as revoked.
+pub async fn revoke_certificate(
+    pool: &deadpool_postgres::Pool,
+    serial: &str,
+    gateway: &str,
+) -> Result<()> {
+    let client = pool.get().await.map_err(super::pool_err)?;
+    client
+        .execute(
+            "INSERT INTO revoked_certificates (serial, gateway, revoked_at_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (serial) DO NOTHING",
+            &[&serial, &gateway, &crate::store::records::now_ms()],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
+
+/// Whether the certificate with this serial is revoked.
+pub async fn is_revoked(pool: &deadpool_postgres::Pool, serial: &str) -> Result<bool> {
+    let client = pool.get().await.map_err(super::pool_err)?;
+    let row = client
+        .query_opt(
+            "SELECT 1 FROM revoked_certificates WHERE serial = $1",
+            &[&serial],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.is_some())
+}
+
+/// Every revoked serial.
+pub async fn revoked_certificates(
+    pool: &deadpool_postgres::Pool,
+) -> Result<std::collections::HashSet<String>> {
+    let client = pool.get().await.map_err(super::pool_err)?;
+    Ok(client
+        .query("SELECT serial FROM revoked_certificates", &[])
+        .await
+        .map_err(pg_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
