@@ -53,6 +53,12 @@ enum Command {
         /// critical flags, industries, the city's networking-rate target.
         #[arg(long, env = "GUANTONG_CRITERIA")]
         criteria: Option<PathBuf>,
+        /// With `--database`: drop the points whose source day ended longer
+        /// ago than this (e.g. `400d`; at least `1d`), a whole daily
+        /// partition at a time, checked hourly. Rollups, signed batches and
+        /// losses are kept, so reports do not change. Off: points are kept.
+        #[arg(long, env = "GUANTONG_RETENTION", value_parser = humantime::parse_duration)]
+        retention: Option<std::time::Duration>,
         #[command(flatten)]
         security: Box<ServeSecurity>,
     },
@@ -1007,11 +1013,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             metrics_listen,
             trust_on_first_use,
             criteria,
+            retention,
             security,
         } => {
             let criteria = load_criteria(criteria.as_deref())?;
             let tls = security.tls.prepare(&data)?;
-            let store = Arc::new(data.open().await?);
+            let store = Arc::new(data.open(retention).await?);
             bootstrap_admin(&store, &data.data).await?;
             let shutdown = CancellationToken::new();
             let options = guantong_ingest::Options {

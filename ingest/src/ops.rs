@@ -168,10 +168,25 @@ impl StoreArgs {
 
     /// The store, for `serve`: the database's, or the embedded store
     /// (which must be free).
-    pub async fn open(&self) -> Result<AnyStore, crate::store::StoreError> {
-        match self.database()? {
-            Some(target) => Ok(AnyStore::Postgres(PgStore::open(&target).await?)),
-            None => Ok(AnyStore::Embedded(EmbeddedStore::open(&self.data)?)),
+    /// With `retention`, points older than it are dropped (database only).
+    pub async fn open(
+        &self,
+        retention: Option<std::time::Duration>,
+    ) -> Result<AnyStore, crate::store::StoreError> {
+        use crate::store::StoreError;
+        if retention.is_some_and(|r| r < std::time::Duration::from_secs(86_400)) {
+            return Err(StoreError::Invalid(
+                "--retention: at least 1d (whole days are dropped)".into(),
+            ));
+        }
+        match (self.database()?, retention) {
+            (Some(target), _) => Ok(AnyStore::Postgres(
+                PgStore::open_with(&target, retention).await?,
+            )),
+            (None, Some(_)) => Err(StoreError::Invalid(
+                "--retention needs --database: the embedded store keeps every point".into(),
+            )),
+            (None, None) => Ok(AnyStore::Embedded(EmbeddedStore::open(&self.data)?)),
         }
     }
 }

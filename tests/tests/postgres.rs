@@ -18,9 +18,11 @@ use guantong_e2e::pg::TestDb;
 use guantong_e2e::procs::{
     GatewayProc, IngestProc, any_port, gateway_identity, ingest_cli, issue_certificate, wait_for,
 };
-use guantong_e2e::raw::attempt;
+use guantong_e2e::raw::{attempt, batch_at, manifest, unsigned};
 use guantong_e2e::scenario::check_counter;
 use guantong_e2e::sim::{SimDevice, standard_device_toml};
+use guantong_proto::v1::gateway_message::Kind as Up;
+use guantong_proto::v1::ingest_message::Kind as Down;
 
 const GW: &str = "gw-pg";
 const DEV: &str = "sim-1";
@@ -243,6 +245,95 @@ fn timeless(v: &mut serde_json::Value) {
         serde_json::Value::Array(a) => a.iter_mut().for_each(timeless),
         _ => {}
     }
+}
+
+/// `serve --retention` on a store with points of a day 40 days ago: the
+/// day's partition is dropped at start (the hourly pass runs first thing),
+/// its points are no longer served, today's stay, and `verify-chain` still
+/// passes. Without `--database` the option is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_expired_days_of_points_when_serving() -> anyhow::Result<()> {
+    const GW_OLD: &str = "gw-old";
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("ingest");
+    let data_s = data.to_str().context("utf-8")?;
+    let refused = ingest_cli(&["serve", "--data", data_s, "--retention", "30d"])
+        .err()
+        .context("--retention without a database is refused")?;
+    ensure!(
+        format!("{refused:#}").contains("--retention needs --database"),
+        "{refused:#}"
+    );
+
+    let db = TestDb::create("retention")?;
+    ingest_cli(&["migrate", "--database", &db.url])?;
+    let token = ingest_cli(&[
+        "register-gateway",
+        "--database",
+        &db.url,
+        "--data",
+        data_s,
+        GW_OLD,
+    ])?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    let old = now - 40 * 86_400_000;
+    let serve = ["--database", db.url.as_str()];
+    let mut ingest = IngestProc::start_with_args(&data, any_port(), any_port(), &serve).await?;
+    let Ok(mut stream) = attempt(ingest.grpc, None, GW_OLD, &token, GW_OLD).await else {
+        bail!("no stream: {}", ingest.proc.logs());
+    };
+    stream.send(Up::Manifest(manifest(GW_OLD))).await?;
+    for (seq, base) in [(1, old), (2, now - 60_000)] {
+        stream
+            .send(Up::Batch(unsigned(batch_at(0xA11CE, seq, base, 5))))
+            .await?;
+        ensure!(
+            matches!(stream.next().await?, Down::Ack(_)),
+            "batch {seq} acknowledged"
+        );
+    }
+    drop(stream);
+    let points = |api: guantong_e2e::procs::Api, from: i64, to: i64| async move {
+        let v = api
+            .get(&format!(
+                "/api/v1/points?gateway={GW_OLD}&device=dev&tag=x&from={from}&to={to}"
+            ))
+            .await?;
+        anyhow::Ok(v["points"].as_array().map_or(0, Vec::len))
+    };
+    ensure!(
+        points(ingest.api(), old - 1, old + 1_000).await? == 5,
+        "the old points are stored"
+    );
+    let partition = || -> anyhow::Result<u64> {
+        Ok(guantong_e2e::pg::psql(
+            &db.url,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'points'::regclass",
+        )?
+        .parse()?)
+    };
+    let before = partition()?;
+    ingest.proc.terminate(Duration::from_secs(10));
+
+    let retention = ["--database", db.url.as_str(), "--retention", "30d"];
+    let ingest = IngestProc::start_with_args(&data, any_port(), any_port(), &retention).await?;
+    wait_for(
+        "the expired day dropped",
+        Duration::from_secs(30),
+        || async { Ok((points(ingest.api(), old - 1, old + 1_000).await? == 0).then_some(())) },
+    )
+    .await
+    .with_context(|| ingest.proc.logs())?;
+    ensure!(partition()? == before - 1, "one whole partition dropped");
+    ensure!(
+        points(ingest.api(), now - 61_000, now).await? == 5,
+        "today's points stay"
+    );
+    // Exits non-zero on any disagreement of rollups, points and batches.
+    ingest_cli(&["verify-chain", "--database", &db.url]).with_context(|| ingest.proc.logs())?;
+    Ok(())
 }
 
 /// Gives the data directory `to` the operator CA of `from`, as the README

@@ -18,6 +18,10 @@ pub struct Bundle {
     /// The report window, source time, `from_ms <= t < to_ms`.
     pub from_ms: i64,
     pub to_ms: i64,
+    /// Points with an earlier source time were dropped by ingest's
+    /// retention: they are signed in their batches but not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points_from_ms: Option<i64>,
     /// Ingest's digest key, which signs `days[].digest`.
     pub ingest_public_key: String,
     pub gateways: Vec<GatewayEvidence>,

@@ -97,6 +97,17 @@ pub fn verify(bundle: &Bundle, kept: &[SignedDigest]) -> Verdict {
         return v;
     }
     v.push(Status::Note, "bundle", UNSIGNED_FIELDS);
+    if let Some(from) = bundle.points_from_ms {
+        v.push(
+            Status::Note,
+            "bundle",
+            format!(
+                "ingest's retention dropped the points before {} (`points_from_ms`, not signed): \
+                 the signed points of earlier source times are not compared with served ones",
+                crate::http::rfc3339(from)
+            ),
+        );
+    }
     let mut covered = HashSet::new();
     for g in &bundle.gateways {
         verify_gateway(bundle, g, &mut v);
@@ -544,6 +555,9 @@ impl GatewayCheck<'_> {
                 }
             };
             let t = batch.base_time_ms.saturating_add(p.time_offset_ms);
+            if bundle.points_from_ms.is_some_and(|from| t < from) {
+                continue; // dropped by ingest's retention: signed, not served
+            }
             signed.add(device, name, t, p);
             if !rejected && t >= bundle.from_ms && t < bundle.to_ms {
                 let r = self
@@ -706,6 +720,7 @@ mod tests {
             created_at_ms: 0,
             from_ms: 0,
             to_ms: 1,
+            points_from_ms: None,
             ingest_public_key: String::new(),
             gateways: Vec::new(),
         };

@@ -1622,7 +1622,7 @@ impl EmbeddedStore {
             let (k, v) = entry.map_err(db_err)?;
             names.insert(k.value(), SeriesMeta::parse(v.value())?);
         }
-        let mut recount = Recount::new(names);
+        let mut recount = Recount::new(names, None);
         for entry in txn
             .open_table(CHUNKS)
             .map_err(db_err)?

@@ -83,6 +83,7 @@ pub(crate) struct Gather {
     days: BTreeSet<i64>,
     losses: Vec<LossEvidence>,
     served: HashMap<(u64, u64), PointsDigest>,
+    points_from: Option<i64>,
 }
 
 impl Gather {
@@ -91,6 +92,12 @@ impl Gather {
             times: (i64::MAX, i64::MIN),
             ..Default::default()
         }
+    }
+
+    /// Points with an earlier source time were dropped by retention: they
+    /// are not served, whatever the tables still hold.
+    pub fn points_from(&mut self, horizon: Option<i64>) {
+        self.points_from = horizon;
     }
 
     /// Starts the next stream, with the breaks ingest recorded for it.
@@ -156,6 +163,9 @@ impl Gather {
         tag: &str,
         p: &guantong_proto::v1::Point,
     ) {
+        if self.points_from.is_some_and(|from| p.time_offset_ms < from) {
+            return;
+        }
         if self.wanted.contains_key(&(buffer_id, seq)) {
             self.served
                 .entry((buffer_id, seq))
@@ -209,6 +219,7 @@ impl Gather {
             },
             series,
             days: self.days,
+            points_from: self.points_from,
         }
     }
 }
@@ -221,6 +232,8 @@ pub(crate) struct Collected {
     pub series: Vec<(u64, String, String)>,
     /// Start of every UTC day a collected link was received.
     pub days: BTreeSet<i64>,
+    /// The retention horizon its snapshot saw (`Gather::points_from`).
+    pub points_from: Option<i64>,
 }
 
 /// Refuses an empty window.
@@ -235,6 +248,8 @@ pub(crate) fn check_window(from_ms: i64, to_ms: i64) -> Result<()> {
 
 /// The bundle of the gateways collected: each with the report as the query
 /// path answers it and the digests of the days its links were received.
+/// Refuses a window starting before the retention horizon: its points are
+/// gone, so no report of it can be checked.
 pub(crate) async fn bundle<S: Store>(
     store: &S,
     collected: Vec<Collected>,
@@ -242,6 +257,16 @@ pub(crate) async fn bundle<S: Store>(
     to_ms: i64,
     ingest_public_key: String,
 ) -> Result<Bundle> {
+    let points_from = collected.iter().filter_map(|c| c.points_from).max();
+    if let Some(horizon) = points_from
+        && from_ms < horizon
+    {
+        return Err(StoreError::Invalid(format!(
+            "points before {} were dropped by retention (`serve --retention`): export a window \
+             from then on (the day rollups, signed batches and losses of earlier days are kept)",
+            crate::http::rfc3339(horizon)
+        )));
+    }
     let mut out = Vec::with_capacity(collected.len());
     for collected in collected {
         let mut g = collected.gateway;
@@ -276,6 +301,7 @@ pub(crate) async fn bundle<S: Store>(
         created_at_ms: now_ms(),
         from_ms,
         to_ms,
+        points_from_ms: points_from,
         ingest_public_key,
         gateways: out,
     })

@@ -3,7 +3,8 @@
 //! # Layout
 //! The schema is `postgres/0001_initial.sql` (applied by `migrate`, checked
 //! by `open`). Points are one row each in `points`, range-partitioned by
-//! source time into daily partitions made ahead (`partitions`); rollups,
+//! source time into daily partitions, dropped whole by retention
+//! (`partitions`); rollups,
 //! streams, links, losses and the registry are tables of their own, their
 //! rich values in the encodings the embedded store uses (`store::records`).
 //!
@@ -24,6 +25,7 @@
 //! `generation` is a database sequence advanced after each commit, read by
 //! every replica (its own writes at once, others' within `POLL`).
 
+mod partitions;
 mod registry;
 mod schema;
 
@@ -38,6 +40,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use guantong_proto::chain::PublicKey;
 use guantong_proto::v1::{Manifest, Point, point::Value};
+use partitions::Partitions;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -264,22 +267,34 @@ impl PgStore {
     /// Opens the store in the database `config` names; its schema must be
     /// the one this ingest knows (`migrate` makes it so).
     pub async fn open(target: &Target) -> Result<PgStore> {
+        PgStore::open_with(target, None).await
+    }
+
+    /// `open`, dropping points older than `retention` every hour (their
+    /// daily partitions; `partitions`).
+    pub async fn open_with(target: &Target, retention: Option<Duration>) -> Result<PgStore> {
         let pool = pool(target, POOL_SIZE)?;
-        let client = pool.get().await.map_err(pool_err)?;
+        let mut client = pool.get().await.map_err(pool_err)?;
         schema::check(&client).await?;
         let digest_key = digest_key(&client).await?;
-        partitions(&client, now_ms()).await?;
+        let made = Partitions::default();
+        partitions::make_ahead(&made, &mut client, now_ms()).await?;
         let generation = Arc::new(AtomicU64::new(0));
         observe_generation(&client, &generation).await?;
         drop(client);
         let writers = (0..WRITERS)
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(writer_loop(pool.clone(), generation.clone(), rx));
+                tokio::spawn(writer_loop(
+                    pool.clone(),
+                    generation.clone(),
+                    made.clone(),
+                    rx,
+                ));
                 tx
             })
             .collect();
-        let poller = tokio::spawn(poll_loop(pool.clone(), generation.clone()));
+        let poller = tokio::spawn(poll_loop(pool.clone(), generation.clone(), made, retention));
         Ok(PgStore {
             pool,
             writers,
@@ -320,56 +335,47 @@ async fn bump_generation(client: &Object, generation: &AtomicU64) -> Result<()> 
     Ok(())
 }
 
-/// Sees other replicas' changes, and keeps daily partitions made ahead.
-async fn poll_loop(pool: Pool, generation: Arc<AtomicU64>) {
-    let mut last_partitions = now_ms();
+/// Sees other replicas' changes; every hour makes the coming days'
+/// partitions and, with a retention, drops the expired ones.
+async fn poll_loop(
+    pool: Pool,
+    generation: Arc<AtomicU64>,
+    made: Partitions,
+    retention: Option<Duration>,
+) {
+    let mut last_hourly = 0;
     loop {
-        tokio::time::sleep(POLL).await;
-        let Ok(client) = pool.get().await else {
+        let Ok(mut client) = pool.get().await else {
+            tokio::time::sleep(POLL).await;
             continue;
         };
         if let Err(e) = observe_generation(&client, &generation).await {
             tracing::warn!(error = %e, "cannot read the database's generation");
         }
-        if now_ms() - last_partitions > rollup::HOUR_MS {
-            last_partitions = now_ms();
-            if let Err(e) = partitions(&client, last_partitions).await {
+        if now_ms() - last_hourly > rollup::HOUR_MS {
+            last_hourly = now_ms();
+            if let Err(e) = partitions::make_ahead(&made, &mut client, last_hourly).await {
                 tracing::warn!(error = %e, "cannot make the coming days' point partitions");
             }
+            if let Some(retention) = retention {
+                match partitions::expire(&mut client, last_hourly, retention).await {
+                    Ok(dropped) if !dropped.is_empty() => {
+                        made.forget();
+                        tracing::info!(?dropped, retention = %humantime::format_duration(retention), "dropped expired point partitions");
+                        if let Err(e) = bump_generation(&client, &generation).await {
+                            tracing::warn!(error = %e, "cannot advance the generation");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention: expired points not dropped yet; trying again in an hour")
+                    }
+                }
+            }
         }
+        drop(client);
+        tokio::time::sleep(POLL).await;
     }
-}
-
-/// Makes the daily point partitions from yesterday to two days ahead (UTC+8
-/// days) where missing. Points outside them land in `points_default`.
-async fn partitions(client: &Object, now: i64) -> Result<()> {
-    let today = rollup::day_of(now);
-    for d in -1..=2 {
-        let start = today + d * rollup::DAY_MS;
-        let name = format!(
-            "points_{}",
-            crate::days::format((start + rollup::DAY_OFFSET_MS).div_euclid(rollup::DAY_MS))
-                .replace('-', "")
-        );
-        let exists = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .await
-            .map_err(pg_err)?
-            .get::<_, bool>(0);
-        if exists {
-            continue;
-        }
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF points FOR VALUES FROM ({start}) TO ({})",
-            start + rollup::DAY_MS
-        );
-        if let Err(e) = client.batch_execute(&sql).await {
-            // Another replica made it meanwhile, or the default partition
-            // already holds points of that day: they stay there.
-            tracing::debug!(partition = %name, error = %pg_err(e), "partition not made");
-        }
-    }
-    Ok(())
 }
 
 /// The digest key every replica signs with, made by the first to open.
@@ -393,7 +399,12 @@ async fn digest_key(client: &Object) -> Result<ed25519_dalek::SigningKey> {
     Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
 }
 
-async fn writer_loop(pool: Pool, generation: Arc<AtomicU64>, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn writer_loop(
+    pool: Pool,
+    generation: Arc<AtomicU64>,
+    made: Partitions,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
     while let Some(first) = rx.recv().await {
         let mut points = first.batch.batch.points.len();
         let mut jobs = vec![first];
@@ -406,10 +417,26 @@ async fn writer_loop(pool: Pool, generation: Arc<AtomicU64>, mut rx: mpsc::Unbou
                 Err(_) => break,
             }
         }
+        let days = partitions::days_of(jobs.iter().flat_map(|j| {
+            let b = &j.batch.batch;
+            b.points
+                .iter()
+                .map(|p| b.base_time_ms.saturating_add(p.time_offset_ms))
+        }));
         let outcome = async {
             let mut client = pool.get().await.map_err(pool_err)?;
-            let outcomes =
-                append_group(&mut client, jobs.iter().map(|j| &j.batch).collect()).await?;
+            made.ensure(&mut client, &days).await?;
+            let batches = || jobs.iter().map(|j| &j.batch).collect();
+            let outcomes = match append_group(&mut client, batches()).await {
+                Ok(outcomes) => outcomes,
+                // Retention (here or on another replica) may have dropped a
+                // day's partition this writer knew: make it again, once.
+                Err(_) => {
+                    made.forget();
+                    made.ensure(&mut client, &days).await?;
+                    append_group(&mut client, batches()).await?
+                }
+            };
             bump_generation(&client, &generation).await?;
             Ok::<_, StoreError>(outcomes)
         }
@@ -1090,14 +1117,21 @@ async fn advance_chain(
 
 /// A read-only transaction on one snapshot, however many batches are
 /// written meanwhile.
+/// A read-only transaction on one snapshot. It locks `points` (shared)
+/// before its snapshot is taken, so retention cannot drop a partition from
+/// under it, and the horizon it reads is the one its points agree with.
 async fn snapshot(client: &mut Object) -> Result<deadpool_postgres::Transaction<'_>> {
-    client
+    let txn = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await
-        .map_err(pg_err)
+        .map_err(pg_err)?;
+    txn.batch_execute("LOCK TABLE points IN ACCESS SHARE MODE")
+        .await
+        .map_err(pg_err)?;
+    Ok(txn)
 }
 
 /// Columns of `batches` that make a `SignedLink` (`link_of`).
@@ -1315,6 +1349,7 @@ impl PgStore {
             );
         }
         let mut gather = super::export::Gather::new();
+        gather.points_from(partitions::horizon(&txn).await?);
         for (&buffer_id, &(lo, hi)) in &ranges.by_buffer {
             let (b, lo, hi) = (big(buffer_id), big(lo), big(hi));
             let breaks = txn
@@ -2223,7 +2258,7 @@ impl Store for PgStore {
         {
             names.insert(unbig(row.get(0)), row.get::<_, Json<SeriesMeta>>(1).0);
         }
-        let mut recount = Recount::new(names);
+        let mut recount = Recount::new(names, partitions::horizon(&txn).await?);
         let none: [i64; 0] = [];
         let points = txn
             .query_raw(

@@ -68,10 +68,11 @@ macro_rules! store_suite {
     };
 }
 
-const GW: &str = "gw-a";
-const BUFFER: u64 = 0xb0f;
+pub(crate) const GW: &str = "gw-a";
+pub(crate) const BUFFER: u64 = 0xb0f;
 /// A source time on a UTC+8 day boundary, so rollup cases cross days.
-const T0: i64 = (1_700_000_000_000 + rollup::DAY_OFFSET_MS) / rollup::DAY_MS * rollup::DAY_MS
+pub(crate) const T0: i64 = (1_700_000_000_000 + rollup::DAY_OFFSET_MS) / rollup::DAY_MS
+    * rollup::DAY_MS
     - rollup::DAY_OFFSET_MS;
 
 /// One device `dev` with tags `t0..tN`, all `interval_ms`.
@@ -101,11 +102,11 @@ pub(crate) fn manifest(gateway: &str, tags: usize, interval_ms: u64) -> Manifest
 
 /// A point of tag `tag` at `t`; Good and Uncertain points carry `t` in
 /// seconds as their value, Bad points none.
-fn point(tag: u32, t: i64, q: Quality) -> (u32, i64, Quality) {
+pub(crate) fn point(tag: u32, t: i64, q: Quality) -> (u32, i64, Quality) {
     (tag, t, q)
 }
 
-fn batch(seq: u64, points: &[(u32, i64, Quality)]) -> Batch {
+pub(crate) fn batch(seq: u64, points: &[(u32, i64, Quality)]) -> Batch {
     let base = points.iter().map(|p| p.1).min().unwrap_or(T0);
     Batch {
         buffer_id: BUFFER,
@@ -173,13 +174,18 @@ async fn store_batch<S: Store>(
 }
 
 /// One tag's points at `t0 + i * step` for `i` in `range`, all Good.
-fn good(tag: u32, t0: i64, step: i64, range: std::ops::Range<i64>) -> Vec<(u32, i64, Quality)> {
+pub(crate) fn good(
+    tag: u32,
+    t0: i64,
+    step: i64,
+    range: std::ops::Range<i64>,
+) -> Vec<(u32, i64, Quality)> {
     range
         .map(|i| point(tag, t0 + i * step, Quality::Good))
         .collect()
 }
 
-async fn all_points<S: Store>(store: &S, series: u64) -> Vec<StoredPoint> {
+pub(crate) async fn all_points<S: Store>(store: &S, series: u64) -> Vec<StoredPoint> {
     store
         .points(series, i64::MIN / 2, i64::MAX / 2, usize::MAX)
         .await
@@ -214,7 +220,7 @@ async fn fresh<H: Harness>() -> (H, H::Store, Arc<ManifestMap>) {
     (place, store, map)
 }
 
-async fn put_manifest<S: Store>(
+pub(crate) async fn put_manifest<S: Store>(
     store: &S,
     gateway: &str,
     tags: usize,
@@ -378,12 +384,12 @@ pub async fn a_stream_acknowledged_elsewhere_is_recorded_as_lost_once<H: Harness
 }
 
 /// Builds the links of one stream as the gRPC layer would hand them over.
-struct Chain {
+pub(crate) struct Chain {
     head: Hash,
 }
 
 impl Chain {
-    fn new() -> Chain {
+    pub(crate) fn new() -> Chain {
         Chain {
             head: Algorithm::Ed25519.genesis(GW, BUFFER),
         }
@@ -391,7 +397,7 @@ impl Chain {
 
     /// The batch as the next link; `signature_ok` is what the receiver's
     /// check found.
-    fn link(&mut self, batch: &Batch, signature_ok: bool) -> Link {
+    pub(crate) fn link(&mut self, batch: &Batch, signature_ok: bool) -> Link {
         let prev = self.head;
         self.link_after(batch, prev, signature_ok)
     }
@@ -412,7 +418,7 @@ impl Chain {
     }
 }
 
-async fn append_linked<S: Store>(
+pub(crate) async fn append_linked<S: Store>(
     store: &S,
     map: &Arc<ManifestMap>,
     b: Batch,
@@ -1705,13 +1711,11 @@ pub async fn gateway_configs_are_numbered_per_gateway_and_states_change_in_place
     assert_eq!((state.requested, state.applied), (2, 2));
 }
 
-/// `verify-chain` from the stored bytes: real signatures with the bound
-/// key, every rollup against the points; and the day's digest leaves.
-pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested_and_exported<
-    H: Harness,
->() {
-    let place = H::new().await;
-    let store = place.open().await;
+/// Registers `GW` with an ed25519 key bound, and its two-tag manifest;
+/// returns the key its links are signed with.
+pub(crate) async fn signing_gateway<S: Store>(
+    store: &S,
+) -> (ed25519_dalek::SigningKey, Arc<ManifestMap>) {
     let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let public =
         PublicKey::new(Algorithm::Ed25519, key.verifying_key().to_bytes().to_vec()).expect("key");
@@ -1719,7 +1723,17 @@ pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested_and_
         .register_gateway(GW, Some(public))
         .await
         .expect("register");
-    let map = put_manifest(&store, GW, 2, 1_000).await;
+    (key, put_manifest(store, GW, 2, 1_000).await)
+}
+
+/// `verify-chain` from the stored bytes: real signatures with the bound
+/// key, every rollup against the points; and the day's digest leaves.
+pub async fn verify_rechecks_signed_links_and_rollups_and_days_are_digested_and_exported<
+    H: Harness,
+>() {
+    let place = H::new().await;
+    let store = place.open().await;
+    let (key, map) = signing_gateway(&store).await;
     let mut chain = Chain::new();
     let mut head = String::new();
     for seq in 1..=4u64 {

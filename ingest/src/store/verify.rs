@@ -6,6 +6,12 @@
 //! point (`Recount::add`), the rollup rows (`Rolled`), the manifests and
 //! refusals, then the signed links in (gateway, buffer, seq) order (`walk`).
 //! What is checked, and what a disagreement says, is decided only here.
+//!
+//! A store whose retention dropped points before a horizon (PostgreSQL,
+//! `--retention`) says so (`Recount::new`): points before it are left out of
+//! every comparison, the series totals are checked against the day rollups
+//! of the dropped days plus the points kept, and the per-gateway days of
+//! receipt may count more than is left.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -85,6 +91,8 @@ pub(crate) struct Rolled {
 /// What the stored points say, point by point.
 pub(crate) struct Recount {
     names: HashMap<u64, SeriesMeta>,
+    /// Points with an earlier source time were dropped by retention.
+    points_from: Option<i64>,
     /// (gateway, buffer, seq) -> the points served for that batch.
     served: HashMap<(String, u64, u64), PointsDigest>,
     /// Gateways with points stored before they named their batch.
@@ -100,10 +108,12 @@ pub(crate) struct Recount {
 }
 
 impl Recount {
-    /// `names`: every series' metadata.
-    pub fn new(names: HashMap<u64, SeriesMeta>) -> Recount {
+    /// `names`: every series' metadata; `points_from`: the retention
+    /// horizon, when points before it were dropped.
+    pub fn new(names: HashMap<u64, SeriesMeta>, points_from: Option<i64>) -> Recount {
         Recount {
             names,
+            points_from,
             served: HashMap::new(),
             unattributed: BTreeSet::new(),
             minutes: BTreeMap::new(),
@@ -128,6 +138,9 @@ impl Recount {
         seq: u64,
     ) {
         let t = p.time_offset_ms;
+        if self.dropped(t) {
+            return; // a late point in a partition retention drops next
+        }
         let (gateway, device, tag) = self
             .names
             .get(&series)
@@ -177,6 +190,11 @@ impl Recount {
         }
     }
 
+    /// Whether retention dropped (or drops) the points of source time `t`.
+    fn dropped(&self, t: i64) -> bool {
+        self.points_from.is_some_and(|from| t < from)
+    }
+
     fn name(&self, series: u64) -> String {
         self.names.get(&series).map_or_else(
             || format!("series {series}"),
@@ -193,7 +211,7 @@ impl Recount {
             .chain(self.minutes.keys())
             .copied()
             .collect();
-        for key in keys {
+        for key in keys.into_iter().filter(|k| !self.dropped(k.1)) {
             let a = rolled.minutes.get(&key).copied().unwrap_or_default();
             let b = self.minutes.get(&key).copied().unwrap_or_default();
             if a != b {
@@ -219,7 +237,7 @@ impl Recount {
             .chain(self.days.keys())
             .copied()
             .collect();
-        for key in keys {
+        for key in keys.into_iter().filter(|k| !self.dropped(k.1)) {
             let r = rolled.days.get(&key).copied().unwrap_or_default();
             let s = self.days.get(&key).copied().unwrap_or_default();
             if r != s {
@@ -236,7 +254,7 @@ impl Recount {
             .chain(self.hours.keys())
             .copied()
             .collect();
-        for key in keys {
+        for key in keys.into_iter().filter(|k| !self.dropped(k.1)) {
             let (r, s) = (rolled.hours.get(&key), self.hours.get(&key));
             if r != s {
                 problems.push(format!(
@@ -247,6 +265,16 @@ impl Recount {
             }
         }
         let mut totals = self.totals.clone();
+        // Dropped days count as their day rollups say.
+        for (&(series, day), counts) in &rolled.days {
+            if self.dropped(day) {
+                let t = totals.entry(series).or_default();
+                t.good += counts.good;
+                t.uncertain += counts.uncertain;
+                t.bad += counts.bad;
+                t.backfilled += counts.backfilled;
+            }
+        }
         for (&series, stated) in &rolled.totals {
             let stored = totals.remove(&series).unwrap_or_default();
             if *stated != stored {
@@ -272,7 +300,13 @@ impl Recount {
             // A batch without points leaves a row counting 0: the same as none.
             let r = rolled.gateway_days.get(&key).copied().unwrap_or(0);
             let s = self.gateway_days.get(&key).copied().unwrap_or(0);
-            if r != s {
+            // Retention may have dropped points received that day.
+            let agrees = if self.points_from.is_some() {
+                s <= r
+            } else {
+                r == s
+            };
+            if !agrees {
                 problems.push(format!(
                     "gateway {} day of receipt {}: the gateway day rollup counts {r} points but {s} are stored",
                     key.0,
@@ -302,6 +336,7 @@ impl Recount {
 
 /// The signed batches and what the query tables serve, compared batch by batch.
 struct QueryTables {
+    points_from: Option<i64>,
     served: HashMap<(String, u64, u64), PointsDigest>,
     unattributed: BTreeSet<String>,
     manifests: HashMap<(String, u64), Option<Manifest>>,
@@ -351,12 +386,11 @@ impl QueryTables {
             let device = t
                 .and_then(|t| manifest.devices.get(t.device as usize))
                 .map_or("", |d| d.id.as_str());
-            signed.add(
-                device,
-                t.map_or("", |t| t.name.as_str()),
-                batch.base_time_ms.saturating_add(p.time_offset_ms),
-                p,
-            );
+            let time = batch.base_time_ms.saturating_add(p.time_offset_ms);
+            if self.points_from.is_some_and(|from| time < from) {
+                continue; // dropped by retention
+            }
+            signed.add(device, t.map_or("", |t| t.name.as_str()), time, p);
         }
         if signed == served || (served.count == 0 && self.unattributed.contains(gateway)) {
             return None;
@@ -398,6 +432,7 @@ pub(crate) fn walk(
 ) -> Result<StoreVerification> {
     let problems = recount.cross_check(&rolled);
     let mut query = QueryTables {
+        points_from: recount.points_from,
         served: recount.served,
         unattributed: recount.unattributed,
         manifests: rolled.manifests,

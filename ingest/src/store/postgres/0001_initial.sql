@@ -89,8 +89,9 @@ CREATE TABLE series (
     UNIQUE (gateway, device, tag)
 ) WITH (fillfactor = 50);
 
--- One row per point, partitioned by source time (daily partitions made
--- ahead by ingest; a default partition takes points outside them).
+-- One row per point, partitioned by source time into daily (UTC+8)
+-- partitions `points_YYYYMMDD`, made by ingest (`postgres::partitions`);
+-- there is no default partition, so retention drops whole days.
 -- value: kind 0 none, 1 bool, 2 int, 3 uint, 4 double, 5 string; `num`
 -- holds every numeric value as a double for tools that read the table.
 CREATE TABLE points (
@@ -108,8 +109,14 @@ CREATE TABLE points (
     buffer_id bigint NOT NULL,
     seq bigint NOT NULL
 ) PARTITION BY RANGE (time_ms);
-CREATE TABLE points_default PARTITION OF points DEFAULT;
 CREATE INDEX points_series_time ON points (series, time_ms);
+
+-- Points with an earlier source time were dropped by retention (their
+-- partitions); rollups, batches, losses and the chain are kept. No row: none.
+CREATE TABLE points_horizon (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    from_ms bigint NOT NULL
+);
 
 -- Rollups (`store::rollup`), written in the transaction of their points.
 -- Tables whose rows every batch updates in place keep half of each page

@@ -125,3 +125,127 @@ impl Drop for Postgres {
 }
 
 crate::store_suite!(Postgres);
+
+/// Retention drops whole days of points, never rows: a late point for a
+/// dropped day makes its partition again (dropped at the next pass); the
+/// minute rollups still count the dropped days, the chain stays whole,
+/// `verify-chain` agrees, a bundle from the horizon on verifies offline,
+/// and a window before it is refused.
+#[tokio::test]
+async fn retention_drops_whole_days_and_the_evidence_still_verifies() {
+    use crate::store::Store;
+    use crate::store::rollup::DAY_MS;
+    use crate::store::suite::{
+        Chain, GW, Harness, T0, all_points, append_linked, batch, good, signing_gateway,
+    };
+    use std::time::Duration;
+
+    let place = Postgres::new().await;
+    let store = place.open().await;
+    let (key, map) = signing_gateway(&store).await;
+    let mut chain = Chain::new();
+    let mut seq = 0;
+    let mut send = async |points: Vec<(u32, i64, guantong_proto::v1::Quality)>| {
+        seq += 1;
+        let b = batch(seq, &points);
+        let mut link = chain.link(&b, true);
+        link.signature = guantong_proto::chain::sign(&key, &link.effective_hash).to_vec();
+        append_linked(&store, &map, b, link).await;
+    };
+    let (day1, day2) = (T0 + DAY_MS, T0 + 2 * DAY_MS);
+    send(good(0, T0, 1_000, 0..3)).await;
+    send(good(0, day1, 1_000, 0..3)).await;
+    send(good(0, day2 - 2_000, 1_000, 0..4)).await; // across midnight
+    let series = store
+        .series_by_tag(GW, "dev", "t0")
+        .await
+        .expect("series")
+        .expect("t0 stored")
+        .id;
+    let horizon = day1;
+    let expire = async || {
+        let mut client = store.pool.get().await.expect("client");
+        super::partitions::expire(&mut client, day2 + 1_000, Duration::from_secs(86_400))
+            .await
+            .expect("expire")
+    };
+    let dropped = expire().await;
+    assert_eq!(
+        dropped,
+        vec![super::partitions::name(T0)],
+        "only the day that ended a day ago"
+    );
+    let times = |points: Vec<crate::store::StoredPoint>| -> Vec<i64> {
+        points.iter().map(|p| p.time_ms).collect()
+    };
+    let kept = times(all_points(&store, series).await);
+    assert!(kept.iter().all(|&t| t >= horizon), "{kept:?}");
+    assert_eq!(kept.len(), 7, "the other days' points stay");
+    let counted = store.window_counts(series, T0, day1).await.expect("counts");
+    assert_eq!(
+        counted.good, 3,
+        "the minute rollups still count the dropped day"
+    );
+
+    // A late batch with a point of the dropped day and one after it.
+    let mut late = good(0, T0, 1_000, 10..11);
+    late.extend(good(0, day2, 1_000, 10..11));
+    send(late).await;
+    assert!(
+        times(all_points(&store, series).await).contains(&(T0 + 10_000)),
+        "the dropped day's partition is made again for a late point"
+    );
+
+    for pass in ["before the late point is dropped", "after"] {
+        let v = store.verify_stored().await.expect("verify");
+        assert_eq!(v.query_tables, Vec::<String>::new(), "{pass}");
+        assert_eq!(v.chains.len(), 1);
+        assert!(
+            v.chains[0].breaks.is_empty(),
+            "{pass}: {:#?}",
+            v.chains[0].breaks
+        );
+        assert_eq!(v.chains[0].links, 4, "{pass}");
+        let bundle = store
+            .export_evidence(vec![GW.to_string()], horizon, day2 + DAY_MS)
+            .await
+            .expect("export from the horizon");
+        assert_eq!(bundle.points_from_ms, Some(horizon));
+        let links: Vec<(u64, u64)> = bundle.gateways[0].streams[0]
+            .links
+            .iter()
+            .map(|l| (l.seq, l.served.points))
+            .collect();
+        assert_eq!(
+            links,
+            vec![(2, 3), (3, 4), (4, 1)],
+            "{pass}: served after the horizon only"
+        );
+        let verdict = crate::evidence::verify::verify(&bundle, &[]);
+        assert_eq!(verdict.failures(), 0, "{pass}: {:#?}", verdict.findings);
+        assert!(
+            verdict
+                .findings
+                .iter()
+                .any(|f| f.to_string().contains("retention dropped")),
+            "the verdict says which points it could not compare"
+        );
+        let refused = store
+            .export_evidence(vec![GW.to_string()], T0, day2)
+            .await
+            .expect_err("a window before the horizon is refused");
+        assert!(
+            refused.to_string().contains("dropped by retention"),
+            "{refused}"
+        );
+        if pass == "after" {
+            break;
+        }
+        assert_eq!(expire().await, vec![super::partitions::name(T0)]);
+        assert!(
+            times(all_points(&store, series).await)
+                .iter()
+                .all(|&t| t >= horizon)
+        );
+    }
+}
