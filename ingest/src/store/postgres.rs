@@ -862,9 +862,7 @@ async fn append_group(client: &mut Object, batches: Vec<&AppendBatch>) -> Result
     )
     .await
     .map_err(pg_err)?;
-    for (gateway, buffer_id) in linked {
-        advance_chain(&txn, &gateway, buffer_id).await?;
-    }
+    advance_chains(&txn, linked).await?;
     txn.commit().await.map_err(pg_err)?;
     Ok(outcomes)
 }
@@ -1045,73 +1043,113 @@ async fn put_break(
 
 /// Walks the stream's chain (`store::chain`) over every stored link that
 /// follows the verified ones, recording the breaks it finds.
-async fn advance_chain(
+/// Links read per stream and round trip of the chain walk (two in unit
+/// tests, so the store suite's waiting links take several pages).
+const CHAIN_PAGE: i64 = if cfg!(test) { 2 } else { 1_000 };
+
+/// Walks the chains of `streams` past every stored link that continues
+/// them (`chain::step`), recording breaks, in three round trips for all of
+/// them: their states, the next links of each (up to `CHAIN_PAGE`), the
+/// new states. A stream with more links waiting goes on a page at a time.
+async fn advance_chains(
     txn: &deadpool_postgres::Transaction<'_>,
-    gateway: &str,
-    buffer_id: i64,
+    streams: BTreeSet<(String, i64)>,
 ) -> Result<()> {
-    let mut st: ChainState = match txn
-        .query_opt(
+    let mut states: BTreeMap<(String, i64), ChainState> = streams
+        .into_iter()
+        .map(|k| (k, ChainState::default()))
+        .collect();
+    let (gs, bs): (Vec<String>, Vec<i64>) = states.keys().cloned().unzip();
+    for row in txn
+        .query(
             &txn.prepare_cached(
-                "SELECT state FROM chain_state WHERE gateway = $1 AND buffer_id = $2",
+                "SELECT c.gateway, c.buffer_id, c.state FROM chain_state c \
+                 JOIN unnest($1::text[], $2::bigint[]) AS k(g, b) ON c.gateway = k.g AND c.buffer_id = k.b",
             )
             .await
             .map_err(pg_err)?,
-            &[&gateway, &buffer_id],
+            &[&gs, &bs],
         )
         .await
         .map_err(pg_err)?
     {
-        Some(row) => row.get::<_, Json<ChainState>>(0).0,
-        None => ChainState::default(),
-    };
-    let mut changed = false;
-    'walk: loop {
-        let rows = txn
+        states.insert((row.get(0), row.get(1)), row.get::<_, Json<ChainState>>(2).0);
+    }
+    let mut walking: Vec<(String, i64)> = states.keys().cloned().collect();
+    let mut changed: BTreeSet<(String, i64)> = BTreeSet::new();
+    while !walking.is_empty() {
+        let (gs, bs): (Vec<String>, Vec<i64>) = walking.iter().cloned().unzip();
+        let next: Vec<i64> = walking.iter().map(|k| big(states[k].next())).collect();
+        let mut links: BTreeMap<(String, i64), Vec<tokio_postgres::Row>> = BTreeMap::new();
+        for row in txn
             .query(
-                &txn.prepare_cached("SELECT seq, prev_hash, effective_hash, signature_ok, signature_checked, last_seq, algorithm \
-                 FROM batches WHERE gateway = $1 AND buffer_id = $2 AND seq >= $3 AND payload IS NOT NULL \
-                 ORDER BY seq LIMIT 1000").await.map_err(pg_err)?,
-                &[&gateway, &buffer_id, &big(st.next())],
+                &txn.prepare_cached(
+                    "SELECT k.g, k.b, l.seq, l.prev_hash, l.effective_hash, l.signature_ok, \
+                     l.signature_checked, l.last_seq, l.algorithm \
+                     FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS k(g, b, n) \
+                     CROSS JOIN LATERAL (SELECT seq, prev_hash, effective_hash, signature_ok, \
+                       signature_checked, last_seq, algorithm FROM batches \
+                       WHERE gateway = k.g AND buffer_id = k.b AND seq >= k.n AND payload IS NOT NULL \
+                       ORDER BY seq LIMIT $4) l \
+                     ORDER BY k.g, k.b, l.seq",
+                )
+                .await
+                .map_err(pg_err)?,
+                &[&gs, &bs, &next, &CHAIN_PAGE],
             )
             .await
-            .map_err(pg_err)?;
-        let full = rows.len() == 1000;
-        for row in rows {
-            let seq = unbig(row.get(0));
-            if seq != st.next() {
-                break 'walk;
-            }
-            let head = chain::LinkHead {
-                algorithm: stored_algorithm(row.get::<_, Option<i32>>(6).unwrap_or(0)),
-                prev_hash: row.get::<_, Option<Vec<u8>>>(1).unwrap_or_default(),
-                effective_hash: row.get::<_, Option<Vec<u8>>>(2).unwrap_or_default(),
-                signature_ok: row.get::<_, Option<bool>>(3).unwrap_or(false),
-                signature_checked: row.get::<_, Option<bool>>(4).unwrap_or(false),
-                last_seq: unbig(row.get(5)),
-            };
-            for reason in chain::step(&mut st, gateway, unbig(buffer_id), &head) {
-                put_break(txn, gateway, buffer_id, seq, reason).await?;
-            }
-            changed = true;
+            .map_err(pg_err)?
+        {
+            links.entry((row.get(0), row.get(1))).or_default().push(row);
         }
-        if !full {
-            break;
+        walking.clear();
+        for ((gateway, buffer_id), rows) in links {
+            let full = rows.len() as i64 == CHAIN_PAGE;
+            let key = (gateway, buffer_id);
+            let st = states.get_mut(&key).expect("walked streams have a state");
+            let mut continued = true;
+            for row in rows {
+                let seq = unbig(row.get(2));
+                if seq != st.next() {
+                    continued = false;
+                    break;
+                }
+                let head = chain::LinkHead {
+                    algorithm: stored_algorithm(row.get::<_, Option<i32>>(8).unwrap_or(0)),
+                    prev_hash: row.get::<_, Option<Vec<u8>>>(3).unwrap_or_default(),
+                    effective_hash: row.get::<_, Option<Vec<u8>>>(4).unwrap_or_default(),
+                    signature_ok: row.get::<_, Option<bool>>(5).unwrap_or(false),
+                    signature_checked: row.get::<_, Option<bool>>(6).unwrap_or(false),
+                    last_seq: unbig(row.get(7)),
+                };
+                for reason in chain::step(st, &key.0, unbig(buffer_id), &head) {
+                    put_break(txn, &key.0, buffer_id, seq, reason).await?;
+                }
+                changed.insert(key.clone());
+            }
+            if full && continued {
+                walking.push(key);
+            }
         }
     }
-    if changed {
-        txn.execute(
-            &txn.prepare_cached(
-                "INSERT INTO chain_state (gateway, buffer_id, state) VALUES ($1, $2, $3) \
+    let mut rows: (Vec<String>, Vec<i64>, Vec<Json<&ChainState>>) = Default::default();
+    for key in &changed {
+        rows.0.push(key.0.clone());
+        rows.1.push(key.1);
+        rows.2.push(Json(&states[key]));
+    }
+    txn.execute(
+        &txn.prepare_cached(
+            "INSERT INTO chain_state (gateway, buffer_id, state) \
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[]) \
              ON CONFLICT (gateway, buffer_id) DO UPDATE SET state = excluded.state",
-            )
-            .await
-            .map_err(pg_err)?,
-            &[&gateway, &buffer_id, &Json(&st)],
         )
         .await
-        .map_err(pg_err)?;
-    }
+        .map_err(pg_err)?,
+        &[&rows.0, &rows.1, &rows.2],
+    )
+    .await
+    .map_err(pg_err)?;
     Ok(())
 }
 

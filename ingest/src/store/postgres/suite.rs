@@ -249,3 +249,34 @@ async fn retention_drops_whole_days_and_the_evidence_still_verifies() {
         );
     }
 }
+
+/// Links arriving after the one they wait for are walked a page at a time
+/// (`CHAIN_PAGE` is 2 in tests): all five verify, with no break.
+#[tokio::test]
+async fn a_chain_waiting_for_one_link_is_walked_over_several_pages() {
+    use crate::store::Store;
+    use crate::store::suite::{
+        Chain, GW, Harness, T0, append_linked, batch, good, signing_gateway,
+    };
+
+    let place = Postgres::new().await;
+    let store = place.open().await;
+    let (key, map) = signing_gateway(&store).await;
+    let mut chain = Chain::new();
+    let links: Vec<_> = (1..=5u64)
+        .map(|seq| {
+            let b = batch(seq, &good(0, T0 + seq as i64 * 10_000, 1_000, 0..2));
+            let mut link = chain.link(&b, true);
+            link.signature = guantong_proto::chain::sign(&key, &link.effective_hash).to_vec();
+            (b, link)
+        })
+        .collect();
+    for (b, link) in links[1..].iter().chain(&links[..1]) {
+        append_linked(&store, &map, b.clone(), link.clone()).await;
+    }
+    let chains = store.chains().await.expect("chains");
+    assert_eq!(chains.len(), 1);
+    let c = &chains[0];
+    assert_eq!((c.gateway.as_str(), c.verified_through), (GW, 5), "{c:#?}");
+    assert!(c.breaks.is_empty(), "{:#?}", c.breaks);
+}
