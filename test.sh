@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-log() { printf '\n==> %s\n' "$*"; }
+# Each step says when it starts (minutes:seconds since the script began).
+log() { printf '\n==> [%d:%02d] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -169,3 +170,5 @@ if [ "${GUANTONG_SKIP_FUZZ:-0}" != 1 ]; then
   for t in modbus_response mqtt_json sparkplug_payload config_parse salvage_file s7_response dlt645_frame; do fuzz_smoke gateway "$t"; done
   fuzz_smoke ingest batch_validate
 fi
+
+log "every test passed"

@@ -317,6 +317,35 @@ fn ask_reports(
     })
 }
 
+/// Prints the bytes PostgreSQL holds per stored point (tables, indexes,
+/// TOAST): the point partitions, the signed batches, and everything else
+/// (rollups, streams, chain) — what retention can free and what it keeps.
+fn storage_per_point(url: &str, points: u64) -> anyhow::Result<()> {
+    let bytes = |sql: &str| -> anyhow::Result<f64> {
+        Ok(guantong_e2e::pg::psql(url, sql)?
+            .parse::<f64>()
+            .unwrap_or(0.0))
+    };
+    let partitions = bytes(
+        "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits \
+         WHERE inhparent = 'points'::regclass",
+    )?;
+    let batches = bytes("SELECT pg_total_relation_size('batches')")?;
+    let all = bytes(
+        "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')",
+    )?;
+    let per = |b: f64| b / points.max(1) as f64;
+    println!(
+        "  on disk per stored point: points {:.0} B (dropped by --retention), signed batches {:.0} B, rollups and the rest {:.0} B",
+        per(partitions),
+        per(batches),
+        per(all - partitions - batches)
+    );
+    Ok(())
+}
+
 async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Figures> {
     let duration = args.duration;
     let work = tempfile::tempdir()?;
@@ -420,6 +449,9 @@ async fn scenario(name: String, shape: Shape, args: &Args) -> anyhow::Result<Fig
         Some(url) => copy_limit(url, shape, seconds).await?,
         None => raw_redb(shape, seconds)?,
     };
+    if let Some(db) = &db {
+        storage_per_point(&db.url, after.acked)?;
+    }
     let f = Figures {
         name,
         shape,
