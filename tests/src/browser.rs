@@ -47,6 +47,20 @@ pub fn chromium_dom(url: &str, profile: &Path) -> anyhow::Result<(String, Vec<St
 pub struct Browser {
     pub client: fantoccini::Client,
     _driver: crate::procs::Proc,
+    profile: std::path::PathBuf,
+}
+
+impl Drop for Browser {
+    /// Killing chromedriver leaves its Chromium running (a test that
+    /// fails or returns early never closes the session): end every
+    /// Chromium process of this profile too.
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(format!("user-data-dir={}( |$)", self.profile.display()))
+            .status();
+    }
 }
 
 impl Browser {
@@ -120,6 +134,7 @@ impl Browser {
         Ok(Browser {
             client,
             _driver: driver,
+            profile: profile.to_path_buf(),
         })
     }
 
