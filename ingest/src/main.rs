@@ -1,5 +1,9 @@
 //! `guantong-ingest`: parses arguments and runs the library.
 
+/// mimalloc instead of glibc malloc (see the workspace Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
