@@ -226,18 +226,31 @@ impl Ca {
     /// allowed) was issued to, and the serial as recorded.
     pub fn issued_to(&self, serial: &str) -> Result<(String, String), CaError> {
         let serial = serial.trim().to_ascii_lowercase().replace(':', "");
-        let issued = std::fs::read_to_string(self.dir.join("issued.tsv")).unwrap_or_default();
-        let gateway = issued
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .find(|(s, _)| *s == serial)
-            .map(|(_, rest)| rest.split('\t').next().unwrap_or_default().to_string())
+        let gateway = self
+            .issued()
+            .into_iter()
+            .find(|(s, _, _)| *s == serial)
+            .map(|(_, gateway, _)| gateway)
             .ok_or_else(|| {
                 CaError::Invalid(format!(
                     "no certificate with serial {serial} was issued by this CA (see `ca list`)"
                 ))
             })?;
         Ok((serial, gateway))
+    }
+
+    /// The lines of `issued.tsv`: (serial, gateway, not after).
+    fn issued(&self) -> Vec<(String, String, String)> {
+        let issued = std::fs::read_to_string(self.dir.join("issued.tsv")).unwrap_or_default();
+        issued
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                let serial = f.next()?.to_string();
+                let gateway = f.next()?.to_string();
+                Some((serial, gateway, f.next().unwrap_or_default().to_string()))
+            })
+            .collect()
     }
 
     /// Records `serial` as revoked in `revocations`. Returns the gateway it
@@ -253,16 +266,12 @@ impl Ca {
         &self,
         revoked: &HashSet<String>,
     ) -> Result<Vec<(String, String, String, bool)>, CaError> {
-        let issued = std::fs::read_to_string(self.dir.join("issued.tsv")).unwrap_or_default();
-        Ok(issued
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split('\t');
-                let serial = f.next()?.to_string();
-                let gateway = f.next()?.to_string();
-                let not_after = f.next().unwrap_or_default().to_string();
+        Ok(self
+            .issued()
+            .into_iter()
+            .map(|(serial, gateway, not_after)| {
                 let is_revoked = revoked.contains(&serial);
-                Some((serial, gateway, not_after, is_revoked))
+                (serial, gateway, not_after, is_revoked)
             })
             .collect())
     }
